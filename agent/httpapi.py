@@ -1,0 +1,80 @@
+"""The agent's HTTP endpoint (aiohttp, started with AppRunner by the lifecycle).
+
+Core routes live here; components add theirs through ``Component.add_routes``.
+Every error is JSON ``{"error": ...}`` with a 4xx status: the middleware turns
+aiohttp's HTTP exceptions (404, 405, 400 ...) into JSON, and an unexpected exception in
+a handler becomes a logged 500 JSON (a bug of ours, never an HTML page).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from agent.metrics import CONTENT_TYPE_LATEST, render
+
+if TYPE_CHECKING:
+    from agent.lifecycle import Agent
+
+log = logging.getLogger("rma_agent.http")
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404 and reason == "Not Found":
+            reason = f"no such path: {request.path}"
+        elif exc.status == 405:
+            reason = f"method {request.method} not allowed on {request.path}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.json_response({"error": reason}, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
+    app[AGENT_KEY] = agent
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/dht/stats", stats)
+    for component in agent.components:
+        component.add_routes(app)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the process and its loop live (this handler runs on the loop)."""
+    agent = request.app[AGENT_KEY]
+    return web.json_response({"status": "ok", "uptime_s": round(time.time() - agent.started_at, 3)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    ok, reasons = agent.readiness()
+    if ok:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready", "reasons": reasons,
+                              "error": "; ".join(reasons)}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    agent.refresh_metrics()
+    body = render(agent.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].stats())
