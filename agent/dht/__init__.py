@@ -1,0 +1,5 @@
+"""The Kademlia layer: signed worker records on top of the ``kademlia`` package.
+
+See ``server.DHTNode`` (the node), ``record.WorkerRecord`` (what is stored),
+``storage.ProviderStorage`` (how it is stored) and ``protocol.RMAProtocol`` (the wire).
+"""

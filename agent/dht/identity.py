@@ -1,0 +1,124 @@
+"""The node's Ed25519 identity (SPEC §6).
+
+One key per installation, created at first start in ``state_dir`` and reused after
+restarts, so a worker keeps its worker id (= node id = SHA-1 of the public key) and its
+records stay attributable to it. The private key is stored raw (32 bytes) in
+``identity.key`` with mode 0600; a key file that other users can read is refused rather
+than silently used, because anyone holding it can forge this worker's records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+KEY_FILE = "identity.key"
+
+
+class IdentityError(Exception):
+    """The identity key cannot be loaded or created (bad permissions, corrupt file)."""
+
+
+def node_id_of(public_key: bytes) -> bytes:
+    """Node/worker id of a raw Ed25519 public key: SHA-1, 20 bytes (Kademlia's id space)."""
+    return hashlib.sha1(public_key).digest()
+
+
+class Identity:
+    """An Ed25519 key pair plus the derived 20-byte node id."""
+
+    __slots__ = ("_private", "node_id", "public_key")
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private = private_key
+        self.public_key: bytes = private_key.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw
+        )
+        self.node_id: bytes = node_id_of(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh in-memory identity (tests, benchmarks)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Identity:
+        if len(raw) != 32:
+            raise IdentityError(f"private key must be 32 raw bytes, got {len(raw)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path | str) -> Identity:
+        """Load ``state_dir/identity.key`` or create it (dir 0700, file 0600).
+
+        Raises ``IdentityError`` with a human-readable reason when the file is
+        readable by group/others, has the wrong size, or cannot be written.
+        """
+        state_dir = Path(state_dir)
+        path = state_dir / KEY_FILE
+        try:
+            if not state_dir.exists():
+                state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.exists():
+                return cls._load(path)
+            return cls._create(path)
+        except IdentityError:
+            raise
+        except OSError as exc:
+            raise IdentityError(f"{path}: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def _load(cls, path: Path) -> Identity:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"{path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise IdentityError(
+                f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} let other users read "
+                f"the private key; run 'chmod 600 {path}'"
+            )
+        raw = path.read_bytes()
+        if len(raw) != 32:
+            raise IdentityError(f"{path}: expected a 32-byte raw Ed25519 key, found {len(raw)} bytes")
+        return cls.from_private_bytes(raw)
+
+    @classmethod
+    def _create(cls, path: Path) -> Identity:
+        ident = cls.generate()
+        raw = ident._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        # O_EXCL + explicit mode: the key never exists on disk with wider permissions.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return ident
+
+    def sign(self, data: bytes) -> bytes:
+        """64-byte Ed25519 signature of ``data``."""
+        return self._private.sign(data)
+
+    def public(self) -> Ed25519PublicKey:
+        return self._private.public_key()
+
+    def __repr__(self) -> str:
+        return f"Identity(node_id={self.node_id.hex()})"

@@ -1,0 +1,296 @@
+"""Provider storage: many signed worker records per service key, bounded (SPEC §6).
+
+Replaces kademlia's ``ForgetfulStorage``, which holds one opaque value per key that any
+peer may overwrite. Here a key maps to at most one record *per worker*:
+
+* newest ``seq`` wins; an equal seq keeps the stored copy; a lower seq (a replay) is
+  refused — so only the holder of a worker's private key can replace its record;
+* a record is dropped at its own ``expires_at`` (lazily on access, and by ``cull(now)``
+  which the node runs periodically);
+* a withdrawn record (tombstone) is kept until its expiry so that replays of the older,
+  live record are refused, but ``get`` never returns it.
+
+Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key (when
+full, the entry expiring soonest is evicted if the newcomer outlives it, otherwise the
+newcomer is refused), ``max_keys`` keys, ``max_per_sender`` records whose latest copy came
+from one sender address ``(ip, port)``, and ``max_total`` records overall. A coordinator
+republishes the records of many workers from one address; list its IP (or ``(ip, port)``)
+in ``trusted`` to exempt it from the per-sender bound (the total bounds still apply).
+Records stored by this node itself (``sender=None``) are exempt as well.
+
+Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
+more are stored, half the answer is the best-ranked ones — lowest utilisation
+(``load / capacity``) first, ties broken by freshest ``issued_at`` — and the other half is
+a uniform random sample of the rest, so every worker of a large service is seen by some
+lookups and a lookup that merges answers from several storing nodes sees far more than 20.
+The RPC layer may truncate further so the answer fits one 8 KiB datagram.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from kademlia.storage import IStorage
+
+from agent.dht.record import RecordError, WorkerRecord
+
+ANSWER_LIMIT = 20
+Sender = tuple[str, int] | None
+
+
+class _Entry:
+    __slots__ = ("encoded", "record", "sender", "stored_at")
+
+    def __init__(self, record: WorkerRecord, sender: Sender, stored_at: float) -> None:
+        self.record = record
+        self.encoded = record.encode()
+        self.sender = sender
+        self.stored_at = stored_at
+
+
+class ProviderStorage(IStorage):
+    """Bounded map ``key -> {worker_id -> newest signed record}``.
+
+    ``put`` returns a short status string (``"stored"`` or a refusal reason) so the
+    protocol can count refusals by reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_per_key: int = 512,
+        max_keys: int = 4096,
+        max_per_sender: int = 64,
+        max_total: int = 50_000,
+        trusted: Iterable[Any] = (),
+        max_skew: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.max_per_key = max_per_key
+        self.max_keys = max_keys
+        self.max_per_sender = max_per_sender
+        self.max_total = max_total
+        self.trusted: set[Any] = set(trusted)
+        self.max_skew = max_skew
+        self._rng = rng or random.Random()
+        self._data: dict[bytes, dict[bytes, _Entry]] = {}
+        self._by_sender: Counter[tuple[str, int]] = Counter()
+        self._total = 0
+        self._last_cull = 0.0
+        self.refused: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ writes
+    def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,
+            now: float | None = None, verify: bool = True) -> str:
+        """Store ``record`` under ``key``; return "stored", "same" (equal seq, kept the
+        existing copy) or the refusal reason ("invalid", "wrong_key", "stale",
+        "key_full", "sender_full", "total_full", "too_many_keys")."""
+        now = time.time() if now is None else now
+        status = self._put(key, record, sender, now, verify)
+        if status not in ("stored", "same"):
+            self.refused[status] += 1
+        return status
+
+    def _put(self, key: bytes, record: WorkerRecord, sender: Sender, now: float,
+             verify: bool) -> str:
+        if verify:
+            try:
+                record.verify(now, self.max_skew)
+            except RecordError:
+                return "invalid"
+        elif record.is_expired(now):
+            return "invalid"
+        if not record.serves(key):
+            return "wrong_key"
+        bucket = self._data.get(key)
+        old = bucket.get(record.worker_id) if bucket is not None else None
+        if old is not None and old.record.expires_at <= now:
+            self._remove(key, bucket, record.worker_id)  # type: ignore[arg-type]
+            old = None
+        if old is not None:
+            if record.seq < old.record.seq:
+                return "stale"
+            if record.seq == old.record.seq:
+                return "same"
+            if sender != old.sender and self._sender_full(sender):
+                return "sender_full"
+            self._uncount(old.sender)
+            self._count(sender)
+            bucket[record.worker_id] = _Entry(record, sender, now)  # type: ignore[index]
+            return "stored"
+        # a new worker under this key
+        if self._sender_full(sender):
+            return "sender_full"
+        if self._total >= self.max_total:
+            self.cull(now, force=False)
+            if self._total >= self.max_total:
+                return "total_full"
+        if bucket is None:
+            if len(self._data) >= self.max_keys:
+                self.cull(now, force=False)
+                if len(self._data) >= self.max_keys:
+                    return "too_many_keys"
+            bucket = self._data[key] = {}
+        elif len(bucket) >= self.max_per_key:
+            victim_id = min(bucket, key=lambda w: bucket[w].record.expires_at)
+            if bucket[victim_id].record.expires_at >= record.expires_at:
+                return "key_full"
+            self._remove(key, bucket, victim_id)
+        bucket[record.worker_id] = _Entry(record, sender, now)
+        self._count(sender)
+        self._total += 1
+        return "stored"
+
+    def _is_trusted(self, sender: Sender) -> bool:
+        return sender is None or sender in self.trusted or sender[0] in self.trusted
+
+    def _sender_full(self, sender: Sender) -> bool:
+        if self._is_trusted(sender):
+            return False
+        return self._by_sender[sender] >= self.max_per_sender  # type: ignore[index]
+
+    def _count(self, sender: Sender) -> None:
+        if sender is not None:
+            self._by_sender[sender] += 1
+
+    def _uncount(self, sender: Sender) -> None:
+        if sender is not None:
+            n = self._by_sender[sender] - 1
+            if n > 0:
+                self._by_sender[sender] = n
+            else:
+                del self._by_sender[sender]
+
+    def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
+        entry = bucket.pop(worker_id)
+        self._uncount(entry.sender)
+        self._total -= 1
+        if not bucket:
+            self._data.pop(key, None)
+
+    def cull(self, now: float | None = None, *, force: bool = True) -> int:
+        """Drop every expired record (tombstones included); return how many.
+        ``force=False`` skips the scan when one ran less than a second ago, so a flood
+        of refused puts cannot turn into repeated full scans."""
+        now = time.time() if now is None else now
+        if not force and now - self._last_cull < 1.0:
+            return 0
+        self._last_cull = now
+        dropped = 0
+        for key in list(self._data):
+            bucket = self._data[key]
+            for wid in [w for w, e in bucket.items() if e.record.expires_at <= now]:
+                self._remove(key, bucket, wid)
+                dropped += 1
+        return dropped
+
+    # ------------------------------------------------------------------ reads
+    def _live(self, key: bytes, now: float) -> list[_Entry]:
+        bucket = self._data.get(key)
+        if not bucket:
+            return []
+        live: list[_Entry] = []
+        expired: list[bytes] = []
+        for wid, e in bucket.items():
+            if e.record.expires_at <= now:
+                expired.append(wid)
+            elif not e.record.withdrawn:
+                live.append(e)
+        for wid in expired:
+            self._remove(key, bucket, wid)
+        return live
+
+    @staticmethod
+    def _rank(e: _Entry) -> tuple[float, float]:
+        r = e.record
+        return (r.load / r.capacity if r.capacity > 0 else float("inf"), -r.issued_at)
+
+    def _sample(self, key: bytes, limit: int | None, now: float) -> list[_Entry]:
+        live = self._live(key, now)
+        limit = ANSWER_LIMIT if limit is None else max(0, limit)
+        live.sort(key=self._rank)
+        if len(live) <= limit:
+            return live
+        best = (limit + 1) // 2
+        return live[:best] + self._rng.sample(live[best:], limit - best)
+
+    def get(self, key: bytes, limit: int | None = None, now: float | None = None,
+            default: Any = None) -> Any:
+        """Up to ``limit`` (default 20) live, non-withdrawn records for ``key``: the best
+        half by (utilisation, freshness) plus a random sample of the rest (see module doc).
+
+        Also serves kademlia's ``IStorage.get(key, default)`` call shape: when nothing is
+        stored for ``key`` and ``default`` was given, returns ``default``.
+        """
+        now = time.time() if now is None else now
+        recs = [e.record for e in self._sample(key, limit, now)]
+        if not recs and default is not None:
+            return default
+        return recs
+
+    def get_encoded(self, key: bytes, limit: int | None = None,
+                    now: float | None = None) -> list[bytes]:
+        """Like ``get`` but the canonical bytes (what the find_providers RPC sends)."""
+        now = time.time() if now is None else now
+        return [e.encoded for e in self._sample(key, limit, now)]
+
+    def tombstones(self, key: bytes, *, since: float, limit: int = 8,
+                   now: float | None = None) -> list[bytes]:
+        """Encoded tombstones for ``key`` issued after ``since`` (newest first). Sent
+        alongside live records so a lookup that also hears an older live copy from a
+        node that missed the withdrawal still drops the worker (merge by newest seq)."""
+        now = time.time() if now is None else now
+        bucket = self._data.get(key) or {}
+        ts = [e for e in bucket.values()
+              if e.record.withdrawn and e.record.issued_at >= since and e.record.expires_at > now]
+        ts.sort(key=lambda e: -e.record.issued_at)
+        return [e.encoded for e in ts[:limit]]
+
+    def record(self, key: bytes, worker_id: bytes) -> WorkerRecord | None:
+        """The stored record (withdrawn or not) of one worker under ``key``."""
+        e = (self._data.get(key) or {}).get(worker_id)
+        return e.record if e is not None else None
+
+    def keys(self) -> list[bytes]:
+        return list(self._data)
+
+    def count(self, key: bytes | None = None) -> int:
+        """Records held (tombstones included), for one key or in total."""
+        if key is None:
+            return self._total
+        return len(self._data.get(key) or ())
+
+    def sender_count(self, sender: tuple[str, int]) -> int:
+        return self._by_sender.get(sender, 0)
+
+    def stats(self) -> dict[str, Any]:
+        withdrawn = sum(1 for b in self._data.values() for e in b.values() if e.record.withdrawn)
+        return {"keys": len(self._data), "records": self._total - withdrawn,
+                "tombstones": withdrawn, "senders": len(self._by_sender),
+                "refused": dict(self.refused)}
+
+    def __len__(self) -> int:
+        return self._total
+
+    # ------------------------------------------------ kademlia IStorage surface
+    # Plain kademlia values are not accepted: rpc_store is refused by RMAProtocol, and
+    # these methods keep kademlia's own code paths (Server.get/set, republish, welcome)
+    # inert instead of letting them store unsigned data.
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        raise TypeError("ProviderStorage holds signed WorkerRecords only; use put()")
+
+    def __getitem__(self, key: bytes) -> list[WorkerRecord]:
+        recs = self.get(key)
+        if not recs:
+            raise KeyError(key)
+        return recs
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, Any]]:
+        return []
+
+    def __iter__(self) -> Iterator[tuple[bytes, Any]]:
+        return iter(())

@@ -1,0 +1,144 @@
+"""ProviderStorage: one record per worker, newest seq wins, expiry, bounds, fair sampling."""
+
+import random
+import time
+import tracemalloc
+
+from agent.dht.identity import Identity
+from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
+from agent.dht.storage import ProviderStorage
+
+KEY = service_key("ocr")
+IDS = [Identity.generate() for _ in range(40)]
+
+
+def make(ident, *, seq=None, ttl=300, load=0.5, capacity=4, now=None, withdrawn=False,
+         services=("ocr",)):
+    return WorkerRecord.create(ident, name="w", services=services, endpoint="https://x",
+                               gpu="T4", gpu_memory_gb=16, load=load, capacity=capacity,
+                               region="", seq=seq, ttl=ttl, withdrawn=withdrawn, now=now)
+
+
+def test_newest_seq_wins_and_replay_refused():
+    s = ProviderStorage()
+    a = IDS[0]
+    r1, r2 = make(a, seq=10), make(a, seq=20)
+    assert s.put(KEY, r1, sender=("10.0.0.1", 1)) == "stored"
+    assert s.put(KEY, r2, sender=("10.0.0.1", 1)) == "stored"
+    assert s.put(KEY, r1, sender=("10.0.0.2", 1)) == "stale"  # replay of the older record
+    assert s.put(KEY, make(a, seq=20, load=0.0)) == "same"  # equal seq keeps the existing copy
+    assert s.get(KEY) == [r2]
+    assert s.count() == 1 and s.refused["stale"] == 1
+
+
+def test_workers_coexist_and_cannot_overwrite_each_other():
+    s = ProviderStorage()
+    a, b = IDS[0], IDS[1]
+    ra, rb = make(a, seq=5), make(b, seq=1)
+    assert s.put(KEY, ra) == "stored" and s.put(KEY, rb) == "stored"
+    assert {r.worker_id for r in s.get(KEY)} == {a.node_id, b.node_id}
+    # b cannot put a record claiming a's worker id: signature/id check fails
+    import dataclasses
+    forged = dataclasses.replace(make(b, seq=99), worker_id=a.node_id)
+    assert s.put(KEY, forged) == "invalid"
+    forged2 = dataclasses.replace(make(b, seq=99), worker_id=a.node_id, public_key=a.public_key)
+    assert s.put(KEY, forged2) == "invalid"
+    assert s.record(KEY, a.node_id) == ra
+
+
+def test_wrong_key_refused():
+    s = ProviderStorage()
+    assert s.put(service_key("asr"), make(IDS[0])) == "wrong_key"
+    assert s.put(service_key(ALL_SERVICES), make(IDS[0])) == "stored"
+
+
+def test_expiry_drops_lazily_and_by_cull():
+    s = ProviderStorage()
+    now = time.time()
+    s.put(KEY, make(IDS[0], ttl=5, now=now), now=now)
+    s.put(KEY, make(IDS[1], ttl=50, now=now), now=now)
+    assert len(s.get(KEY, now=now + 1)) == 2
+    assert [r.worker_id for r in s.get(KEY, now=now + 10)] == [IDS[1].node_id]
+    assert s.count() == 1
+    assert s.cull(now + 100) == 1 and s.count() == 0 and s.keys() == []
+    # an expired record is refused outright
+    assert s.put(KEY, make(IDS[2], ttl=5, now=now), now=now + 6) == "invalid"
+
+
+def test_tombstone_hides_worker_and_blocks_replay():
+    s = ProviderStorage()
+    a = IDS[0]
+    live = make(a)
+    s.put(KEY, live)
+    t = live.tombstone(a)
+    assert s.put(KEY, t) == "stored"
+    assert s.get(KEY) == []
+    assert s.put(KEY, live) == "stale"
+    assert s.tombstones(KEY, since=time.time() - 60) == [t.encode()]
+    assert s.stats()["tombstones"] == 1
+
+
+def test_bounds_hold_under_flood():
+    s = ProviderStorage(max_per_key=16, max_keys=4, max_per_sender=8, max_total=40)
+    recs = [make(i, services=("ocr", "asr", "tts", "llm", "sd")) for i in IDS]
+    keys = [service_key(n) for n in ("ocr", "asr", "tts", "llm", "sd")]
+    statuses = []
+    for n, r in enumerate(recs):
+        for k in keys:
+            statuses.append(s.put(k, r, sender=("10.0.0.9", 1000 + n % 3)))
+            assert s.count() <= 40 and len(s.keys()) <= 4
+            assert all(s.count(k2) <= 16 for k2 in s.keys())
+            assert all(s.sender_count(("10.0.0.9", 1000 + p)) <= 8 for p in range(3))
+    assert "sender_full" in statuses and "too_many_keys" in statuses
+    # a trusted sender (the coordinator republishing many workers) is exempt per sender
+    t = ProviderStorage(max_per_sender=2, trusted={"10.0.0.7"})
+    for i in IDS[:10]:
+        assert t.put(KEY, make(i), sender=("10.0.0.7", 8468)) == "stored"
+    # per-key bound: a full key evicts the soonest-expiring entry for a longer-lived one
+    k = ProviderStorage(max_per_key=3)
+    now = time.time()
+    for n, i in enumerate(IDS[:3]):
+        k.put(KEY, make(i, ttl=100 + n, now=now), now=now)
+    assert k.put(KEY, make(IDS[3], ttl=50, now=now), now=now) == "key_full"
+    assert k.put(KEY, make(IDS[4], ttl=500, now=now), now=now) == "stored"
+    assert k.record(KEY, IDS[0].node_id) is None and k.count(KEY) == 3
+
+
+def test_memory_flat_under_flood():
+    s = ProviderStorage(max_per_key=64, max_per_sender=10_000, max_total=200)
+    pool = [make(i, seq=n) for n, i in enumerate(IDS)]
+    tracemalloc.start()
+    for rnd in range(5):
+        for n, i in enumerate(IDS):  # fresh seqs each round: every put is a real update
+            s.put(KEY, make(i, seq=1000 * (rnd + 1) + n), sender=("10.0.0.1", n))
+        if rnd == 1:
+            base, _ = tracemalloc.get_traced_memory()
+    cur, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert s.count() == len(IDS) and len(pool) == 40
+    assert cur - base < 200_000
+
+
+def test_fair_sample_best_half_plus_random():
+    s = ProviderStorage(rng=random.Random(7))
+    ids = [Identity.generate() for _ in range(60)]
+    for n, i in enumerate(ids):
+        s.put(KEY, make(i, load=float(n), capacity=100))  # utilisation n/100
+    seen = set()
+    for _ in range(50):
+        got = s.get(KEY, limit=20)
+        assert len(got) == 20
+        # the 10 least loaded always come first
+        assert [r.load for r in got[:10]] == [float(n) for n in range(10)]
+        seen.update(r.worker_id for r in got)
+    assert len(seen) == 60  # everyone appears in some answer
+    assert len(s.get(KEY, limit=100)) == 60
+
+
+def test_kademlia_istorage_surface_inert():
+    s = ProviderStorage()
+    import pytest
+    with pytest.raises(TypeError):
+        s[b"k" * 20] = b"plain value"
+    assert list(s) == [] and s.iter_older_than(0) == []
+    assert s.get(b"k" * 20, default="d") == "d"
