@@ -1,0 +1,97 @@
+"""HTTP routes of the DHT component.
+
+- ``GET /api/dht/topology``: this node and its routing-table contacts as nodes and links
+  (self -> contact). The platform's frontend draws it; a whole-network picture is the
+  union over agents, which is exactly what tests use to prove a client-mode node is in
+  nobody's routing table.
+- ``GET /api/dht/bootstrap``: ``{"seeds": ["ip:port", ...]}`` — our own UDP address when
+  we are a reachable server, then routing-table contacts (servers by construction), at
+  most ``MAX_SEEDS``. New nodes put this URL in ``dht.bootstrap``.
+- ``GET /api/dht/providers/{service}``: the raw verified records a DHT lookup returns,
+  with the lookup's own duration. A debugging aid (and what the multi-process tests time);
+  ranked answers are discovery's ``/api/services/{name}``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from agent.dht.component import DHTComponent
+
+MAX_SEEDS = 20
+SERVICE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+
+
+def _fmt(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _own_seed(dht: DHTComponent, request: web.Request) -> str | None:
+    """Our advertised UDP address, or None when we are a client (unreachable)."""
+    if dht.mode != "server" or dht.node is None:
+        return None
+    listen = dht.agent.config.dht.listen
+    host = listen.host
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if unspecified:
+        # Listening on all interfaces: the address this HTTP request reached is the best
+        # guess of an address the caller can reach us on.
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sock:
+            return None
+        host = str(sock[0])
+    return _fmt(host, listen.port)
+
+
+def add_routes(app: web.Application, dht: DHTComponent) -> None:
+    async def topology(request: web.Request) -> web.Response:
+        node_id = dht.identity.node_id.hex()
+        listen = dht.agent.config.dht.listen
+        me = {"id": node_id, "ip": listen.host, "port": listen.port,
+              "role": dht.agent.config.agent.role, "mode": dht.mode, "self": True}
+        nodes: list[dict[str, Any]] = [me]
+        links: list[dict[str, str]] = []
+        for cid, ip, port in dht.contacts():
+            nodes.append({"id": cid, "ip": ip, "port": port})
+            links.append({"source": node_id, "target": cid})
+        return web.json_response({"self": me, "nodes": nodes, "links": links,
+                                  "generated_at": time.time()})
+
+    async def bootstrap(request: web.Request) -> web.Response:
+        seeds: list[str] = []
+        own = _own_seed(dht, request)
+        if own:
+            seeds.append(own)
+        for _cid, ip, port in dht.contacts():
+            s = _fmt(ip, port)
+            if s not in seeds:
+                seeds.append(s)
+            if len(seeds) >= MAX_SEEDS:
+                break
+        return web.json_response({"seeds": seeds})
+
+    async def providers(request: web.Request) -> web.Response:
+        service = request.match_info["service"]
+        if not SERVICE_RE.match(service):
+            return web.json_response(
+                {"error": f"bad service name {service!r}: letters, digits, '.', '_', '-' "
+                          "(max 64), or '*'"}, status=400)
+        t0 = time.perf_counter()
+        records = await dht.find_providers(service)
+        elapsed = time.perf_counter() - t0
+        return web.json_response({"service": service, "count": len(records),
+                                  "elapsed_ms": round(elapsed * 1000, 3),
+                                  "records": [r.to_json() for r in records]})
+
+    app.router.add_get("/api/dht/topology", topology)
+    app.router.add_get("/api/dht/bootstrap", bootstrap)
+    app.router.add_get("/api/dht/providers/{service}", providers)

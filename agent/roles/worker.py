@@ -1,0 +1,374 @@
+"""WorkerRole: keep this box's signed record alive in the DHT while it serves.
+
+What it does and why:
+- One record lists every configured service; the DHT stores it under each service key
+  (and ``ALL_SERVICES``), so one announce serves all lookups.
+- Refresh every ``republish_interval`` ±10 % (jitter, so a fleet restarted together does
+  not announce in lock-step), and at once when the endpoint (tunnel URL), the load or the
+  config changes — a stale endpoint is a dead worker for its callers.
+- Sequence numbers are milliseconds since the epoch (``record.next_seq``, strictly
+  increasing): a restarted worker's new records win over its old ones without any
+  persisted counter.
+- No endpoint (tunnel not up yet) -> no announce: a record nobody can call is worse than
+  none. ``ready()`` says so.
+- If an announce stores on no node (DHT unreachable, e.g. UDP filtered) the record is
+  POSTed to each of ``discovery.coordinators`` instead, which verify and republish it.
+- ``stop()`` announces a signed *withdrawn* tombstone with a higher sequence: storing
+  nodes replace the live record with it, so lookups stop returning this worker at once
+  instead of after ``record_ttl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from agent.component import Component
+from agent.dht.record import WorkerRecord
+from agent.gpu import GpuInfo, detect_gpu
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from agent.config import Config
+    from agent.dht.component import DHTComponent
+    from agent.lifecycle import Agent
+
+log = logging.getLogger("rma_agent.worker")
+
+JOIN_GRACE = 5.0           # first announce waits this long for the DHT to join
+RETRY_MIN = 1.0            # failed announces are retried sooner than republish_interval
+LOAD_POLL = 5.0            # NVML utilisation poll, when NVML reports it
+LOAD_DELTA = 1.0           # a load change of this many slots triggers a re-announce
+STOP_BUDGET = 1.2           # the withdrawal on shutdown (lifecycle allows 1.5 s per component)
+HTTP_TIMEOUT = 5.0
+
+
+class WorkerRole(Component):
+    """Announces, refreshes and withdraws this worker's record."""
+
+    name = "worker"
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self._tunnel_endpoint = ""
+        self._gpu: GpuInfo | None = None
+        self._inflight: float | None = None     # set by whoever tracks requests, if anyone
+        self._load = 0.0
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._started = 0.0
+        self._stopping = False
+        self._announced_services: tuple[str, ...] = ()
+        self._withdraw_services: tuple[str, ...] = ()
+        self.last_record: WorkerRecord | None = None
+        self.last_announce_at: float | None = None
+        self.last_stored = 0
+        self.last_result = "never"
+        self.announce_count = 0
+        self.fallback_used = False
+        self.fallback_ok = 0
+        self.fallback_failed = 0
+        self._said_no_endpoint = False
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dht(self) -> DHTComponent:
+        dht = self.agent.get("dht")
+        if dht is None:
+            raise RuntimeError("worker role needs the dht component")
+        return dht  # type: ignore[return-value]
+
+    @property
+    def endpoint(self) -> str:
+        return self.agent.config.worker.endpoint or self._tunnel_endpoint
+
+    def _capacity(self) -> int:
+        return max(1, int(self.agent.config.worker.max_concurrency))
+
+    def _current_load(self) -> float:
+        cap = self._capacity()
+        if self._inflight is not None:
+            return float(min(max(self._inflight, 0.0), cap))
+        if self._gpu is not None and self._gpu.utilization is not None:
+            return round(min(max(self._gpu.utilization, 0.0), 1.0) * cap, 2)
+        return 0.0
+
+    def _build(self, *, services: tuple[str, ...] | None = None,
+               withdrawn: bool = False) -> WorkerRecord:
+        cfg = self.agent.config
+        gpu = self._gpu or GpuInfo("CPU", 0.0, None)
+        record = WorkerRecord.create(
+            self.dht.identity,
+            name=cfg.agent.name,
+            services=list(services if services is not None else cfg.worker.services),
+            endpoint=self.endpoint,
+            gpu=gpu.name,
+            gpu_memory_gb=float(gpu.memory_gb),
+            load=self._load,
+            capacity=self._capacity(),
+            region=cfg.agent.region,
+            seq=None,                      # wall-clock ms, strictly increasing
+            ttl=int(cfg.dht.record_ttl),
+            withdrawn=withdrawn,
+        )
+        self._seq = record.seq
+        return record
+
+    def wake(self) -> None:
+        """Re-announce as soon as possible (endpoint, load or config changed)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def set_inflight(self, n: float | None) -> None:
+        """Report requests in flight (overrides the NVML estimate); re-announces on change."""
+        self._inflight = n
+        self._maybe_load_changed()
+
+    def _maybe_load_changed(self) -> None:
+        new = self._current_load()
+        if abs(new - self._load) >= min(LOAD_DELTA, self._capacity() / 4):
+            log.info("worker: load %.2f -> %.2f: re-announcing", self._load, new)
+            self._load = new
+            self.wake()
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_routes(self, app: web.Application) -> None:
+        async def not_coordinator(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"error": "this agent is a worker: only coordinators accept registrations "
+                          "(agent.role = \"coordinator\")"}, status=404)
+
+        app.router.add_post("/api/services/register", not_coordinator)
+        app.router.add_get("/api/registry/{service}", not_coordinator)
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self._started = time.monotonic()
+        self._gpu = await asyncio.get_running_loop().run_in_executor(
+            None, detect_gpu, self.agent.config.worker)
+        self._load = self._current_load()
+        self._wake = asyncio.Event()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT))
+        self.agent.subscribe("endpoint", self._on_endpoint)
+        self._task = asyncio.create_task(self._loop(), name="worker-announce")
+        if self._gpu.utilization is not None:
+            self._load_task = asyncio.create_task(self._poll_load(), name="worker-load")
+        if not self.endpoint:
+            log.info("worker: no endpoint configured: waiting for the tunnel's public URL")
+
+    def _on_endpoint(self, value: Any) -> None:
+        url = str(value or "")
+        if url != self._tunnel_endpoint:
+            log.info("worker: endpoint from tunnel: %s", url or "(none)")
+            self._tunnel_endpoint = url
+            self.wake()
+            self.agent.status_changed()
+
+    async def reload(self, old: Config, new: Config) -> None:
+        removed = tuple(s for s in old.worker.services if s not in new.worker.services)
+        if removed and self._announced_services:
+            self._withdraw_services = removed
+        if old.worker != new.worker:
+            self._gpu = await asyncio.get_running_loop().run_in_executor(
+                None, detect_gpu, new.worker)
+            self._load = self._current_load()
+        if (old.worker != new.worker or old.agent.name != new.agent.name
+                or old.agent.region != new.agent.region or old.dht.record_ttl != new.dht.record_ttl):
+            log.info("worker: config changed: re-announcing")
+            self.wake()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in (self._task, self._load_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._task = self._load_task = None
+        try:
+            if self.last_record is not None and not self.last_record.withdrawn:
+                await asyncio.wait_for(self._withdraw(self._announced_services),
+                                       timeout=STOP_BUDGET)
+        except TimeoutError:
+            log.warning("worker: withdrawal not confirmed within %.1fs", STOP_BUDGET)
+        except Exception as exc:
+            log.warning("worker: withdrawal failed: %s", exc)
+        finally:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    # ------------------------------------------------------------------ announcing
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        dht = self.dht
+        deadline = time.monotonic() + JOIN_GRACE
+        while not dht.joined and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        retry = RETRY_MIN
+        while True:
+            self._wake.clear()
+            ok = False
+            try:
+                ok = await self._announce_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:    # never let the refresh loop die
+                self.last_result = f"error: {exc}"
+                log.warning("worker: announce failed: %s", exc)
+            interval = float(self.agent.config.dht.republish_interval)
+            if ok or not self.endpoint:
+                delay = interval * random.uniform(0.9, 1.1)
+                retry = RETRY_MIN
+            else:
+                delay = min(interval, retry) * random.uniform(0.9, 1.1)
+                retry = min(retry * 2, interval)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _announce_once(self) -> bool:
+        """One refresh; True when the record is stored somewhere (DHT or a coordinator)."""
+        cfg = self.agent.config
+        if not self.endpoint:
+            if not self._said_no_endpoint:
+                self._said_no_endpoint = True
+                self.last_result = "no endpoint"
+            return False
+        self._said_no_endpoint = False
+        if not cfg.worker.services:
+            self.last_result = "no services configured"
+            return False
+        if self._withdraw_services:
+            removed, self._withdraw_services = self._withdraw_services, ()
+            await self._withdraw(removed)
+        record = self._build()
+        stored = await self.dht.announce(record)
+        self.announce_count += 1
+        self.last_record = record
+        self.last_announce_at = time.time()
+        self.last_stored = stored
+        first = not self._announced_services
+        self._announced_services = tuple(record.services)
+        if stored > 0:
+            self.last_result = f"stored on {stored} nodes"
+            if first:
+                log.info("worker: announced %s at %s (stored on %d nodes)",
+                         ",".join(record.services), record.endpoint, stored)
+                self.agent.status_changed()
+            return True
+        registered = await self._register_fallback(record)
+        self.last_result = (f"dht stored on 0 nodes; registered with {registered} coordinators"
+                            if cfg.discovery.coordinators else "dht stored on 0 nodes")
+        if first or registered == 0:
+            log.warning("worker: %s", self.last_result)
+        if first:
+            self.agent.status_changed()
+        return registered > 0
+
+    async def _register_fallback(self, record: WorkerRecord) -> int:
+        coordinators = self.agent.config.discovery.coordinators
+        if not coordinators or self._session is None:
+            return 0
+        self.fallback_used = True
+        body = {"record": base64.b64encode(record.encode()).decode()}
+
+        async def post(base: str) -> bool:
+            url = base.rstrip("/") + "/api/services/register"
+            assert self._session is not None
+            try:
+                async with self._session.post(url, json=body) as resp:
+                    if 200 <= resp.status < 300:
+                        return True
+                    text = (await resp.text())[:200]
+                    log.warning("worker: %s refused the registration: HTTP %d %s",
+                                url, resp.status, text)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("worker: registration with %s failed: %s", url, exc)
+            return False
+
+        results = await asyncio.gather(*(post(c) for c in coordinators))
+        ok = sum(1 for r in results if r)
+        self.fallback_ok += ok
+        self.fallback_failed += len(results) - ok
+        return ok
+
+    async def _withdraw(self, services: tuple[str, ...]) -> None:
+        """Announce a signed tombstone for ``services`` (all announced ones on stop)."""
+        if not services or not self.endpoint:
+            return
+        tomb = self._build(services=services, withdrawn=True)
+        stored = await self.dht.announce(tomb)
+        if stored == 0 or self.fallback_used:
+            await self._register_fallback(tomb)
+        if set(services) >= set(self._announced_services):
+            self.last_record = tomb
+        log.info("worker: withdrew %s (stored on %d nodes)", ",".join(services), stored)
+
+    async def _poll_load(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(LOAD_POLL)
+            try:
+                self._gpu = await loop.run_in_executor(None, detect_gpu,
+                                                       self.agent.config.worker)
+            except Exception as exc:
+                log.debug("worker: load poll failed: %s", exc)
+                continue
+            self._maybe_load_changed()
+
+    # ------------------------------------------------------------------ readiness/status
+    def ready(self) -> tuple[bool, str]:
+        if not self.endpoint:
+            mode = self.agent.config.tunnel.mode
+            if mode == "off":
+                return False, ("worker: no endpoint: set worker.endpoint or enable the tunnel "
+                               "(tunnel.mode)")
+            return False, "worker: no endpoint yet (waiting for the tunnel's public URL)"
+        if not self.agent.config.worker.services:
+            return False, "worker: no services configured (worker.services)"
+        return True, ""
+
+    def status(self) -> str:
+        if not self.endpoint:
+            return "no endpoint"
+        if self.last_record is None:
+            return "announcing"
+        if self.last_record.withdrawn:
+            return "withdrawn"
+        if self.last_stored == 0 and not self.fallback_ok:
+            return "announce failing"
+        return "announced " + ",".join(self._announced_services)
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker": {
+            "services": list(self.agent.config.worker.services),
+            "endpoint": self.endpoint,
+            "gpu": self._gpu.name if self._gpu else None,
+            "gpu_memory_gb": self._gpu.memory_gb if self._gpu else None,
+            "load": self._load,
+            "capacity": self._capacity(),
+            "seq": self._seq,
+            "announces": self.announce_count,
+            "last_announce_at": self.last_announce_at,
+            "last_stored_on": self.last_stored,
+            "last_result": self.last_result,
+            "fallback_used": self.fallback_used,
+            "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
+        }}

@@ -1,0 +1,337 @@
+"""A harness for tests that run a network of real agent processes on loopback.
+
+Each node is ``python -m agent run -c CFG`` with its own TOML config, state dir and log
+file, its own 127.x.y.z address (so ports never collide with other tests running at the
+same time) and real UDP between processes. ``Cluster`` is a context manager: on exit every
+process it started gets SIGTERM, then SIGKILL — nothing outlives a test, even a failing one.
+
+Timings are kept small (``record_ttl``/``republish_interval``) so tests stay fast.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- TOML
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))      # a JSON string is a valid TOML basic string
+
+
+def toml_dumps(data: dict[str, dict[str, Any]]) -> str:
+    """``{section: {key: scalar | list}}`` -> TOML (all agent configs need)."""
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- ports
+def free_port(host: str, kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port(host: str) -> int:
+    """A UDP port free on ``host`` (also checked free for TCP, for reuse as HTTP)."""
+    for _ in range(100):
+        port = free_port(host, socket.SOCK_DGRAM)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no free port on {host}")
+
+
+# ----------------------------------------------------------------------------- HTTP
+def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
+         raw: bytes | None = None) -> tuple[int, Any]:
+    """(status, JSON or text); status 0 when the connection fails."""
+    data = raw
+    headers = {}
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            payload, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        payload, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+    except (urllib.error.URLError, OSError):
+        return 0, None
+    if "json" in ctype:
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            pass
+    return status, payload.decode("utf-8", "replace")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+# ----------------------------------------------------------------------------- nodes
+@dataclass
+class Node:
+    name: str
+    role: str
+    ip: str
+    udp_port: int
+    http_port: int
+    state_dir: Path
+    cfg_path: Path
+    log_path: Path
+    data: dict[str, dict[str, Any]]
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.http_port}"
+
+    @property
+    def dht_addr(self) -> str:
+        return f"{self.ip}:{self.udp_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def get(self, path: str, timeout: float = 3.0) -> tuple[int, Any]:
+        return http("GET", self.url + path, timeout=timeout)
+
+    def post(self, path: str, body: Any = None, raw: bytes | None = None,
+             timeout: float = 5.0) -> tuple[int, Any]:
+        return http("POST", self.url + path, body=body, raw=raw, timeout=timeout)
+
+    def node_id(self) -> str:
+        status, stats = self.get("/api/dht/stats")
+        assert status == 200, f"{self.name}: /api/dht/stats -> {status} {stats}"
+        return str(stats["node_id"])
+
+    def providers(self, service: str) -> tuple[set[str], float, float]:
+        """(names of live workers found, lookup ms inside the agent, HTTP round trip ms)."""
+        t0 = time.perf_counter()
+        status, body = self.get(f"/api/dht/providers/{service}", timeout=5.0)
+        rtt = (time.perf_counter() - t0) * 1000
+        assert status == 200, f"{self.name}: providers({service}) -> {status} {body}"
+        return {r["name"] for r in body["records"]}, float(body["elapsed_ms"]), rtt
+
+    def write_config(self) -> None:
+        self.cfg_path.write_text(toml_dumps(self.data))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """Starts, inspects and always tears down a set of agent processes."""
+
+    def __init__(self, tmp: Path, *, record_ttl: int = 20, republish: int = 3,
+                 ksize: int = 20) -> None:
+        self.tmp = Path(tmp)
+        self.record_ttl = record_ttl
+        self.republish = republish
+        self.ksize = ksize
+        self.nodes: dict[str, Node] = {}
+        # one 127.a.b.0/24 per cluster: never collides with 127.0.0.1 users or other clusters
+        self._net = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}"
+        self._next_host = 1
+
+    # -- building ------------------------------------------------------------------
+    def _new_ip(self) -> str:
+        ip = f"{self._net}.{self._next_host}"
+        self._next_host += 1
+        if self._next_host > 254:
+            raise RuntimeError("more than 254 nodes in one cluster")
+        return ip
+
+    def add(self, name: str, role: str, *, seeds: Iterable[str] = (), mode: str = "server",
+            services: Iterable[str] = ("ocr",), coordinators: Iterable[str] = (),
+            extra: dict[str, dict[str, Any]] | None = None) -> Node:
+        ip = self._new_ip()
+        udp = free_udp_port(ip)
+        http_port = free_port(ip, socket.SOCK_STREAM)
+        state = self.tmp / name / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        data: dict[str, dict[str, Any]] = {
+            "agent": {"role": role, "name": name, "region": "test", "state_dir": str(state)},
+            "dht": {"listen": f"{ip}:{udp}", "bootstrap": list(seeds), "mode": mode,
+                    "ksize": self.ksize, "record_ttl": self.record_ttl,
+                    "republish_interval": self.republish},
+            "http": {"listen": f"{ip}:{http_port}"},
+            "tunnel": {"mode": "off"},
+            "discovery": {"coordinators": list(coordinators)},
+            "log": {"level": "info"},
+        }
+        if role == "worker":
+            data["worker"] = {"services": list(services),
+                              "endpoint": f"http://{ip}:{http_port}/{name}",
+                              "max_concurrency": 4, "gpu": "T4", "gpu_memory_gb": 16}
+        for section, values in (extra or {}).items():
+            data.setdefault(section, {}).update(values)
+        node = Node(name, role, ip, udp, http_port, state, self.tmp / name / "agent.toml",
+                    self.tmp / name / "agent.log", data)
+        node.write_config()
+        self.nodes[name] = node
+        return node
+
+    def coordinator(self, name: str, seeds: Iterable[str] = (), **kw: Any) -> Node:
+        return self.add(name, "coordinator", seeds=seeds, **kw)
+
+    def worker(self, name: str, seeds: Iterable[str], **kw: Any) -> Node:
+        return self.add(name, "worker", seeds=seeds, **kw)
+
+    # -- processes -----------------------------------------------------------------
+    def start(self, *nodes: Node) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        for node in nodes:
+            assert not node.alive(), f"{node.name} already running"
+            node.write_config()
+            node._log = open(node.log_path, "ab")  # closed in _reap
+            node.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(node.cfg_path)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
+                stderr=subprocess.STDOUT)
+
+    def wait_ready(self, *nodes: Node, timeout: float = 30.0) -> None:
+        pending = list(nodes)
+
+        def check() -> bool:
+            for n in list(pending):
+                if not n.alive():
+                    raise AssertionError(f"{n.name} exited with {n.proc.returncode if n.proc else None}"
+                                         f":\n{n.log_text()[-3000:]}")
+                if n.get("/readyz", timeout=1.0)[0] == 200:
+                    pending.remove(n)
+            return not pending
+
+        try:
+            wait_until(check, timeout, "readiness", interval=0.2)
+        except AssertionError as exc:
+            detail = "\n".join(f"--- {n.name}: {n.get('/readyz', 1.0)}\n{n.log_text()[-1500:]}"
+                               for n in pending[:3])
+            raise AssertionError(f"{exc}; not ready: {[n.name for n in pending]}\n{detail}") from None
+
+    def wait_healthy(self, *nodes: Node, timeout: float = 20.0) -> None:
+        for n in nodes:
+            wait_until(lambda n=n: n.alive() and n.get("/healthz", 1.0)[0] == 200, timeout,
+                       f"{n.name} /healthz")
+
+    def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(sig)
+
+    def stop(self, node: Node, timeout: float = 8.0) -> int | None:
+        """SIGTERM and wait (SIGKILL after ``timeout``); the exit code."""
+        if node.proc is None:
+            return None
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+            try:
+                node.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(5)
+        self._reap(node)
+        return node.proc.returncode
+
+    def _reap(self, node: Node) -> None:
+        if node._log is not None:
+            node._log.close()
+            node._log = None
+
+    def close(self) -> None:
+        """SIGTERM everything at once, SIGKILL what is left after 5 s."""
+        running = [n for n in self.nodes.values() if n.alive()]
+        for n in running:
+            try:
+                n.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        for n in running:
+            assert n.proc is not None
+            try:
+                n.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                try:
+                    n.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for n in self.nodes.values():
+            if n.proc is not None and n.proc.poll() is None:   # belt and braces
+                n.proc.kill()
+            self._reap(n)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- queries -------------------------------------------------------------------
+    def live(self, role: str | None = None) -> list[Node]:
+        return [n for n in self.nodes.values() if n.alive() and (role is None or n.role == role)]
+
+    def parallel(self, fn: Callable[[Node], Any], nodes: Iterable[Node],
+                 workers: int = 8) -> dict[str, Any]:
+        """``fn(node)`` for each node on a small thread pool; {name: result}."""
+        nodes = list(nodes)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(fn, nodes))
+        return {n.name: r for n, r in zip(nodes, results, strict=True)}
+
+    def logs_tail(self, nodes: Iterable[Node] | None = None, chars: int = 1200) -> str:
+        out = []
+        for n in nodes if nodes is not None else self.nodes.values():
+            out.append(f"--- {n.name} ({n.log_path})\n{n.log_text()[-chars:]}")
+        return "\n".join(out)
+
+
+def percentile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    if not xs:
+        return 0.0
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
