@@ -60,6 +60,7 @@ def is_url(entry: str) -> bool:
 def parse_hostport(entry: str, default_port: int = DEFAULT_PORT) -> Addr:
     """``"h:p"``, ``"[v6]:p"``, ``"v6"`` or ``"h"`` -> ``(host, port)``; SeedError if malformed."""
     text = entry.strip()
+    port_text: str | None
     if not text:
         raise SeedError("empty bootstrap entry")
     if text.startswith("["):
@@ -69,16 +70,16 @@ def parse_hostport(entry: str, default_port: int = DEFAULT_PORT) -> Addr:
         host, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(":"):
             raise SeedError(f"{entry!r}: expected ':port' after ']'")
-        port_text = rest[1:] if rest else ""
+        port_text = rest[1:] if rest else None
     elif text.count(":") > 1:      # a bare IPv6 literal, no port
-        host, port_text = text, ""
+        host, port_text = text, None
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
     else:
-        host, port_text = text, ""
+        host, port_text = text, None
     if not host:
         raise SeedError(f"{entry!r}: missing host")
-    if port_text == "":
+    if port_text is None:
         port = default_port
     else:
         try:
