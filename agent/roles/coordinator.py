@@ -237,13 +237,17 @@ class CoordinatorRole(Component):
         })
 
     # ------------------------------------------------------------------ status
-    def status(self) -> str:
+    def _live_count(self) -> int:
         self._expire()
-        return f"registry={len(self.registry)}"
+        return sum(1 for r in self.registry.values() if not r.withdrawn)
+
+    def status(self) -> str:
+        return f"registry={self._live_count()}"
 
     def stats(self) -> dict[str, Any]:
         return {"coordinator": {
-            "registry_size": len(self.registry),
+            "registry_size": self._live_count(),
+            "registry_tombstones": sum(1 for r in self.registry.values() if r.withdrawn),
             "registrations": self.registrations,
             "rejected": self.rejected,
             "republished": self.republished,
