@@ -1,0 +1,33 @@
+#!/bin/sh
+# Install the host tools the .deb build and the booted-Debian appliance test need.
+#
+# Idempotent and cheap when everything is there: apt is only called for packages that are
+# missing, so CI can run this on every job without paying for `apt-get update` each time.
+#   debootstrap        - the bookworm root filesystem (build chroot and test container)
+#   systemd-container  - systemd-nspawn, to boot that root filesystem with systemd as PID 1
+#   lintian            - package checks (0 errors is a release gate)
+#   dpkg-dev           - dpkg-architecture/dpkg-deb helpers used by build-deb.sh
+#   debian-archive-keyring - debootstrap verifies the bookworm Release file with it
+#   fakeroot is not needed: dpkg-deb --root-owner-group sets ownership itself.
+set -eu
+
+want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl"
+missing=""
+for p in $want; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+if [ -z "$missing" ]; then
+    echo "deps.sh: all present ($want)"
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "deps.sh: missing:$missing (run as root to install them)" >&2
+    exit 1
+fi
+echo "deps.sh: installing:$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing
