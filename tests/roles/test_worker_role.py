@@ -1,0 +1,164 @@
+"""WorkerRole in process: announce, refresh, endpoint from the tunnel, fallback, withdraw."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from agent.dht.identity import Identity
+from agent.dht.record import WorkerRecord
+from agent.httpapi import json_errors
+from agent.roles.coordinator import CoordinatorRole
+from agent.roles.worker import WorkerRole
+from tests.roles.fakes import FakeAgent, FakeDHT, make_config
+
+
+async def _until(pred: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def _worker(tmp_path, stores_on: int = 3, **sections: dict[str, Any]):
+    dht = FakeDHT(Identity.generate(), stores_on=stores_on)
+    agent = FakeAgent(make_config(tmp_path, "worker", **sections), dht)
+    role = WorkerRole(agent)  # type: ignore[arg-type]
+    agent.components.append(role)
+    return agent, dht, role
+
+
+async def test_announces_refreshes_and_withdraws(tmp_path) -> None:
+    _agent, dht, role = _worker(tmp_path)
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) >= 1)
+        first = dht.announced[0]
+        first.verify()
+        assert first.worker_id == dht.identity.node_id and not first.withdrawn
+        assert first.services == ("ocr", "asr") and first.endpoint == "https://w.example.org"
+        assert (first.gpu, first.gpu_memory_gb, first.capacity) == ("A100", 80.0, 4)
+        assert first.region == "eu" and 19 <= first.expires_at - first.issued_at <= 21
+        assert role.status() == "announced ocr,asr" and role.ready() == (True, "")
+        # republish_interval = 1 s (±10 %): a refresh with a higher sequence follows
+        await _until(lambda: len(dht.announced) >= 2, timeout=3.0)
+        assert dht.announced[1].seq > first.seq
+        assert role.stats()["worker"]["last_stored_on"] == 3
+    finally:
+        await role.stop()
+    last = dht.announced[-1]
+    assert last.withdrawn and last.seq > first.seq
+    assert await dht.find_providers("ocr") == []
+    assert role.status() == "withdrawn"
+
+
+async def test_waits_for_tunnel_endpoint(tmp_path) -> None:
+    agent, dht, role = _worker(tmp_path, worker={"endpoint": ""}, tunnel={"mode": "quick"})
+    await role.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert dht.announced == []
+        ok, why = role.ready()
+        assert not ok and "tunnel" in why
+        assert role.status() == "no endpoint"
+        agent.emit("endpoint", "https://abc.trycloudflare.com")
+        await _until(lambda: len(dht.announced) == 1, timeout=1.0)   # at once, not at refresh
+        assert dht.announced[0].endpoint == "https://abc.trycloudflare.com"
+        assert role.ready() == (True, "")
+        agent.emit("endpoint", "https://xyz.trycloudflare.com")        # the URL changed
+        await _until(lambda: dht.announced[-1].endpoint == "https://xyz.trycloudflare.com",
+                     timeout=1.0)
+    finally:
+        await role.stop()
+
+
+async def test_no_endpoint_and_tunnel_off_says_what_to_do(tmp_path) -> None:
+    _agent, _dht, role = _worker(tmp_path, worker={"endpoint": ""})
+    ok, why = role.ready()
+    assert not ok and "worker.endpoint" in why
+
+
+async def test_load_change_reannounces(tmp_path) -> None:
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        role.set_inflight(3)
+        await _until(lambda: len(dht.announced) == 2, timeout=1.0)
+        assert dht.announced[-1].load == 3.0
+        role.set_inflight(3.2)        # small jitter is not worth a re-announce
+        await asyncio.sleep(0.2)
+        assert len(dht.announced) == 2
+        role.set_inflight(99)         # clamped to capacity
+        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        assert dht.announced[-1].load == 4.0
+    finally:
+        await role.stop()
+
+
+async def test_reload_withdraws_removed_service(tmp_path) -> None:
+    agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        old = agent.config
+        agent.config = dataclasses.replace(
+            old, worker=dataclasses.replace(old.worker, services=("ocr",)))
+        await role.reload(old, agent.config)
+        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        tomb, live = dht.announced[1], dht.announced[2]
+        assert tomb.withdrawn and tomb.services == ("asr",)
+        assert not live.withdrawn and live.services == ("ocr",) and live.seq > tomb.seq
+    finally:
+        await role.stop()
+
+
+async def test_fallback_to_coordinator_registry(tmp_path) -> None:
+    # a real CoordinatorRole behind a real HTTP server
+    cdht = FakeDHT(Identity.generate(), stores_on=2)
+    cagent = FakeAgent(make_config(tmp_path / "c", "coordinator"), cdht)
+    coord = CoordinatorRole(cagent)  # type: ignore[arg-type]
+    cagent.components.append(coord)
+    app = web.Application(middlewares=[json_errors])
+    coord.add_routes(app)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    base = f"http://127.0.0.1:{client.port}"
+    # the worker's own DHT stores nowhere (UDP blocked)
+    _agent, dht, role = _worker(tmp_path / "w", stores_on=0,
+                               discovery={"coordinators": (base, "http://127.0.0.1:1")})
+    await role.start()
+    try:
+        await _until(lambda: len(coord.registry) == 1)
+        got = next(iter(coord.registry.values()))
+        assert got.worker_id == dht.identity.node_id and got.services == ("ocr", "asr")
+        assert cdht.announced and cdht.announced[0].encode() == got.encode()  # republished
+        st = role.stats()["worker"]
+        assert st["fallback_used"] and st["fallback_registrations"]["ok"] >= 1
+        assert st["fallback_registrations"]["failed"] >= 1       # the dead coordinator
+        assert role.status() == "announced ocr,asr"
+        body = await (await client.get("/api/registry/ocr")).json()
+        assert len(body["records"]) == 1
+        WorkerRecord.decode(base64.b64decode(body["records"][0])).verify()
+    finally:
+        await role.stop()
+    # the tombstone reached the coordinator too: the worker is gone from its registry
+    body = await (await client.get("/api/registry/ocr")).json()
+    assert body["records"] == []
+    await client.close()
+
+
+async def test_worker_answers_404_json_on_register(tmp_path) -> None:
+    _agent, _dht, role = _worker(tmp_path)
+    app = web.Application(middlewares=[json_errors])
+    role.add_routes(app)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.post("/api/services/register", json={"record": "x"})
+        assert resp.status == 404 and "coordinator" in (await resp.json())["error"]
