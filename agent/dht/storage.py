@@ -250,6 +250,12 @@ class ProviderStorage(IStorage):
         ts.sort(key=lambda e: -e.record.issued_at)
         return [e.encoded for e in ts[:limit]]
 
+    def snapshot(self, key: bytes, now: float | None = None) -> list[WorkerRecord]:
+        """Every unexpired record under ``key``, tombstones included (for merging)."""
+        now = time.time() if now is None else now
+        return [e.record for e in (self._data.get(key) or {}).values()
+                if e.record.expires_at > now]
+
     def record(self, key: bytes, worker_id: bytes) -> WorkerRecord | None:
         """The stored record (withdrawn or not) of one worker under ``key``."""
         e = (self._data.get(key) or {}).get(worker_id)

@@ -1,0 +1,215 @@
+"""Iterative lookups that replace kademlia's ``SpiderCrawl``.
+
+kademlia's crawl works in lock-step rounds (a slow or dead peer stalls the round for the
+full RPC timeout), keeps candidates in an O(n²) ``NodeHeap``, and its value crawl stops at
+the first node holding a value. ``Crawl`` here is event-driven:
+
+* up to ``alpha`` requests are in flight; whenever one completes (answer or adaptive
+  timeout) the next closest unqueried candidate is asked at once, so a dead peer only
+  occupies one slot for one RTO (tens of milliseconds on a LAN) instead of stalling;
+* candidates are ordered by exact XOR distance (Python ints, sorted insertion);
+* peers that failed recently (``protocol.is_suspect``) are skipped — other nodes keep
+  returning a dead contact until their own timeouts remove it;
+* it ends when the ``width`` closest non-failed candidates have all answered, or when no
+  candidate is left.
+
+``ProviderLookup`` uses it with ``find_providers`` and keeps going past the first node that
+has records: it merges the records of every answering node among the ``width`` closest
+(newest ``seq`` per worker wins, tombstones included so a withdrawal beats a stale copy).
+``NodeLookup`` uses ``find_node`` and returns the closest nodes that answered (for
+announces and bootstrap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from typing import TYPE_CHECKING, Any
+
+from kademlia.node import Node
+
+from agent.dht.protocol import parse_nodes
+from agent.dht.record import RecordError, WorkerRecord, decode_verified
+
+if TYPE_CHECKING:
+    from agent.dht.protocol import RMAProtocol
+
+NEW, INFLIGHT, ANSWERED, FAILED = 0, 1, 2, 3
+MAX_RECORDS_PER_ANSWER = 64
+
+
+class Crawl:
+    """Generic iterative lookup toward ``target``; subclasses define the RPC and merge."""
+
+    def __init__(self, protocol: RMAProtocol, target: bytes, peers: list[Node], *,
+                 width: int, alpha: int) -> None:
+        self.protocol = protocol
+        self.target = target
+        self.tlong = int.from_bytes(target, "big")
+        self.width = max(1, width)
+        self.alpha = max(1, alpha)
+        self.state: dict[bytes, int] = {}
+        self.nodes: dict[bytes, Node] = {}
+        self.order: list[tuple[int, bytes]] = []
+        self.queried = 0
+        self.answered = 0
+        self.failed = 0
+        self._self_id = protocol.source_node.id
+        self._tasks: set[asyncio.Task[None]] = set()
+        for n in peers:
+            self._add(n)
+
+    def _add(self, node: Node) -> None:
+        nid = node.id
+        if nid in self.state or nid == self._self_id:
+            return
+        self.state[nid] = NEW
+        self.nodes[nid] = node
+        bisect.insort(self.order, (node.long_id ^ self.tlong, nid))
+
+    def add_triples(self, triples: list[tuple[bytes, str, int]]) -> None:
+        is_suspect = self.protocol.is_suspect
+        for nid, ip, port in triples:
+            if nid in self.state or nid == self._self_id or is_suspect(nid):
+                continue
+            self._add(Node(nid, ip, port))
+
+    async def _rpc(self, node: Node) -> tuple[bool, Any]:
+        raise NotImplementedError
+
+    def _on_answer(self, node: Node, data: Any) -> None:
+        raise NotImplementedError
+
+    async def _query(self, node: Node, done: asyncio.Queue[tuple[Node, tuple[bool, Any]]]) -> None:
+        try:
+            result = await self._rpc(node)
+        except Exception:  # never let one peer's problem end the crawl
+            result = (False, None)
+        done.put_nowait((node, result))
+
+    async def run(self) -> None:
+        done: asyncio.Queue[tuple[Node, tuple[bool, Any]]] = asyncio.Queue()
+        inflight = 0
+        loop = asyncio.get_running_loop()
+        state = self.state
+        while True:
+            seen = 0
+            answered = 0
+            for _dist, nid in self.order:
+                st = state[nid]
+                if st == FAILED:
+                    continue
+                seen += 1
+                if st == ANSWERED:
+                    answered += 1
+                elif st == NEW and inflight < self.alpha:
+                    state[nid] = INFLIGHT
+                    inflight += 1
+                    self.queried += 1
+                    task = loop.create_task(self._query(self.nodes[nid], done))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if seen >= self.width:
+                    break
+            if answered >= self.width or inflight == 0:
+                return
+            node, (ok, data) = await done.get()
+            inflight -= 1
+            if ok:
+                state[node.id] = ANSWERED
+                self.answered += 1
+                try:
+                    self._on_answer(node, data)
+                except Exception:
+                    self.protocol.drops["bad_answer"] += 1
+            else:
+                state[node.id] = FAILED
+                self.failed += 1
+            # drain whatever else completed meanwhile without another loop pass
+            while not done.empty():
+                node, (ok, data) = done.get_nowait()
+                inflight -= 1
+                if ok:
+                    state[node.id] = ANSWERED
+                    self.answered += 1
+                    try:
+                        self._on_answer(node, data)
+                    except Exception:
+                        self.protocol.drops["bad_answer"] += 1
+                else:
+                    state[node.id] = FAILED
+                    self.failed += 1
+
+    def closest_answered(self, k: int) -> list[Node]:
+        out = []
+        for _d, nid in self.order:
+            if self.state[nid] == ANSWERED:
+                out.append(self.nodes[nid])
+                if len(out) >= k:
+                    break
+        return out
+
+
+class NodeLookup(Crawl):
+    """The ``width`` (default k) closest live nodes to ``target``."""
+
+    async def _rpc(self, node: Node) -> tuple[bool, Any]:
+        return await self.protocol.call_find_node(node, Node(self.target))
+
+    def _on_answer(self, node: Node, data: Any) -> None:
+        self.add_triples(parse_nodes(data))
+
+    async def find(self) -> list[Node]:
+        await self.run()
+        return self.closest_answered(self.width)
+
+
+class ProviderLookup(Crawl):
+    """Records for a service key, merged over the ``width`` closest answering nodes."""
+
+    def __init__(self, protocol: RMAProtocol, target: bytes, peers: list[Node], *,
+                 width: int, alpha: int, now: float | None = None,
+                 max_skew: float = 30.0) -> None:
+        super().__init__(protocol, target, peers, width=width, alpha=alpha)
+        self.now = time.time() if now is None else now
+        self.max_skew = max_skew
+        self.records: dict[bytes, WorkerRecord] = {}
+        self.seen: set[bytes] = set()
+        self.rejected = 0
+
+    async def _rpc(self, node: Node) -> tuple[bool, Any]:
+        return await self.protocol.call_find_providers(node, self.target)
+
+    def merge(self, rec: WorkerRecord) -> None:
+        old = self.records.get(rec.worker_id)
+        if old is None or rec.seq > old.seq:
+            self.records[rec.worker_id] = rec
+
+    def _on_answer(self, node: Node, data: Any) -> None:
+        if not isinstance(data, dict):
+            self.protocol.drops["bad_answer"] += 1
+            return
+        self.add_triples(parse_nodes(data.get("nodes")))
+        recs = data.get("records")
+        if not isinstance(recs, list):
+            return
+        for b in recs[:MAX_RECORDS_PER_ANSWER]:
+            if type(b) is not bytes or b in self.seen:
+                continue
+            self.seen.add(b)
+            try:
+                rec = decode_verified(b, self.now, self.max_skew)
+            except RecordError:
+                self.rejected += 1
+                continue
+            if not rec.serves(self.target):
+                self.rejected += 1
+                continue
+            self.merge(rec)
+
+    async def find(self) -> list[WorkerRecord]:
+        """Merged, live (not withdrawn, not expired) records."""
+        await self.run()
+        return [r for r in self.records.values()
+                if not r.withdrawn and r.expires_at > self.now]

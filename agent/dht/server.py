@@ -1,0 +1,321 @@
+"""``DHTNode``: a kademlia ``Server`` that announces and finds signed worker records.
+
+What it changes in ``kademlia.network.Server`` and why:
+
+* ``protocol_class = RMAProtocol`` (hardened wire, adaptive timeouts, provider RPCs) and a
+  ``ProviderStorage`` (many signed records per key) instead of ``ForgetfulStorage``.
+* ``listen(port, interface)`` has no default interface (kademlia silently binds 0.0.0.0).
+* ``refresh_table`` reschedules itself with the configured interval (kademlia drops the
+  interval after the first run) and no longer republishes stored values: workers
+  republish their own records every ``republish_interval`` (the roles do).
+* ``announce(record)`` stores the record at the k closest nodes of each of its keys
+  (its services + ``ALL_SERVICES``). The closest set found for a key is cached for
+  ``closest_ttl`` seconds and reused, so a periodic re-announce is one round of
+  ``announce`` RPCs instead of a crawl; a cached set that loses a member, or grows stale,
+  triggers a fresh node lookup (so republishing heals it).
+* ``find_providers(service)`` runs a ``ProviderLookup`` over the ``lookup_width`` closest
+  nodes (default k/2 = 10; each answers with up to 20 records) and returns verified
+  records, merged by newest seq, without tombstones or expired ones, best first.
+* Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
+  announces, never added to others' routing tables, stores nothing for others).
+  ``"auto"`` starts as a client; the component calls ``check_reachable(seed)`` and then
+  ``set_mode("server"|"client")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from kademlia.network import Server
+from kademlia.node import Node
+
+from agent.dht.crawling import NodeLookup, ProviderLookup
+from agent.dht.identity import Identity
+from agent.dht.protocol import RMAProtocol, _is_id, all_contacts
+from agent.dht.record import WorkerRecord, service_key
+from agent.dht.storage import ProviderStorage
+
+log = logging.getLogger(__name__)
+
+MODES = ("server", "client", "auto")
+
+
+class DHTNode(Server):
+    """One DHT node (see module docstring). All methods must run on the node's loop."""
+
+    protocol_class = RMAProtocol
+
+    def __init__(self, identity: Identity, *, ksize: int = 20, alpha: int = 3,
+                 mode: str = "server", storage: ProviderStorage | None = None,
+                 refresh_interval: float = 900.0, cull_interval: float = 30.0,
+                 lookup_width: int | None = None, closest_ttl: float = 120.0,
+                 trusted: tuple[Any, ...] | list[Any] | set[Any] = (),
+                 rto_min: float = 0.05, rto_max: float = 2.0, rto_initial: float = 0.5,
+                 dead_after: int = 2, max_skew: float = 30.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if ksize < 1 or alpha < 1:
+            raise ValueError("ksize and alpha must be positive")
+        if storage is None:
+            storage = ProviderStorage(trusted=trusted, max_skew=max_skew)
+        super().__init__(ksize=ksize, alpha=alpha, node_id=identity.node_id, storage=storage)
+        # kademlia's ``storage or ForgetfulStorage()`` would replace an empty (falsy) one
+        self.storage: ProviderStorage = storage
+        self.identity = identity
+        self.mode = "client" if mode == "auto" else mode
+        self.requested_mode = mode
+        self.refresh_interval = refresh_interval
+        self.cull_interval = cull_interval
+        self.lookup_width = lookup_width or max(1, ksize // 2)
+        self.closest_ttl = closest_ttl
+        self.max_skew = max_skew
+        self._proto_opts = dict(rto_min=rto_min, rto_max=rto_max, rto_initial=rto_initial,
+                                dead_after=dead_after, max_skew=max_skew)
+        self._closest: dict[bytes, tuple[float, list[Node]]] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self.cull_loop: asyncio.TimerHandle | None = None
+        self.port: int | None = None
+        self.interface: str | None = None
+        self.started_at = time.time()
+        self.lookups = 0
+        self.announces = 0
+        self.protocol: RMAProtocol | None = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ lifecycle
+    def _create_protocol(self) -> RMAProtocol:
+        return RMAProtocol(self.node, self.storage, self.ksize, mode=self.mode,
+                           **self._proto_opts)  # type: ignore[arg-type]
+
+    async def listen(self, port: int, interface: str) -> None:  # type: ignore[override]
+        """Bind the UDP socket on ``interface:port`` (port 0 picks a free one) and start
+        the periodic table refresh and storage cull."""
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port))
+        self.interface = interface
+        self.port = self.transport.get_extra_info("sockname")[1]
+        log.info("dht: node %s listening on udp %s:%d (%s mode)", self.node.id.hex(),
+                 interface, self.port, self.mode)
+        self.refresh_loop = loop.call_later(self.refresh_interval, self.refresh_table)
+        self.cull_loop = loop.call_later(self.cull_interval, self._cull)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.cull_loop is not None:
+            self.cull_loop.cancel()
+            self.cull_loop = None
+        if self.protocol is not None:
+            self.protocol.close()
+        for t in list(self._bg):
+            t.cancel()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between "server" and "client" (after an auto-mode reachability check)."""
+        if mode not in ("server", "client"):
+            raise ValueError(f"mode must be 'server' or 'client', got {mode!r}")
+        self.mode = mode
+        if self.protocol is not None:
+            self.protocol.mode = mode
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
+
+    def refresh_table(self, interval: float | None = None) -> None:  # type: ignore[override]
+        """Refresh lonely buckets now and reschedule with the *same* interval (kademlia
+        forgets a custom interval after the first run)."""
+        interval = self.refresh_interval if interval is None else interval
+        self._spawn(self._refresh_table())
+        self.refresh_loop = asyncio.get_running_loop().call_later(
+            interval, self.refresh_table, interval)
+
+    async def _refresh_table(self) -> None:
+        """Look up a random id in every bucket not touched for an hour, and our own id
+        (keeps our neighbourhood fresh). No value republish: owners republish."""
+        if self.protocol is None:
+            return
+        try:
+            ids = [self.node.id, *self.protocol.get_refresh_ids()]
+            await asyncio.gather(*(self._node_lookup(i) for i in ids[:16]))
+        except Exception as exc:  # background work must never die silently in a loop
+            log.warning("dht: table refresh failed: %r", exc)
+
+    def _cull(self) -> None:
+        try:
+            n = self.storage.cull()
+            if n:
+                log.debug("dht: dropped %d expired records", n)
+            if self.protocol is not None:
+                self.protocol.housekeeping()
+            now = time.monotonic()
+            for k in [k for k, (t, _) in self._closest.items() if now - t > self.closest_ttl]:
+                del self._closest[k]
+        finally:
+            self.cull_loop = asyncio.get_running_loop().call_later(self.cull_interval, self._cull)
+
+    # ------------------------------------------------------------------ joining
+    async def _node_lookup(self, target: bytes, width: int | None = None) -> list[Node]:
+        assert self.protocol is not None
+        peers = self.protocol.router.find_neighbors(Node(target), k=self.ksize)
+        if not peers:
+            return []
+        return await NodeLookup(self.protocol, target, peers, width=width or self.ksize,
+                                alpha=self.alpha).find()
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> int:  # type: ignore[override]
+        """Ping the seeds (IP literals), then look up our own id through them.
+        Returns the number of contacts in the routing table afterwards."""
+        assert self.protocol is not None, "listen() first"
+        proto = self.protocol
+        addrs = [(str(h), int(p)) for h, p in addrs
+                 if not (p == self.port and h in (self.interface, "127.0.0.1", "::1"))]
+
+        async def ping(addr: tuple[str, int]) -> Node | None:
+            ok, res = await proto._call(addr, "ping", proto.my_id(),
+                                        timeout=max(proto.rto(addr), 1.0))
+            if ok and _is_id(res) and res != self.node.id:
+                node = Node(res, addr[0], addr[1])
+                proto.welcome_if_new(node)
+                return node
+            return None
+
+        seeds = [n for n in await asyncio.gather(*(ping(a) for a in addrs)) if n]
+        if seeds:
+            await self._node_lookup(self.node.id)
+        return self.peers()
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:  # type: ignore[override]
+        assert self.protocol is not None
+        ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
+        return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
+
+    async def check_reachable(self, seed: tuple[str, int]) -> bool:
+        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``)."""
+        assert self.protocol is not None and self.port is not None
+        ok, res = await self.protocol._call(seed, "reachable", self.protocol.my_id(),
+                                            self.port, timeout=2.5)
+        return bool(ok) and res is True
+
+    # ------------------------------------------------------------------ records
+    async def _closest_for(self, key: bytes, *, fresh: bool = False) -> list[Node]:
+        now = time.monotonic()
+        hit = self._closest.get(key)
+        if hit is not None and not fresh and now - hit[0] < self.closest_ttl:
+            return hit[1]
+        nodes = await self._node_lookup(key)
+        if nodes:
+            self._closest[key] = (now, nodes)
+        return nodes
+
+    def _store_locally(self, key: bytes, record: WorkerRecord, nodes: list[Node]) -> int:
+        """Keep a copy when this server-mode node is itself among the k closest."""
+        if self.mode != "server":
+            return 0
+        target = Node(key)
+        if len(nodes) >= self.ksize:
+            far = max(n.distance_to(target) for n in nodes)
+            if self.node.distance_to(target) >= far:
+                return 0
+        ok = self.storage.put(key, record, sender=None, now=time.time()) in ("stored", "same")
+        return 1 if ok else 0
+
+    async def _announce_key(self, key: bytes, record: WorkerRecord) -> int:
+        assert self.protocol is not None
+        enc = record.encode()
+        cached = key in self._closest
+        nodes = await self._closest_for(key)
+        results = await asyncio.gather(
+            *(self.protocol.call_announce(n, key, enc) for n in nodes))
+        stored = sum(1 for ok, res in results if ok and res is True)
+        if cached and any(not ok for ok, _ in results):
+            # a member of the cached set died: find the current k closest and fill in
+            done = {n.id for n, (ok, _) in zip(nodes, results, strict=True) if ok}
+            nodes = await self._closest_for(key, fresh=True)
+            extra = [n for n in nodes if n.id not in done]
+            more = await asyncio.gather(
+                *(self.protocol.call_announce(n, key, enc) for n in extra))
+            stored += sum(1 for ok, res in more if ok and res is True)
+        return stored + self._store_locally(key, record, nodes)
+
+    async def announce(self, record: WorkerRecord) -> int:
+        """Store ``record`` at the k closest nodes of each of its keys; returns the
+        number of successful stores (summed over keys, local copy included)."""
+        record.verify(time.time(), self.max_skew)  # refuse to spread a bad record
+        self.announces += 1
+        counts = await asyncio.gather(*(self._announce_key(k, record) for k in record.keys()))
+        return sum(counts)
+
+    async def withdraw(self, tombstone: WorkerRecord) -> int:
+        """Announce a withdrawn record (see ``WorkerRecord.tombstone``)."""
+        if not tombstone.withdrawn:
+            raise ValueError("withdraw() takes a tombstone (withdrawn=True)")
+        return await self.announce(tombstone)
+
+    async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
+        """Verified live records of ``service``'s workers, merged by newest seq over the
+        closest nodes, best first (lowest utilisation, then freshest)."""
+        assert self.protocol is not None
+        self.lookups += 1
+        key = service_key(service)
+        now = time.time()
+        peers = self.protocol.router.find_neighbors(Node(key), k=self.ksize)
+        crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
+                               alpha=self.alpha, now=now, max_skew=self.max_skew)
+        for rec in self.storage.snapshot(key, now):
+            crawl.merge(rec)
+        recs = await crawl.find()
+        recs.sort(key=lambda r: (r.load / r.capacity if r.capacity > 0 else float("inf"),
+                                 -r.issued_at))
+        return recs if limit is None else recs[:limit]
+
+    # ------------------------------------------------------------------ views
+    def peers(self) -> int:
+        return len(all_contacts(self.protocol.router)) if self.protocol is not None else 0
+
+    def contacts(self) -> list[tuple[str, str, int]]:
+        if self.protocol is None:
+            return []
+        return [(n.id.hex(), n.ip, n.port) for n in all_contacts(self.protocol.router)]
+
+    def routing_snapshot(self) -> list[tuple[str, int]]:
+        if self.protocol is None:
+            return []
+        return [(n.ip, n.port) for n in all_contacts(self.protocol.router)]
+
+    def stats(self) -> dict[str, Any]:
+        st = self.storage.stats()
+        out: dict[str, Any] = {
+            "node_id": self.node.id.hex(),
+            "mode": self.mode,
+            "requested_mode": self.requested_mode,
+            "port": self.port,
+            "routing_table_size": self.peers(),
+            "records_stored": st["records"],
+            "tombstones_stored": st["tombstones"],
+            "keys_stored": st["keys"],
+            "store_refused": st["refused"],
+            "lookups": self.lookups,
+            "announces": self.announces,
+            "closest_cache": len(self._closest),
+        }
+        if self.protocol is not None:
+            out.update(self.protocol.stats())
+        return out
+
+    # kademlia's plain-value API is not part of this network
+    async def get(self, key: Any) -> None:  # type: ignore[override]
+        raise NotImplementedError("use find_providers(); plain values are not stored")
+
+    async def set(self, key: Any, value: Any) -> bool:  # type: ignore[override]
+        raise NotImplementedError("use announce(); plain values are not stored")
+
+    async def set_digest(self, dkey: Any, value: Any) -> bool:  # type: ignore[override]
+        raise NotImplementedError("use announce(); plain values are not stored")
+
+    def save_state_regularly(self, fname: Any, frequency: int = 600) -> None:  # type: ignore[override]
+        raise NotImplementedError("the DHT component keeps the routing snapshot")
