@@ -201,6 +201,13 @@ def _show(v: object) -> str:
     return f"{v} ({_kind(v)})"
 
 
+def _got(v: object) -> str:
+    """A wrong-typed value echoed back with its TOML type when the spelling alone is unclear."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return f"{_show(v)} ({_kind(v)})"
+    return _show(v)
+
+
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     if close:
@@ -439,8 +446,7 @@ class _Checker:
         want = (f"must be an integer between {lo} and {hi}" if hi is not None
                 else f"must be an integer >= {lo}")
         if isinstance(v, bool) or not isinstance(v, int):
-            self.err(key, f"{want}, got {_show(v)}"
-                     + ("" if isinstance(v, bool | str) else f" ({_kind(v)})"))
+            self.err(key, f"{want}, got {_got(v)}")
             return default
         if v < lo or (hi is not None and v > hi):
             self.err(key, f"{want}, got {v}")
@@ -451,7 +457,7 @@ class _Checker:
         want = (f"must be a number between {lo:g} and {hi:g}" if hi is not None
                 else f"must be a number >= {lo:g}")
         if isinstance(v, bool) or not isinstance(v, int | float):
-            self.err(key, f"{want}, got {_show(v)}" + ("" if isinstance(v, bool | str) else f" ({_kind(v)})"))
+            self.err(key, f"{want}, got {_got(v)}")
             return None
         f = float(v)
         if not math.isfinite(f) or f < lo or (hi is not None and f > hi):
@@ -466,8 +472,7 @@ class _Checker:
             return default
         v = sec[name]
         if not isinstance(v, str):
-            self.err(key, f"must be a string, got {_show(v)}"
-                     + ("" if isinstance(v, bool) else f" ({_kind(v)})"))
+            self.err(key, f"must be a string, got {_got(v)}")
             return default
         if not allow_empty and not v.strip():
             self.err(key, "must not be empty")
@@ -488,8 +493,7 @@ class _Checker:
         v = sec[name]
         listed = ", ".join(f'"{c}"' for c in choices)
         if not isinstance(v, str):
-            self.err(key, f"must be one of {listed}, got {_show(v)}"
-                     + ("" if isinstance(v, bool) else f" ({_kind(v)})"))
+            self.err(key, f"must be one of {listed}, got {_got(v)}")
             return default
         if v.lower() in choices:
             return v.lower()
@@ -507,20 +511,19 @@ class _Checker:
         v = sec[name]
         if not isinstance(v, list):
             self.err(key, f"must be an array of strings, e.g. [{_toml_str(example)}], "
-                          f"got {_show(v)}" + ("" if isinstance(v, bool) else f" ({_kind(v)})"))
+                          f"got {_got(v)}")
             return None
         out: list[tuple[KeyPath, str]] = []
         for i, item in enumerate(v):
             if not isinstance(item, str):
-                self.err(key, f"entry {i + 1} must be a string, got {_show(item)}"
-                              + ("" if isinstance(item, bool) else f" ({_kind(item)})"),
+                self.err(key, f"entry {i + 1} must be a string, got {_got(item)}",
                          at=(*key, i))
             else:
                 out.append(((*key, i), item))
         return out
 
 
-def _check_host(host: str) -> str | None:
+def check_host(host: str) -> str | None:
     """Why ``host`` is not an IPv4 literal or a DNS name, or None when it is fine."""
     if not host:
         return "the host is empty"
@@ -554,7 +557,7 @@ def parse_address(s: str) -> Address:
         host, port_s = s.rsplit(":", 1)
         if ":" in host:
             raise ValueError('an IPv6 address needs brackets: "[addr]:port"')
-        why = _check_host(host)
+        why = check_host(host)
         if why:
             raise ValueError(why)
     if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
@@ -581,7 +584,7 @@ def check_url(s: str, *, https_only: bool = False) -> str | None:
     if port == 0:
         return "the port must be between 1 and 65535"
     if ":" not in u.hostname:
-        why = _check_host(u.hostname)
+        why = check_host(u.hostname)
         if why:
             return why
     if u.fragment:
@@ -595,8 +598,7 @@ def _address(ck: _Checker, sec: dict[str, Any], key: KeyPath, default: Address) 
         return default
     v = sec[name]
     if not isinstance(v, str):
-        ck.err(key, f'must be a "host:port" string, got {_show(v)}'
-                    + ("" if isinstance(v, bool) else f" ({_kind(v)})"))
+        ck.err(key, f'must be a "host:port" string, got {_got(v)}')
         return default
     try:
         return parse_address(v)
@@ -609,8 +611,7 @@ def _section(ck: _Checker, doc: dict[str, Any], name: str) -> dict[str, Any]:
     """The section's table (or {} when absent/bad), with unknown keys reported."""
     sec = doc.get(name, {})
     if not isinstance(sec, dict):
-        ck.err((name,), f"must be a table ([{name}]), got {_show(sec)}"
-                        + ("" if isinstance(sec, bool) else f" ({_kind(sec)})"))
+        ck.err((name,), f"must be a table ([{name}]), got {_got(sec)}")
         return {}
     for key in sec:
         if key not in SCHEMA[name]:
@@ -716,7 +717,8 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                                            f"{_show(svc)}", at=key)
         else:
             services.append(svc)
-    if role == "worker" and not s.get("services") and isinstance(s.get("services", []), list):
+    if (role == "worker" and not s.get("services") and isinstance(s.get("services", []), list)
+            and isinstance(doc.get("worker", {}), dict)):
         ck.err(("worker", "services"), 'a worker must serve at least one service, '
                'e.g. services = ["ocr"]', ("worker",), ("agent", "role"))
     endpoint = ck.string(s, ("worker", "endpoint"), "", max_len=2048).strip()
@@ -744,7 +746,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     hostname = ck.string(s, ("tunnel", "hostname"), "", max_len=253).strip()
     if hostname:
         why = ("must be a bare host name without scheme or path, e.g. \"worker-1.example.org\""
-               if "/" in hostname or ":" in hostname else _check_host(hostname))
+               if "/" in hostname or ":" in hostname else check_host(hostname))
         if why:
             ck.err(("tunnel", "hostname"), f"{why}, got {_show(hostname)}")
             hostname = ""
@@ -788,8 +790,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
         raw = s["gpu_scores"]
         if not isinstance(raw, dict):
             ck.err(("discovery", "gpu_scores"), 'must be a table of GPU name = score, e.g. '
-                   f'gpu_scores = {{ "A100" = 0.8 }}, got {_show(raw)}'
-                   + ("" if isinstance(raw, bool) else f" ({_kind(raw)})"))
+                   f'gpu_scores = {{ "A100" = 0.8 }}, got {_got(raw)}')
         else:
             for gname, val in raw.items():
                 key = ("discovery", "gpu_scores", gname)
