@@ -70,6 +70,7 @@ class TunnelComponent(Component):
         self.endpoint_changes = 0
         self._failures = 0
         self._logged_state = ""
+        self._pending_emit = False
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._wake: asyncio.Event | None = None
@@ -192,9 +193,25 @@ class TunnelComponent(Component):
                 self._unreachable(_describe(exc))
                 delay = min(self.backoff_max, self.poll_fast * 2 ** (self._failures - 1))
             self._after_poll()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` s or until ``poll_now()``; meanwhile deliver a deferred endpoint."""
+        assert self._wake is not None
+        self._wake.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while True:
+            self._flush_endpoint()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            step = min(remaining, 0.1) if self._pending_emit else remaining
+            try:
+                await asyncio.wait_for(self._wake.wait(), step)
+                return
+            except TimeoutError:
+                continue
 
     async def _get(self, path: str) -> tuple[int, Any]:
         """(status, parsed JSON or None) of one GET to the metrics server."""
@@ -257,7 +274,21 @@ class TunnelComponent(Component):
             log.info("public endpoint changed: %s -> %s", old, url)
         else:
             log.info("public endpoint is %s", url)
-        self.agent.emit("endpoint", url)
+        self._pending_emit = True
+        self._flush_endpoint()
+
+    def _flush_endpoint(self) -> None:
+        """Emit "endpoint" once the agent runs.
+
+        Why deferred: components start in order (dht, tunnel, worker, ...) and the worker
+        subscribes in its own start(), after ours; an event sent while the agent is still
+        starting would be lost. ``agent.running`` turns True once every start() returned.
+        """
+        if not self._pending_emit or not getattr(self.agent, "running", True):
+            return
+        self._pending_emit = False
+        if self.endpoint is not None:
+            self.agent.emit("endpoint", self.endpoint)
         self.agent.status_changed()
 
     def _after_poll(self) -> None:

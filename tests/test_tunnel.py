@@ -116,6 +116,7 @@ def make_agent(mode: str, port: int, hostname: str = "") -> tuple[Agent, TunnelC
     cfg = replace(Config(), tunnel=TunnelSection(mode=mode, metrics=Address("127.0.0.1", port),
                                                   hostname=hostname))
     agent = Agent(cfg, components=[])
+    agent.running = True          # as after Agent.start(): events are delivered at once
     comp = TunnelComponent(agent)
     agent.components.append(comp)
     comp.poll_fast, comp.poll_slow, comp.backoff_max = 0.05, 0.2, 0.4
@@ -409,3 +410,22 @@ def test_stand_in_logs_like_cloudflared() -> None:
     assert any(".trycloudflare.com" in ln for ln in lines)
     assert any("Starting metrics server on 127.0.0.1:" in ln for ln in lines)
     assert "graceful shutdown" in lines[-2]
+
+
+async def test_endpoint_waits_until_the_agent_runs(fakes: Callable[..., FakeCloudflared]) -> None:
+    """The worker subscribes in its start(), after the tunnel's: nothing may be lost."""
+    port = free_port()
+    fakes(port, *QUICK)
+    for mode, host in (("named", "w1.example.org"), ("quick", "")):
+        agent, comp, events = make_agent(mode, port, hostname=host)
+        agent.running = False                       # still starting components
+        await comp.start()
+        try:
+            await until(lambda c=comp: c.endpoint is not None and c.up, what="learned")
+            await asyncio.sleep(0.3)
+            assert events == []                     # held back while starting
+            agent.running = True                    # every start() returned
+            await until(lambda e=events: len(e) == 1, limit=2, what="deferred event")
+            assert events == [comp.endpoint]
+        finally:
+            await comp.stop()
