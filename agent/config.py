@@ -208,10 +208,15 @@ def _got(v: object) -> str:
     return _show(v)
 
 
-def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...], here: str = "") -> str:
+    """Hint for an unknown name: a close spelling, else the section it belongs in, else
+    the list of known names. ``here`` is the section the word was found in ("" = top)."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     if close:
         return f", did you mean '{close[0]}'?"
+    homes = [sec for sec, keys in SCHEMA.items() if word in keys and sec != here]
+    if homes:
+        return f": '{word}' belongs in [{homes[0]}]"
     return f" (known: {', '.join(choices)})"
 
 
@@ -615,7 +620,7 @@ def _section(ck: _Checker, doc: dict[str, Any], name: str) -> dict[str, Any]:
         return {}
     for key in sec:
         if key not in SCHEMA[name]:
-            ck.err((name, key), "unknown key" + _did_you_mean(key, SCHEMA[name]))
+            ck.err((name, key), "unknown key" + _did_you_mean(key, SCHEMA[name], name))
     return sec
 
 

@@ -113,6 +113,10 @@ BAD: list[tuple[str, str, str]] = [
      "PATH:1: rol: unknown key (known: agent, dht, http, worker, tunnel, discovery, log)"),
     ("unknown-dotted-key", "dht.ksizee = 3\n" + W,
      "PATH:1: dht.ksizee: unknown key, did you mean 'ksize'?"),
+    ("key-in-wrong-section", '[dht]\nservices = ["ocr"]\n' + W,
+     "PATH:2: dht.services: unknown key: 'services' belongs in [worker]"),
+    ("key-at-top-level", 'role = "worker"\n' + W,
+     "PATH:1: role: unknown key: 'role' belongs in [agent]"),
     # enums
     ("role", '[agent]\nrole = "wroker"\n' + W,
      'PATH:2: agent.role: must be one of "worker", "coordinator", got "wroker", did you mean \'worker\'?'),
