@@ -1,0 +1,345 @@
+"""``rma-agent demo``: a whole network on loopback in one command, stopped by Ctrl-C.
+
+It starts one coordinator and N workers as real agent processes (``python -m agent run
+-c <config>``), each with its own UDP (DHT) and TCP (HTTP) port on 127.0.0.1, its own
+state dir, no tunnel, and an explicit endpoint (``http://127.0.0.1:<its HTTP port>``).
+Workers differ in GPU, capacity (``max_concurrency``), region and services. The demo
+waits until every agent is ready and every worker is found through the DHT, prints one
+ranked lookup per service (asked of the coordinator) and the URLs to look at, then waits.
+
+Ctrl-C (SIGINT) or SIGTERM stops everything: workers first (they withdraw their records),
+then the coordinator, each with SIGTERM and a bounded wait, SIGKILL for stragglers; the
+temporary directory (configs, state, logs) is removed. The agents run in their own
+session, so a terminal's Ctrl-C reaches only the demo, which stops them in order; and
+they get SIGTERM from the kernel if the demo itself dies (``PR_SET_PDEATHSIG``), so no
+agent outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agent.discovery.client import ClientError, format_lookup, get_json, lookup_url
+
+READY_TIMEOUT_S = 60.0       # two shared cores: Python start-up of N+1 agents takes a while
+FOUND_TIMEOUT_S = 45.0
+STOP_GRACE_S = 6.0
+REPUBLISH_S = 10             # faster than the default 30 s so the demo converges quickly
+
+# (gpu, memory GB, region, services, max_concurrency), cycled over the workers
+PROFILES: tuple[tuple[str, float, str, tuple[str, ...], int], ...] = (
+    ("H100", 80.0, "eu-west", ("llm-inference", "ocr"), 8),
+    ("A100", 40.0, "us-east", ("llm-inference",), 4),
+    ("RTX 4090", 24.0, "eu-west", ("ocr", "embeddings"), 2),
+    ("T4", 16.0, "ap-south", ("ocr",), 1),
+    ("L40S", 48.0, "us-east", ("embeddings", "llm-inference"), 4),
+)
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: leave through the same clean-up path as Ctrl-C."""
+
+
+@dataclass
+class Node:
+    name: str
+    role: str
+    http_port: int
+    udp_port: int
+    config: Path
+    log_path: Path
+    services: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+# ---------------------------------------------------------------------- helpers
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ports(taken: set[int]) -> tuple[int, int]:
+    """(udp, tcp) ports, each free now and distinct from the ones already handed out."""
+    for _ in range(200):
+        udp, tcp = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
+        if udp != tcp and not {udp, tcp} & taken:
+            taken.update((udp, tcp))
+            return udp, tcp
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
+def _toml(data: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plan(workers: int, tmp: Path) -> list[Node]:
+    """Configs for one coordinator and ``workers`` workers, written into ``tmp``."""
+    taken: set[int] = set()
+    udp, http = _ports(taken)
+    coord = Node("coordinator", "coordinator", http, udp, tmp / "coordinator.toml",
+                 tmp / "coordinator.log")
+    nodes = [coord]
+    common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"}}
+    coord.config.write_text(_toml({
+        "agent": {"role": "coordinator", "name": coord.name, "region": "eu-west",
+                  "state_dir": str(tmp / "state-coordinator")},
+        "dht": {"listen": f"127.0.0.1:{udp}", "mode": "server",
+                "republish_interval": REPUBLISH_S},
+        "http": {"listen": f"127.0.0.1:{http}"},
+        **common,
+    }))
+    for i in range(workers):
+        gpu, mem, region, services, conc = PROFILES[i % len(PROFILES)]
+        wudp, whttp = _ports(taken)
+        name = f"worker-{i + 1}"
+        node = Node(name, "worker", whttp, wudp, tmp / f"{name}.toml", tmp / f"{name}.log",
+                    services)
+        node.config.write_text(_toml({
+            "agent": {"role": "worker", "name": name, "region": region,
+                      "state_dir": str(tmp / f"state-{name}")},
+            "dht": {"listen": f"127.0.0.1:{wudp}", "mode": "server",
+                    "bootstrap": [f"127.0.0.1:{udp}"], "republish_interval": REPUBLISH_S},
+            "http": {"listen": f"127.0.0.1:{whttp}"},
+            "worker": {"services": list(services), "endpoint": f"http://127.0.0.1:{whttp}",
+                       "max_concurrency": conc, "gpu": gpu, "gpu_memory_gb": mem},
+            "discovery": {"coordinators": [coord.url]},
+            **common,
+        }))
+        nodes.append(node)
+    return nodes
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the demo process dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the demo's own clean-up still applies
+        pass
+
+
+def start(node: Node) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                else "")
+    env.pop("NOTIFY_SOCKET", None)   # the demo's agents are not systemd services
+    env.pop("WATCHDOG_USEC", None)
+    node.log_file = open(node.log_path, "wb")
+    node.proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "-c", str(node.config)],
+        stdin=subprocess.DEVNULL, stdout=node.log_file, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _log_tail(node: Node, lines: int = 15) -> str:
+    try:
+        text = node.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + ln for ln in text[-lines:]) or "    (empty log)"
+
+
+class DemoError(Exception):
+    pass
+
+
+def wait_ready(nodes: list[Node], timeout: float) -> None:
+    """Until every node answers 200 on /readyz; a node that exits is an error."""
+    deadline = time.monotonic() + timeout
+    pending = list(nodes)
+    while pending:
+        for node in list(pending):
+            assert node.proc is not None
+            if node.proc.poll() is not None:
+                raise DemoError(f"{node.name} exited with status {node.proc.returncode}:\n"
+                                f"{_log_tail(node)}")
+            if _http_status(node.url + "/readyz") == 200:
+                pending.remove(node)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(n.name for n in pending)
+            raise DemoError(f"not ready after {timeout:.0f} s: {names}\n{_log_tail(pending[0])}")
+        time.sleep(0.2)
+
+
+def expected_counts(nodes: list[Node]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in nodes:
+        for s in n.services:
+            counts[s] = counts.get(s, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def fresh_lookup(url: str, service: str) -> dict[str, Any]:
+    """A lookup that bypasses the agent's cache (``Cache-Control: no-cache``)."""
+    req = urllib.request.Request(lookup_url(url, service), headers={"Cache-Control": "no-cache"})
+    with urllib.request.urlopen(req, timeout=5.0) as resp:
+        return json.loads(resp.read())
+
+
+def wait_found(coord: Node, expected: dict[str, int], timeout: float) -> dict[str, int]:
+    """Until the coordinator finds every worker of every service; the counts it found."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, int] = {}
+    while True:
+        for service, want in expected.items():
+            if found.get(service) == want:
+                continue
+            try:
+                found[service] = len(fresh_lookup(coord.url, service).get("workers", []))
+            except (urllib.error.URLError, OSError, ValueError):
+                found[service] = 0
+        if found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def stop_all(nodes: list[Node], out: IO[str]) -> None:
+    """Workers first (they withdraw), then the coordinator; SIGKILL after a grace time."""
+    workers = [n for n in nodes if n.role == "worker"]
+    coords = [n for n in nodes if n.role != "worker"]
+    for group in (workers, coords):
+        live = [n for n in group if n.proc is not None and n.proc.poll() is None]
+        for n in live:
+            with contextlib.suppress(ProcessLookupError):
+                n.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + STOP_GRACE_S
+        for n in live:
+            assert n.proc is not None
+            try:
+                n.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"  {n.name} did not stop in {STOP_GRACE_S:.0f} s: killing it", file=out,
+                      flush=True)
+                n.proc.kill()
+                n.proc.wait(5)
+    for n in nodes:
+        if n.log_file is not None:
+            n.log_file.close()
+
+
+# ---------------------------------------------------------------------- main
+def main(workers: int = 5, out: IO[str] | None = None) -> int:
+    """Run the demo until SIGINT/SIGTERM; 0 after a clean stop, 1 if it could not start."""
+    out = out or sys.stdout
+    tmp = Path(tempfile.mkdtemp(prefix="rma-agent-demo-"))
+    nodes: list[Node] = []
+    code = 0
+
+    def on_term(_sig: int, _frame: Any) -> None:
+        raise _Stop()
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        print(f"rma-agent demo: 1 coordinator + {workers} workers on 127.0.0.1 "
+              f"(files in {tmp})", file=out, flush=True)
+        nodes = plan(workers, tmp)
+        coord = nodes[0]
+        start(coord)
+        wait_ready([coord], READY_TIMEOUT_S)
+        for n in nodes[1:]:
+            start(n)
+        wait_ready(nodes[1:], READY_TIMEOUT_S)
+        print(f"all {len(nodes)} agents are ready; waiting for the DHT to find every worker",
+              file=out, flush=True)
+        expected = expected_counts(nodes)
+        found = wait_found(coord, expected, FOUND_TIMEOUT_S)
+        if found != expected:
+            print(f"warning: found {found}, expected {expected} (continuing)", file=out,
+                  flush=True)
+        print(file=out)
+        for service in expected:
+            try:
+                answer = get_json(lookup_url(coord.url, service))
+                print("$ rma-agent lookup " + service + f" --url {coord.url}", file=out)
+                print(format_lookup(answer), file=out)
+            except ClientError as exc:
+                print(f"lookup {service}: {exc}", file=out)
+            print(file=out)
+        print("agents:", file=out)
+        for n in nodes:
+            extra = f"  services: {', '.join(n.services)}" if n.services else ""
+            print(f"  {n.name:<12} {n.url}  (pid {n.proc.pid if n.proc else '-'}){extra}",
+                  file=out)
+        print(file=out)
+        print(f"stats:      {coord.url}/api/dht/stats   (rma-agent status --url {coord.url})",
+              file=out)
+        print(f"services:   {coord.url}/api/services", file=out)
+        print(f"metrics:    {coord.url}/metrics", file=out)
+        print(f"dashboard:  {coord.url}/", file=out)
+        print(file=out)
+        print("demo running — press Ctrl-C to stop", file=out, flush=True)
+        while True:
+            for n in nodes:
+                if n.proc is not None and n.proc.poll() is not None:
+                    print(f"{n.name} exited unexpectedly (status {n.proc.returncode}):\n"
+                          f"{_log_tail(n)}", file=out, flush=True)
+                    n.proc = None
+                    if n.role == "coordinator":
+                        raise DemoError("the coordinator is gone; stopping the demo")
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping...", file=out, flush=True)
+    except (DemoError, RuntimeError, OSError) as exc:
+        print(f"rma-agent demo: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        # a second Ctrl-C must not abort the clean-up half way
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stop_all(nodes, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"stopped {len(nodes)} agents, "
+                  f"removed {tmp}", file=out, flush=True)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+    return code

@@ -1,0 +1,171 @@
+"""Per-service answer cache with early invalidation, and single-flight for DHT queries.
+
+Why cache at all: a DHT lookup is a network crawl (several round trips), while callers
+ask the same few questions ("who serves llm-inference?") many times a second. An entry is
+the *candidate set* (records as arrays), not a ranked answer: ranking is redone on each
+call, so reports, probes and ageing show at once even on a cached entry.
+
+An entry is fresh until the first of:
+
+* ``fetched_at + discovery.cache_ttl``;
+* the moment its first record would turn stale or expire (``min(expires_at,
+  issued_at + 2*republish_interval)`` over its records) — past that the answer would
+  shrink while the DHT already holds the worker's refreshed record, so ask again;
+* an early invalidation: a cached worker was reported (or probed) failed, or a record of
+  a cached worker with a newer ``seq`` was seen elsewhere (its load, endpoint or services
+  changed).
+
+An empty answer is cached for at most ``NEGATIVE_TTL_S`` (a lookup storm for a service
+nobody serves must not become a DHT storm, but a new worker must show up quickly).
+Entries past freshness are kept (bounded, LRU) as a last resort: when the DHT *and* the
+coordinators fail, the stale entry answers (source ``cache``) rather than nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from agent.discovery.select import CandidateSet, RecordLike
+
+NEGATIVE_TTL_S = 5.0
+MAX_SERVICES = 1024
+
+T = TypeVar("T")
+
+
+@dataclass
+class CacheEntry:
+    candidates: CandidateSet
+    source: str            # where the candidates came from: "dht" | "coordinator"
+    fetched_at: float
+    valid_until: float
+
+    def fresh(self, now: float) -> bool:
+        return now < self.valid_until
+
+
+class ServiceCache:
+    """Service name -> :class:`CacheEntry`, bounded LRU."""
+
+    def __init__(self, ttl_s: float, max_services: int = MAX_SERVICES,
+                 negative_ttl_s: float = NEGATIVE_TTL_S) -> None:
+        self.ttl_s = float(ttl_s)
+        self.max_services = max_services
+        self.negative_ttl_s = negative_ttl_s
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self.invalidations = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, service: str) -> bool:
+        return service in self._entries
+
+    def get(self, service: str, now: float) -> CacheEntry | None:
+        """The entry if it is still fresh, else None."""
+        entry = self._entries.get(service)
+        if entry is None or not entry.fresh(now):
+            return None
+        return entry
+
+    def get_any(self, service: str) -> CacheEntry | None:
+        """The entry even past freshness (last-resort answers)."""
+        return self._entries.get(service)
+
+    def put(self, service: str, candidates: CandidateSet, source: str,
+            now: float) -> CacheEntry:
+        if len(candidates):
+            until = min(now + self.ttl_s, candidates.fresh_until)
+        else:
+            until = now + min(self.ttl_s, self.negative_ttl_s)
+        entry = CacheEntry(candidates, source, now, until)
+        self._entries[service] = entry
+        self._entries.move_to_end(service)
+        while len(self._entries) > self.max_services:
+            self._entries.popitem(last=False)
+        return entry
+
+    def invalidate(self, service: str) -> bool:
+        entry = self._entries.get(service)
+        if entry is None or entry.valid_until == 0.0:
+            return False
+        entry.valid_until = 0.0
+        self.invalidations += 1
+        return True
+
+    def invalidate_worker(self, worker_id: bytes) -> int:
+        """Invalidate every entry holding ``worker_id``; how many were."""
+        hit = [s for s, e in self._entries.items() if worker_id in e.candidates.index]
+        return sum(self.invalidate(s) for s in hit)
+
+    def observe(self, records: Iterable[RecordLike], except_service: str | None = None) -> int:
+        """Invalidate entries holding an older ``seq`` of any of ``records``' workers."""
+        newest: dict[bytes, int] = {}
+        for rec in records:
+            if rec.seq > newest.get(rec.worker_id, -1):
+                newest[rec.worker_id] = rec.seq
+        count = 0
+        for service, entry in list(self._entries.items()):
+            if service == except_service or entry.valid_until == 0.0:
+                continue
+            seqs = entry.candidates.seqs
+            for wid, seq in newest.items():
+                old = seqs.get(wid)
+                if old is not None and old < seq:
+                    count += self.invalidate(service)
+                    break
+        return count
+
+    def set_ttl(self, ttl_s: float) -> None:
+        self.ttl_s = float(ttl_s)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def items(self) -> list[tuple[str, CacheEntry]]:
+        return list(self._entries.items())
+
+
+class SingleFlight:
+    """Concurrent calls for one key share one execution of the work.
+
+    The work runs in its own task, so a caller that is cancelled (client went away) does
+    not cancel it for the others. ``joined`` counts calls that did not start work.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[object]] = {}
+        self.joined = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._inflight
+
+    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        fut = self._inflight.get(key)
+        if fut is not None:
+            self.joined += 1
+            return await asyncio.shield(fut)  # type: ignore[return-value]
+
+        async def runner() -> T:
+            try:
+                return await work()
+            finally:
+                self._inflight.pop(key, None)
+
+        task: asyncio.Future[object] = asyncio.ensure_future(runner())
+        # if every caller went away, the outcome is still "retrieved" (no asyncio warning)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._inflight[key] = task
+        return await asyncio.shield(task)  # type: ignore[return-value]
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()

@@ -1,0 +1,247 @@
+"""Per-worker latency estimate and failure back-off, fed by caller reports and health probes.
+
+Why both sources: reports (``POST /api/services/{name}/report``) measure what callers
+really see but arrive only for workers that are used; probes (``GET {endpoint}/healthz``)
+cover the few top candidates of each answer before anyone uses them, so a dead tunnel is
+noticed without a caller paying for it.
+
+* **Estimate:** an exponentially weighted moving average, ``ewma = 0.3*x + 0.7*ewma``; the
+  first sample sets it. Unmeasured workers rank as if at 50 ms (``lat`` factor 0.5).
+* **Failure:** one failed report or probe demotes the worker *at once*: it is left out of
+  answers until its back-off ends. The back-off is 15 s, doubled on each consecutive
+  failure up to 240 s (Petals bans a failing server for 15 s with doubling back-off).
+  After it ends the worker is eligible again; one success clears the failure count.
+* **Memory:** at most ``max_workers`` workers are tracked (least recently touched
+  forgotten first), so reports about made-up ids cannot grow memory.
+* **Probes:** only of the first few of an answer, each worker at most once per
+  ``min_interval_s``, at most ``rate_per_s`` probes started per second and
+  ``max_concurrency`` in flight (extra ones are skipped, not queued), 1 s timeout. Any
+  HTTP answer below 500 counts as reachable (the endpoint may front a service without
+  ``/healthz``); 5xx (Cloudflare's 502/530 for a dead origin), refused connections and
+  timeouts count as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+log = logging.getLogger("rma_agent.discovery")
+
+EWMA_ALPHA = 0.3
+BASE_BACKOFF_S = 15.0
+MAX_BACKOFF_S = 240.0
+
+
+@dataclass
+class WorkerHealth:
+    """What is known about one worker."""
+
+    ewma_ms: float = -1.0       # < 0: not measured yet
+    samples: int = 0
+    failures: int = 0           # consecutive
+    banned_until: float = 0.0   # wall-clock time the back-off ends
+
+
+class LatencyTracker:
+    """EWMA latency and failure back-off per worker id (bounded LRU).
+
+    ``version`` increases on every change, so rankers can keep derived columns until it
+    moves. ``now`` is wall-clock time (``time.time()``), the clock records are dated in.
+    """
+
+    def __init__(self, max_workers: int = 4096, alpha: float = EWMA_ALPHA,
+                 base_backoff_s: float = BASE_BACKOFF_S,
+                 max_backoff_s: float = MAX_BACKOFF_S) -> None:
+        self.max_workers = max_workers
+        self.alpha = alpha
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.version = 0
+        self._workers: OrderedDict[bytes, WorkerHealth] = OrderedDict()
+        self._bans: dict[bytes, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def _touch(self, worker_id: bytes) -> WorkerHealth:
+        st = self._workers.get(worker_id)
+        if st is None:
+            st = WorkerHealth()
+            self._workers[worker_id] = st
+            while len(self._workers) > self.max_workers:
+                old, _ = self._workers.popitem(last=False)
+                self._bans.pop(old, None)
+        else:
+            self._workers.move_to_end(worker_id)
+        return st
+
+    def get(self, worker_id: bytes) -> WorkerHealth | None:
+        return self._workers.get(worker_id)
+
+    def record_success(self, worker_id: bytes, latency_ms: float | None) -> WorkerHealth:
+        """A call or probe worked (in ``latency_ms`` if known): update and clear failures."""
+        st = self._touch(worker_id)
+        if latency_ms is not None and latency_ms >= 0.0:
+            st.ewma_ms = (latency_ms if st.samples == 0
+                          else self.alpha * latency_ms + (1.0 - self.alpha) * st.ewma_ms)
+            st.samples += 1
+        st.failures = 0
+        st.banned_until = 0.0
+        self._bans.pop(worker_id, None)
+        self.version += 1
+        return st
+
+    def record_failure(self, worker_id: bytes, now: float) -> bool:
+        """A call or probe failed: demote now. True if the worker was not already banned."""
+        st = self._touch(worker_id)
+        was_banned = st.banned_until > now
+        st.failures += 1
+        backoff = min(self.base_backoff_s * 2.0 ** (st.failures - 1), self.max_backoff_s)
+        st.banned_until = max(st.banned_until, now + backoff)
+        self._bans[worker_id] = st.banned_until
+        self.version += 1
+        return not was_banned
+
+    def forgive(self, worker_id: bytes) -> None:
+        """End a worker's back-off and failure count (it moved to a new endpoint)."""
+        st = self._workers.get(worker_id)
+        if st is not None:
+            st.failures = 0
+            st.banned_until = 0.0
+        if self._bans.pop(worker_id, None) is not None or st is not None:
+            self.version += 1
+
+    def current_bans(self, now: float) -> dict[bytes, float]:
+        """Worker ids inside their back-off at ``now`` (ended ones are pruned)."""
+        bans = self._bans
+        if bans:
+            ended = [wid for wid, until in bans.items() if until <= now]
+            for wid in ended:
+                del bans[wid]
+            if ended:
+                self.version += 1
+        return bans
+
+    def is_banned(self, worker_id: bytes, now: float) -> bool:
+        until = self._bans.get(worker_id)
+        return until is not None and until > now
+
+    def latency_ms(self, worker_id: bytes) -> float:
+        st = self._workers.get(worker_id)
+        return st.ewma_ms if st is not None else -1.0
+
+    def stats(self, now: float) -> dict[str, int]:
+        return {"tracked_workers": len(self._workers),
+                "failing_workers": len(self.current_bans(now))}
+
+
+class Prober:
+    """Cheap, bounded ``GET {endpoint}/healthz`` probes of an answer's top candidates."""
+
+    def __init__(self, tracker: LatencyTracker,
+                 session: Callable[[], aiohttp.ClientSession | None], *,
+                 on_failure: Callable[[bytes], None] | None = None,
+                 on_result: Callable[[bool], None] | None = None,
+                 top: int = 3, max_concurrency: int = 4, rate_per_s: float = 10.0,
+                 min_interval_s: float = 10.0, timeout_s: float = 1.0,
+                 max_remembered: int = 4096) -> None:
+        self.tracker = tracker
+        self._session = session
+        self._on_failure = on_failure
+        self._on_result = on_result
+        self.top = top
+        self.max_concurrency = max_concurrency
+        self.rate_per_s = rate_per_s
+        self.min_interval_s = min_interval_s
+        self.timeout_s = timeout_s
+        self.max_remembered = max_remembered
+        self._last: OrderedDict[bytes, float] = OrderedDict()  # monotonic time of last probe
+        self._tokens = rate_per_s
+        self._tokens_at = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+
+    def _take_token(self, mono: float) -> bool:
+        self._tokens = min(self.rate_per_s,
+                           self._tokens + (mono - self._tokens_at) * self.rate_per_s)
+        self._tokens_at = mono
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def consider(self, candidates: Iterable[tuple[bytes, str]]) -> int:
+        """Start probes for the first ``top`` (worker_id, endpoint) pairs that are due.
+
+        Never blocks and never queues: returns how many probes were started.
+        """
+        session = self._session()
+        if session is None or session.closed:
+            return 0
+        mono = time.monotonic()
+        started = 0
+        for n, (wid, endpoint) in enumerate(candidates):
+            if n >= self.top:
+                break
+            last = self._last.get(wid)
+            if last is not None and mono - last < self.min_interval_s:
+                continue
+            if not endpoint.startswith(("http://", "https://")):
+                continue
+            if len(self._tasks) >= self.max_concurrency or not self._take_token(mono):
+                self.counts["skipped"] += 1
+                break
+            self._last[wid] = mono
+            self._last.move_to_end(wid)
+            while len(self._last) > self.max_remembered:
+                self._last.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(self._probe(session, wid, endpoint))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def _probe(self, session: aiohttp.ClientSession, wid: bytes, endpoint: str) -> None:
+        url = endpoint.rstrip("/") + "/healthz"
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                   allow_redirects=False) as resp:
+                ok = resp.status < 500
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            ok = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let a probe kill anything; say it once per probe
+            log.debug("probe of %s failed unexpectedly: %r", url, exc)
+            ok = False
+        ms = (time.perf_counter() - t0) * 1000.0
+        if self._on_result is not None:
+            self._on_result(ok)
+        if ok:
+            self.counts["ok"] += 1
+            self.tracker.record_success(wid, ms)
+        else:
+            self.counts["failed"] += 1
+            if self.tracker.record_failure(wid, time.time()) and self._on_failure is not None:
+                self._on_failure(wid)
+
+    async def drain(self) -> None:
+        """Wait for the probes in flight (tests; bounded by their timeout)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._tasks.clear()

@@ -1,0 +1,455 @@
+"""The discovery component: answers "which workers serve X, best first?" on any agent.
+
+Lookup path (each answer says which one it came from in ``source``):
+
+1. **cache** — a fresh per-service entry (:mod:`agent.discovery.cache`); re-ranked per call.
+2. **dht** — ``agent.get("dht").find_providers(service)``, bounded by ``DHT_TIMEOUT_S``.
+   Concurrent lookups of one service share a single query (single-flight).
+3. **coordinator** — when the DHT yields nothing usable, fails or times out: every
+   ``discovery.coordinators`` URL is asked ``GET {url}/api/registry/{service}`` at once
+   (bounded time and size); each record is decoded and verified *here* (signature, id,
+   times) — a coordinator is a convenience, not a trusted party.
+
+If all of them fail outright (no answer at all, as opposed to an empty answer) and an
+older cache entry exists, that entry answers (source ``cache``): stale workers are still
+filtered out at ranking time, so this can only return workers that are still in date.
+
+Selection (:mod:`agent.discovery.select`), latency and failure tracking
+(:mod:`agent.discovery.latency`) and the HTTP API (:mod:`agent.discovery.api`) are
+separate modules; this one wires them to the agent, its config and its metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
+
+from agent.component import Component
+from agent.config import SERVICE_RE, Config
+from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
+from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.gpu_classes import GpuScorer
+from agent.discovery.latency import LatencyTracker, Prober
+from agent.discovery.select import DEFAULT_WEIGHTS, CandidateSet, Query, RecordLike
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from agent.lifecycle import Agent
+
+log = logging.getLogger("rma_agent.discovery")
+
+DHT_TIMEOUT_S = 2.0           # a DHT lookup slower than this falls back to coordinators
+COORDINATOR_TIMEOUT_S = 2.0   # per coordinator request (all asked in parallel)
+MAX_COORDINATORS = 8          # asked at once; more are ignored (config is operator-set)
+MAX_REGISTRY_BYTES = 2 * 1024 * 1024
+MAX_REGISTRY_RECORDS = 5000
+RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
+LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                  0.5, 1.0, 2.5, 5.0)
+SOURCES = ("cache", "dht", "coordinator")
+
+
+@dataclass
+class LookupResult:
+    """One answer: the ranked workers (API JSON objects) and where they came from."""
+
+    service: str
+    source: str
+    workers: list[dict[str, Any]]
+    candidates: int = 0       # usable records before filters, limit and health
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "source": self.source, "workers": self.workers}
+
+
+@dataclass
+class _Fetched:
+    candidates: CandidateSet
+    source: str
+    answered: bool            # False: no source answered at all (all failed/timed out)
+    records: list[RecordLike] = field(default_factory=list)
+
+
+class _Metrics:
+    """Prometheus objects on the agent's own registry (several agents per test process)."""
+
+    def __init__(self, registry: Any, comp: DiscoveryComponent) -> None:
+        kw: dict[str, Any] = {"registry": registry}
+        self.lookups = PromCounter("rma_agent_lookups", "Service lookups answered, by source",
+                                   ["source"], **kw)
+        self.seconds = Histogram("rma_agent_lookup_seconds",
+                                 "Time to answer a service lookup (including ranking)",
+                                 buckets=LOOKUP_BUCKETS, **kw)
+        self.cache = PromCounter("rma_agent_lookup_cache", "Lookup cache hits and misses",
+                                 ["result"], **kw)
+        self.dht = PromCounter("rma_agent_lookup_dht",
+                               "DHT queries made by discovery, by outcome", ["result"], **kw)
+        self.fallbacks = PromCounter("rma_agent_lookup_fallbacks",
+                                     "Lookups that fell back to coordinators' registries", **kw)
+        self.coordinator = PromCounter("rma_agent_lookup_coordinator",
+                                       "Coordinator registry requests, by outcome",
+                                       ["result"], **kw)
+        self.bad_records = PromCounter("rma_agent_lookup_bad_records",
+                                       "Records from coordinators that failed verification", **kw)
+        self.reports = PromCounter("rma_agent_worker_reports",
+                                   "Caller reports about workers, by outcome", ["outcome"], **kw)
+        self.probes = PromCounter("rma_agent_worker_probes", "Health probes, by outcome",
+                                  ["outcome"], **kw)
+        self.failing = Gauge("rma_agent_failing_workers",
+                             "Workers currently demoted after a failure", **kw)
+        self.failing.set_function(lambda: len(comp.tracker.current_bans(comp.clock())))
+        self.cached = Gauge("rma_agent_lookup_cached_services", "Services in the lookup cache",
+                            **kw)
+        self.cached.set_function(lambda: len(comp.cache))
+        for s in SOURCES:
+            self.lookups.labels(s)
+        for r in ("hit", "miss"):
+            self.cache.labels(r)
+        for r in ("hit", "miss", "timeout", "error"):
+            self.dht.labels(r)
+
+
+class DiscoveryComponent(Component):
+    """Component "discovery": lookup, ranking, latency tracking, the /api/services API."""
+
+    name = "discovery"
+
+    def __init__(self, agent: Agent, *, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(agent)
+        self.rng = rng if rng is not None else random.Random()
+        self.clock = clock
+        self.weights = DEFAULT_WEIGHTS
+        self.dht_timeout_s = DHT_TIMEOUT_S
+        self.coordinator_timeout_s = COORDINATOR_TIMEOUT_S
+        cfg = agent.config
+        self.scorer = GpuScorer(cfg.discovery.gpu_scores)
+        self.cache = ServiceCache(cfg.discovery.cache_ttl)
+        self.flight = SingleFlight()
+        self.tracker = LatencyTracker()
+        self._session: aiohttp.ClientSession | None = None
+        self.prober = Prober(self.tracker, lambda: self._session,
+                             on_failure=self._worker_failed, on_result=self._probe_result)
+        self.metrics = _Metrics(agent.registry, self)
+        # plain counters for stats() (prometheus objects are awkward to read back)
+        self.counts: Counter[str] = Counter()
+        self._durations: deque[float] = deque(maxlen=RESERVOIR)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def max_age_s(self) -> float:
+        """Records older than two republish intervals are stale."""
+        return 2.0 * float(self.agent.config.dht.republish_interval)
+
+    @property
+    def max_results(self) -> int:
+        return max(1, int(self.agent.config.discovery.max_results))
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_routes(self, app: web.Application) -> None:
+        from agent.discovery.api import add_routes
+        add_routes(app, self)
+
+    async def start(self) -> None:
+        self._ensure_session()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=32, limit_per_host=4),
+                headers={"User-Agent": "rma-agent-discovery"})
+        return self._session
+
+    async def stop(self) -> None:
+        await self.prober.close()
+        await self.flight.cancel_all()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def reload(self, old: Config, new: Config) -> None:
+        self.cache.set_ttl(new.discovery.cache_ttl)
+        if (dict(old.discovery.gpu_scores) != dict(new.discovery.gpu_scores)
+                or old.dht.republish_interval != new.dht.republish_interval):
+            # GPU scores and staleness are baked into cached candidate sets
+            self.scorer = GpuScorer(new.discovery.gpu_scores)
+            self.cache.clear()
+
+    # ------------------------------------------------------------------ lookups
+    async def lookup(self, service: str, query: Query | None = None, *,
+                     fresh: bool = False) -> LookupResult:
+        """Ranked workers for ``service`` (name already validated by the caller).
+
+        ``fresh`` skips the cache (HTTP ``Cache-Control: no-cache``); the query itself
+        is still shared with concurrent ones and its answer refreshes the cache.
+        """
+        t0 = time.perf_counter()
+        q = query or Query(limit=self.max_results)
+        if not q.caller_region and self.agent.config.agent.region:
+            q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
+                      self.agent.config.agent.region)
+        if q.limit > self.max_results:
+            q = Query(self.max_results, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region)
+        entry, source = await self._entry(service, fresh)
+        now = self.clock()
+        cs = entry.candidates
+        ranked = cs.rank(now, q, self.tracker, self.rng, self.weights)
+        workers = [cs.view(i, now, s) for i, s in ranked]
+        if ranked:
+            self.prober.consider((cs.ids[i], cs.records[i].endpoint) for i, _ in ranked)
+        dt = time.perf_counter() - t0
+        self.metrics.lookups.labels(source).inc()
+        self.metrics.seconds.observe(dt)
+        self.counts["lookups"] += 1
+        self.counts[f"source_{source}"] += 1
+        self._durations.append(dt)
+        return LookupResult(service, source, workers, len(cs))
+
+    async def _entry(self, service: str, fresh: bool = False) -> tuple[CacheEntry, str]:
+        """A cache entry for ``service`` (fresh, or fetched now) and the answer's source."""
+        entry = None if fresh else self.cache.get(service, self.clock())
+        if entry is not None:
+            self.metrics.cache.labels("hit").inc()
+            self.counts["cache_hits"] += 1
+            return entry, "cache"
+        self.metrics.cache.labels("miss").inc()
+        self.counts["cache_misses"] += 1
+        if service in self.flight:
+            self.counts["single_flight_joined"] += 1
+        return await self.flight.run(service, lambda: self._refresh(service))
+
+    async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
+        fetched = await self._fetch(service)
+        old = self.cache.get_any(service)
+        if not fetched.answered and old is not None and len(old.candidates):
+            self.counts["stale_answers"] += 1
+            return old, "cache"
+        now = self.clock()
+        if old is not None:
+            self._forgive_moved(old.candidates, fetched.candidates)
+        entry = self.cache.put(service, fetched.candidates, fetched.source, now)
+        if fetched.records:
+            self.cache.observe(fetched.records, except_service=service)
+        return entry, fetched.source
+
+    def _forgive_moved(self, old: CandidateSet, new: CandidateSet) -> None:
+        """A failing worker that now announces a different endpoint gets a fresh chance
+        (its tunnel URL changed: the failure was about the old address)."""
+        bans = self.tracker.current_bans(self.clock())
+        for wid in list(bans):
+            i, j = old.index.get(wid), new.index.get(wid)
+            if i is not None and j is not None and \
+                    old.records[i].endpoint != new.records[j].endpoint:
+                self.tracker.forgive(wid)
+
+    async def _fetch(self, service: str) -> _Fetched:
+        """DHT first; coordinators when the DHT yields nothing usable."""
+        records, dht_state = await self._from_dht(service)
+        now = self.clock()
+        cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
+        answered = dht_state in ("hit", "miss")
+        if len(cs) or not self.agent.config.discovery.coordinators:
+            return _Fetched(cs, "dht", answered, records)
+        self.metrics.fallbacks.inc()
+        self.counts["fallbacks"] += 1
+        crecords, coord_answered = await self._from_coordinators(service)
+        now = self.clock()
+        ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
+        if len(ccs) or not answered:
+            return _Fetched(ccs, "coordinator", coord_answered or answered, crecords)
+        return _Fetched(cs, "dht", True, records)
+
+    async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
+        dht = self.agent.get("dht")
+        if dht is None or not hasattr(dht, "find_providers"):
+            return [], "absent"
+        self.counts["dht_queries"] += 1
+        try:
+            records = list(await asyncio.wait_for(dht.find_providers(service),
+                                                  self.dht_timeout_s))
+        except TimeoutError:
+            state = "timeout"
+            records = []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("discovery: DHT lookup of %r failed: %s", service, exc)
+            state = "error"
+            records = []
+        else:
+            state = "hit" if records else "miss"
+        self.metrics.dht.labels(state).inc()
+        self.counts[f"dht_{state}"] += 1
+        return records, state
+
+    async def _from_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
+        """Records from every configured coordinator, verified; (records, any answered)."""
+        urls = list(self.agent.config.discovery.coordinators)[:MAX_COORDINATORS]
+        if not urls:
+            return [], False
+        session = self._ensure_session()
+        results = await asyncio.gather(*(self._ask_coordinator(session, u, service)
+                                         for u in urls))
+        records: list[RecordLike] = []
+        answered = False
+        for recs in results:
+            if recs is not None:
+                answered = True
+                records.extend(recs)
+        return records, answered
+
+    async def _ask_coordinator(self, session: aiohttp.ClientSession, base: str,
+                               service: str) -> list[RecordLike] | None:
+        url = f"{base.rstrip('/')}/api/registry/{service}"
+        try:
+            async with session.get(
+                    url, timeout=aiohttp.ClientTimeout(total=self.coordinator_timeout_s),
+                    allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                body = await resp.content.read(MAX_REGISTRY_BYTES + 1)
+                if len(body) > MAX_REGISTRY_BYTES:
+                    raise ValueError("answer too large")
+                data = _json_loads(body)
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self.metrics.coordinator.labels("error").inc()
+            self.counts["coordinator_errors"] += 1
+            log.info("discovery: coordinator %s did not answer for %r: %s", base, service,
+                     exc or type(exc).__name__)
+            return None
+        raw = data.get("records") if isinstance(data, dict) else None
+        if not isinstance(raw, list):
+            self.metrics.coordinator.labels("error").inc()
+            self.counts["coordinator_errors"] += 1
+            return None
+        now = self.clock()
+        out: list[RecordLike] = []
+        bad = 0
+        for item in raw[:MAX_REGISTRY_RECORDS]:
+            try:
+                if not isinstance(item, str):
+                    raise RecordError("record is not a base64 string")
+                rec = decode_verified(base64.b64decode(item, validate=True), now)
+            except (RecordError, binascii.Error, ValueError):
+                bad += 1
+                continue
+            out.append(rec)
+        if bad:
+            self.metrics.bad_records.inc(bad)
+            self.counts["bad_records"] += bad
+        result = "hit" if out else "miss"
+        self.metrics.coordinator.labels(result).inc()
+        self.counts[f"coordinator_{result}"] += 1
+        return out
+
+    # ------------------------------------------------------------------ service list
+    async def services(self) -> dict[str, Any]:
+        """Known services with live worker counts, from the "*" key and the cache."""
+        entry, source = await self._entry(ALL_SERVICES)
+        now = self.clock()
+        counts: dict[str, int] = {}
+        cs = entry.candidates
+        for i in _live_indices(cs, now, self.tracker):
+            for svc in cs.records[i].services:
+                if SERVICE_RE.fullmatch(svc):
+                    counts[svc] = counts.get(svc, 0) + 1
+        for svc, e in self.cache.items():
+            if svc == ALL_SERVICES or not e.fresh(now):
+                continue
+            counts[svc] = max(counts.get(svc, 0),
+                              len(_live_indices(e.candidates, now, self.tracker)))
+        return {"source": source,
+                "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
+
+    # ------------------------------------------------------------------ reports
+    def report(self, service: str, worker_id: bytes, ok: bool,
+               latency_ms: float | None) -> dict[str, Any]:
+        """A caller's outcome with a worker: feeds the EWMA or demotes it at once."""
+        now = self.clock()
+        if ok:
+            st = self.tracker.record_success(worker_id, latency_ms)
+        else:
+            if self.tracker.record_failure(worker_id, now):
+                self._worker_failed(worker_id)
+            st = self.tracker.get(worker_id)
+            assert st is not None
+        self.metrics.reports.labels("ok" if ok else "failed").inc()
+        self.counts["reports_ok" if ok else "reports_failed"] += 1
+        return {
+            "service": service,
+            "worker_id": worker_id.hex(),
+            "healthy": st.banned_until <= now,
+            "latency_ms": round(st.ewma_ms, 3) if st.ewma_ms >= 0 else None,
+            "failures": st.failures,
+            "retry_in_s": round(max(0.0, st.banned_until - now), 1),
+        }
+
+    def _worker_failed(self, worker_id: bytes) -> None:
+        """A cached worker failed: those entries are refreshed at the next lookup (the
+        DHT may hold a newer record, e.g. a new tunnel URL)."""
+        n = self.cache.invalidate_worker(worker_id)
+        self.counts["failure_invalidations"] += n
+
+    def _probe_result(self, ok: bool) -> None:
+        self.metrics.probes.labels("ok" if ok else "failed").inc()
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        c = self.counts
+        hits, misses = c["cache_hits"], c["cache_misses"]
+        dht_q = c["dht_queries"]
+        xs = sorted(self._durations)
+
+        def pct(q: float) -> float | None:
+            return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 3) if xs else None
+
+        return {"discovery": {
+            "lookups": c["lookups"],
+            "by_source": {s: c[f"source_{s}"] for s in SOURCES},
+            "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "dht_queries": dht_q,
+            "dht_hit_rate": round(c["dht_hit"] / dht_q, 4) if dht_q else None,
+            "dht_timeouts": c["dht_timeout"],
+            "dht_errors": c["dht_error"],
+            "fallbacks": c["fallbacks"],
+            "fallback_rate": round(c["fallbacks"] / misses, 4) if misses else None,
+            "stale_answers": c["stale_answers"],
+            "single_flight_joined": c["single_flight_joined"],
+            "lookup_p50_ms": pct(0.50),
+            "lookup_p99_ms": pct(0.99),
+            "cached_services": len(self.cache),
+            "reports": {"ok": c["reports_ok"], "failed": c["reports_failed"]},
+            "probes": dict(self.prober.counts),
+            "bad_records": c["bad_records"],
+            **self.tracker.stats(self.clock()),
+        }}
+
+
+def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:
+    bans = tracker.current_bans(now)
+    return [i for i in range(len(cs))
+            if cs.expires[i] > now and now - cs.issued[i] <= cs.max_age_s
+            and cs.ids[i] not in bans]
+
+
+def _json_loads(body: bytes) -> Any:
+    import json
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
