@@ -8,6 +8,7 @@ import re
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -422,3 +423,55 @@ def test_mutated_configs_never_crash(pos: int, cut: int, insert: str) -> None:
         assert e.errors
         for line in e.errors:
             assert re.match(r"f\.toml:\d+: [^:]+: ", line), line
+
+
+_KEY = st.one_of(st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True),
+                 st.text(st.sampled_from('ab [].#="\' '), min_size=1, max_size=6))
+_TRICKY = st.text(st.sampled_from('ab[]#="\'\\{},\n'), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_KEY, st.lists(st.tuples(_KEY, st.integers(0, 4), _TRICKY),
+                                          min_size=1, max_size=5, unique_by=lambda t: t[0])),
+                min_size=1, max_size=4, unique_by=lambda t: t[0]))
+def test_locator_finds_the_line_of_every_key(sections: list[Any]) -> None:
+    """Write random TOML (tricky strings, multi-line strings and arrays, inline tables,
+    comments), then check the locator's line for every key and array entry."""
+    from agent.config import _Locator, _toml_str
+    lines: list[str] = []
+    expected: dict[tuple[Any, ...], int] = {}
+
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
+
+    for sec, entries in sections:
+        lines.append(f"[{key(sec)}]  # {sec!r}")
+        expected[(sec,)] = len(lines)
+        for name, shape, text in entries:
+            path = (sec, name)
+            expected[path] = len(lines) + 1
+            if shape == 0:                                   # one-line string
+                lines.append(f"{key(name)} = {_toml_str(text)} # [fake] x = 1")
+            elif shape == 1:                                 # multi-line literal string
+                body = text.replace("'", "")
+                lines.append(f"{key(name)} = '''")
+                lines.extend(body.split("\n"))
+                lines[-1] += "'''"
+            elif shape == 2:                                 # multi-line array
+                lines.append(f"{key(name)} = [  # comment [x]")
+                for i, part in enumerate([text, text[::-1], "x"]):
+                    lines.append(f"  {_toml_str(part)},")
+                    expected[(*path, i)] = len(lines)
+                lines.append("]")
+            elif shape == 3:                                 # inline table
+                lines.append(f"{key(name)} = {{ a = {_toml_str(text)}, b = [1, 2] }}")
+                expected[(*path, "a")] = expected[(*path, "b")] = len(lines)
+            else:                                            # one-line array
+                lines.append(f"{key(name)} = [{_toml_str(text)}, 3]")
+                expected[(*path, 0)] = expected[(*path, 1)] = len(lines)
+    text = "\n".join(lines) + "\n"
+    import tomllib
+    tomllib.loads(text)                                      # the generator writes valid TOML
+    loc = _Locator(text)
+    for path, line in expected.items():
+        assert loc.lines.get(path) == line, (path, text)
