@@ -165,7 +165,8 @@ while read -r p; do
         *) libdeps="$libdeps, $p" ;;
     esac
 done < "$work/src/.needed-packages"
-depends="python3 (>= 3.11), python3 (<< 3.12), libc6 (>= ${glibc:-2.36})${libdeps}, adduser, systemd, init-system-helpers (>= 1.54~)"
+# procps: /bin/kill for ExecReload= (not in a minimal bookworm).
+depends="python3 (>= 3.11), python3 (<< 3.12), libc6 (>= ${glibc:-2.36})${libdeps}, adduser, procps, systemd, init-system-helpers (>= 1.54~)"
 installed_size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" \
     -e "s/@INSTALLED_SIZE@/$installed_size/" "$here/debian/control.in" > "$pkg/DEBIAN/control"

@@ -17,8 +17,8 @@ kind=${1:?usage: rootfs.sh runtime|build}
 cache=${RMA_BUILD_CACHE:-/var/cache/rma-agent-build}
 suite=bookworm
 # The runtime set is what the test container needs to boot (systemd, dbus), what the
-# package Depends on (python3, adduser, systemd) and what the test drives it with (curl).
-runtime_pkgs="systemd,systemd-sysv,dbus,python3,adduser,curl,ca-certificates"
+# package Depends on (python3, adduser, systemd, procps for ExecReload=/bin/kill) and what the test drives it with (curl).
+runtime_pkgs="systemd,systemd-sysv,dbus,python3,adduser,procps,curl,ca-certificates"
 case "$kind" in
     runtime) dir="$cache/$suite"; pkgs="$runtime_pkgs" ;;
     build)   dir="$cache/$suite-build"

@@ -1,0 +1,277 @@
+"""Harness for the appliance test: build the .deb, boot Debian 12 with systemd-nspawn.
+
+What works on these machines is in ``shared/notes/nspawn.md``; in short:
+
+* no system D-Bus or machined on the host: ``--register=no --keep-unit``, and commands run
+  inside through ``nsenter -t <container PID 1> -a`` (not machinectl / systemd-run -M);
+* ``/run`` on the host is not a tmpfs, which breaks nspawn at exit: it runs in a private
+  mount namespace with a tmpfs on ``/run/systemd/nspawn``;
+* with ``--keep-unit`` nspawn makes ``payload/`` and ``supervisor/`` cgroups under its own
+  cgroup, so each container gets its own cgroup (v1 ``name=systemd`` and v2 ``unified``),
+  removed afterwards together with anything left in it;
+* ``--volatile=overlay``: the cached root filesystem is never written, each boot starts clean.
+
+Skips (never fails) when the machine cannot do this: not root, no debootstrap or nspawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DIST = REPO / "dist"
+TOOLS = REPO / "tests" / "tools"
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _why_not_runnable() -> str | None:
+    """Reason this machine cannot run the appliance test, or None."""
+    if os.geteuid() != 0:
+        return "needs root (debootstrap, chroot, systemd-nspawn)"
+    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "unshare", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (run: sh packaging/deps.sh)"
+    if not all(p.is_dir() for p in CGROUP_ROOTS) and not Path("/sys/fs/cgroup/cgroup.procs").exists():
+        return "no usable cgroup hierarchy for systemd-nspawn"
+    return None
+
+
+class Container:
+    """One booted Debian 12 container (systemd as PID 1), driven from the host."""
+
+    def __init__(self, rootfs: Path, binds_ro: dict[Path, str], logdir: Path) -> None:
+        self.rootfs = rootfs
+        self.binds_ro = binds_ro
+        self.name = f"rma-test-{uuid.uuid4().hex[:8]}"
+        self.log_path = logdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid1: int | None = None
+        self._log = None
+        # Hybrid hosts have both roots; a pure v2 host only the unified one at the top.
+        roots = [p for p in CGROUP_ROOTS if p.is_dir()] or [Path("/sys/fs/cgroup")]
+        self.cgroups = [root / self.name for root in roots]
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> None:
+        for cg in self.cgroups:
+            cg.mkdir()
+        Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs tmpfs /run/systemd/nspawn && exec "$@"', "sh",
+               "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-b",
+               f"--directory={self.rootfs}", f"--machine={self.name}",
+               "--private-network", "--console=pipe", "--volatile=overlay"]
+        cmd += [f"--bind-ro={host}:{inner}" for host, inner in self.binds_ro.items()]
+        cgroups = self.cgroups
+
+        def into_own_cgroup() -> None:  # runs in the child between fork and exec
+            for cg in cgroups:
+                (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        self._log = open(self.log_path, "wb")  # closed in stop()
+        # unshare (without --fork) and sh exec in place: Popen's pid is nspawn's.
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, preexec_fn=into_own_cgroup)
+        deadline = time.monotonic() + timeout
+        while self.pid1 is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: "
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("container PID 1 did not appear")
+            self.pid1 = self._find_pid1()
+            if self.pid1 is None:
+                time.sleep(0.05)
+        # The manager's private socket appears a moment after PID 1 execs systemd.
+        while True:
+            r = self.run("systemctl", "is-system-running", "--wait", check=False,
+                         timeout=max(1.0, deadline - time.monotonic()))
+            state = r.stdout.strip()
+            if state in ("running", "degraded"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"container did not boot: {state!r} {r.stderr}")
+            time.sleep(0.2)
+
+    def _find_pid1(self) -> int | None:
+        """The container's PID 1: the child of nspawn that runs systemd."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        for child in children:
+            try:
+                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                    return int(child)
+            except OSError:
+                continue
+        return None
+
+    def stop(self) -> None:
+        """Clean halt (SIGTERM to nspawn), then make sure nothing is left behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._reap_cgroups()
+
+    def _reap_cgroups(self) -> None:
+        """Kill whatever is still in our cgroups (only processes this container made) and
+        remove the cgroup trees, deepest first."""
+        for _ in range(50):
+            pids = set()
+            for cg in self.cgroups:
+                if cg.is_dir():
+                    for procs in cg.rglob("cgroup.procs"):
+                        try:
+                            pids.update(int(p) for p in procs.read_text().split())
+                        except OSError:
+                            pass
+            if not pids:
+                break
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        for cg in self.cgroups:
+            if not cg.is_dir():
+                continue
+            for d in sorted((p for p in cg.rglob("*") if p.is_dir()),
+                            key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
+
+    def leftovers(self) -> list[str]:
+        """Cgroup dirs that still exist after stop() (the test asserts none)."""
+        return [str(cg) for cg in self.cgroups if cg.exists()]
+
+    # -- commands inside --------------------------------------------------------
+    def run(self, *argv: str, check: bool = True, timeout: float = 60.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the container (all its namespaces, its root, clean env)."""
+        assert self.pid1 is not None
+        cmd = ["nsenter", "-t", str(self.pid1), "-a", "env", "-i", f"PATH={INNER_PATH}",
+               "LANG=C.UTF-8", *argv]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(f"in container: {' '.join(argv)} -> {r.returncode}\n"
+                                 f"stdout: {r.stdout[-3000:]}\nstderr: {r.stderr[-3000:]}")
+        return r
+
+    def sh(self, script: str, check: bool = True, timeout: float = 60.0) -> str:
+        return self.run("sh", "-ec", script, check=check, timeout=timeout).stdout
+
+    def write(self, path: str, text: str, mode: str = "0644") -> None:
+        self.run("sh", "-c", f'cat > "$1" && chmod {mode} "$1"', "sh", path, input=text)
+
+    def read(self, path: str) -> str:
+        return self.run("cat", path).stdout
+
+    def exists(self, path: str) -> bool:
+        return self.run("test", "-e", path, check=False).returncode == 0
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.run("systemctl", "show", "-P", prop, unit).stdout.strip()
+
+    def journal(self, unit: str, since_cursor: str | None = None) -> list[dict]:
+        """The unit's journal entries as dicts (journalctl -o json)."""
+        args = ["journalctl", "-u", unit, "-o", "json", "--no-pager"]
+        if since_cursor:
+            args += ["--after-cursor", since_cursor]
+        out = self.run(*args, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def cursor(self) -> str:
+        out = self.run("journalctl", "-n", "0", "--show-cursor", "--no-pager", check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("-- cursor: "):
+                return line.removeprefix("-- cursor: ").strip()
+        return ""
+
+    def curl(self, url: str, timeout: float = 10.0) -> tuple[int, str]:
+        """(HTTP status, body) of a GET inside the container; 0 when nothing answered."""
+        r = self.run("curl", "-s", "-m", str(int(timeout)), "-o", "/dev/stdout", "-w",
+                     "\n%{http_code}", url, check=False, timeout=timeout + 5)
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def wait_for(self, what: str, predicate, timeout: float = 30.0, interval: float = 0.3):
+        """Poll ``predicate()`` until truthy; its last value on success, AssertionError else."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def appliance_ready() -> None:
+    why = _why_not_runnable()
+    if why:
+        pytest.skip(f"appliance test skipped: {why}")
+
+
+@pytest.fixture(scope="session")
+def deb(appliance_ready) -> Path:
+    """The .deb under test: built by packaging/build-deb.sh, reused while its inputs are
+    unchanged (the script keeps a hash of them next to the package)."""
+    r = subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), "--if-changed"],
+                       cwd=REPO, capture_output=True, text=True, timeout=1200)
+    if r.returncode != 0:
+        pytest.fail(f"build-deb.sh failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    debs = sorted(DIST.glob("rma-agent_*_amd64.deb"), key=lambda p: p.stat().st_mtime)
+    assert debs, f"no .deb in {DIST}"
+    return debs[-1]
+
+
+@pytest.fixture(scope="session")
+def runtime_rootfs(appliance_ready) -> Path:
+    r = subprocess.run(["sh", str(REPO / "packaging" / "rootfs.sh"), "runtime"],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        pytest.fail(f"rootfs.sh runtime failed:\n{r.stderr[-4000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def container(deb: Path, runtime_rootfs: Path, tmp_path_factory) -> Iterator[Container]:
+    """A booted bookworm with the package directory at /srv/pkg and the test tools
+    (the cloudflared stand-in) at /srv/tools, both read-only."""
+    logdir = tmp_path_factory.mktemp("nspawn")
+    c = Container(runtime_rootfs, {deb.parent: "/srv/pkg", TOOLS: "/srv/tools"}, logdir)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        assert not c.leftovers(), f"cgroups left behind: {c.leftovers()}"
