@@ -56,6 +56,7 @@ COORDINATOR_TIMEOUT_S = 2.0   # per coordinator request (all asked in parallel)
 MAX_COORDINATORS = 8          # asked at once; more are ignored (config is operator-set)
 MAX_REGISTRY_BYTES = 2 * 1024 * 1024
 MAX_REGISTRY_RECORDS = 5000
+REGISTRY_LIMIT = 1000         # records asked of a coordinator (its own cap is 1000)
 RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
@@ -313,7 +314,7 @@ class DiscoveryComponent(Component):
 
     async def _ask_coordinator(self, session: aiohttp.ClientSession, base: str,
                                service: str) -> list[RecordLike] | None:
-        url = f"{base.rstrip('/')}/api/registry/{service}"
+        url = f"{base.rstrip('/')}/api/registry/{service}?limit={REGISTRY_LIMIT}"
         try:
             async with session.get(
                     url, timeout=aiohttp.ClientTimeout(total=self.coordinator_timeout_s),

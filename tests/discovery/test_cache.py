@@ -1,0 +1,132 @@
+"""The lookup cache: no DHT query within cache_ttl, single-flight, early invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent.dht.identity import Identity
+from agent.discovery.select import Query
+from tests.discovery._support import Clock, make_discovery, make_record
+
+
+async def test_repeated_lookups_within_ttl_cost_no_dht_query():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=20)
+    for i in range(3):
+        dht.add(make_record(name=f"w{i}", now=clock.t))
+    first = await comp.lookup("ocr")
+    assert first.source == "dht" and len(first.workers) == 3
+    for _ in range(50):
+        clock.advance(0.3)
+        again = await comp.lookup("ocr")
+        assert again.source == "cache" and len(again.workers) == 3
+    assert dht.calls == ["ocr"] and comp.counts["dht_queries"] == 1
+    clock.advance(6)        # 21 s after the first lookup: past cache_ttl
+    assert (await comp.lookup("ocr")).source == "dht"
+    assert dht.calls == ["ocr", "ocr"]
+    st = comp.stats()["discovery"]
+    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0}
+    assert st["cache_hit_rate"] == round(50 / 52, 4) and st["dht_hit_rate"] == 1.0
+    assert st["lookup_p50_ms"] is not None and st["lookup_p99_ms"] >= st["lookup_p50_ms"]
+
+
+async def test_concurrent_lookups_share_one_dht_query():
+    _agent, comp, dht = make_discovery()
+    dht.delay = 0.1
+    dht.add(make_record())
+    results = await asyncio.gather(*(comp.lookup("ocr") for _ in range(25)))
+    assert len(dht.calls) == 1
+    assert all(r.source == "dht" and len(r.workers) == 1 for r in results)
+    assert comp.counts["single_flight_joined"] == 24
+
+
+async def test_cancelled_caller_does_not_cancel_the_shared_query():
+    _agent, comp, dht = make_discovery()
+    dht.delay = 0.1
+    dht.add(make_record())
+    a = asyncio.ensure_future(comp.lookup("ocr"))
+    b = asyncio.ensure_future(comp.lookup("ocr"))
+    await asyncio.sleep(0.02)
+    a.cancel()
+    assert len((await b).workers) == 1 and len(dht.calls) == 1
+
+
+async def test_worker_reported_failed_is_dropped_from_the_cached_answer_then_retried():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    bad, good = Identity.generate(), Identity.generate()
+    dht.add(make_record(bad, name="bad", load=0.0, now=clock.t))
+    dht.add(make_record(good, name="good", load=3.0, now=clock.t))
+    assert {w["name"] for w in (await comp.lookup("ocr")).workers} == {"bad", "good"}
+    out = comp.report("ocr", bad.node_id, False, None)
+    assert out["healthy"] is False and out["retry_in_s"] == 15.0
+    after = await comp.lookup("ocr")
+    assert [w["name"] for w in after.workers] == ["good"]
+    # the failure invalidated the entry: one new DHT query (a newer record may exist)
+    assert len(dht.calls) == 2
+    again = await comp.lookup("ocr")
+    assert again.source == "cache" and [w["name"] for w in again.workers] == ["good"]
+    # retried after the back-off; a second failure doubles it
+    clock.advance(15.1)
+    assert {w["name"] for w in (await comp.lookup("ocr", fresh=True)).workers} == {"bad", "good"}
+    assert comp.report("ocr", bad.node_id, False, None)["retry_in_s"] == 30.0
+    assert comp.report("ocr", bad.node_id, True, 12.0)["healthy"] is True
+
+
+async def test_newer_record_seen_elsewhere_invalidates_the_entry():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    ident = Identity.generate()
+    dht.add(make_record(ident, services=("ocr", "llm"), load=3.0, seq=5, now=clock.t))
+    assert (await comp.lookup("ocr")).workers[0]["load"] == 3.0
+    dht.add(make_record(ident, services=("ocr", "llm"), load=0.0, seq=6, now=clock.t))
+    assert (await comp.lookup("ocr")).source == "cache"      # not seen yet
+    await comp.lookup("llm")                                 # sees seq 6
+    res = await comp.lookup("ocr")
+    assert res.source == "dht" and res.workers[0]["load"] == 0.0
+
+
+async def test_entry_refreshes_before_its_records_turn_stale():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60, republish=10)
+    ident = Identity.generate()
+    dht.add(make_record(ident, now=clock.t - 15))   # issued 15 s ago: stale 5 s from now
+    assert (await comp.lookup("ocr")).source == "dht"
+    clock.advance(4)
+    assert (await comp.lookup("ocr")).source == "cache"
+    dht.add(make_record(ident, now=clock.t))         # the worker's refresh
+    clock.advance(2)
+    res = await comp.lookup("ocr")
+    assert res.source == "dht" and len(res.workers) == 1 and res.workers[0]["age_s"] == 2.0
+
+
+async def test_empty_answers_are_cached_briefly():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    assert (await comp.lookup("ocr")).workers == []
+    assert (await comp.lookup("ocr")).source == "cache"
+    dht.add(make_record(now=clock.t))
+    clock.advance(5.1)
+    assert len((await comp.lookup("ocr")).workers) == 1
+
+
+async def test_zero_ttl_disables_the_cache_and_limit_is_capped():
+    _agent, comp, dht = make_discovery(cache_ttl=0, max_results=2)
+    for i in range(4):
+        dht.add(make_record(name=f"w{i}"))
+    for _ in range(3):
+        res = await comp.lookup("ocr", Query(limit=10))
+        assert res.source == "dht" and len(res.workers) == 2
+    assert len(dht.calls) == 3
+
+
+async def test_service_list_counts_live_workers():
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    dht.add(make_record(services=("ocr", "llm"), now=clock.t))
+    dht.add(make_record(services=("ocr",), now=clock.t))
+    dht.add(make_record(services=("ocr",), now=clock.t, withdrawn=True))
+    dht.add(make_record(services=("tts",), now=clock.t - 100))     # stale
+    out = await comp.services()
+    assert out["services"] == [{"name": "llm", "workers": 1}, {"name": "ocr", "workers": 2}]
+    assert dht.calls == ["*"]

@@ -1,0 +1,200 @@
+"""Coordinator fallback: when the DHT cannot answer, registries are asked over real HTTP
+and every record is verified here."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from aiohttp import web
+
+from agent.dht.identity import Identity
+from tests.discovery._support import make_discovery, make_record
+from tests.util import agent_cmd, coordinator_config
+
+
+class Registry:
+    """A real HTTP server speaking the coordinator's ``GET /api/registry/{service}``."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.hits = 0
+        self.mode = "ok"           # "ok" | "500" | "garbage" | "slow"
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        if self.mode == "500":
+            return web.json_response({"error": "boom"}, status=500)
+        if self.mode == "garbage":
+            return web.Response(body=b"\x00not json")
+        if self.mode == "slow":
+            import asyncio
+            await asyncio.sleep(5)
+        svc = request.match_info["service"]
+        recs = [b for b in self.records if svc == "*" or svc in _services(b)]
+        return web.json_response({"service": svc,
+                                  "records": [base64.b64encode(b).decode() for b in recs]})
+
+    async def __aenter__(self) -> Registry:
+        app = web.Application()
+        app.router.add_get("/api/registry/{service}", self.handler)
+        # the records' endpoints point here, so discovery's health probes succeed
+        app.router.add_get("/healthz", _healthz)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _services(raw: bytes) -> tuple[str, ...]:
+    """Services of an encoded record; junk is served to everyone (clients must cope)."""
+    from agent.dht.record import RecordError, WorkerRecord
+    try:
+        return WorkerRecord.decode(raw).services
+    except RecordError:
+        return ("ocr", "tts")
+
+
+@pytest.mark.parametrize("dht_state", ["absent", "empty", "failing", "timeout"])
+async def test_dht_unusable_answers_from_coordinator(dht_state):
+    async with Registry() as reg:
+        for i in range(3):
+            reg.records.append(make_record(name=f"w{i}", load=float(i),
+                                           endpoint=reg.url).encode())
+        _agent, comp, dht = make_discovery(with_dht=dht_state != "absent",
+                                          coordinators=[reg.url])
+        if dht_state == "failing":
+            dht.fail = True
+        elif dht_state == "timeout":
+            dht.delay = 5.0
+            comp.dht_timeout_s = 0.2
+        await comp.start()
+        try:
+            t0 = time.monotonic()
+            res = await comp.lookup("ocr")
+            assert time.monotonic() - t0 < 2.0
+            assert res.source == "coordinator"
+            assert sorted(w["name"] for w in res.workers) == ["w0", "w1", "w2"]
+            again = await comp.lookup("ocr")
+            assert again.source == "cache" and reg.hits == 1
+            assert comp.stats()["discovery"]["fallbacks"] == 1
+        finally:
+            await comp.stop()
+
+
+async def test_forged_altered_and_expired_records_are_refused():
+    async with Registry() as reg:
+        ident = Identity.generate()
+        good = make_record(name="good", endpoint=reg.url)
+        altered = bytearray(make_record(ident, name="alter").encode())
+        altered[-70] ^= 1                         # a byte of the signed fields
+        forged = dataclasses.replace(make_record(name="forged"), signature=b"\x01" * 64)
+        expired = make_record(name="old", now=time.time() - 400, ttl=300)
+        reg.records = [good.encode(), bytes(altered), forged.encode(), expired.encode(),
+                       b"junk"]
+        _agent, comp, _ = make_discovery(with_dht=False, coordinators=[reg.url])
+        await comp.start()
+        try:
+            res = await comp.lookup("ocr")
+            assert [w["name"] for w in res.workers] == ["good"]
+            assert comp.stats()["discovery"]["bad_records"] == 4
+        finally:
+            await comp.stop()
+
+
+async def test_broken_coordinators_do_not_break_lookups():
+    async with Registry() as bad1, Registry() as bad2, Registry() as good:
+        bad1.mode, bad2.mode = "500", "garbage"
+        good.records = [make_record(name="w", endpoint=good.url).encode()]
+        _agent, comp, _ = make_discovery(
+            with_dht=False, coordinators=[bad1.url, "http://127.0.0.1:9", bad2.url, good.url])
+        await comp.start()
+        try:
+            res = await comp.lookup("ocr")
+            assert res.source == "coordinator" and [w["name"] for w in res.workers] == ["w"]
+        finally:
+            await comp.stop()
+
+
+async def test_everything_down_serves_the_last_known_answer():
+    async with Registry() as reg:
+        reg.records = [make_record(name="w", endpoint=reg.url).encode()]
+        _agent, comp, dht = make_discovery(coordinators=[reg.url], cache_ttl=1)
+        await comp.start()
+        try:
+            assert (await comp.lookup("ocr")).source == "coordinator"
+            await comp.prober.drain()
+            assert comp.prober.counts["ok"] == 1
+            dht.fail = True
+            reg.mode = "slow"
+            comp.coordinator_timeout_s = 0.2
+            res = await comp.lookup("ocr", fresh=True)
+            assert res.source == "cache" and [w["name"] for w in res.workers] == ["w"]
+            assert comp.stats()["discovery"]["stale_answers"] == 1
+        finally:
+            await comp.stop()
+
+
+@pytest.fixture
+def real_coordinator(tmp_path):
+    """A real coordinator process (``rma-agent run``) with 3 workers registered over HTTP
+    (``POST /api/services/register``); yields (url, names)."""
+    cfg, http = coordinator_config(tmp_path)
+    proc = subprocess.Popen(agent_cmd("run", "-c", str(cfg)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/readyz", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "coordinator not ready"
+                time.sleep(0.2)
+        names = [f"reg-{i}" for i in range(3)]
+        for i, name in enumerate(names):
+            rec = make_record(name=name, load=float(i), services=("ocr", "tts"),
+                              endpoint=url)
+            body = json.dumps({"record": base64.b64encode(rec.encode()).decode()}).encode()
+            req = urllib.request.Request(url + "/api/services/register", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+        yield url, names
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+async def test_real_coordinator_process_registry(real_coordinator):
+    """Workers registered only at a real coordinator are found, source = coordinator."""
+    url, names = real_coordinator
+    _agent, comp, _ = make_discovery(with_dht=False, coordinators=[url])
+    await comp.start()
+    try:
+        res = await comp.lookup("tts")
+        assert res.source == "coordinator"
+        assert sorted(w["name"] for w in res.workers) == names
+    finally:
+        await comp.stop()
