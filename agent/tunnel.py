@@ -64,6 +64,7 @@ class TunnelComponent(Component):
         self.hostname: str | None = None      # quick: learned; named: configured
         self.reachable = False                # metrics server answered last time
         self.up = False                       # /ready said 200 last time
+        self.misconfigured = False            # named mode, but cloudflared runs a quick tunnel
         self.ready_connections = 0
         self.connector_id = ""
         self.last_error = ""
@@ -128,7 +129,7 @@ class TunnelComponent(Component):
         await self.stop()
         self.cfg = new.tunnel
         self.hostname = None
-        self.reachable = self.up = False
+        self.reachable = self.up = self.misconfigured = False
         self.ready_connections, self.connector_id, self.last_error = 0, "", ""
         self._failures, self._logged_state = 0, ""
         if new.tunnel.mode == "off":
@@ -165,8 +166,11 @@ class TunnelComponent(Component):
 
     # --- internals -----------------------------------------------------------------
     def _fully_up(self) -> bool:
-        return self.reachable and self.up and self.endpoint is not None and (
-            self.cfg.mode == "named" or self.hostname is not None)
+        if not (self.reachable and self.up and self.endpoint is not None):
+            return False
+        if self.cfg.mode == "named":
+            return not self.misconfigured
+        return self.hostname is not None
 
     def _why_not(self) -> str:
         if not self.reachable:
@@ -225,28 +229,28 @@ class TunnelComponent(Component):
             return resp.status, data
 
     async def _poll_once(self) -> None:
-        status, data = await self._get("/ready")
-        self.reachable = True
+        """Ask /ready (and /quicktunnel), then update the state in one step: nothing reads
+        a half-updated state (e.g. "up" with the previous poll's error) across an await."""
+        ready_status, ready = await self._get("/ready")
+        quick_status, quick = await self._get("/quicktunnel")
         errors: list[str] = []
-        self.up = status == 200
-        conns = data.get("readyConnections") if isinstance(data, dict) else None
-        self.ready_connections = conns if isinstance(conns, int) and not isinstance(conns, bool) \
-            else (1 if self.up else 0)
-        cid = data.get("connectorId") if isinstance(data, dict) else None
-        self.connector_id = cid if isinstance(cid, str) else ""
-        if status not in (200, 503):
-            errors.append(f"unexpected HTTP {status} from /ready")
-        elif not self.up:
+        up = ready_status == 200
+        conns = ready.get("readyConnections") if isinstance(ready, dict) else None
+        cid = ready.get("connectorId") if isinstance(ready, dict) else None
+        if ready_status not in (200, 503):
+            errors.append(f"unexpected HTTP {ready_status} from /ready")
+        elif not up:
             errors.append("cloudflared has no connection to the Cloudflare edge yet")
 
+        host = quick.get("hostname") if quick_status == 200 and isinstance(quick, dict) else None
+        new_host: str | None = None
+        misconfigured = False
         if self.cfg.mode == "quick":
-            status, data = await self._get("/quicktunnel")
-            host = data.get("hostname") if status == 200 and isinstance(data, dict) else None
-            if status == 404 or host == "":
+            if quick_status == 404 or host == "":
                 errors.append("cloudflared runs no quick tunnel (a named tunnel? then set "
                               'tunnel.mode = "named" and tunnel.hostname)')
-            elif status != 200 or not isinstance(host, str):
-                errors.append(f"unexpected answer from /quicktunnel (HTTP {status})")
+            elif quick_status != 200 or not isinstance(host, str):
+                errors.append(f"unexpected answer from /quicktunnel (HTTP {quick_status})")
             else:
                 host = host.strip().lower().removeprefix("https://").removeprefix("http://")
                 host = host.rstrip("/")
@@ -254,9 +258,26 @@ class TunnelComponent(Component):
                 if why:
                     errors.append(f"/quicktunnel gave an unusable hostname: {why}")
                 else:
-                    self.hostname = host
-                    self._set_endpoint(f"https://{host}")
+                    new_host = host
+        else:
+            # A quick tunnel where a named one is expected: tunnel.hostname is not routed
+            # to this cloudflared, so announcing it would publish a dead URL.
+            misconfigured = isinstance(host, str) and bool(host.strip())
+            if misconfigured:
+                errors.append(f"cloudflared runs a quick tunnel ({str(host)[:80]}), not the "
+                              f"named tunnel for {self.cfg.hostname}: fix rma-tunnel.service "
+                              'or set tunnel.mode = "quick"')
+
+        self.reachable = True
+        self.up = up
+        self.ready_connections = (conns if isinstance(conns, int) and not isinstance(conns, bool)
+                                  else (1 if up else 0))
+        self.connector_id = cid if isinstance(cid, str) else ""
+        self.misconfigured = misconfigured
         self.last_error = "; ".join(errors)
+        if new_host is not None:
+            self.hostname = new_host
+            self._set_endpoint(f"https://{new_host}")
 
     def _unreachable(self, reason: str) -> None:
         self.reachable = False
