@@ -17,6 +17,7 @@ from agent.dht.record import WorkerRecord
 from tests.cluster import Cluster, free_udp_port, wait_until
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.py) is not in this tree yet")
 
 
 def test_unreachable_worker_registers_with_coordinator(tmp_path) -> None:

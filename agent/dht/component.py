@@ -1,0 +1,461 @@
+"""DHTComponent: config -> a live ``DHTNode``, joined in the background.
+
+Why joining runs in a task: ``start()`` must return quickly (the HTTP endpoint and
+READY=1 wait for it), while seeds may be slow, down, or behind names and URLs. The task
+retries with jittered exponential backoff, rejoins when the routing table empties, and
+re-resolves the seeds when a reload changes ``dht.bootstrap``.
+
+Seeds come from ``dht.bootstrap`` plus the routing-table snapshot a coordinator keeps in
+``state_dir/routing.json`` (written by ``CoordinatorRole``), so a restarted coordinator
+rejoins even when its config names no seeds.
+
+Readiness: joined (at least one peer), or a coordinator without configured seeds — the
+first seed of an empty network has nobody to join and must still be ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.component import Component
+from agent.config import default_path
+from agent.dht import bootstrap as seeds_mod
+from agent.dht.identity import Identity
+from agent.dht.record import WorkerRecord
+from agent.dht.server import DHTNode
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from agent.config import Config
+    from agent.lifecycle import Agent
+
+log = logging.getLogger("rma_agent.dht")
+
+JOIN_TIMEOUT = 15.0          # one bootstrap attempt (pings + crawl) never takes longer
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+MAINTAIN_INTERVAL = 10.0     # how often a joined node checks it still has peers
+REACHABLE_TIMEOUT = 3.0
+LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class DHTComponent(Component):
+    """Owns the node, its identity, joining, and the DHT's metrics and HTTP routes."""
+
+    name = "dht"
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        cfg = agent.config
+        self.identity = Identity.load_or_create(cfg.agent.state_dir)
+        self.node: DHTNode | None = None
+        self.joined = False
+        # the mode actually in force ("server" | "client"); "auto" is decided at join time
+        self.mode = cfg.dht.mode if cfg.dht.mode in ("server", "client") else "client"
+        self._mode_decided = cfg.dht.mode != "auto"
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._rejoin = False
+        self._attempts = 0
+        self._unreachable = 0
+        self._seed_count = 0
+        self._snapshot_seeds = 0
+        self._seed_failures: list[str] = []
+        self._joined_at: float | None = None
+        self._last_join_error = ""
+        # lookup accounting (for /api/dht/stats and Prometheus)
+        self._lookups = 0
+        self._lookup_hits = 0
+        self._lookup_errors = 0
+        self._lookup_times: list[float] = []      # ring of the last 512 durations (s)
+        self._lookup_hist = [0] * (len(LOOKUP_BUCKETS) + 1)
+        self._lookup_sum = 0.0
+        self._announces = 0
+        self._announce_failures = 0
+        self._collector: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_routes(self, app: web.Application) -> None:
+        from agent.dht import api
+
+        api.add_routes(app, self)
+
+    async def start(self) -> None:
+        cfg = self.agent.config
+        self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
+                            mode=self.mode)
+        try:
+            await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
+        except OSError as exc:
+            self.node = None
+            raise RuntimeError(f"dht: cannot listen on udp {cfg.dht.listen}: {exc}") from exc
+        self._register_metrics()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._join_loop(), name="dht-join")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        if self.node is not None:
+            try:
+                self.node.stop()
+            except Exception as exc:     # closing must never block shutdown
+                log.warning("dht: error while stopping node: %s", exc)
+        self.joined = False
+
+    async def reload(self, old: Config, new: Config) -> None:
+        o, n = old.dht, new.dht
+        restart_only = [k for k in ("listen", "ksize", "alpha", "mode")
+                        if getattr(o, k) != getattr(n, k)]
+        if old.agent.state_dir != new.agent.state_dir:
+            restart_only.append("agent.state_dir")
+        if restart_only:
+            log.warning("dht: changed %s apply on restart only (systemctl restart rma-agent)",
+                        ", ".join(restart_only))
+        if o.bootstrap != n.bootstrap:
+            log.info("dht: bootstrap seeds changed (%d -> %d entries): rejoining",
+                     len(o.bootstrap), len(n.bootstrap))
+            self._rejoin = True
+            self._attempts = 0
+            if self._wake is not None:
+                self._wake.set()
+
+    # ------------------------------------------------------------------ joining
+    def _own_addresses(self) -> set[tuple[str, int]]:
+        listen = self.agent.config.dht.listen
+        return seeds_mod.self_addresses(listen.host, listen.port)
+
+    def _family(self) -> int:
+        return socket.AF_INET6 if ":" in self.agent.config.dht.listen.host else socket.AF_INET
+
+    async def _gather_seeds(self) -> list[tuple[str, int]]:
+        cfg = self.agent.config
+        res = await seeds_mod.resolve_seeds(list(cfg.dht.bootstrap), family=self._family(),
+                                            exclude=self._own_addresses())
+        snap = [a for a in seeds_mod.load_snapshot(cfg.agent.state_dir)
+                if a not in self._own_addresses()]
+        self._snapshot_seeds = len(snap)
+        addrs = list(res.addrs)
+        for a in snap:
+            if a not in addrs:
+                addrs.append(a)
+        self._seed_failures = res.failures
+        for failure in res.failures:
+            log.warning("dht: bootstrap entry unusable: %s", failure)
+        return addrs
+
+    async def _decide_mode(self, seeds: list[tuple[str, int]]) -> None:
+        """``mode = "auto"``: ask up to three seeds to ping us back on our UDP port."""
+        assert self.node is not None
+        reachable = False
+        asked = 0
+        for seed in seeds[:3]:
+            asked += 1
+            try:
+                reachable = bool(await asyncio.wait_for(
+                    self.node.check_reachable(seed), timeout=REACHABLE_TIMEOUT))
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                log.debug("dht: reachability probe via %s failed: %s", seed, exc)
+                continue
+            if reachable:
+                break
+        self.mode = "server" if reachable else "client"
+        self.node.set_mode(self.mode)
+        self._mode_decided = True
+        log.info("dht: mode auto -> %s (%s after asking %d seed%s)", self.mode,
+                 "reachable on UDP" if reachable else "not reachable on UDP", asked,
+                 "" if asked == 1 else "s")
+
+    async def _join_once(self) -> None:
+        assert self.node is not None
+        if self.joined and not self._rejoin:
+            if self.peers() > 0:
+                return
+            log.warning("dht: routing table is empty: rejoining")
+            self.joined = False
+            self.agent.status_changed()
+        self._rejoin = False
+        seeds = await self._gather_seeds()
+        self._seed_count = len(seeds)
+        self._attempts += 1
+        if not seeds:
+            # Nothing to dial; peers that contact us (we are a seed) still make us joined.
+            self._unreachable = 0
+            self._set_joined(self.peers() > 0, "(contacted by peers)")
+            return
+        if not self._mode_decided:
+            await self._decide_mode(seeds)
+        try:
+            answered = await asyncio.wait_for(self.node.bootstrap(seeds), timeout=JOIN_TIMEOUT)
+        except TimeoutError:
+            answered = 0
+            self._last_join_error = "bootstrap timed out"
+        answered = int(answered or 0)
+        peers = self.peers()
+        self._unreachable = max(0, len(seeds) - answered) if peers == 0 else max(
+            0, len(seeds) - max(answered, 1))
+        if peers == 0 and self._unreachable == 0:
+            self._unreachable = len(seeds)
+        self._set_joined(peers > 0, f"via {answered}/{len(seeds)} seeds")
+
+    def _set_joined(self, joined: bool, how: str) -> None:
+        if joined and not self.joined:
+            self._joined_at = time.time()
+            log.info("dht: joined %s, %d peers", how, self.peers())
+            self.agent.status_changed()
+        elif not joined and self._attempts in (1, 3, 10) and self._seed_count:
+            log.warning("dht: not joined yet: %d of %d seeds unreachable (retrying)",
+                        self._unreachable, self._seed_count)
+        self.joined = joined
+
+    async def _join_loop(self) -> None:
+        backoff = BACKOFF_START
+        assert self._wake is not None
+        while True:
+            try:
+                await self._join_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:   # a failed join attempt is retried, never fatal
+                self._last_join_error = str(exc)
+                if self._attempts in (1, 3, 10):
+                    log.warning("dht: join attempt failed: %s", exc)
+            if self.joined:
+                backoff = BACKOFF_START
+                delay = MAINTAIN_INTERVAL
+            elif not self._seed_count:
+                delay = MAINTAIN_INTERVAL / 2   # seedless: watch for inbound peers / snapshot
+            else:
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ API for others
+    def peers(self) -> int:
+        if self.node is None:
+            return 0
+        p = self.node.peers()
+        return p if isinstance(p, int) else len(p)
+
+    async def announce(self, record: WorkerRecord) -> int:
+        """Store ``record`` on the k closest nodes of each of its keys; nodes that stored."""
+        if self.node is None:
+            return 0
+        self._announces += 1
+        if self.peers() == 0:
+            # Not joined: the node would only keep a local copy nobody can find (it counts
+            # that as a store); report 0 so the worker falls back to the coordinators.
+            self._announce_failures += 1
+            return 0
+        try:
+            stored = int(await self.node.announce(record) or 0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("dht: announce failed: %s", exc)
+            stored = 0
+        if stored == 0:
+            self._announce_failures += 1
+        return stored
+
+    async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
+        """Live (verified, not withdrawn) records for ``service``, newest seq per worker."""
+        if self.node is None:
+            return []
+        self._lookups += 1
+        t0 = time.perf_counter()
+        try:
+            records = await self.node.find_providers(service, limit=limit)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lookup_errors += 1
+            log.warning("dht: lookup of %r failed: %s", service, exc)
+            records = []
+        dt = time.perf_counter() - t0
+        self._note_lookup(dt)
+        now = time.time()
+        live = [r for r in records if not r.withdrawn and r.expires_at > now]
+        if live:
+            self._lookup_hits += 1
+        return live
+
+    def _note_lookup(self, dt: float) -> None:
+        self._lookup_sum += dt
+        for i, bound in enumerate(LOOKUP_BUCKETS):
+            if dt <= bound:
+                self._lookup_hist[i] += 1
+                break
+        else:
+            self._lookup_hist[-1] += 1
+        self._lookup_times.append(dt)
+        if len(self._lookup_times) > 512:
+            del self._lookup_times[:256]
+
+    def contacts(self) -> list[tuple[str, str, int]]:
+        return list(self.node.contacts()) if self.node is not None else []
+
+    def routing_snapshot(self) -> list[tuple[str, int]]:
+        return list(self.node.routing_snapshot()) if self.node is not None else []
+
+    # ------------------------------------------------------------------ readiness/status
+    def ready(self) -> tuple[bool, str]:
+        cfg = self.agent.config
+        if self.node is None:
+            return False, "dht: not started"
+        if self.joined:
+            return True, ""
+        if cfg.agent.role == "coordinator" and not cfg.dht.bootstrap:
+            return True, ""            # first seed of an empty network
+        if not cfg.dht.bootstrap and not self._snapshot_seeds:
+            where = cfg.source or default_path()
+            return False, f"dht: no bootstrap seeds configured — edit dht.bootstrap in {where}"
+        if self._attempts == 0:
+            return False, "dht: joining"
+        return False, f"dht: joining, {self._unreachable} seeds unreachable"
+
+    def status(self) -> str:
+        frag = f"peers={self.peers()}"
+        if self.mode == "client":
+            frag += " (client)"
+        return frag
+
+    def _percentile(self, q: float) -> float | None:
+        if not self._lookup_times:
+            return None
+        xs = sorted(self._lookup_times)
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 3)
+
+    def stats(self) -> dict[str, Any]:
+        node_stats: dict[str, Any] = {}
+        if self.node is not None:
+            try:
+                node_stats = dict(self.node.stats())
+            except Exception as exc:
+                node_stats = {"error": str(exc)}
+        out: dict[str, Any] = {
+            "node_id": self.identity.node_id.hex(),
+            "mode": self.mode,
+            "mode_config": self.agent.config.dht.mode,
+            "joined": self.joined,
+            "joined_at": self._joined_at,
+            "peers": self.peers(),
+            "routing_table_size": node_stats.get("routing_table_size", self.peers()),
+            "records_stored": node_stats.get("records_stored", node_stats.get("records", 0)),
+            "seeds": {"resolved": self._seed_count, "from_snapshot": self._snapshot_seeds,
+                      "unreachable": self._unreachable, "failures": self._seed_failures[:10],
+                      "attempts": self._attempts},
+            "lookups": {"total": self._lookups, "hits": self._lookup_hits,
+                        "errors": self._lookup_errors,
+                        "hit_rate": round(self._lookup_hits / self._lookups, 4)
+                        if self._lookups else None,
+                        "p50_ms": self._percentile(0.5), "p99_ms": self._percentile(0.99)},
+            "announces": {"total": self._announces, "failures": self._announce_failures},
+        }
+        for k, v in node_stats.items():
+            out.setdefault(k, v)
+        return out
+
+    # ------------------------------------------------------------------ metrics
+    def _register_metrics(self) -> None:
+        registry = getattr(self.agent, "registry", None)
+        if registry is None or self._collector is not None:
+            return
+        self._collector = DHTCollector(self)
+        try:
+            registry.register(self._collector)
+        except ValueError as exc:     # duplicated names must not stop the agent
+            log.warning("dht: metrics not registered: %s", exc)
+
+
+class DHTCollector:
+    """Prometheus collector reading the live node at scrape time.
+
+    Why a collector and not Counter objects: the protocol keeps plain counters (it is
+    shared by many nodes in one test process and must not know about registries); the
+    numbers are read when /metrics is scraped, so nothing is updated twice.
+    """
+
+    def __init__(self, dht: DHTComponent) -> None:
+        self.dht = dht
+
+    def describe(self) -> list[Any]:
+        return []      # no name claims at registration; names are checked by tests instead
+
+    def collect(self) -> Any:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        d = self.dht
+        stats = d.stats()
+        yield GaugeMetricFamily("rma_agent_dht_peers", "Contacts in the routing table",
+                                value=d.peers())
+        yield GaugeMetricFamily("rma_agent_dht_joined", "1 once joined to the DHT",
+                                value=1 if d.joined else 0)
+        yield GaugeMetricFamily("rma_agent_dht_records",
+                                "Provider records stored on this node",
+                                value=_num(stats.get("records_stored")))
+        mode = GaugeMetricFamily("rma_agent_dht_mode", "DHT mode in force", labels=["mode"])
+        for m in ("server", "client"):
+            mode.add_metric([m], 1 if d.mode == m else 0)
+        yield mode
+        drops = CounterMetricFamily("rma_agent_dht_dropped_datagrams",
+                                    "Datagrams dropped by the protocol, by reason",
+                                    labels=["reason"])
+        for reason, n in sorted(_as_dict(stats.get("drops", stats.get("dropped"))).items()):
+            drops.add_metric([str(reason)], _num(n))
+        yield drops
+        rpc = _as_dict(stats.get("rpc"))
+        for key, help_text in (("sent", "RPC requests sent"), ("received", "RPC requests received"),
+                               ("timeouts", "RPC requests that timed out"),
+                               ("failed", "RPC requests that failed")):
+            fam = CounterMetricFamily(f"rma_agent_dht_rpc_{key}", help_text, labels=["rpc"])
+            for name, n in sorted(_as_dict(rpc.get(key)).items()):
+                fam.add_metric([str(name)], _num(n))
+            yield fam
+        yield CounterMetricFamily("rma_agent_dht_announces", "Announces made by this node",
+                                  value=d._announces)
+        yield CounterMetricFamily("rma_agent_dht_announce_failures",
+                                  "Announces that stored on no node", value=d._announce_failures)
+        yield CounterMetricFamily("rma_agent_dht_lookups", "Provider lookups made by this node",
+                                  value=d._lookups)
+        buckets: list[tuple[str, float]] = []
+        acc = 0
+        for bound, n in zip(LOOKUP_BUCKETS, d._lookup_hist, strict=False):
+            acc += n
+            buckets.append((repr(bound), acc))
+        acc += d._lookup_hist[-1]
+        buckets.append(("+Inf", acc))
+        yield HistogramMetricFamily("rma_agent_dht_lookup_seconds", "Provider lookup duration",
+                                    buckets=buckets, sum_value=d._lookup_sum)
+
+
+def _as_dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return 0.0
