@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -177,9 +178,13 @@ class ProviderLookup(Crawl):
         self.records: dict[bytes, WorkerRecord] = {}
         self.seen: set[bytes] = set()
         self.rejected = 0
+        self._page = random.getrandbits(16)
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
-        return await self.protocol.call_find_providers(node, self.target)
+        # each queried node gets a different page of its non-best records (see storage)
+        self._page += 1
+        return await self.protocol.call_find_providers(node, self.target,
+                                                       self._page % 2**32)
 
     def merge(self, rec: WorkerRecord) -> None:
         old = self.records.get(rec.worker_id)

@@ -154,6 +154,10 @@ def _is_nodeid(v: Any) -> bool:
     return type(v) is bytes and (len(v) == 20 or len(v) == 0)
 
 
+def _is_page(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 2**32
+
+
 def _is_port(v: Any) -> bool:
     return type(v) is int and 0 < v < 65536
 
@@ -204,6 +208,8 @@ class RMAProtocol(KademliaProtocol):
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._handoff_bucket = TokenBucket(handoff_rate, handoff_rate)
         self._reach_bucket = TokenBucket(5.0, 10.0)
+        self._verify_bucket = TokenBucket(200.0, 400.0)
+        self._verifying: set[bytes] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.peer_log = RateLimitedLog(log)
         # counters (exported by the component)
@@ -214,14 +220,17 @@ class RMAProtocol(KademliaProtocol):
         self.failed: Counter[str] = Counter()
         self.removed_contacts = 0
         self.handoffs = 0
-        self._rpcs: dict[str, tuple[Callable[..., Any], tuple[Callable[[Any], bool], ...]]] = {
-            "ping": (self.rpc_ping, (_is_nodeid,)),
-            "store": (self.rpc_store, (_is_nodeid, _is_id, lambda v: True)),
-            "find_node": (self.rpc_find_node, (_is_nodeid, _is_id)),
-            "find_value": (self.rpc_find_value, (_is_nodeid, _is_id)),
-            "announce": (self.rpc_announce, (_is_nodeid, _is_id, lambda v: type(v) is bytes)),
-            "find_providers": (self.rpc_find_providers, (_is_nodeid, _is_id)),
-            "reachable": (self.rpc_reachable, (_is_nodeid, _is_port)),
+        # name -> (handler, per-argument checks, minimum number of arguments)
+        self._rpcs: dict[str, tuple[Callable[..., Any], tuple[Callable[[Any], bool], ...],
+                                    int]] = {
+            "ping": (self.rpc_ping, (_is_nodeid,), 1),
+            "store": (self.rpc_store, (_is_nodeid, _is_id, lambda v: True), 3),
+            "find_node": (self.rpc_find_node, (_is_nodeid, _is_id), 2),
+            "find_value": (self.rpc_find_value, (_is_nodeid, _is_id), 2),
+            "announce": (self.rpc_announce,
+                         (_is_nodeid, _is_id, lambda v: type(v) is bytes), 3),
+            "find_providers": (self.rpc_find_providers, (_is_nodeid, _is_id, _is_page), 2),
+            "reachable": (self.rpc_reachable, (_is_nodeid, _is_port), 2),
         }
 
     # ================================================================ incoming
@@ -268,12 +277,12 @@ class RMAProtocol(KademliaProtocol):
         entry = self._rpcs.get(name)
         if entry is None:
             return self._drop("unknown_rpc", address)
-        handler, checks = entry
-        if len(args) != len(checks):
+        handler, checks, min_args = entry
+        if not (min_args <= len(args) <= len(checks)):
             return self._drop("bad_arity", address)
         if not _is_nodeid(args[0]):
             return self._drop("bad_nodeid", address)
-        for check, arg in zip(checks, args, strict=True):
+        for check, arg in zip(checks, args, strict=False):
             if not check(arg):
                 return self._drop("bad_args", address)
         self.rx[name] += 1
@@ -421,6 +430,31 @@ class RMAProtocol(KademliaProtocol):
             return None
         return Node(nodeid, sender[0], sender[1])
 
+    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes) -> None:
+        """A request's claimed (id, address) is unverified: a spoofed datagram could fill
+        the routing table with ids that live nowhere. Ping the address first and add the
+        contact only if it answers with that id (bounded and rate-limited)."""
+        if not nodeid or nodeid == self.source_node.id:
+            return
+        node = Node(nodeid, sender[0], sender[1])
+        if not self.router.is_new_node(node) or nodeid in self._verifying:
+            return
+        if len(self._verifying) >= 256 or not self._verify_bucket.take():
+            self.drops["contact_unverified"] += 1
+            return
+        self._verifying.add(nodeid)
+        self._spawn(self._verify_contact(node))
+
+    async def _verify_contact(self, node: Node) -> None:
+        try:
+            ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
+            if ok and res == node.id:
+                self.welcome_if_new(node)
+            elif ok:
+                self.drops["contact_id_mismatch"] += 1
+        finally:
+            self._verifying.discard(node.id)
+
     def welcome_if_new(self, node: Node) -> None:
         """Add ``node`` to the routing table; hand over only the keys it now should hold.
 
@@ -510,9 +544,7 @@ class RMAProtocol(KademliaProtocol):
 
     # ================================================================ RPC handlers
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:  # type: ignore[override]
-        source = self._sender(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         return self.source_node.id
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: Any) -> bool:  # type: ignore[override]
@@ -526,9 +558,7 @@ class RMAProtocol(KademliaProtocol):
                 for n in self.router.find_neighbors(Node(key), k=self.ksize, exclude=exclude)]
 
     def rpc_find_node(self, sender: tuple[str, int], nodeid: bytes, key: bytes) -> list[tuple]:  # type: ignore[override]
-        source = self._sender(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         return self._neighbors(sender, nodeid, key)
 
     def rpc_find_value(self, sender: tuple[str, int], nodeid: bytes, key: bytes) -> list[tuple]:  # type: ignore[override]
@@ -544,9 +574,7 @@ class RMAProtocol(KademliaProtocol):
 
     def rpc_announce(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
                      record: bytes) -> bool:
-        source = self._sender(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+        self._welcome_sender(sender, nodeid)
         if self.mode != "server":
             self.drops["announce_client_mode"] += 1
             return False
@@ -572,17 +600,16 @@ class RMAProtocol(KademliaProtocol):
         self.drops[f"store_{status}"] += 1
         return False
 
-    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes,
-                           key: bytes) -> dict[str, list[Any]]:
-        """Up to 20 records (see ProviderStorage.get) + recent tombstones + the k closest
-        nodes we know, truncated so the whole answer fits in one datagram."""
-        source = self._sender(sender, nodeid)
-        if source is not None:
-            self.welcome_if_new(source)
+    def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
+                           page: int | None = None) -> dict[str, list[Any]]:
+        """Up to 24 records (see ProviderStorage.get; ``page`` picks which window of the
+        non-best records) + recent tombstones + the k closest nodes we know, truncated so
+        the whole answer fits in one datagram."""
+        self._welcome_sender(sender, nodeid)
         now = time.time()
         nodes = self._neighbors(sender, nodeid, key)
         records = (self.storage.tombstones(key, since=now - TOMBSTONE_WINDOW, now=now)
-                   + self.storage.get_encoded(key, ANSWER_LIMIT, now))
+                   + self.storage.get_encoded(key, ANSWER_LIMIT, now, page))
         budget = MAX_PAYLOAD - len(msgpack.packb(nodes, use_bin_type=True)) - 64
         out = []
         for r in records:
@@ -624,9 +651,10 @@ class RMAProtocol(KademliaProtocol):
                                   self.my_id(), key, record)
         return self.handle_call_response(result, node_to_ask)
 
-    async def call_find_providers(self, node_to_ask: Node, key: bytes) -> tuple[bool, Any]:
-        result = await self._call((node_to_ask.ip, node_to_ask.port), "find_providers",
-                                  self.my_id(), key)
+    async def call_find_providers(self, node_to_ask: Node, key: bytes,
+                                  page: int | None = None) -> tuple[bool, Any]:
+        args = (self.my_id(), key) if page is None else (self.my_id(), key, page)
+        result = await self._call((node_to_ask.ip, node_to_ask.port), "find_providers", *args)
         return self.handle_call_response(result, node_to_ask)
 
     # ================================================================ stats

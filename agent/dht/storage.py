@@ -18,12 +18,15 @@ republishes the records of many workers from one address; list its IP (or ``(ip,
 in ``trusted`` to exempt it from the per-sender bound (the total bounds still apply).
 Records stored by this node itself (``sender=None``) are exempt as well.
 
-Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
+Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 24) live records. When
 more are stored, half the answer is the best-ranked ones — lowest utilisation
 (``load / capacity``) first, ties broken by freshest ``issued_at`` — and the other half is
-a uniform random sample of the rest, so every worker of a large service is seen by some
-lookups and a lookup that merges answers from several storing nodes sees far more than 20.
-The RPC layer may truncate further so the answer fits one 8 KiB datagram.
+a uniform random sample of the rest, or, when the asker passes a ``page`` number, window
+``page`` of the rest in worker-id order. A lookup asks each of the ~10 nodes it queries for
+a different page, so it sees the best 12 plus up to 10 x 12 others: every worker of a
+service with up to ~130 workers, and a rotating fair sample beyond that. The RPC layer
+truncates further when needed so the answer fits one 8 KiB datagram (24 typical records of
+~260 bytes plus 20 contacts do).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from kademlia.storage import IStorage
 
 from agent.dht.record import RecordError, WorkerRecord
 
-ANSWER_LIMIT = 20
+ANSWER_LIMIT = 24
 Sender = tuple[str, int] | None
 
 
@@ -209,18 +212,29 @@ class ProviderStorage(IStorage):
         r = e.record
         return (r.load / r.capacity if r.capacity > 0 else float("inf"), -r.issued_at)
 
-    def _sample(self, key: bytes, limit: int | None, now: float) -> list[_Entry]:
+    def _sample(self, key: bytes, limit: int | None, now: float,
+                page: int | None = None) -> list[_Entry]:
         live = self._live(key, now)
         limit = ANSWER_LIMIT if limit is None else max(0, limit)
         live.sort(key=self._rank)
         if len(live) <= limit:
             return live
         best = (limit + 1) // 2
-        return live[:best] + self._rng.sample(live[best:], limit - best)
+        rest, m = live[best:], limit - best
+        if page is None:
+            return live[:best] + self._rng.sample(rest, m)
+        # a window of the rest in worker-id order: a lookup asking its nodes for
+        # pages 0, 1, 2, ... covers best + pages * m distinct records, not a random overlap
+        rest.sort(key=lambda e: e.record.worker_id)
+        start = (page * m) % len(rest)
+        window = rest[start:start + m]
+        if len(window) < m:
+            window += rest[:m - len(window)]
+        return live[:best] + window
 
     def get(self, key: bytes, limit: int | None = None, now: float | None = None,
             default: Any = None) -> Any:
-        """Up to ``limit`` (default 20) live, non-withdrawn records for ``key``: the best
+        """Up to ``limit`` (default 24) live, non-withdrawn records for ``key``: the best
         half by (utilisation, freshness) plus a random sample of the rest (see module doc).
 
         Also serves kademlia's ``IStorage.get(key, default)`` call shape: when nothing is
@@ -233,10 +247,12 @@ class ProviderStorage(IStorage):
         return recs
 
     def get_encoded(self, key: bytes, limit: int | None = None,
-                    now: float | None = None) -> list[bytes]:
-        """Like ``get`` but the canonical bytes (what the find_providers RPC sends)."""
+                    now: float | None = None, page: int | None = None) -> list[bytes]:
+        """Like ``get`` but the canonical bytes (what the find_providers RPC sends).
+        ``page`` replaces the random half by window ``page`` of the non-best records in
+        worker-id order (the lookup asks each node for a different page)."""
         now = time.time() if now is None else now
-        return [e.encoded for e in self._sample(key, limit, now)]
+        return [e.encoded for e in self._sample(key, limit, now, page)]
 
     def tombstones(self, key: bytes, *, since: float, limit: int = 8,
                    now: float | None = None) -> list[bytes]:
