@@ -19,7 +19,9 @@ never per poll.
 
 The ``endpoint`` attribute keeps the last known URL while cloudflared is down (the
 worker decides what to do with a down tunnel through ``ready()``/``up``); it is
-``None`` until a URL was ever learned, and always ``None`` with ``tunnel.mode = "off"``.
+``None`` until a URL was ever learned, and always ``None`` with ``tunnel.mode = "off"``
+(a reload to "off" emits ``"endpoint"`` with ``""``: the tunnel URL is gone).
+The event is held back until ``agent.running`` (see ``_flush_endpoint``).
 """
 
 from __future__ import annotations
@@ -132,8 +134,11 @@ class TunnelComponent(Component):
         self.reachable = self.up = self.misconfigured = False
         self.ready_connections, self.connector_id, self.last_error = 0, "", ""
         self._failures, self._logged_state = 0, ""
-        if new.tunnel.mode == "off":
+        if new.tunnel.mode == "off" and self.endpoint is not None:
+            # "" tells subscribers the tunnel URL is gone (the worker falls back to
+            # worker.endpoint) instead of leaving them announcing a dead quick-tunnel URL.
             self.endpoint = None
+            self.agent.emit("endpoint", "")
         self._m_up.set(1 if new.tunnel.mode == "off" else 0)
         await self.start()
         self.agent.status_changed()

@@ -325,6 +325,7 @@ async def test_reload_follows_new_metrics_address(fakes: Callable[..., FakeCloud
         agent.config = off
         await comp.reload(new, off)
         assert comp.ready() == (True, "") and comp.endpoint is None and comp._task is None
+        assert len(events) == 3 and events[-1] == ""    # the tunnel URL is gone
     finally:
         await comp.stop()
 
