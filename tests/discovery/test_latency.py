@@ -1,0 +1,125 @@
+"""Latency EWMA, failure back-off, bounded memory, and real HTTP health probes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.discovery.latency import LatencyTracker, Prober
+
+W1, W2 = b"\x01" * 20, b"\x02" * 20
+
+
+def test_ewma_and_reset_on_success():
+    t = LatencyTracker(alpha=0.5)
+    assert t.latency_ms(W1) == -1.0
+    t.record_success(W1, 100.0)
+    t.record_success(W1, 50.0)
+    assert t.latency_ms(W1) == 75.0
+    t.record_success(W1, None)                     # ok without a timing: no change
+    assert t.latency_ms(W1) == 75.0 and t.get(W1).samples == 2
+
+
+def test_failure_demotes_at_once_and_backs_off_doubling_to_a_cap():
+    t = LatencyTracker(base_backoff_s=15, max_backoff_s=60)
+    now = 1000.0
+    v = t.version
+    assert t.record_failure(W1, now) is True
+    assert t.version > v and t.is_banned(W1, now) and W1 in t.current_bans(now)
+    assert t.record_failure(W1, now) is False      # already banned: no new invalidation
+    assert t.get(W1).banned_until == now + 30
+    t.record_failure(W1, now)
+    t.record_failure(W1, now)
+    assert t.get(W1).banned_until == now + 60      # capped
+    assert t.current_bans(now + 61) == {}           # back-off over: eligible again
+    t.record_failure(W1, now + 61)
+    assert t.get(W1).banned_until == now + 61 + 60  # consecutive failures still count
+    t.record_success(W1, 10.0)
+    assert not t.is_banned(W1, now + 62) and t.get(W1).failures == 0
+    t.record_failure(W1, now + 70)
+    assert t.get(W1).banned_until == now + 85       # back to 15 s after a success
+
+
+def test_memory_is_bounded():
+    t = LatencyTracker(max_workers=100)
+    for i in range(10_000):
+        wid = i.to_bytes(20, "big")
+        t.record_success(wid, 1.0) if i % 2 else t.record_failure(wid, 0.0)
+    assert len(t) == 100 and len(t.current_bans(0.0)) <= 100
+    assert t.latency_ms((9999).to_bytes(20, "big")) == 1.0
+    assert t.latency_ms((0).to_bytes(20, "big")) == -1.0
+
+
+class Endpoints:
+    """Real HTTP servers standing for workers: ok, slow, 530 (dead tunnel origin), 404."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        self.runner: web.AppRunner | None = None
+        self.base = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        self.hits[kind] = self.hits.get(kind, 0) + 1
+        if kind == "slow":
+            await asyncio.sleep(1.2)
+        status = {"ok": 200, "dead": 530, "nohealth": 404}.get(kind, 200)
+        return web.json_response({"kind": kind}, status=status)
+
+    async def __aenter__(self) -> Endpoints:
+        app = web.Application()
+        app.router.add_get("/{kind}/healthz", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_probes_feed_latency_and_demote_failures(session):
+    async with Endpoints() as ep:
+        t = LatencyTracker()
+        failed: list[bytes] = []
+        p = Prober(t, lambda: session, on_failure=failed.append, timeout_s=0.5, top=5)
+        ids = {k: bytes([i + 1]) * 20 for i, k in enumerate(["ok", "slow", "dead", "nohealth"])}
+        cands = [(wid, f"{ep.base}/{k}") for k, wid in ids.items()]
+        cands.append((b"\x09" * 20, "http://127.0.0.1:9"))  # refused
+        t0 = time.monotonic()
+        assert p.consider(cands) == 4                      # max_concurrency = 4
+        await p.drain()
+        assert time.monotonic() - t0 < 2.0                 # the slow one timed out at 0.5 s
+        assert 0 <= t.latency_ms(ids["ok"]) < 500 and not t.is_banned(ids["ok"], time.time())
+        assert t.latency_ms(ids["nohealth"]) >= 0            # reachable, just no /healthz
+        assert t.is_banned(ids["slow"], time.time()) and t.is_banned(ids["dead"], time.time())
+        assert set(failed) == {ids["slow"], ids["dead"]}
+        assert p.counts["ok"] == 2 and p.counts["failed"] == 2
+        assert p.consider(cands[4:]) == 1                  # the refused one, now room
+        await p.drain()
+        assert t.is_banned(b"\x09" * 20, time.time())
+
+
+async def test_probes_are_rate_limited_and_not_repeated_per_worker(session):
+    async with Endpoints() as ep:
+        t = LatencyTracker()
+        p = Prober(t, lambda: session, rate_per_s=3, max_concurrency=100, top=100,
+                   min_interval_s=60)
+        cands = [(i.to_bytes(20, "big"), f"{ep.base}/ok") for i in range(20)]
+        assert p.consider(cands) == 3                      # bucket of 3 tokens
+        await p.drain()
+        assert p.consider(cands[:3]) == 0                  # each worker once per interval
+        assert ep.hits["ok"] == 3
+        assert p.consider([(b"\x07" * 20, "ftp://nope")]) == 0   # only http(s)
