@@ -277,6 +277,8 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
         raise _Stop()
 
     old_term = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C must work even when started with SIGINT ignored (e.g. from a script's "&")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"rma-agent demo: 1 coordinator + {workers} workers on 127.0.0.1 "
               f"(files in {tmp})", file=out, flush=True)

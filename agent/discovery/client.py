@@ -211,9 +211,15 @@ def format_lookup(answer: dict[str, Any]) -> str:
         ))
     head = (f"{service}: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
             f"best first (source: {source})")
-    return head + "\n" + table(
+    text = head + "\n" + table(
         ("#", "name", "id", "gpu", "memory", "load", "region", "latency", "age", "score",
          "endpoint"), rows, right=(0, 4, 5, 7, 8, 9))
+    scores = [w.get("score") for w in workers]
+    if len(scores) > 1 and all(isinstance(x, int | float) for x in scores) \
+            and scores[0] < max(scores[1:]):
+        text += ("\n(#1 is drawn at random among the best three on every lookup, "
+                 "so callers spread their load)")
+    return text
 
 
 def lookup_url(url: str, service: str, limit: int | None = None, region: str | None = None,
