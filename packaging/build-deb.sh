@@ -54,6 +54,14 @@ if [ "$if_changed" = 1 ] && [ -f "$deb" ] && [ "$(cat "$stampfile" 2>/dev/null)"
     exit 0
 fi
 
+# One build per output directory at a time (CI jobs, test fixtures and people share dist/).
+mkdir -p "$out"
+exec 8>"$out/.build.lock"
+flock 8
+if [ "$if_changed" = 1 ] && [ -f "$deb" ] && [ "$(cat "$stampfile" 2>/dev/null)" = "$inputs_hash" ]; then
+    echo "build-deb.sh: $deb is up to date (built meanwhile)"
+    exit 0
+fi
 t0=$(date +%s)
 root=$(bash "$here/rootfs.sh" build)
 mkdir -p "$cache/pip" "$out"

@@ -197,6 +197,12 @@ def test_coordinator_ready_status_priorities_metrics(installed):
     assert c.run("ps", "-o", "user=", "-p", c.show(UNIT, "MainPID"), check=False).stdout.strip() \
         in ("rma-agent", "")  # procps may be absent from the minimal rootfs
     assert c.show(UNIT, "User") == "rma-agent"
+    # The sandbox is really on, and the agent (aiohttp, uvloop, msgpack, cryptography's
+    # Ed25519 for the identity below, the Cython kernels) runs under it.
+    for prop in ("MemoryDenyWriteExecute", "NoNewPrivileges", "ProtectKernelTunables"):
+        assert c.show(UNIT, prop) == "yes", prop
+    assert c.show(UNIT, "ProtectSystem") == "strict"
+    assert c.show(UNIT, "CapabilityBoundingSet") == ""
     # The identity key was created in the state dir, private to the service user.
     keys = c.sh("find /var/lib/rma-agent -type f -printf '%m %u %p\\n'")
     assert keys.strip(), "no state written"
@@ -356,6 +362,23 @@ def test_units_verify_clean_and_security_exposure(installed, record_property):
         record_property(f"exposure {unit}", m.group(1))
         print(f"systemd-analyze security {unit}: {m.group(1)}")
         assert float(m.group(1)) <= limit, out
+
+
+def test_upgrade_keeps_edited_config_and_restarts(installed, deb):
+    """Re-installing the package (dpkg runs prerm upgrade / postinst configure <old>)
+    keeps the edited conffile and restarts the running agent on the new files."""
+    c = installed
+    c.write(CONF, COORDINATOR_TOML)
+    restart_and_wait_active(c)
+    pid = c.show(UNIT, "MainPID")
+    r = c.run("apt-get", "install", "-y", "--reinstall", f"/srv/pkg/{deb.name}",
+              timeout=180, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert c.read(CONF) == COORDINATOR_TOML
+    assert c.show(UNIT, "ActiveState") == "active"
+    assert c.show(UNIT, "MainPID") not in ("0", pid), "not restarted on upgrade"
+    assert c.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+    assert "coordinator" in c.show(UNIT, "StatusText")
 
 
 def test_purge_leaves_nothing(installed):
