@@ -161,6 +161,10 @@ class WorkerRole(Component):
         self._wake = asyncio.Event()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT))
         self.agent.subscribe("endpoint", self._on_endpoint)
+        tunnel = self.agent.get("tunnel")
+        known = getattr(tunnel, "endpoint", "") if tunnel is not None else ""
+        if isinstance(known, str) and known:
+            self._tunnel_endpoint = known       # learned before we subscribed
         self._task = asyncio.create_task(self._loop(), name="worker-announce")
         if self._gpu.utilization is not None:
             self._load_task = asyncio.create_task(self._poll_load(), name="worker-load")

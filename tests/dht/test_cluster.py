@@ -21,10 +21,15 @@ pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.p
 
 N_WORKERS = 20
 CLIENTS = ("w18", "w19")
+AUTO = "w17"                                          # mode = "auto": reachable -> server
 KILLED = tuple(f"w{i:02d}" for i in range(6))        # 30 % of the workers: kill -9
 TERMINATED = "w06"                                    # SIGTERM: must withdraw
 RECORD_TTL = 12
 REPUBLISH = 3
+
+
+def mode_of(name: str) -> str:
+    return "client" if name in CLIENTS else "auto" if name == AUTO else "server"
 
 
 def services_of(i: int) -> list[str]:
@@ -42,7 +47,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cl.start(c2)
         seeds = [c1.dht_addr, c2.dht_addr]
         workers = [cl.worker(f"w{i:02d}", seeds, services=services_of(i),
-                             mode="client" if f"w{i:02d}" in CLIENTS else "server")
+                             mode=mode_of(f"w{i:02d}"))
                    for i in range(N_WORKERS)]
         cl.start(*workers)
         cl.wait_ready(c2, *workers, timeout=60)
@@ -107,6 +112,18 @@ def test_client_mode_worker_found_but_in_no_routing_table(net: Cluster) -> None:
         leaked = contact_ids & set(ids)
         assert not leaked, f"{name} has client-mode node(s) {[ids[i] for i in leaked]} in its routing table"
     assert seen_contacts > 2 * len(topologies)   # the check looked at real routing tables
+
+
+def test_auto_mode_chooses_server_when_reachable(net: Cluster) -> None:
+    node = net.nodes[AUTO]
+    status, stats = node.get("/api/dht/stats")
+    assert status == 200 and stats["mode_config"] == "auto" and stats["mode"] == "server"
+    assert "mode auto -> server" in node.log_text()
+    node_id = stats["node_id"]
+    # as a server it is put into routing tables (unlike the client-mode workers)
+    tables = net.parallel(lambda n: {x["id"] for x in n.get("/api/dht/topology")[1]["nodes"]},
+                          [net.nodes["c1"], net.nodes["c2"]])
+    assert any(node_id in ids for ids in tables.values())
 
 
 def test_kill9_30_percent(net: Cluster) -> None:

@@ -8,6 +8,7 @@ republishes it into the DHT, where a third agent finds it.
 from __future__ import annotations
 
 import base64
+import signal
 import time
 
 import pytest
@@ -79,6 +80,18 @@ def test_unreachable_worker_registers_with_coordinator(tmp_path) -> None:
         assert status == 404 and "coordinator" in body["error"]
         _status, body = c1.get("/api/registry/ocr")
         assert len(body["records"]) == 1
+
+        # a reload that gives it a live seed: it joins and announces through the DHT itself
+        lone.data["dht"]["bootstrap"] = [c1.dht_addr]
+        lone.write_config()
+        cl.kill(lone, signal.SIGHUP)
+        cl.wait_ready(lone, timeout=15)
+
+        def announced_via_dht() -> bool:
+            _status, stats = lone.get("/api/dht/stats")
+            return stats["joined"] and stats["worker"]["last_stored_on"] > 0
+        wait_until(announced_via_dht, 10, "the lone worker to announce through the DHT")
+        assert "rejoining" in lone.log_text()
 
         # the lone worker leaves: its tombstone reaches the coordinator as well
         assert cl.stop(lone) == 0
