@@ -141,7 +141,7 @@ async def get_service(request: web.Request) -> web.Response:
         return _bad(str(exc))
     fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     result = await comp.lookup(service, query, fresh=fresh)
-    return web.json_response(result.to_json())
+    return web.Response(body=result.body(), content_type="application/json")
 
 
 async def post_report(request: web.Request) -> web.Response:

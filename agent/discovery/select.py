@@ -155,6 +155,7 @@ class CandidateSet:
         self._zeros = bytearray(n)
         self._filter_memo: dict[tuple[str | None, str | None, float | None], bytearray] = {}
         self._region_memo: dict[str, bytearray] = {}
+        self._answer_memo: dict[Query, Any] = {}
         self._scorer = scorer
         self._lat_version = -1
         self._lat = array("d", [UNKNOWN_LATENCY]) * n
@@ -226,13 +227,11 @@ class CandidateSet:
                          for i, m in enumerate(mask))
 
     # -- ranking ----------------------------------------------------------------------
-    def rank(self, now: float, q: Query, tracker: HealthView | None = None,
-             rng: random.Random | None = None,
-             weights: Sequence[float] = DEFAULT_WEIGHTS) -> list[tuple[int, float]]:
-        """Ranked ``(index, score)`` pairs, best first, after the top-3 draw (if ``rng``).
-
-        ``rng=None`` gives the plain deterministic order (no draw).
-        """
+    def ranked(self, now: float, q: Query, tracker: HealthView | None = None,
+               weights: Sequence[float] = DEFAULT_WEIGHTS) -> list[tuple[int, float]]:
+        """The deterministic order: ``(index, score)`` best first, up to
+        ``max(q.limit, TOP_RANDOM)`` entries (the draw needs the best three even when
+        ``limit`` is 1)."""
         n = len(self.records)
         if n == 0 or q.limit <= 0:
             return []
@@ -243,12 +242,30 @@ class CandidateSet:
         # clamp to 0: a record issued slightly "in the future" (clock skew the record
         # verification tolerates) is fresh, not invalid
         age = array("d", [a if a > 0.0 else 0.0 for a in (now - t for t in self.issued)])
-        ranked = score_values(self.load, self.capacity, self.gpu_score, age, lat,
-                              region_match, healthy, weights, self.max_age_s,
-                              max(q.limit, TOP_RANDOM))
+        return score_values(self.load, self.capacity, self.gpu_score, age, lat,
+                            region_match, healthy, weights, self.max_age_s,
+                            max(q.limit, TOP_RANDOM))
+
+    def rank(self, now: float, q: Query, tracker: HealthView | None = None,
+             rng: random.Random | None = None,
+             weights: Sequence[float] = DEFAULT_WEIGHTS) -> list[tuple[int, float]]:
+        """Ranked ``(index, score)`` pairs, best first, after the top-3 draw (if ``rng``).
+
+        ``rng=None`` gives the plain deterministic order (no draw).
+        """
+        ranked = self.ranked(now, q, tracker, weights)
         if rng is not None:
             ranked = pick_first(ranked, rng)
         return ranked[:q.limit]
+
+    def memo_get(self, q: Query) -> Any:
+        return self._answer_memo.get(q)
+
+    def memo_put(self, q: Query, value: Any) -> None:
+        """Remember a rendered answer for ``q`` (bounded; the service decides validity)."""
+        if len(self._answer_memo) >= self._MEMO_MAX:
+            self._answer_memo.clear()
+        self._answer_memo[q] = value
 
     def view(self, i: int, now: float, score: float) -> dict[str, Any]:
         """The API's JSON object for record ``i``."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import random
 import time
@@ -42,7 +43,14 @@ from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.latency import LatencyTracker, Prober
-from agent.discovery.select import DEFAULT_WEIGHTS, CandidateSet, Query, RecordLike
+from agent.discovery.select import (
+    DEFAULT_WEIGHTS,
+    TOP_RANDOM,
+    CandidateSet,
+    Query,
+    RecordLike,
+    pick_first,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -61,6 +69,7 @@ RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
 SOURCES = ("cache", "dht", "coordinator")
+RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
 
 
 @dataclass
@@ -71,9 +80,30 @@ class LookupResult:
     source: str
     workers: list[dict[str, Any]]
     candidates: int = 0       # usable records before filters, limit and health
+    fragments: list[bytes] | None = None   # ``workers`` already JSON-encoded, same order
 
     def to_json(self) -> dict[str, Any]:
         return {"service": self.service, "source": self.source, "workers": self.workers}
+
+    def body(self) -> bytes:
+        """``to_json()`` serialised (joins the pre-encoded workers when available)."""
+        if self.fragments is None:
+            return _dumps(self.to_json()).encode()
+        return b"".join((b'{"service": ', _dumps(self.service).encode(), b', "source": ',
+                         _dumps(self.source).encode(), b', "workers": [',
+                         b", ".join(self.fragments), b"]}"))
+
+
+@dataclass
+class _Ranked:
+    """A rendered deterministic ranking (see ``DiscoveryComponent._ranked_answer``)."""
+
+    since: float
+    until: float
+    version: int
+    views: list[dict[str, Any]]
+    fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
+    probe: list[tuple[bytes, str]]
 
 
 @dataclass
@@ -145,6 +175,8 @@ class DiscoveryComponent(Component):
         self.prober = Prober(self.tracker, lambda: self._session,
                              on_failure=self._worker_failed, on_result=self._probe_result)
         self.metrics = _Metrics(agent.registry, self)
+        self._m_source = {s: self.metrics.lookups.labels(s) for s in SOURCES}
+        self._m_seconds = self.metrics.seconds
         # plain counters for stats() (prometheus objects are awkward to read back)
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
@@ -206,18 +238,44 @@ class DiscoveryComponent(Component):
             q = Query(self.max_results, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region)
         entry, source = await self._entry(service, fresh)
         now = self.clock()
-        cs = entry.candidates
-        ranked = cs.rank(now, q, self.tracker, self.rng, self.weights)
-        workers = [cs.view(i, now, s) for i, s in ranked]
-        if ranked:
-            self.prober.consider((cs.ids[i], cs.records[i].endpoint) for i, _ in ranked)
+        answer = self._ranked_answer(entry.candidates, q, now)
+        # the top-3 draw happens on every call, on top of the (memoised) ranking
+        order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
+        if answer.probe:
+            self.prober.consider(answer.probe)
         dt = time.perf_counter() - t0
-        self.metrics.lookups.labels(source).inc()
-        self.metrics.seconds.observe(dt)
+        self._m_source[source].inc()
+        self._m_seconds.observe(dt)
         self.counts["lookups"] += 1
         self.counts[f"source_{source}"] += 1
         self._durations.append(dt)
-        return LookupResult(service, source, workers, len(cs))
+        return LookupResult(service, source, [answer.views[i] for i in order],
+                            len(entry.candidates), [answer.fragments[i] for i in order])
+
+    def _ranked_answer(self, cs: CandidateSet, q: Query, now: float) -> _Ranked:
+        """The deterministic ranking of ``cs`` for ``q``, rendered; reused for up to
+        ``RANK_MEMO_S`` while nothing that affects it changed.
+
+        Why: at thousands of lookups a second on one service, re-scoring and re-rendering
+        50 workers per call would be most of the cost, yet the result only changes when
+        the latency tracker does (reports, probes, bans — its version), when a record
+        reaches expiry or staleness (``fresh_until``), or as ages drift (hence the short
+        window: ages and scores shown are at most ``RANK_MEMO_S`` old).
+        """
+        tracker = self.tracker
+        tracker.current_bans(now)            # ends finished back-offs (bumps the version)
+        memo = cs.memo_get(q)
+        if memo is not None and memo.version == tracker.version and now < memo.until \
+                and now >= memo.since:
+            return memo
+        pairs = cs.ranked(now, q, tracker, self.weights)
+        views = [cs.view(i, now, score) for i, score in pairs]
+        memo = _Ranked(
+            since=now, until=min(now + RANK_MEMO_S, cs.fresh_until), version=tracker.version,
+            views=views, fragments=[_dumps(v).encode() for v in views],
+            probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
+        cs.memo_put(q, memo)
+        return memo
 
     async def _entry(self, service: str, fresh: bool = False) -> tuple[CacheEntry, str]:
         """A cache entry for ``service`` (fresh, or fetched now) and the answer's source."""
@@ -441,6 +499,9 @@ class DiscoveryComponent(Component):
         }}
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+
+
 def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:
     bans = tracker.current_bans(now)
     return [i for i in range(len(cs))
@@ -449,7 +510,6 @@ def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list
 
 
 def _json_loads(body: bytes) -> Any:
-    import json
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -1,0 +1,290 @@
+"""Lookup benchmark: service lookups per second and p50/p99 through one agent's HTTP API.
+
+    python3 bench/lookup.py [--workers 200] [--seconds 3] [--concurrency 4] [--json]
+
+One real agent process (``python -m agent run``, coordinator role, its own registry as its
+discovery fallback) on 127.0.0.1. ``--workers`` real signed records (distinct Ed25519
+identities) of service "bench" are registered through ``POST /api/services/register``.
+Then, each phase bounded by ``--seconds`` and a request cap, from this process (aiohttp
+client, uvloop, ``--concurrency`` requests in flight):
+
+* **baseline** ``GET /healthz`` — the HTTP stack's floor on this machine, in this run;
+* **cached** ``GET /api/services/bench`` — answered from the lookup cache, re-ranked
+  (through ``_fast``) on every call, up to 50 workers in the JSON;
+* **uncached** the same with ``Cache-Control: no-cache``: every request queries the DHT
+  and, as the coordinator's DHT holds no provider records here, falls back to the
+  registry over HTTP and verifies every record — at concurrency 1 (each request pays a
+  full fetch) and at ``--concurrency`` (concurrent requests share one fetch).
+
+Plus, in this process without HTTP: ``DiscoveryComponent.lookup`` on a cached service
+of the same size, against a baseline of ranking the same records as Python dicts.
+
+Figures are printed with ratios against the baselines of the same run. Targets (issue 4):
+cached >= 2000 lookups/s with p99 <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import uvloop  # noqa: E402
+
+from agent.dht.identity import Identity  # noqa: E402
+from agent.dht.record import WorkerRecord  # noqa: E402
+
+MAX_REQUESTS = 200_000
+GPUS = [("H100", 80.0), ("A100", 40.0), ("L40S", 48.0), ("RTX 4090", 24.0), ("T4", 16.0)]
+REGIONS = ["eu-west", "us-east", "ap-south"]
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def make_records(n: int, endpoint: str) -> list[WorkerRecord]:
+    rng = random.Random(4)
+    out = []
+    for i in range(n):
+        gpu, mem = GPUS[i % len(GPUS)]
+        cap = rng.choice([1, 2, 4, 8])
+        out.append(WorkerRecord.create(
+            Identity.generate(), name=f"bench-{i}", services=("bench",), endpoint=endpoint,
+            gpu=gpu, gpu_memory_gb=mem, load=float(rng.randint(0, cap)), capacity=cap,
+            region=REGIONS[i % len(REGIONS)], ttl=600))
+    return out
+
+
+def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    http, udp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+    url = f"http://127.0.0.1:{http}"
+    cfg = tmp / "agent.toml"
+    cfg.write_text(f"""
+[agent]
+role = "coordinator"
+name = "bench"
+region = "eu-west"
+state_dir = "{tmp / 'state'}"
+[dht]
+listen = "127.0.0.1:{udp}"
+mode = "server"
+record_ttl = 600
+republish_interval = 300
+[http]
+listen = "127.0.0.1:{http}"
+[discovery]
+cache_ttl = 600
+coordinators = ["{url}"]
+[log]
+level = "warning"
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/readyz", timeout=1)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                proc.kill()
+                raise SystemExit(f"agent did not start:\n{err}") from None
+            time.sleep(0.1)
+
+
+async def register(url: str, records: list[WorkerRecord]) -> None:
+    async with aiohttp.ClientSession() as s:
+        sem = asyncio.Semaphore(8)
+
+        async def one(rec: WorkerRecord) -> None:
+            body = {"record": base64.b64encode(rec.encode()).decode()}
+            async with sem, s.post(url + "/api/services/register", json=body) as r:
+                if r.status != 200:
+                    raise SystemExit(f"register failed: HTTP {r.status} {await r.text()}")
+
+        await asyncio.gather(*(one(r) for r in records))
+
+
+async def load(url: str, seconds: float, concurrency: int,
+               headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Closed-loop load: ``concurrency`` requests in flight for ``seconds``."""
+    times: list[float] = []
+    errors = 0
+    conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as s:
+        # warm-up: open the connections, fill caches
+        for _ in range(concurrency):
+            async with s.get(url) as r:
+                await r.read()
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline and len(times) < MAX_REQUESTS:
+                t0 = time.perf_counter()
+                async with s.get(url) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                times.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"requests": len(times), "errors": errors, "per_s": len(times) / wall,
+            "p50_ms": pct(times, 0.5) * 1000, "p99_ms": pct(times, 0.99) * 1000,
+            "concurrency": concurrency}
+
+
+async def in_process(records: list[WorkerRecord], seconds: float) -> dict[str, Any]:
+    """DiscoveryComponent.lookup on a cached service vs ranking dicts in Python."""
+    from agent.component import Component
+    from agent.config import Config, DHTSection
+    from agent.discovery.service import DiscoveryComponent
+    from agent.lifecycle import Agent
+
+    class Records(Component):
+        name = "dht"
+
+        async def find_providers(self, service: str, limit: int | None = None) -> list[Any]:
+            return list(records)
+
+    agent = Agent(Config(dht=DHTSection(republish_interval=300, record_ttl=600)),
+                  components=[])
+    agent.components.append(Records(agent))
+    comp = DiscoveryComponent(agent, rng=random.Random(1))
+    agent.components.append(comp)
+    await comp.lookup("bench")
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and n < MAX_REQUESTS:
+        await comp.lookup("bench")
+        n += 1
+    ours = n / (time.perf_counter() - t0)
+
+    # baseline: the obvious implementation over dicts (filter, score, sort, top 50)
+    scores = {"H200": 1.0, "H100": 0.9, "A100": 0.8, "L40S": 0.7, "RTX 4090": 0.4, "T4": 0.2}
+    dicts = [r.to_json() for r in records]
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and n < MAX_REQUESTS:
+        now = time.time()
+        ranked = []
+        for d in dicts:
+            age = now - d["issued_at"]
+            if d["withdrawn"] or d["expires_at"] <= now or age > 600:
+                continue
+            cap = d["capacity"]
+            free = min(max((cap - d["load"]) / cap, 0.0), 1.0) if cap > 0 else 0.0
+            s = (free + 0.6 * scores.get(d["gpu"], 0.0) + 0.4 * (d["region"] == "eu-west")
+                 - 0.5 * 0.5 - 0.1 * age / 600)
+            ranked.append((-s, d["id"], d))
+        ranked.sort(key=lambda x: (x[0], x[1]))
+        _ = [dict(d, score=-s) for s, _, d in ranked[:50]]
+        n += 1
+    base = n / (time.perf_counter() - t0)
+    return {"component_per_s": ours, "dict_baseline_per_s": base}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not (1 <= args.workers <= 1000 and 0.2 <= args.seconds <= 30
+            and 1 <= args.concurrency <= 256):
+        ap.error("--workers 1..1000, --seconds 0.2..30, --concurrency 1..256")
+
+    tmp = Path(tempfile.mkdtemp(prefix="rma-bench-lookup-"))
+    proc, url = start_agent(tmp)
+    res: dict[str, Any] = {"workers": args.workers}
+    try:
+        records = make_records(args.workers, url)
+        uvloop.run(register(url, records))
+        lookup = f"{url}/api/services/bench"
+        with urllib.request.urlopen(lookup, timeout=10) as r:
+            first = json.loads(r.read())
+        res["answer"] = {"source": first["source"], "workers": len(first["workers"])}
+        res["healthz"] = uvloop.run(load(url + "/healthz", args.seconds, args.concurrency))
+        res["cached"] = uvloop.run(load(lookup, args.seconds, args.concurrency))
+        nc = {"Cache-Control": "no-cache"}
+        res["uncached_c1"] = uvloop.run(load(lookup, args.seconds, 1, nc))
+        res["uncached"] = uvloop.run(load(lookup, args.seconds, args.concurrency, nc))
+        with urllib.request.urlopen(url + "/api/dht/stats", timeout=10) as r:
+            res["agent_stats"] = json.loads(r.read()).get("discovery", {})
+        res["kernels"] = json.loads(urllib.request.urlopen(url + "/api/dht/stats",
+                                                           timeout=10).read()).get("kernels")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["in_process"] = uvloop.run(in_process(records, min(args.seconds, 2.0)))
+
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    h = res["healthz"]
+    print(f"lookup benchmark: {args.workers} workers (signed records in the agent's registry), "
+          f"{args.seconds:g} s per phase, kernels={res['kernels']}, cpus={os.cpu_count()}")
+    print(f"first answer: source={res['answer']['source']}, "
+          f"{res['answer']['workers']} workers returned")
+    print(f"{'phase':<34}{'req':>8}{'lookups/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'vs healthz':>12}")
+    for key, label in (("healthz", "baseline GET /healthz"),
+                       ("cached", "cached lookup"),
+                       ("uncached_c1", "uncached (no-cache), 1 in flight"),
+                       ("uncached", f"uncached (no-cache), {args.concurrency} in flight")):
+        r = res[key]
+        print(f"{label:<34}{r['requests']:>8}{r['per_s']:>11.0f}{r['p50_ms']:>9.2f}"
+              f"{r['p99_ms']:>9.2f}{r['per_s'] / h['per_s']:>11.2f}x"
+              + (f"  errors={r['errors']}" if r["errors"] else ""))
+    c = res["cached"]
+    print(f"cached / uncached(1 in flight) throughput: "
+          f"{c['per_s'] / res['uncached_c1']['per_s']:.1f}x")
+    ip = res["in_process"]
+    print(f"in process, cached lookup of {args.workers}: {ip['component_per_s']:.0f}/s vs "
+          f"ranking dicts in Python {ip['dict_baseline_per_s']:.0f}/s "
+          f"({ip['component_per_s'] / ip['dict_baseline_per_s']:.1f}x)")
+    ok = c["per_s"] >= 2000 and c["p99_ms"] <= 5.0
+    print(f"target cached >= 2000/s and p99 <= 5 ms: {'met' if ok else 'NOT met'}")
+    st = res["agent_stats"]
+    print(f"agent's own view: lookups={st.get('lookups')} cache_hit_rate="
+          f"{st.get('cache_hit_rate')} p50={st.get('lookup_p50_ms')} ms "
+          f"p99={st.get('lookup_p99_ms')} ms fallbacks={st.get('fallbacks')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
