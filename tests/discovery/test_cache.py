@@ -130,3 +130,45 @@ async def test_service_list_counts_live_workers():
     out = await comp.services()
     assert out["services"] == [{"name": "llm", "workers": 1}, {"name": "ocr", "workers": 2}]
     assert dht.calls == ["*"]
+
+
+async def test_rendered_ranking_is_reused_only_briefly_and_body_matches():
+    import json
+
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    ident = Identity.generate()
+    dht.add(make_record(ident, now=clock.t))
+    await comp.lookup("ocr")
+    clock.advance(0.05)
+    res = await comp.lookup("ocr")
+    assert res.workers[0]["age_s"] == 0.0            # reused: at most 100 ms old
+    assert json.loads(res.body()) == res.to_json()
+    clock.advance(0.3)
+    res = await comp.lookup("ocr")
+    assert res.workers[0]["age_s"] == 0.3 and json.loads(res.body()) == res.to_json()
+    comp.report("ocr", ident.node_id, True, 20.0)     # the tracker moved: re-ranked at once
+    assert (await comp.lookup("ocr")).workers[0]["latency_ms"] == 20.0
+
+
+async def test_reload_applies_ttl_and_gpu_scores():
+    import dataclasses
+
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    dht.add(make_record(name="t4", gpu="T4", now=clock.t))
+    dht.add(make_record(name="h100", gpu="H100", now=clock.t))
+    plain = Query(limit=2)
+    first = await comp.lookup("ocr", plain)
+    assert max(first.workers, key=lambda w: w["score"])["name"] == "h100"
+    old = agent.config
+    new = dataclasses.replace(old, discovery=dataclasses.replace(
+        old.discovery, cache_ttl=1, gpu_scores={**old.discovery.gpu_scores, "T4": 1.0,
+                                                "H100": 0.0}))
+    agent.config = new
+    await comp.reload(old, new)
+    res = await comp.lookup("ocr", plain)
+    assert res.source == "dht"                         # scores changed: cache dropped
+    assert max(res.workers, key=lambda w: w["score"])["name"] == "t4"
+    clock.advance(1.1)
+    assert (await comp.lookup("ocr", plain)).source == "dht"   # new ttl of 1 s
