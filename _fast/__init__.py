@@ -10,6 +10,8 @@ package was built); then the agent still works, only slower, and says so once in
 Public API (see the twins' docstrings for the exact semantics):
 
 * ``k_closest(target, ids, k) -> list[int]``
+* ``k_closest_items(target, ids, k, items) -> list``: the same selection, returning
+  ``items[i]`` (a list parallel to the ids) instead of ``i`` — no Python loop per result
 * ``xor_distance_cmp(a, b, target) -> int``
 * ``score_rank(load, capacity, gpu_score, age_s, latency_ms, region_match, healthy,
   weights, max_age_s, limit) -> list[int]`` where, for each row that is healthy and
@@ -43,6 +45,7 @@ log = logging.getLogger("rma_agent.fast")
 pure = SimpleNamespace(
     name="python",
     k_closest=_xor_py.k_closest,
+    k_closest_items=_xor_py.k_closest_items,
     xor_distance_cmp=_xor_py.xor_distance_cmp,
     score_rank=_score_py.score_rank,
     score_values=_score_py.score_values,
@@ -60,6 +63,7 @@ else:
     compiled = SimpleNamespace(
         name="cython",
         k_closest=_xor_c.k_closest,
+        k_closest_items=_xor_c.k_closest_items,
         xor_distance_cmp=_xor_c.xor_distance_cmp,
         score_rank=_score_c.score_rank,
         score_values=_score_c.score_values,
@@ -79,6 +83,7 @@ else:
 
 IMPLEMENTATION: str = _impl.name
 k_closest = _impl.k_closest
+k_closest_items = _impl.k_closest_items
 xor_distance_cmp = _impl.xor_distance_cmp
 score_rank = _impl.score_rank
 score_values = _impl.score_values
@@ -112,6 +117,7 @@ __all__ = [
     "IMPLEMENTATION",
     "compiled",
     "k_closest",
+    "k_closest_items",
     "pure",
     "score_rank",
     "score_values",

@@ -45,6 +45,14 @@ def ids_wrong_length(nbytes: int) -> str:
     return f"ids buffer size must be a multiple of {ID_LEN} bytes, got {nbytes}"
 
 
+def items_not_list(items: Any) -> str:
+    return f"items must be a list (one entry per id), not {_tname(items)}"
+
+
+def items_wrong_length(got: int, n: int) -> str:
+    return f"items has {got} entries but ids holds {n} ids"
+
+
 # --- scoring -------------------------------------------------------------------------
 
 FLOAT_FORMATS = frozenset({"d", "@d", "=d", "<d"})

@@ -5,13 +5,14 @@ Why compiled: neighbour search and crawl ranking run for every DHT RPC; in Pytho
 costs 60-160 ns per id and most of a microsecond just to start. Here an id is three
 big-endian words (64 + 64 + 32 bits) compared as integers, a bounded max-heap keeps the
 k best, and almost every id is rejected after one word compare against the heap root.
+(The selection itself is plain C below: it has to control its branches.)
 The GIL is released for large inputs. Semantics and errors are those of
 ``_fast.xor_py`` (the pure-Python twin); see that module's docstring.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_GET_SIZE
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_Check, PyLong_FromSsize_t
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
@@ -21,6 +22,7 @@ from _fast import xor_py as _twin
 
 cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object obj, int* overflow) except? -1
+    bint PyList_CheckExact(object o)
 
 cdef extern from *:
     """
@@ -42,7 +44,95 @@ cdef extern from *:
         return __builtin_bswap32(v);
     #endif
     }
+
+    /* A heap entry: the first 64 bits of the XOR distance and the id's index. The rest
+       of the distance is read back from the buffer only when two first words tie
+       (duplicates, or ids sharing 64 leading bits), which keeps entries small and the
+       usual compare a single integer compare. */
+    typedef struct { uint64_t d0; Py_ssize_t idx; } rma_ent;
+    typedef struct { const unsigned char *base; uint64_t t1; uint32_t t2; } rma_ctx;
+
+    /* 1 if a is farther from the target than b: (distance, index) order. */
+    static int rma_tie_worse(const rma_ctx *c, const rma_ent *a, const rma_ent *b) {
+        const unsigned char *pa = c->base + a->idx * 20, *pb = c->base + b->idx * 20;
+        uint64_t a1 = rma_load_be64(pa + 8) ^ c->t1, b1 = rma_load_be64(pb + 8) ^ c->t1;
+        if (a1 != b1) return a1 > b1;
+        uint32_t a2 = rma_load_be32(pa + 16) ^ c->t2, b2 = rma_load_be32(pb + 16) ^ c->t2;
+        if (a2 != b2) return a2 > b2;
+        return a->idx > b->idx;
+    }
+    static inline int rma_worse(const rma_ctx *c, const rma_ent *a, const rma_ent *b) {
+        if (__builtin_expect(a->d0 != b->d0, 1)) return a->d0 > b->d0;
+        return rma_tie_worse(c, a, b);
+    }
+
+    /* Max-heap (farthest at the root). Replace the root with item, Floyd's way: walk
+       the farther child down to a leaf (a select, not a branch to predict), then sift
+       item up the little it needs -- a nearer item usually belongs near the bottom. */
+    static inline void rma_replace_top(const rma_ctx *c, rma_ent *h, Py_ssize_t size,
+                                       rma_ent item) {
+        Py_ssize_t pos = 0, child;
+        while ((child = 2 * pos + 1) + 1 < size) {
+            uint64_t l = h[child].d0, r = h[child + 1].d0;
+            if (__builtin_expect(l == r, 0))
+                child += rma_tie_worse(c, &h[child + 1], &h[child]);
+            else
+                child += r > l;
+            h[pos] = h[child];
+            pos = child;
+        }
+        if (child < size) {
+            h[pos] = h[child];
+            pos = child;
+        }
+        while (pos > 0) {
+            Py_ssize_t parent = (pos - 1) >> 1;
+            if (!rma_worse(c, &item, &h[parent])) break;
+            h[pos] = h[parent];
+            pos = parent;
+        }
+        h[pos] = item;
+    }
+
+    /* The m nearest of n ids, nearest first, into h[0..m). */
+    static void rma_select(const unsigned char *base, Py_ssize_t n, const unsigned char *tgt,
+                           rma_ent *h, Py_ssize_t m) {
+        rma_ctx c = {base, rma_load_be64(tgt + 8), rma_load_be32(tgt + 16)};
+        uint64_t t0 = rma_load_be64(tgt);
+        const unsigned char *p = base;
+        Py_ssize_t i;
+        for (i = 0; i < m; i++, p += 20) {          /* the first m: plain heap pushes */
+            rma_ent e = {rma_load_be64(p) ^ t0, i};
+            Py_ssize_t pos = i;
+            while (pos > 0) {
+                Py_ssize_t parent = (pos - 1) >> 1;
+                if (!rma_worse(&c, &e, &h[parent])) break;
+                h[pos] = h[parent];
+                pos = parent;
+            }
+            h[pos] = e;
+        }
+        for (; i < n; i++, p += 20) {                /* the rest: most fail one compare */
+            uint64_t d0 = rma_load_be64(p) ^ t0;
+            if (d0 > h[0].d0) continue;
+            rma_ent e = {d0, i};
+            /* equal first word: nearer only if the rest of the distance is smaller
+               (a later index never wins a full tie) */
+            if (d0 == h[0].d0 && !rma_tie_worse(&c, &h[0], &e)) continue;
+            rma_replace_top(&c, h, m, e);
+        }
+        for (Py_ssize_t end = m - 1; end > 0; end--) {   /* heap sort: nearest first */
+            rma_ent last = h[end];
+            h[end] = h[0];
+            rma_replace_top(&c, h, end, last);
+        }
+    }
     """
+    ctypedef struct rma_ent:
+        uint64_t d0
+        Py_ssize_t idx
+    void rma_select(const unsigned char* base, Py_ssize_t n, const unsigned char* tgt,
+                    rma_ent* h, Py_ssize_t m) noexcept nogil
     uint64_t rma_load_be64(const unsigned char *p) nogil
     uint32_t rma_load_be32(const unsigned char *p) nogil
 
@@ -51,143 +141,46 @@ cdef enum:
     NOGIL_MIN = 4096
     STACK_K = 64
 
-ctypedef struct Entry:
-    uint64_t d0
-    uint64_t d1
-    uint32_t d2
-    Py_ssize_t idx
 
-
-cdef inline bint worse(const Entry* a, const Entry* b) noexcept nogil:
-    """True if a is farther than b (distance, then index)."""
-    if a.d0 != b.d0:
-        return a.d0 > b.d0
-    if a.d1 != b.d1:
-        return a.d1 > b.d1
-    if a.d2 != b.d2:
-        return a.d2 > b.d2
-    return a.idx > b.idx
-
-
-cdef inline void sift_down(Entry* h, Py_ssize_t size, Py_ssize_t pos) noexcept nogil:
-    """Max-heap (farthest at the root) sift-down."""
-    cdef Entry item = h[pos]
-    cdef Py_ssize_t child
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and worse(&h[child + 1], &h[child]):
-            child += 1
-        if not worse(&h[child], &item):
-            break
-        h[pos] = h[child]
-        pos = child
-    h[pos] = item
-
-
-cdef inline void sift_up(Entry* h, Py_ssize_t pos) noexcept nogil:
-    cdef Entry item = h[pos]
-    cdef Py_ssize_t parent
-    while pos > 0:
-        parent = (pos - 1) >> 1
-        if not worse(&item, &h[parent]):
-            break
-        h[pos] = h[parent]
-        pos = parent
-    h[pos] = item
-
-
-cdef inline void replace(Entry* h, Py_ssize_t size, uint64_t d0, uint64_t d1, uint32_t d2,
-                         Py_ssize_t i) noexcept nogil:
-    h[0].d0 = d0
-    h[0].d1 = d1
-    h[0].d2 = d2
-    h[0].idx = i
-    sift_down(h, size, 0)
-
-
-cdef Py_ssize_t select(const unsigned char* base, Py_ssize_t n, const unsigned char* tgt,
-                       Entry* h, Py_ssize_t k) noexcept nogil:
-    """Fill h with the k nearest ids, sorted nearest first; return how many (min(k, n))."""
-    cdef uint64_t t0 = rma_load_be64(tgt)
-    cdef uint64_t t1 = rma_load_be64(tgt + 8)
-    cdef uint32_t t2 = rma_load_be32(tgt + 16)
-    cdef Py_ssize_t i, size = 0, end
-    cdef const unsigned char* p = base
-    cdef Entry e
-    cdef uint64_t d0, d1
-    cdef uint32_t d2
-    cdef Entry* root = h
-    # Phase 1: the first k ids go straight into the heap.
-    while size < k and size < n:
-        e.d0 = rma_load_be64(p) ^ t0
-        e.d1 = rma_load_be64(p + 8) ^ t1
-        e.d2 = rma_load_be32(p + 16) ^ t2
-        e.idx = size
-        h[size] = e
-        sift_up(h, size)
-        size += 1
-        p += ID_LEN
-    # Phase 2: an id replaces the root only if strictly nearer (a later index loses ties).
-    for i in range(size, n):
-        d0 = rma_load_be64(p) ^ t0
-        if d0 <= root.d0:
-            d1 = rma_load_be64(p + 8) ^ t1
-            if d0 < root.d0 or d1 < root.d1:
-                d2 = rma_load_be32(p + 16) ^ t2
-                replace(h, size, d0, d1, d2, i)
-            elif d1 == root.d1:
-                d2 = rma_load_be32(p + 16) ^ t2
-                if d2 < root.d2:
-                    replace(h, size, d0, d1, d2, i)
-        p += ID_LEN
-    # Heap-sort in place: repeatedly move the farthest to the end.
-    end = size
-    while end > 1:
-        end -= 1
-        e = h[0]
-        h[0] = h[end]
-        h[end] = e
-        sift_down(h, end, 0)
-    return size
-
-
-cdef object diagnose(object target, object ids, object k):
+cdef object diagnose(object target, object ids, object k, object items, bint with_items):
     """Slow path: let the twin raise the exact error the twin would raise."""
-    _twin.k_closest(target, ids, k)
+    if with_items:
+        _twin.k_closest_items(target, ids, k, items)
+    else:
+        _twin.k_closest(target, ids, k)
     raise AssertionError("k_closest: argument check disagrees with the twin")  # pragma: no cover
 
 
-def k_closest(target, ids, k):
-    """Indices of the ``k`` ids in ``ids`` nearest ``target`` by XOR, nearest first.
-
-    ``target``: bytes of length 20; ``ids``: C-contiguous buffer of n*20 bytes;
-    ``k``: int >= 0. Ties by lower index. Same results and errors as ``xor_py.k_closest``.
-    """
+cdef object run(object target, object ids, object k, object items, bint with_items):
+    """Shared body: the k nearest indices, or the matching entries of ``items``."""
     cdef Py_buffer view
     cdef int overflow = 0
     cdef long long kk
     cdef Py_ssize_t n, m, i
-    cdef Entry stack_heap[STACK_K]
-    cdef Entry* h
+    cdef rma_ent stack_heap[STACK_K]
+    cdef rma_ent* h
     cdef const unsigned char* tgt
     cdef list out
+    cdef object item
     if not PyBytes_Check(target) or PyBytes_GET_SIZE(target) != ID_LEN or not PyLong_Check(k):
-        return diagnose(target, ids, k)
+        return diagnose(target, ids, k, items, with_items)
     if not PyObject_CheckBuffer(ids):
-        return diagnose(target, ids, k)
+        return diagnose(target, ids, k, items, with_items)
+    if with_items and not PyList_CheckExact(items):
+        return diagnose(target, ids, k, items, with_items)
     try:
         PyObject_GetBuffer(ids, &view, PyBUF_SIMPLE)
     except BufferError:
-        return diagnose(target, ids, k)
+        return diagnose(target, ids, k, items, with_items)
     try:
         if view.len % ID_LEN:
-            return diagnose(target, ids, k)
+            return diagnose(target, ids, k, items, with_items)
+        n = view.len // ID_LEN
+        if with_items and PyList_GET_SIZE(items) != n:
+            return diagnose(target, ids, k, items, with_items)
         kk = PyLong_AsLongLongAndOverflow(k, &overflow)
         if overflow < 0 or (overflow == 0 and kk < 0):
-            return diagnose(target, ids, k)
-        n = view.len // ID_LEN
+            return diagnose(target, ids, k, items, with_items)
         m = n if (overflow > 0 or kk >= n) else <Py_ssize_t>kk
         if m == 0:
             return []
@@ -195,18 +188,21 @@ def k_closest(target, ids, k):
         if m <= STACK_K:
             h = stack_heap
         else:
-            h = <Entry*>malloc(m * sizeof(Entry))
+            h = <rma_ent*>malloc(m * sizeof(rma_ent))
             if h == NULL:
                 raise MemoryError()
         try:
             if n > NOGIL_MIN:
                 with nogil:
-                    select(<const unsigned char*>view.buf, n, tgt, h, m)
+                    rma_select(<const unsigned char*>view.buf, n, tgt, h, m)
             else:
-                select(<const unsigned char*>view.buf, n, tgt, h, m)
+                rma_select(<const unsigned char*>view.buf, n, tgt, h, m)
             out = PyList_New(m)
             for i in range(m):
-                item = PyLong_FromSsize_t(h[i].idx)
+                if with_items:
+                    item = <object>PyList_GET_ITEM(items, h[i].idx)
+                else:
+                    item = PyLong_FromSsize_t(h[i].idx)
                 Py_INCREF(item)
                 PyList_SET_ITEM(out, i, item)
             return out
@@ -215,6 +211,23 @@ def k_closest(target, ids, k):
                 free(h)
     finally:
         PyBuffer_Release(&view)
+
+
+def k_closest(target, ids, k):
+    """Indices of the ``k`` ids in ``ids`` nearest ``target`` by XOR, nearest first.
+
+    ``target``: bytes of length 20; ``ids``: C-contiguous buffer of n*20 bytes;
+    ``k``: int >= 0. Ties by lower index. Same results and errors as ``xor_py.k_closest``.
+    """
+    return run(target, ids, k, None, False)
+
+
+def k_closest_items(target, ids, k, items):
+    """``[items[i] for i in k_closest(target, ids, k)]`` without the Python loop.
+
+    ``items`` must be a list with one entry per id (the routing table's contacts).
+    """
+    return run(target, ids, k, items, True)
 
 
 def xor_distance_cmp(a, b, target):

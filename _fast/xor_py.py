@@ -28,6 +28,8 @@ from _fast._errors import (
     ids_not_buffer,
     ids_not_contiguous,
     ids_wrong_length,
+    items_not_list,
+    items_wrong_length,
 )
 
 _from_bytes = int.from_bytes
@@ -65,6 +67,20 @@ def k_closest(target: bytes, ids: Any, k: int) -> list[int]:
     if k >= n:
         return [i for _, i in sorted(dists)]
     return [i for _, i in heapq.nsmallest(k, dists)]
+
+
+def k_closest_items(target: bytes, ids: Any, k: int, items: list) -> list:
+    """``[items[i] for i in k_closest(target, ids, k)]``; ``items`` is a list, one per id.
+
+    The routing table keeps its contacts in such a list, parallel to the id buffer.
+    """
+    check_target(target, "target")
+    mv = _ids_view(ids)
+    if type(items) is not list:
+        raise TypeError(items_not_list(items))
+    if len(items) != mv.nbytes // ID_LEN:
+        raise ValueError(items_wrong_length(len(items), mv.nbytes // ID_LEN))
+    return [items[i] for i in k_closest(target, ids, k)]
 
 
 def xor_distance_cmp(a: bytes, b: bytes, target: bytes) -> int:

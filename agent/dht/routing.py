@@ -32,6 +32,7 @@ import asyncio
 import bisect
 import logging
 from collections.abc import Iterable
+from time import monotonic as _monotonic
 from typing import Any
 
 from kademlia.node import Node
@@ -204,12 +205,6 @@ class RoutingTable(_KadRoutingTable):
         """
         k = k or self.ksize
         target = node.id
-        if self._nodes:
-            self.buckets[self.get_bucket_for(node)].touch_last_updated()
-        else:
-            _fast.k_closest(target, b"", 0)  # same argument checks when empty
-            return []
-        nodes = self._nodes
         skip: set[int] | None = None
         pos = self._pos.get(target)
         if pos is not None:
@@ -219,9 +214,14 @@ class RoutingTable(_KadRoutingTable):
             if homes:
                 skip = (skip or set()) | {self._pos[i] for i in homes}
         if not skip:
-            return [nodes[i] for i in _fast.k_closest(target, self._ids, k)]
-        idx = _fast.k_closest(target, self._ids, k + len(skip))
-        return [nodes[i] for i in idx if i not in skip][:k]
+            found = _fast.k_closest_items(target, self._ids, k, self._nodes)
+        else:
+            idx = _fast.k_closest(target, self._ids, k + len(skip))
+            nodes = self._nodes
+            found = [nodes[i] for i in idx if i not in skip][:k]
+        # The target is a valid id now: mark its bucket used, as kademlia's traverser does.
+        self.buckets[bisect.bisect_left(self._uppers, node.long_id)].last_updated = _monotonic()
+        return found
 
     # ---------------------------------------------------------------- extras
     def all_contacts(self) -> list[Node]:

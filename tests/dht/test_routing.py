@@ -26,6 +26,7 @@ IMPLS = [pytest.param(_fast.pure, id="python"),
 def kernel(request, monkeypatch):
     """Run the routing table on each k_closest implementation."""
     monkeypatch.setattr(_fast, "k_closest", request.param.k_closest)
+    monkeypatch.setattr(_fast, "k_closest_items", request.param.k_closest_items)
     return request.param
 
 

@@ -188,6 +188,41 @@ def test_concurrent_threads_release_gil(impl):
     assert got == want
 
 
+# ----------------------------------------------------------------- k_closest_items
+@SETTINGS
+@given(case=cases())
+def test_items_variant(impl, case):
+    target, buf, k = case
+    items = [object() for _ in range(len(buf) // 20)]
+    got = impl.k_closest_items(target, buf, k, items)
+    assert len(got) == len(set(map(id, got)))
+    assert [items.index(x) for x in got] == brute(target, buf, k)
+
+
+@pytest.mark.parametrize(("items", "exc"), [
+    (None, TypeError), ((1, 2), TypeError), ([1], ValueError), ([1, 2, 3], ValueError),
+])
+def test_items_variant_bad_items(impl, items, exc):
+    with pytest.raises(exc):
+        impl.k_closest_items(ZERO, ZERO * 2, 1, items)
+    if _fast.compiled is not None:
+        assert _outcome(_fast.compiled.k_closest_items, ZERO, ZERO * 2, 1, items) == \
+            _outcome(_fast.pure.k_closest_items, ZERO, ZERO * 2, 1, items)
+
+
+@pytest.mark.parametrize(("target", "ids", "k", "exc"), BAD)
+def test_items_variant_bad_input(impl, target, ids, k, exc):
+    try:
+        items = [None] * (memoryview(ids).nbytes // 20)  # right length: the error is elsewhere
+    except TypeError:
+        items = []
+    with pytest.raises(exc):
+        impl.k_closest_items(target, ids, k, items)
+    if _fast.compiled is not None:
+        assert _outcome(_fast.compiled.k_closest_items, target, ids, k, items) == \
+            _outcome(_fast.pure.k_closest_items, target, ids, k, items)
+
+
 # ----------------------------------------------------------------- xor_distance_cmp
 @SETTINGS
 @given(a=one_id, b=one_id, t=one_id)
