@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,11 @@ def _reader(stream, q: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         q.put(line)
     q.put(None)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def _procs_mentioning(text: str) -> list[int]:
@@ -70,6 +77,16 @@ def test_demo_end_to_end_and_clean_stop(sig):
         for gpu in ("H100", "A100", "RTX 4090"):
             assert gpu in out
         assert "/api/dht/stats" in out and "/metrics" in out
+        # through the coordinator's real DHT node: cached lookups cost no DHT query
+        coord = re.search(r"coordinator\s+(http://127\.0\.0\.1:\d+)", out).group(1)
+        before = _get(coord + "/api/dht/stats")
+        for _ in range(5):
+            answer = _get(coord + "/api/services/ocr")
+            assert answer["source"] == "cache" and len(answer["workers"]) == 2
+        after = _get(coord + "/api/dht/stats")
+        assert after["lookups"]["total"] == before["lookups"]["total"]
+        assert (after["discovery"]["by_source"]["cache"]
+                == before["discovery"]["by_source"]["cache"] + 5)
         proc.send_signal(sig)
         rc = proc.wait(30)
         rest = []

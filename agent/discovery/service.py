@@ -51,6 +51,7 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
+from agent.logs import RateLimiter
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.discovery")
+_LOG_LIMIT = RateLimiter(rate=0.2, burst=3)   # failures can repeat on every cache miss
 
 DHT_TIMEOUT_S = 2.0           # a DHT lookup slower than this falls back to coordinators
 COORDINATOR_TIMEOUT_S = 2.0   # per coordinator request (all asked in parallel)
@@ -345,7 +347,8 @@ class DiscoveryComponent(Component):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("discovery: DHT lookup of %r failed: %s", service, exc)
+            _LOG_LIMIT.log(log, logging.WARNING, "dht-error",
+                           "discovery: DHT lookup of %r failed: %s", service, exc)
             state = "error"
             records = []
         else:
@@ -388,8 +391,9 @@ class DiscoveryComponent(Component):
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             self.metrics.coordinator.labels("error").inc()
             self.counts["coordinator_errors"] += 1
-            log.info("discovery: coordinator %s did not answer for %r: %s", base, service,
-                     exc or type(exc).__name__)
+            _LOG_LIMIT.log(log, logging.WARNING, f"coord:{base}",
+                           "discovery: coordinator %s did not answer for %r: %s", base,
+                           service, str(exc) or type(exc).__name__)
             return None
         raw = data.get("records") if isinstance(data, dict) else None
         if not isinstance(raw, list):
