@@ -17,9 +17,10 @@ The rule, exactly (what ``GET /api/services/{name}`` returns, best first):
        score  = 1.0*free + 0.6*gpu_class + 0.4*same_region - 0.5*lat - 0.1*age
 
    Free capacity weighs most (it is what spreads work), a better GPU class is worth up to
-   0.6, the caller's own region 0.4 (the caller's ``agent.region`` or the ``region`` query
-   parameter), a slow worker loses up to 0.5 and a record near staleness 0.1. Ties go to
-   the earlier record (the order the DHT returned, newest first).
+   0.6, the caller's own region 0.4 (the ``prefer_region`` query parameter, else the
+   answering agent's ``agent.region``; with a ``region`` filter every answer is in that
+   region anyway), a slow worker loses up to 0.5 and a record near staleness 0.1. Ties
+   go to the earlier record (the order the DHT returned).
 4. **Spread:** the first slot is drawn uniformly at random among the best three; the other
    two keep their order behind it, rank 4 and later are untouched. With one candidate
    there is nothing to draw. The generator is a ``random.Random`` the caller owns, so tests
@@ -29,8 +30,10 @@ The rule, exactly (what ``GET /api/services/{name}`` returns, best first):
 Why arrays: a lookup on a cached service re-ranks on every call (ages, latencies and
 failures change), and converting per-record objects to kernel inputs each time costs as
 much as the scoring itself. A :class:`CandidateSet` therefore holds one service's records
-as parallel ``array('d')`` columns, built once per DHT answer; per call only the age,
-health and (when the latency tracker changed) latency columns are rebuilt.
+as parallel ``array('d')`` columns, built once per DHT answer; per ranking only the age,
+health and (when the latency tracker changed) latency columns are rebuilt. (The service
+layer additionally reuses a rendered ranking for up to 100 ms while the tracker does not
+change; the top-3 draw is still made on every lookup.)
 """
 
 from __future__ import annotations
