@@ -315,6 +315,42 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
         c.write("/etc/default/rma-agent", "")
 
 
+def test_named_tunnel_uses_its_own_config_and_hostname(installed):
+    """tunnel.mode = "named": the launcher passes /etc/rma-agent/cloudflared.yml explicitly
+    (a stray /etc/cloudflared/config.yml is ignored) and the worker announces
+    https://<tunnel.hostname>."""
+    c = installed
+    _start_second_agent(c, "coord2", COORDINATOR_TOML.replace("8468", "8470")
+                        .replace("8080", "8082").replace("coord-test", "coord-two")
+                        .replace('"/var/lib/rma-agent"', '"/var/lib/rma-agent/coord2"'))
+    try:
+        c.write("/etc/default/rma-agent", "RMA_CLOUDFLARED=/srv/tools/fake_cloudflared.py\n")
+        c.run("mkdir", "-p", "/etc/cloudflared")
+        c.write("/etc/cloudflared/config.yml", "tunnel: stray\n")
+        c.write("/etc/rma-agent/cloudflared.yml",
+                "tunnel: 6ff42ae2-765d-4adf-8112-31c55c1551ef\n"
+                "credentials-file: /etc/rma-agent/6ff42ae2-765d-4adf-8112-31c55c1551ef.json\n")
+        toml = worker_toml(name="named-worker", dht_port=8468, http_port=8080,
+                           seeds=["127.0.0.1:8470"], service="named-test", tunnel="named")
+        c.write(CONF, toml.replace('metrics = "127.0.0.1:20241"',
+                                   'metrics = "127.0.0.1:20241"\nhostname = "w-named.example.org"'))
+        cursor = c.cursor()
+        c.run("systemctl", "reset-failed", TUNNEL, check=False)
+        restart_and_wait_active(c)
+        c.wait_for("rma-tunnel active", lambda: c.show(TUNNEL, "ActiveState") == "active",
+                   timeout=20)
+        tlog = "\n".join(messages(c.journal(TUNNEL, cursor)))
+        assert "tunnel --config /etc/rma-agent/cloudflared.yml run" in tlog, tlog[-2000:]
+        found = c.wait_for("named-worker announced", lambda: [
+            w for w in _lookup(c, "named-test", "http://127.0.0.1:8082")
+            if w.get("endpoint") == "https://w-named.example.org"], timeout=40)
+        assert found[0]["name"] == "named-worker"
+    finally:
+        c.run("systemctl", "stop", "coord2.service", check=False)
+        c.run("rm", "-rf", "/etc/cloudflared", "/etc/rma-agent/cloudflared.yml")
+        c.write("/etc/default/rma-agent", "")
+
+
 def test_tunnel_mode_off_skips_the_tunnel_unit(installed):
     c = installed
     c.write(CONF, COORDINATOR_TOML)
