@@ -119,11 +119,15 @@ class Node:
     log_path: Path
     data: dict[str, dict[str, Any]]
     proc: subprocess.Popen[bytes] | None = None
+    # a command prefix running the agent elsewhere (e.g. ``ip netns exec NS``); HTTP
+    # requests then run through ``curl`` under the same prefix
+    exec_prefix: tuple[str, ...] = ()
+    http_host: str = ""
     _log: Any = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://{self.ip}:{self.http_port}"
+        return f"http://{self.http_host or self.ip}:{self.http_port}"
 
     @property
     def dht_addr(self) -> str:
@@ -133,11 +137,34 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def get(self, path: str, timeout: float = 3.0) -> tuple[int, Any]:
+        if self.exec_prefix:
+            return self._curl("GET", path, None, timeout)
         return http("GET", self.url + path, timeout=timeout)
 
     def post(self, path: str, body: Any = None, raw: bytes | None = None,
              timeout: float = 5.0) -> tuple[int, Any]:
+        if self.exec_prefix:
+            return self._curl("POST", path, json.dumps(body).encode() if body is not None
+                              else (raw or b""), timeout)
         return http("POST", self.url + path, body=body, raw=raw, timeout=timeout)
+
+    def _curl(self, method: str, path: str, data: bytes | None,
+              timeout: float) -> tuple[int, Any]:
+        cmd = [*self.exec_prefix, "curl", "-sS", "-m", str(timeout), "-X", method,
+               "-o", "-", "-w", "\n%{http_code}", self.url + path]
+        if data is not None:
+            cmd += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+        try:
+            res = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            return 0, None
+        payload, _, code = res.stdout.rpartition(b"\n")
+        if res.returncode != 0 or not code.strip().isdigit():
+            return 0, None
+        try:
+            return int(code), json.loads(payload)
+        except ValueError:
+            return int(code), payload.decode("utf-8", "replace")
 
     def node_id(self) -> str:
         status, stats = self.get("/api/dht/stats")
@@ -186,10 +213,19 @@ class Cluster:
 
     def add(self, name: str, role: str, *, seeds: Iterable[str] = (), mode: str = "server",
             services: Iterable[str] = ("ocr",), coordinators: Iterable[str] = (),
-            extra: dict[str, dict[str, Any]] | None = None) -> Node:
-        ip = self._new_ip()
-        udp = free_udp_port(ip)
-        http_port = free_port(ip, socket.SOCK_STREAM)
+            extra: dict[str, dict[str, Any]] | None = None, ip: str | None = None,
+            exec_prefix: Iterable[str] = ()) -> Node:
+        """A node config. ``ip`` + ``exec_prefix`` place it in another network namespace
+        (fixed ports there: UDP 8468 on ``ip``, HTTP 8080 on that namespace's loopback)."""
+        prefix = tuple(exec_prefix)
+        if prefix:
+            assert ip, "a node run under a prefix needs its address"
+            udp, http_port, http_host = 8468, 8080, "127.0.0.1"
+        else:
+            ip = ip or self._new_ip()
+            udp = free_udp_port(ip)
+            http_port = free_port(ip, socket.SOCK_STREAM)
+            http_host = ip
         state = self.tmp / name / "state"
         state.mkdir(parents=True, exist_ok=True)
         data: dict[str, dict[str, Any]] = {
@@ -197,7 +233,7 @@ class Cluster:
             "dht": {"listen": f"{ip}:{udp}", "bootstrap": list(seeds), "mode": mode,
                     "ksize": self.ksize, "record_ttl": self.record_ttl,
                     "republish_interval": self.republish},
-            "http": {"listen": f"{ip}:{http_port}"},
+            "http": {"listen": f"{http_host}:{http_port}"},
             "tunnel": {"mode": "off"},
             "discovery": {"coordinators": list(coordinators)},
             "log": {"level": "info"},
@@ -209,7 +245,8 @@ class Cluster:
         for section, values in (extra or {}).items():
             data.setdefault(section, {}).update(values)
         node = Node(name, role, ip, udp, http_port, state, self.tmp / name / "agent.toml",
-                    self.tmp / name / "agent.log", data)
+                    self.tmp / name / "agent.log", data, exec_prefix=prefix,
+                    http_host=http_host)
         node.write_config()
         self.nodes[name] = node
         return node
@@ -230,7 +267,8 @@ class Cluster:
             node.write_config()
             node._log = open(node.log_path, "ab")  # closed in _reap
             node.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "-c", str(node.cfg_path)],
+                [*node.exec_prefix, sys.executable, "-m", "agent", "run", "-c",
+                 str(node.cfg_path)],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
                 stderr=subprocess.STDOUT)
 

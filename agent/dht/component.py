@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import time
 from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 from agent.component import Component
 from agent.config import default_path
@@ -156,28 +159,35 @@ class DHTComponent(Component):
         return addrs
 
     async def _decide_mode(self, seeds: list[tuple[str, int]]) -> None:
-        """``mode = "auto"``: ask up to three seeds to ping us back on our UDP port."""
+        """``mode = "auto"``: ask up to three seeds to ping us back on our UDP port.
+
+        The question goes out from a separate, ephemeral socket (see ``probe_reachable``)
+        and before our DHT socket has sent anything to the seed: behind a NAT, a seed's
+        ping to the DHT port then has no connection-tracking entry to ride on and is
+        dropped, as it would be for any other peer. Asked from the DHT socket itself, the
+        ping-back would pass as a "reply" and every NAT-ed node would wrongly turn server.
+        No answer at all (seeds down) leaves the mode undecided, to ask again next join.
+        """
         assert self.node is not None
-        reachable = False
+        port = self.node.port or self.agent.config.dht.listen.port
+        host = self.agent.config.dht.listen.host
+        verdict: bool | None = None
         asked = 0
         for seed in seeds[:3]:
             asked += 1
-            try:
-                reachable = bool(await asyncio.wait_for(
-                    self.node.check_reachable(seed), timeout=REACHABLE_TIMEOUT))
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                log.debug("dht: reachability probe via %s failed: %s", seed, exc)
-                continue
-            if reachable:
+            verdict = await probe_reachable(seed, port, host, timeout=REACHABLE_TIMEOUT)
+            if verdict:
                 break
-        self.mode = "server" if reachable else "client"
+        if verdict is None:
+            log.info("dht: mode auto: no seed answered the reachability probe; asking again "
+                     "at the next join attempt (client until then)")
+            return
+        self.mode = "server" if verdict else "client"
         self.node.set_mode(self.mode)
         self._mode_decided = True
-        log.info("dht: mode auto -> %s (%s after asking %d seed%s)", self.mode,
-                 "reachable on UDP" if reachable else "not reachable on UDP", asked,
-                 "" if asked == 1 else "s")
+        log.info("dht: mode auto -> %s (%s, asked %d seed%s)", self.mode,
+                 "reachable on UDP" if verdict else "not reachable on UDP from outside",
+                 asked, "" if asked == 1 else "s")
 
     async def _join_once(self) -> None:
         assert self.node is not None
@@ -383,6 +393,47 @@ class DHTComponent(Component):
             registry.register(self._collector)
         except ValueError as exc:     # duplicated names must not stop the agent
             log.warning("dht: metrics not registered: %s", exc)
+
+
+class _ProbeProtocol(asyncio.DatagramProtocol):
+    def __init__(self, msg_id: bytes, fut: asyncio.Future[Any]) -> None:
+        self.msg_id = msg_id
+        self.fut = fut
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.fut.done() or len(data) < 22 or data[0] != 1 or data[1:21] != self.msg_id:
+            return
+        try:
+            self.fut.set_result(msgpack.unpackb(data[21:], raw=False))
+        except Exception:
+            self.fut.set_result(None)
+
+
+async def probe_reachable(seed: tuple[str, int], port: int, host: str = "0.0.0.0", *,
+                          timeout: float = REACHABLE_TIMEOUT) -> bool | None:  # noqa: ASYNC109
+    """Ask ``seed`` (RPC ``reachable``) to ping our DHT ``port``, sending the question
+    from a fresh ephemeral socket on ``host``. True/False is the seed's verdict; None
+    when the seed did not answer at all. Wire format: rpcudp's (kind byte, 20-byte id,
+    msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
+    loop = asyncio.get_running_loop()
+    msg_id = os.urandom(20)
+    fut: asyncio.Future[Any] = loop.create_future()
+    bind = "::" if ":" in seed[0] else ("0.0.0.0" if ":" in host else host)
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _ProbeProtocol(msg_id, fut), local_addr=(bind, 0))
+    except OSError as exc:
+        log.debug("dht: cannot open a probe socket: %s", exc)
+        return None
+    try:
+        transport.sendto(b"\x00" + msg_id + msgpack.packb(["reachable", [b"", int(port)]],
+                                                           use_bin_type=True), seed)
+        result = await asyncio.wait_for(fut, timeout)
+    except (TimeoutError, OSError):
+        return None
+    finally:
+        transport.close()
+    return result is True
 
 
 class DHTCollector:

@@ -110,24 +110,30 @@ def _foreign_key() -> str:
     return b64(dataclasses.replace(r, public_key=W2.public_key).encode())
 
 
-@pytest.mark.parametrize(("raw", "status", "words"), [
-    (b"not json", 400, "JSON"),
-    (b"[1, 2]", 400, "expected"),
-    (b'{"rec": "x"}', 400, "expected"),
-    (b'{"record": 5}', 400, "expected"),
-    (b'{"record": "***not base64***"}', 400, "base64"),
-    (json.dumps({"record": b64(b"\x93\x01\x02\x03")}).encode(), 422, "rejected"),
-    (json.dumps({"record": b64(b"\xff" * 100)}).encode(), 422, "rejected"),
-    (json.dumps({"record": _tampered_signature()}).encode(), 422, "signature"),
-    (json.dumps({"record": _altered_field()}).encode(), 422, "signature"),
-    (json.dumps({"record": _foreign_key()}).encode(), 422, "worker_id"),
-    (json.dumps({"record": b64(rec(now=time.time() - 100))}).encode(), 422, "expired"),
-    (json.dumps({"record": b64(rec(now=time.time() + 600))}).encode(), 422, "future"),
-    (json.dumps({"record": "A" * 20000}).encode(), 413, "too large"),
+def _body(b64text: str) -> bytes:
+    return json.dumps({"record": b64text}).encode()
+
+
+# bodies are built when the test runs: records made at import time could expire first
+@pytest.mark.parametrize(("make_raw", "status", "words"), [
+    (lambda: b"not json", 400, "JSON"),
+    (lambda: b"[1, 2]", 400, "expected"),
+    (lambda: b'{"rec": "x"}', 400, "expected"),
+    (lambda: b'{"record": 5}', 400, "expected"),
+    (lambda: b'{"record": "***not base64***"}', 400, "base64"),
+    (lambda: _body(b64(b"\x93\x01\x02\x03")), 422, "rejected"),
+    (lambda: _body(b64(b"\xff" * 100)), 422, "rejected"),
+    (lambda: _body(_tampered_signature()), 422, "signature"),
+    (lambda: _body(_altered_field()), 422, "signature"),
+    (lambda: _body(_foreign_key()), 422, "worker_id"),
+    (lambda: _body(b64(rec(now=time.time() - 100))), 422, "expired"),
+    (lambda: _body(b64(rec(now=time.time() + 600))), 422, "future"),
+    (lambda: _body("A" * 20000), 413, "too large"),
 ])
-async def test_bad_registrations_are_4xx_json(coord, raw: bytes, status: int, words: str) -> None:
+async def test_bad_registrations_are_4xx_json(coord, make_raw: Any, status: int,
+                                              words: str) -> None:
     client, role, dht = coord
-    resp = await client.post("/api/services/register", data=raw,
+    resp = await client.post("/api/services/register", data=make_raw(),
                              headers={"Content-Type": "application/json"})
     body = await resp.json()
     assert resp.status == status, body
