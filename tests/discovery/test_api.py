@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import MultiDict
 
 from agent.dht.identity import Identity
+from agent.discovery.api import LOOKUP_PARAMS, BadRequest, check_service, parse_query, parse_report
 from agent.httpapi import make_app
 from tests.discovery._support import make_discovery, make_record
 
@@ -148,3 +155,46 @@ async def test_stats_and_metrics_carry_discovery_figures(api):
     assert 'rma_agent_lookup_cache_total{result="miss"} 1.0' in text
     assert "rma_agent_lookup_seconds_bucket" in text
     assert 'rma_agent_lookup_dht_total{result="hit"} 1.0' in text
+
+
+# ---------------------------------------------------------------- input fuzzing
+_keys = st.one_of(st.sampled_from(LOOKUP_PARAMS), st.text(max_size=8))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(_keys, st.text(max_size=80)), max_size=6))
+def test_any_query_string_is_a_query_or_a_clear_400(pairs):
+    try:
+        q = parse_query(MultiDict(pairs), 50)
+    except BadRequest as exc:
+        assert str(exc)
+    else:
+        assert 1 <= q.limit <= 50
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.builds(
+    lambda d: json.dumps(d).encode(),
+    st.dictionaries(st.sampled_from(["worker_id", "ok", "latency_ms", "x"]),
+                    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                              st.text(max_size=45)), max_size=4))))
+def test_any_report_body_is_a_report_or_a_clear_400(body):
+    try:
+        wid, ok, lat = parse_report(body)
+    except BadRequest as exc:
+        assert str(exc)
+    else:
+        assert len(wid) == 20 and isinstance(ok, bool)
+        assert lat is None or 0 <= lat <= 3_600_000
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=70))
+def test_service_names_follow_the_config_rule(name):
+    valid = re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name) is not None
+    try:
+        check_service(name)
+    except BadRequest:
+        assert not valid
+    else:
+        assert valid
