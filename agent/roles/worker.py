@@ -248,15 +248,19 @@ class WorkerRole(Component):
     async def _announce_once(self) -> bool:
         """One refresh; True when the record is stored somewhere (DHT or a coordinator)."""
         cfg = self.agent.config
-        if not self.endpoint:
+        if not self.endpoint or not cfg.worker.services:
+            if self.last_record is not None and not self.last_record.withdrawn:
+                # a record pointing at a dead URL (or at services no longer served) is
+                # worse than none: withdraw it now instead of letting it live to expiry
+                log.warning("worker: %s: withdrawing the announced record",
+                            "endpoint gone" if not self.endpoint else "no services left")
+                await self._withdraw(self._announced_services)
             if not self._said_no_endpoint:
                 self._said_no_endpoint = True
-                self.last_result = "no endpoint"
+                self.last_result = ("no endpoint" if not self.endpoint
+                                    else "no services configured")
             return False
         self._said_no_endpoint = False
-        if not cfg.worker.services:
-            self.last_result = "no services configured"
-            return False
         if self._withdraw_services:
             removed, self._withdraw_services = self._withdraw_services, ()
             await self._withdraw(removed)
@@ -315,9 +319,12 @@ class WorkerRole(Component):
 
     async def _withdraw(self, services: tuple[str, ...]) -> None:
         """Announce a signed tombstone for ``services`` (all announced ones on stop)."""
-        if not services or not self.endpoint:
+        if not services or self.last_record is None:
             return
-        tomb = self._build(services=services, withdrawn=True)
+        if self.endpoint:
+            tomb = self._build(services=services, withdrawn=True)
+        else:   # the endpoint is gone: withdraw what was announced, with its old URL
+            tomb = self.last_record.tombstone(self.dht.identity)
         stored = await self.dht.announce(tomb)
         if stored == 0 or self.fallback_used:
             await self._register_fallback(tomb)

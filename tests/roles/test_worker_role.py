@@ -75,6 +75,16 @@ async def test_waits_for_tunnel_endpoint(tmp_path) -> None:
         agent.emit("endpoint", "https://xyz.trycloudflare.com")        # the URL changed
         await _until(lambda: dht.announced[-1].endpoint == "https://xyz.trycloudflare.com",
                      timeout=1.0)
+        n = len(dht.announced)
+        agent.emit("endpoint", "")                                      # tunnel gone
+        await _until(lambda: len(dht.announced) == n + 1, timeout=1.0)
+        tomb = dht.announced[-1]
+        assert tomb.withdrawn and tomb.endpoint == "https://xyz.trycloudflare.com"
+        assert await dht.find_providers("ocr") == []
+        assert not role.ready()[0]
+        agent.emit("endpoint", "https://new.trycloudflare.com")        # back again
+        await _until(lambda: not dht.announced[-1].withdrawn, timeout=1.0)
+        assert len(await dht.find_providers("ocr")) == 1
     finally:
         await role.stop()
 
