@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -15,7 +16,17 @@ from aiohttp import web
 
 from agent.dht.identity import Identity
 from tests.discovery._support import make_discovery, make_record
-from tests.util import agent_cmd, coordinator_config
+from tests.util import (
+    agent_cmd,
+    agent_env,
+    coordinator_config,
+    free_port,
+    free_udp_tcp_port,
+    http_get,
+    stop_process,
+    wait_for,
+    write_config,
+)
 
 
 class Registry:
@@ -198,3 +209,36 @@ async def test_real_coordinator_process_registry(real_coordinator):
         assert sorted(w["name"] for w in res.workers) == names
     finally:
         await comp.stop()
+
+
+@pytest.mark.slow
+def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinator, tmp_path):
+    """Two real processes: a worker agent whose DHT seeds are unreachable asks, through its
+    own HTTP API, and is answered from the coordinator's registry (source = coordinator)."""
+    url, names = real_coordinator
+    http = free_port()
+    cfg = write_config(tmp_path / "lonely.toml", {
+        "agent": {"role": "worker", "name": "lonely", "state_dir": str(tmp_path / "lonely")},
+        "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server",
+                "bootstrap": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]},  # nobody there
+        "http": {"listen": f"127.0.0.1:{http}"},
+        "worker": {"services": ["ocr"], "endpoint": f"http://127.0.0.1:{http}",
+                   "gpu": "T4", "gpu_memory_gb": 16},
+        "discovery": {"coordinators": [url]},
+        "log": {"level": "warning"},
+    })
+    proc = subprocess.Popen(agent_cmd("run", "-c", str(cfg)), env=agent_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{http}"
+        wait_for(lambda: http_get(base + "/healthz")[0] == 200 or proc.poll() is not None,
+                 timeout=30, what="lonely agent serving HTTP")
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        status, body = http_get(base + "/api/services/tts", timeout=10)
+        assert status == 200, body
+        assert body["source"] == "coordinator"
+        assert sorted(w["name"] for w in body["workers"]) == names
+        status, stats = http_get(base + "/api/dht/stats", timeout=10)
+        assert stats["discovery"]["fallbacks"] >= 1 and stats["joined"] is False
+    finally:
+        stop_process(proc)
