@@ -94,33 +94,59 @@ cdef extern from *:
         h[pos] = item;
     }
 
-    /* The m nearest of n ids, nearest first, into h[0..m). */
+    /* Heap of the (up to) m nearest among ids 0, step, 2*step, ... < n whose first
+       distance word is <= thr; returns how many it holds. An id enters only if strictly
+       nearer than the root by (distance, index). */
+    static Py_ssize_t rma_scan(const rma_ctx *c, uint64_t t0, Py_ssize_t n, Py_ssize_t step,
+                               uint64_t thr, rma_ent *h, Py_ssize_t m) {
+        const unsigned char *base = c->base;
+        Py_ssize_t size = 0;
+        for (Py_ssize_t i = 0; i < n; i += step) {
+            uint64_t d0 = rma_load_be64(base + i * 20) ^ t0;
+            if (d0 > thr) continue;                      /* most ids stop here */
+            rma_ent e = {d0, i};
+            if (size < m) {                              /* filling: plain push */
+                Py_ssize_t pos = size++;
+                while (pos > 0) {
+                    Py_ssize_t parent = (pos - 1) >> 1;
+                    if (!rma_worse(c, &e, &h[parent])) break;
+                    h[pos] = h[parent];
+                    pos = parent;
+                }
+                h[pos] = e;
+                if (size == m) thr = h[0].d0;
+                continue;
+            }
+            /* d0 <= root's: nearer unless the first words tie and the rest is not
+               smaller (a later index never wins a full tie) */
+            if (d0 == h[0].d0 && !rma_tie_worse(c, &h[0], &e)) continue;
+            rma_replace_top(c, h, m, e);
+            thr = h[0].d0;
+        }
+        return size;
+    }
+
+    /* The m nearest of n ids, nearest first, into h[0..m) (1 <= m <= n).
+       A plain scan admits about m*ln(n/m) ids into the heap, each a couple of branch
+       mispredictions. When n is large against m, a first pass over every 8th id gives
+       a threshold that, with high probability, a few times m ids pass: far fewer heap
+       operations (large n: the heap work is small next to the scan; no sample pass then,
+       as it would cost memory bandwidth). If fewer than m pass (unlucky sample), the plain scan runs: the result
+       is exact either way, since every id above the threshold is farther than every id
+       below it. */
     static void rma_select(const unsigned char *base, Py_ssize_t n, const unsigned char *tgt,
                            rma_ent *h, Py_ssize_t m) {
         rma_ctx c = {base, rma_load_be64(tgt + 8), rma_load_be32(tgt + 16)};
         uint64_t t0 = rma_load_be64(tgt);
-        const unsigned char *p = base;
-        Py_ssize_t i;
-        for (i = 0; i < m; i++, p += 20) {          /* the first m: plain heap pushes */
-            rma_ent e = {rma_load_be64(p) ^ t0, i};
-            Py_ssize_t pos = i;
-            while (pos > 0) {
-                Py_ssize_t parent = (pos - 1) >> 1;
-                if (!rma_worse(&c, &e, &h[parent])) break;
-                h[pos] = h[parent];
-                pos = parent;
-            }
-            h[pos] = e;
+        Py_ssize_t size = 0;
+        if (n >= 16 * m && n >= 128 && n <= 8192) {
+            Py_ssize_t j = (2 * m + 7) / 8 + 2;          /* j <= m+2, and n/8 >= 16 */
+            if (j > m) j = m;
+            if (rma_scan(&c, t0, n, 8, UINT64_MAX, h, j) == j)
+                size = rma_scan(&c, t0, n, 1, h[0].d0, h, m);
         }
-        for (; i < n; i++, p += 20) {                /* the rest: most fail one compare */
-            uint64_t d0 = rma_load_be64(p) ^ t0;
-            if (d0 > h[0].d0) continue;
-            rma_ent e = {d0, i};
-            /* equal first word: nearer only if the rest of the distance is smaller
-               (a later index never wins a full tie) */
-            if (d0 == h[0].d0 && !rma_tie_worse(&c, &h[0], &e)) continue;
-            rma_replace_top(&c, h, m, e);
-        }
+        if (size < m)
+            size = rma_scan(&c, t0, n, 1, UINT64_MAX, h, m);
         for (Py_ssize_t end = m - 1; end > 0; end--) {   /* heap sort: nearest first */
             rma_ent last = h[end];
             h[end] = h[0];

@@ -95,6 +95,22 @@ def test_all_equal_ids_tie_by_index(impl, fill, target):
     assert impl.k_closest(target, buf, 80) == list(range(50))
 
 
+@pytest.mark.parametrize("n", [128, 256, 1200, 8192])
+@pytest.mark.parametrize("near_every", [8, 7, 1000])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_layouts_that_defeat_a_sampled_threshold(impl, n, near_every, k):
+    """Ids every `near_every` positions are near the target, the rest far (and the other
+    way round): whatever a strided sample of the buffer suggests, the answer is exact."""
+    rnd = random.Random(n * 31 + near_every)
+    target = rnd.randbytes(20)
+    t = int.from_bytes(target, "big")
+    near = [(t ^ rnd.getrandbits(40)).to_bytes(20, "big") for _ in range(n)]
+    far = [(t ^ (rnd.getrandbits(159) | 1 << 159)).to_bytes(20, "big") for _ in range(n)]
+    for flip in (False, True):
+        buf = b"".join((near if (i % near_every == 0) != flip else far)[i] for i in range(n))
+        assert impl.k_closest(target, buf, k) == brute(target, buf, k)
+
+
 def test_target_equal_to_an_id_comes_first(impl):
     rnd = random.Random(7)
     ids = [rnd.randbytes(20) for _ in range(500)]
