@@ -3,8 +3,15 @@
     python3 bench/lookup.py [--workers 200] [--seconds 3] [--concurrency 4] [--json]
 
 One real agent process (``python -m agent run``, coordinator role, its own registry as its
-discovery fallback) on 127.0.0.1. ``--workers`` real signed records (distinct Ed25519
-identities) of service "bench" are registered through ``POST /api/services/register``.
+discovery fallback) on 127.0.0.1. Two services of ``--workers`` real signed records each
+(distinct Ed25519 identities):
+
+* "bench" is registered only through ``POST /api/services/register`` (the agent's DHT,
+  alone, holds no provider records for it: lookups fall back to the registry over HTTP);
+* "bench-dht" is announced into the DHT by 8 helper DHT nodes in this process that join
+  through the agent's UDP port (lookups are real DHT provider crawls; a crawl returns
+  the storing nodes' fair sample when a service has more workers than fit a datagram).
+
 Then, each phase bounded by ``--seconds`` and a request cap, from this process (aiohttp
 client, uvloop, ``--concurrency`` requests in flight):
 
@@ -12,9 +19,9 @@ client, uvloop, ``--concurrency`` requests in flight):
 * **cached** ``GET /api/services/bench`` — answered from the lookup cache, re-ranked
   (through ``_fast``) on every call, up to 50 workers in the JSON;
 * **uncached** the same with ``Cache-Control: no-cache``: every request queries the DHT
-  and, as the coordinator's DHT holds no provider records here, falls back to the
-  registry over HTTP and verifies every record — at concurrency 1 (each request pays a
-  full fetch) and at ``--concurrency`` (concurrent requests share one fetch).
+  and, for "bench", falls back to the registry over HTTP and verifies every record — at
+  concurrency 1 (each request pays a full fetch) and at ``--concurrency`` (concurrent
+  requests share one fetch); and "bench-dht" at concurrency 1 (a DHT crawl per request).
 
 Plus, in this process without HTTP: ``DiscoveryComponent.lookup`` on a cached service
 of the same size, against a baseline of ranking the same records as Python dicts.
@@ -67,20 +74,20 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def make_records(n: int, endpoint: str) -> list[WorkerRecord]:
+def make_records(n: int, endpoint: str, service: str = "bench") -> list[WorkerRecord]:
     rng = random.Random(4)
     out = []
     for i in range(n):
         gpu, mem = GPUS[i % len(GPUS)]
         cap = rng.choice([1, 2, 4, 8])
         out.append(WorkerRecord.create(
-            Identity.generate(), name=f"bench-{i}", services=("bench",), endpoint=endpoint,
+            Identity.generate(), name=f"{service}-{i}", services=(service,), endpoint=endpoint,
             gpu=gpu, gpu_memory_gb=mem, load=float(rng.randint(0, cap)), capacity=cap,
             region=REGIONS[i % len(REGIONS)], ttl=600))
     return out
 
 
-def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str, int]:
     http, udp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     url = f"http://127.0.0.1:{http}"
     cfg = tmp / "agent.toml"
@@ -109,7 +116,7 @@ level = "warning"
     while True:
         try:
             urllib.request.urlopen(url + "/readyz", timeout=1)
-            return proc, url
+            return proc, url, udp
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
@@ -129,6 +136,28 @@ async def register(url: str, records: list[WorkerRecord]) -> None:
                     raise SystemExit(f"register failed: HTTP {r.status} {await r.text()}")
 
         await asyncio.gather(*(one(r) for r in records))
+
+
+async def dht_helpers(agent_udp: int, records: list[WorkerRecord], n: int = 8) -> list[Any]:
+    """``n`` DHT nodes that join through the agent and announce ``records``."""
+    from agent.dht.server import DHTNode
+
+    nodes = []
+    for _ in range(n):
+        node = DHTNode(Identity.generate())
+        await node.listen(0, "127.0.0.1")
+        await node.bootstrap([("127.0.0.1", agent_udp)])
+        nodes.append(node)
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int, rec: WorkerRecord) -> int:
+        async with sem:
+            return int(await nodes[i % n].announce(rec))
+
+    stored = await asyncio.gather(*(one(i, r) for i, r in enumerate(records)))
+    if not all(stored):
+        raise SystemExit(f"DHT announce stored nothing for {stored.count(0)} records")
+    return nodes
 
 
 async def load(url: str, seconds: float, concurrency: int,
@@ -212,6 +241,37 @@ async def in_process(records: list[WorkerRecord], seconds: float) -> dict[str, A
     return {"component_per_s": ours, "dict_baseline_per_s": base}
 
 
+async def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    async with aiohttp.ClientSession(headers=headers) as s, s.get(url) as r:
+        return await r.json()
+
+
+async def phases(args: argparse.Namespace, url: str, udp: int, records: list[WorkerRecord],
+                 dht_records: list[WorkerRecord], res: dict[str, Any]) -> None:
+    await register(url, records)
+    nodes = await dht_helpers(udp, dht_records)
+    try:
+        lookup = f"{url}/api/services/bench"
+        first = await get_json(lookup)
+        res["answer"] = {"source": first["source"], "workers": len(first["workers"])}
+        nc = {"Cache-Control": "no-cache"}
+        first_dht = await get_json(f"{url}/api/services/bench-dht", nc)
+        res["answer_dht"] = {"source": first_dht["source"],
+                             "workers": len(first_dht["workers"])}
+        res["healthz"] = await load(url + "/healthz", args.seconds, args.concurrency)
+        res["cached"] = await load(lookup, args.seconds, args.concurrency)
+        res["uncached_c1"] = await load(lookup, args.seconds, 1, nc)
+        res["uncached"] = await load(lookup, args.seconds, args.concurrency, nc)
+        res["uncached_dht_c1"] = await load(f"{url}/api/services/bench-dht", args.seconds, 1,
+                                            nc)
+        stats = await get_json(url + "/api/dht/stats")
+        res["agent_stats"] = stats.get("discovery", {})
+        res["kernels"] = stats.get("kernels")
+    finally:
+        for node in nodes:
+            node.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=200)
@@ -224,24 +284,12 @@ def main() -> int:
         ap.error("--workers 1..1000, --seconds 0.2..30, --concurrency 1..256")
 
     tmp = Path(tempfile.mkdtemp(prefix="rma-bench-lookup-"))
-    proc, url = start_agent(tmp)
+    proc, url, udp = start_agent(tmp)
     res: dict[str, Any] = {"workers": args.workers}
     try:
         records = make_records(args.workers, url)
-        uvloop.run(register(url, records))
-        lookup = f"{url}/api/services/bench"
-        with urllib.request.urlopen(lookup, timeout=10) as r:
-            first = json.loads(r.read())
-        res["answer"] = {"source": first["source"], "workers": len(first["workers"])}
-        res["healthz"] = uvloop.run(load(url + "/healthz", args.seconds, args.concurrency))
-        res["cached"] = uvloop.run(load(lookup, args.seconds, args.concurrency))
-        nc = {"Cache-Control": "no-cache"}
-        res["uncached_c1"] = uvloop.run(load(lookup, args.seconds, 1, nc))
-        res["uncached"] = uvloop.run(load(lookup, args.seconds, args.concurrency, nc))
-        with urllib.request.urlopen(url + "/api/dht/stats", timeout=10) as r:
-            res["agent_stats"] = json.loads(r.read()).get("discovery", {})
-        res["kernels"] = json.loads(urllib.request.urlopen(url + "/api/dht/stats",
-                                                           timeout=10).read()).get("kernels")
+        dht_records = make_records(args.workers, url, "bench-dht")
+        uvloop.run(phases(args, url, udp, records, dht_records, res))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -258,16 +306,18 @@ def main() -> int:
     h = res["healthz"]
     print(f"lookup benchmark: {args.workers} workers (signed records in the agent's registry), "
           f"{args.seconds:g} s per phase, kernels={res['kernels']}, cpus={os.cpu_count()}")
-    print(f"first answer: source={res['answer']['source']}, "
-          f"{res['answer']['workers']} workers returned")
-    print(f"{'phase':<34}{'req':>8}{'lookups/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"first answers: bench source={res['answer']['source']} "
+          f"({res['answer']['workers']} workers returned); bench-dht "
+          f"source={res['answer_dht']['source']} ({res['answer_dht']['workers']} returned)")
+    print(f"{'phase':<38}{'req':>8}{'lookups/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'vs healthz':>12}")
     for key, label in (("healthz", "baseline GET /healthz"),
                        ("cached", "cached lookup"),
                        ("uncached_c1", "uncached (no-cache), 1 in flight"),
-                       ("uncached", f"uncached (no-cache), {args.concurrency} in flight")):
+                       ("uncached", f"uncached (no-cache), {args.concurrency} in flight"),
+                       ("uncached_dht_c1", "uncached via DHT crawl, 1 in flight")):
         r = res[key]
-        print(f"{label:<34}{r['requests']:>8}{r['per_s']:>11.0f}{r['p50_ms']:>9.2f}"
+        print(f"{label:<38}{r['requests']:>8}{r['per_s']:>11.0f}{r['p50_ms']:>9.2f}"
               f"{r['p99_ms']:>9.2f}{r['per_s'] / h['per_s']:>11.2f}x"
               + (f"  errors={r['errors']}" if r["errors"] else ""))
     c = res["cached"]
