@@ -200,26 +200,25 @@ class DHTComponent(Component):
         self._rejoin = False
         seeds = await self._gather_seeds()
         self._seed_count = len(seeds)
-        self._attempts += 1
         if not seeds:
             # Nothing to dial; peers that contact us (we are a seed) still make us joined.
             self._unreachable = 0
+            self._attempts += 1
             self._set_joined(self.peers() > 0, "(contacted by peers)")
             return
         if not self._mode_decided:
             await self._decide_mode(seeds)
         try:
-            answered = await asyncio.wait_for(self.node.bootstrap(seeds), timeout=JOIN_TIMEOUT)
+            await asyncio.wait_for(self.node.bootstrap(seeds), timeout=JOIN_TIMEOUT)
         except TimeoutError:
-            answered = 0
             self._last_join_error = "bootstrap timed out"
-        answered = int(answered or 0)
         peers = self.peers()
-        self._unreachable = max(0, len(seeds) - answered) if peers == 0 else max(
-            0, len(seeds) - max(answered, 1))
-        if peers == 0 and self._unreachable == 0:
-            self._unreachable = len(seeds)
-        self._set_joined(peers > 0, f"via {answered}/{len(seeds)} seeds")
+        # bootstrap() pings every seed: with no contact afterwards, none of them answered
+        self._unreachable = 0 if peers else len(seeds)
+        self._attempts += 1     # counted once the outcome is known (readiness reads both)
+        src = (f"{len(seeds)} seeds, {self._snapshot_seeds} from the routing snapshot"
+               if self._snapshot_seeds else f"{len(seeds)} seeds")
+        self._set_joined(peers > 0, f"via {src}")
 
     def _set_joined(self, joined: bool, how: str) -> None:
         if joined and not self.joined:

@@ -34,8 +34,11 @@ def test_unreachable_worker_registers_with_coordinator(tmp_path) -> None:
         cl.wait_ready(peer)
         cl.wait_healthy(lone)
 
-        status, body = lone.get("/readyz")
-        assert status == 503 and "unreachable" in body["error"], body
+        def says_unreachable() -> bool:
+            status, body = lone.get("/readyz")
+            assert status == 503, body
+            return "dht: joining, 1 seeds unreachable" in body["error"]
+        wait_until(says_unreachable, 10, "the lone worker to report its dead seed")
 
         def registered() -> bool:
             status, body = c1.get("/api/registry/ocr")

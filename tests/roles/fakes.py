@@ -62,10 +62,10 @@ class FakeDHT:
 
 
 class FakeAgent:
-    def __init__(self, config: Config, dht: FakeDHT) -> None:
+    def __init__(self, config: Config, dht: FakeDHT | None = None) -> None:
         self.config = config
         self.registry = CollectorRegistry()
-        self.components: list[Any] = [dht]
+        self.components: list[Any] = [dht] if dht is not None else []
         self._subs: dict[str, list[Callable[[Any], Any]]] = defaultdict(list)
         self.status_changes = 0
 

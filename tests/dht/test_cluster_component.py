@@ -1,0 +1,150 @@
+"""DHTComponent in process, on real UDP sockets (127.0.0.1, ephemeral ports):
+readiness reasons, joining, snapshot seeds, reload, stats and Prometheus output."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from agent.config import Address
+from agent.dht import bootstrap as seeds_mod
+from agent.dht.component import DHTComponent, probe_reachable
+from agent.dht.record import WorkerRecord
+from tests.cluster import free_udp_port
+from tests.roles.fakes import FakeAgent, make_config
+
+
+async def _until(pred: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def _component(tmp_path, name: str, role: str = "worker", seeds: tuple[str, ...] = (),
+               mode: str = "server") -> DHTComponent:
+    cfg = make_config(tmp_path / name, role,
+                      dht={"listen": Address("127.0.0.1", 0), "bootstrap": seeds, "mode": mode})
+    cfg = dataclasses.replace(cfg, source=tmp_path / name / "agent.toml")
+    agent = FakeAgent(cfg)
+    comp = DHTComponent(agent)  # type: ignore[arg-type]
+    agent.components.append(comp)
+    return comp
+
+
+def _seed(c: DHTComponent) -> str:
+    assert c.node is not None
+    return f"127.0.0.1:{c.node.port}"
+
+
+async def test_readiness_reasons(tmp_path) -> None:
+    lone = _component(tmp_path, "lone")
+    first = _component(tmp_path, "first", role="coordinator")
+    dead = _component(tmp_path, "dead", seeds=(f"127.0.0.1:{free_udp_port('127.0.0.1')}",
+                                               "no-such-host.invalid:1"))
+    for c in (lone, first, dead):
+        await c.start()
+    try:
+        ok, why = lone.ready()
+        assert not ok and "no bootstrap seeds configured" in why
+        assert str(tmp_path / "lone" / "agent.toml") in why       # says which file to edit
+        assert first.ready() == (True, "")                        # first seed of a network
+        assert first.status() == "peers=0"
+        await _until(lambda: dead.stats()["seeds"]["attempts"] >= 1)
+        ok, why = dead.ready()
+        assert not ok and why == "dht: joining, 1 seeds unreachable"
+        failures = dead.stats()["seeds"]["failures"]
+        assert len(failures) == 1 and "no-such-host.invalid" in failures[0]
+    finally:
+        for c in (lone, first, dead):
+            await c.stop()
+
+
+async def test_join_announce_lookup_stats_metrics(tmp_path) -> None:
+    a = _component(tmp_path, "a", role="coordinator")
+    await a.start()
+    b = _component(tmp_path, "b", seeds=(_seed(a),))
+    c = _component(tmp_path, "c", seeds=(_seed(a),), mode="client")
+    await b.start()
+    await c.start()
+    try:
+        await _until(lambda: b.joined and c.joined)
+        assert b.ready() == (True, "") and b.status() == "peers=1"   # a only: c is a client
+        assert c.status().endswith("(client)")
+        rec = WorkerRecord.create(c.identity, name="c", services=["ocr"], endpoint="https://c",
+                                  gpu="T4", gpu_memory_gb=16.0, load=0.0, capacity=1,
+                                  region="", ttl=30)
+        assert await c.announce(rec) > 0
+        found = await b.find_providers("ocr")
+        assert [r.worker_id for r in found] == [c.identity.node_id]
+        assert await a.find_providers("nothing-here") == []
+        st = b.stats()
+        assert st["node_id"] == b.identity.node_id.hex() and st["mode"] == "server"
+        assert st["peers"] == 1 and st["lookups"]["total"] == 1 and st["lookups"]["hits"] == 1
+        assert a.stats()["records_stored"] >= 1
+        text = generate_latest(a.agent.registry).decode()   # type: ignore[attr-defined]
+        for name in ("rma_agent_dht_peers 1.0", "rma_agent_dht_records ",
+                     'rma_agent_dht_mode{mode="server"} 1.0', "rma_agent_dht_lookup_seconds_count",
+                     'rma_agent_dht_rpc_received_total{rpc="ping"}'):
+            assert name in text, name
+        assert 'rma_agent_dht_lookup_seconds_count 1.0' in generate_latest(
+            b.agent.registry).decode()  # type: ignore[attr-defined]
+    finally:
+        for x in (c, b, a):
+            await x.stop()
+
+
+async def test_rejoins_from_snapshot_and_on_reload(tmp_path, caplog) -> None:
+    a = _component(tmp_path, "a", role="coordinator")
+    await a.start()
+    # b: no configured seeds, but a routing snapshot naming a
+    b = _component(tmp_path, "b", role="coordinator")
+    seeds_mod.save_snapshot(b.agent.config.agent.state_dir, "00" * 20,
+                            [("11" * 20, "127.0.0.1", a.node.port)])  # type: ignore[union-attr]
+    # c: a dead seed first, then a reload gives it a live one
+    c = _component(tmp_path, "c", seeds=(f"127.0.0.1:{free_udp_port('127.0.0.1')}",))
+    await b.start()
+    await c.start()
+    try:
+        await _until(lambda: b.joined)
+        assert b.stats()["seeds"]["from_snapshot"] == 1
+        await _until(lambda: c.stats()["seeds"]["attempts"] >= 1)
+        assert not c.joined
+        old = c.agent.config
+        new = dataclasses.replace(old, dht=dataclasses.replace(
+            old.dht, bootstrap=(_seed(a),), ksize=8))
+        c.agent.config = new
+        with caplog.at_level(logging.INFO, logger="rma_agent.dht"):
+            await c.reload(old, new)
+            await _until(lambda: c.joined, 3.0)     # at once, not after the backoff
+        assert "apply on restart" in caplog.text and "ksize" in caplog.text
+        assert "rejoining" in caplog.text
+    finally:
+        for x in (c, b, a):
+            await x.stop()
+
+
+async def test_reachability_probe(tmp_path) -> None:
+    a = _component(tmp_path, "a", role="coordinator")
+    b = _component(tmp_path, "b")
+    await a.start()
+    await b.start()
+    try:
+        assert a.node is not None and b.node is not None
+        # b's DHT port answers pings: reachable
+        assert await probe_reachable(("127.0.0.1", a.node.port), b.node.port, "127.0.0.1") is True
+        # nothing listens on this port: the seed answers "not reachable"
+        closed = free_udp_port("127.0.0.1")
+        assert await probe_reachable(("127.0.0.1", a.node.port), closed, "127.0.0.1") is False
+        # the "seed" itself is dead: no verdict at all
+        assert await probe_reachable(("127.0.0.1", closed), b.node.port, "127.0.0.1",
+                                     timeout=0.5) is None
+    finally:
+        await b.stop()
+        await a.stop()
