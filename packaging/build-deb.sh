@@ -103,6 +103,9 @@ if impl != "cython":
     sys.exit(f"build: _fast is {impl!r}: {getattr(_fast, 'FALLBACK_REASON', '')}")
 PY
 /opt/rma-agent/bin/rma-agent --version
+# Record what is bundled (name==version), for audits and security updates.
+/opt/rma-agent/bin/pip freeze --all --exclude pip --exclude setuptools \
+    | sed "s|^rma-agent @ .*|rma-agent (this package)|" > /src/.bundled
 # pip and setuptools are build tools, not runtime ones: the package is upgraded as a
 # whole by dpkg, never by pip inside it.
 /opt/rma-agent/bin/pip uninstall --quiet -y pip setuptools
@@ -157,6 +160,10 @@ install -m 0644 "$here/debian/default" "$pkg/etc/default/rma-agent"
 install -m 0644 "$here/debian/copyright" "$pkg/usr/share/doc/rma-agent/copyright"
 install -m 0644 "$here/debian/README.Debian" "$pkg/usr/share/doc/rma-agent/README.Debian"
 gzip -9n < "$here/debian/changelog" > "$pkg/usr/share/doc/rma-agent/changelog.Debian.gz"
+install -m 0644 "$work/src/.bundled" "$pkg/usr/share/doc/rma-agent/bundled-python-packages.txt"
+install -d "$pkg/usr/share/man/man1"
+gzip -9n < "$here/debian/rma-agent.1" > "$pkg/usr/share/man/man1/rma-agent.1.gz"
+chmod 0644 "$pkg/usr/share/man/man1/rma-agent.1.gz"
 install -m 0644 "$here/debian/lintian-overrides" "$pkg/usr/share/lintian/overrides/rma-agent"
 for s in postinst prerm postrm; do install -m 0755 "$here/debian/$s" "$pkg/DEBIAN/$s"; done
 install -m 0644 "$here/debian/conffiles" "$pkg/DEBIAN/conffiles"
