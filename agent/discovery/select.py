@@ -158,7 +158,6 @@ class CandidateSet:
         self._zeros = bytearray(n)
         self._filter_memo: dict[tuple[str | None, str | None, float | None], bytearray] = {}
         self._region_memo: dict[str, bytearray] = {}
-        self._answer_memo: dict[Query, Any] = {}
         self._scorer = scorer
         self._lat_version = -1
         self._lat = array("d", [UNKNOWN_LATENCY]) * n
@@ -260,15 +259,6 @@ class CandidateSet:
         if rng is not None:
             ranked = pick_first(ranked, rng)
         return ranked[:q.limit]
-
-    def memo_get(self, q: Query) -> Any:
-        return self._answer_memo.get(q)
-
-    def memo_put(self, q: Query, value: Any) -> None:
-        """Remember a rendered answer for ``q`` (bounded; the service decides validity)."""
-        if len(self._answer_memo) >= self._MEMO_MAX:
-            self._answer_memo.clear()
-        self._answer_memo[q] = value
 
     def view(self, i: int, now: float, score: float) -> dict[str, Any]:
         """The API's JSON object for record ``i``."""

@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,7 @@ LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
                   0.5, 1.0, 2.5, 5.0)
 SOURCES = ("cache", "dht", "coordinator")
 RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
+RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
 
 
 @dataclass
@@ -100,6 +101,7 @@ class LookupResult:
 class _Ranked:
     """A rendered deterministic ranking (see ``DiscoveryComponent._ranked_answer``)."""
 
+    cs: CandidateSet                  # what it was computed from (entries get replaced)
     since: float
     until: float
     version: int
@@ -182,6 +184,7 @@ class DiscoveryComponent(Component):
         # plain counters for stats() (prometheus objects are awkward to read back)
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
+        self._memo: OrderedDict[tuple[str, Query], _Ranked] = OrderedDict()
 
     # ------------------------------------------------------------------ config
     @property
@@ -266,17 +269,22 @@ class DiscoveryComponent(Component):
         """
         tracker = self.tracker
         tracker.current_bans(now)            # ends finished back-offs (bumps the version)
-        memo = cs.memo_get(q)
-        if memo is not None and memo.version == tracker.version and now < memo.until \
-                and now >= memo.since:
+        key = (cs.service, q)
+        memo = self._memo.get(key)
+        if memo is not None and memo.cs is cs and memo.version == tracker.version \
+                and memo.since <= now < memo.until:
             return memo
         pairs = cs.ranked(now, q, tracker, self.weights)
         views = [cs.view(i, now, score) for i, score in pairs]
         memo = _Ranked(
-            since=now, until=min(now + RANK_MEMO_S, cs.fresh_until), version=tracker.version,
-            views=views, fragments=[_dumps(v).encode() for v in views],
+            cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
+            version=tracker.version, views=views,
+            fragments=[_dumps(v).encode() for v in views],
             probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
-        cs.memo_put(q, memo)
+        self._memo[key] = memo
+        self._memo.move_to_end(key)
+        while len(self._memo) > RANK_MEMO_MAX:
+            self._memo.popitem(last=False)
         return memo
 
     async def _entry(self, service: str, fresh: bool = False) -> tuple[CacheEntry, str]:
