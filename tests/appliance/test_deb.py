@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-pytestmark = [pytest.mark.slow]
+# Marked nspawn too: building the package needs the same root + debootstrap'd bookworm
+# chroot as the booted test, so `-m "not nspawn"` runs skip the build as well.
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
 
 def listing(deb) -> dict[str, str]:
