@@ -52,6 +52,11 @@ mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/debian.sources
 mirror=${mirror:-http://deb.debian.org/debian}
 case "$mirror" in *security*) mirror=http://deb.debian.org/debian ;; esac
 
+# Never rm -rf through a mount (an interrupted debootstrap can leave proc/sys mounted).
+if awk -v d="$dir/" 'index($5 "/", d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+    echo "rootfs.sh: something is mounted under $dir; unmount it (umount -R) and retry" >&2
+    exit 1
+fi
 rm -rf "$dir"
 echo "rootfs.sh: debootstrap $suite ($kind) into $dir from $mirror" >&2
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$dir" "$mirror" >"$cache/debootstrap-$kind.log" 2>&1 || {
