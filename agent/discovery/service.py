@@ -390,10 +390,16 @@ class DiscoveryComponent(Component):
                     allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                body = await resp.content.read(MAX_REGISTRY_BYTES + 1)
-                if len(body) > MAX_REGISTRY_BYTES:
+                if (resp.content_length or 0) > MAX_REGISTRY_BYTES:
                     raise ValueError("answer too large")
-                data = _json_loads(body)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_REGISTRY_BYTES:
+                        raise ValueError("answer too large")
+                    chunks.append(chunk)
+                data = _json_loads(b"".join(chunks))
         except asyncio.CancelledError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:

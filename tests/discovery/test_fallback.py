@@ -242,3 +242,19 @@ def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinato
         assert stats["discovery"]["fallbacks"] >= 1 and stats["joined"] is False
     finally:
         stop_process(proc)
+
+
+async def test_large_registry_answer_is_read_whole():
+    """1000 records (~460 KB of JSON, many TCP chunks) all arrive and verify."""
+    async with Registry() as reg:
+        ident_records = [make_record(name=f"w{i}", endpoint=reg.url) for i in range(1000)]
+        reg.records = [r.encode() for r in ident_records]
+        _agent, comp, _ = make_discovery(with_dht=False, coordinators=[reg.url],
+                                         max_results=1000)
+        await comp.start()
+        try:
+            res = await comp.lookup("ocr")
+            assert res.source == "coordinator" and res.candidates == 1000
+            assert len(res.workers) == 1000
+        finally:
+            await comp.stop()
