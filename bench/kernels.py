@@ -11,8 +11,9 @@ Prints, all measured in this run:
   true k closest);
 * worker scoring + top-3 for 50, 2k and 100k workers: ns per record, compiled vs twin.
 
-Each figure is the best of several timed repeats; the twin gets fewer repeats at large n
-to keep the whole run bounded. Targets (issue 5) are shown next to the figures.
+Each figure is the best of several timed batches; the things compared are timed in turn
+within each round so that load from other processes hits them alike. The twin gets a
+smaller time budget at large n to keep the whole run bounded. Targets (issue 5) are shown next to the figures.
 """
 
 from __future__ import annotations
@@ -33,34 +34,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _fast
 from agent.dht.routing import RoutingTable, brute_force_neighbors
 
-BUDGET_S = 0.15  # per figure (compiled); the twin is capped separately
+BUDGET_S = 0.3  # per figure (compiled); the twin is capped separately
+ROUNDS = 7
 
 
-def best_time(fn: Callable[[], object], budget_s: float = BUDGET_S, repeats: int = 5,
-              max_loops: int = 1_000_000) -> float:
-    """Seconds per call: the best of ``repeats`` timed batches sized to ``budget_s``."""
+def _calibrate(fn: Callable[[], object], batch_s: float, max_loops: int = 1_000_000) -> int:
     fn()  # warm up
     loops = 1
     while loops < max_loops:
         t0 = time.perf_counter()
         for _ in range(loops):
             fn()
-        if time.perf_counter() - t0 > budget_s / repeats / 4:
+        if time.perf_counter() - t0 > batch_s / 4:
             break
         loops *= 4
-    best = float("inf")
+    return loops
+
+
+def best_times(fns: list[Callable[[], object]], budgets: list[float],
+               rounds: int = ROUNDS) -> list[float]:
+    """Seconds per call of each function: the best batch over ``rounds`` rounds.
+
+    The functions are timed in turn within each round, so a burst of load from other
+    processes (this machine is shared) hits the things being compared alike.
+    """
+    loops = [_calibrate(fn, budget / rounds) for fn, budget in zip(fns, budgets, strict=True)]
+    best = [float("inf")] * len(fns)
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(loops):
-                fn()
-            best = min(best, (time.perf_counter() - t0) / loops)
+        for _ in range(rounds):
+            for j, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                for _ in range(loops[j]):
+                    fn()
+                best[j] = min(best[j], (time.perf_counter() - t0) / loops[j])
     finally:
         if gc_was:
             gc.enable()
     return best
+
+
+def best_time(fn: Callable[[], object], budget_s: float = BUDGET_S,
+              rounds: int = ROUNDS) -> float:
+    return best_times([fn], [budget_s], rounds)[0]
 
 
 def verdict(ok: bool) -> str:
@@ -74,9 +91,10 @@ def bench_xor(rnd: random.Random, fast) -> None:
         ids = rnd.randbytes(20 * n)
         target = rnd.randbytes(20)
         assert fast.k_closest(target, ids, 20) == _fast.pure.k_closest(target, ids, 20)
-        tc = best_time(lambda ids=ids, t=target: fast.k_closest(t, ids, 20))
-        tp = best_time(lambda ids=ids, t=target: _fast.pure.k_closest(t, ids, 20),
-                       budget_s=0.6 if n < 200_000 else 1.5, repeats=3)
+        tc, tp = best_times(
+            [lambda ids=ids, t=target: fast.k_closest(t, ids, 20),
+             lambda ids=ids, t=target: _fast.pure.k_closest(t, ids, 20)],
+            [BUDGET_S, 0.6 if n < 200_000 else 1.5], rounds=5)
         ratio = tp / tc
         goals = []
         if n >= 2_000:
@@ -86,8 +104,9 @@ def bench_xor(rnd: random.Random, fast) -> None:
         print(f"{n:>8} {tc / n * 1e9:>15.2f} {tp / n * 1e9:>11.1f} {ratio:>7.1f}x  {', '.join(goals)}")
     ids = rnd.randbytes(20 * 20)
     target = rnd.randbytes(20)
-    per_call = best_time(lambda: fast.k_closest(target, ids, 20)) * 1e6
-    twin_call = best_time(lambda: _fast.pure.k_closest(target, ids, 20)) * 1e6
+    per_call, twin_call = (x * 1e6 for x in best_times(
+        [lambda: fast.k_closest(target, ids, 20), lambda: _fast.pure.k_closest(target, ids, 20)],
+        [BUDGET_S, BUDGET_S]))
     print(f"per call at n = 20: {per_call:.3f} µs (twin {twin_call:.2f} µs, "
           f"{twin_call / per_call:.0f}x)  target <= 1 µs {verdict(per_call <= 1.0)}")
 
@@ -129,16 +148,18 @@ def bench_routing(rnd: random.Random, fast) -> None:
             theirs = [n.id for n in kad.find_neighbors(t)]
             wrong += theirs != exact
             short += len(theirs) < 20
-        t_iter = iter(targets * 10_000)
-        t_ours = best_time(lambda: ours.find_neighbors(next(t_iter)))
-        t_iter = iter(targets * 10_000)
-        t_kad = best_time(lambda: kad.find_neighbors(next(t_iter)))
+        it_ours = iter(targets * 20_000)
+        it_kad = iter(targets * 20_000)
         excl = contacts[0]
-        t_excl = best_time(lambda: ours.find_neighbors(excl, exclude=excl))
+        t_ours, t_kad, t_excl = best_times(
+            [lambda: ours.find_neighbors(next(it_ours)),
+             lambda: kad.find_neighbors(next(it_kad)),
+             lambda: ours.find_neighbors(excl, exclude=excl)],
+            [BUDGET_S, BUDGET_S, BUDGET_S])
         _fast.k_closest, _fast.k_closest_items = _fast.pure.k_closest, _fast.pure.k_closest_items
         try:
             t_iter = iter(targets * 10_000)
-            t_twin = best_time(lambda: ours.find_neighbors(next(t_iter)), repeats=3)
+            t_twin = best_time(lambda: ours.find_neighbors(next(t_iter)), rounds=3)
         finally:
             _fast.k_closest, _fast.k_closest_items = fast.k_closest, fast.k_closest_items
         print(f"ours (exact, {fast.name} kernel): {t_ours * 1e6:7.2f} µs/call   "
@@ -173,9 +194,10 @@ def bench_score(rnd: random.Random, fast) -> None:
         bufs = workers(rnd, n)
         want = _fast.pure.score_rank(*bufs, weights, 300.0, 3)
         assert fast.score_rank(*bufs, weights, 300.0, 3) == want
-        tc = best_time(lambda b=bufs: fast.score_rank(*b, weights, 300.0, 3))
-        tp = best_time(lambda b=bufs: _fast.pure.score_rank(*b, weights, 300.0, 3),
-                       budget_s=0.6 if n < 100_000 else 1.5, repeats=3)
+        tc, tp = best_times(
+            [lambda b=bufs: fast.score_rank(*b, weights, 300.0, 3),
+             lambda b=bufs: _fast.pure.score_rank(*b, weights, 300.0, 3)],
+            [BUDGET_S, 0.6 if n < 100_000 else 1.5], rounds=5)
         ratio = tp / tc
         goal = f">=30x {verdict(ratio >= 30)}" if n == 100_000 else ""
         print(f"{n:>8} {tc / n * 1e9:>16.2f} {tp / n * 1e9:>12.1f} {ratio:>7.1f}x  {goal}")
