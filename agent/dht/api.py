@@ -15,17 +15,17 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from agent.dht.record import ALL_SERVICES, valid_service_name
+
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
 
 MAX_SEEDS = 20
-SERVICE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 
 
 def _fmt(ip: str, port: int) -> str:
@@ -49,7 +49,28 @@ def _own_seed(dht: DHTComponent, request: web.Request) -> str | None:
         if not sock:
             return None
         host = str(sock[0])
+    if _is_loopback(host) and not _is_loopback(_caller(request)):
+        # Reached through a proxy or tunnel (the HTTP port is on loopback by default): a
+        # loopback seed would point the caller at itself. Contacts are still listed.
+        return None
     return _fmt(host, listen.port)
+
+
+def _caller(request: web.Request) -> str:
+    """The original caller's address: cloudflared and proxies connect from loopback and
+    name the caller in a header."""
+    for header in ("CF-Connecting-IP", "X-Forwarded-For", "X-Real-IP"):
+        value = request.headers.get(header)
+        if value:
+            return value.split(",")[0].strip()
+    return request.remote or ""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def add_routes(app: web.Application, dht: DHTComponent) -> None:
@@ -81,10 +102,10 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
 
     async def providers(request: web.Request) -> web.Response:
         service = request.match_info["service"]
-        if not SERVICE_RE.match(service):
+        if not (service == ALL_SERVICES or valid_service_name(service)):
             return web.json_response(
                 {"error": f"bad service name {service!r}: letters, digits, '.', '_', '-' "
-                          "(max 64), or '*'"}, status=400)
+                          "(max 63), or '*'"}, status=400)
         t0 = time.perf_counter()
         records = await dht.find_providers(service)
         elapsed = time.perf_counter() - t0

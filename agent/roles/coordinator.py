@@ -21,7 +21,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ from aiohttp import web
 
 from agent.component import Component
 from agent.dht import bootstrap as seeds_mod
-from agent.dht.record import ALL_SERVICES, RecordError, WorkerRecord
+from agent.dht.record import ALL_SERVICES, RecordError, WorkerRecord, valid_service_name
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
@@ -42,7 +41,6 @@ REGISTRY_MAX = 10_000        # workers kept; the soonest-expiring go first when 
 MAX_B64 = 16 * 1024          # a record is well under 8 KiB; anything bigger is abuse
 MAX_BODY = 64 * 1024
 REPUBLISH_TIMEOUT = 5.0
-SERVICE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -216,7 +214,7 @@ class CoordinatorRole(Component):
 
     async def _registry_get(self, request: web.Request) -> web.Response:
         service = request.match_info["service"]
-        if not SERVICE_RE.match(service):
+        if not (service == ALL_SERVICES or valid_service_name(service)):
             return _error(400, f"bad service name {service!r}")
         now = time.time()
         self._expire(now)

@@ -148,3 +148,32 @@ async def test_reachability_probe(tmp_path) -> None:
     finally:
         await b.stop()
         await a.stop()
+
+
+def test_bootstrap_route_never_advertises_loopback_to_remote_callers(tmp_path) -> None:
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from agent.dht import api
+
+    comp = _component(tmp_path, "x", role="coordinator")
+    comp.node = mock.Mock()          # only "started" matters here
+    comp.agent.config = dataclasses.replace(comp.agent.config, dht=dataclasses.replace(
+        comp.agent.config.dht, listen=Address("0.0.0.0", 8468)))
+
+    def request(local: str, remote: str, headers: dict[str, str] | None = None) -> Any:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda k, d=None: {
+            "sockname": (local, 8080), "peername": (remote, 5555)}.get(k, d)
+        return make_mocked_request("GET", "/api/dht/bootstrap", transport=transport,
+                                   headers=headers)
+
+    assert api._own_seed(comp, request("192.0.2.7", "198.51.100.1")) == "192.0.2.7:8468"
+    assert api._own_seed(comp, request("127.0.0.1", "127.0.0.1")) == "127.0.0.1:8468"
+    # through a tunnel/proxy to a loopback HTTP port: no self-pointing seed
+    assert api._own_seed(comp, request("127.0.0.1", "198.51.100.1")) is None
+    assert api._own_seed(comp, request("127.0.0.1", "127.0.0.1",
+                                       {"CF-Connecting-IP": "198.51.100.1"})) is None
+    comp.mode = "client"
+    assert api._own_seed(comp, request("192.0.2.7", "198.51.100.1")) is None
