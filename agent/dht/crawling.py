@@ -4,10 +4,15 @@ kademlia's crawl works in lock-step rounds (a slow or dead peer stalls the round
 full RPC timeout), keeps candidates in an O(n²) ``NodeHeap``, and its value crawl stops at
 the first node holding a value. ``Crawl`` here is event-driven:
 
-* up to ``alpha`` requests are in flight; whenever one completes (answer or adaptive
-  timeout) the next closest unqueried candidate is asked at once, so a dead peer only
-  occupies one slot for one RTO (tens of milliseconds on a LAN) instead of stalling;
+* up to ``alpha`` requests are active; whenever one completes the next closest
+  unqueried candidate is asked at once. A request slower than three recent RTTs
+  (``_hedge_delay``, 3-100 ms) is *hedged*: it stops counting against
+  ``alpha`` and stops holding the ``width`` window, so the next candidate is asked, while a
+  late answer is still used. A dead peer therefore costs a lookup about one hedge delay
+  (milliseconds on a LAN), not an RPC timeout (5 s in plain kademlia);
 * candidates are ordered by exact XOR distance (Python ints, sorted insertion);
+* once ``alpha`` answers in a row brought no new candidate into the closest ``width``,
+  the remaining closest candidates are all asked at once (the paper's final round);
 * peers that failed recently (``protocol.is_suspect``) are skipped — other nodes keep
   returning a dead contact until their own timeouts remove it;
 * it ends when the ``width`` closest non-failed candidates have all answered, or when no
@@ -30,14 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 from kademlia.node import Node
 
-from agent.dht.protocol import parse_nodes
+from agent.dht.protocol import MAX_NODES_IN_ANSWER, parse_nodes
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 
 if TYPE_CHECKING:
     from agent.dht.protocol import RMAProtocol
 
-NEW, INFLIGHT, ANSWERED, FAILED = 0, 1, 2, 3
+NEW, INFLIGHT, ANSWERED, FAILED, HEDGED = 0, 1, 2, 3, 4
 MAX_RECORDS_PER_ANSWER = 64
+HEDGE_MIN = 0.003
+HEDGE_MAX = 0.1
 
 
 class Crawl:
@@ -56,6 +63,9 @@ class Crawl:
         self.queried = 0
         self.answered = 0
         self.failed = 0
+        self.hedged = 0
+        self._improved = False
+        self._stall = 0
         self._self_id = protocol.source_node.id
         self._tasks: set[asyncio.Task[None]] = set()
         for n in peers:
@@ -67,7 +77,11 @@ class Crawl:
             return
         self.state[nid] = NEW
         self.nodes[nid] = node
-        bisect.insort(self.order, (node.long_id ^ self.tlong, nid))
+        item = (node.long_id ^ self.tlong, nid)
+        pos = bisect.bisect(self.order, item)
+        self.order.insert(pos, item)
+        if pos < self.width:
+            self._improved = True
 
     def add_triples(self, triples: list[tuple[bytes, str, int]]) -> None:
         is_suspect = self.protocol.is_suspect
@@ -82,65 +96,105 @@ class Crawl:
     def _on_answer(self, node: Node, data: Any) -> None:
         raise NotImplementedError
 
-    async def _query(self, node: Node, done: asyncio.Queue[tuple[Node, tuple[bool, Any]]]) -> None:
+    async def _query(self, node: Node, done: asyncio.Queue[tuple[Node | None, Any]]) -> None:
         try:
             result = await self._rpc(node)
         except Exception:  # never let one peer's problem end the crawl
             result = (False, None)
         done.put_nowait((node, result))
 
+    def _hedge_delay(self) -> float:
+        """How long to wait on a peer before also asking the next candidate: three times
+        the node's fast-moving RTT average (gain 1/2), within [3 ms, 100 ms]. Evaluated
+        again at every event, so once a burst of load is over, a request already in
+        flight is hedged on the new, shorter delay."""
+        fast = self.protocol.fast_rtt
+        if fast is None:
+            return HEDGE_MAX
+        return min(HEDGE_MAX, max(HEDGE_MIN, 3 * fast))
+
+    def _finish(self, node: Node, result: tuple[bool, Any]) -> None:
+        ok, data = result
+        if ok:
+            self.state[node.id] = ANSWERED
+            self.answered += 1
+            try:
+                self._on_answer(node, data)
+            except Exception:
+                self.protocol.drops["bad_answer"] += 1
+        else:
+            self.state[node.id] = FAILED
+            self.failed += 1
+
     async def run(self) -> None:
-        done: asyncio.Queue[tuple[Node, tuple[bool, Any]]] = asyncio.Queue()
-        inflight = 0
+        """Keep ``alpha`` requests active; a request slower than the hedge delay stops
+        counting (the next candidate is asked) but its late answer is still used."""
+        done: asyncio.Queue[tuple[Node | None, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         state = self.state
-        while True:
-            seen = 0
-            answered = 0
-            for _dist, nid in self.order:
-                st = state[nid]
-                if st == FAILED:
-                    continue
-                seen += 1
-                if st == ANSWERED:
-                    answered += 1
-                elif st == NEW and inflight < self.alpha:
-                    state[nid] = INFLIGHT
-                    inflight += 1
-                    self.queried += 1
-                    task = loop.create_task(self._query(self.nodes[nid], done))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                if seen >= self.width:
-                    break
-            if answered >= self.width or inflight == 0:
-                return
-            node, (ok, data) = await done.get()
-            inflight -= 1
-            if ok:
-                state[node.id] = ANSWERED
-                self.answered += 1
-                try:
-                    self._on_answer(node, data)
-                except Exception:
-                    self.protocol.drops["bad_answer"] += 1
-            else:
-                state[node.id] = FAILED
-                self.failed += 1
-            # drain whatever else completed meanwhile without another loop pass
-            while not done.empty():
-                node, (ok, data) = done.get_nowait()
-                inflight -= 1
-                if ok:
-                    state[node.id] = ANSWERED
-                    self.answered += 1
-                    try:
-                        self._on_answer(node, data)
-                    except Exception:
-                        self.protocol.drops["bad_answer"] += 1
-                else:
-                    state[node.id] = FAILED
-                    self.failed += 1
+        launched: dict[bytes, float] = {}  # active (sent, unfinished, not hedged) -> sent at
+        outstanding = 0                    # sent, unfinished (hedged ones included)
+        tick: asyncio.TimerHandle | None = None
+        try:
+            while True:
+                now = loop.time()
+                hedge = self._hedge_delay()
+                # at most alpha hedged requests at a time: under overload (every reply
+                # slow) hedging must not multiply the traffic
+                for nid in [n for n, t0 in launched.items() if now - t0 >= hedge]:
+                    if outstanding - len(launched) >= self.alpha:
+                        break
+                    del launched[nid]
+                    state[nid] = HEDGED
+                    self.hedged += 1
+                # converged (the last alpha answers brought nothing into the closest
+                # ``width``): ask all remaining closest candidates at once, as the
+                # Kademlia paper's final round does
+                parallel = self.width if self._stall >= self.alpha else self.alpha
+                seen = 0
+                answered = 0
+                for _dist, nid in self.order:
+                    st = state[nid]
+                    if st == FAILED or st == HEDGED:
+                        continue
+                    seen += 1
+                    if st == ANSWERED:
+                        answered += 1
+                    elif st == NEW and len(launched) < parallel:
+                        state[nid] = INFLIGHT
+                        launched[nid] = now
+                        outstanding += 1
+                        self.queried += 1
+                        task = loop.create_task(self._query(self.nodes[nid], done))  # type: ignore[arg-type]
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    if seen >= self.width:
+                        break
+                if answered >= self.width or outstanding == 0:
+                    return
+                if tick is not None:
+                    tick.cancel()
+                    tick = None
+                if launched and outstanding - len(launched) < self.alpha:
+                    # wake up when the oldest active request is due for hedging (not
+                    # while hedging is capped: a completion is what we wait for then)
+                    tick = loop.call_at(min(launched.values()) + hedge, done.put_nowait,
+                                        (None, None))
+                node, result = await done.get()
+                while True:
+                    if node is not None:
+                        outstanding -= 1
+                        launched.pop(node.id, None)
+                        self._improved = False
+                        self._finish(node, result)
+                        if result[0]:
+                            self._stall = 0 if self._improved else self._stall + 1
+                    if done.empty():
+                        break
+                    node, result = done.get_nowait()
+        finally:
+            if tick is not None:
+                tick.cancel()
 
     def closest_answered(self, k: int) -> list[Node]:
         out = []
@@ -195,7 +249,15 @@ class ProviderLookup(Crawl):
         if not isinstance(data, dict):
             self.protocol.drops["bad_answer"] += 1
             return
-        self.add_triples(parse_nodes(data.get("nodes")))
+        nodes = data.get("nodes")
+        if isinstance(nodes, list):
+            # most entries are already known: skip them before the full validation
+            state = self.state
+            fresh = [n for n in nodes[:MAX_NODES_IN_ANSWER]
+                     if not (isinstance(n, list) and n and type(n[0]) is bytes
+                             and n[0] in state)]
+            if fresh:
+                self.add_triples(parse_nodes(fresh))
         recs = data.get("records")
         if not isinstance(recs, list):
             return

@@ -204,6 +204,7 @@ class RMAProtocol(KademliaProtocol):
                                              tuple[str, int], float, str]] = {}
         self._rtt: OrderedDict[tuple[str, int], RttEstimator] = OrderedDict()
         self._rtt_global = RttEstimator()
+        self.fast_rtt: float | None = None
         self._fails: dict[bytes, tuple[int, float]] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._handoff_bucket = TokenBucket(handoff_rate, handoff_rate)
@@ -219,6 +220,8 @@ class RMAProtocol(KademliaProtocol):
         self.timeouts: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
         self.removed_contacts = 0
+        self.late_responses = 0
+        self._late: OrderedDict[bytes, tuple[tuple[str, int], float]] = OrderedDict()
         self.handoffs = 0
         # name -> (handler, per-argument checks, minimum number of arguments)
         self._rpcs: dict[str, tuple[Callable[..., Any], tuple[Callable[[Any], bool], ...],
@@ -339,23 +342,39 @@ class RMAProtocol(KademliaProtocol):
     def _accept_response(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:  # type: ignore[override]
         entry = self._outstanding.get(msg_id)
         if entry is None:
+            late = self._late.pop(msg_id, None)
+            if late is not None:
+                # answered after its timeout: not hostile, and the RTT it shows is real
+                # (ids are never reused, so unlike TCP the sample is unambiguous) — feed
+                # it, or the estimator would never learn that replies got slower
+                self.late_responses += 1
+                sent_to, sent_at = late
+                if (_norm_host(address[0]), address[1]) == (_norm_host(sent_to[0]), sent_to[1]):
+                    self._rtt_sample(sent_to, self.loop.time() - sent_at)
+                return None
             return self._drop("unknown_msgid", address)
         fut, timer, sent_to, sent_at, _name = entry
-        if (_norm_host(address[0]), address[1]) != (_norm_host(sent_to[0]), sent_to[1]):
+        if address != sent_to and ((_norm_host(address[0]), address[1])
+                                   != (_norm_host(sent_to[0]), sent_to[1])):
             return self._drop("addr_mismatch", address)
         del self._outstanding[msg_id]
         timer.cancel()
-        rtt = self.loop.time() - sent_at
-        est = self._rtt.get(sent_to)
+        self._rtt_sample(sent_to, self.loop.time() - sent_at)
+        if not fut.done():
+            fut.set_result((True, data))
+        return None
+
+    def _rtt_sample(self, address: tuple[str, int], rtt: float) -> None:
+        est = self._rtt.get(address)
         if est is None:
-            est = self._rtt[sent_to] = RttEstimator()
+            est = self._rtt[address] = RttEstimator()
             if len(self._rtt) > 4096:
                 self._rtt.popitem(last=False)
         est.sample(rtt)
         self._rtt_global.sample(rtt)
-        if not fut.done():
-            fut.set_result((True, data))
-        return None
+        # a fast-moving average (gain 1/2) for hedging decisions: forgets a burst of
+        # load within a few replies, where SRTT (gain 1/8) would take dozens
+        self.fast_rtt = rtt if self.fast_rtt is None else 0.5 * (self.fast_rtt + rtt)
 
     # ================================================================ outgoing
     def rto(self, address: tuple[str, int] | None = None) -> float:
@@ -397,8 +416,11 @@ class RMAProtocol(KademliaProtocol):
         entry = self._outstanding.pop(msg_id, None)
         if entry is None:
             return
-        fut, _timer, address, _sent, name = entry
+        fut, _timer, address, sent_at, name = entry
         self.timeouts[name] += 1
+        self._late[msg_id] = (address, sent_at)
+        if len(self._late) > 2048:
+            self._late.popitem(last=False)
         est = self._rtt.get(address)
         if est is not None:
             est.backoff = min(est.backoff * 2, 64.0)
@@ -669,5 +691,6 @@ class RMAProtocol(KademliaProtocol):
             "rto_ms": round(self.rto() * 1000, 3),
             "outstanding": len(self._outstanding),
             "removed_contacts": self.removed_contacts,
+            "late_responses": self.late_responses,
             "handoffs": self.handoffs,
         }

@@ -85,6 +85,9 @@ class ProviderStorage(IStorage):
         self._total = 0
         self._last_cull = 0.0
         self.refused: Counter[str] = Counter()
+        # key -> (earliest expiry among them, live entries ranked best first); answers
+        # are served from here until the key changes or its first entry expires
+        self._ranked: dict[bytes, tuple[float, list[_Entry]]] = {}
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,
@@ -124,6 +127,7 @@ class ProviderStorage(IStorage):
             self._uncount(old.sender)
             self._count(sender)
             bucket[record.worker_id] = _Entry(record, sender, now)  # type: ignore[index]
+            self._ranked.pop(key, None)
             return "stored"
         # a new worker under this key
         if self._sender_full(sender):
@@ -144,6 +148,7 @@ class ProviderStorage(IStorage):
                 return "key_full"
             self._remove(key, bucket, victim_id)
         bucket[record.worker_id] = _Entry(record, sender, now)
+        self._ranked.pop(key, None)
         self._count(sender)
         self._total += 1
         return "stored"
@@ -170,6 +175,7 @@ class ProviderStorage(IStorage):
 
     def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
         entry = bucket.pop(worker_id)
+        self._ranked.pop(key, None)
         self._uncount(entry.sender)
         self._total -= 1
         if not bucket:
@@ -212,11 +218,22 @@ class ProviderStorage(IStorage):
         r = e.record
         return (r.load / r.capacity if r.capacity > 0 else float("inf"), -r.issued_at)
 
+    def _ranked_live(self, key: bytes, now: float) -> list[_Entry]:
+        hit = self._ranked.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        live = self._live(key, now)
+        live.sort(key=self._rank)
+        bucket = self._data.get(key)
+        if bucket:
+            first_exp = min(e.record.expires_at for e in bucket.values())
+            self._ranked[key] = (first_exp, live)
+        return live
+
     def _sample(self, key: bytes, limit: int | None, now: float,
                 page: int | None = None) -> list[_Entry]:
-        live = self._live(key, now)
+        live = list(self._ranked_live(key, now))
         limit = ANSWER_LIMIT if limit is None else max(0, limit)
-        live.sort(key=self._rank)
         if len(live) <= limit:
             return live
         best = (limit + 1) // 2
