@@ -1,0 +1,165 @@
+"""RMAProtocol pieces: RTT estimation, rate-limited peer logs, refused plain stores,
+answers that always fit one datagram, the reachability probe, kademlia interop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import msgpack
+import uvloop
+from kademlia.network import Server
+from kademlia.node import Node
+
+from agent.dht.identity import Identity
+from agent.dht.protocol import MAX_PAYLOAD, RateLimitedLog, RttEstimator, parse_nodes
+from agent.dht.record import WorkerRecord, service_key
+from agent.dht.server import DHTNode
+
+
+def run(coro):
+    escaped: list[dict] = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(ctx))
+        return await coro
+
+    out = uvloop.run(main())
+    assert not escaped, escaped[:3]
+    return out
+
+
+def test_rtt_estimator_adapts_and_is_clamped():
+    e = RttEstimator()
+    assert e.rto(0.05, 2.0, 0.5) == 0.5          # no sample yet: initial
+    for _ in range(50):
+        e.sample(0.001)
+    assert e.rto(0.05, 2.0, 0.5) == 0.05         # LAN-fast peer: the floor, not 5 s
+    for _ in range(50):
+        e.sample(0.3)
+    assert 0.3 <= e.rto(0.05, 2.0, 0.5) < 0.5   # slower path: follows it
+    e.backoff = 64
+    assert e.rto(0.05, 2.0, 0.5) == 2.0          # back-off is capped by the ceiling
+    e.sample(0.3)
+    assert e.backoff == 1.0
+
+
+def test_rate_limited_peer_log(caplog):
+    rl = RateLimitedLog(logging.getLogger("test.rl"), rate=0.1, burst=5)
+    with caplog.at_level(logging.WARNING, logger="test.rl"):
+        for i in range(10_000):
+            rl(logging.WARNING, "bad", "peer %d sent junk", i)
+    assert len(caplog.records) == 5
+    assert rl.suppressed["bad"] == 9_995
+
+
+def test_parse_nodes_skips_junk():
+    good = [os.urandom(20), "127.0.0.1", 4000]
+    junk = [[b"short", "1.2.3.4", 1], [os.urandom(20), 5, 1], [os.urandom(20), "x", 0],
+            "str", None, [os.urandom(20), "h" * 100, 80], [os.urandom(20), "h", 70000]]
+    assert parse_nodes([*junk, good]) == [tuple(good)]
+    assert parse_nodes({"a": 1}) == []
+
+
+def test_wire_behaviour():
+    async def scenario():
+        a, b = DHTNode(Identity.generate()), DHTNode(Identity.generate())
+        await a.listen(0, "127.0.0.1")
+        await b.listen(0, "127.0.0.1")
+        plain = Server()
+        await plain.listen(0, "127.0.0.1")
+        try:
+            assert await b.bootstrap([("127.0.0.1", a.port)]) == 1
+            pa = a.protocol
+            addr_b = ("127.0.0.1", b.port)
+
+            # plain kademlia store is refused: any peer could overwrite any key with it
+            ok, res = await pa._call(addr_b, "store", a.node.id, os.urandom(20), b"value")
+            assert ok and res is False and b.protocol.drops["store_refused"] == 1
+
+            # a find_providers answer fits one datagram even for a huge service
+            key = service_key("big")
+            for i in range(300):
+                ident = Identity.generate()
+                rec = WorkerRecord.create(
+                    ident, name="n" * 40, services=("big",), endpoint="https://" + "e" * 80,
+                    gpu="g" * 8, gpu_memory_gb=1.0, load=float(i), capacity=4, region="r",
+                    ttl=300)
+                b.storage.put(key, rec)
+            ok, res = await pa._call(addr_b, "find_providers", a.node.id, key)
+            assert ok and 20 <= len(res["records"]) <= 24
+            assert len(msgpack.packb(res, use_bin_type=True)) <= MAX_PAYLOAD
+
+            # reachability probe: True for our live port, False for a closed one
+            assert await a.check_reachable(addr_b) is True
+            t = time.monotonic()
+            assert await b.protocol.rpc_reachable(("127.0.0.1", 9), b"", 9) is False
+            assert time.monotonic() - t < 1.5
+
+            # a dead peer costs an adaptive timeout, not rpcudp's 5 s, and is counted
+            t = time.monotonic()
+            ok, _ = await pa._call(("127.0.0.1", 9), "ping", a.node.id)
+            assert not ok and time.monotonic() - t < 0.6
+            assert pa.stats()["timeouts"] >= 1
+
+            # a contact that stops answering leaves the routing table after 2 timeouts
+            ghost = Node(os.urandom(20), "127.0.0.1", 9)
+            pa.router.add_contact(ghost)
+            assert not pa.router.is_new_node(ghost)
+            await pa.call_ping(ghost)
+            await pa.call_ping(ghost)
+            assert ghost.id not in {n.id for n in pa.router.all_contacts()}
+            assert pa.is_suspect(ghost.id)
+
+            # plain kademlia peers can still ping and route through us
+            pport = plain.transport.get_extra_info("sockname")[1]
+            found = await plain.bootstrap([("127.0.0.1", a.port)])
+            assert found  # it learned a neighbour list from our find_node answer
+            assert await pa.call_ping(Node(plain.node.id, "127.0.0.1", pport)) != (False, None)
+        finally:
+            a.stop()
+            b.stop()
+            plain.stop()
+            await asyncio.sleep(0.01)
+
+    run(scenario())
+
+
+def test_refresh_table_keeps_its_interval():
+    async def scenario():
+        n = DHTNode(Identity.generate(), refresh_interval=0.05)
+        await n.listen(0, "127.0.0.1")
+        calls = []
+        orig = n._refresh_table
+
+        async def counting():
+            calls.append(time.monotonic())
+            await orig()
+
+        n._refresh_table = counting  # type: ignore[method-assign]
+        try:
+            await asyncio.sleep(0.32)
+        finally:
+            n.stop()
+        assert len(calls) >= 4  # kademlia would have fallen back to 3600 s after one run
+
+    run(scenario())
+
+
+def test_listen_requires_interface_and_plain_api_is_closed():
+    import inspect
+
+    import pytest
+    sig = inspect.signature(DHTNode.listen)
+    assert sig.parameters["interface"].default is inspect.Parameter.empty
+    with pytest.raises(ValueError):
+        DHTNode(Identity.generate(), mode="bogus")
+
+    async def scenario():
+        n = DHTNode(Identity.generate())
+        with pytest.raises(NotImplementedError):
+            await n.set("k", "v")
+
+    run(scenario())
