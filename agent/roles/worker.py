@@ -79,6 +79,8 @@ class WorkerRole(Component):
         self.fallback_ok = 0
         self.fallback_failed = 0
         self._said_no_endpoint = False
+        self._dht_ok: bool | None = None        # None until the first announce
+        self._last_registered = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -270,22 +272,27 @@ class WorkerRole(Component):
         self.last_record = record
         self.last_announce_at = time.time()
         self.last_stored = stored
-        first = not self._announced_services
         self._announced_services = tuple(record.services)
+        before = self.last_result
         if stored > 0:
-            self.last_result = f"stored on {stored} nodes"
-            if first:
-                log.info("worker: announced %s at %s (stored on %d nodes)",
-                         ",".join(record.services), record.endpoint, stored)
+            self.last_result = f"{stored} stores over {len(record.keys())} keys"
+            if not self._dht_ok:        # first success, or recovered: say it once
+                log.info("worker: announced %s at %s (%d stores over %d keys)",
+                         ",".join(record.services), record.endpoint, stored,
+                         len(record.keys()))
                 self.agent.status_changed()
+            self._dht_ok = True
             return True
         registered = await self._register_fallback(record)
-        self.last_result = (f"dht stored on 0 nodes; registered with {registered} coordinators"
-                            if cfg.discovery.coordinators else "dht stored on 0 nodes")
-        if first or registered == 0:
-            log.warning("worker: %s", self.last_result)
-        if first:
+        self._last_registered = registered
+        self.last_result = (f"dht stored on no node; registered with {registered} of "
+                            f"{len(cfg.discovery.coordinators)} coordinators"
+                            if cfg.discovery.coordinators else
+                            "dht stored on no node and no discovery.coordinators to fall back to")
+        if self._dht_ok is not False or self.last_result != before:
+            log.warning("worker: %s", self.last_result)     # on change only: no log flood
             self.agent.status_changed()
+        self._dht_ok = False
         return registered > 0
 
     async def _register_fallback(self, record: WorkerRecord) -> int:
@@ -330,7 +337,7 @@ class WorkerRole(Component):
             await self._register_fallback(tomb)
         if set(services) >= set(self._announced_services):
             self.last_record = tomb
-        log.info("worker: withdrew %s (stored on %d nodes)", ",".join(services), stored)
+        log.info("worker: withdrew %s (%d stores)", ",".join(services), stored)
 
     async def _poll_load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -363,7 +370,7 @@ class WorkerRole(Component):
             return "announcing"
         if self.last_record.withdrawn:
             return "withdrawn"
-        if self.last_stored == 0 and not self.fallback_ok:
+        if self.last_stored == 0 and not self._last_registered:
             return "announce failing"
         return "announced " + ",".join(self._announced_services)
 
