@@ -75,6 +75,8 @@ def _is_loopback(host: str) -> bool:
 
 def add_routes(app: web.Application, dht: DHTComponent) -> None:
     async def topology(request: web.Request) -> web.Response:
+        if dht.identity is None or dht.node is None:
+            return web.json_response({"error": "dht: not started"}, status=503)
         node_id = dht.identity.node_id.hex()
         listen = dht.agent.config.dht.listen
         me = {"id": node_id, "ip": listen.host, "port": listen.port,

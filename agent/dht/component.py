@@ -28,7 +28,7 @@ import msgpack
 from agent.component import Component
 from agent.config import default_path
 from agent.dht import bootstrap as seeds_mod
-from agent.dht.identity import Identity
+from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
 
@@ -56,7 +56,14 @@ class DHTComponent(Component):
     def __init__(self, agent: Agent) -> None:
         super().__init__(agent)
         cfg = agent.config
-        self.identity = Identity.load_or_create(cfg.agent.state_dir)
+        # A broken state dir must end in a one-line "cannot start" (raised from start(),
+        # where the run loop reports OSErrors), not a traceback from the constructor.
+        self._identity_error: str | None = None
+        try:
+            self.identity: Identity = Identity.load_or_create(cfg.agent.state_dir)
+        except (IdentityError, OSError) as exc:
+            self._identity_error = str(exc)
+            self.identity = None  # type: ignore[assignment]
         self.node: DHTNode | None = None
         self.joined = False
         # the mode actually in force ("server" | "client"); "auto" is decided at join time
@@ -91,13 +98,18 @@ class DHTComponent(Component):
 
     async def start(self) -> None:
         cfg = self.agent.config
+        if self.identity is None:
+            raise OSError(f"dht: cannot load or create the node identity in "
+                          f"{cfg.agent.state_dir}: {self._identity_error}")
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:
             self.node = None
-            raise RuntimeError(f"dht: cannot listen on udp {cfg.dht.listen}: {exc}") from exc
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            why = cause.strerror or str(cause)
+            raise OSError(f"dht: cannot listen on udp {cfg.dht.listen}: {why}") from exc
         self._register_metrics()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._join_loop(), name="dht-join")
@@ -360,7 +372,7 @@ class DHTComponent(Component):
             except Exception as exc:
                 node_stats = {"error": str(exc)}
         out: dict[str, Any] = {
-            "node_id": self.identity.node_id.hex(),
+            "node_id": self.identity.node_id.hex() if self.identity is not None else None,
             "mode": self.mode,
             "mode_config": self.agent.config.dht.mode,
             "joined": self.joined,

@@ -177,3 +177,25 @@ def test_bootstrap_route_never_advertises_loopback_to_remote_callers(tmp_path) -
                                        {"CF-Connecting-IP": "198.51.100.1"})) is None
     comp.mode = "client"
     assert api._own_seed(comp, request("192.0.2.7", "198.51.100.1")) is None
+
+
+def test_start_failures_are_one_line_errors(tmp_path) -> None:
+    """A taken UDP port or an unusable state dir: exit 1 with the reason, no traceback."""
+    import socket
+
+    from tests.cluster import Cluster
+
+    with Cluster(tmp_path) as cl:
+        busy = cl.coordinator("busy")
+        blocked = cl.coordinator("blocked")
+        (tmp_path / "file").write_text("")
+        blocked.data["agent"]["state_dir"] = str(tmp_path / "file" / "state")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((busy.ip, busy.udp_port))
+            cl.start(busy, blocked)
+            for node, words in ((busy, f"cannot listen on udp {busy.dht_addr}"),
+                                (blocked, "cannot load or create the node identity")):
+                assert node.proc is not None
+                assert node.proc.wait(20) == 1
+                log = node.log_text()
+                assert words in log and "Traceback" not in log, log
