@@ -133,11 +133,10 @@ class DHTComponent(Component):
         o, n = old.dht, new.dht
         restart_only = [k for k in ("listen", "ksize", "alpha", "mode")
                         if getattr(o, k) != getattr(n, k)]
-        if old.agent.state_dir != new.agent.state_dir:
-            restart_only.append("agent.state_dir")
         if restart_only:
+            # (agent.state_dir is reported by the lifecycle itself)
             log.warning("dht: changed %s apply on restart only (systemctl restart rma-agent)",
-                        ", ".join(restart_only))
+                        ", ".join(f"dht.{k}" for k in restart_only))
         if o.bootstrap != n.bootstrap:
             log.info("dht: bootstrap seeds changed (%d -> %d entries): rejoining",
                      len(o.bootstrap), len(n.bootstrap))
