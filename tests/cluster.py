@@ -173,11 +173,16 @@ class Node:
 
     def providers(self, service: str) -> tuple[set[str], float, float]:
         """(names of live workers found, lookup ms inside the agent, HTTP round trip ms)."""
+        records, ms, rtt = self.provider_records(service)
+        return {r["name"] for r in records}, ms, rtt
+
+    def provider_records(self, service: str) -> tuple[list[dict[str, Any]], float, float]:
+        """(records as JSON, lookup ms inside the agent, HTTP round trip ms)."""
         t0 = time.perf_counter()
         status, body = self.get(f"/api/dht/providers/{service}", timeout=5.0)
         rtt = (time.perf_counter() - t0) * 1000
         assert status == 200, f"{self.name}: providers({service}) -> {status} {body}"
-        return {r["name"] for r in body["records"]}, float(body["elapsed_ms"]), rtt
+        return list(body["records"]), float(body["elapsed_ms"]), rtt
 
     def write_config(self) -> None:
         self.cfg_path.write_text(toml_dumps(self.data))
