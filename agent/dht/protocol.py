@@ -23,6 +23,9 @@ result), so it still talks to plain kademlia peers for ping/find_node. What chan
   for which the newcomer is now among the k closest *and* this node was the closest
   holder, at most ``HANDOFF_KEYS`` keys per newcomer, once per newcomer per minute, under
   a global token bucket of announce RPCs.
+* **Bounded answers**: large answers (> 1 KiB) to one source IP are limited to
+  ``reply_rate`` bytes/s (2 MB/s default, loopback exempt), so the node is a poor
+  reflector for spoofed-source floods.
 * **Provider RPCs**: ``announce(nodeid, key, record)`` (verify, check the key is one of the
   record's, check this node is plausibly among the k closest, store) and
   ``find_providers(nodeid, key)`` → ``{"records": [...], "nodes": [...]}`` that always fits
@@ -188,7 +191,7 @@ class RMAProtocol(KademliaProtocol):
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
                  mode: str = "server", rto_min: float = 0.05, rto_max: float = 2.0,
                  rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
-                 handoff_rate: float = 200.0) -> None:
+                 handoff_rate: float = 200.0, reply_rate: float = 2_000_000.0) -> None:
         RPCProtocol.__init__(self, wait_timeout=rto_max)
         self.router = RoutingTable(self, ksize, source_node)
         self.storage = storage
@@ -211,6 +214,8 @@ class RMAProtocol(KademliaProtocol):
         self._reach_bucket = TokenBucket(5.0, 10.0)
         self._verify_bucket = TokenBucket(200.0, 400.0)
         self._verifying: set[bytes] = set()
+        self.reply_rate = reply_rate
+        self._reply_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.peer_log = RateLimitedLog(log)
         # counters (exported by the component)
@@ -326,7 +331,27 @@ class RMAProtocol(KademliaProtocol):
         if len(payload) > MAX_PAYLOAD:
             self.drops["response_too_big"] += 1
             return
+        if len(payload) > 1024 and not self._reply_budget(address[0], len(payload)):
+            self.drops["reply_rate_limited"] += 1
+            return
         self._send(b"\x01" + msg_id + payload, address)
+
+    def _reply_budget(self, host: str, size: int) -> bool:
+        """Bytes of large answers per source IP (``reply_rate`` B/s, burst twice that).
+
+        A ~60-byte find_providers request can draw an 8 KiB answer; with a spoofed source
+        address that is a 100x reflector. Loopback is exempt: it cannot be spoofed from
+        off the host (and the in-process tests and benchmark all live there)."""
+        if host.startswith("127.") or host == "::1" or self.reply_rate <= 0:
+            return True
+        b = self._reply_buckets.get(host)
+        if b is None:
+            if len(self._reply_buckets) >= 4096:
+                self._reply_buckets.popitem(last=False)
+            b = self._reply_buckets[host] = TokenBucket(self.reply_rate, 2 * self.reply_rate)
+        else:
+            self._reply_buckets.move_to_end(host)
+        return b.take(size)
 
     def _send(self, data: bytes, address: tuple[str, int]) -> bool:
         t = self.transport

@@ -163,3 +163,27 @@ def test_listen_requires_interface_and_plain_api_is_closed():
             await n.set("k", "v")
 
     run(scenario())
+
+
+def test_large_replies_rate_limited_per_source_ip():
+    async def scenario():
+        n = DHTNode(Identity.generate())
+        await n.listen(0, "127.0.0.1")
+        p = n.protocol
+        p.reply_rate = 10_000  # 10 kB/s, burst 20 kB
+        sent = []
+        p._send = lambda data, addr: sent.append(len(data)) or True  # type: ignore[method-assign]
+        try:
+            big = {"records": [b"x" * 300] * 20, "nodes": []}
+            for _ in range(50):
+                p._respond(os.urandom(20), big, ("198.51.100.7", 4000))
+            assert 2 <= len(sent) <= 4 and p.drops["reply_rate_limited"] >= 46
+            p._respond(os.urandom(20), big, ("203.0.113.9", 4000))  # another IP: own budget
+            p._respond(os.urandom(20), b"small", ("198.51.100.7", 4000))  # small: unlimited
+            for _ in range(50):
+                p._respond(os.urandom(20), big, ("127.0.0.1", 4000))  # loopback: exempt
+            assert len(sent) >= 2 + 1 + 1 + 50
+        finally:
+            n.stop()
+
+    run(scenario())
