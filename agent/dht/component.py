@@ -65,7 +65,7 @@ class DHTComponent(Component):
             self._identity_error = str(exc)
             self.identity = None  # type: ignore[assignment]
         self.node: DHTNode | None = None
-        self.joined = False
+        self._joined = False
         # the mode actually in force ("server" | "client"); "auto" is decided at join time
         self.mode = cfg.dht.mode if cfg.dht.mode in ("server", "client") else "client"
         self._mode_decided = cfg.dht.mode != "auto"
@@ -232,14 +232,14 @@ class DHTComponent(Component):
         self._set_joined(peers > 0, f"via {src}")
 
     def _set_joined(self, joined: bool, how: str) -> None:
-        if joined and not self.joined:
+        if joined and not self._joined:
             self._joined_at = time.time()
             log.info("dht: joined %s, %d peers", how, self.peers())
             self.agent.status_changed()
         elif not joined and self._attempts in (1, 3, 10) and self._seed_count:
             log.warning("dht: not joined yet: %d of %d seeds unreachable (retrying)",
                         self._unreachable, self._seed_count)
-        self.joined = joined
+        self._joined = joined
 
     async def _join_loop(self) -> None:
         backoff = BACKOFF_START
@@ -268,6 +268,18 @@ class DHTComponent(Component):
             self._wake.clear()
 
     # ------------------------------------------------------------------ API for others
+    @property
+    def joined(self) -> bool:
+        """True once we have a peer. Read live: a seed that others contact becomes joined
+        at once, not at the join loop's next tick."""
+        if not self._joined and self.node is not None and self._attempts and self.peers():
+            self._set_joined(True, "(contacted by peers)")
+        return self._joined
+
+    @joined.setter
+    def joined(self, value: bool) -> None:
+        self._joined = value
+
     def peers(self) -> int:
         if self.node is None:
             return 0
