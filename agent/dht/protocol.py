@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -175,6 +176,46 @@ def parse_nodes(data: Any, limit: int = MAX_NODES_IN_ANSWER) -> list[tuple[bytes
                 and type(item[1]) is str and 0 < len(item[1]) <= 64 and _is_port(item[2])):
             out.append((item[0], item[1], item[2]))
     return out
+
+
+class _Probe(asyncio.DatagramProtocol):
+    def __init__(self, msg_id: bytes, fut: asyncio.Future[bytes]) -> None:
+        self.msg_id = msg_id
+        self.fut = fut
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if data[:1] != b"\x01" or data[1:HEADER] != self.msg_id or self.fut.done():
+            return
+        try:
+            self.fut.set_result(msgpack.unpackb(data[HEADER:], raw=False, max_bin_len=64,
+                                                max_str_len=64, max_array_len=8, max_map_len=0))
+        except Exception:
+            return
+
+
+async def probe_ping(address: tuple[str, int], my_id: bytes, local_host: str = "0.0.0.0",
+                     wait: float = 1.0) -> bool:
+    """One ping to ``address`` from a throw-away socket; True if a node id came back."""
+    loop = asyncio.get_running_loop()
+    msg_id = os.urandom(20)
+    fut: asyncio.Future[Any] = loop.create_future()
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    bind = local_host if (":" in local_host) == (family == socket.AF_INET6) else (
+        "::" if family == socket.AF_INET6 else "0.0.0.0")
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Probe(msg_id, fut), local_addr=(bind, 0), family=family)
+    except OSError:
+        return False
+    try:
+        transport.sendto(b"\x00" + msg_id + msgpack.packb(["ping", [my_id]], use_bin_type=True),
+                         address)
+        res = await asyncio.wait_for(fut, wait)
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        transport.close()
+    return _is_id(res)
 
 
 def all_contacts(router: Any) -> list[Node]:
@@ -667,13 +708,22 @@ class RMAProtocol(KademliaProtocol):
         return {"records": out, "nodes": nodes}
 
     async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes, port: int) -> bool:
-        """Ping ``sender_ip:port`` back; True if it answered (NAT / firewall probe).
-        Rate-limited: a spoofed source can make us send at most a few pings a second."""
+        """Ping ``sender_ip:port`` back; True if it answered (``mode = "auto"``).
+
+        The ping leaves from a fresh socket (another local port), not from the DHT
+        socket the asker just sent to: a NAT or stateful firewall lets replies to the
+        asker's own outgoing traffic through, which would make every NAT-ed node look
+        reachable. Rate-limited: a spoofed source gets at most a few pings a second."""
         if not self._reach_bucket.take():
             self.drops["reachable_rate_limited"] += 1
             return False
-        ok, res = await self._call((sender[0], port), "ping", self.my_id(), timeout=1.0)
-        return bool(ok) and _is_id(res)
+        return await probe_ping((sender[0], port), self.my_id(), self._local_host())
+
+    def _local_host(self) -> str:
+        try:
+            return str(self.transport.get_extra_info("sockname")[0])  # type: ignore[union-attr]
+        except Exception:
+            return "0.0.0.0"
 
     # ================================================================ calls
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:

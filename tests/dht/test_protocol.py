@@ -187,3 +187,45 @@ def test_large_replies_rate_limited_per_source_ip():
             n.stop()
 
     run(scenario())
+
+
+def test_reachability_probe_sees_through_a_stateful_firewall():
+    """A node that only accepts datagrams from addresses it sent to (a NAT / stateful
+    firewall) must be told "not reachable", although the asking seed answers it."""
+    from agent.dht.protocol import RMAProtocol
+
+    class Firewalled(RMAProtocol):
+        def _send(self, data, address):
+            self.__dict__.setdefault("contacted", set()).add(tuple(address[:2]))
+            return super()._send(data, address)
+
+        def datagram_received(self, data, addr):
+            if tuple(addr[:2]) in self.__dict__.get("contacted", set()):
+                super().datagram_received(data, addr)
+
+    class FirewalledNode(DHTNode):
+        protocol_class = Firewalled
+
+        def _create_protocol(self):
+            return Firewalled(self.node, self.storage, self.ksize, mode=self.mode)
+
+    async def scenario():
+        seed = DHTNode(Identity.generate())
+        open_node = DHTNode(Identity.generate(), mode="auto")
+        natted = FirewalledNode(Identity.generate(), mode="auto")
+        for n in (seed, open_node, natted):
+            await n.listen(0, "127.0.0.1")
+        try:
+            addr = ("127.0.0.1", seed.port)
+            assert await open_node.check_reachable(addr) is True
+            assert await natted.check_reachable(addr) is False
+            # yet the NAT-ed node can use the DHT as a client
+            natted.set_mode("client")
+            assert await natted.bootstrap([addr]) == 1
+            assert seed.peers() == 0 or all(c[2] != natted.port for c in seed.contacts())
+        finally:
+            for n in (seed, open_node, natted):
+                n.stop()
+            await asyncio.sleep(0.01)
+
+    run(scenario())
