@@ -155,18 +155,28 @@ class DHTComponent(Component):
 
     async def _gather_seeds(self) -> list[tuple[str, int]]:
         cfg = self.agent.config
-        res = await seeds_mod.resolve_seeds(list(cfg.dht.bootstrap), family=self._family(),
-                                            exclude=self._own_addresses())
+        direct = [e for e in cfg.dht.bootstrap if not seeds_mod.is_url(e)]
+        urls = [e for e in cfg.dht.bootstrap if seeds_mod.is_url(e)]
+        res_direct, res_urls = await asyncio.gather(
+            seeds_mod.resolve_seeds(direct, family=self._family(), exclude=self._own_addresses()),
+            seeds_mod.resolve_seeds(urls, family=self._family(), exclude=self._own_addresses()))
+        # The operator's own seeds (coordinators) republish records for many workers; the
+        # storage's per-sender bound must not refuse them. Only directly configured seeds
+        # are trusted — never addresses learned from a URL answer or the snapshot.
+        if self.node is not None:
+            self.node.storage.trusted.update(ip for ip, _port in res_direct.addrs)
         snap = [a for a in seeds_mod.load_snapshot(cfg.agent.state_dir)
                 if a not in self._own_addresses()]
         self._snapshot_seeds = len(snap)
-        addrs = list(res.addrs)
-        for a in snap:
+        addrs: list[tuple[str, int]] = []
+        for a in (*res_direct.addrs, *res_urls.addrs, *snap):
             if a not in addrs:
                 addrs.append(a)
-        self._seed_failures = res.failures
-        for failure in res.failures:
-            log.warning("dht: bootstrap entry unusable: %s", failure)
+        failures = res_direct.failures + res_urls.failures
+        if failures != self._seed_failures:        # say it when it changes, not every retry
+            for failure in failures:
+                log.warning("dht: bootstrap entry unusable: %s", failure)
+        self._seed_failures = failures
         return addrs
 
     async def _decide_mode(self, seeds: list[tuple[str, int]]) -> None:

@@ -75,6 +75,8 @@ async def test_join_announce_lookup_stats_metrics(tmp_path) -> None:
     await c.start()
     try:
         await _until(lambda: b.joined and c.joined)
+        assert "127.0.0.1" in b.node.storage.trusted   # type: ignore[union-attr]  # its seed
+        assert not a.node.storage.trusted               # type: ignore[union-attr]  # no seeds
         assert b.ready() == (True, "") and b.status() == "peers=1"   # a only: c is a client
         assert c.status().endswith("(client)")
         rec = WorkerRecord.create(c.identity, name="c", services=["ocr"], endpoint="https://c",
@@ -199,3 +201,56 @@ def test_start_failures_are_one_line_errors(tmp_path) -> None:
                 assert node.proc.wait(20) == 1
                 log = node.log_text()
                 assert words in log and "Traceback" not in log, log
+
+
+async def test_coordinator_republish_is_not_capped_by_per_sender_bound(tmp_path) -> None:
+    """40 fallback registrations republished by one coordinator: the storing node that
+    lists the coordinator as its seed keeps them all (80 records from one sender, over the
+    per-sender bound of 64); a node that does not trust it caps them."""
+    import base64
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dht.identity import Identity
+    from agent.roles.coordinator import CoordinatorRole
+
+    def comp(name: str, ip: str, role: str, seeds: tuple[str, ...] = ()) -> DHTComponent:
+        c = _component(tmp_path, name, role=role, seeds=seeds)
+        cfg = c.agent.config
+        c.agent.config = dataclasses.replace(cfg, dht=dataclasses.replace(
+            cfg.dht, listen=Address(ip, 0)))
+        return c
+
+    a = comp("a", "127.0.0.2", "coordinator")
+    await a.start()
+    assert a.node is not None
+    b = comp("b", "127.0.0.3", "worker", seeds=(f"127.0.0.2:{a.node.port}",))
+    await b.start()
+    assert b.node is not None
+    c = comp("c", "127.0.0.4", "worker", seeds=(f"127.0.0.3:{b.node.port}",))
+    await c.start()
+    role = CoordinatorRole(a.agent)  # type: ignore[arg-type]
+    a.agent.components.append(role)
+    app = web.Application()
+    role.add_routes(app)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        await _until(lambda: b.joined and c.joined and a.peers() == 2)
+        for i in range(40):
+            rec = WorkerRecord.create(Identity.generate(), name=f"w{i}", services=["ocr"],
+                                      endpoint=f"https://w{i}", gpu="T4", gpu_memory_gb=16.0,
+                                      load=0.0, capacity=1, region="", ttl=60)
+            resp = await client.post("/api/services/register",
+                                     json={"record": base64.b64encode(rec.encode()).decode()})
+            assert resp.status == 200, await resp.text()
+        assert b.node.storage.count() == 80                       # trusted: all kept
+        assert c.node.storage.count() <= 64                       # untrusted sender: capped
+        assert c.node.storage.refused["sender_full"] > 0
+        found = await c.find_providers("ocr")                     # merged over both
+        assert len(found) == 40
+    finally:
+        await client.close()
+        for x in (c, b, a):
+            await x.stop()
