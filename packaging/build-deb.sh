@@ -12,6 +12,8 @@
 #
 # --if-changed   do nothing when the .deb in --out was built from identical inputs (a hash
 #                of the packaged sources is kept next to it); what the tests call.
+# --refresh-wheels  re-download the cached wheelhouse (e.g. for dependency security fixes;
+#                it is otherwise reused while pyproject.toml and setup.py are unchanged).
 # --no-lintian   skip lintian (it is run by default; any lintian error fails the build).
 # Needs root (chroot, bind mounts) and: debootstrap, dpkg-deb, lintian (packaging/deps.sh).
 set -euo pipefail
@@ -21,10 +23,12 @@ src=$(cd "$here/.." && pwd)
 out="$src/dist"
 if_changed=0
 run_lintian=1
+refresh_wheels=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --if-changed) if_changed=1 ;;
         --no-lintian) run_lintian=0 ;;
+        --refresh-wheels) refresh_wheels=1 ;;
         --out) out=$2; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build-deb.sh: unknown argument $1" >&2; exit 2 ;;
@@ -91,7 +95,24 @@ set -eu
 export HOME=/tmp PIP_CACHE_DIR=/var/cache/pip PIP_DISABLE_PIP_VERSION_CHECK=1 \
        PIP_NO_INPUT=1 RMA_AGENT_REQUIRE_EXT=1 LC_ALL=C.UTF-8 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 /usr/bin/python3 -m venv /opt/rma-agent
-/opt/rma-agent/bin/pip install --quiet --no-compile --use-pep517 /src
+# Wheelhouse: every wheel the build needs (build requirements from [build-system], the
+# project's dependencies, sdists built once into wheels), kept per dependency set in the
+# cache. Re-builds install from it offline, so they neither depend on PyPI being reachable
+# nor pick up new upstream releases behind our back; --refresh-wheels re-downloads.
+wh=/var/cache/pip/wheelhouse/$WHEELHOUSE_KEY
+if [ "${REFRESH_WHEELS:-0}" = 1 ] || [ ! -f "$wh/.complete" ]; then
+    rm -rf "$wh"
+    mkdir -p "$wh"
+    /usr/bin/python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["build-system"]["requires"]))' > /tmp/build-requires.txt
+    /opt/rma-agent/bin/pip download --quiet -d "$wh" -r /tmp/build-requires.txt
+    /opt/rma-agent/bin/pip wheel --quiet --use-pep517 -w "$wh" /src
+    rm -f "$wh"/rma_agent-*.whl
+    touch "$wh/.complete"
+    echo "build: wheelhouse refreshed: $(ls "$wh" | wc -l) wheels"
+fi
+# Other dependency sets' wheelhouses are stale.
+find /var/cache/pip/wheelhouse -mindepth 1 -maxdepth 1 ! -name "$WHEELHOUSE_KEY" -exec rm -rf {} +
+/opt/rma-agent/bin/pip install --quiet --no-compile --use-pep517 --no-index --find-links "$wh" /src
 # The kernels must be the compiled ones (RMA_AGENT_REQUIRE_EXT=1 already fails the build
 # otherwise); check from outside the source tree so the import cannot pick up /src.
 cd /
@@ -140,7 +161,9 @@ unshare -m --propagation private sh -ec '
     mount --rbind /dev "$root/dev"
     shift 3
     exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@" /bin/sh /src/.inchroot.sh
-' sh "$root" "$work" "$cache" "${proxy_env[@]}"
+' sh "$root" "$work" "$cache" "${proxy_env[@]}" \
+    "WHEELHOUSE_KEY=$(cat "$src/pyproject.toml" "$src/setup.py" | sha256sum | cut -c1-16)" \
+    "REFRESH_WHEELS=$refresh_wheels"
 
 # ---- assemble the package tree ----
 pkg="$work/pkg"
