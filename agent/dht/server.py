@@ -112,6 +112,13 @@ class DHTNode(Server):
         for t in list(self._bg):
             t.cancel()
 
+    def trust(self, *senders: tuple[str, int] | str) -> None:
+        """Exempt senders from the per-sender record bound of this node's storage: the
+        coordinators (seeds), which republish the records of many workers from one
+        address. Give exact ``(ip, port)`` pairs; a bare IP trusts every port on it."""
+        for s in senders:
+            self.storage.trusted.add(tuple(s) if isinstance(s, list | tuple) else s)
+
     def set_mode(self, mode: str) -> None:
         """Switch between "server" and "client" (after an auto-mode reachability check)."""
         if mode not in ("server", "client"):
