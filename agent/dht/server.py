@@ -13,9 +13,14 @@ What it changes in ``kademlia.network.Server`` and why:
   ``closest_ttl`` seconds and reused, so a periodic re-announce is one round of
   ``announce`` RPCs instead of a crawl; a cached set that loses a member, or grows stale,
   triggers a fresh node lookup (so republishing heals it).
-* ``find_providers(service)`` runs a ``ProviderLookup`` over the ``lookup_width`` closest
-  nodes (default k/2 = 10; each answers with up to 20 records) and returns verified
-  records, merged by newest seq, without tombstones or expired ones, best first.
+* ``find_providers(service)`` runs a ``ProviderLookup`` until the ``lookup_width``
+  closest live nodes have answered (default 6 of the k = 20 that hold each record) and
+  returns verified records, merged by newest seq, without tombstones or expired ones,
+  best first. Each node answers with up to 24 records: the 12 best plus a different
+  12-record page of the rest per node, so one lookup sees up to 12 + 6 x 12 = 84 workers
+  of a service (SPEC §4 returns at most 50); larger services are sampled fairly.
+  Measured at N=200 on loopback: width 6 doubles lookups/s over width 10 at equal
+  found rate, also after 30 % churn.
 * Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
   announces, never added to others' routing tables, stores nothing for others).
   ``"auto"`` starts as a client; the component calls ``check_reachable(seed)`` and then
@@ -69,7 +74,7 @@ class DHTNode(Server):
         self.requested_mode = mode
         self.refresh_interval = refresh_interval
         self.cull_interval = cull_interval
-        self.lookup_width = lookup_width or max(1, ksize // 2)
+        self.lookup_width = lookup_width or min(ksize, 6)
         self.closest_ttl = closest_ttl
         self.max_skew = max_skew
         self._proto_opts = dict(rto_min=rto_min, rto_max=rto_max, rto_initial=rto_initial,

@@ -22,9 +22,9 @@ Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 24) live record
 more are stored, half the answer is the best-ranked ones — lowest utilisation
 (``load / capacity``) first, ties broken by freshest ``issued_at`` — and the other half is
 a uniform random sample of the rest, or, when the asker passes a ``page`` number, window
-``page`` of the rest in worker-id order. A lookup asks each of the ~10 nodes it queries for
-a different page, so it sees the best 12 plus up to 10 x 12 others: every worker of a
-service with up to ~130 workers, and a rotating fair sample beyond that. The RPC layer
+``page`` of the rest in worker-id order. A lookup asks each of the (at least 6) nodes it
+queries for a different page, so it sees the best 12 plus up to 6 x 12 others: every
+worker of a service with up to ~84 workers, and a rotating fair sample beyond that. The RPC layer
 truncates further when needed so the answer fits one 8 KiB datagram (24 typical records of
 ~260 bytes plus 20 contacts do).
 """
