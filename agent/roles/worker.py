@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.component import Component
-from agent.dht.record import WorkerRecord
+from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class WorkerRole(Component):
         self._said_no_endpoint = False
         self._dht_ok: bool | None = None        # None until the first announce
         self._last_registered = 0
+        self._record_error = ""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -266,7 +267,19 @@ class WorkerRole(Component):
         if self._withdraw_services:
             removed, self._withdraw_services = self._withdraw_services, ()
             await self._withdraw(removed)
-        record = self._build()
+        try:
+            record = self._build()
+        except RecordError as exc:
+            # e.g. a long endpoint + name + services over the record's size limit: the
+            # config is valid TOML but cannot be announced; say so (once) and in /readyz
+            if str(exc) != self._record_error:
+                log.error("worker: cannot announce: %s (shorten agent.name, worker.endpoint, "
+                          "agent.region, worker.gpu or worker.services)", exc)
+                self.agent.status_changed()
+            self._record_error = str(exc)
+            self.last_result = f"cannot build the record: {exc}"
+            return False
+        self._record_error = ""
         stored = await self.dht.announce(record)
         self.announce_count += 1
         self.last_record = record
@@ -361,6 +374,8 @@ class WorkerRole(Component):
             return False, "worker: no endpoint yet (waiting for the tunnel's public URL)"
         if not self.agent.config.worker.services:
             return False, "worker: no services configured (worker.services)"
+        if self._record_error:
+            return False, f"worker: cannot announce: {self._record_error}"
         return True, ""
 
     def status(self) -> str:

@@ -172,3 +172,16 @@ async def test_worker_answers_404_json_on_register(tmp_path) -> None:
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         resp = await client.post("/api/services/register", json={"record": "x"})
         assert resp.status == 404 and "coordinator" in (await resp.json())["error"]
+
+
+async def test_unannounceable_config_is_not_ready(tmp_path) -> None:
+    long_url = "https://" + "x" * 240 + ".example.org"     # valid config, too big a record
+    _agent, dht, role = _worker(tmp_path, worker={"endpoint": long_url})
+    await role.start()
+    try:
+        await _until(lambda: role.stats()["worker"]["last_result"].startswith("cannot build"))
+        ok, why = role.ready()
+        assert not ok and "cannot announce" in why
+        assert dht.announced == []
+    finally:
+        await role.stop()
