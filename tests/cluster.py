@@ -106,6 +106,17 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, even by SIGKILL
+    (a teardown that never runs must still leave no agent behind). Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 # ----------------------------------------------------------------------------- nodes
 @dataclass
 class Node:
@@ -275,7 +286,7 @@ class Cluster:
                 [*node.exec_prefix, sys.executable, "-m", "agent", "run", "-c",
                  str(node.cfg_path)],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
-                stderr=subprocess.STDOUT)
+                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
     def wait_ready(self, *nodes: Node, timeout: float = 30.0) -> None:
         pending = list(nodes)
