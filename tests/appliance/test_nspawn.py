@@ -439,9 +439,16 @@ def test_upgrade_keeps_edited_config_and_restarts(installed, deb):
     assert "coordinator" in c.show(UNIT, "StatusText")
 
 
-def test_purge_leaves_nothing(installed):
+def test_remove_keeps_config_then_purge_leaves_nothing(installed):
     c = installed
     uid = c.run("id", "-u", "rma-agent").stdout.strip()
+    # remove (not purge) stops the agent, keeps configuration, state and the user.
+    c.run("apt-get", "remove", "-y", "rma-agent", timeout=120)
+    assert c.run("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active"
+    assert c.exists(CONF) and c.exists("/var/lib/rma-agent")
+    assert c.run("getent", "passwd", "rma-agent", check=False).returncode == 0
+    assert not c.exists("/opt/rma-agent/bin/rma-agent")
+    assert not c.exists("/opt/rma-agent"), c.sh("find /opt/rma-agent | head -20")
     c.run("apt-get", "purge", "-y", "rma-agent", timeout=120)
     assert c.run("dpkg-query", "-W", "-f=${Status}", "rma-agent", check=False).stdout \
         .strip() in ("", "unknown ok not-installed")
