@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import Counter, Gauge
 
 from agent.component import Component
 from agent.dht import bootstrap as seeds_mod
@@ -61,6 +62,12 @@ class CoordinatorRole(Component):
         self.registrations = 0
         self.rejected = 0
         self.republished = 0
+        self._m_regs = Counter("rma_agent_coordinator_registrations",
+                               "POST /api/services/register outcomes", ["result"],
+                               registry=agent.registry)
+        self._m_workers = Gauge("rma_agent_coordinator_registry_workers",
+                                "Live workers in the fallback registry", registry=agent.registry)
+        self._m_workers.set_function(self._live_count)
 
     @property
     def dht(self) -> DHTComponent:
@@ -143,6 +150,13 @@ class CoordinatorRole(Component):
         return "stored"
 
     async def _register(self, request: web.Request) -> web.Response:
+        resp = await self._register_inner(request)
+        result = ("stored" if resp.status == 200 else "stale" if resp.status == 409
+                  else "rejected")
+        self._m_regs.labels(result).inc()
+        return resp
+
+    async def _register_inner(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
             self.rejected += 1
             return _error(413, f"body too large (max {MAX_BODY} bytes)")

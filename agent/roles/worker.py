@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from agent.component import Component
 from agent.dht.record import RecordError, WorkerRecord
@@ -82,6 +83,10 @@ class WorkerRole(Component):
         self._dht_ok: bool | None = None        # None until the first announce
         self._last_registered = 0
         self._record_error = ""
+        self._m_announces = Counter(
+            "rma_agent_worker_announces", "Worker record announces, by outcome "
+            "(dht, coordinator = stored only through the fallback, failed, withdrawn)",
+            ["result"], registry=agent.registry)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -295,6 +300,7 @@ class WorkerRole(Component):
                          len(record.keys()))
                 self.agent.status_changed()
             self._dht_ok = True
+            self._m_announces.labels("dht").inc()
             return True
         registered = await self._register_fallback(record)
         self._last_registered = registered
@@ -306,6 +312,7 @@ class WorkerRole(Component):
             log.warning("worker: %s", self.last_result)     # on change only: no log flood
             self.agent.status_changed()
         self._dht_ok = False
+        self._m_announces.labels("coordinator" if registered else "failed").inc()
         return registered > 0
 
     async def _register_fallback(self, record: WorkerRecord) -> int:
@@ -350,6 +357,7 @@ class WorkerRole(Component):
             await self._register_fallback(tomb)
         if set(services) >= set(self._announced_services):
             self.last_record = tomb
+        self._m_announces.labels("withdrawn").inc()
         log.info("worker: withdrew %s (%d stores)", ",".join(services), stored)
 
     async def _poll_load(self) -> None:

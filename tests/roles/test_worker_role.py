@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
 
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
@@ -142,7 +143,7 @@ async def test_fallback_to_coordinator_registry(tmp_path) -> None:
     await client.start_server()
     base = f"http://127.0.0.1:{client.port}"
     # the worker's own DHT stores nowhere (UDP blocked)
-    _agent, dht, role = _worker(tmp_path / "w", stores_on=0,
+    agent, dht, role = _worker(tmp_path / "w", stores_on=0,
                                discovery={"coordinators": (base, "http://127.0.0.1:1")})
     await role.start()
     try:
@@ -157,6 +158,11 @@ async def test_fallback_to_coordinator_registry(tmp_path) -> None:
         body = await (await client.get("/api/registry/ocr")).json()
         assert len(body["records"]) == 1
         WorkerRecord.decode(base64.b64decode(body["records"][0])).verify()
+        wtext = generate_latest(agent.registry).decode()
+        assert 'rma_agent_worker_announces_total{result="coordinator"}' in wtext
+        ctext = generate_latest(cagent.registry).decode()
+        assert "rma_agent_coordinator_registry_workers 1.0" in ctext
+        assert 'rma_agent_coordinator_registrations_total{result="stored"}' in ctext
     finally:
         await role.stop()
     # the tombstone reached the coordinator too: the worker is gone from its registry
