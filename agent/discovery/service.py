@@ -436,7 +436,11 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
-        """Known services with live worker counts, from the "*" key and the cache."""
+        """Known services with live worker counts, from the "*" key and the cache.
+
+        The "*" answer of a large network is the storing nodes' fair sample, so counts
+        are a lower bound there; a service looked up recently counts at least what its
+        own (fresh) cached answer holds."""
         entry, source = await self._entry(ALL_SERVICES)
         now = self.clock()
         counts: dict[str, int] = {}
