@@ -83,6 +83,15 @@ def test_every_worker_found_from_every_node(net: Cluster) -> None:
                        interval=0.5)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still missing: {missing}") from None
+    # the product's own lookup (discovery, /api/services/{name}) sees the same workers
+    for via in (net.nodes["c1"], net.nodes["c2"], net.nodes["w11"], net.nodes[CLIENTS[0]]):
+        status, body = via.get("/api/services/ocr?limit=50")
+        assert status == 200 and body["source"] in ("dht", "cache"), body
+        names = {w["name"] for w in body["workers"]}
+        assert names >= expected(net, "ocr"), (via.name, sorted(expected(net, "ocr") - names))
+        status, body = via.get("/api/services")
+        counts = {s["name"]: s["workers"] for s in body["services"]}
+        assert counts.get("llm", 0) >= len(expected(net, "llm")), body
     # records of the same service from different workers coexist: one lookup returns all
     names, _ms, _rtt = net.nodes["c1"].providers("ocr")
     assert names >= expected(net, "ocr") and len(names) >= 14
