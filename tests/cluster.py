@@ -6,6 +6,21 @@ same time) and real UDP between processes. ``Cluster`` is a context manager: on 
 process it started gets SIGTERM, then SIGKILL — nothing outlives a test, even a failing one.
 
 Timings are kept small (``record_ttl``/``republish_interval``) so tests stay fast.
+
+Usage::
+
+    with Cluster(tmp_path, record_ttl=12, republish=3) as cl:
+        c1 = cl.coordinator("c1")
+        cl.start(c1)
+        cl.wait_ready(c1)
+        w = cl.worker("w1", seeds=[c1.dht_addr], services=["ocr"], mode="client")
+        cl.start(w)
+        cl.wait_ready(w)
+        names, lookup_ms, http_ms = c1.providers("ocr")     # GET /api/dht/providers/ocr
+        cl.kill(w)                                           # SIGKILL; cl.stop(w) = SIGTERM
+
+Nodes in other network namespaces: ``cl.worker(..., ip=ADDR, exec_prefix=lab.exec_argv(h))``
+(see tests/dht/test_cluster_nat.py). Logs: ``node.log_path`` / ``cl.logs_tail()``.
 """
 
 from __future__ import annotations
