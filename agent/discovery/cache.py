@@ -11,9 +11,10 @@ An entry is fresh until the first of:
 * the moment its first record would turn stale or expire (``min(expires_at,
   issued_at + 2*republish_interval)`` over its records) — past that the answer would
   shrink while the DHT already holds the worker's refreshed record, so ask again;
-* an early invalidation: a cached worker was reported (or probed) failed, or a record of
-  a cached worker with a newer ``seq`` was seen elsewhere (its load, endpoint or services
-  changed).
+* an early invalidation: a cached worker was reported (or probed) failed, or a newer
+  record of a cached worker was seen elsewhere (another lookup, or the local DHT node
+  storing it — the ``"record"`` event) that changes what an answer says: withdrawn,
+  new endpoint, services, GPU, capacity or region, or load moved by a whole slot.
 
 An empty answer is cached for at most ``NEGATIVE_TTL_S`` (a lookup storm for a service
 nobody serves must not become a DHT storm, but a new worker must show up quickly).
@@ -32,6 +33,7 @@ from typing import TypeVar
 from agent.discovery.select import CandidateSet, RecordLike
 
 NEGATIVE_TTL_S = 5.0
+LOAD_DELTA = 1.0         # a load change of a whole slot is news (workers re-announce on it)
 MAX_SERVICES = 1024
 
 T = TypeVar("T")
@@ -103,19 +105,25 @@ class ServiceCache:
         return sum(self.invalidate(s) for s in hit)
 
     def observe(self, records: Iterable[RecordLike], except_service: str | None = None) -> int:
-        """Invalidate entries holding an older ``seq`` of any of ``records``' workers."""
-        newest: dict[bytes, int] = {}
+        """Invalidate entries whose copy of a worker is materially older than one of
+        ``records`` (withdrawn, moved, changed services/GPU/capacity/region, or a load
+        change of at least one slot). A plain refresh (same content, newer ``seq``) is
+        not a reason: workers refresh every ``republish_interval``, and invalidating on
+        each would make the cache useless for large services."""
+        newest: dict[bytes, RecordLike] = {}
         for rec in records:
-            if rec.seq > newest.get(rec.worker_id, -1):
-                newest[rec.worker_id] = rec.seq
+            cur = newest.get(rec.worker_id)
+            if cur is None or rec.seq > cur.seq:
+                newest[rec.worker_id] = rec
         count = 0
         for service, entry in list(self._entries.items()):
             if service == except_service or entry.valid_until == 0.0:
                 continue
-            seqs = entry.candidates.seqs
-            for wid, seq in newest.items():
-                old = seqs.get(wid)
-                if old is not None and old < seq:
+            cs = entry.candidates
+            for wid, rec in newest.items():
+                i = cs.index.get(wid)
+                if i is not None and cs.records[i].seq < rec.seq \
+                        and material_change(cs.records[i], rec):
                     count += self.invalidate(service)
                     break
         return count
@@ -128,6 +136,14 @@ class ServiceCache:
 
     def items(self) -> list[tuple[str, CacheEntry]]:
         return list(self._entries.items())
+
+
+def material_change(old: RecordLike, new: RecordLike) -> bool:
+    """Whether ``new`` would change what an answer says about the worker."""
+    return (new.withdrawn != old.withdrawn or new.endpoint != old.endpoint
+            or tuple(new.services) != tuple(old.services) or new.gpu != old.gpu
+            or new.gpu_memory_gb != old.gpu_memory_gb or new.capacity != old.capacity
+            or new.region != old.region or abs(new.load - old.load) >= LOAD_DELTA)
 
 
 class SingleFlight:

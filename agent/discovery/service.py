@@ -203,6 +203,18 @@ class DiscoveryComponent(Component):
 
     async def start(self) -> None:
         self._ensure_session()
+        # records the local DHT node stores (if it emits them) keep cached answers honest:
+        # a withdrawal or a moved endpoint invalidates at once
+        self.agent.subscribe("record", self.observe_record)
+
+    def observe_record(self, record: RecordLike) -> None:
+        """A record seen outside a lookup (e.g. stored by the local DHT node)."""
+        try:
+            n = self.cache.observe([record])
+        except Exception as exc:  # never let a bus event break the emitter
+            log.debug("discovery: observe_record failed: %r", exc)
+            return
+        self.counts["record_invalidations"] += n
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -172,3 +172,29 @@ async def test_reload_applies_ttl_and_gpu_scores():
     assert max(res.workers, key=lambda w: w["score"])["name"] == "t4"
     clock.advance(1.1)
     assert (await comp.lookup("ocr", plain)).source == "dht"   # new ttl of 1 s
+
+
+async def test_plain_refresh_keeps_the_entry_withdrawal_event_drops_it():
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock)
+    comp.prober.top = 0                 # the records' endpoints are made up: no probes
+    await comp.start()
+    try:
+        a, b = Identity.generate(), Identity.generate()
+        ra = make_record(a, name="a", services=("ocr", "llm"), seq=5, now=clock.t)
+        dht.add(ra)
+        dht.add(make_record(b, name="b", services=("ocr", "llm"), seq=5, now=clock.t))
+        assert len((await comp.lookup("ocr")).workers) == 2
+        # the same content with a newer seq (a periodic refresh): not a reason to re-query
+        dht.add(make_record(a, name="a", services=("ocr", "llm"), seq=6, now=clock.t))
+        await comp.lookup("llm")
+        assert (await comp.lookup("ocr")).source == "cache"
+        # the local DHT node stores a's withdrawal: the bus event invalidates the entry
+        tomb = ra.tombstone(a, now=clock.t)
+        dht.add(tomb)
+        agent.emit("record", tomb)
+        res = await comp.lookup("ocr")
+        assert res.source == "dht" and [w["name"] for w in res.workers] == ["b"]
+        assert comp.counts["record_invalidations"] == 1
+    finally:
+        await comp.stop()
