@@ -187,6 +187,11 @@ def test_coordinator_ready_status_priorities_metrics(installed):
     code, metrics = c.curl(f"{API}/metrics")
     assert code == 200 and "rma_agent_" in metrics
     assert agent_stats(c)["role"] == "coordinator"
+    # What an operator types (SPEC §3): the CLI finds the agent through the installed config.
+    check = c.run("rma-agent", "check-config")
+    assert "ok: role=coordinator" in check.stdout, check.stdout
+    st = c.run("rma-agent", "status")
+    assert "coordinator" in st.stdout, st.stdout
     # journald: the agent writes "<N>" prefixes, journald turns them into PRIORITY fields
     # and strips them; the service runs as the rma-agent user.
     entries = [e for e in c.journal(UNIT, cursor) if e.get("_PID") == c.show(UNIT, "MainPID")]
@@ -263,14 +268,20 @@ def test_second_agent_joins_and_is_found_by_lookup(installed):
     restart_and_wait_active(c)
     _start_second_agent(c, "worker2", worker_toml(
         name="worker-two", dht_port=8469, http_port=8081, seeds=["127.0.0.1:8468"],
-        service="ocr-test", endpoint="https://worker-two.example.org",
+        # Its own API as endpoint: lookups probe {endpoint}/healthz and leave out workers
+        # that fail the probe, so the endpoint must answer inside the private network.
+        service="ocr-test", endpoint="http://127.0.0.1:8081",
         state_dir="/var/lib/rma-agent/worker2"))
     try:
         c.wait_for("worker2 ready", lambda: c.curl("http://127.0.0.1:8081/readyz")[0] == 200,
                    timeout=30)
         found = c.wait_for("worker-two found by lookup on the coordinator", lambda: [
             w for w in _lookup(c, "ocr-test", API) if w.get("name") == "worker-two"], timeout=30)
-        assert found[0]["endpoint"] == "https://worker-two.example.org"
+        assert found[0]["endpoint"] == "http://127.0.0.1:8081"
+        # Still found after the health probe, and through the CLI (limit=10, other cache key).
+        time.sleep(1.5)
+        out = c.run("rma-agent", "lookup", "ocr-test", "--json").stdout
+        assert "worker-two" in out, out
         assert agent_stats(c)["peers"] >= 1
     finally:
         c.run("systemctl", "stop", "worker2.service", check=False)
@@ -304,6 +315,8 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
         hostname = json.loads(body)["hostname"]
         assert hostname.endswith(".trycloudflare.com")
         want = f"https://{hostname}"
+        c.wait_for("endpoint learned from the tunnel",
+                   lambda: agent_stats(c).get("worker", {}).get("endpoint") == want, timeout=30)
         found = c.wait_for(f"tunnel-worker announced as {want}", lambda: [
             w for w in _lookup(c, "tunnel-test", "http://127.0.0.1:8082")
             if w.get("endpoint") == want], timeout=40)
