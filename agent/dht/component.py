@@ -214,6 +214,10 @@ class DHTComponent(Component):
         assert self.node is not None
         if self.joined and not self._rejoin:
             if self.peers() > 0:
+                if not self._mode_decided:
+                    # joined while no seed answered the probe (e.g. seeds still starting):
+                    # keep asking, or a reachable box would stay a client for good
+                    await self._decide_mode(await self._gather_seeds())
                 return
             log.warning("dht: routing table is empty: rejoining")
             self.joined = False
@@ -265,7 +269,7 @@ class DHTComponent(Component):
                     log.warning("dht: join attempt failed: %s", exc)
             if self.joined:
                 backoff = BACKOFF_START
-                delay = MAINTAIN_INTERVAL
+                delay = MAINTAIN_INTERVAL if self._mode_decided else BACKOFF_START
             elif not self._seed_count:
                 delay = MAINTAIN_INTERVAL / 2   # seedless: watch for inbound peers / snapshot
             else:

@@ -82,6 +82,9 @@ def test_nat_worker_runs_as_client_and_is_found_under_loss(tmp_path: Path) -> No
                 wait_for(lambda h=host: _get(lab, h, "/readyz")[0] == 200, 30,
                          what=f"{host} ready")
 
+            # auto mode settles once a seed answers the reachability probe
+            wait_for(lambda: _get(lab, "pub", "/api/dht/stats")[1]["mode"] == "server", 15,
+                     what="public worker turns server")
             stats = {h: _get(lab, h, "/api/dht/stats")[1] for h in cfgs}
             assert stats["pub"]["mode"] == "server", stats["pub"]
             assert stats["home"]["mode"] == "client", (
