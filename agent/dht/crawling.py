@@ -21,6 +21,8 @@ the first node holding a value. ``Crawl`` here is event-driven:
 ``ProviderLookup`` uses it with ``find_providers`` and keeps going past the first node that
 has records: it merges the records of every answering node among the ``width`` closest
 (newest ``seq`` per worker wins, tombstones included so a withdrawal beats a stale copy).
+Each node is asked for a different page of its records; pages no answer covered are then
+fetched from the node holding the most records (at most ``MAX_FOLLOWUPS``).
 ``NodeLookup`` uses ``find_node`` and returns the closest nodes that answered (for
 announces and bootstrap).
 """
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 NEW, INFLIGHT, ANSWERED, FAILED, HEDGED = 0, 1, 2, 3, 4
 MAX_RECORDS_PER_ANSWER = 64
+MAX_FOLLOWUPS = 8
 HEDGE_MIN = 0.003
 HEDGE_MAX = 0.1
 
@@ -233,12 +236,16 @@ class ProviderLookup(Crawl):
         self.seen: set[bytes] = set()
         self.rejected = 0
         self._page = random.getrandbits(16)
+        self._asked: dict[bytes, int] = {}
+        # (total, pages, distance rank, node, page asked) of each answer that had pages
+        self._paged: list[tuple[int, int, int, Node, int]] = []
+        self.followups = 0
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
         # each queried node gets a different page of its non-best records (see storage)
-        self._page += 1
-        return await self.protocol.call_find_providers(node, self.target,
-                                                       self._page % 2**32)
+        self._page = (self._page + 1) % 2**32
+        self._asked[node.id] = self._page
+        return await self.protocol.call_find_providers(node, self.target, self._page)
 
     def merge(self, rec: WorkerRecord) -> None:
         old = self.records.get(rec.worker_id)
@@ -249,6 +256,11 @@ class ProviderLookup(Crawl):
         if not isinstance(data, dict):
             self.protocol.drops["bad_answer"] += 1
             return
+        total, pages = data.get("total"), data.get("pages")
+        if (type(total) is int and type(pages) is int and 0 < pages <= 1_000_000
+                and node.id in self._asked):
+            self._paged.append((total, pages, -(node.long_id ^ self.tlong), node,
+                                self._asked[node.id]))
         nodes = data.get("nodes")
         if isinstance(nodes, list):
             # most entries are already known: skip them before the full validation
@@ -258,7 +270,9 @@ class ProviderLookup(Crawl):
                              and n[0] in state)]
             if fresh:
                 self.add_triples(parse_nodes(fresh))
-        recs = data.get("records")
+        self._merge_records(data.get("records"))
+
+    def _merge_records(self, recs: Any) -> None:
         if not isinstance(recs, list):
             return
         for b in recs[:MAX_RECORDS_PER_ANSWER]:
@@ -275,8 +289,26 @@ class ProviderLookup(Crawl):
                 continue
             self.merge(rec)
 
+    async def _fetch_missing_pages(self) -> None:
+        """Ask the answered node holding the most records (the closest among equals) for
+        the pages no answer covered yet, up to ``MAX_FOLLOWUPS`` in parallel."""
+        if not self._paged:
+            return
+        _total, pages, _rank, node, _p = max(self._paged, key=lambda t: (t[0], t[2]))
+        have = {p % pages for t, pg, _r, _n, p in self._paged if pg == pages}
+        missing = [i for i in range(pages) if i not in have][:MAX_FOLLOWUPS]
+        if not missing:
+            return
+        self.followups += len(missing)
+        results = await asyncio.gather(
+            *(self.protocol.call_find_providers(node, self.target, i) for i in missing))
+        for ok, data in results:
+            if ok and isinstance(data, dict):
+                self._merge_records(data.get("records"))
+
     async def find(self) -> list[WorkerRecord]:
         """Merged, live (not withdrawn, not expired) records."""
         await self.run()
+        await self._fetch_missing_pages()
         return [r for r in self.records.values()
                 if not r.withdrawn and r.expires_at > self.now]

@@ -15,10 +15,20 @@ result), so it still talks to plain kademlia peers for ping/find_node. What chan
 * **Adaptive timeouts.** Each peer address has a Jacobson/Karels estimator
   (RTO = SRTT + 4·RTTVAR, clamped to [``rto_min``, ``rto_max``]; an unknown peer gets the
   node-wide estimate, or ``rto_initial`` before any sample); a timeout doubles that peer's
-  RTO (Karn). A missed reply is counted, never logged at ERROR.
-* **Dead contacts leave fast**: after ``dead_after`` consecutive timeouts (default 2) the
-  contact is removed from the routing table, and crawls skip peers that failed recently
-  (``is_suspect``) instead of waiting on them again.
+  RTO (Karn); a reply that arrives after its timeout still feeds the estimators. A timer
+  that fires late because our own loop was busy is re-armed (up to 3 times) instead of
+  blaming the peer, and every timeout waits one more loop turn so a reply already in the
+  socket buffer is read first. A missed reply is counted, never logged at ERROR.
+  Defaults: floor 200 ms, ceiling 2 s, initial 500 ms. The floor is well above a LAN RTT
+  on purpose: lookups do not wait for timeouts (crawls hedge after a few RTTs, see
+  ``crawling``), so the RTO only decides when a peer is *declared* unresponsive, and a
+  busy process (GC pause, a burst of announces) must not evict live contacts. At most
+  ``max_inflight`` (64) requests are on the wire at once; a burst queues before its
+  timers start.
+* **Dead contacts leave fast**: a routing contact that misses a reply is pinged at once;
+  after ``dead_after`` consecutive misses (default 2, i.e. about half a second) it is
+  removed from the routing table. Crawls skip peers that failed recently
+  (``is_suspect``), and any late reply clears a peer's failures.
 * **No re-store storm.** ``welcome_if_new`` adds the contact and hands over only the keys
   for which the newcomer is now among the k closest *and* this node was the closest
   holder, at most ``HANDOFF_KEYS`` keys per newcomer, once per newcomer per minute, under
@@ -70,6 +80,25 @@ TOMBSTONE_WINDOW = 600.0            # tombstones younger than this ride along in
 HANDOFF_KEYS = 16                   # keys handed to one newcomer
 HANDOFF_RECORDS = 64                # records handed to one newcomer
 SUSPECT_TTL = 60.0                  # crawls skip a peer this long after a failure
+
+
+class _Pending:
+    """One request awaiting its reply."""
+
+    __slots__ = ("address", "deadline", "extensions", "fut", "graced", "name", "sent_at",
+                 "timer", "wait")
+
+    def __init__(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle,
+                 address: tuple[str, int], sent_at: float, name: str, wait: float) -> None:
+        self.fut = fut
+        self.timer = timer
+        self.address = address
+        self.sent_at = sent_at
+        self.name = name
+        self.wait = wait
+        self.deadline = sent_at + wait
+        self.extensions = 0
+        self.graced = False
 
 
 class TokenBucket:
@@ -230,9 +259,10 @@ class RMAProtocol(KademliaProtocol):
     """Hardened kademlia protocol with provider-record RPCs (see module docstring)."""
 
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
-                 mode: str = "server", rto_min: float = 0.05, rto_max: float = 2.0,
+                 mode: str = "server", rto_min: float = 0.2, rto_max: float = 2.0,
                  rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
-                 handoff_rate: float = 200.0, reply_rate: float = 2_000_000.0) -> None:
+                 handoff_rate: float = 200.0, reply_rate: float = 2_000_000.0,
+                 max_inflight: int = 64) -> None:
         RPCProtocol.__init__(self, wait_timeout=rto_max)
         self.router = RoutingTable(self, ksize, source_node)
         self.storage = storage
@@ -244,12 +274,18 @@ class RMAProtocol(KademliaProtocol):
         self.max_skew = max_skew
         self.loop = asyncio.get_event_loop()
         # msg_id -> (future, timer, address, sent_at, rpc name)
-        self._outstanding: dict[bytes, tuple[asyncio.Future[Any], asyncio.TimerHandle,
-                                             tuple[str, int], float, str]] = {}
+        self._outstanding: dict[bytes, _Pending] = {}
+        # at most max_inflight requests on the wire: a burst (a coordinator republishing
+        # hundreds of records) queues here, before its timers start, instead of timing
+        # out on replies that are merely queued behind it
+        self._slots = asyncio.Semaphore(max_inflight)
+        self.queued = 0
+        self.timeout_extensions = 0
         self._rtt: OrderedDict[tuple[str, int], RttEstimator] = OrderedDict()
         self._rtt_global = RttEstimator()
         self.fast_rtt: float | None = None
         self._fails: dict[bytes, tuple[int, float]] = {}
+        self._fail_addr: dict[tuple[str, int], bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         self._handoff_bucket = TokenBucket(handoff_rate, handoff_rate)
         self._reach_bucket = TokenBucket(5.0, 10.0)
@@ -417,17 +453,18 @@ class RMAProtocol(KademliaProtocol):
                 sent_to, sent_at = late
                 if (_norm_host(address[0]), address[1]) == (_norm_host(sent_to[0]), sent_to[1]):
                     self._rtt_sample(sent_to, self.loop.time() - sent_at)
+                    self._alive(sent_to)
                 return None
             return self._drop("unknown_msgid", address)
-        fut, timer, sent_to, sent_at, _name = entry
+        sent_to = entry.address
         if address != sent_to and ((_norm_host(address[0]), address[1])
                                    != (_norm_host(sent_to[0]), sent_to[1])):
             return self._drop("addr_mismatch", address)
         del self._outstanding[msg_id]
-        timer.cancel()
-        self._rtt_sample(sent_to, self.loop.time() - sent_at)
-        if not fut.done():
-            fut.set_result((True, data))
+        entry.timer.cancel()
+        self._rtt_sample(sent_to, self.loop.time() - entry.sent_at)
+        if not entry.fut.done():
+            entry.fut.set_result((True, data))
         return None
 
     def _rtt_sample(self, address: tuple[str, int], rtt: float) -> None:
@@ -461,28 +498,56 @@ class RMAProtocol(KademliaProtocol):
         payload = msgpack.packb([name, args], use_bin_type=True)
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"rpc {name}: request of {len(payload)} bytes exceeds 8 KiB")
-        msg_id = os.urandom(20)
+        if self._slots.locked():
+            self.queued += 1
+        async with self._slots:
+            return await self._send_and_wait(address, name, payload, timeout)
+
+    async def _send_and_wait(self, address: tuple[str, int], name: str, payload: bytes,
+                             timeout: float | None) -> tuple[bool, Any]:  # noqa: ASYNC109
         loop = self.loop
+        msg_id = os.urandom(20)
         fut: asyncio.Future[Any] = loop.create_future()
         wait = self.rto(address) if timeout is None else timeout
-        timer = loop.call_later(wait, self._timeout, msg_id)
-        self._outstanding[msg_id] = (fut, timer, address, loop.time(), name)
+        now = loop.time()
+        entry = _Pending(fut, loop.call_later(wait, self._timeout, msg_id), address, now,
+                         name, wait)
+        self._outstanding[msg_id] = entry
         self.tx[name] += 1
         if not self._send(b"\x00" + msg_id + payload, address):
-            timer.cancel()
+            entry.timer.cancel()
             self._outstanding.pop(msg_id, None)
             return (False, None)
         try:
             return await fut
         finally:
             if msg_id in self._outstanding:  # cancelled while waiting
-                self._outstanding.pop(msg_id)[1].cancel()
+                self._outstanding.pop(msg_id).timer.cancel()
 
     def _timeout(self, msg_id: bytes) -> None:  # type: ignore[override]
-        entry = self._outstanding.pop(msg_id, None)
+        """A request's timer fired. Before calling the peer unresponsive, make sure it is
+        not our own loop that was slow: if the timer fired late (the loop was busy), or
+        the reply may be sitting unread in the socket buffer, re-arm it (bounded)."""
+        entry = self._outstanding.get(msg_id)
         if entry is None:
             return
-        fut, _timer, address, sent_at, name = entry
+        loop = self.loop
+        now = loop.time()
+        lag = now - entry.deadline
+        if entry.extensions < 3 and lag > max(0.005, 0.25 * entry.wait):
+            entry.extensions += 1
+            entry.deadline = now + entry.wait
+            entry.timer = loop.call_later(entry.wait, self._timeout, msg_id)
+            self.timeout_extensions += 1
+            return
+        if not entry.graced:
+            # one more loop turn: a poll phase runs before this fires again
+            entry.graced = True
+            entry.deadline = now
+            entry.timer = loop.call_later(0, self._timeout, msg_id)
+            return
+        del self._outstanding[msg_id]
+        fut, address, sent_at, name = entry.fut, entry.address, entry.sent_at, entry.name
         self.timeouts[name] += 1
         self._late[msg_id] = (address, sent_at)
         if len(self._late) > 2048:
@@ -504,10 +569,10 @@ class RMAProtocol(KademliaProtocol):
 
     def close(self) -> None:
         """Fail every outstanding request and cancel handler tasks (on stop)."""
-        for fut, timer, *_ in list(self._outstanding.values()):
-            timer.cancel()
-            if not fut.done():
-                fut.set_result((False, None))
+        for entry in list(self._outstanding.values()):
+            entry.timer.cancel()
+            if not entry.fut.done():
+                entry.fut.set_result((False, None))
         self._outstanding.clear()
         for t in list(self._tasks):
             t.cancel()
@@ -598,6 +663,7 @@ class RMAProtocol(KademliaProtocol):
         if not result[0]:
             fails = self._fails.get(node.id, (0, 0.0))[0] + 1
             self._fails[node.id] = (fails, time.monotonic())
+            self._fail_addr[(node.ip, node.port)] = node.id
             if len(self._fails) > 8192:
                 self._prune_fails()
             if fails >= self.dead_after:
@@ -606,6 +672,11 @@ class RMAProtocol(KademliaProtocol):
                     self.removed_contacts += 1
                 except Exception:  # a contact not in the table
                     pass
+            elif not self.router.is_new_node(node) and self._verify_bucket.take():
+                # a routing contact missed a reply: ping it now rather than wait for the
+                # next lookup to stumble on it (crawls skip suspects, so that may never
+                # come) — a dead contact leaves after ``dead_after`` misses in a row
+                self._spawn(self.call_ping(node))
             return result
         if self._fails:
             self._fails.pop(node.id, None)
@@ -615,6 +686,14 @@ class RMAProtocol(KademliaProtocol):
     def _prune_fails(self) -> None:
         cutoff = time.monotonic() - SUSPECT_TTL
         self._fails = {k: v for k, v in self._fails.items() if v[1] >= cutoff}
+        self._fail_addr = {a: i for a, i in self._fail_addr.items() if i in self._fails}
+
+    def _alive(self, address: tuple[str, int]) -> None:
+        """A (late) reply came from ``address``: whatever timed out there was our
+        congestion, not a dead peer — forget its failures."""
+        nid = self._fail_addr.pop(address, None)
+        if nid is not None:
+            self._fails.pop(nid, None)
 
     def is_suspect(self, node_id: bytes) -> bool:
         """Failed recently without answering since: crawls skip such peers."""
@@ -689,23 +768,25 @@ class RMAProtocol(KademliaProtocol):
         return False
 
     def rpc_find_providers(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
-                           page: int | None = None) -> dict[str, list[Any]]:
-        """Up to 24 records (see ProviderStorage.get; ``page`` picks which window of the
-        non-best records) + recent tombstones + the k closest nodes we know, truncated so
-        the whole answer fits in one datagram."""
+                           page: int | None = None) -> dict[str, Any]:
+        """``{"records", "nodes", "total", "pages"}``: up to 20 records (the 10 best plus
+        page ``page`` of the rest, see ``ProviderStorage``), then recent tombstones while
+        space remains, the k closest nodes we know, how many live records we hold and in
+        how many pages. Always fits one datagram: 20 maximum-size records and 20 contacts
+        take < 8 KiB; tombstones only fill what is left."""
         self._welcome_sender(sender, nodeid)
         now = time.time()
         nodes = self._neighbors(sender, nodeid, key)
-        records = (self.storage.tombstones(key, since=now - TOMBSTONE_WINDOW, now=now)
-                   + self.storage.get_encoded(key, ANSWER_LIMIT, now, page))
+        total, pages = self.storage.pages(key, ANSWER_LIMIT, now)
         budget = MAX_PAYLOAD - len(msgpack.packb(nodes, use_bin_type=True)) - 64
         out = []
-        for r in records:
+        for r in (self.storage.get_encoded(key, ANSWER_LIMIT, now, page)
+                  + self.storage.tombstones(key, since=now - TOMBSTONE_WINDOW, now=now)):
             budget -= len(r) + 3
             if budget < 0:
                 break
             out.append(r)
-        return {"records": out, "nodes": nodes}
+        return {"records": out, "nodes": nodes, "total": total, "pages": pages}
 
     async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes, port: int) -> bool:
         """Ping ``sender_ip:port`` back; True if it answered (``mode = "auto"``).
@@ -767,5 +848,7 @@ class RMAProtocol(KademliaProtocol):
             "outstanding": len(self._outstanding),
             "removed_contacts": self.removed_contacts,
             "late_responses": self.late_responses,
+            "timeout_extensions": self.timeout_extensions,
+            "queued_requests": self.queued,
             "handoffs": self.handoffs,
         }

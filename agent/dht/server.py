@@ -58,7 +58,7 @@ class DHTNode(Server):
                  refresh_interval: float = 900.0, cull_interval: float = 30.0,
                  lookup_width: int | None = None, closest_ttl: float = 120.0,
                  trusted: tuple[Any, ...] | list[Any] | set[Any] = (),
-                 rto_min: float = 0.05, rto_max: float = 2.0, rto_initial: float = 0.5,
+                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
                  dead_after: int = 2, max_skew: float = 30.0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

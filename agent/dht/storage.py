@@ -18,15 +18,15 @@ republishes the records of many workers from one address; list its IP (or ``(ip,
 in ``trusted`` to exempt it from the per-sender bound (the total bounds still apply).
 Records stored by this node itself (``sender=None``) are exempt as well.
 
-Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 24) live records. When
+Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
 more are stored, half the answer is the best-ranked ones — lowest utilisation
 (``load / capacity``) first, ties broken by freshest ``issued_at`` — and the other half is
-a uniform random sample of the rest, or, when the asker passes a ``page`` number, window
-``page`` of the rest in worker-id order. A lookup asks each of the (at least 6) nodes it
-queries for a different page, so it sees the best 12 plus up to 6 x 12 others: every
-worker of a service with up to ~84 workers, and a rotating fair sample beyond that. The RPC layer
-truncates further when needed so the answer fits one 8 KiB datagram (24 typical records of
-~260 bytes plus 20 contacts do).
+a uniform random sample of the rest, or, when the asker passes a ``page`` number, page
+``page % pages`` of the rest in worker-id order (``pages()`` says how many there are). A
+lookup asks each node it queries for a different page and then fetches the pages it is
+still missing (up to 8 more), so it sees every worker of a service with up to ~150
+workers, and a fair sample beyond that. 20 records of the maximum size (340 bytes) plus 20
+contacts always fit one 8 KiB datagram.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from kademlia.storage import IStorage
 
 from agent.dht.record import RecordError, WorkerRecord
 
-ANSWER_LIMIT = 24
+ANSWER_LIMIT = 20
 Sender = tuple[str, int] | None
 
 
@@ -238,20 +238,29 @@ class ProviderStorage(IStorage):
             return live
         best = (limit + 1) // 2
         rest, m = live[best:], limit - best
-        if page is None:
+        if page is None or m == 0:
             return live[:best] + self._rng.sample(rest, m)
-        # a window of the rest in worker-id order: a lookup asking its nodes for
-        # pages 0, 1, 2, ... covers best + pages * m distinct records, not a random overlap
+        # page ``page % pages`` of the rest in worker-id order: a lookup that asks its
+        # nodes for different pages (and fetches any page it missed) sees every record
         rest.sort(key=lambda e: e.record.worker_id)
-        start = (page * m) % len(rest)
-        window = rest[start:start + m]
-        if len(window) < m:
-            window += rest[:m - len(window)]
-        return live[:best] + window
+        idx = page % -(-len(rest) // m)
+        return live[:best] + rest[idx * m:(idx + 1) * m]
+
+    def pages(self, key: bytes, limit: int | None = None,
+              now: float | None = None) -> tuple[int, int]:
+        """``(live records, pages)`` for ``key``: how many pages of the non-best records
+        an answer of ``limit`` has (0 when one answer holds everything)."""
+        now = time.time() if now is None else now
+        n = len(self._ranked_live(key, now))
+        limit = ANSWER_LIMIT if limit is None else max(0, limit)
+        if n <= limit:
+            return n, 0
+        m = limit - (limit + 1) // 2
+        return n, (-(-(n - (limit + 1) // 2) // m) if m else 0)
 
     def get(self, key: bytes, limit: int | None = None, now: float | None = None,
             default: Any = None) -> Any:
-        """Up to ``limit`` (default 24) live, non-withdrawn records for ``key``: the best
+        """Up to ``limit`` (default 20) live, non-withdrawn records for ``key``: the best
         half by (utilisation, freshness) plus a random sample of the rest (see module doc).
 
         Also serves kademlia's ``IStorage.get(key, default)`` call shape: when nothing is
@@ -266,7 +275,7 @@ class ProviderStorage(IStorage):
     def get_encoded(self, key: bytes, limit: int | None = None,
                     now: float | None = None, page: int | None = None) -> list[bytes]:
         """Like ``get`` but the canonical bytes (what the find_providers RPC sends).
-        ``page`` replaces the random half by window ``page`` of the non-best records in
+        ``page`` replaces the random half by page ``page`` of the non-best records in
         worker-id order (the lookup asks each node for a different page)."""
         now = time.time() if now is None else now
         return [e.encoded for e in self._sample(key, limit, now, page)]

@@ -142,3 +142,22 @@ def test_kademlia_istorage_surface_inert():
         s[b"k" * 20] = b"plain value"
     assert list(s) == [] and s.iter_older_than(0) == []
     assert s.get(b"k" * 20, default="d") == "d"
+
+
+def test_pages_partition_the_rest():
+    s = ProviderStorage()
+    ids = [Identity.generate() for _ in range(47)]
+    for n, i in enumerate(ids):
+        s.put(KEY, make(i, load=float(n), capacity=100))
+    total, pages = s.pages(KEY, limit=20)
+    assert (total, pages) == (47, 4)  # 10 best + 37 others in pages of 10
+    seen = []
+    for p in range(pages):
+        got = s.get_encoded(KEY, limit=20, page=p)
+        assert got[:10] == s.get_encoded(KEY, limit=20, page=p + 4)[:10]  # best 10 each time
+        seen.extend(got[10:])
+    assert len(seen) == 37 and len(set(seen)) == 37  # every other record exactly once
+    assert s.get_encoded(KEY, limit=20, page=5) == s.get_encoded(KEY, limit=20, page=1)
+    small = ProviderStorage()
+    small.put(KEY, make(ids[0]))
+    assert small.pages(KEY) == (1, 0)
