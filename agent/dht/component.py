@@ -69,6 +69,9 @@ class DHTComponent(Component):
         # the mode actually in force ("server" | "client"); "auto" is decided at join time
         self.mode = cfg.dht.mode if cfg.dht.mode in ("server", "client") else "client"
         self._mode_decided = cfg.dht.mode != "auto"
+        self._said_undecided = False
+        self._probe_backoff = BACKOFF_START
+        self._next_probe = 0.0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._rejoin = False
@@ -179,15 +182,20 @@ class DHTComponent(Component):
         self._seed_failures = failures
         return addrs
 
-    async def _decide_mode(self, seeds: list[tuple[str, int]]) -> None:
-        """``mode = "auto"``: ask up to three seeds to ping us back on our UDP port.
+    async def _decide_mode(self, seeds: list[tuple[str, int]], *, after_traffic: bool = False
+                           ) -> None:
+        """``mode = "auto"``: ask up to three seeds to ping us back.
 
-        The question goes out from a separate, ephemeral socket (see ``probe_reachable``)
-        and before our DHT socket has sent anything to the seed: behind a NAT, a seed's
-        ping to the DHT port then has no connection-tracking entry to ride on and is
-        dropped, as it would be for any other peer. Asked from the DHT socket itself, the
-        ping-back would pass as a "reply" and every NAT-ed node would wrongly turn server.
-        No answer at all (seeds down) leaves the mode undecided, to ask again next join.
+        Before joining, the question goes out from a separate, ephemeral socket and asks
+        for a ping to our DHT port, while our DHT socket has sent nothing to the seed yet:
+        behind a NAT the seed's ping then has no connection-tracking entry to ride on and
+        is dropped, as any stranger's would be. (Asked from the DHT socket itself, the
+        ping-back would pass as a "reply" and every NAT-ed node would turn server.)
+
+        Once joined (``after_traffic``: the seeds answered the DHT but not the probe,
+        e.g. they were still starting), our DHT socket has talked to them, so the ping
+        goes to a *fresh* port instead, which no NAT has a mapping for: reachable only
+        if inbound UDP really is open. No answer at all leaves the mode undecided.
         """
         assert self.node is not None
         port = self.node.port or self.agent.config.dht.listen.port
@@ -196,12 +204,16 @@ class DHTComponent(Component):
         asked = 0
         for seed in seeds[:3]:
             asked += 1
-            verdict = await probe_reachable(seed, port, host, timeout=REACHABLE_TIMEOUT)
+            verdict = await probe_reachable(seed, None if after_traffic else port, host,
+                                            timeout=REACHABLE_TIMEOUT,
+                                            node_id=self.identity.node_id)
             if verdict:
                 break
         if verdict is None:
-            log.info("dht: mode auto: no seed answered the reachability probe; asking again "
-                     "at the next join attempt (client until then)")
+            if not self._said_undecided:
+                self._said_undecided = True
+                log.info("dht: mode auto: no seed answered the reachability probe; asking "
+                         "again with backoff (client until then)")
             return
         self.mode = "server" if verdict else "client"
         self.node.set_mode(self.mode)
@@ -214,10 +226,12 @@ class DHTComponent(Component):
         assert self.node is not None
         if self.joined and not self._rejoin:
             if self.peers() > 0:
-                if not self._mode_decided:
+                if not self._mode_decided and time.monotonic() >= self._next_probe:
                     # joined while no seed answered the probe (e.g. seeds still starting):
                     # keep asking, or a reachable box would stay a client for good
-                    await self._decide_mode(await self._gather_seeds())
+                    await self._decide_mode(await self._gather_seeds(), after_traffic=True)
+                    self._probe_backoff = min(self._probe_backoff * 2, BACKOFF_MAX)
+                    self._next_probe = time.monotonic() + self._probe_backoff
                 return
             log.warning("dht: routing table is empty: rejoining")
             self.joined = False
@@ -310,6 +324,7 @@ class DHTComponent(Component):
             # that as a store); report 0 so the worker falls back to the coordinators.
             self._announce_failures += 1
             return 0
+        self._drop_thin_closest(record)
         try:
             stored = int(await self.node.announce(record) or 0)
         except asyncio.CancelledError:
@@ -320,6 +335,30 @@ class DHTComponent(Component):
         if stored == 0:
             self._announce_failures += 1
         return stored
+
+    def _drop_thin_closest(self, record: WorkerRecord) -> None:
+        """Forget cached closest-node sets that are thinner than the network now is.
+
+        ``DHTNode`` caches each key's k closest nodes for ``closest_ttl`` (120 s). A set
+        cached while the network was still small (a worker that joined among the first)
+        holds only those few nodes, and every republish for two minutes went to them
+        alone: the record sat on 2 nodes instead of k, and lookups whose crawl did not
+        pass those nodes missed it (seen in the 22-agent test). A set smaller than
+        min(k, contacts we know) is certainly stale; dropping it makes the announce crawl
+        afresh. Reads the node's cache defensively: absent, it does nothing.
+        """
+        cache = getattr(self.node, "_closest", None)
+        if not isinstance(cache, dict):
+            return
+        want = min(self.agent.config.dht.ksize, self.peers())
+        for key in record.keys():
+            hit = cache.get(key)
+            try:
+                thin = hit is not None and len(hit[1]) < want
+            except (TypeError, IndexError):
+                thin = False
+            if thin:
+                cache.pop(key, None)
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
         """Live (verified, not withdrawn) records for ``service``, newest seq per worker."""
@@ -432,6 +471,8 @@ class DHTComponent(Component):
 
 
 class _ProbeProtocol(asyncio.DatagramProtocol):
+    """The asking socket: waits for the ``reachable`` answer with our message id."""
+
     def __init__(self, msg_id: bytes, fut: asyncio.Future[Any]) -> None:
         self.msg_id = msg_id
         self.fut = fut
@@ -445,30 +486,60 @@ class _ProbeProtocol(asyncio.DatagramProtocol):
             self.fut.set_result(None)
 
 
-async def probe_reachable(seed: tuple[str, int], port: int, host: str = "0.0.0.0", *,
-                          timeout: float = REACHABLE_TIMEOUT) -> bool | None:  # noqa: ASYNC109
-    """Ask ``seed`` (RPC ``reachable``) to ping our DHT ``port``, sending the question
-    from a fresh ephemeral socket on ``host``. True/False is the seed's verdict; None
-    when the seed did not answer at all. Wire format: rpcudp's (kind byte, 20-byte id,
-    msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
+class _PingResponder(asyncio.DatagramProtocol):
+    """A fresh port that answers ``ping`` like a DHT node (for the post-join probe)."""
+
+    def __init__(self, node_id: bytes) -> None:
+        self.node_id = node_id
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) < 22 or data[0] != 0 or self.transport is None:
+            return
+        try:
+            msg = msgpack.unpackb(data[21:], raw=False)
+        except Exception:
+            return
+        if isinstance(msg, list) and len(msg) == 2 and msg[0] == "ping":
+            self.transport.sendto(b"\x01" + data[1:21]
+                                  + msgpack.packb(self.node_id, use_bin_type=True), addr)
+
+
+async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "0.0.0.0", *,
+                          timeout: float = REACHABLE_TIMEOUT,  # noqa: ASYNC109
+                          node_id: bytes = bytes(20)) -> bool | None:
+    """Ask ``seed`` (RPC ``reachable``) to ping us on ``port``, sending the question from
+    a fresh ephemeral socket on ``host``. ``port=None``: ping a second fresh socket that
+    answers like a node (a port no NAT has a mapping for). True/False is the seed's
+    verdict; None when the seed did not answer at all. Wire format: rpcudp's (kind byte,
+    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
     loop = asyncio.get_running_loop()
     msg_id = os.urandom(20)
     fut: asyncio.Future[Any] = loop.create_future()
     bind = "::" if ":" in seed[0] else ("0.0.0.0" if ":" in host else host)
+    transports: list[asyncio.BaseTransport] = []
     try:
-        transport, _ = await loop.create_datagram_endpoint(
+        asker, _ = await loop.create_datagram_endpoint(
             lambda: _ProbeProtocol(msg_id, fut), local_addr=(bind, 0))
-    except OSError as exc:
-        log.debug("dht: cannot open a probe socket: %s", exc)
-        return None
-    try:
-        transport.sendto(b"\x00" + msg_id + msgpack.packb(["reachable", [b"", int(port)]],
-                                                           use_bin_type=True), seed)
+        transports.append(asker)
+        if port is None:
+            target, _ = await loop.create_datagram_endpoint(
+                lambda: _PingResponder(node_id), local_addr=(bind, 0))
+            transports.append(target)
+            port = int(target.get_extra_info("sockname")[1])
+        asker.sendto(b"\x00" + msg_id + msgpack.packb(["reachable", [b"", int(port)]],
+                                                       use_bin_type=True), seed)
         result = await asyncio.wait_for(fut, timeout)
-    except (TimeoutError, OSError):
+    except (TimeoutError, OSError) as exc:
+        if isinstance(exc, OSError):
+            log.debug("dht: reachability probe via %s failed: %s", seed, exc)
         return None
     finally:
-        transport.close()
+        for t in transports:
+            t.close()
     return result is True
 
 

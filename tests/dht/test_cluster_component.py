@@ -144,6 +144,8 @@ async def test_reachability_probe(tmp_path) -> None:
         # nothing listens on this port: the seed answers "not reachable"
         closed = free_udp_port("127.0.0.1")
         assert await probe_reachable(("127.0.0.1", a.node.port), closed, "127.0.0.1") is False
+        # a fresh port of ours (post-join probe): answered by a stand-in responder
+        assert await probe_reachable(("127.0.0.1", a.node.port), None, "127.0.0.1") is True
         # the "seed" itself is dead: no verdict at all
         assert await probe_reachable(("127.0.0.1", closed), b.node.port, "127.0.0.1",
                                      timeout=0.5) is None
@@ -254,3 +256,43 @@ async def test_coordinator_republish_is_not_capped_by_per_sender_bound(tmp_path)
         await client.close()
         for x in (c, b, a):
             await x.stop()
+
+
+async def test_announce_recrawls_a_closest_set_cached_while_the_network_was_small(
+        tmp_path) -> None:
+    """A worker that announced among the first nodes must not keep republishing to those
+    few nodes once the network has grown (DHTNode caches closest sets for 120 s)."""
+    from agent.dht.identity import Identity
+    from agent.dht.server import DHTNode
+
+    seed = _component(tmp_path, "seed", role="coordinator")
+    await seed.start()
+    assert seed.node is not None
+    w = _component(tmp_path, "w", seeds=(_seed(seed),))
+    await w.start()
+    others: list[DHTNode] = []
+    try:
+        await _until(lambda: w.joined)
+
+        def rec() -> WorkerRecord:
+            return WorkerRecord.create(w.identity, name="w", services=["ocr"],
+                                       endpoint="https://w", gpu="T4", gpu_memory_gb=1.0,
+                                       load=0.0, capacity=1, region="", ttl=60)
+
+        first = await w.announce(rec())
+        assert first <= 4                    # 2 keys x (seed + local copy)
+        for _ in range(24):
+            n = DHTNode(Identity.generate())
+            await n.listen(0, "127.0.0.1")
+            await n.bootstrap([("127.0.0.1", seed.node.port)])
+            others.append(n)
+        await _until(lambda: w.peers() >= 20)
+        again = await w.announce(rec())
+        assert again >= 30, again            # re-crawled: stored on ~k nodes per key
+        found = [bool(await n.find_providers("ocr")) for n in others]
+        assert all(found)
+    finally:
+        for n in others:
+            n.stop()
+        await w.stop()
+        await seed.stop()

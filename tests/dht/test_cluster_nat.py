@@ -8,9 +8,11 @@ everyone while sitting in nobody's routing table.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import REPO, Cluster, wait_until
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("agent.dht.server", reason="the DHT node is not in this tree yet")
@@ -46,3 +48,17 @@ def test_auto_mode_behind_nat(tmp_path) -> None:
         for observer in (coord, pub):
             ids = {n["id"] for n in observer.get("/api/dht/topology")[1]["nodes"]}
             assert home_id not in ids, f"{observer.name} put the NAT-ed node in its table"
+
+        # The post-join probe (auto mode still undecided after joining) pings a fresh
+        # port: after DHT traffic to the seed, a port-preserving NAT could let a ping to
+        # the DHT port through on the existing mapping; a fresh port has no mapping.
+        def probe(host: str, port: str) -> str:
+            seed = hosts["coord"]
+            code = (f"import asyncio, sys; sys.path.insert(0, {str(REPO)!r}); "
+                    "from agent.dht.component import probe_reachable; "
+                    f"print(asyncio.run(probe_reachable(({seed!r}, 8468), {port}, '0.0.0.0')))")
+            res = lab.run(host, sys.executable, "-c", code, timeout=20)
+            assert res.returncode == 0, res.stderr
+            return res.stdout.strip()
+        assert probe("home", "None") == "False"       # fresh port: not reachable (NAT)
+        assert probe("pub", "None") == "True"         # fresh port on a public host: reachable
