@@ -23,7 +23,7 @@ from agent import __version__
 from agent.component import Component
 from agent.config import Config
 from agent.httpapi import make_app
-from agent.logs import set_level
+from agent.logs import RateLimiter, set_level
 from agent.metrics import CoreMetrics, kernels_implementation
 from agent.sdnotify_glue import Notifier
 
@@ -200,12 +200,24 @@ class Agent:
 
     async def _status_loop(self) -> None:
         last = ""
+        last_readiness: tuple[bool, tuple[str, ...]] | None = None
+        limiter = RateLimiter(rate=1 / 30, burst=3)
         while True:
             line = self.status_line()
             self.notifier.status(line)
             if line != last:
                 log.debug("status: %s", line)
                 last = line
+            ok, reasons = self.readiness()
+            if (ok, tuple(reasons)) != last_readiness:
+                # the journal says what STATUS= says whenever readiness changes, so an
+                # operator reading `journalctl -u rma-agent` learns what to fix
+                if ok:
+                    log.info("ready: %s", line)
+                else:
+                    limiter.log(log, logging.WARNING, "not-ready", "not ready: %s",
+                                "; ".join(reasons))
+                last_readiness = (ok, tuple(reasons))
             self._status_event.clear()
             try:
                 await asyncio.wait_for(self._status_event.wait(), STATUS_PERIOD)
