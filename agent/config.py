@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.dht import record as rec
+
 DEFAULT_PATH = Path("/etc/rma-agent/agent.toml")
 ENV_PATH = "RMA_AGENT_CONFIG"
 
@@ -646,8 +648,8 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     # [agent]
     s = _section(ck, doc, "agent")
     role = ck.choice(s, ("agent", "role"), "worker", ROLES)
-    name = ck.string(s, ("agent", "name"), "", max_len=64, allow_empty=False) or socket.gethostname()
-    region = ck.string(s, ("agent", "region"), "", max_len=64)
+    name = ck.string(s, ("agent", "name"), "", max_len=rec.MAX_NAME, allow_empty=False) or socket.gethostname()
+    region = ck.string(s, ("agent", "region"), "", max_len=rec.MAX_REGION)
     state_raw = ck.string(s, ("agent", "state_dir"), "/var/lib/rma-agent", max_len=4096,
                           allow_empty=False)
     state_dir = Path(state_raw).expanduser()
@@ -688,7 +690,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     alpha = ck.integer(s, ("dht", "alpha"), d.alpha, 1, 16)
     if alpha > ksize:
         ck.err(("dht", "alpha"), f"must not exceed dht.ksize ({ksize}), got {alpha}")
-    record_ttl = ck.integer(s, ("dht", "record_ttl"), d.record_ttl, 10, 86400)
+    record_ttl = ck.integer(s, ("dht", "record_ttl"), d.record_ttl, 10, int(rec.MAX_TTL))
     republish = ck.integer(s, ("dht", "republish_interval"), d.republish_interval, 1)
     if republish >= record_ttl:
         if "republish_interval" in s:
@@ -722,11 +724,14 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                                            f"{_show(svc)}", at=key)
         else:
             services.append(svc)
+    if len(services) > rec.MAX_SERVICES:
+        ck.err(("worker", "services"), f"at most {rec.MAX_SERVICES} services fit in one signed "
+                                       f"record, got {len(services)}")
     if (role == "worker" and not s.get("services") and isinstance(s.get("services", []), list)
             and isinstance(doc.get("worker", {}), dict)):
         ck.err(("worker", "services"), 'a worker must serve at least one service, '
                'e.g. services = ["ocr"]', ("worker",), ("agent", "role"))
-    endpoint = ck.string(s, ("worker", "endpoint"), "", max_len=2048).strip()
+    endpoint = ck.string(s, ("worker", "endpoint"), "", max_len=rec.MAX_ENDPOINT).strip()
     if endpoint:
         why = check_url(endpoint)
         if why:
@@ -736,7 +741,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     max_conc = ck.integer(s, ("worker", "max_concurrency"), w.max_concurrency, 1, 100000)
     gpu: str | None = None
     if "gpu" in s:
-        gpu = ck.string(s, ("worker", "gpu"), "", max_len=64, allow_empty=False) or None
+        gpu = ck.string(s, ("worker", "gpu"), "", max_len=rec.MAX_GPU, allow_empty=False) or None
     mem: float | None = None
     if "gpu_memory_gb" in s:
         mem = ck.number(s["gpu_memory_gb"], ("worker", "gpu_memory_gb"), 0, None)
