@@ -142,10 +142,11 @@ class Crawl:
             while True:
                 now = loop.time()
                 hedge = self._hedge_delay()
-                # at most alpha hedged requests at a time: under overload (every reply
-                # slow) hedging must not multiply the traffic
+                # at most width hedged requests at a time: enough to step past every
+                # dead peer among the closest, yet under overload (every reply slow)
+                # hedging cannot multiply the traffic without bound
                 for nid in [n for n, t0 in launched.items() if now - t0 >= hedge]:
-                    if outstanding - len(launched) >= self.alpha:
+                    if outstanding - len(launched) >= self.width:
                         break
                     del launched[nid]
                     state[nid] = HEDGED
@@ -178,7 +179,7 @@ class Crawl:
                 if tick is not None:
                     tick.cancel()
                     tick = None
-                if launched and outstanding - len(launched) < self.alpha:
+                if launched and outstanding - len(launched) < self.width:
                     # wake up when the oldest active request is due for hedging (not
                     # while hedging is capped: a completion is what we wait for then)
                     tick = loop.call_at(min(launched.values()) + hedge, done.put_nowait,
