@@ -106,6 +106,7 @@ class DHTComponent(Component):
                           f"{cfg.agent.state_dir}: {self._identity_error}")
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
+        self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:

@@ -31,15 +31,18 @@ contacts always fit one 8 KiB datagram.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kademlia.storage import IStorage
 
 from agent.dht.record import RecordError, WorkerRecord
+
+log = logging.getLogger(__name__)
 
 ANSWER_LIMIT = 20
 Sender = tuple[str, int] | None
@@ -88,6 +91,9 @@ class ProviderStorage(IStorage):
         # key -> (earliest expiry among them, live entries ranked best first); answers
         # are served from here until the key changes or its first entry expires
         self._ranked: dict[bytes, tuple[float, list[_Entry]]] = {}
+        # called with each record that replaced or added an entry (the agent turns it
+        # into its "record" bus event, so cached lookup answers learn of withdrawals)
+        self.on_stored: Callable[[WorkerRecord], None] | None = None
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,
@@ -99,6 +105,11 @@ class ProviderStorage(IStorage):
         status = self._put(key, record, sender, now, verify)
         if status not in ("stored", "same"):
             self.refused[status] += 1
+        elif status == "stored" and self.on_stored is not None:
+            try:
+                self.on_stored(record)
+            except Exception:  # an observer must never break storing
+                log.debug("storage: on_stored observer failed", exc_info=True)
         return status
 
     def _put(self, key: bytes, record: WorkerRecord, sender: Sender, now: float,

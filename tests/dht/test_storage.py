@@ -161,3 +161,22 @@ def test_pages_partition_the_rest():
     small = ProviderStorage()
     small.put(KEY, make(ids[0]))
     assert small.pages(KEY) == (1, 0)
+
+
+def test_on_stored_sees_new_and_replacing_records_only():
+    s = ProviderStorage()
+    seen: list[WorkerRecord] = []
+    s.on_stored = seen.append
+    a = IDS[0]
+    r1, r2 = make(a, seq=10), make(a, seq=20, withdrawn=True)
+    s.put(KEY, r1)
+    s.put(KEY, r2)                    # a withdrawal replaces the record: observed
+    s.put(KEY, r1)                    # stale replay: refused, not observed
+    s.put(KEY, make(a, seq=20))       # equal seq: kept the existing copy, not observed
+    assert seen == [r1, r2]
+
+    def broken(_record: WorkerRecord) -> None:
+        raise RuntimeError("observer bug")
+
+    s.on_stored = broken              # a failing observer never breaks storing
+    assert s.put(KEY, make(IDS[1], seq=5)) == "stored"
