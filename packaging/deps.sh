@@ -8,10 +8,11 @@
 #   lintian            - package checks (0 errors is a release gate)
 #   dpkg-dev           - dpkg-architecture/dpkg-deb helpers used by build-deb.sh
 #   debian-archive-keyring - debootstrap verifies the bookworm Release file with it
+#   nftables, iproute2 - the network-namespace tests (NAT router, packet loss)
 #   fakeroot is not needed: dpkg-deb --root-owner-group sets ownership itself.
 set -eu
 
-want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl"
+want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl nftables iproute2"
 missing=""
 for p in $want; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
