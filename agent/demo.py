@@ -41,13 +41,15 @@ FOUND_TIMEOUT_S = 45.0
 STOP_GRACE_S = 6.0
 REPUBLISH_S = 10             # faster than the default 30 s so the demo converges quickly
 
-# (gpu, memory GB, region, services, max_concurrency), cycled over the workers
-PROFILES: tuple[tuple[str, float, str, tuple[str, ...], int], ...] = (
-    ("H100", 80.0, "eu-west", ("llm-inference", "ocr"), 8),
-    ("A100", 40.0, "us-east", ("llm-inference",), 4),
-    ("RTX 4090", 24.0, "eu-west", ("ocr", "embeddings"), 2),
-    ("T4", 16.0, "ap-south", ("ocr",), 1),
-    ("L40S", 48.0, "us-east", ("embeddings", "llm-inference"), 4),
+# (gpu, memory GB, region, services, max_concurrency, requests in flight), cycled over
+# the workers; the in-flight count is reported the way a real service on the box would,
+# through PUT /api/worker/load, so the demo's rankings show load at work
+PROFILES: tuple[tuple[str, float, str, tuple[str, ...], int, int], ...] = (
+    ("H100", 80.0, "eu-west", ("llm-inference", "ocr"), 8, 6),
+    ("A100", 40.0, "us-east", ("llm-inference",), 4, 1),
+    ("RTX 4090", 24.0, "eu-west", ("ocr", "embeddings"), 2, 0),
+    ("T4", 16.0, "ap-south", ("ocr",), 1, 1),
+    ("L40S", 48.0, "us-east", ("embeddings", "llm-inference"), 4, 2),
 )
 
 
@@ -64,6 +66,7 @@ class Node:
     config: Path
     log_path: Path
     services: tuple[str, ...] = ()
+    inflight: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
 
@@ -124,11 +127,11 @@ def plan(workers: int, tmp: Path) -> list[Node]:
         **common,
     }))
     for i in range(workers):
-        gpu, mem, region, services, conc = PROFILES[i % len(PROFILES)]
+        gpu, mem, region, services, conc, inflight = PROFILES[i % len(PROFILES)]
         wudp, whttp = _ports(taken)
         name = f"worker-{i + 1}"
         node = Node(name, "worker", whttp, wudp, tmp / f"{name}.toml", tmp / f"{name}.log",
-                    services)
+                    services, inflight)
         node.config.write_text(_toml({
             "agent": {"role": "worker", "name": name, "region": region,
                       "state_dir": str(tmp / f"state-{name}")},
@@ -207,6 +210,18 @@ def wait_ready(nodes: list[Node], timeout: float) -> None:
             names = ", ".join(n.name for n in pending)
             raise DemoError(f"not ready after {timeout:.0f} s: {names}\n{_log_tail(pending[0])}")
         time.sleep(0.2)
+
+
+def report_load(node: Node) -> None:
+    """Tell a worker its requests in flight, as the service it fronts would."""
+    req = urllib.request.Request(node.url + "/api/worker/load", method="PUT",
+                                 data=json.dumps({"inflight": node.inflight}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=2.0):
+            pass
+    except OSError as exc:  # a demo nicety: the cluster works without it
+        print(f"warning: could not set the load of {node.name}: {exc}", file=sys.stderr)
 
 
 def expected_counts(nodes: list[Node]) -> dict[str, int]:
@@ -289,6 +304,8 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
         for n in nodes[1:]:
             start(n)
         wait_ready(nodes[1:], READY_TIMEOUT_S)
+        for n in nodes[1:]:
+            report_load(n)
         print(f"all {len(nodes)} agents are ready; waiting for the DHT to find every worker",
               file=out, flush=True)
         expected = expected_counts(nodes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import random
 import time
@@ -158,6 +159,32 @@ class WorkerRole(Component):
 
         app.router.add_post("/api/services/register", not_coordinator)
         app.router.add_get("/api/registry/{service}", not_coordinator)
+        app.router.add_put("/api/worker/load", self._put_load)
+
+    async def _put_load(self, request: web.Request) -> web.Response:
+        """``PUT /api/worker/load`` ``{"inflight": N}`` (or ``null`` to go back to the NVML
+        estimate): the service on this box reports its requests in flight, which become
+        the record's load. Local callers only: the agent's port is what a quick tunnel
+        publishes, so a request relayed by cloudflared (``Cf-Connecting-Ip``) is refused
+        like any non-loopback caller."""
+        remote = request.remote or ""
+        if "Cf-Connecting-Ip" in request.headers or not _is_loopback(remote):
+            return web.json_response({"error": "the load is set from this box only"},
+                                     status=403)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": 'body must be JSON: {"inflight": <number>}'},
+                                     status=400)
+        value = body.get("inflight", ...) if isinstance(body, dict) else ...
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value < 1e9):
+            return web.json_response(
+                {"error": 'expected {"inflight": <number >= 0>} or {"inflight": null}'},
+                status=400)
+        self.set_inflight(None if value is None else float(value))
+        return web.json_response({"inflight": self._inflight, "load": self._current_load(),
+                                  "capacity": self._capacity()})
 
     async def start(self) -> None:
         import aiohttp
@@ -413,3 +440,10 @@ class WorkerRole(Component):
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
         }}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False

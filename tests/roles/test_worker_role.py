@@ -191,3 +191,31 @@ async def test_unannounceable_config_is_not_ready(tmp_path) -> None:
         assert dht.announced == []
     finally:
         await role.stop()
+
+
+async def test_local_service_sets_the_load_over_http(tmp_path) -> None:
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    app = web.Application(middlewares=[json_errors])
+    role.add_routes(app)
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.put("/api/worker/load", json={"inflight": 3})
+            assert resp.status == 200 and (await resp.json())["load"] == 3.0
+            await _until(lambda: len(dht.announced) == 2, timeout=1.0)
+            assert dht.announced[-1].load == 3.0
+            # relayed through the tunnel (cloudflared adds Cf-Connecting-Ip): refused
+            resp = await client.put("/api/worker/load", json={"inflight": 0},
+                                    headers={"Cf-Connecting-Ip": "198.51.100.9"})
+            assert resp.status == 403 and "error" in await resp.json()
+            for bad in ({"inflight": -1}, {"inflight": "3"}, {"inflight": True}, [], {}):
+                resp = await client.put("/api/worker/load", json=bad)
+                assert resp.status == 400 and "error" in await resp.json(), bad
+            resp = await client.put("/api/worker/load", data=b"not json")
+            assert resp.status == 400
+            resp = await client.put("/api/worker/load", json={"inflight": None})
+            assert resp.status == 200 and (await resp.json())["inflight"] is None
+            await _until(lambda: dht.announced[-1].load == 0.0, timeout=1.0)
+    finally:
+        await role.stop()
