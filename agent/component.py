@@ -7,6 +7,7 @@ The lifecycle (``agent.lifecycle.Agent``) owns a list of components and drives t
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -48,3 +49,15 @@ class Component:
     def stats(self) -> dict[str, Any]:
         """Entries merged into ``GET /api/dht/stats``."""
         return {}
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a component's background task and wait for it to end; its own failure
+    does not matter any more at stop time (it was logged when it happened)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass

@@ -43,18 +43,13 @@ _COMPONENTS: list[tuple[str, str, str | None]] = [
 
 
 def build_components(agent: Agent) -> list[Component]:
+    """The components this config calls for, in start order. A module that cannot be
+    imported is a broken install and fails the start loudly (never a silent half-agent)."""
     comps: list[Component] = []
     for module, cls, role in _COMPONENTS:
         if role is not None and role != agent.config.agent.role:
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
-            log.warning("component %s is not available in this build", module)
-            continue
-        comps.append(getattr(mod, cls)(agent))
+        comps.append(getattr(importlib.import_module(module), cls)(agent))
     return comps
 
 

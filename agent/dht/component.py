@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from agent.component import Component
+from agent.component import Component, cancel_task
 from agent.config import default_path
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
@@ -119,13 +119,8 @@ class DHTComponent(Component):
         self._task = asyncio.create_task(self._join_loop(), name="dht-join")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self.node is not None:
             try:
                 self.node.stop()

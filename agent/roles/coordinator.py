@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from agent.component import Component
+from agent.component import Component, cancel_task
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.record import ALL_SERVICES, RecordError, WorkerRecord, valid_service_name
 
@@ -85,13 +85,8 @@ class CoordinatorRole(Component):
         self._task = asyncio.create_task(self._snapshot_loop(), name="coordinator-snapshot")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         self.save_snapshot(reason="stop")
 
     # ------------------------------------------------------------------ snapshot

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter
 
-from agent.component import Component
+from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
 
@@ -230,12 +230,7 @@ class WorkerRole(Component):
     async def stop(self) -> None:
         self._stopping = True
         for task in (self._task, self._load_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+            await cancel_task(task)
         self._task = self._load_task = None
         try:
             if self.last_record is not None and not self.last_record.withdrawn:
