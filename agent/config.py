@@ -17,6 +17,7 @@ import re
 import socket
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -857,47 +858,50 @@ def load_config(path: Path | str) -> Config:
     return parse_config(text, path, base_dir=p.resolve().parent)
 
 
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, Address | Path):
+        return _toml_str(str(v))
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__}")
+
+
+def toml_dumps(sections: Mapping[str, Mapping[str, object]]) -> str:
+    """``{"section": {"key": value}}`` as TOML (scalars, paths, addresses and lists;
+    ``None`` values are left out). Used by ``dump_toml``, ``rma-agent demo`` and the tests."""
+    out: list[str] = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{_render_key((str(k),))} = {_toml_value(v)}"
+                   for k, v in values.items() if v is not None)
+        out.append("")
+    return "\n".join(out)
+
+
 def dump_toml(cfg: Config) -> str:
     """``cfg`` as TOML that ``load_config`` reads back to an equal ``Config``.
 
-    Used by ``rma-agent demo`` to write per-node configs, and by the round-trip test.
     Only GPU scores that differ from ``DEFAULT_GPU_SCORES`` are written (the loader
     merges them over the defaults again). A coordinator's config has no ``[worker]``.
     """
-    def val(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, Address | Path):
-            return _toml_str(str(v))
-        if isinstance(v, str):
-            return _toml_str(v)
-        if isinstance(v, tuple | list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__}")
-
-    out: list[str] = []
+    sections: dict[str, dict[str, object]] = {}
     for sec_name in SCHEMA:
         if sec_name == "worker" and cfg.agent.role != "worker":
             continue
         sec = getattr(cfg, sec_name)
-        out.append(f"[{sec_name}]")
-        for key in SCHEMA[sec_name]:
-            v = getattr(sec, key)
-            if key == "gpu_scores":
-                continue
-            if v is None:
-                continue
-            out.append(f"{key} = {val(v)}")
-        out.append("")
-    extra = {k: v for k, v in cfg.discovery.gpu_scores.items()
+        sections[sec_name] = {key: getattr(sec, key) for key in SCHEMA[sec_name]
+                              if key != "gpu_scores"}
+    extra = {k: float(v) for k, v in cfg.discovery.gpu_scores.items()
              if DEFAULT_GPU_SCORES.get(k) != v}
     if extra:
-        out.append("[discovery.gpu_scores]")
-        out.extend(f"{_render_key((k,))} = {float(v)!r}" for k, v in extra.items())
-        out.append("")
-    return "\n".join(out)
+        sections["discovery.gpu_scores"] = extra
+    return toml_dumps(sections)
 
 
 def summary(cfg: Config) -> str:

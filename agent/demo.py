@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.config import toml_dumps
 from agent.discovery.client import ClientError, format_lookup, get_json, lookup_url
 
 READY_TIMEOUT_S = 60.0       # two shared cores: Python start-up of N+1 agents takes a while
@@ -92,24 +93,6 @@ def _ports(taken: set[int]) -> tuple[int, int]:
     raise RuntimeError("no free ports on 127.0.0.1")
 
 
-def _toml(data: dict[str, dict[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in values.items())
-        lines.append("")
-    return "\n".join(lines)
-
-
 def plan(workers: int, tmp: Path) -> list[Node]:
     """Configs for one coordinator and ``workers`` workers, written into ``tmp``."""
     taken: set[int] = set()
@@ -118,7 +101,7 @@ def plan(workers: int, tmp: Path) -> list[Node]:
                  tmp / "coordinator.log")
     nodes = [coord]
     common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"}}
-    coord.config.write_text(_toml({
+    coord.config.write_text(toml_dumps({
         "agent": {"role": "coordinator", "name": coord.name, "region": "eu-west",
                   "state_dir": str(tmp / "state-coordinator")},
         "dht": {"listen": f"127.0.0.1:{udp}", "mode": "server",
@@ -132,7 +115,7 @@ def plan(workers: int, tmp: Path) -> list[Node]:
         name = f"worker-{i + 1}"
         node = Node(name, "worker", whttp, wudp, tmp / f"{name}.toml", tmp / f"{name}.log",
                     services, inflight)
-        node.config.write_text(_toml({
+        node.config.write_text(toml_dumps({
             "agent": {"role": "worker", "name": name, "region": region,
                       "state_dir": str(tmp / f"state-{name}")},
             "dht": {"listen": f"127.0.0.1:{wudp}", "mode": "server",

@@ -41,30 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config import toml_dumps
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- TOML
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))      # a JSON string is a valid TOML basic string
-
-
-def toml_dumps(data: dict[str, dict[str, Any]]) -> str:
-    """``{section: {key: scalar | list}}`` -> TOML (all agent configs need)."""
-    out: list[str] = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
-        out.append("")
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- ports
 def free_port(host: str, kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as s:

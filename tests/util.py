@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.config import toml_dumps
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,26 +37,6 @@ def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
             continue
         return port
     raise RuntimeError("no free port")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
-def toml_dumps(data: dict[str, dict[str, Any]]) -> str:
-    """Enough TOML for test configs: ``{section: {key: scalar | list}}``."""
-    out = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        out.append("")
-    return "\n".join(out)
 
 
 def write_config(path: Path, data: dict[str, dict[str, Any]]) -> Path:
