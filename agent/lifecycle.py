@@ -23,8 +23,9 @@ from agent import __version__
 from agent.component import Component
 from agent.config import Config
 from agent.httpapi import make_app
-from agent.logs import RateLimiter, set_level
+from agent.logs import set_level
 from agent.metrics import CoreMetrics, kernels_implementation
+from agent.ratelimit import RateLimiter
 from agent.sdnotify_glue import Notifier
 
 log = logging.getLogger("rma_agent")

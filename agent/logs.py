@@ -7,7 +7,7 @@ systemd documents it: ``$JOURNAL_STREAM`` is ``dev:ino`` of the stream stderr is
 connected to.
 
 Library noise (kademlia logs every lookup at INFO, rpcudp every missed reply at ERROR)
-is capped at WARNING, and our own per-peer lines go through ``RateLimiter``.
+is capped at WARNING, and our own per-peer lines go through ``agent.ratelimit.RateLimiter``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import TextIO
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -79,36 +78,3 @@ def set_level(level: str) -> None:
                                          else logging.INFO)
     # rpcudp logs every timeout at ERROR: it is a normal event in a P2P network
     logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
-
-
-class RateLimiter:
-    """Token bucket per key: at most ``burst`` lines then ``rate`` per second.
-
-    Used for anything a remote peer can trigger, so a hostile peer cannot flood the
-    journal. Suppressed lines are counted and reported with the next allowed line.
-    """
-
-    def __init__(self, rate: float = 1.0, burst: int = 5) -> None:
-        self.rate, self.burst = rate, burst
-        self._state: dict[str, tuple[float, float, int]] = {}
-
-    def allow(self, key: str) -> tuple[bool, int]:
-        """(allowed, suppressed-since-last-allowed)."""
-        now = time.monotonic()
-        tokens, last, dropped = self._state.get(key, (float(self.burst), now, 0))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._state[key] = (tokens - 1.0, now, 0)
-            return True, dropped
-        self._state[key] = (tokens, now, dropped + 1)
-        if len(self._state) > 1024:  # bounded: forget the oldest keys
-            for k in list(self._state)[:512]:
-                del self._state[k]
-        return False, dropped + 1
-
-    def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args: object) -> None:
-        ok, dropped = self.allow(key)
-        if ok:
-            if dropped:
-                msg += f" ({dropped} similar lines suppressed)"
-            logger.log(level, msg, *args)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from agent.config import Config, ConfigError, load_config, summary
 from agent.lifecycle import Agent
-from agent.logs import RateLimiter, setup_logging
+from agent.logs import setup_logging
+from agent.ratelimit import RateLimiter
 from agent.sdnotify_glue import Notifier, watchdog_interval, watchdog_task
 
 log = logging.getLogger("rma_agent")

@@ -64,6 +64,7 @@ from rpcudp.protocol import RPCProtocol
 
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 from agent.dht.storage import ANSWER_LIMIT, ProviderStorage
+from agent.ratelimit import RateLimiter, TokenBucket
 
 try:  # exact, contiguous-buffer routing table (agent/dht/routing.py) when present
     from agent.dht.routing import RoutingTable
@@ -102,52 +103,6 @@ class _Pending:
         self.datagram = b""
         self.retries_left = 0
         self.resent = False
-
-
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` banked."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-
-    def take(self, n: float = 1.0) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
-
-
-class RateLimitedLog:
-    """One token bucket per message kind: a burst of 5, then one line per 10 s."""
-
-    def __init__(self, logger: logging.Logger, rate: float = 0.1, burst: float = 5) -> None:
-        self.logger = logger
-        self.rate = rate
-        self.burst = burst
-        self.buckets: dict[str, TokenBucket] = {}
-        self.suppressed: Counter[str] = Counter()
-
-    def __call__(self, level: int, kind: str, msg: str, *args: Any) -> None:
-        b = self.buckets.get(kind)
-        if b is None:
-            if len(self.buckets) > 256:
-                self.buckets.clear()
-            b = self.buckets[kind] = TokenBucket(self.rate, self.burst)
-        if not b.take():
-            self.suppressed[kind] += 1
-            return
-        n = self.suppressed.pop(kind, 0)
-        if n:
-            msg += f" ({n} similar suppressed)"
-        self.logger.log(level, msg, *args)
 
 
 class RttEstimator:
@@ -299,7 +254,7 @@ class RMAProtocol(KademliaProtocol):
         self.reply_rate = reply_rate
         self._reply_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.peer_log = RateLimitedLog(log)
+        self.peer_log = RateLimiter(rate=0.1, burst=5, logger=log)
         # counters (exported by the component)
         self.drops: Counter[str] = Counter()
         self.rx: Counter[str] = Counter()

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from agent.ratelimit import TokenBucket
+
 log = logging.getLogger("rma_agent.discovery")
 
 EWMA_ALPHA = 0.3
@@ -163,19 +165,12 @@ class Prober:
         self.timeout_s = timeout_s
         self.max_remembered = max_remembered
         self._last: OrderedDict[bytes, float] = OrderedDict()  # monotonic time of last probe
-        self._tokens = rate_per_s
-        self._tokens_at = time.monotonic()
+        self._bucket = TokenBucket(rate_per_s, rate_per_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
 
     def _take_token(self, mono: float) -> bool:
-        self._tokens = min(self.rate_per_s,
-                           self._tokens + (mono - self._tokens_at) * self.rate_per_s)
-        self._tokens_at = mono
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+        return self._bucket.take(now=mono)
 
     def consider(self, candidates: Iterable[tuple[bytes, str]]) -> int:
         """Start probes for the first ``top`` (worker_id, endpoint) pairs that are due.

@@ -51,7 +51,7 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
-from agent.logs import RateLimiter
+from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -14,9 +14,10 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from agent.dht.identity import Identity
-from agent.dht.protocol import MAX_PAYLOAD, RateLimitedLog, RttEstimator, parse_nodes
+from agent.dht.protocol import MAX_PAYLOAD, RttEstimator, parse_nodes
 from agent.dht.record import WorkerRecord, service_key
 from agent.dht.server import DHTNode
+from agent.ratelimit import RateLimiter
 
 
 def run(coro):
@@ -47,7 +48,7 @@ def test_rtt_estimator_adapts_and_is_clamped():
 
 
 def test_rate_limited_peer_log(caplog):
-    rl = RateLimitedLog(logging.getLogger("test.rl"), rate=0.1, burst=5)
+    rl = RateLimiter(rate=0.1, burst=5, logger=logging.getLogger("test.rl"))
     with caplog.at_level(logging.WARNING, logger="test.rl"):
         for i in range(10_000):
             rl(logging.WARNING, "bad", "peer %d sent junk", i)
