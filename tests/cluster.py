@@ -42,31 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import toml_dumps
+from tests.util import free_port, free_udp_tcp_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- TOML
 # ----------------------------------------------------------------------------- ports
-def free_port(host: str, kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_udp_port(host: str) -> int:
-    """A UDP port free on ``host`` (also checked free for TCP, for reuse as HTTP)."""
-    for _ in range(100):
-        port = free_port(host, socket.SOCK_DGRAM)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no free port on {host}")
-
-
 # ----------------------------------------------------------------------------- HTTP
 def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
          raw: bytes | None = None) -> tuple[int, Any]:
@@ -236,8 +218,8 @@ class Cluster:
             udp, http_port, http_host = 8468, 8080, "127.0.0.1"
         else:
             ip = ip or self._new_ip()
-            udp = free_udp_port(ip)
-            http_port = free_port(ip, socket.SOCK_STREAM)
+            udp = free_udp_tcp_port(ip)
+            http_port = free_port(socket.SOCK_STREAM, ip)
             http_host = ip
         state = self.tmp / name / "state"
         state.mkdir(parents=True, exist_ok=True)

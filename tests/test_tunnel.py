@@ -29,14 +29,9 @@ from prometheus_client import generate_latest
 from agent.config import Address, Config, TunnelSection
 from agent.lifecycle import Agent
 from agent.tunnel import TunnelComponent
+from tests.util import free_port
 
 FAKE = Path(__file__).resolve().parent / "tools" / "fake_cloudflared.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:

@@ -15,8 +15,8 @@ from agent.config import Address
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.component import DHTComponent, probe_reachable
 from agent.dht.record import WorkerRecord
-from tests.cluster import free_udp_port
 from tests.roles.fakes import FakeAgent, make_config
+from tests.util import free_udp_tcp_port
 
 
 async def _until(pred: Any, limit: float = 5.0) -> None:
@@ -46,7 +46,7 @@ def _seed(c: DHTComponent) -> str:
 async def test_readiness_reasons(tmp_path) -> None:
     lone = _component(tmp_path, "lone")
     first = _component(tmp_path, "first", role="coordinator")
-    dead = _component(tmp_path, "dead", seeds=(f"127.0.0.1:{free_udp_port('127.0.0.1')}",
+    dead = _component(tmp_path, "dead", seeds=(f"127.0.0.1:{free_udp_tcp_port('127.0.0.1')}",
                                                "no-such-host.invalid:1"))
     for c in (lone, first, dead):
         await c.start()
@@ -110,7 +110,7 @@ async def test_rejoins_from_snapshot_and_on_reload(tmp_path, caplog) -> None:
     seeds_mod.save_snapshot(b.agent.config.agent.state_dir, "00" * 20,
                             [("11" * 20, "127.0.0.1", a.node.port)])  # type: ignore[union-attr]
     # c: a dead seed first, then a reload gives it a live one
-    c = _component(tmp_path, "c", seeds=(f"127.0.0.1:{free_udp_port('127.0.0.1')}",))
+    c = _component(tmp_path, "c", seeds=(f"127.0.0.1:{free_udp_tcp_port('127.0.0.1')}",))
     await b.start()
     await c.start()
     try:
@@ -142,7 +142,7 @@ async def test_reachability_probe(tmp_path) -> None:
         # b's DHT port answers pings: reachable
         assert await probe_reachable(("127.0.0.1", a.node.port), b.node.port, "127.0.0.1") is True
         # nothing listens on this port: the seed answers "not reachable"
-        closed = free_udp_port("127.0.0.1")
+        closed = free_udp_tcp_port("127.0.0.1")
         assert await probe_reachable(("127.0.0.1", a.node.port), closed, "127.0.0.1") is False
         # a fresh port of ours (post-join probe): answered by a stand-in responder
         assert await probe_reachable(("127.0.0.1", a.node.port), None, "127.0.0.1") is True

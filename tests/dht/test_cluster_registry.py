@@ -15,7 +15,8 @@ import pytest
 
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
-from tests.cluster import Cluster, free_udp_port, wait_until
+from tests.cluster import Cluster, wait_until
+from tests.util import free_udp_tcp_port
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.py) is not in this tree yet")
@@ -27,7 +28,7 @@ def test_unreachable_worker_registers_with_coordinator(tmp_path) -> None:
         cl.start(c1)
         cl.wait_ready(c1)
         peer = cl.worker("peer", [c1.dht_addr], services=["asr"])
-        dead_seed = f"{peer.ip}:{free_udp_port(peer.ip)}"       # nobody listens there
+        dead_seed = f"{peer.ip}:{free_udp_tcp_port(peer.ip)}"       # nobody listens there
         lone = cl.worker("lone", [dead_seed], services=["ocr", "llm"],
                          coordinators=[c1.url])
         cl.start(peer, lone)
