@@ -657,7 +657,10 @@ class RMAProtocol(KademliaProtocol):
             return result
         if self._fails:
             self._fails.pop(node.id, None)
-        self.welcome_if_new(node)
+        # The id came from another peer's node list: an answer from that address does not
+        # prove it (a liar can pair a made-up id with an honest node's address), so a new
+        # contact enters the table only after a ping answered with that very id.
+        self._welcome_sender((node.ip, node.port), node.id)
         return result
 
     def _prune_fails(self) -> None:

@@ -231,3 +231,38 @@ def test_reachability_probe_sees_through_a_stateful_firewall():
             await asyncio.sleep(0.01)
 
     run(scenario())
+
+
+def test_contact_with_a_forged_id_is_not_added():
+    """A peer's node list can pair a made-up id with an honest node's address. The honest
+    node answers our query, but that does not prove the id: the contact is pinged first
+    and refused because the ping answers with the real id."""
+    async def scenario():
+        a, b = DHTNode(Identity.generate()), DHTNode(Identity.generate())
+        await a.listen(0, "127.0.0.1")
+        await b.listen(0, "127.0.0.1")
+        try:
+            pa = a.protocol
+            forged = Node(os.urandom(20), "127.0.0.1", b.port)
+            ok, _ = await pa.call_find_node(forged, Node(os.urandom(20)))
+            assert ok                                   # b answered the query ...
+            for _ in range(100):
+                if pa.drops["contact_id_mismatch"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert pa.drops["contact_id_mismatch"] == 1  # ... but not with that id
+            ids = {n.id for n in pa.router.all_contacts()}
+            assert forged.id not in ids
+
+            honest = Node(b.node.id, "127.0.0.1", b.port)
+            ok, _ = await pa.call_find_node(honest, Node(os.urandom(20)))
+            for _ in range(100):
+                if b.node.id in {n.id for n in pa.router.all_contacts()}:
+                    break
+                await asyncio.sleep(0.01)
+            assert b.node.id in {n.id for n in pa.router.all_contacts()}
+        finally:
+            a.stop()
+            b.stop()
+
+    run(scenario())
