@@ -6,6 +6,7 @@ datagrams it sends to the notify socket, the way PID 1 would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -205,8 +206,15 @@ def test_http_endpoints_and_4xx(tmp_path: Path) -> None:
         req = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE",
                               base + "/healthz"], capture_output=True, text=True)
         assert req.stdout == "405"
+        # a coordinator without seeds is the first seed of an empty network: ready
         status, body = http_get(base + "/readyz")
-        assert status in (200, 503) and ("error" in body if status == 503 else True)
+        assert status == 200 and body == {"status": "ready"}
+        # an unknown worker-only path on a coordinator, and bad JSON to a POST: 4xx JSON
+        req = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-X", "POST", "-d", "{nope",
+                              "-H", "Content-Type: application/json",
+                              base + "/api/services/register"], capture_output=True, text=True)
+        body_text, _, code = req.stdout.rpartition("\n")
+        assert code == "400" and "error" in json.loads(body_text)
     finally:
         assert stop_process(proc) == 0
 
