@@ -60,7 +60,12 @@ async def serve(cfg: Config, config_path: Path, notifier: Notifier | None = None
     loop = asyncio.get_running_loop()
     _install_exception_handler(loop)
     notifier = notifier or Notifier()
-    agent = Agent(cfg, notifier=notifier)
+    try:
+        agent = Agent(cfg, notifier=notifier)
+    except Exception:  # a broken install (a component that cannot be imported) or a bug
+        log.exception("cannot start: building the agent failed")
+        notifier.stopping("failed to start")
+        return 1
     stop = asyncio.Event()
     stopping = False
 
@@ -74,7 +79,8 @@ async def serve(cfg: Config, config_path: Path, notifier: Notifier | None = None
         stop.set()
 
     def on_hup() -> None:
-        agent.spawn(reload(agent, config_path), "reload")
+        if not stopping:
+            agent.spawn(reload(agent, config_path), "reload")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
@@ -83,8 +89,12 @@ async def serve(cfg: Config, config_path: Path, notifier: Notifier | None = None
     log.info("starting rma-agent: %s", summary(cfg).removeprefix("ok: "))
     try:
         await agent.start()
-    except OSError as exc:
+    except OSError as exc:   # a taken port, an unwritable state dir: one clear line
         log.error("cannot start: %s", exc)
+        notifier.stopping(f"failed to start: {exc}")
+        return 1
+    except Exception as exc:  # a bug: keep the traceback for the report
+        log.exception("cannot start: %s", exc)
         notifier.stopping(f"failed to start: {exc}")
         return 1
     # Startup objects (modules, config, routes) live for the whole run: move them out of
