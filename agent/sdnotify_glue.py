@@ -21,8 +21,8 @@ class Notifier:
     """Send sd_notify messages through ``sdnotify``; a no-op outside systemd.
 
     ``sdnotify.SystemdNotifier(debug=True)`` raises instead of swallowing, so we can
-    log the first failure once and then stay quiet. It encodes latin-1, so messages are
-    reduced to ASCII here (a STATUS line must never be the thing that fails).
+    log the first failure once and then stay quiet. It encodes latin-1; systemd reads
+    UTF-8, so ``notify`` passes the UTF-8 bytes through that encoding unchanged.
     """
 
     def __init__(self) -> None:
@@ -50,7 +50,9 @@ class Notifier:
         if not self.enabled or self._notifier is None:
             return False
         try:
-            self._notifier.notify(message.encode("ascii", "replace").decode("ascii"))
+            # sdnotify latin-1-encodes the str it is given; handing it our UTF-8 bytes
+            # spelled as latin-1 makes the datagram exactly those UTF-8 bytes
+            self._notifier.notify(message.encode("utf-8").decode("latin-1"))
             return True
         except Exception as exc:
             self._fail(exc)

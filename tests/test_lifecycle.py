@@ -21,6 +21,7 @@ from tests.util import (
     agent_cmd,
     agent_env,
     coordinator_config,
+    free_port,
     http_get,
     stop_process,
     wait_for,
@@ -254,3 +255,21 @@ def test_cli_version_and_check_config(tmp_path: Path) -> None:
     res = subprocess.run(agent_cmd("run", "-c", str(tmp_path / "nope.toml")), env=agent_env(),
                          capture_output=True, text=True)
     assert res.returncode == 2 and str(tmp_path / "nope.toml") in res.stderr
+
+
+def test_seedless_worker_status_says_what_to_edit_in_utf8(tmp_path: Path,
+                                                          notify: NotifyListener) -> None:
+    cfg = write_config(tmp_path / "worker.toml", {
+        "agent": {"role": "worker", "name": "w", "state_dir": str(tmp_path / "state")},
+        "dht": {"listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "worker": {"services": ["ocr"], "endpoint": "https://w.example.org"}})
+    proc = start(cfg, tmp_path / "w.log", NOTIFY_SOCKET=str(notify.path))
+    try:
+        notify.wait("READY=1")
+        line = notify.wait("edit dht.bootstrap")
+        # the datagram is UTF-8: the dash survives, nothing is replaced by "?"
+        assert f"no bootstrap seeds configured \u2014 edit dht.bootstrap in {cfg}" in line, line
+        assert "NOT READY" in line
+    finally:
+        assert stop_process(proc) == 0
