@@ -63,13 +63,9 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
+from agent.dht.routing import RoutingTable  # exact, contiguous-buffer neighbour search
 from agent.dht.storage import ANSWER_LIMIT, ProviderStorage
 from agent.ratelimit import RateLimiter, TokenBucket
-
-try:  # exact, contiguous-buffer routing table (agent/dht/routing.py) when present
-    from agent.dht.routing import RoutingTable
-except ImportError:  # pragma: no cover - only before routing.py lands
-    from kademlia.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 

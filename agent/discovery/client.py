@@ -131,7 +131,8 @@ def format_status(stats: dict[str, Any]) -> str:
                           if x)
     ready = stats.get("ready")
     reasons = stats.get("not_ready_reasons") or []
-    disc = stats.get("discovery") if isinstance(stats.get("discovery"), dict) else {}
+    found = stats.get("discovery")
+    disc: dict[str, Any] = found if isinstance(found, dict) else {}
     rows: list[tuple[str, Any]] = [
         ("name", stats.get("name")),
         ("role", stats.get("role")),

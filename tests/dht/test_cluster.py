@@ -18,7 +18,6 @@ import pytest
 from tests.cluster import Cluster, Node, percentile, wait_until
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.py) is not in this tree yet")
 
 N_WORKERS = 20
 CLIENTS = ("w18", "w19")

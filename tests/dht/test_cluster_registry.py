@@ -19,7 +19,6 @@ from tests.cluster import Cluster, wait_until
 from tests.util import free_udp_tcp_port
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.py) is not in this tree yet")
 
 
 def test_unreachable_worker_registers_with_coordinator(tmp_path) -> None:

@@ -14,7 +14,6 @@ import pytest
 from tests.cluster import Cluster, wait_until
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("agent.dht.server", reason="the DHT node (agent/dht/server.py) is not in this tree yet")
 
 
 def test_coordinator_restart_rejoins_from_snapshot(tmp_path) -> None:
