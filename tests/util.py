@@ -105,3 +105,21 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(timeout)
+
+
+def run_uvloop(coro: Any) -> Any:
+    """Run ``coro`` on uvloop; fail if any exception escaped into the loop's handler
+    (an exception in a stray task is a defect even when the test's own checks pass)."""
+    import asyncio
+
+    import uvloop
+
+    escaped: list[dict[str, Any]] = []
+
+    async def main() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(ctx))
+        return await coro
+
+    out = uvloop.run(main())
+    assert not escaped, escaped[:3]
+    return out

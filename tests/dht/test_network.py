@@ -14,12 +14,12 @@ import dataclasses
 import statistics
 import time
 
-import uvloop
 from kademlia.node import Node
 
 from agent.dht.identity import Identity
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.server import DHTNode
+from tests.util import run_uvloop
 
 
 def rec_for(ident: Identity, *, seq=None, ttl=300.0, services=("ocr",), load=0.1,
@@ -48,16 +48,6 @@ def stop_all(nodes: list[DHTNode]) -> None:
         n.stop()
 
 
-def run(coro):
-    escaped: list[dict] = []
-
-    async def main():
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(ctx))
-        return await coro
-
-    out = uvloop.run(main())
-    assert not escaped, escaped[:3]
-    return out
 
 
 def test_many_workers_client_mode_and_churn():
@@ -122,7 +112,7 @@ def test_many_workers_client_mode_and_churn():
             client.stop()
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_replay_forgery_withdraw_expiry_over_the_wire():
@@ -175,7 +165,7 @@ def test_replay_forgery_withdraw_expiry_over_the_wire():
             stop_all(nodes)
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_newcomer_gets_targeted_handoff():
@@ -226,7 +216,7 @@ def test_newcomer_gets_targeted_handoff():
             stop_all(nodes)
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_large_service_fully_found_through_pages():
@@ -249,4 +239,4 @@ def test_large_service_fully_found_through_pages():
             stop_all(nodes)
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())

@@ -9,7 +9,6 @@ import os
 import time
 
 import msgpack
-import uvloop
 from kademlia.network import Server
 from kademlia.node import Node
 
@@ -18,18 +17,7 @@ from agent.dht.protocol import MAX_PAYLOAD, RttEstimator, parse_nodes
 from agent.dht.record import WorkerRecord, service_key
 from agent.dht.server import DHTNode
 from agent.ratelimit import RateLimiter
-
-
-def run(coro):
-    escaped: list[dict] = []
-
-    async def main():
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(ctx))
-        return await coro
-
-    out = uvloop.run(main())
-    assert not escaped, escaped[:3]
-    return out
+from tests.util import run_uvloop
 
 
 def test_rtt_estimator_adapts_and_is_clamped():
@@ -126,7 +114,7 @@ def test_wire_behaviour():
             plain.stop()
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_refresh_table_keeps_its_interval():
@@ -147,7 +135,7 @@ def test_refresh_table_keeps_its_interval():
             n.stop()
         assert len(calls) >= 4  # kademlia would have fallen back to 3600 s after one run
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_listen_requires_interface_and_plain_api_is_closed():
@@ -164,7 +152,7 @@ def test_listen_requires_interface_and_plain_api_is_closed():
         with pytest.raises(NotImplementedError):
             await n.set("k", "v")
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_large_replies_rate_limited_per_source_ip():
@@ -188,7 +176,7 @@ def test_large_replies_rate_limited_per_source_ip():
         finally:
             n.stop()
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_reachability_probe_sees_through_a_stateful_firewall():
@@ -230,7 +218,7 @@ def test_reachability_probe_sees_through_a_stateful_firewall():
                 n.stop()
             await asyncio.sleep(0.01)
 
-    run(scenario())
+    run_uvloop(scenario())
 
 
 def test_contact_with_a_forged_id_is_not_added():
@@ -265,4 +253,4 @@ def test_contact_with_a_forged_id_is_not_added():
             a.stop()
             b.stop()
 
-    run(scenario())
+    run_uvloop(scenario())
