@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import toml_dumps
-from tests.util import free_port, free_udp_tcp_port
+from tests.util import free_port, free_udp_tcp_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,14 +75,8 @@ def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    """``tests.util.wait_for`` with the argument order the cluster tests use."""
+    return wait_for(pred, timeout, interval, what)
 
 
 def _die_with_parent() -> None:

@@ -87,13 +87,16 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 
 
 def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``predicate()`` until truthy and return that value; fail with the last one."""
     deadline = time.monotonic() + timeout
+    last: Any = None
     while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
+        last = predicate()
+        if last:
+            return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or predicate} "
+                         f"(last: {last!r})")
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:

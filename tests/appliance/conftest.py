@@ -11,7 +11,8 @@ What works on these machines is in ``shared/notes/nspawn.md``; in short:
   removed afterwards together with anything left in it;
 * ``--volatile=overlay``: the cached root filesystem is never written, each boot starts clean.
 
-Skips (never fails) when the machine cannot do this: not root, no debootstrap or nspawn.
+Skips when the machine cannot do this (not root, no debootstrap or nspawn); in CI
+(``CI`` set) that is a failure instead, since .ci/run installs everything it needs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.util import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DIST = REPO / "dist"
@@ -224,14 +227,7 @@ class Container:
 
     def wait_for(self, what: str, predicate, timeout: float = 30.0, interval: float = 0.3):
         """Poll ``predicate()`` until truthy; its last value on success, AssertionError else."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        return wait_for(predicate, timeout, interval, what)
 
 
 @pytest.fixture(scope="session")
