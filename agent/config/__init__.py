@@ -28,9 +28,12 @@ from agent.config.model import (
     ConfigError,
     DHTSection,
     DiscoverySection,
+    GatewaySection,
     HTTPSection,
     LogSection,
+    NetworkSection,
     TunnelSection,
+    Upstream,
     WorkerSection,
     default_path,
 )
@@ -40,8 +43,8 @@ from agent.config.validate import _toml_str, check_host, check_url, parse_addres
 __all__ = [
     "DEFAULT_GPU_SCORES", "DEFAULT_PATH", "DHT_MODES", "ENV_PATH", "LOG_LEVELS", "ROLES",
     "SCHEMA", "SERVICE_RE", "TUNNEL_MODES", "Address", "AgentSection", "Config",
-    "ConfigError", "DHTSection", "DiscoverySection", "HTTPSection", "KeyPath", "LogSection",
-    "TunnelSection", "WorkerSection", "_Locator", "_toml_str", "check_host", "check_url",
+    "ConfigError", "DHTSection", "DiscoverySection", "GatewaySection", "HTTPSection",
+    "KeyPath", "LogSection", "NetworkSection", "TunnelSection", "Upstream", "WorkerSection", "_Locator", "_toml_str", "check_host", "check_url",
     "default_path", "dump_toml", "load_config", "parse_address", "parse_config", "summary",
     "toml_dumps",
 ]

@@ -7,6 +7,7 @@ of the package so that importing a section type never pulls in the parser.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -59,12 +60,55 @@ class HTTPSection:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """Where the gateway forwards one service: ``url`` (http(s), may carry a path prefix)
+    and the path its health check GETs ("" = the base URL itself)."""
+
+    url: str
+    health: str = ""
+
+    @property
+    def health_url(self) -> str:
+        """The URL the health checker GETs: the base URL, or the base URL + ``health``."""
+        if not self.health:
+            return self.url
+        return self.url.rstrip("/") + self.health
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    """The public face (SPEC §5): what the tunnel or a TLS proxy publishes."""
+
+    listen: Address = Address("127.0.0.1", 8090)
+    max_body_mb: int = 100                 # request bodies above this are refused (413)
+    upstream_timeout: float = 300.0        # seconds until the upstream's answer is complete
+    upstreams: dict[str, Upstream] = field(default_factory=dict)   # service -> upstream
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_body_mb * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class WorkerSection:
     services: tuple[str, ...] = ()
     endpoint: str = ""                     # public base URL; "" = learned from the tunnel
     max_concurrency: int = 4
+    admission_cert: str = ""               # path of the certificate from `rma-agent admit`
     gpu: str | None = None                 # None = detect through NVML
     gpu_memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    """Closed networks: the admission authorities' Ed25519 public keys (base64)."""
+
+    admission_keys: tuple[str, ...] = ()   # [] = open network
+
+    @property
+    def admission_public_keys(self) -> tuple[bytes, ...]:
+        """The keys as 32 raw bytes each (validated when the config was loaded)."""
+        return tuple(base64.b64decode(k) for k in self.admission_keys)
 
 
 @dataclass(frozen=True)
@@ -79,6 +123,8 @@ class DiscoverySection:
     cache_ttl: int = 60
     coordinators: tuple[str, ...] = ()
     max_results: int = 50
+    max_attempts: int = 3                  # router: tries per request
+    allow_http_hosts: tuple[str, ...] = ()  # plain-http endpoints allowed besides loopback
     gpu_scores: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GPU_SCORES))
 
 
@@ -92,7 +138,9 @@ class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     dht: DHTSection = field(default_factory=DHTSection)
     http: HTTPSection = field(default_factory=HTTPSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
     worker: WorkerSection = field(default_factory=WorkerSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
     tunnel: TunnelSection = field(default_factory=TunnelSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     log: LogSection = field(default_factory=LogSection)
@@ -111,20 +159,27 @@ def default_path() -> Path:
     return Path(os.environ.get(ENV_PATH) or DEFAULT_PATH)
 
 
-
 ROLES = ("worker", "coordinator")
 DHT_MODES = ("server", "client", "auto")
 TUNNEL_MODES = ("off", "quick", "named")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+UPSTREAM_KEYS = ("url", "health")          # keys of an inline-table upstream
+MAX_BODY_MB = 1024 * 1024                  # gateway.max_body_mb upper bound (1 TiB)
+MAX_UPSTREAM_TIMEOUT = 86400.0             # seconds
+MAX_ATTEMPTS = 10                          # discovery.max_attempts upper bound
 
 # Known keys per section; the order is the order ``dump_toml`` writes them in.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "agent": ("role", "name", "region", "state_dir"),
     "dht": ("listen", "bootstrap", "mode", "ksize", "alpha", "record_ttl", "republish_interval"),
     "http": ("listen",),
-    "worker": ("services", "endpoint", "max_concurrency", "gpu", "gpu_memory_gb"),
+    "gateway": ("listen", "max_body_mb", "upstream_timeout", "upstreams"),
+    "worker": ("services", "endpoint", "max_concurrency", "admission_cert", "gpu",
+               "gpu_memory_gb"),
+    "network": ("admission_keys",),
     "tunnel": ("mode", "metrics", "hostname"),
-    "discovery": ("cache_ttl", "coordinators", "max_results", "gpu_scores"),
+    "discovery": ("cache_ttl", "coordinators", "max_results", "max_attempts",
+                  "allow_http_hosts", "gpu_scores"),
     "log": ("level",),
 }

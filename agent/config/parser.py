@@ -6,29 +6,43 @@ each other, and raises one ``ConfigError`` listing every problem, sorted by line
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
+import ipaddress
 import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
-from agent.config.locator import _Locator
+from agent.config.locator import KeyPath, _Locator
 from agent.config.model import (
     DEFAULT_GPU_SCORES,
     DHT_MODES,
     LOG_LEVELS,
+    MAX_ATTEMPTS,
+    MAX_BODY_MB,
+    MAX_UPSTREAM_TIMEOUT,
     ROLES,
     SCHEMA,
     SERVICE_RE,
     TUNNEL_MODES,
+    UPSTREAM_KEYS,
+    Address,
     AgentSection,
     Config,
     ConfigError,
     DHTSection,
     DiscoverySection,
+    GatewaySection,
     HTTPSection,
     LogSection,
+    NetworkSection,
     TunnelSection,
+    Upstream,
     WorkerSection,
 )
 from agent.config.validate import (
@@ -75,9 +89,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                           allow_empty=False)
     state_dir = Path(state_raw).expanduser()
     if not state_dir.is_absolute():
-        anchor = base_dir if base_dir is not None else (
-            Path(spath).resolve().parent if spath != "<config>" else Path.cwd())
-        state_dir = anchor / state_dir
+        state_dir = _anchor(spath, base_dir) / state_dir
     agent = AgentSection(role=role, name=name, region=region,
                          state_dir=Path(os.path.normpath(state_dir)))
 
@@ -166,8 +178,19 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     mem: float | None = None
     if "gpu_memory_gb" in s:
         mem = ck.number(s["gpu_memory_gb"], ("worker", "gpu_memory_gb"), 0, None)
+    cert = ck.string(s, ("worker", "admission_cert"), "", max_len=4096).strip()
+    if cert:
+        cert_path = Path(cert).expanduser()
+        if not cert_path.is_absolute():
+            cert_path = _anchor(spath, base_dir) / cert_path
+        cert = os.path.normpath(cert_path)
     worker = WorkerSection(services=tuple(services), endpoint=endpoint,
-                           max_concurrency=max_conc, gpu=gpu, gpu_memory_gb=mem)
+                           max_concurrency=max_conc, admission_cert=cert, gpu=gpu,
+                           gpu_memory_gb=mem)
+
+    # [network]
+    s = _section(ck, doc, "network")
+    network = NetworkSection(admission_keys=_admission_keys(ck, s))
 
     # [tunnel]
     s = _section(ck, doc, "tunnel")
@@ -199,6 +222,10 @@ def parse_config(text: str, path: Path | str = "<config>", *,
         ck.err(("tunnel", "metrics"), f"must differ from http.listen ({http.listen})")
     tunnel = TunnelSection(mode=tmode, metrics=metrics, hostname=hostname)
 
+    # [gateway] (after [worker] and [tunnel]: upstreams name worker services, and the
+    # listen address must not collide with the other listeners)
+    gateway = _gateway(ck, doc, role, worker.services, http.listen, tunnel.metrics)
+
     # [discovery]
     s = _section(ck, doc, "discovery")
     ds = DiscoverySection()
@@ -216,6 +243,21 @@ def parse_config(text: str, path: Path | str = "<config>", *,
         else:
             coords.append(url)
     max_results = ck.integer(s, ("discovery", "max_results"), ds.max_results, 1, 1000)
+    max_attempts = ck.integer(s, ("discovery", "max_attempts"), ds.max_attempts, 1, MAX_ATTEMPTS)
+    allow_hosts: list[str] = []
+    for key, host in ck.string_list(s, ("discovery", "allow_http_hosts"), "192.168.1.20") or []:
+        h = host.strip().lower()
+        if h.startswith("[") and h.endswith("]"):
+            h = h[1:-1]
+        why = _why_not_ip6(h) if ":" in h else check_host(h)
+        if why:
+            ck.err(("discovery", "allow_http_hosts"), f"entry {key[-1] + 1} must be a host name "
+                   f"or IP address without scheme or port: {why}, got {_show(host)}", at=key)
+        elif h in allow_hosts:
+            ck.err(("discovery", "allow_http_hosts"), f"entry {key[-1] + 1} is a duplicate of "
+                                                      f"{_show(h)}", at=key)
+        else:
+            allow_hosts.append(h)
     scores = dict(DEFAULT_GPU_SCORES)
     if "gpu_scores" in s:
         raw = s["gpu_scores"]
@@ -232,7 +274,8 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                 if f is not None:
                     scores[gname] = f
     discovery = DiscoverySection(cache_ttl=cache_ttl, coordinators=tuple(coords),
-                                 max_results=max_results, gpu_scores=scores)
+                                 max_results=max_results, max_attempts=max_attempts,
+                                 allow_http_hosts=tuple(allow_hosts), gpu_scores=scores)
 
     # [log]
     s = _section(ck, doc, "log")
@@ -240,9 +283,139 @@ def parse_config(text: str, path: Path | str = "<config>", *,
 
     if ck.errors:
         raise ConfigError(ck.sorted())
-    return Config(agent=agent, dht=dht, http=http, worker=worker, tunnel=tunnel,
-                  discovery=discovery, log=log,
+    return Config(agent=agent, dht=dht, http=http, gateway=gateway, worker=worker,
+                  network=network, tunnel=tunnel, discovery=discovery, log=log,
                   source=Path(spath) if spath != "<config>" else None)
+
+
+def _anchor(spath: str, base_dir: Path | None) -> Path:
+    """The directory relative paths in the config are taken relative to."""
+    if base_dir is not None:
+        return base_dir
+    return Path(spath).resolve().parent if spath != "<config>" else Path.cwd()
+
+
+def _why_not_ip6(host: str) -> str | None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return f"{host!r} is not a valid IPv6 address"
+    return None
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Whether two listen addresses would fight over one port (a wildcard host takes
+    the port on every address)."""
+    wild = ("0.0.0.0", "::")
+    return a.port == b.port and (a.host == b.host or a.host in wild or b.host in wild)
+
+
+def _admission_keys(ck: _Checker, s: dict[str, Any]) -> tuple[str, ...]:
+    """``network.admission_keys``: base64 Ed25519 public keys, 32 bytes each."""
+    keys: list[str] = []
+    for key, entry in ck.string_list(s, ("network", "admission_keys"),
+                                     "base64 of a 32-byte Ed25519 public key") or []:
+        k = entry.strip()
+        try:
+            raw = base64.b64decode(k, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+        if raw is None or len(raw) != 32:
+            what = "is not base64" if raw is None else f"decodes to {len(raw)} bytes"
+            ck.err(("network", "admission_keys"), f"entry {key[-1] + 1} must be the base64 of a "
+                   f"32-byte Ed25519 public key (from `rma-agent network-key create`); it {what}, "
+                   f"got {_show(entry)}", at=key)
+        elif k in keys:
+            ck.err(("network", "admission_keys"), f"entry {key[-1] + 1} is a duplicate of "
+                                                  f"{_show(k)}", at=key)
+        else:
+            keys.append(k)
+    return tuple(keys)
+
+
+def _gateway(ck: _Checker, doc: dict[str, Any], role: str, services: tuple[str, ...],
+             http_listen: Address, metrics: Address) -> GatewaySection:
+    """``[gateway]``: the public listener and, on a worker, each service's upstream.
+
+    An upstream is either a URL string (``ocr = "http://127.0.0.1:9000"``) or an inline
+    table with a health path (``ocr = { url = "http://127.0.0.1:9000", health = "/healthz" }``);
+    without one the health check GETs the base URL itself.
+    """
+    s = _section(ck, doc, "gateway")
+    g = GatewaySection()
+    listen = _address(ck, s, ("gateway", "listen"), g.listen)
+    if _same_socket(listen, http_listen):
+        ck.err(("gateway", "listen"), f"must differ from http.listen ({http_listen}): the "
+               "gateway is public, the admin API is not")
+    elif _same_socket(listen, metrics):
+        ck.err(("gateway", "listen"), f"must differ from tunnel.metrics ({metrics})")
+    max_body = ck.integer(s, ("gateway", "max_body_mb"), g.max_body_mb, 1, MAX_BODY_MB)
+    timeout = g.upstream_timeout
+    if "upstream_timeout" in s:
+        t = ck.number(s["upstream_timeout"], ("gateway", "upstream_timeout"), 0, MAX_UPSTREAM_TIMEOUT)
+        if t is not None and t <= 0:
+            ck.err(("gateway", "upstream_timeout"), f"must be a number of seconds > 0 and "
+                   f"<= {MAX_UPSTREAM_TIMEOUT:g}, got {s['upstream_timeout']!r}")
+        elif t is not None:
+            timeout = t
+    upstreams: dict[str, Upstream] = {}
+    if "upstreams" in s:
+        raw = s["upstreams"]
+        if not isinstance(raw, dict):
+            ck.err(("gateway", "upstreams"), 'must be a table of service = URL, e.g. '
+                   '[gateway.upstreams] ocr = "http://127.0.0.1:9000", '
+                   f"got {_got(raw)}")
+        elif role != "worker" and raw:
+            ck.err(("gateway", "upstreams"), f'is only for role = "worker" (agent.role is '
+                                             f'"{role}"): a coordinator proxies no service')
+        else:
+            for svc, val in raw.items():
+                up = _upstream(ck, ("gateway", "upstreams", svc), svc, val, services)
+                if up is not None:
+                    upstreams[svc] = up
+    return GatewaySection(listen=listen, max_body_mb=max_body, upstream_timeout=timeout,
+                          upstreams=upstreams)
+
+
+def _upstream(ck: _Checker, key: KeyPath, svc: str, val: object,
+              services: tuple[str, ...]) -> Upstream | None:
+    """One ``[gateway.upstreams]`` entry, or None after recording what is wrong."""
+    if svc not in services:
+        listed = ", ".join(services) or "none"
+        close = difflib.get_close_matches(svc, list(services), n=1, cutoff=0.6)
+        hint = f", did you mean '{close[0]}'?" if close else ""
+        ck.err(key, f"is not a service of this worker (worker.services: {listed}){hint}")
+        return None
+    health = ""
+    if isinstance(val, dict):
+        for k in val:
+            if k not in UPSTREAM_KEYS:
+                close = difflib.get_close_matches(k, list(UPSTREAM_KEYS), n=1, cutoff=0.6)
+                ck.err((*key, k), "unknown key" + (f", did you mean '{close[0]}'?" if close
+                                                    else " (known: url, health)"))
+        if "url" not in val:
+            ck.err(key, 'needs a url, e.g. { url = "http://127.0.0.1:9000", health = "/healthz" }')
+            return None
+        hv = val.get("health", "")
+        if not isinstance(hv, str) or (hv and (not hv.startswith("/") or any(
+                c.isspace() or ord(c) < 32 or c in "#?" for c in hv))):
+            ck.err((*key, "health"), 'must be a path starting with "/" (no query, no spaces), '
+                   f"e.g. \"/healthz\", got {_got(hv)}")
+            return None
+        health = hv
+        val, key = val["url"], (*key, "url")
+    if not isinstance(val, str):
+        ck.err(key, 'must be an http(s) URL string, e.g. "http://127.0.0.1:9000", or a table '
+               f"{{ url = ..., health = ... }}, got {_got(val)}")
+        return None
+    url = val.strip()
+    why = check_url(url)
+    if why is None and urllib.parse.urlsplit(url).query:
+        why = "must not contain a ?query"
+    if why:
+        ck.err(key, f"{why}, got {_show(val)}")
+        return None
+    return Upstream(url=url.rstrip("/") or url, health=health)
 
 
 def _syntax_error(path: str, text: str, msg: str) -> str:
