@@ -295,4 +295,6 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
             "retransmissions": self.retransmissions,
             "queued_requests": self.queued,
             "handoffs": self.handoffs,
+            "graveyard": len(self._graveyard),
+            "revived": self.revived,
         }
