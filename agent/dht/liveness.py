@@ -84,10 +84,17 @@ class ContactLiveness:
             return None
         return Node(nodeid, sender[0], sender[1])
 
-    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes) -> None:
+    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes, *,
+                        handoff: bool = True) -> None:
         """A request's claimed (id, address) is unverified: a spoofed datagram could fill
         the routing table with ids that live nowhere. Ping the address first and add the
-        contact only if it answers with that id (bounded and rate-limited)."""
+        contact only if it answers with that id (bounded and rate-limited).
+
+        ``handoff``: hand keys over once verified. True for a peer that sent us a request
+        (a newcomer announces itself so: its join lookups), False for one we only heard
+        of in an answer to our own query — after our own join those are old members that
+        hold their keys already, and a young node handing each of them its keys was a
+        join storm (~80 announces from one newcomer in a 24-node network)."""
         if not nodeid or nodeid == self.source_node.id:
             return
         node = Node(nodeid, sender[0], sender[1])
@@ -97,19 +104,19 @@ class ContactLiveness:
             self.drops["contact_unverified"] += 1
             return
         self._verifying.add(nodeid)
-        self._spawn(self._verify_contact(node))
+        self._spawn(self._verify_contact(node, handoff))
 
-    async def _verify_contact(self, node: Node) -> None:
+    async def _verify_contact(self, node: Node, handoff: bool = True) -> None:
         try:
             ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
             if ok and res == node.id:
-                self.welcome_if_new(node)
+                self.welcome_if_new(node, handoff=handoff)
             elif ok:
                 self.drops["contact_id_mismatch"] += 1
         finally:
             self._verifying.discard(node.id)
 
-    def welcome_if_new(self, node: Node) -> None:
+    def welcome_if_new(self, node: Node, *, handoff: bool = True) -> None:
         """Add ``node`` to the routing table; hand over only the keys it now should hold.
 
         Fixes kademlia's storm: the replacement-cache re-welcome and the full re-store of
@@ -121,7 +128,7 @@ class ContactLiveness:
         self.router.add_contact(node)
         if self._graveyard:
             self._graveyard.pop(node.id, None)
-        if self.mode != "server" or not len(self.storage):
+        if not handoff or self.mode != "server" or not len(self.storage):
             return
         now = time.monotonic()
         last = self._welcomed.get(node.id)
@@ -192,7 +199,7 @@ class ContactLiveness:
         # The id came from another peer's node list: an answer from that address does not
         # prove it (a liar can pair a made-up id with an honest node's address), so a new
         # contact enters the table only after a ping answered with that very id.
-        self._welcome_sender((node.ip, node.port), node.id)
+        self._welcome_sender((node.ip, node.port), node.id, handoff=False)
         return result
 
     def _prune_fails(self) -> None:

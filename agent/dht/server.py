@@ -23,8 +23,8 @@ What it changes in ``kademlia.network.Server`` and why:
   found rate, also after 30 % churn.
 * Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
   announces, never added to others' routing tables, stores nothing for others).
-  ``"auto"`` starts as a client; the component calls ``check_reachable(seed)`` and then
-  ``set_mode("server"|"client")``.
+  ``"auto"`` starts as a client; the component asks seeds to ping it back
+  (``component.probe_reachable``) and then calls ``set_mode("server"|"client")``.
 """
 
 from __future__ import annotations
@@ -254,13 +254,6 @@ class DHTNode(Server):
         assert self.protocol is not None
         ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
         return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
-
-    async def check_reachable(self, seed: tuple[str, int]) -> bool:
-        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``)."""
-        assert self.protocol is not None and self.port is not None
-        ok, res = await self.protocol._call(seed, "reachable", self.protocol.my_id(),
-                                            self.port, timeout=2.5)
-        return bool(ok) and res is True
 
     # ------------------------------------------------------------------ records
     async def _still_closest(self, key: bytes, nodes: list[Node]) -> bool:
