@@ -47,7 +47,7 @@ SUSPECT_TTL = 60.0                  # crawls skip a peer this long after a failu
 GRAVEYARD = 256                     # removed contacts remembered for revival
 GRAVE_TTL = 3600.0                  # ... for this long
 REVIVE_MIN = 2.0                    # first revival ping this long after removal
-REVIVE_MAX = 30.0                   # back-off cap between revival pings of one contact
+REVIVE_MAX = 10.0                   # back-off cap between revival pings of one contact
 REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
 MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 
@@ -67,7 +67,9 @@ class ContactLiveness:
         self._fails: dict[bytes, tuple[int, float]] = {}
         self._fail_addr: dict[tuple[str, int], bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
-        self._handoff_bucket = TokenBucket(handoff_rate, handoff_rate)
+        # rate per second, burst HANDOFF_RECORDS: one newcomer gets its records at once;
+        # a heal (half the network new to us at once) cannot turn into a storm
+        self._handoff_bucket = TokenBucket(handoff_rate, max(handoff_rate, HANDOFF_RECORDS))
         self._verify_bucket = TokenBucket(200.0, 400.0)
         self._verifying: set[bytes] = set()
         self.removed_contacts = 0
@@ -262,7 +264,10 @@ class ContactLiveness:
         self._graveyard.pop(node.id, None)
         self._fails.pop(node.id, None)
         self.revived += 1
-        self.welcome_if_new(node)
+        # no handoff: a revived contact is an old member (after a heal, all of the other
+        # half at once — handing each our keys would be a storm); owners' republishes
+        # re-spread records to the merged network's closest nodes
+        self.welcome_if_new(node, handoff=False)
         if self.on_revived is not None:
             self.on_revived(node)
 

@@ -95,7 +95,7 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
                  mode: str = "server", rto_min: float = 0.2, rto_max: float = 2.0,
                  rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
-                 handoff_rate: float = 200.0, reply_rate: float = 2_000_000.0,
+                 handoff_rate: float = 20.0, reply_rate: float = 2_000_000.0,
                  max_inflight: int = 64, retransmits: int = 1) -> None:
         RPCProtocol.__init__(self, wait_timeout=rto_max)
         self.router = RoutingTable(self, ksize, source_node)
