@@ -10,7 +10,7 @@ their answer until the test says so, so streaming is observed rather than inferr
 - ``GET /sse``  -> ``text/event-stream``: one event, then waits for ``release`` before the
   last one (``finished`` is set only after that)
 - ``GET /chunked`` -> chunked plain text, same hold as ``/sse``
-- ``GET /hold`` -> waits for ``release``; counts ``holding``
+- ``GET /hold`` -> streams until ``release``; counts ``holding``
 - ``GET /slow?delay=S`` -> answers after S seconds
 - ``GET /hop`` -> an answer carrying hop-by-hop headers
 - ``GET /health`` -> 200 (the health path tests configure)
@@ -126,14 +126,23 @@ class Upstream:
         self.hits["chunked"] += 1
         return await self._held_stream(request, "text/plain", (b"part one;", b"part two."))
 
-    async def _hold(self, request: web.Request) -> web.Response:
+    async def _hold(self, request: web.Request) -> web.StreamResponse:
+        """Busy until ``release``: a space every 0.2 s keeps the gateway's read timeout
+        (``upstream_timeout``) from firing, as a long-running streamed answer would."""
         self.hits["hold"] += 1
         self.holding += 1
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 15.0)
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            deadline = asyncio.get_running_loop().time() + 15.0
+            while not self.release.is_set() and asyncio.get_running_loop().time() < deadline:
+                await resp.write(b" ")
+                await asyncio.sleep(0.2)
+            await resp.write(b"held")
+            await resp.write_eof()
+            return resp
         finally:
             self.holding -= 1
-        return web.json_response({"held": True})
 
     async def _slow(self, request: web.Request) -> web.Response:
         self.hits["slow"] += 1
