@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
             c1 = cl.coordinator("c1")
             cl.start(c1)
             cl.wait_ready(c1)
-            w1 = cl.worker("w1", [c1.dht_addr], services=["echo"],
+            w1 = cl.worker("w1", [c1.dht_addr], services=["echo", "bare"],
                            extra={"gateway": {"upstreams": {"echo": a.url}}})
             w2 = cl.worker("w2", [c1.dht_addr], services=["small", "flaky"], extra={
                 "gateway": {"max_body_mb": 1, "upstream_timeout": 1,
@@ -65,6 +68,16 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     finally:
         for up in (a, b, c):
             up.stop()
+
+
+def _get(url: str) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, JSON body) of a GET."""
+    req = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
 
 
 def _rss_kb(pid: int) -> int:
@@ -256,6 +269,12 @@ def test_every_admin_path_is_404_on_the_worker_gateway(net: Net) -> None:
     assert net.w1.get("/api/dht/stats")[0] == 200
 
 
+def test_service_without_upstream_is_a_502_not_processed(net: Net) -> None:
+    status, headers, body = _get(net.w1.gateway_url + "/bare/x")
+    assert status == 502 and "gateway.upstreams" in body["error"]
+    assert headers["RMA-Not-Processed"] == "1"
+
+
 def test_coordinator_gateway_serves_only_its_three_paths(net: Net) -> None:
     g = net.c1.gateway_url
     status, body = http("GET", g + "/api/dht/bootstrap")
@@ -355,8 +374,9 @@ def test_upstream_down_is_withdrawn_then_announced_again(net: Net) -> None:
         stats = w2.get("/api/dht/stats")[1]
         assert stats["gateway"]["down"] == ["flaky"]
         assert "upstream of flaky is down" in w2.log_text()
-        status, body = http("GET", w2.gateway_url + "/flaky/health")
+        status, headers, body = _get(w2.gateway_url + "/flaky/health")
         assert status == 502 and "unreachable" in body["error"]
+        assert headers["RMA-Not-Processed"] == "1"           # nothing reached an upstream
     finally:
         net.c.start()                              # same port again
     wait_until(lambda: services_of_w2() == {"small", "flaky"}, 20, "flaky announced again")
