@@ -83,6 +83,16 @@ def _free_port(kind: int) -> int:
         return int(s.getsockname()[1])
 
 
+def _gateway_port(taken: set[int]) -> int:
+    """A free TCP port for a node's gateway listener (every agent serves one)."""
+    for _ in range(200):
+        port = _free_port(socket.SOCK_STREAM)
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
 def _ports(taken: set[int]) -> tuple[int, int]:
     """(udp, tcp) ports, each free now and distinct from the ones already handed out."""
     for _ in range(200):
@@ -107,6 +117,7 @@ def plan(workers: int, tmp: Path) -> list[Node]:
         "dht": {"listen": f"127.0.0.1:{udp}", "mode": "server",
                 "republish_interval": REPUBLISH_S},
         "http": {"listen": f"127.0.0.1:{http}"},
+        "gateway": {"listen": f"127.0.0.1:{_gateway_port(taken)}"},
         **common,
     }))
     for i in range(workers):
@@ -121,6 +132,7 @@ def plan(workers: int, tmp: Path) -> list[Node]:
             "dht": {"listen": f"127.0.0.1:{wudp}", "mode": "server",
                     "bootstrap": [f"127.0.0.1:{udp}"], "republish_interval": REPUBLISH_S},
             "http": {"listen": f"127.0.0.1:{whttp}"},
+            "gateway": {"listen": f"127.0.0.1:{_gateway_port(taken)}"},
             "worker": {"services": list(services), "endpoint": f"http://127.0.0.1:{whttp}",
                        "max_concurrency": conc, "gpu": gpu, "gpu_memory_gb": mem},
             "discovery": {"coordinators": [coord.url]},

@@ -73,6 +73,25 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def bootstrap_handler(dht: DHTComponent) -> Any:
+    """``GET /api/dht/bootstrap``: served on the admin API, and on a coordinator's gateway."""
+
+    async def bootstrap(request: web.Request) -> web.Response:
+        seeds: list[str] = []
+        own = _own_seed(dht, request)
+        if own:
+            seeds.append(own)
+        for _cid, ip, port in dht.contacts():
+            s = _fmt(ip, port)
+            if s not in seeds:
+                seeds.append(s)
+            if len(seeds) >= MAX_SEEDS:
+                break
+        return web.json_response({"seeds": seeds})
+
+    return bootstrap
+
+
 def add_routes(app: web.Application, dht: DHTComponent) -> None:
     async def topology(request: web.Request) -> web.Response:
         if dht.identity is None or dht.node is None:
@@ -89,19 +108,6 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
         return web.json_response({"self": me, "nodes": nodes, "links": links,
                                   "generated_at": time.time()})
 
-    async def bootstrap(request: web.Request) -> web.Response:
-        seeds: list[str] = []
-        own = _own_seed(dht, request)
-        if own:
-            seeds.append(own)
-        for _cid, ip, port in dht.contacts():
-            s = _fmt(ip, port)
-            if s not in seeds:
-                seeds.append(s)
-            if len(seeds) >= MAX_SEEDS:
-                break
-        return web.json_response({"seeds": seeds})
-
     async def providers(request: web.Request) -> web.Response:
         service = normalize_service(request.match_info["service"])
         if not (service == ALL_SERVICES or valid_service_name(service)):
@@ -116,5 +122,5 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
                                   "records": [r.to_json() for r in records]})
 
     app.router.add_get("/api/dht/topology", topology)
-    app.router.add_get("/api/dht/bootstrap", bootstrap)
+    app.router.add_get("/api/dht/bootstrap", bootstrap_handler(dht))
     app.router.add_get("/api/dht/providers/{service}", providers)

@@ -87,6 +87,15 @@ class CoordinatorRole(Component):
         app.router.add_post("/api/services/register", self._register)
         app.router.add_get("/api/registry/{service}", self._registry_get)
 
+    def add_gateway_routes(self, app: web.Application) -> None:
+        """The public registry and seed list, on ``gateway.listen`` (SPEC §5): what
+        workers behind UDP filters and new nodes reach through a TLS proxy or tunnel."""
+        from agent.dht.api import bootstrap_handler
+
+        app.router.add_post("/api/services/register", self._register)
+        app.router.add_get("/api/registry/{service}", self._registry_get)
+        app.router.add_get("/api/dht/bootstrap", bootstrap_handler(self.dht))
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._snapshot_loop(), name="coordinator-snapshot")
 

@@ -222,6 +222,7 @@ def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinato
         "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server",
                 "bootstrap": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]},  # nobody there
         "http": {"listen": f"127.0.0.1:{http}"},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
         "worker": {"services": ["ocr"], "endpoint": f"http://127.0.0.1:{http}",
                    "gpu": "T4", "gpu_memory_gb": 16},
         "discovery": {"coordinators": [url]},
