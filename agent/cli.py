@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             for line in exc.errors:
                 print(line, file=sys.stderr)
             return 2
+        errors, warnings = cli_admission.check_config_admission(cfg, path)
+        for line in errors + warnings:
+            print(line, file=sys.stderr)
+        if errors:
+            return 2
         print(f"{path}: {summary(cfg)}")
         return 0
     if args.command == "status":

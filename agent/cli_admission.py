@@ -218,3 +218,27 @@ def _revoke(args: argparse.Namespace) -> int:
     print(f"{args.output}: {len(rl.revoked)} revoked key(s) ({added} new), seq {rl.seq}. "
           "Copy it to each coordinator's state_dir as revocations.list.", file=sys.stderr)
     return 0
+
+
+def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str]]:
+    """``check-config``'s semantic checks of ``worker.admission_cert`` (the loader checks
+    syntax only): (error lines, warning lines), as ``PATH:LINE: worker.admission_cert:
+    ...``. The box's public key is read from ``state_dir`` when this user may read it
+    (never created here); otherwise "for another key" cannot be checked and is skipped."""
+    from agent.config.locator import _Locator
+    from agent.dht.identity import KEY_FILE, Identity, IdentityError
+    from agent.network import certificate_state
+
+    pk: bytes | None = None
+    try:
+        pk = Identity._load(Path(cfg.agent.state_dir) / KEY_FILE).public_key  # type: ignore[attr-defined]
+    except (IdentityError, OSError, ValueError):
+        pk = None
+    _, errors, warnings = certificate_state(cfg, pk)  # type: ignore[arg-type]
+    try:
+        line = _Locator(Path(path).read_text("utf-8")).line(("worker", "admission_cert"),
+                                                            ("network", "admission_keys"))
+    except (OSError, UnicodeDecodeError):
+        line = 1
+    where = f"{path}:{line}: worker.admission_cert"
+    return ([f"{where}: {e}" for e in errors], [f"{where}: warning: {w}" for w in warnings])
