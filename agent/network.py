@@ -440,8 +440,8 @@ class NetworkComponent(Component):
         while True:
             try:
                 if time.monotonic() >= next_fetch:
-                    await self.refresh()
-                    self.purge()           # certificates that expired since the last round
+                    if not await self.refresh() and self.purge():
+                        self._apply()      # certificates expired since the last round
                     next_fetch = time.monotonic() + self.interval * random.uniform(0.9, 1.1)
                 elif self._check_local_file():
                     self._apply()
