@@ -159,3 +159,18 @@ def test_real_command_exit_codes(setup):
                           str(tmp / "ok.cert")], capture_output=True, text=True, env=env,
                          cwd=REPO, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_identity_as_root_hands_the_new_key_to_the_state_dir_owner(tmp_path, capsys):
+    """``sudo rma-agent identity`` before the first start must not leave a root-owned key
+    the service user cannot read."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nrole = "coordinator"\nstate_dir = "{state}"\n')
+    rc, out, _ = run(capsys, "identity", "-c", cfg)
+    assert rc == 0 and "public_key: " in out
+    st = (state / "identity.key").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600)
