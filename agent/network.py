@@ -189,6 +189,12 @@ class NetworkComponent(Component):
         self.purged = 0
         self._load_known()
         self._check_local_file()
+        registry = getattr(agent, "registry", None)
+        if registry is not None:
+            try:
+                registry.register(_NetworkCollector(self))
+            except ValueError as exc:    # duplicated names must not stop the agent
+                log.warning("network: metrics not registered: %s", exc)
 
     # ------------------------------------------------------------------ policy API
     @property
@@ -258,9 +264,13 @@ class NetworkComponent(Component):
             if self.policy.closed and not was and self._task is None:
                 self._task = asyncio.create_task(self._loop(), name="network-revocations")
             self._apply()
+        before = self.cert_blob
         self._load_certificate()
         for e in self.cert_errors:
             log.error("worker.admission_cert: %s", e)
+        worker = self.agent.get("worker")
+        if self.cert_blob != before and worker is not None and hasattr(worker, "wake"):
+            worker.wake()                 # announce the new certificate now
 
     def _load_certificate(self) -> None:
         dht = self.agent.get("dht")
@@ -493,6 +503,38 @@ class NetworkComponent(Component):
                     pass
             out["certificate"] = cert
         return {"network": out}
+
+
+class _NetworkCollector:
+    """``rma_agent_network_*`` read at scrape time from the component's counters."""
+
+    def __init__(self, comp: NetworkComponent) -> None:
+        self.comp = comp
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.comp
+        yield GaugeMetricFamily("rma_agent_network_closed",
+                                "1 when network.admission_keys makes this a closed network",
+                                value=1 if c.policy.closed else 0)
+        yield GaugeMetricFamily("rma_agent_network_revoked",
+                                "Worker keys on the revocation lists this agent honours",
+                                value=len(c.policy.revoked))
+        refused = CounterMetricFamily("rma_agent_network_refused",
+                                      "Records refused by the admission policy, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(c.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        fetches = CounterMetricFamily("rma_agent_network_revocation_fetches",
+                                      "Revocation list fetches, by outcome", labels=["result"])
+        for result, n in sorted(c.fetches.items()):
+            fetches.add_metric([result], n)
+        yield fetches
 
 
 def admitted_reason(agent: Any, record: Any) -> str | None:

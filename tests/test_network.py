@@ -288,3 +288,14 @@ async def test_lists_fetched_over_http_and_kept(tmp_path: Path) -> None:
                          .encode()) + b"\n")
     _, fresh = _agent(_write_cfg(tmp_path / "c", cert=None))
     assert not fresh.policy.lists and fresh._local_mtime is not None   # read, refused
+
+
+async def test_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    agent, comp = _agent(_write_cfg(tmp_path, cert=None))
+    comp.check(type("R", (), {"public_key": bytes(32), "services": ("ocr",), "cert": b"",
+                              "withdrawn": False})())
+    text = generate_latest(agent.registry).decode()
+    assert "rma_agent_network_closed 1.0" in text
+    assert 'rma_agent_network_refused_total{reason="no admission certificate"} 1.0' in text
