@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import logging
 import time
@@ -63,6 +64,28 @@ REGISTER_RATE = 5.0          # registrations per second per source IP (a NAT of 
 REGISTER_BURST = 50.0        # re-registers every republish interval: 100 workers ~ 3/s)
 MAX_PER_IP = 256             # workers whose latest registration came from one IP
 RATE_IPS = 4096              # source IPs with a bucket (least recently seen dropped)
+
+
+def source_ip(request: web.Request) -> str:
+    """The registering client's IP, for per-IP limits. Behind cloudflared or a TLS proxy
+    on this box (the connection comes from loopback) the proxy's header names the client:
+    ``CF-Connecting-IP``, else the *last* ``X-Forwarded-For`` entry (the one our proxy
+    appended; earlier ones are whatever the client sent), else ``X-Real-IP``. Headers from
+    any other peer are ignored: they would let a client pick its own bucket."""
+    remote = request.remote or ""
+    try:
+        loopback = ipaddress.ip_address(remote.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        for header, pick in (("CF-Connecting-IP", 0), ("X-Forwarded-For", -1),
+                             ("X-Real-IP", 0)):
+            value = request.headers.get(header)
+            if value:
+                ip = value.split(",")[pick].strip()[:64]
+                if ip:
+                    return ip
+    return remote
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -217,7 +240,7 @@ class CoordinatorRole(Component):
         return resp
 
     async def _register_inner(self, request: web.Request) -> web.Response:
-        source = request.remote or ""
+        source = source_ip(request)
         if not self._rate_ok(source):
             self.rejected += 1
             return web.json_response(

@@ -164,3 +164,21 @@ async def test_claimed_lifetime_is_capped(open_) -> None:
     assert w.node_id in role.registry
     role._expire(now + ttl + 1)              # its own expiry is an hour away; gone anyway
     assert w.node_id not in role.registry and role._per_ip == {}
+
+
+async def test_limits_follow_the_client_behind_a_local_proxy(open_, monkeypatch) -> None:
+    """Through cloudflared/a TLS proxy every request comes from loopback: the limits must
+    apply to the client the proxy names, not to the proxy."""
+    client, role, _ = open_
+    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 2)
+    for i in range(2):
+        resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                                 headers={"X-Forwarded-For": f"203.0.113.9, 198.51.100.{i}"})
+        assert resp.status == 200
+    resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                             headers={"CF-Connecting-IP": "198.51.100.0"})
+    assert resp.status == 200            # 198.51.100.0 holds 1 of 2
+    resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                             headers={"X-Forwarded-For": "198.51.100.0"})
+    assert resp.status == 429
+    assert role._per_ip == {"198.51.100.0": 2, "198.51.100.1": 1}
