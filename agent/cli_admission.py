@@ -227,7 +227,7 @@ def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str
     (never created here); otherwise "for another key" cannot be checked and is skipped."""
     from agent.config.locator import _Locator
     from agent.dht.identity import KEY_FILE, Identity, IdentityError
-    from agent.network import certificate_state
+    from agent.network import NO_SOURCES, certificate_state, configured_keys, revocation_sources
 
     pk: bytes | None = None
     try:
@@ -241,4 +241,13 @@ def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str
     except (OSError, UnicodeDecodeError):
         line = 1
     where = f"{path}:{line}: worker.admission_cert"
-    return ([f"{where}: {e}" for e in errors], [f"{where}: warning: {w}" for w in warnings])
+    out_errors = [f"{where}: {e}" for e in errors]
+    out_warnings = [f"{where}: warning: {w}" for w in warnings]
+    if configured_keys(cfg) and not revocation_sources(cfg) \
+            and cfg.agent.role == "worker":  # type: ignore[attr-defined]
+        try:
+            nline = _Locator(Path(path).read_text("utf-8")).line(("network", "admission_keys"))
+        except (OSError, UnicodeDecodeError):
+            nline = 1
+        out_warnings.append(f"{path}:{nline}: network.admission_keys: warning: {NO_SOURCES}")
+    return out_errors, out_warnings

@@ -151,6 +151,28 @@ def certificate_state(cfg: Config, public_key: bytes | None, now: float | None =
     return (blob if ours else b""), errors, warnings
 
 
+def revocation_sources(cfg: Config) -> list[str]:
+    """Base URLs revocation lists are fetched from: ``discovery.coordinators`` and the
+    scheme://host of each URL entry of ``dht.bootstrap``."""
+    out: list[str] = []
+    for base in cfg.discovery.coordinators:
+        b = base.rstrip("/")
+        if b not in out:
+            out.append(b)
+    for entry in cfg.dht.bootstrap:
+        if entry.startswith(("http://", "https://")):
+            u = urllib.parse.urlsplit(entry)
+            b = f"{u.scheme}://{u.netloc}"
+            if b not in out:
+                out.append(b)
+    return out
+
+
+NO_SOURCES = ("closed network, but neither discovery.coordinators nor a URL entry of "
+              "dht.bootstrap names a coordinator to fetch revocation lists from: only a "
+              "revocations.list file in state_dir can revoke workers here")
+
+
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
@@ -236,6 +258,8 @@ class NetworkComponent(Component):
         else:
             log.info("network: closed: %d admission key(s), %d worker(s) revoked",
                      len(self.policy.keys), len(self.policy.revoked))
+            if not revocation_sources(cfg) and cfg.agent.role == "worker":
+                log.warning("network: %s", NO_SOURCES)
         self._load_certificate()
         if cfg.agent.role == "worker":
             for e in self.cert_errors:
@@ -348,18 +372,7 @@ class NetworkComponent(Component):
     def sources(self) -> list[str]:
         """Base URLs to fetch lists from: ``discovery.coordinators`` and the URL entries
         of ``dht.bootstrap`` (their scheme and host)."""
-        cfg = self.agent.config
-        out: list[str] = []
-        for base in cfg.discovery.coordinators:
-            b = base.rstrip("/")
-            if b not in out:
-                out.append(b)
-        for entry in cfg.dht.bootstrap:
-            if entry.startswith(("http://", "https://")):
-                u = urllib.parse.urlsplit(entry)
-                b = f"{u.scheme}://{u.netloc}"
-                if b not in out:
-                    out.append(b)
+        out = revocation_sources(self.agent.config)
         own = self.agent.http_url.rstrip("/") if getattr(self.agent, "http_url", "") else ""
         return [b for b in out if b != own][:MAX_SOURCES]
 

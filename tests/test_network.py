@@ -145,12 +145,14 @@ NK_B64 = base64.b64encode(NK.public_key).decode()
 
 
 def _write_cfg(tmp: Path, *, cert: str | None, keys: tuple[str, ...] = (NK_B64,),
-               services: str = '"ocr"') -> Path:
+               services: str = '"ocr"', sources: bool = True) -> Path:
     cfg = tmp / "agent.toml"
     lines = ['[agent]', 'role = "worker"', f'state_dir = "{tmp / "state"}"',
              '[worker]', f'services = [{services}]']
     if cert is not None:
         lines.append(f'admission_cert = "{cert}"')
+    if sources:
+        lines += ['[discovery]', 'coordinators = ["http://127.0.0.1:9"]']
     lines += ['[network]', f'admission_keys = {list(keys)!r}'.replace("'", '"')]
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
@@ -201,6 +203,11 @@ def test_check_config_certificate_problems(tmp_path: Path, capsys) -> None:
     soon = _cert_file(tmp_path, ident, "soon.cert", services=("ocr",), days=3)
     rc, err = _check(capsys, _write_cfg(tmp_path, cert=str(soon)))
     assert rc == 0 and "warning: " in err and "expires in 3.0 days" in err
+    # closed, but nowhere to fetch revocation lists from: a warning naming the key
+    cfg = _write_cfg(tmp_path, cert=str(good), sources=False)
+    rc, err = _check(capsys, cfg)
+    assert rc == 0 and "network.admission_keys: warning: " in err
+    assert "discovery.coordinators" in err and len(err.strip().splitlines()) == 1
     # an open network does not need one: problems are only warnings
     rc, err = _check(capsys, _write_cfg(tmp_path, cert=str(tmp_path / "missing.cert"), keys=()))
     assert rc == 0 and "warning: " in err and "no such file" in err
@@ -269,7 +276,7 @@ async def test_lists_fetched_over_http_and_kept(tmp_path: Path) -> None:
     try:
         cfg_b = _write_cfg(tmp_path / "b", cert=None)
         cfg_b.write_text(cfg_b.read_text().replace(
-            "[network]", f'[discovery]\ncoordinators = ["http://127.0.0.1:{ts.port}"]\n[network]'))
+            "http://127.0.0.1:9", f"http://127.0.0.1:{ts.port}"))
         _, client = _agent(cfg_b)
         assert await client.refresh() is True
         assert client.policy.revoked == {revoked.public_key}
