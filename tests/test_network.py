@@ -138,6 +138,13 @@ def test_closed_network_admission_and_revocation(tmp_path: Path, monkeypatch) ->
         _, stats = workers["w1"].get("/api/dht/stats")
         assert stats["network"]["revoked"] == 1
 
+        # an admitted worker's withdrawal (a tombstone carrying its certificate) is
+        # stored and honoured: DHT lookups everywhere drop it at once
+        assert cl.stop(workers["w4"]) == 0
+        wait_until(lambda: all(_names(n, "/api/dht/providers/ocr") == {"w1", "w3"}
+                               for n in cl.live()), 15, "w4's withdrawal everywhere",
+                   interval=0.5)
+
 
 # ----------------------------------------------------------------------------- in process
 NK = NetworkKey.generate()
