@@ -403,9 +403,10 @@ class RevocationList:
 
     @classmethod
     def issue(cls, key: NetworkKey, revoked: Iterable[bytes], *,
-              previous: RevocationList | None = None,
+              previous: RevocationList | None = None, remove: Iterable[bytes] = (),
               now: float | None = None) -> RevocationList:
-        """A list of ``revoked`` keys plus ``previous``'s (same issuer), seq above it."""
+        """A list of ``revoked`` keys plus ``previous``'s (same issuer) minus ``remove``,
+        seq above ``previous`` (so it replaces it everywhere)."""
         now = time.time() if now is None else float(now)
         keys = set(revoked)
         seq = int(now * 1000)
@@ -414,6 +415,7 @@ class RevocationList:
                 raise AdmissionError("the existing list was signed by another network key")
             keys |= set(previous.revoked)
             seq = max(seq, previous.seq + 1)
+        keys -= set(remove)
         fields = [REVOCATION_VERSION, key.public_key, seq, now, sorted(keys)]
         _check_list_fields(fields)
         return cls(REVOCATION_VERSION, key.public_key, seq, now, tuple(sorted(keys)),

@@ -66,8 +66,10 @@ def add_parsers(sub: argparse._SubParsersAction, config_arg: Callable[[argparse.
     sp.add_argument("-o", "--output", required=True, type=Path, metavar="CERT")
     sp = sub.add_parser("revoke", help="add workers to a signed revocation list")
     sp.add_argument("--network-key", required=True, type=Path, metavar="FILE")
-    sp.add_argument("--public-key", required=True, action="append", metavar="B64",
+    sp.add_argument("--public-key", action="append", default=[], metavar="B64",
                     help="a worker key to revoke (repeatable)")
+    sp.add_argument("--unrevoke", action="append", default=[], metavar="B64",
+                    help="take a key off the list given with --list (repeatable)")
     sp.add_argument("--list", type=Path, default=None, metavar="FILE",
                     help="the current list to extend (may equal -o)")
     sp.add_argument("-o", "--output", required=True, type=Path, metavar="LIST")
@@ -197,6 +199,11 @@ def _admit(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     keys = [parse_public_key(k, "--public-key") for k in args.public_key]
+    restore = {parse_public_key(k, "--unrevoke") for k in args.unrevoke}
+    if not keys and not restore:
+        raise _Usage("give at least one --public-key to revoke (or --unrevoke with --list)")
+    if restore and args.list is None:
+        raise _Usage("--unrevoke needs the current list (--list FILE)")
     _check_output(args.output, may_replace=args.list)
     key = NetworkKey.load(args.network_key)
     previous = None
@@ -207,15 +214,21 @@ def _revoke(args: argparse.Namespace) -> int:
         except AdmissionError as exc:
             msg = str(exc)
             raise _Usage(msg if msg.startswith(str(args.list)) else f"{args.list}: {msg}") from None
-    rl = RevocationList.issue(key, keys, previous=previous)
+    if restore:
+        assert previous is not None
+        missing = restore - set(previous.revoked)
+        if missing:
+            raise _Usage(f"--unrevoke {b64_key(sorted(missing)[0])}: not on {args.list}")
+    rl = RevocationList.issue(key, keys, previous=previous, remove=restore)
     data = base64.b64encode(rl.encode()) + b"\n"
     replace = args.list is not None and args.output.resolve() == args.list.resolve()
     try:
         write_new_file(args.output, data, mode=0o644, replace=replace)
     except OSError as exc:
         raise _Usage(f"{args.output}: {exc.strerror or exc}") from None
-    added = len(rl.revoked) - (len(previous.revoked) if previous else 0)
-    print(f"{args.output}: {len(rl.revoked)} revoked key(s) ({added} new), seq {rl.seq}. "
+    added = len(set(rl.revoked) - set(previous.revoked if previous else ()))
+    print(f"{args.output}: {len(rl.revoked)} revoked key(s) ({added} new, {len(restore)} "
+          f"taken off), seq {rl.seq}. "
           "Copy it to each coordinator's state_dir as revocations.list.", file=sys.stderr)
     return 0
 

@@ -77,6 +77,14 @@ def test_workflow(setup, capsys):
     assert len(rl.revoked) == 2
     assert policy.add_list(rl)
     assert policy.check_cert(c.encode(), ident.public_key, ["ocr"]) == "worker revoked"
+    # a mistake is undone by a newer list without the key
+    rc, _, err = run(capsys, "revoke", "--network-key", nk, "--unrevoke", worker_pub,
+                     "--list", tmp / "rev.list", "-o", tmp / "rev.list")
+    assert rc == 0, err
+    rl2 = RevocationList.decode(read_b64_file(tmp / "rev.list", "revocation list", 10**6))
+    assert rl2.seq > rl.seq and len(rl2.revoked) == 1
+    assert policy.add_list(rl2)
+    assert policy.check_cert(c.encode(), ident.public_key, ["ocr"]) is None
 
 
 def _bad_cases(tmp: Path, worker_pub: str):
@@ -110,6 +118,9 @@ def _bad_cases(tmp: Path, worker_pub: str):
         (["revoke", "--network-key", nk, "--public-key", "AAAA", "-o", str(tmp / "r")],
          "32 bytes"),
         (["admit", "--public-key", worker_pub, "-o", str(tmp / "c")], "--network-key"),
+        (["revoke", "--network-key", nk, "-o", str(tmp / "r")], "at least one --public-key"),
+        (["revoke", "--network-key", nk, "--unrevoke", worker_pub, "-o", str(tmp / "r")],
+         "needs the current list"),
     ]
 
 
