@@ -487,8 +487,12 @@ class NetworkComponent(Component):
         if self.agent.config.agent.role == "worker":
             if self.cert_errors:
                 return "NOT ADMITTED (see worker.admission_cert)"
-            if self.cert_warnings:
-                return "admission cert expiring soon"
+            if self.cert_warnings and self.cert_blob:
+                try:
+                    left = Certificate.decode(self.cert_blob).not_after - time.time()
+                except AdmissionError:
+                    left = 0.0
+                return f"admission cert EXPIRES in {_left(max(left, 0.0))}"
             return "admitted"
         return f"closed network, {len(self.policy.revoked)} revoked"
 
