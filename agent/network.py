@@ -244,6 +244,12 @@ class NetworkComponent(Component):
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(REVOCATIONS_PATH, self.serve_revocations)
 
+    def add_gateway_routes(self, app: web.Application) -> None:
+        """Coordinators also serve the lists on their public listener (``gateway.listen``),
+        where other agents' ``discovery.coordinators`` point."""
+        if self.agent.config.agent.role == "coordinator":
+            app.router.add_get(REVOCATIONS_PATH, self.serve_revocations)
+
     async def serve_revocations(self, request: web.Request) -> web.Response:
         """Every list this agent honours (its own file's and the ones it fetched)."""
         return web.json_response({
