@@ -47,11 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print raw JSON")
     sp = sub.add_parser("demo", help="a local cluster on loopback; Ctrl-C stops it")
     sp.add_argument("--workers", type=int, default=5, metavar="N")
+    from agent import cli_admission
+    cli_admission.add_parsers(sub, config_arg)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from agent import cli_admission
+    if args.command in cli_admission.COMMANDS:
+        return cli_admission.run(args)
     if args.command in ("run", "check-config"):
         path = args.config or default_path()
         if args.command == "run":
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             for line in exc.errors:
                 print(line, file=sys.stderr)
+            return 2
+        errors, warnings = cli_admission.check_config_admission(cfg, path)
+        for line in errors + warnings:
+            print(line, file=sys.stderr)
+        if errors:
             return 2
         print(f"{path}: {summary(cfg)}")
         return 0

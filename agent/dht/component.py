@@ -31,6 +31,7 @@ from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
+from agent.network import admitted
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -107,6 +108,8 @@ class DHTComponent(Component):
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
         self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
+        network = self.agent.get("network")     # closed networks: only admitted records
+        self.node.storage.admit = network.storage_hook if network is not None else None
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:
@@ -373,7 +376,8 @@ class DHTComponent(Component):
         dt = time.perf_counter() - t0
         self._note_lookup(dt)
         now = time.time()
-        live = [r for r in records if not r.withdrawn and r.expires_at > now]
+        live = admitted(self.agent, [r for r in records
+                                     if not r.withdrawn and r.expires_at > now])
         if live:
             self._lookup_hits += 1
         return live

@@ -94,13 +94,15 @@ class ProviderStorage(IStorage):
         # called with each record that replaced or added an entry (the agent turns it
         # into its "record" bus event, so cached lookup answers learn of withdrawals)
         self.on_stored: Callable[[WorkerRecord], None] | None = None
+        # closed networks (agent.network): refusal reason for a record, or None to admit
+        self.admit: Callable[[WorkerRecord, float], str | None] | None = None
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,
             now: float | None = None, verify: bool = True) -> str:
         """Store ``record`` under ``key``; return "stored", "same" (equal seq, kept the
-        existing copy) or the refusal reason ("invalid", "wrong_key", "stale",
-        "key_full", "sender_full", "total_full", "too_many_keys")."""
+        existing copy) or the refusal reason ("invalid", "wrong_key", "not_admitted",
+        "stale", "key_full", "sender_full", "total_full", "too_many_keys")."""
         now = time.time() if now is None else now
         status = self._put(key, record, sender, now, verify)
         if status not in ("stored", "same"):
@@ -123,6 +125,8 @@ class ProviderStorage(IStorage):
             return "invalid"
         if not record.serves(key):
             return "wrong_key"
+        if self.admit is not None and self.admit(record, now) is not None:
+            return "not_admitted"
         bucket = self._data.get(key)
         old = bucket.get(record.worker_id) if bucket is not None else None
         if old is not None and old.record.expires_at <= now:
@@ -204,6 +208,17 @@ class ProviderStorage(IStorage):
         for key in list(self._data):
             bucket = self._data[key]
             for wid in [w for w, e in bucket.items() if e.record.expires_at <= now]:
+                self._remove(key, bucket, wid)
+                dropped += 1
+        return dropped
+
+    def drop_where(self, pred: Callable[[WorkerRecord], bool]) -> int:
+        """Remove every record (tombstones included) for which ``pred`` is true; how
+        many. Used when a revocation list or an expired certificate removes a worker."""
+        dropped = 0
+        for key in list(self._data):
+            bucket = self._data[key]
+            for wid in [w for w, e in bucket.items() if pred(e.record)]:
                 self._remove(key, bucket, wid)
                 dropped += 1
         return dropped

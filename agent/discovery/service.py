@@ -51,6 +51,7 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
+from agent.network import admitted
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -339,6 +340,7 @@ class DiscoveryComponent(Component):
     async def _fetch(self, service: str) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
+        records = admitted(self.agent, records)
         now = self.clock()
         cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
         answered = dht_state in ("hit", "miss")
@@ -347,6 +349,7 @@ class DiscoveryComponent(Component):
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
         crecords, coord_answered = await self._from_coordinators(service)
+        crecords = admitted(self.agent, crecords)
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
         if len(ccs) or not answered:

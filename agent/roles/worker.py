@@ -131,6 +131,7 @@ class WorkerRole(Component):
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
             refresh=float(cfg.dht.republish_interval),
+            cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
         return record
