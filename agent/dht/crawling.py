@@ -105,8 +105,10 @@ class Crawl:
             self._improved = True
 
     def add_triples(self, triples: list[tuple[bytes, str, int]]) -> None:
+        """New candidates from one answer: at most k of them (an honest node sends k; a
+        liar's 64 made-up addresses would each cost a request), never suspects."""
         is_suspect = self.protocol.is_suspect
-        for nid, ip, port in triples:
+        for nid, ip, port in triples[:getattr(self.protocol, "ksize", 20)]:
             if nid in self.state or nid == self._self_id or is_suspect(nid):
                 continue
             self._add(Node(nid, ip, port))

@@ -13,7 +13,9 @@ class lists it first. What it adds, and why:
   token, so it cannot store — and so cannot dodge the per-host storage quotas either.
 * **Anti-amplification (``tokens.AddressGuard``).** To an address that has not proven it
   receives at its address (it never answered one of our requests and sent no valid
-  token), the node sends at most 3x the bytes it received from it. A reply that would
+  token), the node sends at most 2.5x the bytes it received from it (QUIC allows 3x;
+  the margin keeps every datagram we send there, the ``reachable`` probe included,
+  under 3x). A reply that would
   exceed that becomes the small challenge (or is dropped when even that does not fit),
   so a spoofed 60-byte ``find_providers`` draws at most ~40 bytes at the victim, not
   8 KiB. Honest askers pay one round trip once per token lifetime.
@@ -70,7 +72,7 @@ class HostileGuard:
 
     def _init_guard(self, *, max_inflight: int, per_peer_inflight: int = 8,
                     max_unproven: int | None = None, max_queued: int = 1024,
-                    amplification: float = 3.0) -> None:
+                    amplification: float = 2.5) -> None:
         self.write_tokens = WriteTokens()
         self.peer_tokens = TokenCache()
         self.addr_guard = AddressGuard(factor=amplification)
@@ -88,6 +90,13 @@ class HostileGuard:
     def _exempt(self, address: Address) -> bool:
         policy = getattr(self.router, "diversity", None)
         return policy is not None and policy.is_exempt(str(address[0]))
+
+    def budget_probe(self, address: Address, size: int) -> bool:
+        """May we send ``size`` bytes on behalf of a request from ``address`` (e.g. the
+        ``reachable`` probe ping)? Counted against that address's budget when unproven."""
+        if self._exempt(address) or self.addr_guard.is_proven(address):
+            return True
+        return self.addr_guard.may_send(address, size)
 
     def challenge(self, address: Address) -> dict[str, bytes]:
         """The reply that hands a token to ``address`` instead of an answer."""

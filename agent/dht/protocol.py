@@ -67,6 +67,8 @@ from agent.dht.wire import (
 )
 from agent.ratelimit import TokenBucket
 
+PROBE_BYTES = 64                    # a probe ping datagram, rounded up
+
 __all__ = [
     "HANDOFF_KEYS", "HANDOFF_RECORDS", "HEADER", "MAX_DATAGRAM", "MAX_NODES_IN_ANSWER",
     "MAX_PAYLOAD", "SUSPECT_TTL", "TOMBSTONE_WINDOW", "RMAProtocol", "RttEstimator",
@@ -216,6 +218,11 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
             return None
         if not self._reach_bucket.take():
             self.drops["reachable_rate_limited"] += 1
+            return None
+        if not self.budget_probe(sender, PROBE_BYTES):
+            # the probe goes to the sender's IP: a spoofed asker must not make us
+            # send more there than it sent us (guard's anti-amplification budget)
+            self.drops["reachable_budget"] += 1
             return None
         return await probe_ping((sender[0], port), self.my_id(), self._local_host())
 

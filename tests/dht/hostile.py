@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
+import struct
 from typing import Any
 
 import msgpack
@@ -154,3 +156,35 @@ async def honest_network(n: int, net: int, **kw: Any) -> list[DHTNode]:
 def free_net() -> int:
     """A second loopback octet unlikely to collide with other tests (clusters use 64-250)."""
     return random.randint(20, 60)
+
+
+def can_spoof() -> bool:
+    """Raw sockets (root or CAP_NET_RAW) are needed to forge a source address."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except OSError:
+        return False
+    return True
+
+
+def spoofed_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> int:
+    """Send one IPv4 UDP datagram whose source is ``src`` (any address we like); returns
+    the UDP payload size. The kernel fills the IP checksum; UDP checksum 0 = none."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0,
+                     socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        s.sendto(ip + udp + payload, (dst[0], 0))
+    return len(payload)
+
+
+class Sink(asyncio.DatagramProtocol):
+    """A victim address: counts what arrives, answers nothing."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.datagrams: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.bytes += len(data)
+        self.datagrams.append(data)
