@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from kademlia.node import Node
@@ -13,6 +14,17 @@ from agent.dht.routing import RoutingTable
 class FakeProtocol:
     async def call_ping(self, node: Node) -> None:
         pass
+
+
+def in_loop(fn):
+    """Run a table test inside an event loop: a full bucket schedules a ping of its head."""
+    def wrapper(*a, **kw):
+        async def main():
+            fn(*a, **kw)
+            await asyncio.sleep(0)
+        asyncio.run(main())
+    wrapper.__name__ = fn.__name__
+    return wrapper
 
 
 def near(base: bytes, rnd: random.Random) -> bytes:
@@ -54,6 +66,7 @@ def test_counter_limits():
     assert not c.hosts and not c.prefixes
 
 
+@in_loop
 def test_one_ip_gets_two_contacts_per_bucket_and_five_in_the_table():
     rnd = random.Random(1)
     table = RoutingTable(FakeProtocol(), 20, Node(b"\x00" * 20), DiversityPolicy())
@@ -87,6 +100,7 @@ def test_one_ip_gets_two_contacts_per_bucket_and_five_in_the_table():
     assert table.diversity_refused > 50
 
 
+@in_loop
 def test_one_slash24_gets_three_per_bucket():
     rnd = random.Random(2)
     table = RoutingTable(FakeProtocol(), 20, Node(b"\x00" * 20), DiversityPolicy())
@@ -100,6 +114,7 @@ def test_one_slash24_gets_three_per_bucket():
     table.check_consistency()
 
 
+@in_loop
 def test_loopback_exempt_by_default_strict_on_request():
     rnd = random.Random(3)
     nodes = [Node(b"\xf0" + rnd.randbytes(19), "127.0.0.1", 9000 + i) for i in range(30)]
@@ -114,6 +129,7 @@ def test_loopback_exempt_by_default_strict_on_request():
     assert len(strict) == 2
 
 
+@in_loop
 def test_promoted_replacement_is_checked_again():
     pol = DiversityPolicy(bucket_per_ip=0, bucket_per_prefix=0, table_per_ip=1,
                           table_per_prefix=0)
