@@ -17,6 +17,13 @@ address group, never by ``(ip, port)`` or by node id:
 * storage quotas and eviction count records per host (``storage.ProviderStorage``);
 * the ``reachable`` RPC and reply budgets are per host (``protocol``).
 
+**Private addresses** (10/8, 172.16/12, 192.168/16, 100.64/10 CGNAT, 169.254/16, IPv6
+fc00::/7 and fe80::/10) keep the per-IP limits but form no /24 group: a LAN deployment puts
+every box in one /24, and grouping them would cap its own routing tables and lookups at
+three nodes. A remote attacker cannot use such addresses (a contact enters a table only
+after answering a ping at its address, from our side of the network); an attacker inside
+the LAN is limited per IP only. libp2p likewise applies its filter to the public DHT only.
+
 **Loopback.** Tests and benchmarks run hundreds of nodes on ``127.0.0.1`` (one host, many
 ports). By default (``loopback="exempt"``) every loopback ``ip:port`` counts as its own
 host and its own group, so such networks behave as before: loopback cannot be reached, let
@@ -78,10 +85,13 @@ class DiversityPolicy:
         return ip
 
     def prefix(self, ip: str, port: int) -> Any:
-        """The host's network group: its /24 (IPv4) or /64 (IPv6)."""
+        """The host's network group: its /24 (IPv4) or /64 (IPv6); a private address is
+        its own group."""
         ip = _norm(ip)
         if self.loopback == "exempt" and _is_loopback(ip):
             return (ip, port)
+        if is_private(ip):
+            return ip
         return _prefix(ip)
 
     def is_exempt(self, ip: str) -> bool:
@@ -92,6 +102,23 @@ class DiversityPolicy:
 
 def _is_loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1"
+
+
+def is_private(ip: str) -> bool:
+    """RFC 1918, CGNAT, link-local, IPv6 ULA / link-local (string tests: this runs for
+    every lookup candidate)."""
+    if ":" in ip:
+        low = ip.lower()
+        return low.startswith(("fc", "fd", "fe8", "fe9", "fea", "feb"))
+    if ip.startswith(("10.", "192.168.", "169.254.")):
+        return True
+    if ip.startswith("172.") or ip.startswith("100."):
+        try:
+            second = int(ip.split(".", 2)[1])
+        except (IndexError, ValueError):
+            return False
+        return 16 <= second <= 31 if ip[1] == "7" else 64 <= second <= 127
+    return False
 
 
 def _prefix(ip: str) -> str:

@@ -147,3 +147,17 @@ def test_promoted_replacement_is_checked_again():
     table.check_consistency()
     assert a2 not in table and h2 in table
     assert table.diversity_refused == 1
+
+
+def test_private_addresses_keep_per_ip_limits_but_form_no_slash24():
+    pol = DiversityPolicy()
+    assert pol.prefix("10.77.0.5", 1) != pol.prefix("10.77.0.6", 1)
+    assert pol.prefix("192.168.1.5", 1) == "192.168.1.5"
+    assert pol.prefix("fd00::5", 1) == "fd00::5"
+    assert pol.host("10.77.0.5", 1) == pol.host("10.77.0.5", 2)    # still one host
+    c = GroupCounter(pol)
+    for i in range(20):                # a LAN: 20 boxes in one /24, all admitted
+        assert c.allows(f"192.168.1.{i + 1}", 8468, 2, 3)
+        c.add(f"192.168.1.{i + 1}", 8468)
+    c.add("192.168.1.1", 8469)
+    assert not c.allows("192.168.1.1", 8470, 2, 3)                   # one box, many ports
