@@ -35,8 +35,8 @@ def near(base: bytes, rnd: random.Random) -> bytes:
 def test_groups_ipv4_ipv6_and_loopback():
     strict = DiversityPolicy(loopback="strict")
     exempt = DiversityPolicy()
-    assert strict.host("10.1.2.3", 5) == "10.1.2.3"
-    assert strict.prefix("10.1.2.3", 5) == strict.prefix("::ffff:10.1.2.200", 6) == "10.1.2.0/24"
+    assert strict.host("203.0.113.3", 5) == "203.0.113.3"
+    assert strict.prefix("203.0.113.3", 5) == strict.prefix("::ffff:203.0.113.200", 6) == "203.0.113.0/24"
     assert strict.prefix("2001:db8:1:2::7", 1) == strict.prefix("2001:db8:1:2:ffff::1", 2)
     assert strict.prefix("2001:db8:1:2::7", 1) != strict.prefix("2001:db8:1:3::7", 1)
     # loopback: each ip:port its own host by default, the plain IP when strict
@@ -55,14 +55,14 @@ def test_policy_from_env(monkeypatch):
 
 def test_counter_limits():
     c = GroupCounter(DiversityPolicy())
-    c.add("10.0.0.1", 1)
-    c.add("10.0.0.1", 2)
-    assert not c.allows("10.0.0.1", 3, 2, 0)
-    assert c.allows("10.0.0.2", 3, 2, 3)
-    assert not c.allows("10.0.0.2", 3, 2, 2)
-    c.remove("10.0.0.1", 2)
-    assert c.allows("10.0.0.1", 3, 2, 0)
-    c.remove("10.0.0.1", 1)
+    c.add("198.51.100.1", 1)
+    c.add("198.51.100.1", 2)
+    assert not c.allows("198.51.100.1", 3, 2, 0)
+    assert c.allows("198.51.100.2", 3, 2, 3)
+    assert not c.allows("198.51.100.2", 3, 2, 2)
+    c.remove("198.51.100.1", 2)
+    assert c.allows("198.51.100.1", 3, 2, 0)
+    c.remove("198.51.100.1", 1)
     assert not c.hosts and not c.prefixes
 
 
