@@ -188,3 +188,56 @@ class Sink(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.bytes += len(data)
         self.datagrams.append(data)
+
+
+async def _serve_eclipse(ip: str, service: str, ports: int, targets: list[tuple[str, int]],
+                         seconds: float, spoof_as: tuple[str, int] | None) -> None:
+    from agent.dht.record import WorkerRecord, service_key
+
+    host = await AttackerHost(ip, closest_ids(service_key(service), ports)).start()
+    print("ready", flush=True)
+    end = asyncio.get_running_loop().time() + seconds
+    spoofed = 0
+    try:
+        while asyncio.get_running_loop().time() < end:
+            await host.introduce(targets)
+            if spoof_as is not None and can_spoof():
+                fake = WorkerRecord.create(Identity.generate(), name="spoofed",
+                                           services=[service], endpoint="https://spoof.example",
+                                           gpu="H200", gpu_memory_gb=141, load=0.0,
+                                           capacity=8, region="", ttl=3600)
+                for t in targets:
+                    spoofed_udp(spoof_as, t, request("announce", bytes(20),
+                                                     service_key(service), fake.encode()))
+                    spoofed += 1
+            print(f"introduced {len(targets)} spoofed {spoofed}", flush=True)
+            await asyncio.sleep(2.0)
+    finally:
+        host.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.dht.hostile eclipse --ip A --service ocr --targets h:p,h:p``: run
+    the attacker host (for tests that place it in a network namespace)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tests.dht.hostile")
+    ap.add_argument("attack", choices=["eclipse"])
+    ap.add_argument("--ip", required=True)
+    ap.add_argument("--service", default="ocr")
+    ap.add_argument("--ports", type=int, default=20)
+    ap.add_argument("--targets", required=True, help="comma-separated host:port")
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--spoof-as", default="", help="host:port to forge announces from")
+    args = ap.parse_args(argv)
+    targets = [(h, int(p)) for h, p in (t.rsplit(":", 1) for t in args.targets.split(","))]
+    spoof = None
+    if args.spoof_as:
+        h, p = args.spoof_as.rsplit(":", 1)
+        spoof = (h, int(p))
+    asyncio.run(_serve_eclipse(args.ip, args.service, args.ports, targets, args.seconds,
+                               spoof))
+
+
+if __name__ == "__main__":
+    main()
