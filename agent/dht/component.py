@@ -515,7 +515,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     a fresh ephemeral socket on ``host``. ``port=None``: ping a second fresh socket that
     answers like a node (a port no NAT has a mapping for). True/False is the seed's
     verdict; None when the seed did not answer at all. Wire format: rpcudp's (kind byte,
-    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
+    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps. A seed that is
+    out of probe capacity answers None, returned as None too (no verdict)."""
     loop = asyncio.get_running_loop()
     msg_id = os.urandom(20)
     fut: asyncio.Future[Any] = loop.create_future()
@@ -540,7 +541,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     finally:
         for t in transports:
             t.close()
-    return result is True
+    # a seed out of probe capacity answers None: no verdict, not "unreachable"
+    return result if isinstance(result, bool) else None
 
 
 class DHTCollector:

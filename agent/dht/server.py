@@ -206,11 +206,15 @@ class DHTNode(Server):
         ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
         return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
 
-    async def check_reachable(self, seed: tuple[str, int]) -> bool:
-        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``)."""
+    async def check_reachable(self, seed: tuple[str, int]) -> bool | None:
+        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``). False when
+        it said unreachable or did not answer; None when it had no capacity to probe
+        (not a verdict: ask again later)."""
         assert self.protocol is not None and self.port is not None
         ok, res = await self.protocol._call(seed, "reachable", self.protocol.my_id(),
                                             self.port, timeout=2.5)
+        if ok and res is None:
+            return None
         return bool(ok) and res is True
 
     # ------------------------------------------------------------------ records

@@ -10,13 +10,21 @@ peer may overwrite. Here a key maps to at most one record *per worker*:
 * a withdrawn record (tombstone) is kept until its expiry so that replays of the older,
   live record are refused, but ``get`` never returns it.
 
-Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key (when
-full, the entry expiring soonest is evicted if the newcomer outlives it, otherwise the
-newcomer is refused), ``max_keys`` keys, ``max_per_sender`` records whose latest copy came
-from one sender address ``(ip, port)``, and ``max_total`` records overall. A coordinator
-republishes the records of many workers from one address; list its IP (or ``(ip, port)``)
-in ``trusted`` to exempt it from the per-sender bound (the total bounds still apply).
-Records stored by this node itself (``sender=None``) are exempt as well.
+Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key,
+``max_keys`` keys, ``max_total`` records overall, and per *host* — the sender's IP, not
+``(ip, port)``, so rotating source ports gains nothing (``diversity.DiversityPolicy.host``;
+loopback ``ip:port`` pairs count apart unless the policy is strict) — ``max_per_sender``
+records whose latest copy came from one host and ``max_per_prefix`` from one /24 (IPv6
+/64). A coordinator republishes the records of many workers from one address; list its IP
+(or ``(ip, port)``) in ``trusted`` to exempt it from the per-host bounds (the total bounds
+still apply). Records stored by this node itself (``sender=None``) are exempt as well.
+
+Eviction when a key (or the whole store) is full never drops an honest record to make
+room for a newer stranger: the victim is a record of the host holding the most records
+under that key, and only if that host holds at least two more than the newcomer's host
+would (a flooder's records go first; a key full of one-record-per-host workers refuses
+newcomers, ``key_full``). Expiry time plays no part: a long-TTL record does not outrank
+an honest 300 s one.
 
 Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
 more are stored, half the answer is the best-ranked ones — lowest utilisation
@@ -40,6 +48,7 @@ from typing import Any
 
 from kademlia.storage import IStorage
 
+from agent.dht.diversity import DiversityPolicy
 from agent.dht.record import RecordError, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -49,13 +58,17 @@ Sender = tuple[str, int] | None
 
 
 class _Entry:
-    __slots__ = ("encoded", "record", "sender", "stored_at")
+    __slots__ = ("encoded", "host", "prefix", "record", "sender", "stored_at")
 
-    def __init__(self, record: WorkerRecord, sender: Sender, stored_at: float) -> None:
+    def __init__(self, record: WorkerRecord, sender: Sender, stored_at: float,
+                 host: Any = None, prefix: Any = None) -> None:
         self.record = record
         self.encoded = record.encode()
         self.sender = sender
         self.stored_at = stored_at
+        # the quota groups this entry counts in (None: local or trusted, not counted)
+        self.host = host
+        self.prefix = prefix
 
 
 class ProviderStorage(IStorage):
@@ -71,20 +84,26 @@ class ProviderStorage(IStorage):
         max_per_key: int = 512,
         max_keys: int = 4096,
         max_per_sender: int = 64,
+        max_per_prefix: int | None = None,
         max_total: int = 50_000,
         trusted: Iterable[Any] = (),
         max_skew: float = 30.0,
         rng: random.Random | None = None,
+        diversity: DiversityPolicy | None = None,
     ) -> None:
         self.max_per_key = max_per_key
         self.max_keys = max_keys
         self.max_per_sender = max_per_sender
+        self.max_per_prefix = 4 * max_per_sender if max_per_prefix is None else max_per_prefix
         self.max_total = max_total
+        self.diversity = diversity if diversity is not None else DiversityPolicy.from_env()
         self.trusted: set[Any] = set(trusted)
         self.max_skew = max_skew
         self._rng = rng or random.Random()
         self._data: dict[bytes, dict[bytes, _Entry]] = {}
-        self._by_sender: Counter[tuple[str, int]] = Counter()
+        self._by_sender: Counter[Any] = Counter()    # host -> records
+        self._by_prefix: Counter[Any] = Counter()    # /24 or /64 -> records
+        self.evicted = 0
         self._total = 0
         self._last_cull = 0.0
         self.refused: Counter[str] = Counter()
@@ -132,24 +151,27 @@ class ProviderStorage(IStorage):
         if old is not None and old.record.expires_at <= now:
             self._remove(key, bucket, record.worker_id)  # type: ignore[arg-type]
             old = None
+        host, prefix = self._groups(sender)
         if old is not None:
             if record.seq < old.record.seq:
                 return "stale"
             if record.seq == old.record.seq:
                 return "same"
-            if sender != old.sender and self._sender_full(sender):
+            if host != old.host and self._sender_full(host, prefix):
                 return "sender_full"
-            self._uncount(old.sender)
-            self._count(sender)
-            bucket[record.worker_id] = _Entry(record, sender, now)  # type: ignore[index]
+            self._uncount(old)
+            entry = _Entry(record, sender, now, host, prefix)
+            self._count(entry)
+            bucket[record.worker_id] = entry  # type: ignore[index]
             self._ranked.pop(key, None)
             return "stored"
         # a new worker under this key
-        if self._sender_full(sender):
+        if self._sender_full(host, prefix):
             return "sender_full"
         if self._total >= self.max_total:
             self.cull(now, force=False)
-            if self._total >= self.max_total:
+            if self._total >= self.max_total and not (
+                    bucket and self._evict_flooder(key, bucket, host)):
                 return "total_full"
         if bucket is None:
             if len(self._data) >= self.max_keys:
@@ -157,41 +179,67 @@ class ProviderStorage(IStorage):
                 if len(self._data) >= self.max_keys:
                     return "too_many_keys"
             bucket = self._data[key] = {}
-        elif len(bucket) >= self.max_per_key:
-            victim_id = min(bucket, key=lambda w: bucket[w].record.expires_at)
-            if bucket[victim_id].record.expires_at >= record.expires_at:
-                return "key_full"
-            self._remove(key, bucket, victim_id)
-        bucket[record.worker_id] = _Entry(record, sender, now)
+        elif len(bucket) >= self.max_per_key and not self._evict_flooder(key, bucket, host):
+            return "key_full"
+        entry = _Entry(record, sender, now, host, prefix)
+        bucket[record.worker_id] = entry
         self._ranked.pop(key, None)
-        self._count(sender)
+        self._count(entry)
         self._total += 1
         return "stored"
 
     def _is_trusted(self, sender: Sender) -> bool:
         return sender is None or sender in self.trusted or sender[0] in self.trusted
 
-    def _sender_full(self, sender: Sender) -> bool:
+    def _groups(self, sender: Sender) -> tuple[Any, Any]:
+        """(host, prefix) the quotas count ``sender`` in; (None, None) when exempt."""
         if self._is_trusted(sender):
+            return None, None
+        ip, port = sender  # type: ignore[misc]
+        return self.diversity.host(ip, port), self.diversity.prefix(ip, port)
+
+    def _sender_full(self, host: Any, prefix: Any) -> bool:
+        if host is None:
             return False
-        return self._by_sender[sender] >= self.max_per_sender  # type: ignore[index]
+        return (self._by_sender[host] >= self.max_per_sender
+                or (self.max_per_prefix > 0 and self._by_prefix[prefix] >= self.max_per_prefix))
 
-    def _count(self, sender: Sender) -> None:
-        if sender is not None:
-            self._by_sender[sender] += 1
+    def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
+        """Make room under ``key`` for a record of ``host`` by dropping one record of the
+        host holding the most there — only if it holds at least two more than ``host``
+        would. Never an exempt (local, trusted) record. True if one was dropped."""
+        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
+        if not per_host:
+            return False
+        heavy, n = per_host.most_common(1)[0]
+        mine = per_host.get(host, 0) if host is not None else 0
+        if n < mine + 2:
+            return False
+        victim = min((w for w, e in bucket.items() if e.host == heavy),
+                     key=lambda w: bucket[w].stored_at)
+        self._remove(key, bucket, victim)
+        self.evicted += 1
+        return True
 
-    def _uncount(self, sender: Sender) -> None:
-        if sender is not None:
-            n = self._by_sender[sender] - 1
+    def _count(self, entry: _Entry) -> None:
+        if entry.host is not None:
+            self._by_sender[entry.host] += 1
+            self._by_prefix[entry.prefix] += 1
+
+    def _uncount(self, entry: _Entry) -> None:
+        if entry.host is None:
+            return
+        for counter, k in ((self._by_sender, entry.host), (self._by_prefix, entry.prefix)):
+            n = counter[k] - 1
             if n > 0:
-                self._by_sender[sender] = n
+                counter[k] = n
             else:
-                del self._by_sender[sender]
+                del counter[k]
 
     def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
         entry = bucket.pop(worker_id)
         self._ranked.pop(key, None)
-        self._uncount(entry.sender)
+        self._uncount(entry)
         self._total -= 1
         if not bucket:
             self._data.pop(key, None)
@@ -339,13 +387,15 @@ class ProviderStorage(IStorage):
         return len(self._data.get(key) or ())
 
     def sender_count(self, sender: tuple[str, int]) -> int:
-        return self._by_sender.get(sender, 0)
+        """Records counted against ``sender``'s host (every port of its IP)."""
+        host, _prefix = self._groups(sender)
+        return self._by_sender.get(host, 0) if host is not None else 0
 
     def stats(self) -> dict[str, Any]:
         withdrawn = sum(1 for b in self._data.values() for e in b.values() if e.record.withdrawn)
         return {"keys": len(self._data), "records": self._total - withdrawn,
                 "tombstones": withdrawn, "senders": len(self._by_sender),
-                "refused": dict(self.refused)}
+                "evicted": self.evicted, "refused": dict(self.refused)}
 
     def __len__(self) -> int:
         return self._total
