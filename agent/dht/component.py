@@ -382,6 +382,20 @@ class DHTComponent(Component):
             self._lookup_hits += 1
         return live
 
+    async def service_counts(self) -> dict[str, int]:
+        """Live workers per service over the network, from the sharded service index
+        (``DHTNode.service_counts``); ``{}`` when not running or on failure."""
+        if self.node is None:
+            return {}
+        try:
+            return await self.node.service_counts()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lookup_errors += 1
+            log.warning("dht: service index lookup failed: %s", exc)
+            return {}
+
     def _note_lookup(self, dt: float) -> None:
         self._lookup_sum += dt
         for i, bound in enumerate(LOOKUP_BUCKETS):

@@ -41,6 +41,7 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
 from agent.dht.guard import HostileGuard
+from agent.dht.keys import INDEX_KEYS
 from agent.dht.liveness import (
     HANDOFF_KEYS,
     HANDOFF_RECORDS,
@@ -58,6 +59,7 @@ from agent.dht.wire import (
     MAX_NODES_IN_ANSWER,
     MAX_PAYLOAD,
     _is_id,
+    _is_id_prefix,
     _is_nodeid,
     _is_page,
     _is_port,
@@ -68,6 +70,23 @@ from agent.dht.wire import (
 from agent.ratelimit import TokenBucket
 
 PROBE_BYTES = 64                    # a probe ping datagram, rounded up
+SKETCH_BYTES = 200             # a 16-bucket sketch, msgpack-encoded, at most
+INDEX_ANSWER_BYTES = 2048      # service names + counts in an index shard's answer
+LIST_BUDGET = MAX_PAYLOAD - 128  # records in one list_providers answer
+
+
+def _bounded_counts(counts: dict[str, int], limit: int) -> tuple[list[list[Any]], bool]:
+    """``[[service, count], ...]`` (largest first) within ``limit`` encoded bytes, and
+    whether every service fitted. A list, not a map: decoders cap maps at 16 entries."""
+    out: list[list[Any]] = []
+    size = 0
+    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        size += len(name.encode("utf-8")) + 8
+        if size > limit:
+            return out, False
+        out.append([name, n])
+    return out, True
+
 
 __all__ = [
     "HANDOFF_KEYS", "HANDOFF_RECORDS", "HEADER", "MAX_DATAGRAM", "MAX_NODES_IN_ANSWER",
@@ -107,6 +126,8 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
                          (_is_nodeid, _is_id, lambda v: type(v) is bytes), 3),
             "find_providers": (self.rpc_find_providers, (_is_nodeid, _is_id, _is_page), 2),
             "reachable": (self.rpc_reachable, (_is_nodeid, _is_port), 2),
+            "list_providers": (self.rpc_list_providers,
+                               (_is_nodeid, _is_id, _is_id_prefix, _is_id_prefix), 4),
         }
 
     # ================================================================ RPC handlers
@@ -185,15 +206,39 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
         total, pages = self.storage.pages(key, ANSWER_LIMIT, now)
         budget = MAX_PAYLOAD - len(msgpack.packb(nodes, use_bin_type=True)) - 64
         out = []
+        answer: dict[str, Any] = {"nodes": nodes, "total": total, "pages": pages}
+        if pages:
+            # more records than one answer carries: the sketch lets the asker check
+            # what it read elsewhere against this node's set (and marks a node that
+            # answers ``list_providers``); 16 x [count, xor32] is ~150 bytes
+            answer["sketch"] = self.storage.sketch(key, now)
+            budget -= SKETCH_BYTES
+        if key in INDEX_KEYS:
+            counts, complete = _bounded_counts(self.storage.service_counts(key, now),
+                                               INDEX_ANSWER_BYTES)
+            answer["services"] = counts
+            answer["services_complete"] = complete
+            budget -= INDEX_ANSWER_BYTES
+        out = []
         for r in (self.storage.get_encoded(key, ANSWER_LIMIT, now, page)
                   + self.storage.tombstones(key, since=now - TOMBSTONE_WINDOW, now=now)):
             budget -= len(r) + 3
             if budget < 0:
                 break
             out.append(r)
+        answer["records"] = out
         # the asker's write token rides along (guard): its announces need no challenge
-        return {"records": out, "nodes": nodes, "total": total, "pages": pages,
-                "token": self.write_tokens.issue(sender[0])}
+        answer["token"] = self.write_tokens.issue(sender[0])
+        return answer
+
+    def rpc_list_providers(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
+                           start: bytes, end: bytes) -> dict[str, Any]:
+        """``{"records", "next"}``: the records (tombstones included) of workers with
+        ``start <= id < end`` in id order, as many as fit one datagram, and the id to
+        continue from (``None`` when the range is done). See ``storage.range_encoded``."""
+        self._welcome_sender(sender, nodeid)
+        recs, nxt = self.storage.range_encoded(key, start, end, LIST_BUDGET)
+        return {"records": recs, "next": nxt}
 
     async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes,
                             port: int) -> bool | None:
@@ -253,6 +298,12 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
                             record: bytes) -> tuple[bool, Any]:
         result = await self._call((node_to_ask.ip, node_to_ask.port), "announce",
                                   self.my_id(), key, record)
+        return self.handle_call_response(result, node_to_ask)
+
+    async def call_list_providers(self, node_to_ask: Node, key: bytes, start: bytes,
+                                  end: bytes) -> tuple[bool, Any]:
+        result = await self._call((node_to_ask.ip, node_to_ask.port), "list_providers",
+                                  self.my_id(), key, start, end)
         return self.handle_call_response(result, node_to_ask)
 
     async def call_find_providers(self, node_to_ask: Node, key: bytes,

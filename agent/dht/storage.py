@@ -39,6 +39,7 @@ contacts always fit one 8 KiB datagram.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 import time
@@ -54,7 +55,17 @@ from agent.dht.record import RecordError, WorkerRecord
 log = logging.getLogger(__name__)
 
 ANSWER_LIMIT = 20
+MAX_PER_KEY = 10_240        # a service of 10,000 workers fits under one key
+SKETCH_BUCKETS = 16         # ranges of worker ids (by first nibble) in a key's sketch
 Sender = tuple[str, int] | None
+
+
+def _bucket_of(worker_id: bytes) -> int:
+    return worker_id[0] >> 4
+
+
+def _xor_of(worker_id: bytes) -> int:
+    return int.from_bytes(worker_id[:4], "big")
 
 
 class _Entry:
@@ -81,7 +92,7 @@ class ProviderStorage(IStorage):
     def __init__(
         self,
         *,
-        max_per_key: int = 512,
+        max_per_key: int = MAX_PER_KEY,
         max_keys: int = 4096,
         max_per_sender: int = 64,
         max_per_prefix: int | None = None,
@@ -110,6 +121,10 @@ class ProviderStorage(IStorage):
         # key -> (earliest expiry among them, live entries ranked best first); answers
         # are served from here until the key changes or its first entry expires
         self._ranked: dict[bytes, tuple[float, list[_Entry]]] = {}
+        # key -> worker ids in ascending order (range listing pages through it)
+        self._order: dict[bytes, list[bytes]] = {}
+        # key -> (earliest expiry, sketch of the live records), see ``sketch``
+        self._sketch: dict[bytes, tuple[float, list[list[int]]]] = {}
         # called with each record that replaced or added an entry (the agent turns it
         # into its "record" bus event, so cached lookup answers learn of withdrawals)
         self.on_stored: Callable[[WorkerRecord], None] | None = None
@@ -164,6 +179,7 @@ class ProviderStorage(IStorage):
             self._count(entry)
             bucket[record.worker_id] = entry  # type: ignore[index]
             self._ranked.pop(key, None)
+            self._sketch.pop(key, None)
             return "stored"
         # a new worker under this key
         if self._sender_full(host, prefix):
@@ -184,6 +200,10 @@ class ProviderStorage(IStorage):
         entry = _Entry(record, sender, now, host, prefix)
         bucket[record.worker_id] = entry
         self._ranked.pop(key, None)
+        self._sketch.pop(key, None)
+        order = self._order.get(key)
+        if order is not None:
+            bisect.insort(order, record.worker_id)
         self._count(entry)
         self._total += 1
         return "stored"
@@ -239,10 +259,17 @@ class ProviderStorage(IStorage):
     def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
         entry = bucket.pop(worker_id)
         self._ranked.pop(key, None)
+        self._sketch.pop(key, None)
+        order = self._order.get(key)
+        if order is not None:
+            i = bisect.bisect_left(order, worker_id)
+            if i < len(order) and order[i] == worker_id:
+                del order[i]
         self._uncount(entry)
         self._total -= 1
         if not bucket:
             self._data.pop(key, None)
+            self._order.pop(key, None)
 
     def cull(self, now: float | None = None, *, force: bool = True) -> int:
         """Drop every expired record (tombstones included); return how many.
@@ -365,6 +392,71 @@ class ProviderStorage(IStorage):
               if e.record.withdrawn and e.record.issued_at >= since and e.record.expires_at > now]
         ts.sort(key=lambda e: -e.record.issued_at)
         return [e.encoded for e in ts[:limit]]
+
+    def range_encoded(self, key: bytes, start: bytes, end: bytes, budget: int,
+                      now: float | None = None) -> tuple[list[bytes], bytes | None]:
+        """Encoded records (tombstones included) of the workers with ``start <= id <
+        end`` (``end == b""``: to the end of the id space), in worker-id order, until
+        their sizes (+3 bytes of framing each) would exceed ``budget``. Returns them and
+        the id to continue from (``None`` when the range is exhausted).
+
+        This is how a lookup reads every record of a large service: it splits the id
+        space into ranges that each fit about one answer and asks for them in parallel,
+        so its cost grows with the records returned, not with a page count."""
+        now = time.time() if now is None else now
+        bucket = self._data.get(key)
+        if not bucket:
+            return [], None
+        order = self._order.get(key)
+        if order is None or len(order) != len(bucket):
+            order = self._order[key] = sorted(bucket)
+        i = bisect.bisect_left(order, start)
+        out: list[bytes] = []
+        while i < len(order):
+            wid = order[i]
+            if end and wid >= end:
+                return out, None
+            e = bucket.get(wid)
+            i += 1
+            if e is None or e.record.expires_at <= now:
+                continue
+            budget -= len(e.encoded) + 3
+            if budget < 0:
+                return out, wid if out else None
+            out.append(e.encoded)
+        return out, None
+
+    def sketch(self, key: bytes, now: float | None = None) -> list[list[int]]:
+        """``SKETCH_BUCKETS`` pairs ``[count, xor]`` over the live (unexpired, not
+        withdrawn) workers of ``key``, bucketed by the first nibble of the worker id;
+        ``xor`` folds the first 4 bytes of each id. A lookup compares a node's sketch
+        with the records it merged and re-reads only the buckets that differ, so two
+        storing nodes that saw different announces still add up to every worker."""
+        now = time.time() if now is None else now
+        hit = self._sketch.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        out = [[0, 0] for _ in range(SKETCH_BUCKETS)]
+        first_exp = float("inf")
+        for e in self._live(key, now):
+            wid = e.record.worker_id
+            b = out[_bucket_of(wid)]
+            b[0] += 1
+            b[1] ^= _xor_of(wid)
+        for e in (self._data.get(key) or {}).values():
+            first_exp = min(first_exp, e.record.expires_at)
+        self._sketch[key] = (first_exp, out)
+        return out
+
+    def service_counts(self, key: bytes, now: float | None = None) -> dict[str, int]:
+        """Live workers per service name among the records under ``key`` (the answer
+        of a service-index shard: names and counts, not the records)."""
+        now = time.time() if now is None else now
+        counts: dict[str, int] = {}
+        for e in self._live(key, now):
+            for svc in e.record.services:
+                counts[svc] = counts.get(svc, 0) + 1
+        return counts
 
     def snapshot(self, key: bytes, now: float | None = None) -> list[WorkerRecord]:
         """Every unexpired record under ``key``, tombstones included (for merging)."""

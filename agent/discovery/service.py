@@ -190,7 +190,9 @@ class DiscoveryComponent(Component):
     # ------------------------------------------------------------------ config
     @property
     def max_age_s(self) -> float:
-        """Records older than two republish intervals are stale."""
+        """Staleness bound for records that carry no ``refresh`` (format 1 and foreign
+        record-likes): two of this agent's republish intervals. Records that carry one
+        are judged by it (``select.record_max_age``)."""
         return 2.0 * float(self.agent.config.dht.republish_interval)
 
     @property
@@ -451,19 +453,30 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
-        """Known services with live worker counts, from the "*" key and the cache.
+        """Known services with live worker counts.
 
-        The "*" answer of a large network is the storing nodes' fair sample, so counts
-        are a lower bound there; a service looked up recently counts at least what its
-        own (fresh) cached answer holds."""
-        entry, source = await self._entry(ALL_SERVICES)
+        From the DHT's sharded service index when the node offers it (``service_counts``:
+        every service, exact counts, a few small lookups whatever the number of workers);
+        otherwise from the "*" answer (a lower bound on a large network). A service
+        looked up recently counts at least what its own (fresh) cached answer holds."""
         now = self.clock()
         counts: dict[str, int] = {}
-        cs = entry.candidates
-        for i in _live_indices(cs, now, self.tracker):
-            for svc in cs.records[i].services:
-                if SERVICE_RE.fullmatch(svc):
-                    counts[svc] = counts.get(svc, 0) + 1
+        source = ""
+        dht = self.agent.get("dht")
+        if dht is not None and hasattr(dht, "service_counts"):
+            try:
+                got = await asyncio.wait_for(dht.service_counts(), self.dht_timeout_s)
+            except TimeoutError:
+                got = {}
+            counts = {s: int(n) for s, n in got.items() if SERVICE_RE.fullmatch(s) and n > 0}
+            source = "dht" if counts else ""
+        if not source:
+            entry, source = await self._entry(ALL_SERVICES)
+            cs = entry.candidates
+            for i in _live_indices(cs, now, self.tracker):
+                for svc in cs.records[i].services:
+                    if SERVICE_RE.fullmatch(svc):
+                        counts[svc] = counts.get(svc, 0) + 1
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
@@ -541,9 +554,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:
     bans = tracker.current_bans(now)
-    return [i for i in range(len(cs))
-            if cs.expires[i] > now and now - cs.issued[i] <= cs.max_age_s
-            and cs.ids[i] not in bans]
+    return [i for i in range(len(cs)) if cs.is_fresh(i, now) and cs.ids[i] not in bans]
 
 
 def _json_loads(body: bytes) -> Any:
