@@ -155,7 +155,12 @@ class DashboardComponent(Component):
         return new
 
     def _unmark(self, service: str, wid: bytes) -> bool:
-        return self._present.pop((service, wid), None) is not None
+        """Forget (service, worker); True if it was present (its value may be None)."""
+        key = (service, wid)
+        if key not in self._present:
+            return False
+        del self._present[key]
+        return True
 
     def _on_record(self, rec: Any) -> None:
         """A record stored locally: joins, moves and withdrawals as they arrive."""
@@ -187,7 +192,7 @@ class DashboardComponent(Component):
         wid = bytes.fromhex(view["id"])
         name = view.get("name", "")
         if kind == "added":
-            if self._mark(service, wid, None):
+            if (service, wid) not in self._present and self._mark(service, wid, None):
                 self.log_event("joined", f"{name} joined {service}", service=service,
                                worker=name, worker_id=view["id"])
         elif kind == "removed":
@@ -207,7 +212,7 @@ class DashboardComponent(Component):
         """Readiness, back-offs and expiries: no network, every tick."""
         ok, reasons = self.agent.readiness()
         cur = (ok, tuple(reasons))
-        if cur != self._ready:
+        if cur != self._ready and self.agent.running:   # not while the agent still starts
             if self._ready is not None or not ok:
                 self.log_event("ready" if ok else "not-ready",
                                "ready" if ok else "not ready: " + "; ".join(reasons))

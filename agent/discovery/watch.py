@@ -283,7 +283,7 @@ class WatchHub:
             prev = self.tombstones.get(wid)
             if prev is not None and record.issued_at > prev:
                 del self.tombstones[wid]      # back after a restart
-        for svc in services:
+        for svc in (*services, "*"):          # "*": every worker (the dashboard's count)
             w = self.watches.get(svc)
             if w is None:
                 continue
