@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent import events
-from agent.config import SERVICE_RE
+from agent.discovery.api import BadRequest, check_service
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -294,12 +294,10 @@ class WatchHub:
     # -------------------------------------------------------------- HTTP
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/services/{name}/watch``."""
-        name = request.match_info["name"]
-        if not SERVICE_RE.fullmatch(name):
-            shown = name if len(name) <= 80 else name[:77] + "..."
-            return web.json_response(
-                {"error": f"bad service name {shown!r}: 1-63 characters of lowercase a-z, "
-                          "0-9, '.', '_', '-', starting with a letter or digit"}, status=400)
+        try:
+            name = check_service(request.match_info["name"])   # lowercases what was typed
+        except BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         extra = sorted(set(request.query) - {"last_event_id"})
         if extra:
             return web.json_response({"error": f"unknown parameter {extra[0]!r} "

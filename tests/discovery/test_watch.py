@@ -191,7 +191,7 @@ def test_200_idle_watchers_cost_less_than_20_mb(cluster):
 
 def test_bad_watch_requests_are_4xx_json(cluster):
     _cl, c1, _w0 = cluster
-    for path, status in (("/api/services/OCR!/watch", 400),
+    for path, status in (("/api/services/ocr!/watch", 400),
                          ("/api/services/ocr/watch?x=1", 400)):
         code, body = c1.get(path)
         assert code == status and "error" in body, (path, code, body)
