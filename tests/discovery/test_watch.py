@@ -7,77 +7,19 @@ refresh). A second worker ``w1`` starts, changes its load and stops while we wat
 
 from __future__ import annotations
 
-import http.client
 import json
-import queue
 import socket
 import subprocess
-import threading
 import time
-from typing import Any
 
 import pytest
 
 from tests.cluster import Cluster
 from tests.cluster import http as http_call
+from tests.sse import SSEReader
 from tests.util import agent_cmd, agent_env, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-class SSEReader:
-    """Reads one SSE stream in a thread: (id, event, data) tuples into a queue."""
-
-    def __init__(self, host: str, port: int, path: str, headers: dict[str, str] | None = None
-                 ) -> None:
-        self.conn = http.client.HTTPConnection(host, port, timeout=30)
-        self.conn.request("GET", path, headers=headers or {})
-        self.resp = self.conn.getresponse()
-        self.status = self.resp.status
-        self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
-        if self.status == 200:
-            threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        eid, event, data = "", "", ""
-        try:
-            for raw in iter(self.resp.readline, b""):
-                line = raw.decode().rstrip("\n")
-                if line.startswith("id: "):
-                    eid = line[4:]
-                elif line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    data = line[6:]
-                elif not line and data:
-                    self.events.put((eid, event, json.loads(data)))
-                    data = ""
-        except (OSError, ValueError, AttributeError):
-            pass            # closed under us by close() (http.client is not thread-safe)
-
-    def next(self, timeout: float = 15.0) -> tuple[str, str, Any]:
-        return self.events.get(timeout=timeout)
-
-    def until(self, pred: Any, timeout: float, what: str) -> list[tuple[str, str, Any]]:
-        """Events up to and including the first matching ``pred``."""
-        got: list[tuple[str, str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.next(max(0.05, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            got.append(ev)
-            if pred(ev):
-                return got
-        raise AssertionError(f"no {what} within {timeout:.0f}s; got {got}")
-
-    def close(self) -> None:
-        try:
-            self.conn.sock and self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +137,22 @@ def test_bad_watch_requests_are_4xx_json(cluster):
                          ("/api/services/ocr/watch?x=1", 400)):
         code, body = c1.get(path)
         assert code == status and "error" in body, (path, code, body)
+
+
+def test_lookup_explain_cli_prints_parts_and_exclusions(cluster):
+    _cl, c1, _w0 = cluster
+    res = subprocess.run(agent_cmd("lookup", "OCR", "--explain", "--region", "elsewhere",
+                                   "--url", c1.url), env=agent_env(), capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "ocr: 0 workers offered" in res.stdout
+    assert "w0" in res.stdout and "region filter: test is not elsewhere" in res.stdout
+    res = subprocess.run(agent_cmd("lookup", "ocr", "--explain", "--json", "--url", c1.url),
+                         env=agent_env(), capture_output=True, text=True, timeout=30)
+    body = json.loads(res.stdout)
+    (w,) = [w for w in body["workers"] if w["name"] == "w0"]
+    parts = w["components"]
+    total = parts["load"] + parts["gpu"]
+    for k in ("region", "latency", "age", "health"):
+        total = total + parts[k]
+    assert total == w["score"] and parts["region"] == 0.4      # c1 and w0 share "test"

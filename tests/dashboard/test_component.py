@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import REPO, Cluster
+from tests.sse import SSEReader
 from tests.util import wait_for
 
 pytestmark = pytest.mark.slow
@@ -210,3 +211,22 @@ def test_page_assets_and_endpoints(cluster):
     assert status == 400 and "error" in body
     status, dash = http_call("GET", c1.url + "/api/dashboard")
     assert status == 200 and dash["samples"] and dash["state"]["agent"]["role"] == "coordinator"
+
+
+def test_events_stream_sends_state_and_resumable_log(cluster):
+    _cl, c1, _ = cluster
+    rd = SSEReader(c1.ip, c1.http_port, "/api/events")
+    assert rd.status == 200
+    got = rd.until(lambda ev: ev[1] == "state", 10, "a state frame")
+    logs = [ev for ev in got if ev[1] == "log"]
+    assert logs and all(ev[0] for ev in logs)             # the log replays, with ids
+    state = got[-1][2]
+    assert state["agent"]["role"] == "coordinator" and state["services"]
+    rd.until(lambda ev: ev[1] == "sample", 10, "a sample frame")
+    rd.close()
+    # resume after the first log event: the rest of the log, not the first one again
+    rd2 = SSEReader(c1.ip, c1.http_port, "/api/events", {"Last-Event-ID": logs[0][0]})
+    again = rd2.until(lambda ev: ev[1] == "state", 10, "state after resume")
+    ids = [ev[0] for ev in again if ev[1] == "log"]
+    assert logs[0][0] not in ids and ids == [ev[0] for ev in logs[1:]][:len(ids)]
+    rd2.close()
