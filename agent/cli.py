@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--region", default=None)
     sp.add_argument("--gpu", default=None)
     sp.add_argument("--json", action="store_true", help="print raw JSON")
+    sp.add_argument("--explain", action="store_true",
+                    help="score components of each worker and why others were left out")
+    sp = sub.add_parser("watch", help="print a service's membership changes as they happen")
+    sp.add_argument("service")
+    sp.add_argument("--url", default=None, help="agent HTTP URL (default: from the config)")
+    sp.add_argument("--json", action="store_true", help="one JSON object per event")
     sp = sub.add_parser("demo", help="a local cluster on loopback; Ctrl-C stops it")
     sp.add_argument("--workers", type=int, default=5, metavar="N")
     from agent import cli_admission
@@ -82,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit < 1:
             print("rma-agent lookup: --limit must be at least 1", file=sys.stderr)
             return 2
+        if args.explain:
+            from agent.dashboard.cli import cmd_lookup_explain
+            return cmd_lookup_explain(args.url or _default_url(), args.service, args.limit,
+                                      args.json, region=args.region, gpu=args.gpu)
         from agent.discovery.client import cmd_lookup
         return cmd_lookup(args.url or _default_url(), args.service, args.limit, args.json,
                           region=args.region, gpu=args.gpu)
+    if args.command == "watch":
+        from agent.dashboard.cli import cmd_watch
+        return cmd_watch(args.url or _default_url(), args.service, args.json)
     if args.command == "demo":
         if not 1 <= args.workers <= 50:
             print("rma-agent demo: --workers must be between 1 and 50", file=sys.stderr)

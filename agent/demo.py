@@ -323,11 +323,11 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
             print(f"  {n.name:<12} {n.url}  (pid {n.proc.pid if n.proc else '-'}){extra}",
                   file=out)
         print(file=out)
+        print(f"dashboard:  {coord.url}/", file=out)
         print(f"stats:      {coord.url}/api/dht/stats   (rma-agent status --url {coord.url})",
               file=out)
         print(f"services:   {coord.url}/api/services", file=out)
         print(f"metrics:    {coord.url}/metrics", file=out)
-        # the live dashboard at "/" is a later issue; its data is already served here:
         print(f"topology:   {coord.url}/api/dht/topology", file=out)
         print(file=out)
         print("demo running — press Ctrl-C to stop", file=out, flush=True)

@@ -9,10 +9,12 @@
 #   dpkg-dev           - dpkg-architecture/dpkg-deb helpers used by build-deb.sh
 #   debian-archive-keyring - debootstrap verifies the bookworm Release file with it
 #   nftables, iproute2 - the network-namespace tests (NAT router, packet loss)
+#   chromium, chromium-driver - the dashboard's real-browser test (selenium drives
+#                        /usr/bin/chromedriver; nothing is downloaded at test time)
 #   fakeroot is not needed: dpkg-deb --root-owner-group sets ownership itself.
 set -eu
 
-want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl nftables iproute2"
+want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl nftables iproute2 chromium chromium-driver"
 missing=""
 for p in $want; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -79,6 +79,7 @@ def test_demo_end_to_end_and_clean_stop(sig):
         assert "/api/dht/stats" in out and "/metrics" in out
         # through the coordinator's real DHT node: cached lookups cost no DHT query
         coord = re.search(r"coordinator\s+(http://127\.0\.0\.1:\d+)", out).group(1)
+        assert f"dashboard:  {coord}/" in out
         before = _get(coord + "/api/dht/stats")
         for _ in range(5):
             answer = _get(coord + "/api/services/ocr")
