@@ -24,6 +24,7 @@ from aiohttp import web
 
 from agent.config import SERVICE_RE
 from agent.discovery.select import Query
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     from agent.discovery.service import DiscoveryComponent
@@ -140,12 +141,17 @@ async def get_service(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return _bad(str(exc))
     fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    if not comp.guard.allow_lookup(comp, service, request):
+        return comp.guard.too_many()
     result = await comp.lookup(service, query, fresh=fresh)
     return web.Response(body=result.body(), content_type="application/json")
 
 
 async def post_report(request: web.Request) -> web.Response:
     comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    refused = refuse_remote(request, "a worker report")
+    if refused is not None:
+        return refused
     try:
         service = check_service(request.match_info["name"])
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
