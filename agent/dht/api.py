@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from agent.dht.record import ALL_SERVICES, valid_service_name
+from agent.dht.record import ALL_SERVICES, normalize_service, valid_service_name
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
@@ -109,7 +109,7 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
         return web.json_response({"seeds": seeds})
 
     async def providers(request: web.Request) -> web.Response:
-        service = request.match_info["service"]
+        service = normalize_service(request.match_info["service"])
         if not (service == ALL_SERVICES or valid_service_name(service)):
             return web.json_response(
                 {"error": f"bad service name {service!r}: letters, digits, '.', '_', '-' "

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import SERVICE_RE
+from agent.dht.record import normalize_service
 from agent.discovery.select import Query
 from agent.httpguard import refuse_remote
 
@@ -45,6 +46,8 @@ def _bad(msg: str) -> web.Response:
 
 
 def check_service(name: str) -> str:
+    """The service of an API path, lowercased (``/api/services/OCR`` finds ``ocr``)."""
+    name = normalize_service(name)
     if not SERVICE_RE.fullmatch(name):
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise BadRequest(f"bad service name {shown!r}: 1-63 characters of lowercase a-z, 0-9, "

@@ -29,7 +29,13 @@ from prometheus_client import Counter, Gauge
 
 from agent.component import Component, cancel_task
 from agent.dht import bootstrap as seeds_mod
-from agent.dht.record import ALL_SERVICES, RecordError, WorkerRecord, valid_service_name
+from agent.dht.record import (
+    ALL_SERVICES,
+    RecordError,
+    WorkerRecord,
+    normalize_service,
+    valid_service_name,
+)
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
@@ -222,7 +228,7 @@ class CoordinatorRole(Component):
         return stored
 
     async def _registry_get(self, request: web.Request) -> web.Response:
-        service = request.match_info["service"]
+        service = normalize_service(request.match_info["service"])
         if not (service == ALL_SERVICES or valid_service_name(service)):
             return _error(400, f"bad service name {service!r}")
         now = time.time()

@@ -129,6 +129,7 @@ class WorkerRole(Component):
             seq=None,                      # wall-clock ms, strictly increasing
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
+            refresh=float(cfg.dht.republish_interval),
         )
         self._seq = record.seq
         return record
