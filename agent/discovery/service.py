@@ -580,7 +580,7 @@ class DiscoveryComponent(Component):
 
 
 def _allow_http(cfg: Config) -> tuple[str, ...]:
-    return tuple(getattr(cfg.discovery, "allow_http_hosts", ()))
+    return tuple(cfg.discovery.allow_http_hosts)
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode

@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rma_agent.router")
 _LOG_LIMIT = RateLimiter(rate=0.2, burst=5)
 
-DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 CONNECT_TIMEOUT_S = 5.0
 BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this long
 MAX_BUSY = 4096
@@ -143,16 +141,14 @@ class RouterComponent(Component):
     # ------------------------------------------------------------------ config
     @property
     def max_attempts(self) -> int:
-        return max(1, int(getattr(self.agent.config.discovery, "max_attempts",
-                                  DEFAULT_MAX_ATTEMPTS)))
+        return max(1, int(self.agent.config.discovery.max_attempts))
 
     @property
     def upstream_timeout_s(self) -> float:
-        gw = getattr(self.agent.config, "gateway", None)
-        return float(getattr(gw, "upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT_S))
+        return float(self.agent.config.gateway.upstream_timeout)
 
     def _allow_http(self) -> tuple[str, ...]:
-        return tuple(getattr(self.agent.config.discovery, "allow_http_hosts", ()))
+        return tuple(self.agent.config.discovery.allow_http_hosts)
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:
