@@ -44,6 +44,7 @@ _COMPONENTS: list[tuple[str, str, str | None]] = [
     ("agent.roles.worker", "WorkerRole", "worker"),
     ("agent.roles.coordinator", "CoordinatorRole", "coordinator"),
     ("agent.discovery.service", "DiscoveryComponent", None),
+    ("agent.router.component", "RouterComponent", None),
     ("agent.dashboard.component", "DashboardComponent", None),
 ]
 

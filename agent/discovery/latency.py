@@ -49,6 +49,8 @@ class WorkerHealth:
     samples: int = 0
     failures: int = 0           # consecutive
     banned_until: float = 0.0   # wall-clock time the back-off ends
+    proof: str = ""             # "ok" / "failed" once its endpoint's ownership was checked
+    proof_failed_until: float = 0.0   # a failed proof holds the worker out until then
 
 
 class LatencyTracker:
@@ -95,10 +97,36 @@ class LatencyTracker:
                           else self.alpha * latency_ms + (1.0 - self.alpha) * st.ewma_ms)
             st.samples += 1
         st.failures = 0
+        if st.proof_failed_until > time.time():
+            return st          # a success report cannot lift a failed ownership proof
         st.banned_until = 0.0
         self._bans.pop(worker_id, None)
         self.version += 1
         return st
+
+    def record_proof(self, worker_id: bytes, ok: bool, now: float, hold_s: float) -> bool:
+        """An endpoint ownership check's result. A failure holds the worker out of
+        answers for ``hold_s`` (until it is checked again); True when that is news."""
+        st = self._touch(worker_id)
+        if ok:
+            changed = st.proof != "ok"
+            st.proof = "ok"
+            if st.proof_failed_until:
+                st.proof_failed_until = 0.0
+                if st.failures == 0:
+                    st.banned_until = 0.0
+                    self._bans.pop(worker_id, None)
+                changed = True
+            if changed:
+                self.version += 1
+            return False
+        was_banned = st.banned_until > now
+        st.proof = "failed"
+        st.proof_failed_until = now + hold_s
+        st.banned_until = max(st.banned_until, st.proof_failed_until)
+        self._bans[worker_id] = st.banned_until
+        self.version += 1
+        return not was_banned
 
     def record_failure(self, worker_id: bytes, now: float) -> bool:
         """A call or probe failed: demote now. True if the worker was not already banned."""
@@ -117,6 +145,8 @@ class LatencyTracker:
         if st is not None:
             st.failures = 0
             st.banned_until = 0.0
+            st.proof = ""
+            st.proof_failed_until = 0.0
         if self._bans.pop(worker_id, None) is not None or st is not None:
             self.version += 1
 
@@ -140,8 +170,12 @@ class LatencyTracker:
         return st.ewma_ms if st is not None else -1.0
 
     def stats(self, now: float) -> dict[str, int]:
+        bans = self.current_bans(now)
         return {"tracked_workers": len(self._workers),
-                "failing_workers": len(self.current_bans(now))}
+                "failing_workers": len(bans),
+                "proof_failed_workers": sum(
+                    1 for wid in bans
+                    if (st := self._workers.get(wid)) is not None and st.proof_failed_until > now)}
 
 
 class Prober:

@@ -41,8 +41,11 @@ from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.endpoints import endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
+from agent.discovery.guard import CrawlGuard
 from agent.discovery.latency import LatencyTracker, Prober
+from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.select import (
     DEFAULT_WEIGHTS,
     TOP_RANDOM,
@@ -107,6 +110,7 @@ class _Ranked:
     until: float
     version: int
     views: list[dict[str, Any]]
+    ids: list[bytes]                  # worker id of each view
     fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
     probe: list[tuple[bytes, str]]
 
@@ -176,6 +180,10 @@ class DiscoveryComponent(Component):
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
+        self.ownership = OwnershipVerifier(registry=agent.registry)
+        self.guard = CrawlGuard(agent.registry)
+        # hosts that caller-side sessions asked to connect to (endpoints.GuardedConnector)
+        self.contacts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
         self.prober = Prober(self.tracker, lambda: self._session,
                              on_failure=self._worker_failed, on_result=self._probe_result)
@@ -228,6 +236,7 @@ class DiscoveryComponent(Component):
 
     async def stop(self) -> None:
         await self.prober.close()
+        await self.ownership.close()
         await self.flight.cancel_all()
         if self._session is not None:
             await self._session.close()
@@ -236,7 +245,8 @@ class DiscoveryComponent(Component):
     async def reload(self, old: Config, new: Config) -> None:
         self.cache.set_ttl(new.discovery.cache_ttl)
         if (dict(old.discovery.gpu_scores) != dict(new.discovery.gpu_scores)
-                or old.dht.republish_interval != new.dht.republish_interval):
+                or old.dht.republish_interval != new.dht.republish_interval
+                or _allow_http(old) != _allow_http(new)):
             # GPU scores and staleness are baked into cached candidate sets
             self.scorer = GpuScorer(new.discovery.gpu_scores)
             self.cache.clear()
@@ -272,6 +282,31 @@ class DiscoveryComponent(Component):
         return LookupResult(service, source, [answer.views[i] for i in order],
                             len(entry.candidates), [answer.fragments[i] for i in order])
 
+    async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
+        """The router's view of a lookup: the ranked *records* (best first, after the
+        top-3 draw, at most ``query.limit``) and the answer's source. Same cache, DHT and
+        coordinator path, ranking and metrics as :meth:`lookup`; records rather than
+        JSON views because the router needs each worker's public key."""
+        t0 = time.perf_counter()
+        q = query
+        if not q.caller_region and self.agent.config.agent.region:
+            q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
+                      self.agent.config.agent.region)
+        entry, source = await self._entry(service)
+        answer = self._ranked_answer(entry.candidates, q, self.clock())
+        cs = answer.cs
+        order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
+        if answer.probe:
+            self.prober.consider(answer.probe)
+        records = [cs.records[cs.index[answer.ids[i]]] for i in order]
+        dt = time.perf_counter() - t0
+        self._m_source[source].inc()
+        self._m_seconds.observe(dt)
+        self.counts["lookups"] += 1
+        self.counts[f"source_{source}"] += 1
+        self._durations.append(dt)
+        return records, source
+
     def _ranked_answer(self, cs: CandidateSet, q: Query, now: float) -> _Ranked:
         """The deterministic ranking of ``cs`` for ``q``, rendered; reused for up to
         ``RANK_MEMO_S`` while nothing that affects it changed.
@@ -293,7 +328,7 @@ class DiscoveryComponent(Component):
         views = [cs.view(i, now, score) for i, score in pairs]
         memo = _Ranked(
             cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
-            version=tracker.version, views=views,
+            version=tracker.version, views=views, ids=[cs.ids[i] for i, _ in pairs],
             fragments=[_dumps(v).encode() for v in views],
             probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
         self._memo[key] = memo
@@ -342,7 +377,7 @@ class DiscoveryComponent(Component):
     async def _fetch(self, service: str) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
-        records = admitted(self.agent, records)
+        records = self._contactable(admitted(self.agent, records))
         now = self.clock()
         cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
         answered = dht_state in ("hit", "miss")
@@ -351,12 +386,21 @@ class DiscoveryComponent(Component):
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
         crecords, coord_answered = await self._from_coordinators(service)
-        crecords = admitted(self.agent, crecords)
+        crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
         if len(ccs) or not answered:
             return _Fetched(ccs, "coordinator", coord_answered or answered, crecords)
         return _Fetched(cs, "dht", True, records)
+
+    def _contactable(self, records: list[RecordLike]) -> list[RecordLike]:
+        """Records whose endpoint callers may contact (see
+        :mod:`agent.discovery.endpoints`); the others are never offered."""
+        allow = _allow_http(self.agent.config)
+        kept = [r for r in records if endpoint_refusal(r.endpoint, allow) is None]
+        if len(kept) != len(records):
+            self.ownership.count_refused(len(records) - len(kept))
+        return kept
 
     async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
         dht = self.agent.get("dht")
@@ -547,6 +591,10 @@ class DiscoveryComponent(Component):
             "bad_records": c["bad_records"],
             **self.tracker.stats(self.clock()),
         }}
+
+
+def _allow_http(cfg: Config) -> tuple[str, ...]:
+    return tuple(cfg.discovery.allow_http_hosts)
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
