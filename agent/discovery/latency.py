@@ -57,6 +57,11 @@ class WorkerHealth:
     proof: str = ""             # "ok" / "failed" once its endpoint's ownership was checked
     proof_failed_until: float = 0.0   # a failed proof holds the worker out until then
 
+    @property
+    def proof_failed(self) -> bool:
+        """Held out now because its endpoint's ownership proof failed."""
+        return self.proof == "failed" and self.proof_failed_until > time.time()
+
 
 class LatencyTracker:
     """EWMA latency and failure back-off per worker id (bounded LRU).

@@ -279,6 +279,12 @@ def test_impostor_and_forbidden_endpoint_never_routed_to(net: tuple[Cluster,
     assert "wimp" not in listed and "wlan" not in listed and {"w1", "w2", "w3"} <= listed
     status, stats = c1.get("/api/dht/stats")
     assert stats["discovery"]["proof_failed_workers"] >= 1
+    # explain says why each was left out
+    status, body = c1.get("/api/services/ocr?explain=1")
+    why = {e["name"]: e for e in body["excluded"]}
+    assert why["wimp"]["state"] == "proof failed", why.get("wimp")
+    assert "ownership proof failed" in why["wimp"]["reason"]
+    assert "never contacted" in why["wlan"]["reason"], why.get("wlan")
     # never contacted: not one connection to 10.0.0.1 was even asked for
     assert "10.0.0.1" not in stats["router_detail"]["contacted_hosts"]
     assert any(h.startswith("127.") for h in stats["router_detail"]["contacted_hosts"])
