@@ -44,6 +44,7 @@ log = logging.getLogger("rma_agent.discovery")
 EWMA_ALPHA = 0.3
 BASE_BACKOFF_S = 15.0
 MAX_BACKOFF_S = 240.0
+RANK_DELTA = 0.1         # relative latency change that is worth re-ranking for
 
 
 @dataclass
@@ -54,6 +55,7 @@ class WorkerHealth:
     samples: int = 0
     failures: int = 0           # consecutive
     banned_until: float = 0.0   # wall-clock time the back-off ends
+    ranked_ms: float = -1.0     # the estimate rankings last saw (see record_success)
     proof: str = ""             # "ok" / "failed" once its endpoint's ownership was checked
     proof_failed_until: float = 0.0   # a failed proof holds the worker out until then
 
@@ -100,18 +102,29 @@ class LatencyTracker:
         return self._workers.get(worker_id)
 
     def record_success(self, worker_id: bytes, latency_ms: float | None) -> WorkerHealth:
-        """A call or probe worked (in ``latency_ms`` if known): update and clear failures."""
+        """A call or probe worked (in ``latency_ms`` if known): update and clear failures.
+
+        ``version`` moves only when ranking would: a cleared failure or back-off, a first
+        sample, or an estimate that moved by more than ``RANK_DELTA`` since rankings last
+        saw it. The router reports every request it routes; re-ranking a service on each
+        of thousands of successes a second would cost more than the routing itself."""
         st = self._touch(worker_id)
+        changed = st.failures != 0 or st.banned_until != 0.0 or worker_id in self._bans
         if latency_ms is not None and latency_ms >= 0.0:
             st.ewma_ms = (latency_ms if st.samples == 0
                           else self.alpha * latency_ms + (1.0 - self.alpha) * st.ewma_ms)
             st.samples += 1
+            if st.ranked_ms < 0.0 or \
+                    abs(st.ewma_ms - st.ranked_ms) > RANK_DELTA * max(st.ranked_ms, 1.0):
+                st.ranked_ms = st.ewma_ms
+                changed = True
         st.failures = 0
         if st.proof_failed_until > time.time():
             return st          # a success report cannot lift a failed ownership proof
         st.banned_until = 0.0
         self._bans.pop(worker_id, None)
-        self.version += 1
+        if changed:
+            self.version += 1
         return st
 
     def record_proof(self, worker_id: bytes, ok: bool, now: float, hold_s: float) -> bool:
