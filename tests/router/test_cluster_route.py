@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ import pytest
 
 from tests.cluster import Cluster, Node, wait_until
 from tests.router.upstreams import MB, Upstreams, download_sha256
-from tests.util import free_port
+from tests.util import agent_cmd, agent_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -289,6 +290,41 @@ def test_impostor_and_forbidden_endpoint_never_routed_to(net: tuple[Cluster,
     assert "10.0.0.1" not in stats["router_detail"]["contacted_hosts"]
     assert any(h.startswith("127.") for h in stats["router_detail"]["contacted_hosts"])
     assert ups.hits.get("wlan", 0) == lan_hits
+
+
+def test_cli_call_prints_the_answer_and_who_served(net: tuple[Cluster, Upstreams],
+                                                   tmp_path: Path) -> None:
+    cl, _ = net
+    c1 = cl.nodes["c1"]
+    wid = ids(cl)
+    data = os.urandom(200_000)
+    (tmp_path / "in.bin").write_bytes(data)
+    res = subprocess.run(agent_cmd("call", "OCR", "echo/cli?q=1", "--data",
+                                   f"@{tmp_path / 'in.bin'}", "--header", "X-Cli: yes",
+                                   "--url", c1.url), capture_output=True, timeout=60,
+                         env=agent_env())
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout)
+    assert answer["method"] == "POST" and answer["path"] == "/echo/cli"
+    assert answer["sha256"] == hashlib.sha256(data).hexdigest()
+    assert answer["headers"]["x-cli"] == "yes"
+    line = res.stderr.decode().strip()
+    assert line.startswith("ocr: HTTP 200 from worker ") and "(1 attempt" in line, line
+    assert line.split()[5] == wid[answer["served_by"]]
+    # nobody serves it: the router's 404 -> exit 1; a bad name or header -> exit 2
+    res = subprocess.run(agent_cmd("call", "nobody", "/x", "--url", c1.url),
+                         capture_output=True, timeout=60, env=agent_env())
+    assert res.returncode == 1 and b"no workers serve" in res.stdout, res
+    for bad in (["bad name!", "/x"], ["ocr", "/x", "--header", "NoColon"],
+                ["ocr", "/x", "--data", "@/nonexistent/file"]):
+        res = subprocess.run(agent_cmd("call", *bad, "--url", c1.url), capture_output=True,
+                             timeout=60, env=agent_env())
+        assert res.returncode == 2, (bad, res)
+    # the agent is not there: exit 1
+    res = subprocess.run(agent_cmd("call", "ocr", "/x", "--url",
+                                   f"http://127.0.0.1:{free_port()}"),
+                         capture_output=True, timeout=60, env=agent_env())
+    assert res.returncode == 1 and b"cannot reach the agent" in res.stderr, res
 
 
 def test_sigkill_during_300_gets_loses_none(net: tuple[Cluster, Upstreams]) -> None:
