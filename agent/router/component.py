@@ -338,7 +338,16 @@ class RouterComponent(Component):
             t0 = time.perf_counter()
             try:
                 resp = await self._send(session, method, url, headers, body, limits)
+            except asyncio.CancelledError:
+                # the caller went away (aiohttp cancels its handler): nobody's failure
+                self._finish("aborted", attempts)
+                raise
             except _Failed as exc:
+                if body.caller_failed:
+                    # the caller's upload broke off: nobody's failure but the caller's
+                    self._finish("aborted", attempts)
+                    return _error(400, "the request body ended before it was complete",
+                                  attempts=attempts)
                 disc.report(service, wid, False, None)
                 last = f"worker {wid.hex()[:12]}: {exc}"
                 retry_ok = body.replayable and (not exc.sent or idempotent)
