@@ -268,7 +268,9 @@ http {{
   fastcgi_temp_path {tmp}/nginx-fcgi;
   uwsgi_temp_path {tmp}/nginx-uwsgi;
   scgi_temp_path {tmp}/nginx-scgi;
-  upstream up {{ server 127.0.0.1:{up}; keepalive 32; }}
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  upstream up {{ server 127.0.0.1:{up}; keepalive 64; keepalive_requests 10000000; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -354,7 +356,8 @@ def main() -> int:
         results: dict[str, dict[str, float]] = {}
 
         async def run_all() -> tuple[float, float]:
-            for key, (_name, port, path) in paths.items():
+            for key, (name, port, path) in paths.items():
+                print(f"({key}) {name}: {path} ...", file=sys.stderr, flush=True)
                 lat = await latency("127.0.0.1", port, path, args.requests, args.seconds)
                 rps, errors = await throughput("127.0.0.1", port, path, args.concurrency,
                                                args.seconds)

@@ -89,13 +89,23 @@ class GuardedConnector(aiohttp.TCPConnector):
         self.contacts: Counter[str] = contacts if contacts is not None else Counter()
         self.refused = 0
         self._max_hosts = max_hosts
+        self._verdicts: dict[tuple[str, str], tuple[tuple[str, ...], str | None]] = {}
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109
         url = req.url
         host = (url.host or "").lower()
         if host in self.contacts or len(self.contacts) < self._max_hosts:
             self.contacts[host] += 1
-        reason = endpoint_refusal(f"{url.scheme}://{url.raw_authority}/", self._allow())
+        allow = tuple(self._allow())
+        key = (url.scheme, url.raw_authority)
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[0] == allow:
+            reason = cached[1]
+        else:
+            reason = endpoint_refusal(f"{url.scheme}://{url.raw_authority}/", allow)
+            if len(self._verdicts) >= self._max_hosts:
+                self._verdicts.clear()
+            self._verdicts[key] = (allow, reason)
         if reason is not None:
             self.refused += 1
             raise EndpointRefused(f"not contacted: {reason}")

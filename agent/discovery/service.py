@@ -41,7 +41,7 @@ from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
-from agent.discovery.endpoints import endpoint_refusal
+from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.guard import CrawlGuard
 from agent.discovery.latency import LatencyTracker, Prober
@@ -112,7 +112,7 @@ class _Ranked:
     views: list[dict[str, Any]]
     ids: list[bytes]                  # worker id of each view
     fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
-    probe: list[tuple[bytes, str]]
+    probe: list[tuple[bytes, str, bytes]]
 
 
 @dataclass
@@ -185,7 +185,8 @@ class DiscoveryComponent(Component):
         # hosts that caller-side sessions asked to connect to (endpoints.GuardedConnector)
         self.contacts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
-        self.prober = Prober(self.tracker, lambda: self._session,
+        self._probe_session: aiohttp.ClientSession | None = None
+        self.prober = Prober(self.tracker, lambda: self._probe_session, verifier=self.ownership,
                              on_failure=self._worker_failed, on_result=self._probe_result)
         self.metrics = _Metrics(agent.registry, self)
         self._m_source = {s: self.metrics.lookups.labels(s) for s in SOURCES}
@@ -214,6 +215,7 @@ class DiscoveryComponent(Component):
 
     async def start(self) -> None:
         self._ensure_session()
+        self._peer_session()
         # records the local DHT node stores (if it emits them) keep cached answers honest:
         # a withdrawal or a moved endpoint invalidates at once
         self.agent.subscribe("record", self.observe_record)
@@ -234,13 +236,25 @@ class DiscoveryComponent(Component):
                 headers={"User-Agent": "rma-agent-discovery"})
         return self._session
 
+    def _peer_session(self) -> aiohttp.ClientSession:
+        """The session for workers' endpoints (probes): every connection passes the
+        endpoint rule (:class:`GuardedConnector`). Coordinators, which the operator
+        configured, use ``_session``."""
+        if self._probe_session is None or self._probe_session.closed:
+            self._probe_session = aiohttp.ClientSession(
+                connector=GuardedConnector(lambda: _allow_http(self.agent.config),
+                                           self.contacts, limit=32, limit_per_host=4),
+                headers={"User-Agent": "rma-agent-discovery"})
+        return self._probe_session
+
     async def stop(self) -> None:
         await self.prober.close()
         await self.ownership.close()
         await self.flight.cancel_all()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     async def reload(self, old: Config, new: Config) -> None:
         self.cache.set_ttl(new.discovery.cache_ttl)
@@ -330,7 +344,8 @@ class DiscoveryComponent(Component):
             cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
             version=tracker.version, views=views, ids=[cs.ids[i] for i, _ in pairs],
             fragments=[_dumps(v).encode() for v in views],
-            probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
+            probe=[(cs.ids[i], cs.records[i].endpoint, cs.records[i].public_key)
+                   for i, _ in pairs[:TOP_RANDOM]])
         self._memo[key] = memo
         self._memo.move_to_end(key)
         while len(self._memo) > RANK_MEMO_MAX:

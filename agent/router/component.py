@@ -69,6 +69,7 @@ CONNECT_TIMEOUT_S = 5.0
 BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this long
 MAX_BUSY = 4096
 READ_BUFSIZE = 1 << 18
+SMALL_ANSWER_BYTES = 64 * 1024   # answers up to this size (with a length) are relayed whole
 OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted")
 RETRY_REASONS = ("connect", "proof", "not_processed", "status", "timeout", "disconnect")
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
@@ -264,6 +265,10 @@ class RouterComponent(Component):
         return await self._attempts(request, disc, service, rest, raw_query, records, body)
 
     def _query(self, request: web.Request, disc: DiscoveryComponent) -> Query:
+        limit = min(disc.max_results, 2 * self.max_attempts + 2)
+        headers = request.headers
+        if not any(h in headers for h in FILTER_HEADERS):
+            return Query(limit=limit)
         params: MultiDict[str] = MultiDict()
         names = {"RMA-Region": "region", "RMA-GPU": "gpu",
                  "RMA-Min-GPU-Memory-GB": "min_gpu_memory_gb"}
@@ -279,8 +284,8 @@ class RouterComponent(Component):
                 msg = msg.replace(param, header)
             raise BadRequest(msg) from None
         # a few more candidates than tries: some may fail their proof or be skipped
-        return Query(limit=min(disc.max_results, 2 * self.max_attempts + 2), region=q.region,
-                     gpu=q.gpu, min_gpu_memory_gb=q.min_gpu_memory_gb)
+        return Query(limit=limit, region=q.region, gpu=q.gpu,
+                     min_gpu_memory_gb=q.min_gpu_memory_gb)
 
     def _order(self, records: list[Any]) -> list[Any]:
         """Workers that answered "full" within BUSY_HOLD_S go last (order kept)."""
@@ -362,7 +367,8 @@ class RouterComponent(Component):
             elif resp.status >= 500:
                 disc.report(service, wid, False, None)
             else:
-                disc.report(service, wid, True, dt * 1000.0)
+                # straight to the tracker: report()'s answer dict is not needed here
+                disc.tracker.record_success(wid, dt * 1000.0)
             return await self._relay(request, resp, wid, attempts)
         self._finish("failed" if attempts else "no_workers", attempts)
         return _error(502, f"no worker could serve {service!r}: {last}",
@@ -425,13 +431,30 @@ class RouterComponent(Component):
     async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, wid: bytes,
                      attempts: int) -> web.StreamResponse:
         """Stream the worker's answer to the caller as it arrives."""
-        out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                 headers=response_headers(resp.headers))
-        out.headers["RMA-Worker"] = wid.hex()
-        out.headers["RMA-Attempts"] = str(attempts)
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
+        headers = response_headers(resp.headers)
+        headers["RMA-Worker"] = wid.hex()
+        headers["RMA-Attempts"] = str(attempts)
         outcome = "ok" if resp.status < 500 else "upstream_error"
+        length = resp.content_length
+        if length is not None and length <= SMALL_ANSWER_BYTES and request.method != "HEAD":
+            # a small answer of known length: one read and one write (the common case;
+            # memory is bounded by SMALL_ANSWER_BYTES per request)
+            try:
+                body = await resp.content.readexactly(length)
+            except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+                resp.release()
+                self._finish("aborted", attempts)
+                return _error(502, f"worker {wid.hex()[:12]} cut its answer short: "
+                                   f"{str(exc) or type(exc).__name__}",
+                              extra={"RMA-Worker": wid.hex(),
+                                     "RMA-Attempts": str(attempts)})
+            resp.release()
+            self._finish(outcome, attempts)
+            return web.Response(status=resp.status, reason=resp.reason, body=body,
+                                headers=headers)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if length is not None:
+            out.content_length = length
         try:
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
