@@ -180,8 +180,10 @@ class Agent:
         started: list[Component] = []
         try:
             # the public listener (SPEC §5): its own app, so no admin path is reachable there
+            # handler_cancellation: a caller that hangs up cancels its proxied request, so
+            # the upstream stops working for nobody and the in-flight slot frees at once
             self._gateway_runner, self.gateway_url = await _serve(
-                make_gateway_app(self), self.config.gateway.listen)
+                make_gateway_app(self), self.config.gateway.listen, handler_cancellation=True)
             for comp in self.components:
                 await comp.start()
                 started.append(comp)
@@ -272,9 +274,11 @@ class Agent:
         log.info("configuration reloaded from %s", new.source)
 
 
-async def _serve(app: web.Application, listen: Address) -> tuple[web.AppRunner, str]:
+async def _serve(app: web.Application, listen: Address,
+                 **kwargs: Any) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on ``listen``; (runner, the URL a local client reaches it at)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                           **kwargs)
     await runner.setup()
     try:
         site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)

@@ -52,7 +52,9 @@ def format_explain(answer: dict[str, Any]) -> str:
     excluded = answer.get("excluded") or []
     lines.append("")
     if excluded:
-        lines.append(f"not offered ({len(excluded)}):")
+        total = answer.get("excluded_total", len(excluded))
+        shown = f", first {len(excluded)} shown" if total > len(excluded) else ""
+        lines.append(f"not offered ({total}{shown}):")
         lines.append(table(("name", "id", "state", "why"),
                            [(x.get("name") or "-", str(x.get("id", ""))[:12], x.get("state"),
                              x.get("reason")) for x in excluded]))

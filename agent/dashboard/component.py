@@ -392,7 +392,8 @@ class DashboardComponent(Component):
             return {"name": service, "source": w.source, "workers": [], "excluded": []}
         q = Query(limit=min(MAX_ROWS, disc.max_results),
                   caller_region=self.agent.config.agent.region)
-        out = explain_set(entry.candidates, q, now, disc.tracker, disc.scorer, disc.weights)
+        out = explain_set(entry.candidates, q, now, disc.tracker, disc.scorer, disc.weights,
+                          max_excluded=MAX_ROWS)
         # members of the watch that a newer answer dropped are gone: not shown
         workers = []
         for v in out["workers"]:
@@ -408,8 +409,9 @@ class DashboardComponent(Component):
                      "capacity": _num(x["capacity"], 2),
                      "state": worker_state(disc.tracker, bytes.fromhex(x["id"]), now)
                      if x["state"] != "-" else "-", "reason": x["reason"]}
-                    for x in out["excluded"][:MAX_ROWS]]
-        return {"name": service, "source": w.source, "workers": workers, "excluded": excluded}
+                    for x in out["excluded"]]
+        return {"name": service, "source": w.source, "workers": workers, "excluded": excluded,
+                "excluded_total": out["excluded_total"]}
 
     def state(self) -> dict[str, Any]:
         now = time.time()

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 COMPONENTS = ("load", "gpu", "region", "latency", "age", "health")
 RAW_TIMEOUT_S = 2.0
+MAX_EXCLUDED = 1000      # exclusions itemised per answer ("excluded_total" counts them all)
 
 
 def score_terms(load: float, capacity: float, gpu_score: float, age_s: float,
@@ -124,12 +125,14 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
                 weights: Sequence[float] = DEFAULT_WEIGHTS,
                 raw: Iterable[RecordLike] = (), withdrawn: Iterable[bytes] = (),
                 max_age_s: float | None = None,
-                allow_http_hosts: Iterable[str] | None = None) -> dict[str, Any]:
+                allow_http_hosts: Iterable[str] | None = None,
+                max_excluded: int = MAX_EXCLUDED) -> dict[str, Any]:
     """The explained ranking of ``cs`` for ``q`` at ``now``.
 
     ``raw``: records of the service from a fresh DHT answer (may hold workers the cached
     set dropped, or newer than it); ``withdrawn``: worker ids this node holds a
-    tombstone for. Returns ``{"workers": [...], "excluded": [...]}``.
+    tombstone for. Returns ``{"workers": [...], "excluded": [...], "excluded_total": n}``;
+    at most ``max_excluded`` exclusions are itemised (a service may have thousands).
     """
     pairs = cs.ranked(now, q, tracker, weights)          # the kernel, as the lookup calls it
     offered = pairs[:q.limit]
@@ -148,8 +151,12 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
     excluded: list[dict[str, Any]] = []
     bans = tracker.current_bans(now) if tracker is not None else {}
     mask = cs._filter_mask(q)
+    total = 0
     for i, rec in enumerate(cs.records):
         if i in seen:
+            continue
+        total += 1
+        if len(excluded) >= max_excluded:
             continue
         reason = _filter_reason(cs, i, q, scorer) if not mask[i] else None
         state = worker_state(tracker, cs.ids[i], now)
@@ -183,6 +190,9 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
     for wid, rec in newest.items():
         if wid in cs.index:
             continue
+        total += 1
+        if len(excluded) >= max_excluded:
+            continue
         refused = (endpoint_refusal(rec.endpoint, allow_http_hosts)
                    if allow_http_hosts is not None else None)
         if refused is not None:
@@ -199,10 +209,13 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
             reason = "newer than the cached answer (shown after the cache refreshes)"
         excluded.append({**_who(rec), "state": "-", "reason": reason})
     for wid in gone - set(newest) - set(cs.index):
+        total += 1
+        if len(excluded) >= max_excluded:
+            continue
         excluded.append({"id": wid.hex(), "name": "", "endpoint": "", "gpu": "", "region": "",
                          "load": None, "capacity": None, "state": "-",
                          "reason": "withdrawn (the worker left the network)"})
-    return {"workers": workers, "excluded": excluded}
+    return {"workers": workers, "excluded": excluded, "excluded_total": total}
 
 
 def local_tombstones(comp: DiscoveryComponent, service: str) -> set[bytes]:

@@ -189,7 +189,7 @@
     return h("div", { class: "svc", id: "svc-" + slug(svc.name), "data-service": svc.name },
       h("h3", {}, svc.name + " ",
         h("span", { class: "dim", text: `${count} worker${count === 1 ? "" : "s"} offered` +
-                    (excl.length ? `, ${excl.length} not offered` : "") + ` · source ${svc.source || "–"}` })),
+                    (excl.length ? `, ${svc.excluded_total || excl.length} not offered` : "") + ` · source ${svc.source || "–"}` })),
       count + excl.length === 0 ? h("p", { class: "empty", text: "no live workers" }) :
         h("div", { class: "tablewrap" },
           h("table", { class: "workers" }, h("thead", {}, head), h("tbody", {}, ...rows, ...excl))));

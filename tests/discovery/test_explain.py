@@ -127,6 +127,14 @@ def test_every_worker_not_offered_says_which_rule_left_it_out():
     assert states["banned"] == "backed off"
 
 
+def test_exclusions_are_itemised_up_to_a_bound_and_counted():
+    now = 1_800_000_000.0
+    cs = _set([make_record(name=f"w{i}", now=now) for i in range(6)], now)
+    out = explain_set(cs, Query(limit=1), now, None, GpuScorer({}), max_excluded=2)
+    assert len(out["workers"]) == 1
+    assert len(out["excluded"]) == 2 and out["excluded_total"] == 5
+
+
 @pytest.fixture
 async def api():
     agent, comp, dht = make_discovery(region="eu-west")

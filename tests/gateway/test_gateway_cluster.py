@@ -196,7 +196,8 @@ async def test_streamed_answers_arrive_as_written(net: Net, path: str, ctype: st
             assert got == first and not net.a.finished.is_set()
             net.a.release.set()
             assert await asyncio.wait_for(r.content.read(), 10) == rest
-        assert net.a.finished.is_set()
+        # (the upstream thread marks itself finished just after its last write)
+        assert await asyncio.to_thread(net.a.finished.wait, 5)
     finally:
         net.a.release.clear()
 
@@ -353,6 +354,26 @@ async def test_full_worker_answers_503_without_touching_the_upstream(net: Net) -
                 assert resp.status == 200 and (await resp.read()).endswith(b"held")
             net.b.release.clear()
     await asyncio.to_thread(wait_until, lambda: load() == 0, 15, "load back to 0")
+
+
+async def test_caller_hanging_up_cancels_the_upstream_request(net: Net) -> None:
+    net.b.release.clear()
+    try:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.get(net.w2.gateway_url + "/small/hold")
+            assert resp.status == 200
+            await resp.content.readany()                 # the upstream is working on it
+            assert net.b.holding == 1
+            resp.close()                                 # the caller goes away
+        for _ in range(100):
+            if net.b.holding == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert net.b.holding == 0                        # without release: it was cut off
+        _, stats = await asyncio.to_thread(net.w2.get, "/api/dht/stats")
+        assert stats["gateway"]["inflight"] == 0
+    finally:
+        net.b.release.clear()
 
 
 def test_upstream_down_is_withdrawn_then_announced_again(net: Net) -> None:
