@@ -180,3 +180,32 @@ async def test_a_caller_that_hangs_up_mid_upload_does_not_demote_the_worker():
             assert (await ra.client.get("/route/ocr/after")).status == 200
     finally:
         await gw.stop()
+
+
+async def test_filter_headers_pick_the_workers():
+    big = await StandInGateway().start()
+    small = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(big, gpu="A100", gpu_memory_gb=80.0, region="us-east")
+            ra.announce(small, gpu="T4", gpu_memory_gb=16.0, region="eu-west")
+            c = ra.client
+            for headers, want in (({"RMA-GPU": "t4"}, small), ({"RMA-Region": "US-East"}, big),
+                                  ({"RMA-Min-GPU-Memory-GB": "40"}, big)):
+                for _ in range(5):
+                    r = await c.get("/route/ocr/x", headers=headers)
+                    assert r.status == 200, await r.text()
+                    assert r.headers["RMA-Worker"] == want.identity.node_id.hex(), headers
+            r = await c.get("/route/ocr/x", headers={"RMA-GPU": "H100"})
+            assert r.status == 404 and "no workers" in (await r.json())["error"]
+            metrics = await (await c.get("/metrics")).text()
+            for name in ('rma_agent_routed_requests_total{outcome="ok"} 15.0',
+                         'rma_agent_routed_requests_total{outcome="no_workers"} 1.0',
+                         "rma_agent_route_attempts_bucket", "rma_agent_route_upstream_seconds",
+                         'rma_agent_route_lookups_total{source="dht"}',
+                         "rma_agent_route_dht_hit_ratio", "rma_agent_route_fallback_ratio",
+                         'rma_agent_endpoint_proofs_total{outcome="ok"} 2.0'):
+                assert name in metrics, name
+    finally:
+        await big.stop()
+        await small.stop()
