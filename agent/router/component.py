@@ -70,7 +70,8 @@ BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this lon
 MAX_BUSY = 4096
 READ_BUFSIZE = 1 << 18
 SMALL_ANSWER_BYTES = 64 * 1024   # answers up to this size (with a length) are relayed whole
-OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted")
+OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted",
+            "limited")
 RETRY_REASONS = ("connect", "proof", "not_processed", "status", "timeout", "disconnect")
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
 UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -251,7 +252,7 @@ class RouterComponent(Component):
             return _error(400, "'.' and '..' path segments are not routed")
         guard = getattr(disc, "guard", None)
         if guard is not None and not guard.allow_lookup(disc, service, request):
-            self._finish("bad_request", 0)
+            self._finish("limited", 0)
             return guard.too_many()
         records, source = await disc.route_candidates(service, query)
         self.counts[f"lookup_{source}"] += 1
