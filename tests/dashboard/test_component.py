@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import REPO, Cluster
+from tests.cluster import http as http_call
 from tests.sse import SSEReader
 from tests.util import wait_for
 
@@ -196,7 +198,6 @@ def test_dashboard_in_a_real_browser(cluster, browser):
 
 def test_page_assets_and_endpoints(cluster):
     _cl, c1, _ = cluster
-    from tests.cluster import http as http_call
     status, body = http_call("GET", c1.url + "/")
     assert status == 200 and "<title>rma-agent dashboard</title>" in body
     status, _ = http_call("GET", c1.url + "/static/app.js")
@@ -223,10 +224,30 @@ def test_events_stream_sends_state_and_resumable_log(cluster):
     state = got[-1][2]
     assert state["agent"]["role"] == "coordinator" and state["services"]
     rd.until(lambda ev: ev[1] == "sample", 10, "a sample frame")
+    # a reload and a failing worker are logged; the worker shows as backed off
+    assert c1.proc is not None
+    c1.proc.send_signal(signal.SIGHUP)
+    rd.until(lambda ev: ev[1] == "log" and ev[2]["kind"] == "reload", 10, "reload logged")
+    w1_id = next(w["id"] for s in state["services"] for w in s["workers"] if w["name"] == "w1")
+    status, _ = http_call("POST", c1.url + "/api/services/ocr/report",
+                          {"worker_id": w1_id, "ok": False})
+    assert status == 200
+    rd.until(lambda ev: ev[1] == "log" and ev[2]["kind"] == "failing"
+             and ev[2]["worker_id"] == w1_id, 10, "failure logged")
+
+    def backed_off(ev: tuple[str, str, Any]) -> bool:
+        if ev[1] != "state":
+            return False
+        (ocr,) = [s for s in ev[2]["services"] if s["name"] == "ocr"]
+        return any(x["name"] == "w1" and x["state"] == "backed off"
+                   and x["reason"].startswith("backed off") for x in ocr["excluded"])
+
+    rd.until(backed_off, 10, "w1 shown as backed off")
     rd.close()
     # resume after the first log event: the rest of the log, not the first one again
     rd2 = SSEReader(c1.ip, c1.http_port, "/api/events", {"Last-Event-ID": logs[0][0]})
     again = rd2.until(lambda ev: ev[1] == "state", 10, "state after resume")
     ids = [ev[0] for ev in again if ev[1] == "log"]
-    assert logs[0][0] not in ids and ids == [ev[0] for ev in logs[1:]][:len(ids)]
+    assert logs[0][0] not in ids and ids[:len(logs) - 1] == [ev[0] for ev in logs[1:]]
+    assert len(ids) > len(logs) - 1          # and what was logged since (reload, failing)
     rd2.close()
