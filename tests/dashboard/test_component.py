@@ -11,6 +11,7 @@ In CI (``CI=true``) a missing browser or driver fails the test instead of skippi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,12 +22,11 @@ from typing import Any
 
 import pytest
 
+from agent.component import Component
 from tests.cluster import REPO, Cluster
 from tests.cluster import http as http_call
 from tests.sse import SSEReader
 from tests.util import wait_for
-
-pytestmark = pytest.mark.slow
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 STATIC = REPO / "agent" / "static"
@@ -108,6 +108,7 @@ def _severe(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e.get("level") in ("SEVERE", "ERROR")]
 
 
+@pytest.mark.slow
 def test_dashboard_in_a_real_browser(cluster, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -196,6 +197,7 @@ def test_dashboard_in_a_real_browser(cluster, browser):
     cl.wait_healthy(c1)
 
 
+@pytest.mark.slow
 def test_page_assets_and_endpoints(cluster):
     _cl, c1, _ = cluster
     status, body = http_call("GET", c1.url + "/")
@@ -214,6 +216,7 @@ def test_page_assets_and_endpoints(cluster):
     assert status == 200 and dash["samples"] and dash["state"]["agent"]["role"] == "coordinator"
 
 
+@pytest.mark.slow
 def test_events_stream_sends_state_and_resumable_log(cluster):
     _cl, c1, _ = cluster
     rd = SSEReader(c1.ip, c1.http_port, "/api/events")
@@ -251,3 +254,48 @@ def test_events_stream_sends_state_and_resumable_log(cluster):
     assert logs[0][0] not in ids and ids[:len(logs) - 1] == [ev[0] for ev in logs[1:]]
     assert len(ids) > len(logs) - 1          # and what was logged since (reload, failing)
     rd2.close()
+
+
+class _FakeRouter(Component):
+    """Stands for the router component: only its ``"router"`` stats block matters here."""
+
+    name = "router"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.block = {"requests": 0, "ok": 0, "failed": 0, "retries": 0, "attempts": 0}
+
+    def stats(self) -> dict[str, Any]:
+        return {"router": dict(self.block)}
+
+
+async def test_samples_rates_percentiles_and_the_router_block():
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    dht.add(make_record(name="w"))
+    dash = DashboardComponent(agent)
+    agent.components.append(dash)
+    await comp.start()
+    try:
+        assert dash._sample() is None                  # the first call sets the baseline
+        for _ in range(20):
+            await comp.lookup("ocr")
+        await asyncio.sleep(0.05)
+        s1 = dash._sample()
+        assert s1 is not None and s1["lookups_s"] > 0 and s1["p50_ms"] is not None
+        assert s1["routed_s"] == 0 and s1["router"] is False    # "no router" on the page
+        router = _FakeRouter(agent)
+        agent.components.append(router)
+        dash._sample()
+        router.block.update(requests=30, ok=27, failed=3)
+        await asyncio.sleep(0.05)
+        s2 = dash._sample()
+        assert s2 is not None and s2["router"] is True
+        assert s2["routed_s"] > 0 and s2["errors_s"] > 0 and s2["lookups_s"] == 0
+        assert s2["p50_ms"] is None                     # no lookups in that interval
+        assert list(dash.samples)[-1] == s2
+    finally:
+        await comp.stop()
