@@ -10,6 +10,9 @@ along its seams:
   in-flight limit, the reply budget per source IP, C msgpack both ways.
 * ``liveness`` — contact verification, dead-contact eviction, suspects, the bounded
   handoff to newcomers (no re-store storm).
+* ``guard`` — defences against hostile peers: write tokens (BEP 5 model) required by
+  ``announce``, the 3x anti-amplification budget for unproven addresses, per-peer and
+  unproven-address limits on our own requests, a bounded wait queue;
 * this module — the handlers and the ``call_*`` side of each RPC:
 
 * **Provider RPCs**: ``announce(nodeid, key, record)`` (verify, check the key is one of the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -36,6 +40,8 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from agent.dht.guard import HostileGuard
+from agent.dht.keys import INDEX_KEYS
 from agent.dht.liveness import (
     HANDOFF_KEYS,
     HANDOFF_RECORDS,
@@ -53,6 +59,7 @@ from agent.dht.wire import (
     MAX_NODES_IN_ANSWER,
     MAX_PAYLOAD,
     _is_id,
+    _is_id_prefix,
     _is_nodeid,
     _is_page,
     _is_port,
@@ -62,6 +69,25 @@ from agent.dht.wire import (
 )
 from agent.ratelimit import TokenBucket
 
+PROBE_BYTES = 64                    # a probe ping datagram, rounded up
+SKETCH_BYTES = 200             # a 16-bucket sketch, msgpack-encoded, at most
+INDEX_ANSWER_BYTES = 2048      # service names + counts in an index shard's answer
+LIST_BUDGET = MAX_PAYLOAD - 128  # records in one list_providers answer
+
+
+def _bounded_counts(counts: dict[str, int], limit: int) -> tuple[list[list[Any]], bool]:
+    """``[[service, count], ...]`` (largest first) within ``limit`` encoded bytes, and
+    whether every service fitted. A list, not a map: decoders cap maps at 16 entries."""
+    out: list[list[Any]] = []
+    size = 0
+    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        size += len(name.encode("utf-8")) + 8
+        if size > limit:
+            return out, False
+        out.append([name, n])
+    return out, True
+
+
 __all__ = [
     "HANDOFF_KEYS", "HANDOFF_RECORDS", "HEADER", "MAX_DATAGRAM", "MAX_NODES_IN_ANSWER",
     "MAX_PAYLOAD", "SUSPECT_TTL", "TOMBSTONE_WINDOW", "RMAProtocol", "RttEstimator",
@@ -69,7 +95,7 @@ __all__ = [
 ]
 
 
-class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
+class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
     """Hardened kademlia protocol with provider-record RPCs (see module docstring)."""
 
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
@@ -88,7 +114,9 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                        max_inflight=max_inflight, retransmits=retransmits,
                        reply_rate=reply_rate)
         self._init_liveness(dead_after=dead_after, handoff_rate=handoff_rate)
+        self._init_guard(max_inflight=max_inflight)
         self._reach_bucket = TokenBucket(5.0, 10.0)
+        self._reach_by_host: OrderedDict[Any, TokenBucket] = OrderedDict()
         self._rpcs = {
             "ping": (self.rpc_ping, (_is_nodeid,), 1),
             "store": (self.rpc_store, (_is_nodeid, _is_id, lambda v: True), 3),
@@ -98,6 +126,8 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                          (_is_nodeid, _is_id, lambda v: type(v) is bytes), 3),
             "find_providers": (self.rpc_find_providers, (_is_nodeid, _is_id, _is_page), 2),
             "reachable": (self.rpc_reachable, (_is_nodeid, _is_port), 2),
+            "list_providers": (self.rpc_list_providers,
+                               (_is_nodeid, _is_id, _is_id_prefix, _is_id_prefix), 4),
         }
 
     # ================================================================ RPC handlers
@@ -131,11 +161,16 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                    if n.distance_to(target) < d_self)
 
     def rpc_announce(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
-                     record: bytes) -> bool:
+                     record: bytes) -> bool | dict[str, bytes]:
         self._welcome_sender(sender, nodeid)
         if self.mode != "server":
             self.drops["announce_client_mode"] += 1
             return False
+        if not self.request_has_token():
+            # a write needs the token of the sender's IP (guard): a spoofed source
+            # never sees it; a real one repeats the announce with it
+            self.drops["announce_no_token"] += 1
+            return self.challenge(sender)
         now = time.time()
         try:
             rec: WorkerRecord = decode_verified(record, now, self.max_skew)
@@ -171,24 +206,69 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
         total, pages = self.storage.pages(key, ANSWER_LIMIT, now)
         budget = MAX_PAYLOAD - len(msgpack.packb(nodes, use_bin_type=True)) - 64
         out = []
+        answer: dict[str, Any] = {"nodes": nodes, "total": total, "pages": pages}
+        if pages:
+            # more records than one answer carries: the sketch lets the asker check
+            # what it read elsewhere against this node's set (and marks a node that
+            # answers ``list_providers``); 16 x [count, xor32] is ~150 bytes
+            answer["sketch"] = self.storage.sketch(key, now)
+            budget -= SKETCH_BYTES
+        if key in INDEX_KEYS:
+            counts, complete = _bounded_counts(self.storage.service_counts(key, now),
+                                               INDEX_ANSWER_BYTES)
+            answer["services"] = counts
+            answer["services_complete"] = complete
+            budget -= INDEX_ANSWER_BYTES
+        out = []
         for r in (self.storage.get_encoded(key, ANSWER_LIMIT, now, page)
                   + self.storage.tombstones(key, since=now - TOMBSTONE_WINDOW, now=now)):
             budget -= len(r) + 3
             if budget < 0:
                 break
             out.append(r)
-        return {"records": out, "nodes": nodes, "total": total, "pages": pages}
+        answer["records"] = out
+        # the asker's write token rides along (guard): its announces need no challenge
+        answer["token"] = self.write_tokens.issue(sender[0])
+        return answer
 
-    async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes, port: int) -> bool:
+    def rpc_list_providers(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
+                           start: bytes, end: bytes) -> dict[str, Any]:
+        """``{"records", "next"}``: the records (tombstones included) of workers with
+        ``start <= id < end`` in id order, as many as fit one datagram, and the id to
+        continue from (``None`` when the range is done). See ``storage.range_encoded``."""
+        self._welcome_sender(sender, nodeid)
+        recs, nxt = self.storage.range_encoded(key, start, end, LIST_BUDGET)
+        return {"records": recs, "next": nxt}
+
+    async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes,
+                            port: int) -> bool | None:
         """Ping ``sender_ip:port`` back; True if it answered (``mode = "auto"``).
 
         The ping leaves from a fresh socket (another local port), not from the DHT
         socket the asker just sent to: a NAT or stateful firewall lets replies to the
         asker's own outgoing traffic through, which would make every NAT-ed node look
-        reachable. Rate-limited: a spoofed source gets at most a few pings a second."""
+        reachable. Rate-limited per source host (one probe per 2 s, burst 3) and in total
+        (5/s, burst 10); when either limit is exhausted the answer is ``None``, "no
+        capacity", which askers must not read as "unreachable": one source asking 50
+        times a second neither uses up the probes of other askers nor turns them into
+        clients."""
+        host = self.router.diversity.host(sender[0], sender[1])
+        bucket = self._reach_by_host.get(host)
+        if bucket is None:
+            bucket = self._reach_by_host[host] = TokenBucket(0.5, 3.0)
+            if len(self._reach_by_host) > 4096:
+                self._reach_by_host.popitem(last=False)
+        if not bucket.take():
+            self.drops["reachable_source_limited"] += 1
+            return None
         if not self._reach_bucket.take():
             self.drops["reachable_rate_limited"] += 1
-            return False
+            return None
+        if not self.budget_probe(sender, PROBE_BYTES):
+            # the probe goes to the sender's IP: a spoofed asker must not make us
+            # send more there than it sent us (guard's anti-amplification budget)
+            self.drops["reachable_budget"] += 1
+            return None
         return await probe_ping((sender[0], port), self.my_id(), self._local_host())
 
     def _local_host(self) -> str:
@@ -220,6 +300,12 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                                   self.my_id(), key, record)
         return self.handle_call_response(result, node_to_ask)
 
+    async def call_list_providers(self, node_to_ask: Node, key: bytes, start: bytes,
+                                  end: bytes) -> tuple[bool, Any]:
+        result = await self._call((node_to_ask.ip, node_to_ask.port), "list_providers",
+                                  self.my_id(), key, start, end)
+        return self.handle_call_response(result, node_to_ask)
+
     async def call_find_providers(self, node_to_ask: Node, key: bytes,
                                   page: int | None = None) -> tuple[bool, Any]:
         args = (self.my_id(), key) if page is None else (self.my_id(), key, page)
@@ -243,4 +329,6 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
             "retransmissions": self.retransmissions,
             "queued_requests": self.queued,
             "handoffs": self.handoffs,
+            "diversity_refused": getattr(self.router, "diversity_refused", 0),
+            "guard": self.guard_stats(),
         }

@@ -46,6 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
+from agent.dht.keys import index_key, index_shard
 
 if TYPE_CHECKING:
     from agent.dht.identity import Identity
@@ -328,12 +329,17 @@ class WorkerRecord:
         return self.expires_at <= now
 
     def serves(self, key: bytes) -> bool:
-        """Whether this record belongs under DHT key ``key``."""
-        return key == _ALL_KEY or any(service_key(s) == key for s in self.services)
+        """Whether this record belongs under DHT key ``key``: one of its services, its
+        service-index shard, or the legacy "*" key (agents before the sharded index
+        announce there; storing nodes keep accepting it for them)."""
+        return (key == _ALL_KEY or any(service_key(s) == key for s in self.services)
+                or key == index_key(index_shard(self.worker_id)))
 
     def keys(self) -> list[bytes]:
-        """Every DHT key the record is announced under (its services + ALL_SERVICES)."""
-        return [service_key(s) for s in self.services] + [_ALL_KEY]
+        """Every DHT key the record is announced under: its services and one shard of
+        the service index (``agent.dht.keys``; no longer the hot "*" key)."""
+        return [service_key(s) for s in self.services] + [
+            index_key(index_shard(self.worker_id))]
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now

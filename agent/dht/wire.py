@@ -39,6 +39,11 @@ def _is_id(v: Any) -> bool:
     return type(v) is bytes and len(v) == 20
 
 
+def _is_id_prefix(v: Any) -> bool:
+    # a boundary in the id space: empty (the end) up to a full 20-byte id
+    return type(v) is bytes and len(v) <= 20
+
+
 def _is_nodeid(v: Any) -> bool:
     # 20 bytes for a server-mode sender, b"" for a client-mode sender
     return type(v) is bytes and (len(v) == 20 or len(v) == 0)

@@ -27,6 +27,7 @@ from multidict import MultiDict
 from agent.config import SERVICE_RE
 from agent.dht.record import normalize_service
 from agent.discovery.select import Query
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     from agent.discovery.service import DiscoveryComponent
@@ -161,6 +162,8 @@ async def get_service(request: web.Request) -> web.Response:
     except BadRequest as exc:
         return _bad(str(exc))
     fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    if not comp.guard.allow_lookup(comp, service, request):
+        return comp.guard.too_many()
     if explain:
         from agent.discovery.explain import explain as explain_lookup
         return web.json_response(await explain_lookup(comp, service, query, fresh=fresh))
@@ -170,6 +173,9 @@ async def get_service(request: web.Request) -> web.Response:
 
 async def post_report(request: web.Request) -> web.Response:
     comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    refused = refuse_remote(request, "a worker report")
+    if refused is not None:
+        return refused
     try:
         service = check_service(request.match_info["name"])
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:

@@ -23,7 +23,8 @@ kernels.
 ``excluded`` lists workers that were not offered and the rule that left each out:
 the query's filters (region, GPU class, GPU memory), a failure back-off, staleness or
 expiry (from the cached set, or the DHT's current answer), a withdrawal this node
-stores, a record that does not list the service, or the ``limit``.
+stores, a record that does not list the service, a failed endpoint ownership proof, an
+endpoint callers may not contact (:mod:`agent.discovery.endpoints`), or the ``limit``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from agent.discovery.endpoints import endpoint_refusal
 from agent.discovery.select import DEFAULT_WEIGHTS, TOP_RANDOM, CandidateSet, Query, RecordLike
 
 if TYPE_CHECKING:
@@ -123,6 +125,7 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
                 weights: Sequence[float] = DEFAULT_WEIGHTS,
                 raw: Iterable[RecordLike] = (), withdrawn: Iterable[bytes] = (),
                 max_age_s: float | None = None,
+                allow_http_hosts: Iterable[str] | None = None,
                 max_excluded: int = MAX_EXCLUDED) -> dict[str, Any]:
     """The explained ranking of ``cs`` for ``q`` at ``now``.
 
@@ -157,6 +160,9 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
             continue
         reason = _filter_reason(cs, i, q, scorer) if not mask[i] else None
         state = worker_state(tracker, cs.ids[i], now)
+        if reason is None and state == "proof failed":
+            reason = ("endpoint ownership proof failed: not offered or routed to until a "
+                      "later proof is valid")
         if reason is None and cs.ids[i] in bans:
             st = tracker.get(cs.ids[i])
             failures = st.failures if st is not None else 0
@@ -187,7 +193,11 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
         total += 1
         if len(excluded) >= max_excluded:
             continue
-        if rec.withdrawn or wid in gone:
+        refused = (endpoint_refusal(rec.endpoint, allow_http_hosts)
+                   if allow_http_hosts is not None else None)
+        if refused is not None:
+            reason = f"endpoint never contacted: {refused}"
+        elif rec.withdrawn or wid in gone:
             reason = "withdrawn (the worker left the network)"
         elif rec.expires_at <= now:
             reason = "expired"
@@ -238,7 +248,8 @@ async def explain(comp: DiscoveryComponent, service: str, q: Query, *,
             raw = []
     now = comp.clock()
     out = explain_set(entry.candidates, q, now, comp.tracker, comp.scorer, comp.weights,
-                      raw=raw, withdrawn=local_tombstones(comp, service))
+                      raw=raw, withdrawn=local_tombstones(comp, service),
+                      allow_http_hosts=comp.agent.config.discovery.allow_http_hosts)
     w = comp.weights
     return {
         "service": service, "source": source, "explain": True,
