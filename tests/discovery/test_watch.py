@@ -1,4 +1,5 @@
-"""``GET /api/services/{name}/watch`` against real agent processes (tests/cluster.py).
+"""``GET /api/services/{name}/watch`` against real agent processes (tests/cluster.py),
+and the hub's bound, heartbeat and local-withdrawal path in process.
 
 One cluster for the module: a coordinator and a client-mode worker ``w0`` (a DHT client
 stores no records, so a watch there can only learn changes from its periodic DHT
@@ -7,10 +8,12 @@ refresh). A second worker ``w1`` starts, changes its load and stops while we wat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -156,3 +159,52 @@ def test_lookup_explain_cli_prints_parts_and_exclusions(cluster):
     for k in ("region", "latency", "age", "health"):
         total = total + parts[k]
     assert total == w["score"] and parts["region"] == 0.4      # c1 and w0 share "test"
+
+
+async def _read_until(resp: Any, needle: bytes) -> bytes:
+    buf = b""
+    while needle not in buf:
+        chunk = await asyncio.wait_for(resp.content.readany(), 5)
+        assert chunk, buf
+        buf += chunk
+    return buf
+
+
+async def test_hub_bound_heartbeat_and_local_withdrawal():
+    """In process (a stub DHT): the watcher bound answers 503 JSON, a quiet stream gets
+    heartbeats, and a tombstone stored locally removes the worker at once."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dht.identity import Identity
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    ident = Identity.generate()
+    rec = make_record(ident, name="wa")
+    dht.add(rec)
+    hub = WatchHub(agent, max_watchers=2, refresh_s=30.0, heartbeat_s=0.3)
+    app = web.Application()
+    app.router.add_get("/api/services/{name}/watch", hub.handle)
+    await comp.start()
+    hub.start()
+    try:
+        async with TestClient(TestServer(app)) as client:
+            r1 = await client.get("/api/services/OCR/watch")     # names are lowercased
+            assert r1.status == 200
+            assert b'"name":"wa"' in await _read_until(r1, b"event: snapshot")
+            r2 = await client.get("/api/services/ocr/watch")
+            r3 = await client.get("/api/services/ocr/watch")
+            assert r3.status == 503 and r3.headers["Retry-After"]
+            assert "too many watchers" in (await r3.json())["error"]
+            await _read_until(r1, b": ping")
+            agent.emit("record", rec.tombstone(ident))           # stored by the local node
+            got = await _read_until(r2, b"event: removed")
+            assert b'"reason":"withdrawn"' in got.split(b"event: removed", 1)[1]
+            r1.close()
+            r2.close()
+    finally:
+        await hub.stop()
+        await comp.stop()
