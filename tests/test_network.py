@@ -61,7 +61,7 @@ def test_closed_network_admission_and_revocation(tmp_path: Path, monkeypatch) ->
         c1 = cl.coordinator("c1", extra=net)
         cl.start(c1)
         cl.wait_ready(c1)
-        coord = [c1.url]
+        coord = [c1.gateway_url]       # the public listener, as in production
         workers: dict[str, Node] = {}
         for name in [*sorted(ADMITTED), "nocert", "expired", "wrongsvc"]:
             w = cl.worker(name, seeds=[c1.dht_addr], services=["ocr"], mode="server",
