@@ -208,3 +208,56 @@ async def test_hub_bound_heartbeat_and_local_withdrawal():
     finally:
         await hub.stop()
         await comp.stop()
+
+
+async def test_a_watcher_that_stops_reading_is_dropped():
+    """A real socket that never reads, on a watch (in process): its bounded queue fills,
+    the hub drops it and gives its slot back; other watchers are not held up."""
+    from aiohttp.test_utils import TestServer
+
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    dht.add(make_record(name="wa"))
+    hub = WatchHub(agent, max_watchers=4, refresh_s=30.0, queue_size=16)
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/api/services/{name}/watch", hub.handle)
+    server = TestServer(app)
+    await server.start_server()
+    await comp.start()
+    hub.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (server.host, server.port))
+        await loop.sock_sendall(sock, b"GET /api/services/ocr/watch HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if hub.limit.current == 1 and hub.get("ocr") and hub.get("ocr").channel.subscribers:
+                break
+            await asyncio.sleep(0.05)
+        w = hub.get("ocr")
+        assert w is not None and len(w.channel.subscribers) == 1
+        view = {"name": "x" * 3000}
+        for i in range(4000):                     # ~12 MB offered to a reader reading nothing
+            w.channel.publish("changed", {"service": "ocr", "worker": {**view, "n": i}})
+            if hub.limit.dropped:
+                break
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        assert hub.limit.dropped == 1
+        for _ in range(100):
+            if hub.limit.current == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.limit.current == 0 and w.watchers == 0 and not w.channel.subscribers
+    finally:
+        sock.close()
+        await hub.stop()
+        await comp.stop()
+        await server.close()
