@@ -43,12 +43,14 @@ from agent.dht.record import ALL_SERVICES, service_key
 from agent.discovery.explain import explain_set, worker_state
 from agent.discovery.select import Query
 from agent.discovery.watch import WatchHub
+from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from agent.config import Config
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.dashboard")
+_LOG_LIMIT = RateLimiter(rate=1 / 60, burst=3)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 STATIC_FILES = {"app.js": "application/javascript", "app.css": "text/css",
@@ -298,7 +300,7 @@ class DashboardComponent(Component):
             try:
                 self._check_local(now)
                 if time.monotonic() >= next_sample:
-                    next_sample += SAMPLE_S
+                    next_sample = max(next_sample + SAMPLE_S, time.monotonic())
                     sample = self._sample()
                     if sample is not None and self.channel.subscribers:
                         self.channel.broadcast(events.frame("sample", sample))
@@ -310,8 +312,8 @@ class DashboardComponent(Component):
                     self._unpin_all()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("dashboard: tick failed")
+            except Exception as exc:      # a bug here must not flood the journal
+                _LOG_LIMIT.log(log, logging.ERROR, "tick", "dashboard: tick failed: %r", exc)
             await asyncio.sleep(TICK_S)
 
     def _pin(self, service: str) -> None:

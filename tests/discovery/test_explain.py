@@ -127,6 +127,23 @@ def test_every_worker_not_offered_says_which_rule_left_it_out():
     assert states["banned"] == "backed off"
 
 
+def test_a_failed_ownership_proof_is_its_own_state_and_reason():
+    import time
+
+    from agent.discovery.latency import LatencyTracker
+
+    now = time.time()
+    ident = Identity.generate()
+    cs = _set([make_record(ident, name="p", now=now), make_record(name="q", now=now)], now)
+    tracker = LatencyTracker()
+    tracker.record_proof(ident.node_id, False, now, 60.0)
+    out = explain_set(cs, Query(limit=5), now, tracker, GpuScorer({}))
+    assert [w["name"] for w in out["workers"]] == ["q"]
+    (x,) = out["excluded"]
+    assert x["state"] == "proof failed"
+    assert x["reason"].startswith("endpoint ownership proof failed")
+
+
 def test_exclusions_are_itemised_up_to_a_bound_and_counted():
     now = 1_800_000_000.0
     cs = _set([make_record(name=f"w{i}", now=now) for i in range(6)], now)
