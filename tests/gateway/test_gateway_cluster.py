@@ -270,6 +270,16 @@ def test_every_admin_path_is_404_on_the_worker_gateway(net: Net) -> None:
     assert net.w1.get("/api/dht/stats")[0] == 200
 
 
+def test_dot_segments_are_refused_before_the_upstream(net: Net) -> None:
+    before = _hits(net.a)
+    for path in ("/echo/echo/../upload", "/echo/echo/%2e%2e/upload"):
+        req = urllib.request.Request(net.w1.gateway_url + path)
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=5)
+        assert ei.value.code == 400 and "segments" in json.loads(ei.value.read())["error"]
+    assert _hits(net.a) == before
+
+
 def test_service_without_upstream_is_a_502_not_processed(net: Net) -> None:
     status, headers, body = _get(net.w1.gateway_url + "/bare/x")
     assert status == 502 and "gateway.upstreams" in body["error"]
