@@ -150,9 +150,11 @@ class WorkerRole(Component):
         if services == self._down:
             return
         gone = tuple(s for s in self._announced_services if s in services - self._down)
+        back = (self._down - services) & set(self.agent.config.worker.services)
         self._down = services
-        if gone:
-            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *gone)))
+        # a service back before its withdrawal went out needs none any more
+        pending = (s for s in self._withdraw_services if s not in back)
+        self._withdraw_services = tuple(dict.fromkeys((*pending, *gone)))
         self.wake()
 
     def set_inflight(self, n: float | None) -> None:
@@ -234,7 +236,7 @@ class WorkerRole(Component):
     async def reload(self, old: Config, new: Config) -> None:
         removed = tuple(s for s in old.worker.services if s not in new.worker.services)
         if removed and self._announced_services:
-            self._withdraw_services = removed
+            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *removed)))
         if old.worker != new.worker:
             self._gpu = await asyncio.get_running_loop().run_in_executor(
                 None, detect_gpu, new.worker)
