@@ -37,12 +37,15 @@ STATUS_PERIOD = 5.0     # STATUS= is refreshed at least this often (only sent wh
 # (module, class) per component, in start order. The role slot depends on agent.role.
 _COMPONENTS: list[tuple[str, str, str | None]] = [
     ("agent.dht.component", "DHTComponent", None),
+    ("agent.network", "NetworkComponent", None),
     ("agent.tunnel", "TunnelComponent", None),
     # before the worker role: its first health check decides what the first announce holds
     ("agent.gateway.component", "GatewayComponent", "worker"),
     ("agent.roles.worker", "WorkerRole", "worker"),
     ("agent.roles.coordinator", "CoordinatorRole", "coordinator"),
     ("agent.discovery.service", "DiscoveryComponent", None),
+    ("agent.router.component", "RouterComponent", None),
+    ("agent.dashboard.component", "DashboardComponent", None),
 ]
 
 

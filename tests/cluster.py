@@ -240,7 +240,7 @@ class Cluster:
         }
         if role == "worker":
             data["worker"] = {"services": list(services),
-                              "endpoint": f"http://{ip}:{http_port}/{name}",
+                              "endpoint": f"http://{http_host}:{gw_port}",
                               "max_concurrency": 4, "gpu": "T4", "gpu_memory_gb": 16}
         for section, values in (extra or {}).items():
             data.setdefault(section, {}).update(values)

@@ -295,7 +295,7 @@ async def test_mode_off_does_nothing() -> None:
     assert comp.status() == ""
     assert comp.stats() == {"tunnel": {"mode": "off", "endpoint": None, "ready": True,
                                        "last_error": None, "metrics": str(comp.cfg.metrics),
-                                       "origin": "127.0.0.1:8090",    # the gateway
+                                       "origin": str(_agent.config.gateway.listen),
                                        "ready_connections": 0, "endpoint_changes": 0}}
     await comp.stop()
     assert events == []

@@ -9,12 +9,14 @@ An entry is fresh until the first of:
 
 * ``fetched_at + discovery.cache_ttl``;
 * the moment its first record would turn stale or expire (``min(expires_at,
-  issued_at + 2*republish_interval)`` over its records) — past that the answer would
+  issued_at + 2*refresh)`` over its records, ``refresh`` being each record's own) — past that the answer would
   shrink while the DHT already holds the worker's refreshed record, so ask again;
 * an early invalidation: a cached worker was reported (or probed) failed, or a newer
   record of a cached worker was seen elsewhere (another lookup, or the local DHT node
   storing it — the ``"record"`` event) that changes what an answer says: withdrawn,
-  new endpoint, services, GPU, capacity or region, or load moved by a whole slot.
+  new endpoint, services, GPU, capacity or region, or load moved by a whole slot; or a
+  live record, issued after the entry was fetched, of a worker the entry lacks (a new
+  worker, or one back from a restart or a package upgrade).
 
 An empty answer is cached for at most ``NEGATIVE_TTL_S`` (a lookup storm for a service
 nobody serves must not become a DHT storm, but a new worker must show up quickly).
@@ -107,9 +109,11 @@ class ServiceCache:
     def observe(self, records: Iterable[RecordLike], except_service: str | None = None) -> int:
         """Invalidate entries whose copy of a worker is materially older than one of
         ``records`` (withdrawn, moved, changed services/GPU/capacity/region, or a load
-        change of at least one slot). A plain refresh (same content, newer ``seq``) is
-        not a reason: workers refresh every ``republish_interval``, and invalidating on
-        each would make the cache useless for large services."""
+        change of at least one slot), or that lack a live worker of the service whose
+        record was issued after the entry was fetched (a new or restarted worker). A
+        plain refresh (same content, newer ``seq``) is not a reason: workers refresh
+        every ``republish_interval``, and invalidating on each would make the cache
+        useless for large services."""
         newest: dict[bytes, RecordLike] = {}
         for rec in records:
             cur = newest.get(rec.worker_id)
@@ -122,8 +126,16 @@ class ServiceCache:
             cs = entry.candidates
             for wid, rec in newest.items():
                 i = cs.index.get(wid)
-                if i is not None and cs.records[i].seq < rec.seq \
-                        and material_change(cs.records[i], rec):
+                if i is None:
+                    # A worker the answer lacks, live, serving this service and issued
+                    # after the entry was fetched: new, or back after a restart (its
+                    # withdrawal emptied the answer). Without this a restarted worker
+                    # stays invisible until the entry expires (NEGATIVE_TTL_S when empty).
+                    if not rec.withdrawn and service in rec.services \
+                            and rec.issued_at > entry.fetched_at:
+                        count += self.invalidate(service)
+                        break
+                elif cs.records[i].seq < rec.seq and material_change(cs.records[i], rec):
                     count += self.invalidate(service)
                     break
         return count

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import random
 import time
@@ -34,6 +33,7 @@ from prometheus_client import Counter
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     import aiohttp
@@ -130,6 +130,8 @@ class WorkerRole(Component):
             seq=None,                      # wall-clock ms, strictly increasing
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
+            refresh=float(cfg.dht.republish_interval),
+            cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
         return record
@@ -186,10 +188,9 @@ class WorkerRole(Component):
         the record's load. Local callers only: the agent's port is what a quick tunnel
         publishes, so a request relayed by cloudflared (``Cf-Connecting-Ip``) is refused
         like any non-loopback caller."""
-        remote = request.remote or ""
-        if "Cf-Connecting-Ip" in request.headers or not _is_loopback(remote):
-            return web.json_response({"error": "the load is set from this box only"},
-                                     status=403)
+        refused = refuse_remote(request, "the load")
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -455,10 +456,3 @@ class WorkerRole(Component):
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
         }}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
