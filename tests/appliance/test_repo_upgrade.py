@@ -176,6 +176,13 @@ def repos(debs, next_debs, tmp_path_factory) -> Path:
     # The attacker's repository offers the genuine key file, as a compromised mirror would.
     shutil.copy(served / "n" / "rma-agent-archive-keyring.asc",
                 served / "evil" / "rma-agent-archive-keyring.asc")
+    # apt asks with If-Modified-Since and http.server answers 304 when a file is not newer
+    # (one-second resolution): give the repositories distinct ages in the order the tests
+    # serve them, as successive publications would have.
+    now = time.time()
+    for k, name in enumerate(("evil", "tampered", "n", "n1")):
+        for p in (served / name).rglob("*"):
+            os.utime(p, (now - 400 + 100 * k,) * 2, follow_symlinks=False)
     (served / "current").symlink_to("n")
     return served
 
@@ -364,8 +371,8 @@ def test_upgrade_keeps_config_identity_and_is_found_again_quickly(box, repos):
     print(f"{c.release}: upgrade {deb_version(c.release)} -> {deb_version(c.release, 2)} "
           f"took {upgrade_s:.1f} s; worker found again {found - start_mono:.2f} s after the "
           f"restart{gap}")
-    if found - start_mono > FOUND_AGAIN_LIMIT_S:   # say what the new process did, and when
-        for e in c.journal(UNIT, cursor):
+    if found - start_mono > FOUND_AGAIN_LIMIT_S / 2:   # what the new process did, and when
+        for e in c.journal(UNIT, cursor) + c.journal("coord.service", cursor):
             print(f"  {int(e['__MONOTONIC_TIMESTAMP']) / 1e6 - start_mono:+7.2f} s "
                   f"[{e.get('_PID', '')}] {e.get('MESSAGE', '')}")
     assert found - start_mono <= FOUND_AGAIN_LIMIT_S
