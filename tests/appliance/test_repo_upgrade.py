@@ -398,3 +398,65 @@ def _found_after(c, worker_id: str, start_mono: float) -> float | None:
 
 def _samples(c) -> list[dict]:
     return [json.loads(ln) for ln in c.read("/run/poll.jsonl").splitlines() if ln.strip()]
+
+
+def test_downgrade_then_unattended_upgrade_without_a_prompt(box, repos):
+    """Back to N (apt-get install rma-agent=N --allow-downgrades), then unattended-upgrades
+    (the origin allowed as README says) brings N+1 back on its own: no prompt, since the
+    conffile is the same in both versions (the operator's edit is kept silently)."""
+    c = box
+    node_id = _stats(c)["node_id"]
+    _apt(c, "install", "--allow-downgrades", f"rma-agent={deb_version(c.release)}")
+    assert _installed_version(c) == deb_version(c.release)
+    assert c.read(CONF) == WORKER_TOML
+    c.wait_for("ready after the downgrade", lambda: c.curl(f"{WORKER_API}/readyz")[0] == 200,
+               timeout=30)
+    assert _stats(c)["node_id"] == node_id
+    c.write("/etc/apt/apt.conf.d/51rma-agent",
+            'Unattended-Upgrade::Origins-Pattern { "origin=rma-agent,codename=${distro_codename}"; };\n')
+    pid = c.show(UNIT, "MainPID")
+    # As the apt-daily-upgrade timer runs it: no terminal, nothing on stdin.
+    r = c.run("unattended-upgrade", "-v", check=False, timeout=300, input="")
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert _installed_version(c) == deb_version(c.release, 2), log[-3000:]
+    # (unattended-upgrades holds back a package whose upgrade would ask about a conffile:
+    # "Package rma-agent has conffile prompt and needs to be upgraded manually".)
+    assert "Packages that will be upgraded: rma-agent" in log, log[-3000:]
+    assert "conffile prompt" not in log, log[-3000:]
+    assert c.read(CONF) == WORKER_TOML
+    assert c.show(UNIT, "MainPID") not in ("0", pid)
+    c.wait_for("ready after the unattended upgrade",
+               lambda: c.curl(f"{WORKER_API}/readyz")[0] == 200, timeout=30)
+    assert _stats(c)["node_id"] == node_id
+
+
+def test_remove_then_install_again_keeps_config_and_identity(box):
+    c = box
+    node_id = _stats(c)["node_id"]
+    _apt(c, "remove", "rma-agent")
+    assert c.run("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active"
+    assert c.read(CONF) == WORKER_TOML
+    _apt(c, "install", "rma-agent")
+    assert _installed_version(c) == deb_version(c.release, 2)
+    assert c.read(CONF) == WORKER_TOML
+    c.wait_for("ready after re-install", lambda: c.curl(f"{WORKER_API}/readyz")[0] == 200,
+               timeout=30)
+    assert _stats(c)["node_id"] == node_id
+    assert c.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+
+
+def test_security_exposure_on_this_release(box, record_property):
+    """systemd-analyze security of this release's systemd (252 on bookworm, 257 on trixie,
+    which checks more settings): both units <= 2.0; units verify without a word."""
+    c = box
+    r = c.run("systemd-analyze", "verify", f"/lib/systemd/system/{UNIT}",
+              "/lib/systemd/system/rma-tunnel.service", check=False)
+    assert (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
+    for unit in (UNIT, "rma-tunnel.service"):
+        out = c.run("systemd-analyze", "security", "--no-pager", unit, check=False).stdout
+        m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+        assert m, out[-2000:]
+        record_property(f"exposure {c.release} {unit}", m.group(1))
+        print(f"{c.release}: systemd-analyze security {unit}: {m.group(1)}")
+        assert float(m.group(1)) <= 2.0, out
