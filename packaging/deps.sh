@@ -13,10 +13,14 @@
 #                        (checked below; an older one is upgraded from bookworm's updates)
 #   apt-utils, gnupg   - packaging/build-repo.sh: apt-ftparchive, signing; the repo tests
 #   nftables, iproute2 - the network-namespace tests (NAT router, packet loss)
+#   chromium, chromium-driver - the dashboard's real-browser test (selenium drives
+#                        /usr/bin/chromedriver; nothing is downloaded at test time)
 #   fakeroot is not needed: dpkg-deb --root-owner-group sets ownership itself.
 set -eu
 
 want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl nftables iproute2"
+# The dashboard's real-browser test (tests/dashboard): headless chromium and its driver.
+want="$want chromium chromium-driver"
 # The signed apt repository (packaging/build-repo.sh and tests/appliance/test_repo.py).
 want="$want apt-utils gnupg"
 missing=""

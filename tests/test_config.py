@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ from agent.config import (
     Address,
     Config,
     ConfigError,
+    Upstream,
     dump_toml,
     load_config,
     parse_address,
@@ -28,6 +30,8 @@ from agent.config import (
 
 REPO = Path(__file__).resolve().parent.parent
 W = '[worker]\nservices = ["ocr"]\n'          # makes a minimal worker config valid
+KEY = base64.b64encode(bytes(range(32))).decode()   # a well-formed admission key
+KEY2 = base64.b64encode(bytes(range(1, 33))).decode()
 
 
 def _errors(tmp_path: Path, text: str | bytes, name: str = "agent.toml") -> list[str]:
@@ -121,7 +125,8 @@ BAD: list[tuple[str, str, str]] = [
     ("unknown-section", W + "[discovry]\ncache_ttl = 1\n",
      "PATH:3: discovry: unknown section, did you mean 'discovery'?"),
     ("unknown-top-key", "rol = 'worker'\n" + W,
-     "PATH:1: rol: unknown key (known: agent, dht, http, worker, tunnel, discovery, log)"),
+     "PATH:1: rol: unknown key (known: agent, dht, http, gateway, worker, network, tunnel, "
+     "discovery, log)"),
     ("unknown-dotted-key", "dht.ksizee = 3\n" + W,
      "PATH:1: dht.ksizee: unknown key, did you mean 'ksize'?"),
     ("key-in-wrong-section", '[dht]\nservices = ["ocr"]\n' + W,
@@ -193,6 +198,79 @@ BAD: list[tuple[str, str, str]] = [
     ("metrics-equals-http", W + '[http]\nlisten = "127.0.0.1:9000"\n[tunnel]\nmetrics = "127.0.0.1:9000"\n',
      "PATH:6: tunnel.metrics: must differ from http.listen (127.0.0.1:9000)"),
     ("empty-name", W + '[agent]\nname = ""\n', "PATH:4: agent.name: must not be empty"),
+    # [gateway]
+    ("gateway-listen-bad", W + '[gateway]\nlisten = "8090"\n',
+     'PATH:4: gateway.listen: must be "host:port", got "8090"'),
+    ("gateway-listen-is-admin", W + '[http]\nlisten = "127.0.0.1:9100"\n[gateway]\n'
+     'listen = "0.0.0.0:9100"\n',
+     "PATH:6: gateway.listen: must differ from http.listen (127.0.0.1:9100): the gateway is "
+     "public, the admin API is not"),
+    ("gateway-listen-is-metrics", W + '[gateway]\nlisten = "127.0.0.1:20241"\n',
+     "PATH:4: gateway.listen: must differ from tunnel.metrics (127.0.0.1:20241)"),
+    ("max-body-0", W + "[gateway]\nmax_body_mb = 0\n",
+     "PATH:4: gateway.max_body_mb: must be an integer between 1 and 1048576, got 0"),
+    ("max-body-float", W + "[gateway]\nmax_body_mb = 1.5\n",
+     "PATH:4: gateway.max_body_mb: must be an integer between 1 and 1048576, got 1.5 (a float)"),
+    ("upstream-timeout-0", W + "[gateway]\nupstream_timeout = 0\n",
+     "PATH:4: gateway.upstream_timeout: must be a number of seconds > 0 and <= 86400, got 0"),
+    ("upstream-timeout-string", W + '[gateway]\nupstream_timeout = "5s"\n',
+     'PATH:4: gateway.upstream_timeout: must be a number between 0 and 86400, got "5s"'),
+    ("upstreams-not-table", W + '[gateway]\nupstreams = "http://127.0.0.1:9000"\n',
+     'PATH:4: gateway.upstreams: must be a table of service = URL'),
+    ("upstream-unknown-service", W + '[gateway.upstreams]\nocr = "http://127.0.0.1:9000"\n'
+     'ocrr = "http://127.0.0.1:9001"\n',
+     "PATH:5: gateway.upstreams.ocrr: is not a service of this worker (worker.services: ocr), "
+     "did you mean 'ocr'?"),
+    ("upstream-no-scheme", W + '[gateway.upstreams]\nocr = "127.0.0.1:9000"\n',
+     'PATH:4: gateway.upstreams.ocr: must start with http:// or https://, got "127.0.0.1:9000"'),
+    ("upstream-query", W + '[gateway.upstreams]\nocr = "http://127.0.0.1:9000/?a=1"\n',
+     'PATH:4: gateway.upstreams.ocr: must not contain a ?query'),
+    ("upstream-int", W + "[gateway.upstreams]\nocr = 9000\n",
+     "PATH:4: gateway.upstreams.ocr: must be an http(s) URL string"),
+    ("upstream-table-no-url", W + '[gateway.upstreams]\nocr = { health = "/h" }\n',
+     "PATH:4: gateway.upstreams.ocr: needs a url"),
+    ("upstream-table-bad-url", W + '[gateway.upstreams]\nocr = { url = "ftp://x" }\n',
+     'PATH:4: gateway.upstreams.ocr.url: must start with http:// or https://'),
+    ("upstream-health-relative", W + '[gateway.upstreams]\n'
+     'ocr = { url = "http://127.0.0.1:9000", health = "healthz" }\n',
+     'PATH:4: gateway.upstreams.ocr.health: must be a path starting with "/"'),
+    ("upstream-table-unknown-key", W + '[gateway.upstreams]\n'
+     'ocr = { url = "http://127.0.0.1:9000", helth = "/h" }\n',
+     "PATH:4: gateway.upstreams.ocr.helth: unknown key, did you mean 'health'?"),
+    ("upstreams-on-coordinator", '[agent]\nrole = "coordinator"\n[gateway.upstreams]\n'
+     'ocr = "http://127.0.0.1:9000"\n',
+     'PATH:3: gateway.upstreams: is only for role = "worker"'),
+    ("gateway-unknown-key", W + "[gateway]\nmax_body = 5\n",
+     "PATH:4: gateway.max_body: unknown key, did you mean 'max_body_mb'?"),
+    # [worker] admission_cert, [network]
+    ("admission-cert-int", W + "admission_cert = 5\n",
+     "PATH:3: worker.admission_cert: must be a string, got 5 (an integer)"),
+    ("admission-keys-string", W + '[network]\nadmission_keys = "abc"\n',
+     'PATH:4: network.admission_keys: must be an array of strings'),
+    ("admission-key-not-b64", W + '[network]\nadmission_keys = [\n  "not base64!",\n]\n',
+     "PATH:5: network.admission_keys: entry 1 must be the base64 of a 32-byte Ed25519 public "
+     "key (from `rma-agent network-key create`); it is not base64"),
+    ("admission-key-short", W + '[network]\nadmission_keys = ["' + "A" * 40 + '"]\n',
+     "PATH:4: network.admission_keys: entry 1 must be the base64 of a 32-byte Ed25519 public "
+     "key (from `rma-agent network-key create`); it decodes to 30 bytes"),
+    ("admission-key-dup", W + '[network]\nadmission_keys = [\n  "' + KEY + '",\n  "' + KEY
+     + '",\n]\n', "PATH:6: network.admission_keys: entry 2 is a duplicate of"),
+    ("network-unknown-key", W + '[network]\nadmission_key = []\n',
+     "PATH:4: network.admission_key: unknown key, did you mean 'admission_keys'?"),
+    # [discovery] router keys
+    ("max-attempts-0", W + "[discovery]\nmax_attempts = 0\n",
+     "PATH:4: discovery.max_attempts: must be an integer between 1 and 10, got 0"),
+    ("max-attempts-11", W + "[discovery]\nmax_attempts = 11\n",
+     "PATH:4: discovery.max_attempts: must be an integer between 1 and 10, got 11"),
+    ("allow-http-url", W + '[discovery]\nallow_http_hosts = ["http://10.0.0.1"]\n',
+     "PATH:4: discovery.allow_http_hosts: entry 1 must be a host name or IP address without "
+     "scheme or port"),
+    ("allow-http-port", W + '[discovery]\nallow_http_hosts = [\n "lan-box",\n "10.0.0.1:80"]\n',
+     "PATH:6: discovery.allow_http_hosts: entry 2 must be a host name or IP address"),
+    ("allow-http-dup", W + '[discovery]\nallow_http_hosts = ["lan-box", "LAN-box"]\n',
+     'PATH:4: discovery.allow_http_hosts: entry 2 is a duplicate of "lan-box"'),
+    ("allow-http-int", W + "[discovery]\nallow_http_hosts = [1]\n",
+     "PATH:4: discovery.allow_http_hosts: entry 1 must be a string, got 1 (an integer)"),
     # syntax
     ("duplicate-key", W + "[dht]\nksize = 3\nksize = 4\nalpha = 2\n",
      "PATH:5: syntax: Cannot overwrite a value (at line 5, column 10) - a key or table is defined twice"),
@@ -289,6 +367,13 @@ def test_the_shipped_configs_load() -> None:
     worker = load_config(REPO / "config" / "worker.toml")
     assert worker.dht.bootstrap and worker.worker.endpoint.startswith("https://")
     assert worker.tunnel.mode == "off"
+    # every shipped worker config names an upstream for each announced service, and no
+    # shipped config puts the admin API anywhere but loopback
+    for cfg in (default, worker):
+        assert set(cfg.gateway.upstreams) == set(cfg.worker.services)
+    assert worker.gateway.upstreams["llm-inference"].health == "/healthz"
+    for cfg in (default, coord, worker):
+        assert cfg.http.listen.host == "127.0.0.1"
     for cfg in (default, coord, worker):
         assert summary(cfg).startswith(f"ok: role={cfg.agent.role} ")
 
@@ -320,11 +405,17 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
         ' "http://10.0.0.1:8080/api/dht/bootstrap"]\nmode = "client"\nksize = 8\nalpha = 2\n'
         "record_ttl = 120\nrepublish_interval = 10\n"
         '[http]\nlisten = "[::1]:8081"\n'
+        '[gateway]\nlisten = "[::]:8091"\nmax_body_mb = 2048\nupstream_timeout = 2.5\n'
+        '[gateway.upstreams]\nocr = "http://127.0.0.1:9000/"\n'
+        '"llm-inference" = { url = "https://gpu.local:9443/v1", health = "/v1/health" }\n'
         '[worker]\nservices = ["ocr", "llm-inference", "a.b_c"]\nendpoint = "http://[::1]:8081"\n'
         'max_concurrency = 9\ngpu = "RTX 4090"\ngpu_memory_gb = 24\n'
+        'admission_cert = "certs/worker.cert"\n'
+        f'[network]\nadmission_keys = ["{KEY}", "{KEY2}"]\n'
         '[tunnel]\nmetrics = "localhost:20242"\n'
         '[discovery]\ncache_ttl = 0\ncoordinators = ["https://c1.example.org", "http://127.0.0.1:8080"]\n'
-        'max_results = 7\n[discovery.gpu_scores]\n"RTX 4090" = 0.45\nB200 = 1\n'
+        'max_results = 7\nmax_attempts = 5\nallow_http_hosts = ["LAN-Box", "10.0.0.1", "[fd00::1]"]\n'
+        '[discovery.gpu_scores]\n"RTX 4090" = 0.45\nB200 = 1\n'
         '[log]\nlevel = "DEBUG"\n'
     )
     src = tmp_path / "a.toml"
@@ -338,6 +429,16 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
     assert cfg.discovery.gpu_scores["A100"] == DEFAULT_GPU_SCORES["A100"]
     assert cfg.discovery.gpu_scores["RTX 4090"] == 0.45
     assert cfg.log.level == "debug"
+    g = cfg.gateway
+    assert (g.listen, g.max_body_mb, g.max_body_bytes, g.upstream_timeout) == (
+        Address("::", 8091), 2048, 2048 << 20, 2.5)
+    assert g.upstreams["ocr"] == Upstream("http://127.0.0.1:9000")
+    assert g.upstreams["ocr"].health_url == "http://127.0.0.1:9000"
+    assert g.upstreams["llm-inference"].health_url == "https://gpu.local:9443/v1/v1/health"
+    assert cfg.worker.admission_cert == str(tmp_path / "certs" / "worker.cert")
+    assert cfg.network.admission_public_keys == (bytes(range(32)), bytes(range(1, 33)))
+    assert cfg.discovery.max_attempts == 5
+    assert cfg.discovery.allow_http_hosts == ("lan-box", "10.0.0.1", "fd00::1")
     out = tmp_path / "sub" / "b.toml"
     out.parent.mkdir()
     out.write_text(dump_toml(cfg))
@@ -360,6 +461,11 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert cfg.discovery.gpu_scores == DEFAULT_GPU_SCORES
     assert cfg.worker.max_concurrency == 4 and cfg.worker.gpu is None
     assert cfg.log.level == "info"
+    assert cfg.gateway.listen == Address("127.0.0.1", 8090)
+    assert (cfg.gateway.max_body_mb, cfg.gateway.upstream_timeout) == (100, 300)
+    assert cfg.gateway.upstreams == {} and cfg.worker.admission_cert == ""
+    assert cfg.network.admission_keys == () and cfg.discovery.allow_http_hosts == ()
+    assert cfg.discovery.max_attempts == 3
     assert cfg.source == p
     # and they equal the dataclass defaults everybody else constructs
     assert replace(cfg, source=None, agent=replace(cfg.agent, name=Config().agent.name),

@@ -31,6 +31,7 @@ from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
+from agent.network import admitted
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -107,6 +108,8 @@ class DHTComponent(Component):
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
         self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
+        network = self.agent.get("network")     # closed networks: only admitted records
+        self.node.storage.admit = network.storage_hook if network is not None else None
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:
@@ -373,10 +376,25 @@ class DHTComponent(Component):
         dt = time.perf_counter() - t0
         self._note_lookup(dt)
         now = time.time()
-        live = [r for r in records if not r.withdrawn and r.expires_at > now]
+        live = admitted(self.agent, [r for r in records
+                                     if not r.withdrawn and r.expires_at > now])
         if live:
             self._lookup_hits += 1
         return live
+
+    async def service_counts(self) -> dict[str, int]:
+        """Live workers per service over the network, from the sharded service index
+        (``DHTNode.service_counts``); ``{}`` when not running or on failure."""
+        if self.node is None:
+            return {}
+        try:
+            return await self.node.service_counts()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lookup_errors += 1
+            log.warning("dht: service index lookup failed: %s", exc)
+            return {}
 
     def _note_lookup(self, dt: float) -> None:
         self._lookup_sum += dt
@@ -511,7 +529,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     a fresh ephemeral socket on ``host``. ``port=None``: ping a second fresh socket that
     answers like a node (a port no NAT has a mapping for). True/False is the seed's
     verdict; None when the seed did not answer at all. Wire format: rpcudp's (kind byte,
-    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
+    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps. A seed that is
+    out of probe capacity answers None, returned as None too (no verdict)."""
     loop = asyncio.get_running_loop()
     msg_id = os.urandom(20)
     fut: asyncio.Future[Any] = loop.create_future()
@@ -536,7 +555,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     finally:
         for t in transports:
             t.close()
-    return result is True
+    # a seed out of probe capacity answers None: no verdict, not "unreachable"
+    return result if isinstance(result, bool) else None
 
 
 class DHTCollector:

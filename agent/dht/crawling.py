@@ -16,13 +16,27 @@ the first node holding a value. ``Crawl`` here is event-driven:
 * peers that failed recently (``protocol.is_suspect``) are skipped — other nodes keep
   returning a dead contact until their own timeouts remove it;
 * it ends when the ``width`` closest non-failed candidates have all answered, or when no
-  candidate is left.
+  candidate is left;
+* **diversity** (the eclipse defence, ``diversity.DiversityPolicy``): the closest window
+  counts at most ``window_per_ip`` candidates of one IP and ``window_per_prefix`` of one
+  /24 (IPv6 /64); further ones are skipped — never asked, never counted, never returned.
+  One host holding the 20 ids closest to a key (many ports, ground or chosen ids) then
+  fills at most two places of the window, and the lookup goes on to the closest honest
+  nodes, where announces (``NodeLookup``, same rule) stored the records.
 
 ``ProviderLookup`` uses it with ``find_providers`` and keeps going past the first node that
 has records: it merges the records of every answering node among the ``width`` closest
 (newest ``seq`` per worker wins, tombstones included so a withdrawal beats a stale copy).
-Each node is asked for a different page of its records; pages no answer covered are then
-fetched from the node holding the most records (at most ``MAX_FOLLOWUPS``).
+When a key holds more records than one answer carries, storing nodes add a *sketch* of
+their set (per 1/16 of the worker-id space: count and xor of id prefixes). The lookup then
+reads the whole set of the node holding the most records by id ranges sized to one
+answer each (``list_providers``, in parallel), compares every other answering node's
+sketch with what it merged, and re-reads from that node only the ranges that differ. So
+it returns every live worker however the storing sets diverged (announces racing churn,
+timeouts, stale closest-node caches), at a cost of about one datagram per ~20 records.
+Old nodes (no sketch) get the previous behaviour: each node is asked for a different page
+of its records; pages no answer covered are then fetched from the node holding the most
+records (at most ``MAX_FOLLOWUPS``).
 ``NodeLookup`` uses ``find_node`` and returns the closest nodes that answered (for
 announces and bootstrap).
 """
@@ -37,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from kademlia.node import Node
 
+from agent.dht.diversity import DiversityPolicy
 from agent.dht.protocol import MAX_NODES_IN_ANSWER, parse_nodes
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 
@@ -46,8 +61,23 @@ if TYPE_CHECKING:
 NEW, INFLIGHT, ANSWERED, FAILED, HEDGED = 0, 1, 2, 3, 4
 MAX_RECORDS_PER_ANSWER = 64
 MAX_FOLLOWUPS = 8
+RANGE_RECORDS = 16          # records per id range asked with list_providers
+RANGE_PARALLEL = 16         # list_providers requests in flight per lookup
+MAX_LIST_CALLS = 1536       # list_providers requests per lookup (10,000 workers ~ 600)
+MAX_RECONCILE = 32          # (node, id range) re-reads after comparing sketches
+SKETCH_BUCKETS = 16
 HEDGE_MIN = 0.003
 HEDGE_MAX = 0.1
+
+
+def _valid_sketch(sk: Any) -> bool:
+    return (isinstance(sk, list) and len(sk) == SKETCH_BUCKETS
+            and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int
+                    and type(p[1]) is int for p in sk))
+
+
+def _sketch_of(sk: list[Any]) -> list[list[int]]:
+    return [[p[0], p[1]] for p in sk]
 
 
 class Crawl:
@@ -71,6 +101,14 @@ class Crawl:
         self._stall = 0
         self._self_id = protocol.source_node.id
         self._tasks: set[asyncio.Task[None]] = set()
+        policy = getattr(getattr(protocol, "router", None), "diversity", None)
+        if not isinstance(policy, DiversityPolicy):
+            policy = DiversityPolicy.from_env()
+        self.policy = policy
+        # (host, prefix) of every candidate, computed once; None when the limits are off
+        self._groups: dict[bytes, tuple[Any, Any]] | None = (
+            {} if policy.window_per_ip or policy.window_per_prefix else None)
+        self.diversity_skipped: set[bytes] = set()
         for n in peers:
             self._add(n)
 
@@ -80,6 +118,9 @@ class Crawl:
             return
         self.state[nid] = NEW
         self.nodes[nid] = node
+        if self._groups is not None:
+            self._groups[nid] = (self.policy.host(node.ip, node.port),
+                                 self.policy.prefix(node.ip, node.port))
         item = (node.long_id ^ self.tlong, nid)
         pos = bisect.bisect(self.order, item)
         self.order.insert(pos, item)
@@ -87,8 +128,10 @@ class Crawl:
             self._improved = True
 
     def add_triples(self, triples: list[tuple[bytes, str, int]]) -> None:
+        """New candidates from one answer: at most k of them (an honest node sends k; a
+        liar's 64 made-up addresses would each cost a request), never suspects."""
         is_suspect = self.protocol.is_suspect
-        for nid, ip, port in triples:
+        for nid, ip, port in triples[:getattr(self.protocol, "ksize", 20)]:
             if nid in self.state or nid == self._self_id or is_suspect(nid):
                 continue
             self._add(Node(nid, ip, port))
@@ -157,9 +200,12 @@ class Crawl:
                 parallel = self.width if self._stall >= self.alpha else self.alpha
                 seen = 0
                 answered = 0
+                window = _Window(self) if self._groups is not None else None
                 for _dist, nid in self.order:
                     st = state[nid]
                     if st == FAILED or st == HEDGED:
+                        continue
+                    if window is not None and not window.admit(nid):
                         continue
                     seen += 1
                     if st == ANSWERED:
@@ -201,13 +247,41 @@ class Crawl:
                 tick.cancel()
 
     def closest_answered(self, k: int) -> list[Node]:
+        """The ``k`` closest nodes that answered, within the diversity limits (a node
+        asked before closer nodes of its host turned up is left out)."""
         out = []
+        window = _Window(self) if self._groups is not None else None
         for _d, nid in self.order:
-            if self.state[nid] == ANSWERED:
+            if self.state[nid] == ANSWERED and (window is None or window.admit(nid)):
                 out.append(self.nodes[nid])
                 if len(out) >= k:
                     break
         return out
+
+
+class _Window:
+    """Per-group counts over one pass of the closest window (see module docstring)."""
+
+    __slots__ = ("crawl", "hosts", "prefixes")
+
+    def __init__(self, crawl: Crawl) -> None:
+        self.crawl = crawl
+        self.hosts: dict[Any, int] = {}
+        self.prefixes: dict[Any, int] = {}
+
+    def admit(self, nid: bytes) -> bool:
+        crawl = self.crawl
+        host, prefix = crawl._groups[nid]  # type: ignore[index]
+        pol = crawl.policy
+        h = self.hosts.get(host, 0)
+        p = self.prefixes.get(prefix, 0)
+        if (pol.window_per_ip and h >= pol.window_per_ip) or (
+                pol.window_per_prefix and p >= pol.window_per_prefix):
+            crawl.diversity_skipped.add(nid)
+            return False
+        self.hosts[host] = h + 1
+        self.prefixes[prefix] = p + 1
+        return True
 
 
 class NodeLookup(Crawl):
@@ -240,7 +314,13 @@ class ProviderLookup(Crawl):
         self._asked: dict[bytes, int] = {}
         # (total, pages, distance rank, node, page asked) of each answer that had pages
         self._paged: list[tuple[int, int, int, Node, int]] = []
+        # (total, distance rank, node, sketch) of each answer that carried a sketch
+        self._holders: list[tuple[int, int, Node, list[Any]]] = []
+        # service -> largest live count any answering node reported (index shards)
+        self.services: dict[str, int] = {}
+        self.services_complete = True
         self.followups = 0
+        self.list_calls = 0
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
         # each queried node gets a different page of its non-best records (see storage)
@@ -262,6 +342,17 @@ class ProviderLookup(Crawl):
                 and node.id in self._asked):
             self._paged.append((total, pages, -(node.long_id ^ self.tlong), node,
                                 self._asked[node.id]))
+            sk = data.get("sketch")
+            if _valid_sketch(sk):
+                self._holders.append((total, -(node.long_id ^ self.tlong), node, sk))
+        svcs = data.get("services")
+        if isinstance(svcs, list):
+            for item in svcs[:1024]:
+                if (isinstance(item, list) and len(item) == 2 and type(item[0]) is str
+                        and type(item[1]) is int and item[1] >= 0):
+                    self.services[item[0]] = max(self.services.get(item[0], 0), item[1])
+            if data.get("services_complete") is not True:
+                self.services_complete = False
         nodes = data.get("nodes")
         if isinstance(nodes, list):
             # most entries are already known: skip them before the full validation
@@ -307,9 +398,72 @@ class ProviderLookup(Crawl):
             if ok and isinstance(data, dict):
                 self._merge_records(data.get("records"))
 
+    def _live(self) -> list[WorkerRecord]:
+        return [r for r in self.records.values() if not r.withdrawn and r.expires_at > self.now]
+
+    def my_sketch(self) -> list[list[int]]:
+        """The sketch (see ``storage.sketch``) of the live records merged so far."""
+        out = [[0, 0] for _ in range(SKETCH_BUCKETS)]
+        for r in self._live():
+            wid = r.worker_id
+            b = out[wid[0] >> 4]
+            b[0] += 1
+            b[1] ^= int.from_bytes(wid[:4], "big")
+        return out
+
+    async def _list_range(self, nodes: list[Node], start: bytes, end: bytes,
+                          sem: asyncio.Semaphore) -> None:
+        """Read every record of ``[start, end)`` from the first of ``nodes`` that
+        answers, following ``next`` until the range is done."""
+        cursor = start
+        for node in nodes:
+            while self.list_calls < MAX_LIST_CALLS:
+                self.list_calls += 1
+                async with sem:
+                    ok, data = await self.protocol.call_list_providers(
+                        node, self.target, cursor, end)
+                if not ok or not isinstance(data, dict):
+                    break  # try the next holder for the rest of this range
+                self._merge_records(data.get("records"))
+                nxt = data.get("next")
+                if not (type(nxt) is bytes and len(nxt) == 20 and nxt > cursor
+                        and (not end or nxt < end)):
+                    return
+                cursor = nxt
+            else:
+                return
+
+    async def _read_all(self) -> None:
+        """Read the largest holder's whole set by id ranges, then re-read from each
+        other holder the sketch buckets where it differs from what was merged."""
+        holders = sorted(self._holders, key=lambda t: (t[0], t[1]), reverse=True)
+        sem = asyncio.Semaphore(RANGE_PARALLEL)
+        if _sketch_of(holders[0][3]) != self.my_sketch():
+            total = holders[0][0]
+            parts = max(1, min(4096, -(-total // RANGE_RECORDS)))
+            cuts = [b""] + [((i << 32) // parts).to_bytes(4, "big") for i in range(1, parts)]
+            order = [h[2] for h in holders[:3]]  # fall back to the next holders
+            await asyncio.gather(*(self._list_range(order, cuts[i], cuts[i + 1]
+                                                    if i + 1 < parts else b"", sem)
+                                   for i in range(parts)))
+        mine = self.my_sketch()
+        jobs = []
+        for _total, _rank, node, sk in holders:
+            for b, pair in enumerate(_sketch_of(sk)):
+                if pair != mine[b] and len(jobs) < MAX_RECONCILE:
+                    start = b"" if b == 0 else bytes([b << 4])
+                    end = b"" if b == SKETCH_BUCKETS - 1 else bytes([(b + 1) << 4])
+                    jobs.append(self._list_range([node], start, end, sem))
+        if jobs:
+            self.followups += len(jobs)
+            await asyncio.gather(*jobs)
+
     async def find(self) -> list[WorkerRecord]:
         """Merged, live (not withdrawn, not expired) records."""
         await self.run()
-        await self._fetch_missing_pages()
+        if self._holders:
+            await self._read_all()
+        else:
+            await self._fetch_missing_pages()
         return [r for r in self.records.values()
                 if not r.withdrawn and r.expires_at > self.now]

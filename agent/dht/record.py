@@ -1,14 +1,28 @@
 """Signed worker records (SPEC §6): what a worker announces under each service key.
 
-Encoding: a msgpack array of the 16 fields below in declaration order (``signature``
-last). msgpack is deterministic for these types (ints minimal, floats always float64,
-str/bin/array headers minimal), and ``decode`` re-encodes and compares, so a record has
-exactly one valid byte form. The signature covers ``SIGN_DOMAIN`` + the msgpack array of
-the first 15 fields, so it cannot be replayed as any other kind of signed message.
+Encoding (format 2): a msgpack array of the 19 fields below in declaration order
+(``signature`` last). msgpack is deterministic for these types (ints minimal, floats always
+float64, str/bin/array headers minimal), and ``decode`` re-encodes and compares, so a record
+has exactly one valid byte form. The signature covers ``SIGN_DOMAIN`` + the msgpack array of
+the first 18 fields, so it cannot be replayed as any other kind of signed message.
 
-Size: ``encode()`` is at most ``MAX_RECORD_BYTES`` (340) — on top of the per-field limits —
-so at least 20 records fit in one 8 KiB datagram next to a list of closer nodes. A typical
-record (two services, a 40-character URL) is about 250 bytes.
+Format 2 adds three fields to format 1:
+- ``refresh``: the worker's republish interval in seconds. Callers judge staleness from it
+  (a record not refreshed for a few of *its own* intervals is stale), not from their own
+  configuration, so a worker configured with a longer interval is not hidden half the time.
+- ``agent_version``: the worker's ``agent.__version__``, so a fleet's versions are visible.
+- ``cert``: an opaque admission certificate (``b""`` = none), checked by
+  ``agent.admission`` in closed networks.
+
+Format 1 records (16 fields, signed under the v1 domain) are still decoded and verified, so
+an upgraded caller keeps seeing workers that have not been upgraded yet: they read as
+``refresh = LEGACY_REFRESH``, ``agent_version = ""`` and no certificate. Agents older than
+format 2 drop format-2 records as malformed (counted, never fatal), so upgrade callers and
+coordinators before workers.
+
+Size: ``encode()`` is at most ``MAX_RECORD_BYTES`` (640) — on top of the per-field limits.
+A typical record without a certificate (two services, a 40-character URL) is about 260
+bytes; with a certificate about 420.
 
 Sequence numbers: ``next_seq()`` is wall-clock milliseconds, bumped to stay strictly
 increasing within the process. A restarted worker therefore continues above its previous
@@ -31,13 +45,21 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent import __version__
+from agent.dht.keys import index_key, index_shard
+
 if TYPE_CHECKING:
     from agent.dht.identity import Identity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1
 ALL_SERVICES = "*"
-SIGN_DOMAIN = b"rma-agent/worker-record/v1\x00"
-MAX_RECORD_BYTES = 340
+SIGN_DOMAIN = b"rma-agent/worker-record/v2\x00"
+SIGN_DOMAIN_V1 = b"rma-agent/worker-record/v1\x00"
+MAX_RECORD_BYTES = 640
+LEGACY_REFRESH = 30.0       # what a format-1 record is taken to promise (the platform default)
+MAX_AGENT_VERSION = 24
+MAX_CERT = 256
 MAX_TTL = 3600.0            # a record may not claim to live longer than this
 DEFAULT_MAX_SKEW = 30.0
 MAX_NAME = 64
@@ -47,7 +69,8 @@ MAX_GPU = 32
 MAX_SERVICE = 63
 MAX_SERVICES = 16
 MAX_SEQ = 2**63 - 1
-_SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_N_FIELDS = {FORMAT_VERSION: 18, LEGACY_VERSION: 15}   # signed fields per format
 
 
 class RecordError(ValueError):
@@ -60,7 +83,15 @@ def service_key(service: str) -> bytes:
 
 
 def valid_service_name(name: object) -> bool:
-    return isinstance(name, str) and bool(_SERVICE_RE.match(name))
+    """The one service-name rule (config, records, API paths): 1-63 of lowercase a-z, 0-9,
+    ".", "_", "-", starting with a letter or digit."""
+    return isinstance(name, str) and SERVICE_RE.fullmatch(name) is not None
+
+
+def normalize_service(name: str) -> str:
+    """What a user typed (API path, CLI argument) as a service name: names are
+    case-insensitive for people and lowercase on the wire, so ``OCR`` finds ``ocr``."""
+    return name.strip().lower()
 
 
 _seq_lock = threading.Lock()
@@ -119,6 +150,9 @@ class WorkerRecord:
     issued_at: float
     expires_at: float
     withdrawn: bool
+    refresh: float
+    agent_version: str
+    cert: bytes
     signature: bytes
     _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -139,11 +173,17 @@ class WorkerRecord:
         seq: int | None = None,
         ttl: float,
         withdrawn: bool = False,
+        refresh: float = LEGACY_REFRESH,
+        agent_version: str | None = None,
+        cert: bytes = b"",
         now: float | None = None,
     ) -> WorkerRecord:
         """A signed record. ``seq=None`` takes ``next_seq(now)``. Raises RecordError
-        when a field is out of bounds (the same checks a receiver applies)."""
+        when a field is out of bounds (the same checks a receiver applies).
+        ``agent_version=None`` takes this program's ``agent.__version__``."""
         now = time.time() if now is None else float(now)
+        if agent_version is None:
+            agent_version = __version__
         if not (0 < ttl <= MAX_TTL):
             raise RecordError(f"ttl must be in (0, {MAX_TTL:g}] seconds, got {ttl!r}")
         fields = [
@@ -162,6 +202,9 @@ class WorkerRecord:
             now,
             now + float(ttl),
             bool(withdrawn),
+            float(refresh),
+            agent_version,
+            bytes(cert),
         ]
         _check_fields(fields)
         sig = identity.sign(SIGN_DOMAIN + _pack(fields))
@@ -183,16 +226,24 @@ class WorkerRecord:
             identity, name=self.name, services=self.services, endpoint=self.endpoint,
             gpu=self.gpu, gpu_memory_gb=self.gpu_memory_gb, load=self.load,
             capacity=self.capacity, region=self.region, seq=max(next_seq(now), self.seq + 1),
-            ttl=ttl, withdrawn=True, now=now,
+            ttl=ttl, withdrawn=True, refresh=self.refresh, agent_version=self.agent_version,
+            cert=self.cert, now=now,
         )
 
     # ------------------------------------------------------------------ wire form
     def _fields(self) -> list[Any]:
-        return [
+        """The signed fields in wire order (format 1 records have no trailing three)."""
+        base = [
             self.version, self.worker_id, self.public_key, self.name, self.services,
             self.endpoint, self.gpu, self.gpu_memory_gb, self.load, self.capacity,
             self.region, self.seq, self.issued_at, self.expires_at, self.withdrawn,
         ]
+        if self.version == LEGACY_VERSION:
+            return base
+        return [*base, self.refresh, self.agent_version, self.cert]
+
+    def _sign_domain(self) -> bytes:
+        return SIGN_DOMAIN_V1 if self.version == LEGACY_VERSION else SIGN_DOMAIN
 
     def encode(self) -> bytes:
         """Canonical bytes (msgpack array, signature last). Cached."""
@@ -215,19 +266,27 @@ class WorkerRecord:
             obj = msgpack.unpackb(
                 data, raw=False, use_list=True, strict_map_key=True,
                 max_str_len=MAX_ENDPOINT * 4,
-                max_bin_len=64, max_array_len=MAX_SERVICES + 1, max_map_len=0, max_ext_len=0,
+                max_bin_len=MAX_CERT, max_array_len=max(MAX_SERVICES, 19), max_map_len=0,
+                max_ext_len=0,
             )
         except Exception as exc:  # msgpack raises several unrelated types
             raise RecordError(f"record is not valid msgpack: {type(exc).__name__}") from None
-        if not isinstance(obj, list) or len(obj) != 16:
-            raise RecordError("record must be a msgpack array of 16 fields")
-        fields = obj[:15]
+        if not isinstance(obj, list) or not obj:
+            raise RecordError("record must be a msgpack array")
+        n = _N_FIELDS.get(obj[0]) if type(obj[0]) is int else None
+        if n is None:
+            raise RecordError(f"unsupported record version {obj[0]!r}")
+        if len(obj) != n + 1:
+            raise RecordError(f"a format {obj[0]} record is an array of {n + 1} fields")
+        fields = obj[:n]
         if isinstance(fields[4], list):
             fields[4] = tuple(fields[4])
         _check_fields(fields)
-        sig = obj[15]
+        sig = obj[n]
         if type(sig) is not bytes or len(sig) != 64:
             raise RecordError("signature must be 64 bytes")
+        if n == _N_FIELDS[LEGACY_VERSION]:
+            fields = [*fields, LEGACY_REFRESH, "", b""]
         rec = cls(*fields, sig)
         if rec.encode() != data:
             raise RecordError("record encoding is not canonical")
@@ -252,7 +311,7 @@ class WorkerRecord:
             return
         try:
             Ed25519PublicKey.from_public_bytes(self.public_key).verify(
-                self.signature, SIGN_DOMAIN + _pack(self._fields()))
+                self.signature, self._sign_domain() + _pack(self._fields()))
         except (InvalidSignature, ValueError):
             raise RecordError("bad signature") from None
         _remember_sig(enc)
@@ -270,12 +329,17 @@ class WorkerRecord:
         return self.expires_at <= now
 
     def serves(self, key: bytes) -> bool:
-        """Whether this record belongs under DHT key ``key``."""
-        return key == _ALL_KEY or any(service_key(s) == key for s in self.services)
+        """Whether this record belongs under DHT key ``key``: one of its services, its
+        service-index shard, or the legacy "*" key (agents before the sharded index
+        announce there; storing nodes keep accepting it for them)."""
+        return (key == _ALL_KEY or any(service_key(s) == key for s in self.services)
+                or key == index_key(index_shard(self.worker_id)))
 
     def keys(self) -> list[bytes]:
-        """Every DHT key the record is announced under (its services + ALL_SERVICES)."""
-        return [service_key(s) for s in self.services] + [_ALL_KEY]
+        """Every DHT key the record is announced under: its services and one shard of
+        the service index (``agent.dht.keys``; no longer the hot "*" key)."""
+        return [service_key(s) for s in self.services] + [
+            index_key(index_shard(self.worker_id))]
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
@@ -285,6 +349,8 @@ class WorkerRecord:
             "load": self.load, "capacity": self.capacity, "region": self.region,
             "seq": self.seq, "issued_at": self.issued_at, "expires_at": self.expires_at,
             "age_s": max(0.0, now - self.issued_at), "withdrawn": self.withdrawn,
+            "refresh": self.refresh, "agent_version": self.agent_version,
+            "certified": bool(self.cert),
         }
 
 
@@ -335,10 +401,10 @@ def _finite(v: Any, what: str) -> None:
 
 
 def _check_fields(f: list[Any]) -> None:
+    if not f or type(f[0]) is not int or _N_FIELDS.get(f[0]) != len(f):
+        raise RecordError(f"unsupported record version {f[0] if f else None!r}")
     (version, worker_id, public_key, name, services, endpoint, gpu, gpu_memory_gb, load,
-     capacity, region, seq, issued_at, expires_at, withdrawn) = f
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise RecordError(f"unsupported record version {version!r}")
+     capacity, region, seq, issued_at, expires_at, withdrawn) = f[:15]
     if type(worker_id) is not bytes or len(worker_id) != 20:
         raise RecordError("worker_id must be 20 bytes")
     if type(public_key) is not bytes or len(public_key) != 32:
@@ -370,3 +436,12 @@ def _check_fields(f: list[Any]) -> None:
         raise RecordError(f"lifetime must be in (0, {MAX_TTL:g}] seconds")
     if type(withdrawn) is not bool:
         raise RecordError("withdrawn must be a boolean")
+    if version == LEGACY_VERSION:
+        return
+    refresh, agent_version, cert = f[15:]
+    _finite(refresh, "refresh")
+    if not (1.0 <= refresh <= MAX_TTL):
+        raise RecordError(f"refresh must be in [1, {MAX_TTL:g}] seconds")
+    _str(agent_version, "agent_version", MAX_AGENT_VERSION)
+    if type(cert) is not bytes or len(cert) > MAX_CERT:
+        raise RecordError(f"cert must be at most {MAX_CERT} bytes")

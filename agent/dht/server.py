@@ -39,8 +39,9 @@ from kademlia.node import Node
 
 from agent.dht.crawling import NodeLookup, ProviderLookup
 from agent.dht.identity import Identity
+from agent.dht.keys import INDEX_KEYS
 from agent.dht.protocol import RMAProtocol, _is_id, all_contacts
-from agent.dht.record import WorkerRecord, service_key
+from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,15 @@ class DHTNode(Server):
         ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
         return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
 
-    async def check_reachable(self, seed: tuple[str, int]) -> bool:
-        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``)."""
+    async def check_reachable(self, seed: tuple[str, int]) -> bool | None:
+        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``). False when
+        it said unreachable or did not answer; None when it had no capacity to probe
+        (not a verdict: ask again later)."""
         assert self.protocol is not None and self.port is not None
         ok, res = await self.protocol._call(seed, "reachable", self.protocol.my_id(),
                                             self.port, timeout=2.5)
+        if ok and res is None:
+            return None
         return bool(ok) and res is True
 
     # ------------------------------------------------------------------ records
@@ -268,22 +273,68 @@ class DHTNode(Server):
             raise ValueError("withdraw() takes a tombstone (withdrawn=True)")
         return await self.announce(tombstone)
 
-    async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
-        """Verified live records of ``service``'s workers, merged by newest seq over the
-        closest nodes, best first (lowest utilisation, then freshest)."""
+    def _provider_lookup(self, key: bytes, now: float) -> ProviderLookup:
         assert self.protocol is not None
-        self.lookups += 1
-        key = service_key(service)
-        now = time.time()
         peers = self.protocol.router.find_neighbors(Node(key), k=self.ksize)
         crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
                                alpha=self.alpha, now=now, max_skew=self.max_skew)
         for rec in self.storage.snapshot(key, now):
             crawl.merge(rec)
-        recs = await crawl.find()
+        return crawl
+
+    async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
+        """Verified live records of ``service``'s workers, merged by newest seq over the
+        closest nodes, best first (lowest utilisation, then freshest). ``ALL_SERVICES``
+        reads every service-index shard (and the legacy "*" key of older workers)."""
+        assert self.protocol is not None
+        self.lookups += 1
+        now = time.time()
+        if service == ALL_SERVICES:
+            keys = [*INDEX_KEYS, service_key(ALL_SERVICES)]
+            merged: dict[bytes, WorkerRecord] = {}
+            for part in await asyncio.gather(
+                    *(self._provider_lookup(k, now).find() for k in keys)):
+                for r in part:
+                    old = merged.get(r.worker_id)
+                    if old is None or r.seq > old.seq:
+                        merged[r.worker_id] = r
+            recs = list(merged.values())
+        else:
+            recs = await self._provider_lookup(service_key(service), now).find()
         recs.sort(key=lambda r: (r.load / r.capacity if r.capacity > 0 else float("inf"),
                                  -r.issued_at))
         return recs if limit is None else recs[:limit]
+
+    async def service_counts(self) -> dict[str, int]:
+        """Live workers per service over the whole network, from the service-index shards
+        (see ``keys``): each shard's storing nodes answer with names and counts, so this
+        costs ``INDEX_SHARDS`` small lookups however many workers there are. A shard whose
+        counts did not fit one answer is read in full; workers of older agents, which
+        announce under the legacy "*" key, are counted from its records."""
+        assert self.protocol is not None
+        now = time.time()
+        legacy = service_key(ALL_SERVICES)
+
+        async def shard(key: bytes) -> dict[str, int]:
+            if key != legacy:
+                crawl = self._provider_lookup(key, now)
+                await crawl.run()
+                if crawl.services_complete and crawl.answered:
+                    counts = dict(crawl.services)
+                    for svc, n in self.storage.service_counts(key, now).items():
+                        counts[svc] = max(counts.get(svc, 0), n)  # a storing node itself
+                    return counts
+            out: dict[str, int] = {}
+            for r in await self._provider_lookup(key, now).find():
+                for svc in r.services:
+                    out[svc] = out.get(svc, 0) + 1
+            return out
+
+        total: dict[str, int] = {}
+        for part in await asyncio.gather(*(shard(k) for k in [*INDEX_KEYS, legacy])):
+            for svc, n in part.items():
+                total[svc] = total.get(svc, 0) + n
+        return total
 
     # ------------------------------------------------------------------ views
     def peers(self) -> int:

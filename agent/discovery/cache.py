@@ -9,7 +9,7 @@ An entry is fresh until the first of:
 
 * ``fetched_at + discovery.cache_ttl``;
 * the moment its first record would turn stale or expire (``min(expires_at,
-  issued_at + 2*republish_interval)`` over its records) — past that the answer would
+  issued_at + 2*refresh)`` over its records, ``refresh`` being each record's own) — past that the answer would
   shrink while the DHT already holds the worker's refreshed record, so ask again;
 * an early invalidation: a cached worker was reported (or probed) failed, or a newer
   record of a cached worker was seen elsewhere (another lookup, or the local DHT node

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from agent.config import SERVICE_RE
+from agent.dht.record import normalize_service
 
 TIMEOUT_S = 10.0
 
@@ -242,6 +243,7 @@ def cmd_lookup(url: str, service: str, limit: int | None, as_json: bool,
     """``rma-agent lookup SERVICE``: ranked workers as a table or raw JSON."""
     out = out or sys.stdout
     err = err or sys.stderr
+    service = normalize_service(service)
     if not SERVICE_RE.fullmatch(service):
         print(f"rma-agent lookup: bad service name {service!r}: 1-63 characters of "
               "lowercase a-z, 0-9, '.', '_', '-'", file=err)

@@ -3,7 +3,9 @@
 The rule, exactly (what ``GET /api/services/{name}`` returns, best first):
 
 1. **Dropped, never returned:** records that are withdrawn, expired (``expires_at <= now``),
-   stale (``now - issued_at > 2 * republish_interval``: the worker missed two refreshes),
+   stale (``now - issued_at > 2 * refresh``: the worker missed two of *its own* refreshes;
+   ``refresh`` is the record's field, the caller's ``republish_interval`` only for records
+   that do not carry one),
    records of a worker currently failing (reported or probed failed and still inside its
    back-off, see :mod:`agent.discovery.latency`), and records that do not list the service.
    Of several records of one worker the highest ``seq`` is kept.
@@ -13,7 +15,7 @@ The rule, exactly (what ``GET /api/services/{name}`` returns, best first):
 
        free   = clamp((capacity - load) / capacity, 0, 1)      (0 when capacity <= 0)
        lat    = latency_ms / (latency_ms + 50)                 (0.5 while unmeasured)
-       age    = (now - issued_at) / (2 * republish_interval)
+       age    = (now - issued_at) / (2 * refresh)
        score  = 1.0*free + 0.6*gpu_class + 0.4*same_region - 0.5*lat - 0.1*age
 
    Free capacity weighs most (it is what spreads work), a better GPU class is worth up to
@@ -104,6 +106,15 @@ def _finite(x: Any, default: float) -> float:
     return v if math.isfinite(v) else default
 
 
+def record_max_age(rec: RecordLike, default: float) -> float:
+    """How long ``rec`` stays fresh after ``issued_at``: two of the worker's own
+    republish intervals (the record's ``refresh``), ``default`` when it carries none."""
+    r = getattr(rec, "refresh", None)
+    if type(r) in (int, float) and math.isfinite(r) and r > 0:
+        return 2.0 * float(r)
+    return float(default)
+
+
 def newest_per_worker(records: Iterable[RecordLike]) -> list[RecordLike]:
     """One record per worker, the highest ``seq``; order of first appearance kept."""
     best: dict[bytes, RecordLike] = {}
@@ -129,15 +140,20 @@ class CandidateSet:
         self.service = service
         self.max_age_s = float(max_age_s)
         kept: list[RecordLike] = []
+        ages: list[float] = []
         for rec in newest_per_worker(records):
             if rec.withdrawn or rec.expires_at <= now:
                 continue
-            if now - rec.issued_at > self.max_age_s:
+            max_age = record_max_age(rec, self.max_age_s)
+            if now - rec.issued_at > max_age:
                 continue
             if service != "*" and service not in rec.services:
                 continue
             kept.append(rec)
+            ages.append(max_age)
         self.records = kept
+        # per record: how long after issued_at it stays fresh (2 x its own refresh)
+        self.max_ages = array("d", ages)
         n = len(kept)
         self.ids: list[bytes] = [r.worker_id for r in kept]
         self.index: dict[bytes, int] = {wid: i for i, wid in enumerate(self.ids)}
@@ -151,8 +167,8 @@ class CandidateSet:
         self.expires = array("d", (float(r.expires_at) for r in kept))
         self.regions_lower = [(r.region or "").lower() for r in kept]
         # a record stops being usable at expiry or at staleness, whichever is first
-        self.fresh_until = min((min(r.expires_at, r.issued_at + self.max_age_s) for r in kept),
-                               default=math.inf)
+        self.fresh_until = min((min(r.expires_at, r.issued_at + a)
+                                for r, a in zip(kept, ages, strict=True)), default=math.inf)
         self.min_expiry = min(self.expires, default=math.inf)
         self._ones = bytearray(b"\x01") * n
         self._zeros = bytearray(n)
@@ -177,6 +193,10 @@ class CandidateSet:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def is_fresh(self, i: int, now: float) -> bool:
+        """Record ``i`` is unexpired and within its own staleness bound."""
+        return self.expires[i] > now and now - self.issued[i] <= self.max_ages[i]
 
     # -- per-call columns -------------------------------------------------------------
     def _filter_mask(self, q: Query) -> bytearray:
@@ -243,7 +263,11 @@ class CandidateSet:
         lat = self._latencies(tracker)
         # clamp to 0: a record issued slightly "in the future" (clock skew the record
         # verification tolerates) is fresh, not invalid
-        age = array("d", [a if a > 0.0 else 0.0 for a in (now - t for t in self.issued)])
+        # and scaled so the kernel's age / max_age_s is each record's age / its own max age
+        scale = self.max_age_s
+        age = array("d", [a * scale / m if a > 0.0 else 0.0
+                          for a, m in zip((now - t for t in self.issued), self.max_ages,
+                                          strict=True)])
         return score_values(self.load, self.capacity, self.gpu_score, age, lat,
                             region_match, healthy, weights, self.max_age_s,
                             max(q.limit, TOP_RANDOM))

@@ -41,8 +41,11 @@ from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
+from agent.discovery.guard import CrawlGuard
 from agent.discovery.latency import LatencyTracker, Prober
+from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.select import (
     DEFAULT_WEIGHTS,
     TOP_RANDOM,
@@ -51,6 +54,7 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
+from agent.network import admitted
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -106,8 +110,9 @@ class _Ranked:
     until: float
     version: int
     views: list[dict[str, Any]]
+    ids: list[bytes]                  # worker id of each view
     fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
-    probe: list[tuple[bytes, str]]
+    probe: list[tuple[bytes, str, bytes]]
 
 
 @dataclass
@@ -175,8 +180,13 @@ class DiscoveryComponent(Component):
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
+        self.ownership = OwnershipVerifier(registry=agent.registry)
+        self.guard = CrawlGuard(agent.registry)
+        # hosts that caller-side sessions asked to connect to (endpoints.GuardedConnector)
+        self.contacts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
-        self.prober = Prober(self.tracker, lambda: self._session,
+        self._probe_session: aiohttp.ClientSession | None = None
+        self.prober = Prober(self.tracker, lambda: self._probe_session, verifier=self.ownership,
                              on_failure=self._worker_failed, on_result=self._probe_result)
         self.metrics = _Metrics(agent.registry, self)
         self._m_source = {s: self.metrics.lookups.labels(s) for s in SOURCES}
@@ -189,7 +199,9 @@ class DiscoveryComponent(Component):
     # ------------------------------------------------------------------ config
     @property
     def max_age_s(self) -> float:
-        """Records older than two republish intervals are stale."""
+        """Staleness bound for records that carry no ``refresh`` (format 1 and foreign
+        record-likes): two of this agent's republish intervals. Records that carry one
+        are judged by it (``select.record_max_age``)."""
         return 2.0 * float(self.agent.config.dht.republish_interval)
 
     @property
@@ -203,6 +215,7 @@ class DiscoveryComponent(Component):
 
     async def start(self) -> None:
         self._ensure_session()
+        self._peer_session()
         # records the local DHT node stores (if it emits them) keep cached answers honest:
         # a withdrawal or a moved endpoint invalidates at once
         self.agent.subscribe("record", self.observe_record)
@@ -223,17 +236,31 @@ class DiscoveryComponent(Component):
                 headers={"User-Agent": "rma-agent-discovery"})
         return self._session
 
+    def _peer_session(self) -> aiohttp.ClientSession:
+        """The session for workers' endpoints (probes): every connection passes the
+        endpoint rule (:class:`GuardedConnector`). Coordinators, which the operator
+        configured, use ``_session``."""
+        if self._probe_session is None or self._probe_session.closed:
+            self._probe_session = aiohttp.ClientSession(
+                connector=GuardedConnector(lambda: _allow_http(self.agent.config),
+                                           self.contacts, limit=32, limit_per_host=4),
+                headers={"User-Agent": "rma-agent-discovery"})
+        return self._probe_session
+
     async def stop(self) -> None:
         await self.prober.close()
+        await self.ownership.close()
         await self.flight.cancel_all()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     async def reload(self, old: Config, new: Config) -> None:
         self.cache.set_ttl(new.discovery.cache_ttl)
         if (dict(old.discovery.gpu_scores) != dict(new.discovery.gpu_scores)
-                or old.dht.republish_interval != new.dht.republish_interval):
+                or old.dht.republish_interval != new.dht.republish_interval
+                or _allow_http(old) != _allow_http(new)):
             # GPU scores and staleness are baked into cached candidate sets
             self.scorer = GpuScorer(new.discovery.gpu_scores)
             self.cache.clear()
@@ -269,6 +296,31 @@ class DiscoveryComponent(Component):
         return LookupResult(service, source, [answer.views[i] for i in order],
                             len(entry.candidates), [answer.fragments[i] for i in order])
 
+    async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
+        """The router's view of a lookup: the ranked *records* (best first, after the
+        top-3 draw, at most ``query.limit``) and the answer's source. Same cache, DHT and
+        coordinator path, ranking and metrics as :meth:`lookup`; records rather than
+        JSON views because the router needs each worker's public key."""
+        t0 = time.perf_counter()
+        q = query
+        if not q.caller_region and self.agent.config.agent.region:
+            q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
+                      self.agent.config.agent.region)
+        entry, source = await self._entry(service)
+        answer = self._ranked_answer(entry.candidates, q, self.clock())
+        cs = answer.cs
+        order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
+        if answer.probe:
+            self.prober.consider(answer.probe)
+        records = [cs.records[cs.index[answer.ids[i]]] for i in order]
+        dt = time.perf_counter() - t0
+        self._m_source[source].inc()
+        self._m_seconds.observe(dt)
+        self.counts["lookups"] += 1
+        self.counts[f"source_{source}"] += 1
+        self._durations.append(dt)
+        return records, source
+
     def _ranked_answer(self, cs: CandidateSet, q: Query, now: float) -> _Ranked:
         """The deterministic ranking of ``cs`` for ``q``, rendered; reused for up to
         ``RANK_MEMO_S`` while nothing that affects it changed.
@@ -290,9 +342,10 @@ class DiscoveryComponent(Component):
         views = [cs.view(i, now, score) for i, score in pairs]
         memo = _Ranked(
             cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
-            version=tracker.version, views=views,
+            version=tracker.version, views=views, ids=[cs.ids[i] for i, _ in pairs],
             fragments=[_dumps(v).encode() for v in views],
-            probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
+            probe=[(cs.ids[i], cs.records[i].endpoint, cs.records[i].public_key)
+                   for i, _ in pairs[:TOP_RANDOM]])
         self._memo[key] = memo
         self._memo.move_to_end(key)
         while len(self._memo) > RANK_MEMO_MAX:
@@ -345,6 +398,7 @@ class DiscoveryComponent(Component):
     async def _fetch(self, service: str) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
+        records = self._contactable(admitted(self.agent, records))
         now = self.clock()
         cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
         answered = dht_state in ("hit", "miss")
@@ -353,11 +407,21 @@ class DiscoveryComponent(Component):
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
         crecords, coord_answered = await self._from_coordinators(service)
+        crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
         if len(ccs) or not answered:
             return _Fetched(ccs, "coordinator", coord_answered or answered, crecords)
         return _Fetched(cs, "dht", True, records)
+
+    def _contactable(self, records: list[RecordLike]) -> list[RecordLike]:
+        """Records whose endpoint callers may contact (see
+        :mod:`agent.discovery.endpoints`); the others are never offered."""
+        allow = _allow_http(self.agent.config)
+        kept = [r for r in records if endpoint_refusal(r.endpoint, allow) is None]
+        if len(kept) != len(records):
+            self.ownership.count_refused(len(records) - len(kept))
+        return kept
 
     async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
         dht = self.agent.get("dht")
@@ -454,19 +518,30 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
-        """Known services with live worker counts, from the "*" key and the cache.
+        """Known services with live worker counts.
 
-        The "*" answer of a large network is the storing nodes' fair sample, so counts
-        are a lower bound there; a service looked up recently counts at least what its
-        own (fresh) cached answer holds."""
-        entry, source = await self._entry(ALL_SERVICES)
+        From the DHT's sharded service index when the node offers it (``service_counts``:
+        every service, exact counts, a few small lookups whatever the number of workers);
+        otherwise from the "*" answer (a lower bound on a large network). A service
+        looked up recently counts at least what its own (fresh) cached answer holds."""
         now = self.clock()
         counts: dict[str, int] = {}
-        cs = entry.candidates
-        for i in _live_indices(cs, now, self.tracker):
-            for svc in cs.records[i].services:
-                if SERVICE_RE.fullmatch(svc):
-                    counts[svc] = counts.get(svc, 0) + 1
+        source = ""
+        dht = self.agent.get("dht")
+        if dht is not None and hasattr(dht, "service_counts"):
+            try:
+                got = await asyncio.wait_for(dht.service_counts(), self.dht_timeout_s)
+            except TimeoutError:
+                got = {}
+            counts = {s: int(n) for s, n in got.items() if SERVICE_RE.fullmatch(s) and n > 0}
+            source = "dht" if counts else ""
+        if not source:
+            entry, source = await self._entry(ALL_SERVICES)
+            cs = entry.candidates
+            for i in _live_indices(cs, now, self.tracker):
+                for svc in cs.records[i].services:
+                    if SERVICE_RE.fullmatch(svc):
+                        counts[svc] = counts.get(svc, 0) + 1
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
@@ -539,14 +614,16 @@ class DiscoveryComponent(Component):
         }}
 
 
+def _allow_http(cfg: Config) -> tuple[str, ...]:
+    return tuple(cfg.discovery.allow_http_hosts)
+
+
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 
 def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:
     bans = tracker.current_bans(now)
-    return [i for i in range(len(cs))
-            if cs.expires[i] > now and now - cs.issued[i] <= cs.max_age_s
-            and cs.ids[i] not in bans]
+    return [i for i in range(len(cs)) if cs.is_fresh(i, now) and cs.ids[i] not in bans]
 
 
 def _json_loads(body: bytes) -> Any:

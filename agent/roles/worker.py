@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import random
 import time
@@ -34,6 +33,7 @@ from prometheus_client import Counter
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     import aiohttp
@@ -72,6 +72,7 @@ class WorkerRole(Component):
         self._stopping = False
         self._announced_services: tuple[str, ...] = ()
         self._withdraw_services: tuple[str, ...] = ()
+        self._down: frozenset[str] = frozenset()   # services whose upstream is down
         self.last_record: WorkerRecord | None = None
         self.last_announce_at: float | None = None
         self.last_stored = 0
@@ -119,7 +120,7 @@ class WorkerRole(Component):
         record = WorkerRecord.create(
             self.dht.identity,
             name=cfg.agent.name,
-            services=list(services if services is not None else cfg.worker.services),
+            services=list(services if services is not None else self.services()),
             endpoint=self.endpoint,
             gpu=gpu.name,
             gpu_memory_gb=float(gpu.memory_gb),
@@ -129,6 +130,8 @@ class WorkerRole(Component):
             seq=None,                      # wall-clock ms, strictly increasing
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
+            refresh=float(cfg.dht.republish_interval),
+            cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
         return record
@@ -137,6 +140,22 @@ class WorkerRole(Component):
         """Re-announce as soon as possible (endpoint, load or config changed)."""
         if self._wake is not None:
             self._wake.set()
+
+    def services(self) -> tuple[str, ...]:
+        """The services announced now: the configured ones whose upstream is not down."""
+        return tuple(s for s in self.agent.config.worker.services if s not in self._down)
+
+    def set_down(self, services: frozenset[str]) -> None:
+        """Services whose upstream fails its health check (the gateway says so): left out
+        of the record, and withdrawn at once if they were announced, until they are back."""
+        services = frozenset(services)
+        if services == self._down:
+            return
+        gone = tuple(s for s in self._announced_services if s in services - self._down)
+        self._down = services
+        if gone:
+            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *gone)))
+        self.wake()
 
     def set_inflight(self, n: float | None) -> None:
         """Report requests in flight (overrides the NVML estimate); re-announces on change."""
@@ -167,10 +186,9 @@ class WorkerRole(Component):
         the record's load. Local callers only: the agent's port is what a quick tunnel
         publishes, so a request relayed by cloudflared (``Cf-Connecting-Ip``) is refused
         like any non-loopback caller."""
-        remote = request.remote or ""
-        if "Cf-Connecting-Ip" in request.headers or not _is_loopback(remote):
-            return web.json_response({"error": "the load is set from this box only"},
-                                     status=403)
+        refused = refuse_remote(request, "the load")
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -278,7 +296,7 @@ class WorkerRole(Component):
     async def _announce_once(self) -> bool:
         """One refresh; True when the record is stored somewhere (DHT or a coordinator)."""
         cfg = self.agent.config
-        if not self.endpoint or not cfg.worker.services:
+        if not self.endpoint or not self.services():
             if self.last_record is not None and not self.last_record.withdrawn:
                 # a record pointing at a dead URL (or at services no longer served) is
                 # worse than none: withdraw it now instead of letting it live to expiry
@@ -288,7 +306,8 @@ class WorkerRole(Component):
             if not self._said_no_endpoint:
                 self._said_no_endpoint = True
                 self.last_result = ("no endpoint" if not self.endpoint
-                                    else "no services configured")
+                                    else "every service's upstream is down"
+                                    if cfg.worker.services else "no services configured")
             return False
         self._said_no_endpoint = False
         if self._withdraw_services:
@@ -435,10 +454,3 @@ class WorkerRole(Component):
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
         }}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False

@@ -48,8 +48,8 @@ def test_sign_verify_roundtrip():
     assert not r.serves(service_key("asr"))
 
 
-def test_twenty_records_fit_one_datagram():
-    assert 20 * (MAX_RECORD_BYTES + 3) < 8192 - 21 - 1000
+def test_ten_records_fit_one_datagram():
+    assert 10 * (MAX_RECORD_BYTES + 3) < 8192 - 21 - 1000
 
 
 @pytest.mark.parametrize("field,value", [
@@ -103,7 +103,8 @@ def test_expired_and_future_rejected():
     {"services": ()}, {"services": ("ocr", "ocr")}, {"services": ("bad name",)},
     {"services": (ALL_SERVICES,)}, {"load": float("nan")}, {"load": -1.0},
     {"capacity": -1}, {"name": "bad\nname"},
-    {"endpoint": "h" * 200, "name": "n" * 64, "services": tuple(f"svc-{i}" for i in range(8))},
+    {"endpoint": "h" * 256, "name": "n" * 64,
+         "services": tuple(f"service-number-{i:02d}" for i in range(16))},
 ])
 def test_oversized_or_bad_fields_refused_at_create(kw):
     with pytest.raises(RecordError):
@@ -163,3 +164,85 @@ def test_roundtrip_property(name, services, endpoint, gpu, mem, load, cap, regio
     r2 = WorkerRecord.decode(b)
     assert r2 == r and r2.encode() == b
     fresh_verify(r2)
+
+
+# ---------------------------------------------------------------- format 2 and format 1
+
+
+def test_format2_fields_roundtrip_and_are_signed():
+    r = make(refresh=45.0, agent_version="0.2.0", cert=b"\x01" * 200)
+    assert r.version == recmod.FORMAT_VERSION == 2
+    r2 = WorkerRecord.decode(r.encode())
+    assert (r2.refresh, r2.agent_version, r2.cert) == (45.0, "0.2.0", b"\x01" * 200)
+    fresh_verify(r2)
+    for field, value in (("refresh", 46.0), ("agent_version", "9.9.9"), ("cert", b"")):
+        forged = dataclasses.replace(r, **{field: value})
+        object.__setattr__(forged, "_encoded", None)
+        with pytest.raises(RecordError, match="bad signature"):
+            fresh_verify(WorkerRecord.decode(forged.encode()))
+
+
+def test_default_agent_version_is_this_program():
+    from agent import __version__
+    assert make().agent_version == __version__
+
+
+def test_tombstone_keeps_format2_fields():
+    r = make(refresh=60.0, cert=b"c" * 10)
+    t = r.tombstone(IDENT)
+    assert t.withdrawn and (t.refresh, t.agent_version, t.cert) == (60.0, r.agent_version,
+                                                                  b"c" * 10)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(refresh=0.5), "refresh"), (dict(refresh=4000.0), "refresh"),
+    (dict(refresh=float("nan")), "refresh"), (dict(agent_version="x" * 25), "agent_version"),
+    (dict(cert=b"x" * 257), "cert"), (dict(services=("OCR",)), "bad service name"),
+])
+def test_format2_limits(kw, match):
+    with pytest.raises(RecordError, match=match):
+        make(**kw)
+
+
+def _v1_bytes(ident=IDENT, **over):
+    """A format-1 record exactly as agents before format 2 encoded and signed it."""
+    now = time.time()
+    fields = [1, ident.node_id, ident.public_key, "old-box", ["ocr"], "https://old.example",
+              "T4", 16.0, 0.0, 2, "eu", next_seq(), now, now + 300.0, False]
+    for i, v in over.items():
+        fields[i] = v
+    sig = ident.sign(recmod.SIGN_DOMAIN_V1 + msgpack.packb(fields, use_bin_type=True))
+    return msgpack.packb([*fields, sig], use_bin_type=True)
+
+
+def test_format1_records_are_still_read():
+    b = _v1_bytes()
+    r = WorkerRecord.decode(b)
+    fresh_verify(r)
+    assert r.version == 1 and r.refresh == recmod.LEGACY_REFRESH
+    assert r.agent_version == "" and r.cert == b"" and r.encode() == b
+    assert recmod.decode_verified(b).name == "old-box"
+
+
+def test_format1_signed_under_v2_domain_is_refused():
+    now = time.time()
+    fields = [1, IDENT.node_id, IDENT.public_key, "x", ["ocr"], "", "", 0.0, 0.0, 1, "",
+              next_seq(), now, now + 300.0, False]
+    sig = IDENT.sign(recmod.SIGN_DOMAIN + msgpack.packb(fields, use_bin_type=True))
+    r = WorkerRecord.decode(msgpack.packb([*fields, sig], use_bin_type=True))
+    with pytest.raises(RecordError, match="bad signature"):
+        fresh_verify(r)
+
+
+@pytest.mark.parametrize("obj", [[], [3, 1], [2] * 16, [1] * 19, ["2"] + [0] * 18])
+def test_wrong_shapes_refused(obj):
+    with pytest.raises(RecordError):
+        WorkerRecord.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_service_names_are_lowercase_everywhere():
+    from agent.config import SERVICE_RE as CONFIG_RE
+    assert recmod.normalize_service(" OCR ") == "ocr"
+    assert recmod.valid_service_name("ocr") and not recmod.valid_service_name("Ocr")
+    for name in ("ocr", "Ocr", "llm-inference", "a" * 63, "a" * 64, "-x", "x_y.z"):
+        assert recmod.valid_service_name(name) == bool(CONFIG_RE.fullmatch(name))

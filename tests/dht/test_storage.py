@@ -94,14 +94,58 @@ def test_bounds_hold_under_flood():
     t = ProviderStorage(max_per_sender=2, trusted={"10.0.0.7"})
     for i in IDS[:10]:
         assert t.put(KEY, make(i), sender=("10.0.0.7", 8468)) == "stored"
-    # per-key bound: a full key evicts the soonest-expiring entry for a longer-lived one
+    # per-key bound: a full key of one-record hosts refuses newcomers, however long-lived
+    # (a 3600 s stranger must not displace an honest 300 s record)
     k = ProviderStorage(max_per_key=3)
     now = time.time()
     for n, i in enumerate(IDS[:3]):
-        k.put(KEY, make(i, ttl=100 + n, now=now), now=now)
-    assert k.put(KEY, make(IDS[3], ttl=50, now=now), now=now) == "key_full"
-    assert k.put(KEY, make(IDS[4], ttl=500, now=now), now=now) == "stored"
-    assert k.record(KEY, IDS[0].node_id) is None and k.count(KEY) == 3
+        k.put(KEY, make(i, ttl=100 + n, now=now), sender=(f"10.0.{n}.1", 1), now=now)
+    assert k.put(KEY, make(IDS[3], ttl=50, now=now), sender=("10.9.0.1", 1), now=now) == "key_full"
+    assert k.put(KEY, make(IDS[4], ttl=3600, now=now), sender=("10.9.0.2", 1),
+                 now=now) == "key_full"
+    assert k.count(KEY) == 3 and all(k.record(KEY, i.node_id) for i in IDS[:3])
+
+
+def test_per_ip_quota_ignores_source_ports():
+    s = ProviderStorage(max_per_sender=5)
+    got = [s.put(KEY, make(i), sender=("203.0.113.9", 1000 + n)) for n, i in enumerate(IDS[:20])]
+    assert got.count("stored") == 5 and got.count("sender_full") == 15
+    assert s.sender_count(("203.0.113.9", 1)) == 5
+    # one /24 is bounded too (default 4 x the per-host bound)
+    p = ProviderStorage(max_per_sender=2)
+    got = [p.put(KEY, make(i), sender=(f"203.0.113.{n}", 1)) for n, i in enumerate(IDS[:20])]
+    assert got.count("stored") == 8
+    # an honest host elsewhere still stores
+    assert p.put(KEY, make(IDS[30]), sender=("198.51.100.1", 1)) == "stored"
+
+
+def test_full_key_evicts_the_flooders_records_first():
+    s = ProviderStorage(max_per_key=10, max_per_sender=100)
+    now = time.time()
+    flood = [Identity.generate() for _ in range(8)]
+    for i in flood:        # one host with 8 records, long-lived ones
+        assert s.put(KEY, make(i, ttl=3600, now=now), sender=("203.0.113.9", 7), now=now) == "stored"
+    honest = IDS[:6]
+    for n, i in enumerate(honest):
+        assert s.put(KEY, make(i, now=now), sender=(f"198.51.{n}.1", 8468), now=now) == "stored"
+    # every honest record is there; the flooder lost what the newcomers needed
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    assert s.count(KEY) == 10 and s.sender_count(("203.0.113.9", 7)) == 4
+    assert s.evicted == 4
+    # the flooder cannot push honest records out: it is refused once it is not heavier
+    for i in [Identity.generate() for _ in range(5)]:
+        s.put(KEY, make(i, ttl=3600, now=now), sender=("203.0.113.9", 8), now=now)
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    # a second flooding host competes only with the first one
+    got = [s.put(KEY, make(i, now=now), sender=("192.0.2.5", 1), now=now)
+           for i in [Identity.generate() for _ in range(6)]]
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    assert "key_full" in got and s.count(KEY) == 10
+    # a trusted republisher (coordinator) and local records are never evicted
+    t = ProviderStorage(max_per_key=3, trusted={"10.0.0.7"})
+    for i in IDS[:3]:
+        t.put(KEY, make(i), sender=("10.0.0.7", 1))
+    assert t.put(KEY, make(IDS[4]), sender=("10.1.1.1", 1)) == "key_full"
 
 
 def test_memory_flat_under_flood():

@@ -58,6 +58,10 @@ async def test_lookup_answer_shape_and_filters(api):
     assert len(body["workers"]) == 1 and body["source"] == "cache"
     r = await client.get("/api/services/nobody")
     assert r.status == 200 and (await r.json())["workers"] == []
+    # service names are case-insensitive for people, lowercase on the wire
+    r = await client.get("/api/services/OCR", params={"gpu": "a100"})
+    body = await r.json()
+    assert body["service"] == "ocr" and [w["name"] for w in body["workers"]] == ["a100"]
 
 
 async def test_service_list(api):
@@ -69,7 +73,7 @@ async def test_service_list(api):
 
 
 @pytest.mark.parametrize("path,params,needle", [
-    ("/api/services/OCR", {}, "bad service name"),
+    ("/api/services/OC_R!", {}, "bad service name"),
     ("/api/services/-ocr", {}, "bad service name"),
     ("/api/services/" + "a" * 64, {}, "bad service name"),
     ("/api/services/oc%20r", {}, "bad service name"),
@@ -191,10 +195,11 @@ def test_any_report_body_is_a_report_or_a_clear_400(body):
 @settings(max_examples=500, deadline=None)
 @given(st.text(max_size=70))
 def test_service_names_follow_the_config_rule(name):
-    valid = re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name) is not None
+    # what a person types is lowercased first (and trimmed); then the one rule applies
+    valid = re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name.strip().lower()) is not None
     try:
-        check_service(name)
+        got = check_service(name)
     except BadRequest:
         assert not valid
     else:
-        assert valid
+        assert valid and got == name.strip().lower()

@@ -88,13 +88,15 @@ async def test_newer_record_seen_elsewhere_invalidates_the_entry():
 
 async def test_entry_refreshes_before_its_records_turn_stale():
     clock = Clock()
-    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60, republish=10)
+    # the caller republishes every 300 s, the worker every 10 s: the record's own
+    # ``refresh`` decides when it turns stale, not the caller's configuration
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60, republish=300)
     ident = Identity.generate()
-    dht.add(make_record(ident, now=clock.t - 15))   # issued 15 s ago: stale 5 s from now
+    dht.add(make_record(ident, now=clock.t - 15, refresh=10))  # stale 5 s from now
     assert (await comp.lookup("ocr")).source == "dht"
     clock.advance(4)
     assert (await comp.lookup("ocr")).source == "cache"
-    dht.add(make_record(ident, now=clock.t))         # the worker's refresh
+    dht.add(make_record(ident, now=clock.t, refresh=10))        # the worker's refresh
     clock.advance(2)
     res = await comp.lookup("ocr")
     assert res.source == "dht" and len(res.workers) == 1 and res.workers[0]["age_s"] == 2.0
@@ -198,6 +200,19 @@ async def test_plain_refresh_keeps_the_entry_withdrawal_event_drops_it():
         assert comp.counts["record_invalidations"] == 2      # its "ocr" and "llm" entries
     finally:
         await comp.stop()
+
+
+async def test_staleness_follows_each_records_own_refresh():
+    """A worker configured with a longer interval than the caller is not hidden: a
+    record 50 s old is fresh when its worker republishes every 60 s, stale when every
+    20 s, whatever the caller's own republish_interval (10 s here)."""
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock, cache_ttl=60, republish=10)
+    slow, fast = Identity.generate(), Identity.generate()
+    dht.add(make_record(slow, name="slow", now=clock.t - 50, refresh=60))
+    dht.add(make_record(fast, name="fast", now=clock.t - 50, refresh=20))
+    res = await comp.lookup("ocr")
+    assert [w["name"] for w in res.workers] == ["slow"]
 
 
 async def test_worker_back_after_a_restart_shows_at_once_not_after_the_negative_ttl():
