@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.appliance.conftest import TOOLS, boot
-from tests.appliance.releases import RELEASES, REPO, deb_version
+from tests.appliance.releases import RELEASES, REPO, deb_version, upstream_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
@@ -381,7 +381,17 @@ def test_upgrade_keeps_config_identity_and_is_found_again_quickly(box, repos):
     assert (_stats(c).get("dht", {}).get("node_id") or _stats(c).get("node_id")) == node_id
     assert {p: _state_digest(c, p) for p in key_files} == keys_before
     assert json.loads(c.read(snapshot))["node_id"] == snap_node
-    assert _stats(c)["version"] == _stats(c, COORD_API)["version"]
+
+    # The agent says its version: STATUS=, /api/dht/stats, its record (as the coordinator
+    # stores it) and the coordinator's count of its peers' versions.
+    version = upstream_version()
+    assert f"v{version}" in c.show(UNIT, "StatusText")
+    assert _stats(c)["version"] == version
+    code, body = c.curl(f"{COORD_API}/api/dht/providers/{SERVICE}")
+    assert code == 200, body
+    assert [r["agent_version"] for r in json.loads(body)["records"]
+            if r["id"] == worker_id] == [version]
+    assert _stats(c, COORD_API)["versions"]["peers"] == {version: 1}
 
 
 def _found_after(c, worker_id: str, start_mono: float) -> float | None:
