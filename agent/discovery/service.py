@@ -366,9 +366,15 @@ class DiscoveryComponent(Component):
         return await self.flight.run(service, lambda: self._refresh(service))
 
     async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
-        fetched = await self._fetch(service)
+        self.cache.begin(service)       # records stored while we ask are checked at put()
+        try:
+            fetched = await self._fetch(service)
+        except BaseException:
+            self.cache.end(service)
+            raise
         old = self.cache.get_any(service)
         if not fetched.answered and old is not None and len(old.candidates):
+            self.cache.end(service)
             self.counts["stale_answers"] += 1
             return old, "cache"
         now = self.clock()

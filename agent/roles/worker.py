@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter
 
+from agent import __version__
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
@@ -131,6 +132,7 @@ class WorkerRole(Component):
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
             refresh=float(cfg.dht.republish_interval),
+            agent_version=__version__,     # the fleet's versions (agent.versions, status)
             cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
