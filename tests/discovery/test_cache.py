@@ -25,7 +25,7 @@ async def test_repeated_lookups_within_ttl_cost_no_dht_query():
     assert (await comp.lookup("ocr")).source == "dht"
     assert dht.calls == ["ocr", "ocr"]
     st = comp.stats()["discovery"]
-    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0}
+    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0, "stale": 0}
     assert st["cache_hit_rate"] == round(50 / 52, 4) and st["dht_hit_rate"] == 1.0
     assert st["lookup_p50_ms"] is not None and st["lookup_p99_ms"] >= st["lookup_p50_ms"]
 
