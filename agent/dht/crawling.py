@@ -111,9 +111,14 @@ class Crawl:
         if not isinstance(policy, DiversityPolicy):
             policy = DiversityPolicy.from_env()
         self.policy = policy
-        # (host, prefix) of every candidate, computed once; None when the limits are off
+        # (host, prefix) of every candidate, computed once; None when the limits are off.
+        # The window is only applied once some group has more candidates than its limit
+        # (``_crowded``): an honest crawl (every candidate its own host) pays nothing.
         self._groups: dict[bytes, tuple[Any, Any]] | None = (
             {} if policy.window_per_ip or policy.window_per_prefix else None)
+        self._host_n: dict[Any, int] = {}
+        self._prefix_n: dict[Any, int] = {}
+        self._crowded = False
         self.diversity_skipped: set[bytes] = set()
         for n in peers:
             self._add(n)
@@ -125,8 +130,13 @@ class Crawl:
         self.state[nid] = NEW
         self.nodes[nid] = node
         if self._groups is not None:
-            self._groups[nid] = (self.policy.host(node.ip, node.port),
-                                 self.policy.prefix(node.ip, node.port))
+            host, prefix = self._groups[nid] = self.policy.groups(node.ip, node.port)
+            h = self._host_n[host] = self._host_n.get(host, 0) + 1
+            p = self._prefix_n[prefix] = self._prefix_n.get(prefix, 0) + 1
+            pol = self.policy
+            if (pol.window_per_ip and h > pol.window_per_ip) or (
+                    pol.window_per_prefix and p > pol.window_per_prefix):
+                self._crowded = True
         item = (node.long_id ^ self.tlong, nid)
         pos = bisect.bisect(self.order, item)
         self.order.insert(pos, item)
@@ -206,7 +216,7 @@ class Crawl:
                 parallel = self.width if self._stall >= self.alpha else self.alpha
                 seen = 0
                 answered = 0
-                window = _Window(self) if self._groups is not None else None
+                window = _Window(self) if self._crowded else None
                 pending_closer = 0
                 for _dist, nid in self.order:
                     st = state[nid]
@@ -262,7 +272,7 @@ class Crawl:
         """The ``k`` closest nodes that answered, within the diversity limits (a node
         asked before closer nodes of its host turned up is left out)."""
         out = []
-        window = _Window(self) if self._groups is not None else None
+        window = _Window(self) if self._crowded else None
         for _d, nid in self.order:
             if self.state[nid] == ANSWERED and (window is None or window.admit(nid)):
                 out.append(self.nodes[nid])
