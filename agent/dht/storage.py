@@ -56,8 +56,15 @@ log = logging.getLogger(__name__)
 
 ANSWER_LIMIT = 20
 MAX_PER_KEY = 10_240        # a service of 10,000 workers fits under one key
+STALE_REFRESHES = 2.0       # a record is stale after this many of its own refreshes
 SKETCH_BUCKETS = 16         # ranges of worker ids (by first nibble) in a key's sketch
 Sender = tuple[str, int] | None
+
+
+def is_stale(record: WorkerRecord, now: float) -> bool:
+    """The worker missed two of its own refreshes (``refresh``): callers stop offering
+    it (``agent.discovery.select.record_max_age``, the same rule)."""
+    return now - record.issued_at > STALE_REFRESHES * record.refresh
 
 
 def _bucket_of(worker_id: bytes) -> int:
@@ -450,10 +457,15 @@ class ProviderStorage(IStorage):
 
     def service_counts(self, key: bytes, now: float | None = None) -> dict[str, int]:
         """Live workers per service name among the records under ``key`` (the answer
-        of a service-index shard: names and counts, not the records)."""
+        of a service-index shard: names and counts, not the records). Live is what
+        lookups offer: unexpired *and* not stale by the record's own ``refresh``
+        (``is_stale``), so a worker gone without a goodbye leaves the counts when it
+        leaves lookups, not at its TTL."""
         now = time.time() if now is None else now
         counts: dict[str, int] = {}
         for e in self._live(key, now):
+            if is_stale(e.record, now):
+                continue
             for svc in e.record.services:
                 counts[svc] = counts.get(svc, 0) + 1
         return counts
