@@ -211,8 +211,8 @@ class DHTComponent(Component):
         if verdict is None:
             if not self._said_undecided:
                 self._said_undecided = True
-                log.info("dht: mode auto: no seed answered the reachability probe; asking "
-                         "again with backoff (client until then)")
+                log.info("dht: mode auto: no seed gave a reachability verdict (no answer, or "
+                         "no probe capacity); asking again with backoff (client until then)")
             return
         self.mode = "server" if verdict else "client"
         self.node.set_mode(self.mode)
