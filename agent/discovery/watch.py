@@ -41,6 +41,7 @@ from aiohttp import web
 
 from agent import events
 from agent.discovery.api import BadRequest, check_service
+from agent.discovery.select import record_max_age
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -135,8 +136,8 @@ class ServiceWatch:
         current: dict[bytes, RecordLike] = {}
         for i, rec in enumerate(cs.records):
             tomb = self.hub.tombstones.get(rec.worker_id)
-            if cs.expires[i] > now and now - cs.issued[i] <= cs.max_age_s \
-                    and (tomb is None or rec.issued_at > tomb):
+            # fresh by the record's own refresh (select.record_max_age), as lookups judge
+            if cs.is_fresh(i, now) and (tomb is None or rec.issued_at > tomb):
                 current[rec.worker_id] = rec
         for wid, rec in current.items():
             old = self.records.get(wid)
@@ -163,7 +164,7 @@ class ServiceWatch:
             return "withdrawn"
         if rec is not None and rec.expires_at <= now:
             return "expired"
-        if rec is not None and now - rec.issued_at > max_age_s:
+        if rec is not None and now - rec.issued_at > record_max_age(rec, max_age_s):
             return "stale"
         return "gone from the DHT"
 

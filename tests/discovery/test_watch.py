@@ -261,3 +261,29 @@ async def test_a_watcher_that_stops_reading_is_dropped():
         await hub.stop()
         await comp.stop()
         await server.close()
+
+
+def test_membership_judges_staleness_by_each_records_own_refresh():
+    """A worker that republishes every 60 s stays a member at 30 s of age even when the
+    watching agent's own republish interval is 10 s (lookups offer it: it carries its
+    own ``refresh``); before, the watch reported it "removed (stale)" and "added" again
+    every refresh. A 10 s worker silent for 30 s is removed as stale."""
+    from agent.discovery.select import CandidateSet
+    from agent.discovery.watch import ServiceWatch, WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, _dht = make_discovery(republish=10)
+    hub = WatchHub(agent)
+    w = ServiceWatch(hub, "ocr")
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now - 30)
+    quick = make_record(name="quick", refresh=10.0, now=now - 15)
+    kinds: list[tuple[str, str, str]] = []
+    hub.on_change = lambda svc, kind, view, reason: kinds.append((kind, view["name"], reason))
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), now)
+    assert sorted(v["name"] for v in w.members.values()) == ["quick", "slow"]
+    later = now + 10             # quick: 25 s > 2 x 10 s; slow: 40 s <= 2 x 60 s
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), later)
+    assert sorted(v["name"] for v in w.members.values()) == ["slow"]
+    assert kinds == [("added", "slow", ""), ("added", "quick", ""),
+                     ("removed", "quick", "stale")], kinds
