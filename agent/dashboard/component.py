@@ -41,7 +41,7 @@ from agent import __version__, events
 from agent.component import Component, cancel_task
 from agent.dht.record import ALL_SERVICES, service_key
 from agent.discovery.explain import explain_set, worker_state
-from agent.discovery.select import Query
+from agent.discovery.select import Query, record_max_age
 from agent.discovery.watch import WatchHub
 from agent.ratelimit import RateLimiter
 
@@ -236,7 +236,8 @@ class DashboardComponent(Component):
         for (svc, wid), rec in list(self._present.items()):
             if rec is None:
                 continue          # known through a watch: the watch reports its removal
-            if rec.expires_at <= now or now - rec.issued_at > max_age:
+            # stale by the record's own refresh, the rule lookups apply (select.py)
+            if rec.expires_at <= now or now - rec.issued_at > record_max_age(rec, max_age):
                 self._unmark(svc, wid)
                 self.log_event("expired", f"{rec.name} expired from {svc} (no refresh for "
                                f"{now - rec.issued_at:.0f} s)", service=svc, worker=rec.name,

@@ -299,3 +299,29 @@ async def test_samples_rates_percentiles_and_the_router_block():
         assert list(dash.samples)[-1] == s2
     finally:
         await comp.stop()
+
+
+def test_local_records_expire_by_their_own_refresh():
+    """The event log's "expired" for records this node stores uses each record's own
+    ``refresh`` (as lookups do), not this agent's republish interval: a worker that
+    refreshes every 60 s was logged "expired" and "joined" again on every refresh when
+    the dashboard's agent republishes every 10 s."""
+    import time
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, _comp, _dht = make_discovery(republish=10)
+    dash = DashboardComponent(agent)
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now)
+    quick = make_record(name="quick", refresh=10.0, now=now)
+    dash._on_record(slow)
+    dash._on_record(quick)
+    assert [e["kind"] for e in dash._log] == ["joined", "joined"]
+    dash._check_local(now + 30)              # quick: 30 s > 2 x 10 s; slow: < 2 x 60 s
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick"], list(dash._log)
+    dash._check_local(now + 121)
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick", "slow"], list(dash._log)
