@@ -539,8 +539,9 @@ class DiscoveryComponent(Component):
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
-            counts[svc] = max(counts.get(svc, 0),
-                              len(_live_indices(e.candidates, now, self.tracker)))
+            live = len(_live_indices(e.candidates, now, self.tracker))
+            if live:          # a looked-up name nobody serves (a typo) is no service
+                counts[svc] = max(counts.get(svc, 0), live)
         return {"source": source,
                 "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
 
