@@ -13,7 +13,7 @@ Component "dashboard", started last. What it keeps, always (cheap, no network):
 
 While at least one page listens (and ``PAGE_LINGER_S`` after), it pins the ``"*"`` key
 and up to ``MAX_SERVICES`` services in the :class:`~agent.discovery.watch.WatchHub`
-(refreshed from the DHT every second) and broadcasts the page's ``state`` each
+(refreshed from the DHT every second; ``"*"`` less often, see ``watch.py``) and broadcasts the page's ``state`` each
 ``TICK_S``: the agent at a glance, and per service the explained ranking
 (:mod:`agent.discovery.explain`: best first, score parts, state, why others are out).
 With no page open it makes no lookups at all.
