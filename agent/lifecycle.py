@@ -46,6 +46,7 @@ _COMPONENTS: list[tuple[str, str, str | None]] = [
     ("agent.discovery.service", "DiscoveryComponent", None),
     ("agent.router.component", "RouterComponent", None),
     ("agent.dashboard.component", "DashboardComponent", None),
+    ("agent.versions", "VersionsComponent", None),    # the fleet's versions (records seen)
 ]
 
 

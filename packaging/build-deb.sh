@@ -259,6 +259,14 @@ build_one() {
     exec 8>&-
 }
 
+# Debootstrap the later releases' build root filesystems (cold cache) while the first one
+# builds; rootfs.sh locks, so build_venv simply waits for them when it gets there.
+first=1
+for rel in $releases; do
+    [ "$first" = 1 ] && { first=0; continue; }
+    bash "$here/rootfs.sh" build "$rel" >/dev/null 2>&1 &
+done
 for rel in $releases; do
     build_one "$rel"
 done
+wait

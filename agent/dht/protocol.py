@@ -132,7 +132,9 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
 
     # ================================================================ RPC handlers
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:  # type: ignore[override]
-        self._welcome_sender(sender, nodeid)
+        # a ping is someone checking us (e.g. verifying us as their new contact), not a
+        # newcomer joining (joins look up): no handoff for it
+        self._welcome_sender(sender, nodeid, handoff=False)
         return self.source_node.id
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: Any) -> bool:  # type: ignore[override]
@@ -331,4 +333,6 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
             "handoffs": self.handoffs,
             "diversity_refused": getattr(self.router, "diversity_refused", 0),
             "guard": self.guard_stats(),
+            "graveyard": len(self._graveyard),
+            "revived": self.revived,
         }

@@ -62,6 +62,9 @@ class ServiceCache:
         self.negative_ttl_s = negative_ttl_s
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.invalidations = 0
+        # service -> {worker id: newest record observed} while a query for it is in flight:
+        # a record stored locally during the query may be missing from its answer.
+        self._inflight: dict[str, dict[bytes, RecordLike]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,12 +83,33 @@ class ServiceCache:
         """The entry even past freshness (last-resort answers)."""
         return self._entries.get(service)
 
+    def begin(self, service: str) -> None:
+        """A query for ``service`` starts: records observed until its ``put`` (or ``end``)
+        are checked against its answer."""
+        self._inflight[service] = {}
+
+    def end(self, service: str) -> None:
+        """The query for ``service`` finished without ``put`` (or after it)."""
+        self._inflight.pop(service, None)
+
     def put(self, service: str, candidates: CandidateSet, source: str,
             now: float) -> CacheEntry:
         if len(candidates):
             until = min(now + self.ttl_s, candidates.fresh_until)
         else:
             until = now + min(self.ttl_s, self.negative_ttl_s)
+        # A record that arrived while the query ran and that its answer lacks (or holds in
+        # a materially older form) makes the answer outdated on arrival: keep it (a last
+        # resort) but not fresh, so the next lookup asks again instead of serving it until
+        # it expires (a restarted worker would stay invisible for NEGATIVE_TTL_S).
+        for wid, rec in self._inflight.pop(service, {}).items():
+            i = candidates.index.get(wid)
+            if (not rec.withdrawn if i is None else
+                    candidates.records[i].seq < rec.seq
+                    and material_change(candidates.records[i], rec)):
+                until = 0.0
+                self.invalidations += 1
+                break
         entry = CacheEntry(candidates, source, now, until)
         self._entries[service] = entry
         self._entries.move_to_end(service)
@@ -119,6 +143,12 @@ class ServiceCache:
             cur = newest.get(rec.worker_id)
             if cur is None or rec.seq > cur.seq:
                 newest[rec.worker_id] = rec
+        for service, seen in self._inflight.items():
+            if service == except_service:
+                continue
+            for wid, rec in newest.items():
+                if service in rec.services and (wid not in seen or seen[wid].seq < rec.seq):
+                    seen[wid] = rec
         count = 0
         for service, entry in list(self._entries.items()):
             if service == except_service or entry.valid_until == 0.0:

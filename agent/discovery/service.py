@@ -44,6 +44,7 @@ from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.guard import CrawlGuard
+from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
 from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.select import (
@@ -74,7 +75,7 @@ REGISTRY_LIMIT = 1000         # records asked of a coordinator (its own cap is 1
 RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
-SOURCES = ("cache", "dht", "coordinator")
+SOURCES = ("cache", "dht", "coordinator", "stale")
 RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
 RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
 
@@ -89,12 +90,17 @@ class LookupResult:
     candidates: int = 0       # usable records before filters, limit and health
     fragments: list[bytes] | None = None   # ``workers`` already JSON-encoded, same order
 
+    age_s: float | None = None   # source "stale": how old the last-known-good copy is
+
     def to_json(self) -> dict[str, Any]:
-        return {"service": self.service, "source": self.source, "workers": self.workers}
+        out = {"service": self.service, "source": self.source, "workers": self.workers}
+        if self.age_s is not None:
+            out["age_s"] = round(self.age_s, 3)
+        return out
 
     def body(self) -> bytes:
         """``to_json()`` serialised (joins the pre-encoded workers when available)."""
-        if self.fragments is None:
+        if self.fragments is None or self.age_s is not None:
             return _dumps(self.to_json()).encode()
         return b"".join((b'{"service": ', _dumps(self.service).encode(), b', "source": ',
                          _dumps(self.source).encode(), b', "workers": [',
@@ -178,6 +184,7 @@ class DiscoveryComponent(Component):
         cfg = agent.config
         self.scorer = GpuScorer(cfg.discovery.gpu_scores)
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
+        self.lastgood = LastGood(getattr(cfg.agent, "state_dir", None))
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
         self.ownership = OwnershipVerifier(registry=agent.registry)
@@ -282,7 +289,10 @@ class DiscoveryComponent(Component):
             q = Query(self.max_results, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region)
         entry, source = await self._entry(service, fresh)
         now = self.clock()
-        answer = self._ranked_answer(entry.candidates, q, now)
+        # a last-known-good copy from disk is ranked as of when it was saved (its records
+        # may have expired since); the answer says how old it is
+        rank_at = entry.fetched_at if source == "stale" else now
+        answer = self._ranked_answer(entry.candidates, q, rank_at)
         # the top-3 draw happens on every call, on top of the (memoised) ranking
         order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
         if answer.probe:
@@ -294,7 +304,9 @@ class DiscoveryComponent(Component):
         self.counts[f"source_{source}"] += 1
         self._durations.append(dt)
         return LookupResult(service, source, [answer.views[i] for i in order],
-                            len(entry.candidates), [answer.fragments[i] for i in order])
+                            len(entry.candidates), [answer.fragments[i] for i in order],
+                            age_s=max(0.0, now - entry.fetched_at) if source == "stale"
+                            else None)
 
     async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
         """The router's view of a lookup: the ranked *records* (best first, after the
@@ -366,18 +378,44 @@ class DiscoveryComponent(Component):
         return await self.flight.run(service, lambda: self._refresh(service))
 
     async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
-        fetched = await self._fetch(service)
+        self.cache.begin(service)       # records stored while we ask are checked at put()
+        try:
+            fetched = await self._fetch(service)
+        except BaseException:
+            self.cache.end(service)
+            raise
         old = self.cache.get_any(service)
         if not fetched.answered and old is not None and len(old.candidates):
+            self.cache.end(service)
             self.counts["stale_answers"] += 1
             return old, "cache"
         now = self.clock()
+        if not len(fetched.candidates) and (old is None or not len(old.candidates)):
+            disk = self._from_disk(service)
+            if disk is not None:
+                return disk, "stale"
+        elif len(fetched.candidates) and fetched.records and service != ALL_SERVICES:
+            self.lastgood.save(service, fetched.records, now)
         if old is not None:
             self._forgive_moved(old.candidates, fetched.candidates)
         entry = self.cache.put(service, fetched.candidates, fetched.source, now)
         if fetched.records:
             self.cache.observe(fetched.records, except_service=service)
         return entry, fetched.source
+
+    def _from_disk(self, service: str) -> CacheEntry | None:
+        """The last-known-good copy of ``service`` (``lastgood``), as an entry that is
+        never cached (each lookup tries the DHT and coordinators again first)."""
+        got = self.lastgood.load(service)
+        if got is None:
+            return None
+        records, saved_at = got
+        cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
+        if not len(cs):
+            return None
+        self.counts["disk_answers"] += 1
+        return CacheEntry(candidates=cs, source="stale", fetched_at=saved_at,
+                          valid_until=saved_at)
 
     def _forgive_moved(self, old: CandidateSet, new: CandidateSet) -> None:
         """A failing worker that now announces a different endpoint gets a fresh chance

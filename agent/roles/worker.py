@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter
 
+from agent import __version__
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
@@ -131,6 +132,7 @@ class WorkerRole(Component):
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
             refresh=float(cfg.dht.republish_interval),
+            agent_version=__version__,     # the fleet's versions (agent.versions, status)
             cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
@@ -152,9 +154,11 @@ class WorkerRole(Component):
         if services == self._down:
             return
         gone = tuple(s for s in self._announced_services if s in services - self._down)
+        back = (self._down - services) & set(self.agent.config.worker.services)
         self._down = services
-        if gone:
-            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *gone)))
+        # a service back before its withdrawal went out needs none any more
+        pending = (s for s in self._withdraw_services if s not in back)
+        self._withdraw_services = tuple(dict.fromkeys((*pending, *gone)))
         self.wake()
 
     def set_inflight(self, n: float | None) -> None:
@@ -235,7 +239,7 @@ class WorkerRole(Component):
     async def reload(self, old: Config, new: Config) -> None:
         removed = tuple(s for s in old.worker.services if s not in new.worker.services)
         if removed and self._announced_services:
-            self._withdraw_services = removed
+            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *removed)))
         if old.worker != new.worker:
             self._gpu = await asyncio.get_running_loop().run_in_executor(
                 None, detect_gpu, new.worker)

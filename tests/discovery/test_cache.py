@@ -25,7 +25,7 @@ async def test_repeated_lookups_within_ttl_cost_no_dht_query():
     assert (await comp.lookup("ocr")).source == "dht"
     assert dht.calls == ["ocr", "ocr"]
     st = comp.stats()["discovery"]
-    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0}
+    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0, "stale": 0}
     assert st["cache_hit_rate"] == round(50 / 52, 4) and st["dht_hit_rate"] == 1.0
     assert st["lookup_p50_ms"] is not None and st["lookup_p99_ms"] >= st["lookup_p50_ms"]
 
@@ -261,3 +261,35 @@ async def test_service_list_leaves_out_looked_up_names_nobody_serves():
     assert len((await comp.lookup("ocr")).workers) == 1
     out = await comp.services()
     assert out["services"] == [{"name": "ocr", "workers": 1}]
+
+
+async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer():
+    """The race behind a restarted worker staying invisible: the lookup's DHT query is in
+    flight (it will answer "nobody") when the worker's new record is stored locally. The
+    answer must not be served from the cache as if it were current."""
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    comp.prober.top = 0
+    await comp.start()
+    try:
+        dht.delay = 0.2
+        lookup = asyncio.ensure_future(comp.lookup("ocr"))
+        await asyncio.sleep(0.05)                   # the query has started, finds nothing
+        rec = make_record(name="w", now=clock.t)
+        agent.emit("record", rec)                   # ... while the record is stored here
+        assert (await lookup).workers == []
+        dht.add(rec)
+        dht.delay = 0.0
+        res = await comp.lookup("ocr")
+        assert res.source == "dht" and [w["name"] for w in res.workers] == ["w"]
+        assert (await comp.lookup("ocr")).source == "cache"     # and cached from then on
+        # A record for another service, during a query, changes nothing.
+        dht.delay = 0.2
+        comp.cache.invalidate("ocr")                # (e.g. a worker reported failed)
+        lookup = asyncio.ensure_future(comp.lookup("ocr"))
+        await asyncio.sleep(0.05)
+        agent.emit("record", make_record(name="other-service", services=("llm",), now=clock.t))
+        assert [w["name"] for w in (await lookup).workers] == ["w"]
+        assert (await comp.lookup("ocr")).source == "cache"
+    finally:
+        await comp.stop()

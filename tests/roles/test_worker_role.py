@@ -131,6 +131,36 @@ async def test_reload_withdraws_removed_service(tmp_path) -> None:
         await role.stop()
 
 
+async def test_service_with_upstream_down_is_withdrawn_then_back(tmp_path) -> None:
+    """``set_down`` (the gateway's health checks): a tombstone for the service that is
+    down, a record without it, and the full record again once it is back."""
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        role.set_down(frozenset({"asr"}))
+        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        tomb, live = dht.announced[1], dht.announced[2]
+        assert tomb.withdrawn and tomb.services == ("asr",)
+        assert not live.withdrawn and live.services == ("ocr",) and live.seq > tomb.seq
+        assert role.services() == ("ocr",)
+        role.set_down(frozenset({"asr"}))                       # no change: no announce
+        await asyncio.sleep(0.2)
+        assert len(dht.announced) == 3
+        role.set_down(frozenset({"asr", "ocr"}))                # everything down
+        await _until(lambda: dht.announced[-1].withdrawn, timeout=1.0)
+        assert role.status() == "withdrawn" and role.services() == ()
+        n = len(dht.announced)
+        role.set_down(frozenset())                              # both back
+        await _until(lambda: len(dht.announced) > n and not dht.announced[-1].withdrawn,
+                     timeout=1.0)
+        assert dht.announced[-1].services == ("ocr", "asr")
+        # nothing withdrawn on the way back: the pending withdrawal was dropped
+        assert all(not r.withdrawn for r in dht.announced[n:])
+    finally:
+        await role.stop()
+
+
 async def test_fallback_to_coordinator_registry(tmp_path) -> None:
     # a real CoordinatorRole behind a real HTTP server
     cdht = FakeDHT(Identity.generate(), stores_on=2)
