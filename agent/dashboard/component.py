@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -383,6 +383,10 @@ class DashboardComponent(Component):
             "nodes": len(nodes), "coordinators": len(coordinators),
             "workers": len(workers), "services": len(services),
             "router": bool(self.samples and self.samples[-1].get("router")),
+            # the fleet's versions (record format 2's agent_version; "" = a v1 record)
+            "versions": dict(sorted(Counter(
+                str(getattr(r, "agent_version", "") or "") for r in
+                (star.records.values() if star is not None else ())).items())),
         }
 
     def _service_state(self, service: str, now: float) -> dict[str, Any] | None:
@@ -399,9 +403,12 @@ class DashboardComponent(Component):
                           max_excluded=MAX_ROWS)
         # members of the watch that a newer answer dropped are gone: not shown
         workers = []
+        cs = entry.candidates
         for v in out["workers"]:
+            rec = cs.records[cs.index[bytes.fromhex(v["id"])]]
             workers.append({
                 "id": v["id"], "name": v["name"], "endpoint": v["endpoint"], "gpu": v["gpu"],
+                "version": str(getattr(rec, "agent_version", "") or ""),
                 "gpu_memory_gb": _num(v["gpu_memory_gb"], 1), "load": _num(v["load"], 2),
                 "capacity": _num(v["capacity"], 2), "region": v["region"],
                 "age_s": _num(v["age_s"], 1), "latency_ms": _num(v["latency_ms"], 1),

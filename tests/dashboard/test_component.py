@@ -325,3 +325,31 @@ def test_local_records_expire_by_their_own_refresh():
     dash._check_local(now + 121)
     expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
     assert expired == ["quick", "slow"], list(dash._log)
+
+
+async def test_state_shows_each_workers_version_and_the_fleets():
+    """Record format 2 carries ``agent_version`` so that the dashboard can show a fleet's
+    versions (issue 13): each worker row names its version, the overview counts them."""
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    for name, version in (("new1", "0.2.0"), ("new2", "0.2.0"), ("old", "0.1.9")):
+        dht.add(make_record(name=name, agent_version=version))
+    dht.identity, dht.mode = None, "server"          # what the overview reads of the DHT
+    dht.contacts, dht.peers = (lambda: []), (lambda: 0)
+    dash = DashboardComponent(agent)
+    agent.components.append(dash)
+    await comp.start()
+    dash.hub.start()
+    try:
+        await dash._activate()
+        st = dash.state()
+        assert st["agent"]["versions"] == {"0.1.9": 1, "0.2.0": 2}, st["agent"]
+        (svc,) = st["services"]
+        assert {w["name"]: w["version"] for w in svc["workers"]} == {
+            "new1": "0.2.0", "new2": "0.2.0", "old": "0.1.9"}
+    finally:
+        await dash.hub.stop()
+        await comp.stop()
