@@ -410,6 +410,9 @@ class DiscoveryComponent(Component):
         if got is None:
             return None
         records, saved_at = got
+        # what was admitted and contactable when saved may not be now (a revocation, a
+        # reload of network.admission_keys or discovery.allow_http_hosts)
+        records = self._contactable(admitted(self.agent, records))
         cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
         if not len(cs):
             return None
