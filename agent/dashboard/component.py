@@ -40,6 +40,7 @@ from aiohttp import web
 from agent import __version__, events
 from agent.component import Component, cancel_task
 from agent.dht.record import ALL_SERVICES, service_key
+from agent.discovery.api import BadRequest, check_service
 from agent.discovery.explain import explain_set, worker_state
 from agent.discovery.select import Query, record_max_age
 from agent.discovery.watch import WatchHub
@@ -520,9 +521,11 @@ class DashboardComponent(Component):
             return web.json_response({"error": f"unknown parameter {extra[0]!r} "
                                                "(allowed: service)"}, status=400)
         service = request.query.get("service") or None
-        from agent.config import SERVICE_RE
-        if service is not None and not SERVICE_RE.fullmatch(service):
-            return web.json_response({"error": "bad service name"}, status=400)
+        if service is not None:
+            try:
+                service = check_service(service)     # one rule: user input is lowercased
+            except BadRequest as exc:
+                return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(self.ring(service))
 
     async def _events(self, request: web.Request) -> web.StreamResponse:

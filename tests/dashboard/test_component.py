@@ -353,3 +353,31 @@ async def test_state_shows_each_workers_version_and_the_fleets():
     finally:
         await dash.hub.stop()
         await comp.stop()
+
+
+async def test_ring_takes_service_names_as_typed():
+    """One service-name rule everywhere: user input is lowercased (``normalize_service``)
+    before it is checked; the ring answered 400 to ``?service=OCR``."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery
+
+    agent, _comp, _dht = make_discovery()
+    dash = DashboardComponent(agent)
+    asked: list[str | None] = []
+
+    def ring(service: str | None) -> dict[str, Any]:
+        asked.append(service)
+        return {"service": service}
+
+    dash.ring = ring                                  # type: ignore[method-assign]
+    app = web.Application()
+    dash.add_routes(app)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/api/dashboard/ring?service=OCR")
+        assert r.status == 200 and (await r.json())["service"] == "ocr"
+        r = await client.get("/api/dashboard/ring?service=BAD!")
+        assert r.status == 400 and "error" in await r.json()
+    assert asked == ["ocr"]
