@@ -239,3 +239,25 @@ async def test_large_streamed_body_is_retried_when_none_of_it_was_sent():
             assert ra.disc.tracker.is_banned(gone.identity.node_id, time.time())
     finally:
         await good.stop()
+
+
+async def test_routes_from_the_last_known_good_copy_when_the_dht_is_gone():
+    """Discovery answers from its on-disk copy with source "stale" (scale) when neither
+    the DHT nor a coordinator answers; the router counted lookups per source with a fixed
+    list without "stale" and answered that request with a 500 (KeyError)."""
+    gw = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(gw)
+            r = await ra.client.get("/route/ocr/v1/x")
+            assert r.status == 200
+            state_dir = ra.agent.config.agent.state_dir
+        async with RouterAgent(state_dir=state_dir) as ra2:     # restarted, DHT cut off
+            ra2.dht.fail = True
+            r = await ra2.client.get("/route/ocr/v1/x")
+            assert r.status == 200, await r.text()
+            assert r.headers["RMA-Worker"] == gw.identity.node_id.hex()
+            detail = ra2.agent.stats()["router_detail"]
+            assert detail["lookups_by_source"]["stale"] == 1
+    finally:
+        await gw.stop()
