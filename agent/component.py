@@ -1,8 +1,8 @@
 """The shape every part of the agent takes (DHT, roles, discovery, tunnel).
 
 The lifecycle (``agent.lifecycle.Agent``) owns a list of components and drives them:
-``add_routes`` before the HTTP server starts, ``start`` in order, ``reload`` on SIGHUP,
-``stop`` in reverse order. Components never touch signals, the loop or sd_notify.
+``add_routes`` / ``add_gateway_routes`` before the HTTP servers start, ``start`` in order,
+``reload`` on SIGHUP, ``stop`` in reverse order. Components never touch signals, the loop or sd_notify.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class Component:
 
     def add_routes(self, app: web.Application) -> None:
         """Register HTTP routes; called once, before the server starts."""
+
+    def add_gateway_routes(self, app: web.Application) -> None:
+        """Register routes on the public gateway listener (``gateway.listen``); only what
+        SPEC §5 lists for it belongs there. Called once, before the server starts."""
 
     async def start(self) -> None:
         """Start background work. Must not block on the network for long: the HTTP

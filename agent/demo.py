@@ -1,11 +1,17 @@
 """``rma-agent demo``: a whole network on loopback in one command, stopped by Ctrl-C.
 
 It starts one coordinator and N workers as real agent processes (``python -m agent run
--c <config>``), each with its own UDP (DHT) and TCP (HTTP) port on 127.0.0.1, its own
-state dir, no tunnel, and an explicit endpoint (``http://127.0.0.1:<its HTTP port>``).
-Workers differ in GPU, capacity (``max_concurrency``), region and services. The demo
-waits until every agent is ready and every worker is found through the DHT, prints one
-ranked lookup per service (asked of the coordinator) and the URLs to look at, then waits.
+-c <config>``), each with its own UDP (DHT) port, admin API and gateway on 127.0.0.1, its
+own state dir, no tunnel, and its gateway as its endpoint (``http://127.0.0.1:<gateway
+port>``). Each worker's gateway fronts a small real GPU service
+(:mod:`agent.demo_services`: it answers after a delay that follows the worker's GPU
+class). Workers differ in GPU, capacity (``max_concurrency``), region and services. The
+demo waits until every agent is ready and every worker is found through the DHT, prints
+one ranked lookup per service (asked of the coordinator), then sends a burst of requests
+through the coordinator's router (``/route/{service}/...``) and prints how they spread
+over the workers; then a second burst during which one worker is killed (SIGKILL) and
+shows that no request failed (the router retried them elsewhere); then the URLs to look
+at, and waits.
 
 Ctrl-C (SIGINT) or SIGTERM stops everything: workers first (they withdraw their records),
 then the coordinator, each with SIGTERM and a bounded wait, SIGKILL for stragglers; the
@@ -17,6 +23,7 @@ agent outlives it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -30,17 +37,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from agent.config import toml_dumps
+from agent.demo_services import DemoServices, service_ms
 from agent.discovery.client import ClientError, format_lookup, get_json, lookup_url
 
 READY_TIMEOUT_S = 60.0       # two shared cores: Python start-up of N+1 agents takes a while
 FOUND_TIMEOUT_S = 45.0
 STOP_GRACE_S = 6.0
 REPUBLISH_S = 10             # faster than the default 30 s so the demo converges quickly
+BURST = 120                  # requests of the first routed burst
+KILL_BURST = 300             # requests of the burst during which a worker is killed
+BURST_CONCURRENCY = 4          # the demo's bursts stay within what the survivors can take
 
 # (gpu, memory GB, region, services, max_concurrency, requests in flight), cycled over
 # the workers; the in-flight count is reported the way a real service on the box would,
@@ -68,6 +81,10 @@ class Node:
     log_path: Path
     services: tuple[str, ...] = ()
     inflight: int = 0
+    gateway_port: int = 0
+    gpu: str = ""
+    capacity: int = 0
+    killed: bool = False          # stopped on purpose by the demo (mid-burst)
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = None
 
@@ -83,6 +100,16 @@ def _free_port(kind: int) -> int:
         return int(s.getsockname()[1])
 
 
+def _gateway_port(taken: set[int]) -> int:
+    """A free TCP port for a node's gateway listener (every agent serves one)."""
+    for _ in range(200):
+        port = _free_port(socket.SOCK_STREAM)
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise RuntimeError("no free ports on 127.0.0.1")
+
+
 def _ports(taken: set[int]) -> tuple[int, int]:
     """(udp, tcp) ports, each free now and distinct from the ones already handed out."""
     for _ in range(200):
@@ -93,12 +120,13 @@ def _ports(taken: set[int]) -> tuple[int, int]:
     raise RuntimeError("no free ports on 127.0.0.1")
 
 
-def plan(workers: int, tmp: Path) -> list[Node]:
-    """Configs for one coordinator and ``workers`` workers, written into ``tmp``."""
+def plan(workers: int, tmp: Path, services: DemoServices | None = None) -> list[Node]:
+    """Configs for one coordinator and ``workers`` workers, written into ``tmp``; with
+    ``services``, each worker's gateway fronts a demo GPU service started there."""
     taken: set[int] = set()
     udp, http = _ports(taken)
     coord = Node("coordinator", "coordinator", http, udp, tmp / "coordinator.toml",
-                 tmp / "coordinator.log")
+                 tmp / "coordinator.log", gateway_port=_gateway_port(taken))
     nodes = [coord]
     common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"}}
     coord.config.write_text(toml_dumps({
@@ -107,21 +135,29 @@ def plan(workers: int, tmp: Path) -> list[Node]:
         "dht": {"listen": f"127.0.0.1:{udp}", "mode": "server",
                 "republish_interval": REPUBLISH_S},
         "http": {"listen": f"127.0.0.1:{http}"},
+        "gateway": {"listen": f"127.0.0.1:{coord.gateway_port}"},
         **common,
     }))
     for i in range(workers):
-        gpu, mem, region, services, conc, inflight = PROFILES[i % len(PROFILES)]
+        gpu, mem, region, served, conc, inflight = PROFILES[i % len(PROFILES)]
         wudp, whttp = _ports(taken)
         name = f"worker-{i + 1}"
         node = Node(name, "worker", whttp, wudp, tmp / f"{name}.toml", tmp / f"{name}.log",
-                    services, inflight)
+                    served, inflight, gateway_port=_gateway_port(taken), gpu=gpu,
+                    capacity=conc)
+        gateway: dict[str, Any] = {"listen": f"127.0.0.1:{node.gateway_port}"}
+        if services is not None:
+            upstream = services.add(name, gpu)
+            gateway["upstreams"] = {svc: upstream for svc in node.services}
         node.config.write_text(toml_dumps({
             "agent": {"role": "worker", "name": name, "region": region,
                       "state_dir": str(tmp / f"state-{name}")},
             "dht": {"listen": f"127.0.0.1:{wudp}", "mode": "server",
                     "bootstrap": [f"127.0.0.1:{udp}"], "republish_interval": REPUBLISH_S},
             "http": {"listen": f"127.0.0.1:{whttp}"},
-            "worker": {"services": list(services), "endpoint": f"http://127.0.0.1:{whttp}",
+            "gateway": gateway,
+            "worker": {"services": list(node.services),
+                       "endpoint": f"http://127.0.0.1:{node.gateway_port}",
                        "max_concurrency": conc, "gpu": gpu, "gpu_memory_gb": mem},
             "discovery": {"coordinators": [coord.url]},
             **common,
@@ -263,12 +299,139 @@ def stop_all(nodes: list[Node], out: IO[str]) -> None:
             n.log_file.close()
 
 
+# ---------------------------------------------------------------------- routed bursts
+@dataclass
+class Burst:
+    """What one burst through the router came to."""
+
+    total: int
+    statuses: Counter[int] = field(default_factory=Counter)
+    by_worker: Counter[str] = field(default_factory=Counter)
+    retried: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+
+def route_once(url: str, service: str, i: int) -> tuple[int, str, int]:
+    """One ``GET /route/{service}/v1/run``: (status, worker id, attempts); status 0 when
+    the agent could not be reached."""
+    req = urllib.request.Request(f"{url}/route/{service}/v1/run?request={i}")
+    try:
+        with urllib.request.urlopen(req, timeout=30.0) as resp:
+            resp.read()
+            status, headers = int(resp.status), resp.headers
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        status, headers = int(exc.code), exc.headers
+    except (urllib.error.URLError, OSError):
+        return 0, "", 0
+    try:
+        attempts = int(headers.get("RMA-Attempts") or 0)
+    except ValueError:
+        attempts = 0
+    return status, headers.get("RMA-Worker") or "", attempts
+
+
+def burst(url: str, service: str, n: int, during: Callable[[], None] | None = None,
+          at: int = 0) -> Burst:
+    """``n`` routed requests, ``BURST_CONCURRENCY`` at a time; ``during()`` runs once
+    ``at`` of them have been answered."""
+    out = Burst(n)
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(BURST_CONCURRENCY) as pool:
+        futures = [pool.submit(route_once, url, service, i) for i in range(n)]
+        for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+            status, worker, attempts = fut.result()
+            out.statuses[status] += 1
+            if status == 200:
+                out.by_worker[worker] += 1
+            if attempts > 1:
+                out.retried += 1
+            if during is not None and done == at:
+                during()
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def print_spread(b: Burst, names: dict[str, Node], out: IO[str]) -> None:
+    most = max(b.by_worker.values(), default=1)
+    for wid, count in b.by_worker.most_common():
+        node = names.get(wid)
+        label = node.name if node else wid[:12]
+        gpu = node.gpu if node else "?"
+        ms = f"{service_ms(gpu):.0f} ms/request" if node else ""
+        bar = "#" * max(1, round(30 * count / most))
+        print(f"  {label:<10} {gpu:<9} {ms:>15} {count:5d} requests  {bar}", file=out)
+    failed = b.total - b.ok
+    print(f"  {b.ok} of {b.total} answered 200 in {b.seconds:.1f} s"
+          + (f", {failed} failed ({dict(b.statuses)})" if failed else "")
+          + f"; {b.retried} needed another worker", file=out, flush=True)
+
+
+def worker_ids(nodes: list[Node]) -> dict[str, Node]:
+    """Worker id (hex) -> node, from each worker's own stats."""
+    out = {}
+    for n in nodes:
+        if n.role != "worker":
+            continue
+        try:
+            out[str(get_json(n.url + "/api/dht/stats")["node_id"])] = n
+        except (ClientError, KeyError, TypeError):
+            pass
+    return out
+
+
+def routed_bursts(coord: Node, nodes: list[Node], expected: dict[str, int],
+                  out: IO[str]) -> None:
+    """The router at work: a burst, then a burst during which a worker is killed."""
+    service = max(expected, key=lambda s: (expected[s], s))
+    names = worker_ids(nodes)
+    print(f"$ {BURST} requests to {coord.url}/route/{service}/v1/run "
+          f"({BURST_CONCURRENCY} at a time)", file=out, flush=True)
+    first = burst(coord.url, service, BURST)
+    print_spread(first, names, out)
+    print(file=out)
+    serving = [n for n in nodes if n.role == "worker" and service in n.services
+               and n.proc is not None and n.proc.poll() is None]
+    if len(serving) < 2:
+        return
+    # the victim: the worker that served most among those whose loss still leaves room
+    # for the burst (a full worker's 503 + RMA-Not-Processed, when no other worker has a
+    # free slot, goes back to the caller: that is overload, not a lost request)
+    served = {node.name: c for wid, c in first.by_worker.items() if (node := names.get(wid))}
+    total = sum(n.capacity for n in serving)
+    spare = [n for n in serving if total - n.capacity >= BURST_CONCURRENCY] or serving
+    busiest = max(spare, key=lambda n: (served.get(n.name, 0), -n.capacity))
+    at = KILL_BURST // 3
+
+    def kill() -> None:
+        assert busiest.proc is not None
+        busiest.proc.kill()
+        busiest.proc.wait(5)
+        busiest.killed = True
+        print(f"  ... {at} answered: killed {busiest.name} (SIGKILL, pid "
+              f"{busiest.proc.pid})", file=out, flush=True)
+
+    print(f"$ {KILL_BURST} more; {busiest.name} is killed (SIGKILL) after {at} of them",
+          file=out, flush=True)
+    second = burst(coord.url, service, KILL_BURST, during=kill, at=at)
+    print_spread(second, names, out)
+    if second.ok == second.total:
+        print("  no request failed: the router retried the killed worker's requests on "
+              "the others", file=out, flush=True)
+    print(file=out)
+
+
 # ---------------------------------------------------------------------- main
 def main(workers: int = 5, out: IO[str] | None = None) -> int:
     """Run the demo until SIGINT/SIGTERM; 0 after a clean stop, 1 if it could not start."""
     out = out or sys.stdout
     tmp = Path(tempfile.mkdtemp(prefix="rma-agent-demo-"))
     nodes: list[Node] = []
+    services: DemoServices | None = None
     code = 0
 
     def on_term(_sig: int, _frame: Any) -> None:
@@ -280,7 +443,8 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
     try:
         print(f"rma-agent demo: 1 coordinator + {workers} workers on 127.0.0.1 "
               f"(files in {tmp})", file=out, flush=True)
-        nodes = plan(workers, tmp)
+        services = DemoServices()
+        nodes = plan(workers, tmp, services)
         coord = nodes[0]
         start(coord)
         wait_ready([coord], READY_TIMEOUT_S)
@@ -305,23 +469,28 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
             except ClientError as exc:
                 print(f"lookup {service}: {exc}", file=out)
             print(file=out)
+        routed_bursts(coord, nodes, expected, out)
         print("agents:", file=out)
         for n in nodes:
             extra = f"  services: {', '.join(n.services)}" if n.services else ""
-            print(f"  {n.name:<12} {n.url}  (pid {n.proc.pid if n.proc else '-'}){extra}",
-                  file=out)
+            gw = f"  gateway http://127.0.0.1:{n.gateway_port}" if n.role == "worker" else ""
+            state = "killed by the demo" if n.killed else \
+                f"pid {n.proc.pid if n.proc else '-'}"
+            print(f"  {n.name:<12} {n.url}  ({state}){gw}{extra}", file=out)
         print(file=out)
+        print(f"dashboard:  {coord.url}/", file=out)
+        print(f"route:      {coord.url}/route/<service>/<path>   "
+              f"(rma-agent call <service> <path> --url {coord.url})", file=out)
         print(f"stats:      {coord.url}/api/dht/stats   (rma-agent status --url {coord.url})",
               file=out)
         print(f"services:   {coord.url}/api/services", file=out)
         print(f"metrics:    {coord.url}/metrics", file=out)
-        # the live dashboard at "/" is a later issue; its data is already served here:
         print(f"topology:   {coord.url}/api/dht/topology", file=out)
         print(file=out)
         print("demo running — press Ctrl-C to stop", file=out, flush=True)
         while True:
             for n in nodes:
-                if n.proc is not None and n.proc.poll() is not None:
+                if n.proc is not None and n.proc.poll() is not None and not n.killed:
                     print(f"{n.name} exited unexpectedly (status {n.proc.returncode}):\n"
                           f"{_log_tail(n)}", file=out, flush=True)
                     n.proc = None
@@ -339,6 +508,8 @@ def main(workers: int = 5, out: IO[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             stop_all(nodes, out)
+            if services is not None:
+                services.close()
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"stopped {len(nodes)} agents, "
                   f"removed {tmp}", file=out, flush=True)

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.component import Component
-from agent.config import Config
+from agent.config import Address, Config
+from agent.gateway.app import make_gateway_app
 from agent.httpapi import make_app
 from agent.logs import set_level
 from agent.metrics import CoreMetrics, kernels_implementation
@@ -36,10 +37,16 @@ STATUS_PERIOD = 5.0     # STATUS= is refreshed at least this often (only sent wh
 # (module, class) per component, in start order. The role slot depends on agent.role.
 _COMPONENTS: list[tuple[str, str, str | None]] = [
     ("agent.dht.component", "DHTComponent", None),
+    ("agent.network", "NetworkComponent", None),
     ("agent.tunnel", "TunnelComponent", None),
+    # before the worker role: its first health check decides what the first announce holds
+    ("agent.gateway.component", "GatewayComponent", "worker"),
     ("agent.roles.worker", "WorkerRole", "worker"),
     ("agent.roles.coordinator", "CoordinatorRole", "coordinator"),
     ("agent.discovery.service", "DiscoveryComponent", None),
+    ("agent.router.component", "RouterComponent", None),
+    ("agent.dashboard.component", "DashboardComponent", None),
+    ("agent.versions", "VersionsComponent", None),    # the fleet's versions (records seen)
 ]
 
 
@@ -67,9 +74,11 @@ class Agent:
         self.started_at = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.http_url = ""
+        self.gateway_url = ""
         self._subs: dict[str, list[Callable[[Any], Any]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
+        self._gateway_runner: web.AppRunner | None = None
         self._status_event = asyncio.Event()
         self._status_task: asyncio.Task[None] | None = None
         self.running = False
@@ -168,29 +177,27 @@ class Agent:
     async def start(self) -> None:
         """Serve HTTP, start components in order, then tell systemd READY=1."""
         self.loop = asyncio.get_running_loop()
-        app = make_app(self)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0)
-        await self._runner.setup()
-        listen = self.config.http.listen
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
-        host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-        self.http_url = f"http://{host}:{listen.port}"
+        self._runner, self.http_url = await _serve(make_app(self), self.config.http.listen)
         started: list[Component] = []
         try:
+            # the public listener (SPEC §5): its own app, so no admin path is reachable there
+            # handler_cancellation: a caller that hangs up cancels its proxied request, so
+            # the upstream stops working for nobody and the in-flight slot frees at once
+            self._gateway_runner, self.gateway_url = await _serve(
+                make_gateway_app(self), self.config.gateway.listen, handler_cancellation=True)
             for comp in self.components:
                 await comp.start()
                 started.append(comp)
         except BaseException:
             for comp in reversed(started):
                 await self._stop_one(comp)
-            await self._runner.cleanup()
+            for runner in (self._gateway_runner, self._runner):
+                if runner is not None:
+                    await runner.cleanup()
             raise
         self.running = True
-        log.info("serving HTTP on %s (role %s, kernels %s)", self.http_url,
-                 self.config.agent.role, kernels_implementation())
+        log.info("serving HTTP on %s, gateway on %s (role %s, kernels %s)", self.http_url,
+                 self.gateway_url, self.config.agent.role, kernels_implementation())
         self._status_task = asyncio.ensure_future(self._status_loop())
         self.notifier.ready(self.status_line())
 
@@ -239,8 +246,9 @@ class Agent:
             self._status_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._gateway_runner, self._runner):
+            if runner is not None:
+                await runner.cleanup()
         log.info("stopped")
 
     async def reload(self, new: Config) -> None:
@@ -249,6 +257,7 @@ class Agent:
         self.notifier.reloading()
         for key, a, b in (("agent.role", old.agent.role, new.agent.role),
                           ("http.listen", old.http.listen, new.http.listen),
+                          ("gateway.listen", old.gateway.listen, new.gateway.listen),
                           ("agent.state_dir", old.agent.state_dir, new.agent.state_dir)):
             if a != b:
                 log.warning("%s changed (%s -> %s): applies after a restart", key, a, b)
@@ -264,6 +273,23 @@ class Agent:
         self.notifier.ready(self.status_line())
         self.status_changed()
         log.info("configuration reloaded from %s", new.source)
+
+
+async def _serve(app: web.Application, listen: Address,
+                 **kwargs: Any) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on ``listen``; (runner, the URL a local client reaches it at)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                           **kwargs)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    return runner, f"http://{host}:{listen.port}"
 
 
 def _kernels_fallback_reason() -> str | None:

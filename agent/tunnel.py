@@ -17,6 +17,11 @@ tunnel is fully up, then every 10 s; while cloudflared's metrics server is unrea
 the interval backs off exponentially up to 30 s. Every state change is logged once,
 never per poll.
 
+What the tunnel publishes is the gateway (``gateway.listen``; ``systemd/rma-tunnel`` gives
+it to cloudflared as ``--url`` for quick and named tunnels alike), never the admin API, so
+the endpoint learned here is the gateway's public URL: the one the worker announces and
+its ownership proof signs (``agent.gateway.component``).
+
 The ``endpoint`` attribute keeps the last known URL while cloudflared is down (the
 worker decides what to do with a down tunnel through ``ready()``/``up``); it is
 ``None`` until a URL was ever learned, and always ``None`` with ``tunnel.mode = "off"``
@@ -104,7 +109,8 @@ class TunnelComponent(Component):
         if self.cfg.mode == "named":
             self.hostname = self.cfg.hostname
             self._set_endpoint(f"https://{self.cfg.hostname}")
-        log.info("watching cloudflared (%s tunnel) at %s", self.cfg.mode, self.metrics_url)
+        log.info("watching cloudflared (%s tunnel) at %s; it publishes the gateway %s",
+                 self.cfg.mode, self.metrics_url, self.agent.config.gateway.listen)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.request_timeout),
             connector=aiohttp.TCPConnector(limit=2, force_close=True),
@@ -160,6 +166,8 @@ class TunnelComponent(Component):
             "ready": self.ready()[0],
             "last_error": self.last_error or None,
             "metrics": str(self.cfg.metrics),
+            # what rma-tunnel makes cloudflared publish: the gateway, never the admin API
+            "origin": str(self.agent.config.gateway.listen),
             "ready_connections": self.ready_connections,
             "endpoint_changes": self.endpoint_changes,
         }}

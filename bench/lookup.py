@@ -106,6 +106,8 @@ record_ttl = 600
 republish_interval = 300
 [http]
 listen = "127.0.0.1:{http}"
+[gateway]
+listen = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"
 [discovery]
 cache_ttl = 600
 coordinators = ["{url}"]

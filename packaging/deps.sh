@@ -7,18 +7,33 @@
 #   systemd-container  - systemd-nspawn, to boot that root filesystem with systemd as PID 1
 #   lintian            - package checks (0 errors is a release gate)
 #   dpkg-dev           - dpkg-architecture/dpkg-deb helpers used by build-deb.sh
-#   debian-archive-keyring - debootstrap verifies the bookworm Release file with it
+#   debian-archive-keyring - debootstrap verifies the bookworm and trixie Release files with
+#                        it: trixie's are signed by the Debian 13 release key (and the
+#                        archive keys), which bookworm's keyring has from 2023.3+deb12u1 on
+#                        (checked below; an older one is upgraded from bookworm's updates)
+#   apt-utils, gnupg   - packaging/build-repo.sh: apt-ftparchive, signing; the repo tests
 #   nftables, iproute2 - the network-namespace tests (NAT router, packet loss)
+#   chromium, chromium-driver - the dashboard's real-browser test (selenium drives
+#                        /usr/bin/chromedriver; nothing is downloaded at test time)
 #   fakeroot is not needed: dpkg-deb --root-owner-group sets ownership itself.
 set -eu
 
 want="debootstrap systemd-container lintian dpkg-dev debian-archive-keyring curl nftables iproute2"
+# The dashboard's real-browser test (tests/dashboard): headless chromium and its driver.
+want="$want chromium chromium-driver"
+# The signed apt repository (packaging/build-repo.sh and tests/appliance/test_repo.py).
+want="$want apt-utils gnupg"
 missing=""
 for p in $want; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
         missing="$missing $p"
     fi
 done
+# debootstrap of trixie needs the Debian 13 keys in the archive keyring.
+if ! [ -f /usr/share/keyrings/debian-archive-trixie-stable.gpg ] ||
+   ! dpkg --compare-versions "$(dpkg-query -W -f='${Version}' debian-archive-keyring 2>/dev/null)" ge 2023.3+deb12u1; then
+    case " $missing " in *" debian-archive-keyring "*) ;; *) missing="$missing debian-archive-keyring" ;; esac
+fi
 if [ -z "$missing" ]; then
     echo "deps.sh: all present ($want)"
     exit 0

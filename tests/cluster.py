@@ -107,11 +107,17 @@ class Node:
     # requests then run through ``curl`` under the same prefix
     exec_prefix: tuple[str, ...] = ()
     http_host: str = ""
+    gateway_port: int = 0
     _log: Any = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://{self.http_host or self.ip}:{self.http_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        """The node's public listener (``gateway.listen``)."""
+        return f"http://{self.http_host or self.ip}:{self.gateway_port}"
 
     @property
     def dht_addr(self) -> str:
@@ -205,16 +211,20 @@ class Cluster:
             extra: dict[str, dict[str, Any]] | None = None, ip: str | None = None,
             exec_prefix: Iterable[str] = ()) -> Node:
         """A node config. ``ip`` + ``exec_prefix`` place it in another network namespace
-        (fixed ports there: UDP 8468 on ``ip``, HTTP 8080 on that namespace's loopback)."""
+        (fixed ports there: UDP 8468 on ``ip``, HTTP 8080 and the gateway 8090 on that
+        namespace's loopback)."""
         prefix = tuple(exec_prefix)
         if prefix:
             assert ip, "a node run under a prefix needs its address"
-            udp, http_port, http_host = 8468, 8080, "127.0.0.1"
+            udp, http_port, http_host, gw_port = 8468, 8080, "127.0.0.1", 8090
         else:
             ip = ip or self._new_ip()
             udp = free_udp_tcp_port(ip)
             http_port = free_port(socket.SOCK_STREAM, ip)
             http_host = ip
+            gw_port = free_port(socket.SOCK_STREAM, ip)
+            while gw_port == http_port:
+                gw_port = free_port(socket.SOCK_STREAM, ip)
         state = self.tmp / name / "state"
         state.mkdir(parents=True, exist_ok=True)
         data: dict[str, dict[str, Any]] = {
@@ -223,19 +233,20 @@ class Cluster:
                     "ksize": self.ksize, "record_ttl": self.record_ttl,
                     "republish_interval": self.republish},
             "http": {"listen": f"{http_host}:{http_port}"},
+            "gateway": {"listen": f"{http_host}:{gw_port}"},
             "tunnel": {"mode": "off"},
             "discovery": {"coordinators": list(coordinators)},
             "log": {"level": "info"},
         }
         if role == "worker":
             data["worker"] = {"services": list(services),
-                              "endpoint": f"http://{ip}:{http_port}/{name}",
+                              "endpoint": f"http://{http_host}:{gw_port}",
                               "max_concurrency": 4, "gpu": "T4", "gpu_memory_gb": 16}
         for section, values in (extra or {}).items():
             data.setdefault(section, {}).update(values)
         node = Node(name, role, ip, udp, http_port, state, self.tmp / name / "agent.toml",
                     self.tmp / name / "agent.log", data, exec_prefix=prefix,
-                    http_host=http_host)
+                    http_host=http_host, gateway_port=gw_port)
         node.write_config()
         self.nodes[name] = node
         return node

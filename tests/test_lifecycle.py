@@ -263,6 +263,7 @@ def test_seedless_worker_status_says_what_to_edit_in_utf8(tmp_path: Path,
         "agent": {"role": "worker", "name": "w", "state_dir": str(tmp_path / "state")},
         "dht": {"listen": f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
         "worker": {"services": ["ocr"], "endpoint": "https://w.example.org"}})
     proc = start(cfg, tmp_path / "w.log", NOTIFY_SOCKET=str(notify.path))
     try:

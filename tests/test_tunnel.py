@@ -87,7 +87,7 @@ class FakeCloudflared:
         return rc
 
 
-QUICK = ("--loglevel", "info", "--url", "http://127.0.0.1:8080")
+QUICK = ("--loglevel", "info", "--url", "http://127.0.0.1:8090")     # the gateway
 
 
 @pytest.fixture
@@ -295,6 +295,7 @@ async def test_mode_off_does_nothing() -> None:
     assert comp.status() == ""
     assert comp.stats() == {"tunnel": {"mode": "off", "endpoint": None, "ready": True,
                                        "last_error": None, "metrics": str(comp.cfg.metrics),
+                                       "origin": str(_agent.config.gateway.listen),
                                        "ready_connections": 0, "endpoint_changes": 0}}
     await comp.stop()
     assert events == []
@@ -391,7 +392,7 @@ def test_stand_in_cli_shapes() -> None:
 def test_stand_in_log_format_and_unknown_flags(fakes: Callable[..., FakeCloudflared]) -> None:
     port = free_port()
     fake = fakes(port, "--protocol=quic", "--ha-connections", "2", "--weird-bool", "--url",
-                 "http://127.0.0.1:8080")
+                 "http://127.0.0.1:8090")
     status, body = fake.get("/ready")
     assert status == 200 and body["readyConnections"] == 4 and body["status"] == 200
     assert body["connectorId"]
@@ -402,7 +403,7 @@ def test_stand_in_log_format_and_unknown_flags(fakes: Callable[..., FakeCloudfla
 def test_stand_in_logs_like_cloudflared() -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(FAKE), "--metrics", f"127.0.0.1:{port}",
-                             "tunnel", "--url", "http://127.0.0.1:8080"],
+                             "tunnel", "--url", "http://127.0.0.1:8090"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10

@@ -51,6 +51,7 @@ def coordinator_config(tmp: Path, name: str = "coord", **extra: dict[str, Any]) 
         "agent": {"role": "coordinator", "name": name, "state_dir": str(tmp / f"state-{name}")},
         "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server"},
         "http": {"listen": f"127.0.0.1:{http}"},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": "info"},
     }
     for section, values in extra.items():

@@ -81,7 +81,7 @@ class GatewaySection:
 
     listen: Address = Address("127.0.0.1", 8090)
     max_body_mb: int = 100                 # request bodies above this are refused (413)
-    upstream_timeout: float = 300.0        # seconds until the upstream's answer is complete
+    upstream_timeout: float = 300.0        # seconds the upstream may stay silent (read timeout)
     upstreams: dict[str, Upstream] = field(default_factory=dict)   # service -> upstream
 
     @property

@@ -9,7 +9,9 @@
   most ``MAX_SEEDS``. New nodes put this URL in ``dht.bootstrap``.
 - ``GET /api/dht/providers/{service}``: the raw verified records a DHT lookup returns,
   with the lookup's own duration. A debugging aid (and what the multi-process tests time);
-  ranked answers are discovery's ``/api/services/{name}``.
+  ranked answers are discovery's ``/api/services/{name}``. Every call is a crawl, so
+  concurrent calls for one service share one (single-flight) and new crawls draw on the
+  agent's crawl budget (:mod:`agent.discovery.guard`): 429 JSON when it is spent.
 """
 
 from __future__ import annotations
@@ -73,7 +75,30 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def bootstrap_handler(dht: DHTComponent) -> Any:
+    """``GET /api/dht/bootstrap``: served on the admin API, and on a coordinator's gateway."""
+
+    async def bootstrap(request: web.Request) -> web.Response:
+        seeds: list[str] = []
+        own = _own_seed(dht, request)
+        if own:
+            seeds.append(own)
+        for _cid, ip, port in dht.contacts():
+            s = _fmt(ip, port)
+            if s not in seeds:
+                seeds.append(s)
+            if len(seeds) >= MAX_SEEDS:
+                break
+        return web.json_response({"seeds": seeds})
+
+    return bootstrap
+
+
 def add_routes(app: web.Application, dht: DHTComponent) -> None:
+    from agent.discovery.cache import SingleFlight
+
+    crawls = SingleFlight()
+
     async def topology(request: web.Request) -> web.Response:
         if dht.identity is None or dht.node is None:
             return web.json_response({"error": "dht: not started"}, status=503)
@@ -89,32 +114,26 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
         return web.json_response({"self": me, "nodes": nodes, "links": links,
                                   "generated_at": time.time()})
 
-    async def bootstrap(request: web.Request) -> web.Response:
-        seeds: list[str] = []
-        own = _own_seed(dht, request)
-        if own:
-            seeds.append(own)
-        for _cid, ip, port in dht.contacts():
-            s = _fmt(ip, port)
-            if s not in seeds:
-                seeds.append(s)
-            if len(seeds) >= MAX_SEEDS:
-                break
-        return web.json_response({"seeds": seeds})
-
     async def providers(request: web.Request) -> web.Response:
         service = normalize_service(request.match_info["service"])
         if not (service == ALL_SERVICES or valid_service_name(service)):
             return web.json_response(
                 {"error": f"bad service name {service!r}: letters, digits, '.', '_', '-' "
                           "(max 63), or '*'"}, status=400)
-        t0 = time.perf_counter()
-        records = await dht.find_providers(service)
-        elapsed = time.perf_counter() - t0
+        async def crawl() -> tuple[list[Any], float]:
+            t0 = time.perf_counter()
+            found = await dht.find_providers(service)
+            return found, time.perf_counter() - t0
+
+        if service not in crawls:
+            guard = getattr(dht.agent.get("discovery"), "guard", None)
+            if guard is not None and not guard.take():
+                return guard.too_many()
+        records, elapsed = await crawls.run(service, crawl)
         return web.json_response({"service": service, "count": len(records),
                                   "elapsed_ms": round(elapsed * 1000, 3),
                                   "records": [r.to_json() for r in records]})
 
     app.router.add_get("/api/dht/topology", topology)
-    app.router.add_get("/api/dht/bootstrap", bootstrap)
+    app.router.add_get("/api/dht/bootstrap", bootstrap_handler(dht))
     app.router.add_get("/api/dht/providers/{service}", providers)

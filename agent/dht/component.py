@@ -31,6 +31,7 @@ from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
+from agent.network import admitted
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -107,6 +108,8 @@ class DHTComponent(Component):
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
         self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
+        network = self.agent.get("network")     # closed networks: only admitted records
+        self.node.storage.admit = network.storage_hook if network is not None else None
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:
@@ -208,8 +211,8 @@ class DHTComponent(Component):
         if verdict is None:
             if not self._said_undecided:
                 self._said_undecided = True
-                log.info("dht: mode auto: no seed answered the reachability probe; asking "
-                         "again with backoff (client until then)")
+                log.info("dht: mode auto: no seed gave a reachability verdict (no answer, or "
+                         "no probe capacity); asking again with backoff (client until then)")
             return
         self.mode = "server" if verdict else "client"
         self.node.set_mode(self.mode)
@@ -373,7 +376,8 @@ class DHTComponent(Component):
         dt = time.perf_counter() - t0
         self._note_lookup(dt)
         now = time.time()
-        live = [r for r in records if not r.withdrawn and r.expires_at > now]
+        live = admitted(self.agent, [r for r in records
+                                     if not r.withdrawn and r.expires_at > now])
         if live:
             self._lookup_hits += 1
         return live
@@ -525,7 +529,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     a fresh ephemeral socket on ``host``. ``port=None``: ping a second fresh socket that
     answers like a node (a port no NAT has a mapping for). True/False is the seed's
     verdict; None when the seed did not answer at all. Wire format: rpcudp's (kind byte,
-    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps."""
+    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps. A seed that is
+    out of probe capacity answers None, returned as None too (no verdict)."""
     loop = asyncio.get_running_loop()
     msg_id = os.urandom(20)
     fut: asyncio.Future[Any] = loop.create_future()
@@ -550,7 +555,8 @@ async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "
     finally:
         for t in transports:
             t.close()
-    return result is True
+    # a seed out of probe capacity answers None: no verdict, not "unreachable"
+    return result if isinstance(result, bool) else None
 
 
 class DHTCollector:
@@ -593,6 +599,18 @@ class DHTCollector:
         for reason, n in sorted(_as_dict(stats.get("drops", stats.get("dropped"))).items()):
             drops.add_metric([str(reason)], _num(n))
         yield drops
+        # hostile-peer defences (agent/dht/diversity.py, guard.py, storage.py)
+        node = d.node
+        yield CounterMetricFamily("rma_agent_dht_diversity_refused",
+                                  "Contacts refused by the per-IP and per-/24 routing limits",
+                                  value=_num(stats.get("diversity_refused")))
+        yield CounterMetricFamily("rma_agent_dht_token_challenges",
+                                  "Requests answered with a write-token challenge",
+                                  value=_num(_as_dict(stats.get("guard")).get("challenges")))
+        yield CounterMetricFamily("rma_agent_dht_records_evicted",
+                                  "Records of flooding hosts evicted to make room",
+                                  value=_num(getattr(getattr(node, "storage", None),
+                                                     "evicted", 0)))
         rpc = _as_dict(stats.get("rpc"))
         for key, help_text in (("sent", "RPC requests sent"), ("received", "RPC requests received"),
                                ("timeouts", "RPC requests that timed out"),

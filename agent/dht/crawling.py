@@ -16,7 +16,13 @@ the first node holding a value. ``Crawl`` here is event-driven:
 * peers that failed recently (``protocol.is_suspect``) are skipped — other nodes keep
   returning a dead contact until their own timeouts remove it;
 * it ends when the ``width`` closest non-failed candidates have all answered, or when no
-  candidate is left.
+  candidate is left;
+* **diversity** (the eclipse defence, ``diversity.DiversityPolicy``): the closest window
+  counts at most ``window_per_ip`` candidates of one IP and ``window_per_prefix`` of one
+  /24 (IPv6 /64); further ones are skipped — never asked, never counted, never returned.
+  One host holding the 20 ids closest to a key (many ports, ground or chosen ids) then
+  fills at most two places of the window, and the lookup goes on to the closest honest
+  nodes, where announces (``NodeLookup``, same rule) stored the records.
 
 ``ProviderLookup`` uses it with ``find_providers`` and keeps going past the first node that
 has records: it merges the records of every answering node among the ``width`` closest
@@ -45,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from kademlia.node import Node
 
+from agent.dht.diversity import DiversityPolicy
 from agent.dht.protocol import MAX_NODES_IN_ANSWER, parse_nodes
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 
@@ -100,6 +107,19 @@ class Crawl:
         self._stall = 0
         self._self_id = protocol.source_node.id
         self._tasks: set[asyncio.Task[None]] = set()
+        policy = getattr(getattr(protocol, "router", None), "diversity", None)
+        if not isinstance(policy, DiversityPolicy):
+            policy = DiversityPolicy.from_env()
+        self.policy = policy
+        # (host, prefix) of every candidate, computed once; None when the limits are off.
+        # The window is only applied once some group has more candidates than its limit
+        # (``_crowded``): an honest crawl (every candidate its own host) pays nothing.
+        self._groups: dict[bytes, tuple[Any, Any]] | None = (
+            {} if policy.window_per_ip or policy.window_per_prefix else None)
+        self._host_n: dict[Any, int] = {}
+        self._prefix_n: dict[Any, int] = {}
+        self._crowded = False
+        self.diversity_skipped: set[bytes] = set()
         for n in peers:
             self._add(n)
 
@@ -109,6 +129,14 @@ class Crawl:
             return
         self.state[nid] = NEW
         self.nodes[nid] = node
+        if self._groups is not None:
+            host, prefix = self._groups[nid] = self.policy.groups(node.ip, node.port)
+            h = self._host_n[host] = self._host_n.get(host, 0) + 1
+            p = self._prefix_n[prefix] = self._prefix_n.get(prefix, 0) + 1
+            pol = self.policy
+            if (pol.window_per_ip and h > pol.window_per_ip) or (
+                    pol.window_per_prefix and p > pol.window_per_prefix):
+                self._crowded = True
         item = (node.long_id ^ self.tlong, nid)
         pos = bisect.bisect(self.order, item)
         self.order.insert(pos, item)
@@ -116,8 +144,10 @@ class Crawl:
             self._improved = True
 
     def add_triples(self, triples: list[tuple[bytes, str, int]]) -> None:
+        """New candidates from one answer: at most k of them (an honest node sends k; a
+        liar's 64 made-up addresses would each cost a request), never suspects."""
         is_suspect = self.protocol.is_suspect
-        for nid, ip, port in triples:
+        for nid, ip, port in triples[:getattr(self.protocol, "ksize", 20)]:
             if nid in self.state or nid == self._self_id or is_suspect(nid):
                 continue
             self._add(Node(nid, ip, port))
@@ -186,6 +216,7 @@ class Crawl:
                 parallel = self.width if self._stall >= self.alpha else self.alpha
                 seen = 0
                 answered = 0
+                window = _Window(self) if self._crowded else None
                 pending_closer = 0
                 for _dist, nid in self.order:
                     st = state[nid]
@@ -193,6 +224,8 @@ class Crawl:
                         pending_closer += 1
                         continue
                     if st == FAILED:
+                        continue
+                    if window is not None and not window.admit(nid):
                         continue
                     seen += 1
                     if st == ANSWERED:
@@ -236,13 +269,41 @@ class Crawl:
                 tick.cancel()
 
     def closest_answered(self, k: int) -> list[Node]:
+        """The ``k`` closest nodes that answered, within the diversity limits (a node
+        asked before closer nodes of its host turned up is left out)."""
         out = []
+        window = _Window(self) if self._crowded else None
         for _d, nid in self.order:
-            if self.state[nid] == ANSWERED:
+            if self.state[nid] == ANSWERED and (window is None or window.admit(nid)):
                 out.append(self.nodes[nid])
                 if len(out) >= k:
                     break
         return out
+
+
+class _Window:
+    """Per-group counts over one pass of the closest window (see module docstring)."""
+
+    __slots__ = ("crawl", "hosts", "prefixes")
+
+    def __init__(self, crawl: Crawl) -> None:
+        self.crawl = crawl
+        self.hosts: dict[Any, int] = {}
+        self.prefixes: dict[Any, int] = {}
+
+    def admit(self, nid: bytes) -> bool:
+        crawl = self.crawl
+        host, prefix = crawl._groups[nid]  # type: ignore[index]
+        pol = crawl.policy
+        h = self.hosts.get(host, 0)
+        p = self.prefixes.get(prefix, 0)
+        if (pol.window_per_ip and h >= pol.window_per_ip) or (
+                pol.window_per_prefix and p >= pol.window_per_prefix):
+            crawl.diversity_skipped.add(nid)
+            return False
+        self.hosts[host] = h + 1
+        self.prefixes[prefix] = p + 1
+        return True
 
 
 class NodeLookup(Crawl):

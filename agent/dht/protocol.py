@@ -10,6 +10,9 @@ along its seams:
   in-flight limit, the reply budget per source IP, C msgpack both ways.
 * ``liveness`` — contact verification, dead-contact eviction, suspects, the bounded
   handoff to newcomers (no re-store storm).
+* ``guard`` — defences against hostile peers: write tokens (BEP 5 model) required by
+  ``announce``, the 3x anti-amplification budget for unproven addresses, per-peer and
+  unproven-address limits on our own requests, a bounded wait queue;
 * this module — the handlers and the ``call_*`` side of each RPC:
 
 * **Provider RPCs**: ``announce(nodeid, key, record)`` (verify, check the key is one of the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -36,6 +40,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
+from agent.dht.guard import HostileGuard
 from agent.dht.keys import INDEX_KEYS
 from agent.dht.liveness import (
     HANDOFF_KEYS,
@@ -64,6 +69,7 @@ from agent.dht.wire import (
 )
 from agent.ratelimit import TokenBucket
 
+PROBE_BYTES = 64                    # a probe ping datagram, rounded up
 SKETCH_BYTES = 200             # a 16-bucket sketch, msgpack-encoded, at most
 INDEX_ANSWER_BYTES = 2048      # service names + counts in an index shard's answer
 LIST_BUDGET = MAX_PAYLOAD - 128  # records in one list_providers answer
@@ -89,7 +95,7 @@ __all__ = [
 ]
 
 
-class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
+class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
     """Hardened kademlia protocol with provider-record RPCs (see module docstring)."""
 
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
@@ -108,7 +114,9 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                        max_inflight=max_inflight, retransmits=retransmits,
                        reply_rate=reply_rate)
         self._init_liveness(dead_after=dead_after, handoff_rate=handoff_rate)
+        self._init_guard(max_inflight=max_inflight)
         self._reach_bucket = TokenBucket(5.0, 10.0)
+        self._reach_by_host: OrderedDict[Any, TokenBucket] = OrderedDict()
         self._rpcs = {
             "ping": (self.rpc_ping, (_is_nodeid,), 1),
             "store": (self.rpc_store, (_is_nodeid, _is_id, lambda v: True), 3),
@@ -155,11 +163,16 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                    if n.distance_to(target) < d_self)
 
     def rpc_announce(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
-                     record: bytes) -> bool:
+                     record: bytes) -> bool | dict[str, bytes]:
         self._welcome_sender(sender, nodeid)
         if self.mode != "server":
             self.drops["announce_client_mode"] += 1
             return False
+        if not self.request_has_token():
+            # a write needs the token of the sender's IP (guard): a spoofed source
+            # never sees it; a real one repeats the announce with it
+            self.drops["announce_no_token"] += 1
+            return self.challenge(sender)
         now = time.time()
         try:
             rec: WorkerRecord = decode_verified(record, now, self.max_skew)
@@ -216,6 +229,8 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
                 break
             out.append(r)
         answer["records"] = out
+        # the asker's write token rides along (guard): its announces need no challenge
+        answer["token"] = self.write_tokens.issue(sender[0])
         return answer
 
     def rpc_list_providers(self, sender: tuple[str, int], nodeid: bytes, key: bytes,
@@ -227,16 +242,35 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
         recs, nxt = self.storage.range_encoded(key, start, end, LIST_BUDGET)
         return {"records": recs, "next": nxt}
 
-    async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes, port: int) -> bool:
+    async def rpc_reachable(self, sender: tuple[str, int], nodeid: bytes,
+                            port: int) -> bool | None:
         """Ping ``sender_ip:port`` back; True if it answered (``mode = "auto"``).
 
         The ping leaves from a fresh socket (another local port), not from the DHT
         socket the asker just sent to: a NAT or stateful firewall lets replies to the
         asker's own outgoing traffic through, which would make every NAT-ed node look
-        reachable. Rate-limited: a spoofed source gets at most a few pings a second."""
+        reachable. Rate-limited per source host (one probe per 2 s, burst 3) and in total
+        (5/s, burst 10); when either limit is exhausted the answer is ``None``, "no
+        capacity", which askers must not read as "unreachable": one source asking 50
+        times a second neither uses up the probes of other askers nor turns them into
+        clients."""
+        host = self.router.diversity.host(sender[0], sender[1])
+        bucket = self._reach_by_host.get(host)
+        if bucket is None:
+            bucket = self._reach_by_host[host] = TokenBucket(0.5, 3.0)
+            if len(self._reach_by_host) > 4096:
+                self._reach_by_host.popitem(last=False)
+        if not bucket.take():
+            self.drops["reachable_source_limited"] += 1
+            return None
         if not self._reach_bucket.take():
             self.drops["reachable_rate_limited"] += 1
-            return False
+            return None
+        if not self.budget_probe(sender, PROBE_BYTES):
+            # the probe goes to the sender's IP: a spoofed asker must not make us
+            # send more there than it sent us (guard's anti-amplification budget)
+            self.drops["reachable_budget"] += 1
+            return None
         return await probe_ping((sender[0], port), self.my_id(), self._local_host())
 
     def _local_host(self) -> str:
@@ -297,6 +331,8 @@ class RMAProtocol(ContactLiveness, RpcEngine, KademliaProtocol):
             "retransmissions": self.retransmissions,
             "queued_requests": self.queued,
             "handoffs": self.handoffs,
+            "diversity_refused": getattr(self.router, "diversity_refused", 0),
+            "guard": self.guard_stats(),
             "graveyard": len(self._graveyard),
             "revived": self.revived,
         }

@@ -25,6 +25,15 @@ Contacts whose id is not 20 bytes cannot be routed by XOR against 160-bit ids; t
 dropped by ``add_contact`` (and never "new"). A lookup target that is not a 20-byte id
 raises ``TypeError``/``ValueError`` from ``find_neighbors``: validate keys from the wire
 before asking.
+
+Address diversity (``diversity.DiversityPolicy``, the Sybil/eclipse defence): a contact
+that would give one IP more than ``bucket_per_ip`` (or one /24 / IPv6 /64 more than
+``bucket_per_prefix``) live contacts in its bucket, or more than ``table_per_ip`` /
+``table_per_prefix`` in the whole table, is refused — not even cached as a replacement —
+and counted in ``diversity_refused``. ``is_new_node`` is False for it, so the protocol
+does not ping it again and again. A replacement promoted when a contact leaves is checked
+again. Loopback ``ip:port`` pairs count as separate hosts unless the policy says
+``loopback="strict"`` (see ``diversity``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from kademlia.routing import KBucket
 from kademlia.routing import RoutingTable as _KadRoutingTable
 
 import _fast
+from agent.dht.diversity import DiversityPolicy, GroupCounter
 
 log = logging.getLogger("rma_agent.dht.routing")
 
@@ -61,7 +71,11 @@ class RoutingTable(_KadRoutingTable):
     buffer (``check_consistency`` detects it).
     """
 
-    def __init__(self, protocol: Any, ksize: int, node: Node) -> None:
+    def __init__(self, protocol: Any, ksize: int, node: Node,
+                 diversity: DiversityPolicy | None = None) -> None:
+        self.diversity = diversity if diversity is not None else DiversityPolicy.from_env()
+        self._groups = GroupCounter(self.diversity)
+        self.diversity_refused = 0
         # The buffer exists before kademlia's __init__ calls flush().
         self._ids = bytearray()
         self._nodes: list[Node] = []
@@ -84,7 +98,9 @@ class RoutingTable(_KadRoutingTable):
             if old is node:
                 return
             self._forget_home(old)
+            self._groups.remove(old.ip, old.port)
             self._nodes[pos] = node
+        self._groups.add(node.ip, node.port)
         self._homes.setdefault((node.ip, node.port), set()).add(node.id)
 
     def _forget_home(self, node: Node) -> None:
@@ -100,7 +116,9 @@ class RoutingTable(_KadRoutingTable):
         pos = self._pos.pop(node_id, None)
         if pos is None:
             return
-        self._forget_home(self._nodes[pos])
+        gone = self._nodes[pos]
+        self._forget_home(gone)
+        self._groups.remove(gone.ip, gone.port)
         last = len(self._nodes) - 1
         if pos != last:
             moved = self._nodes[last]
@@ -121,6 +139,7 @@ class RoutingTable(_KadRoutingTable):
         self._nodes = []
         self._pos = {}
         self._homes = {}
+        self._groups.clear()
         self._reindex_buckets()
 
     def get_bucket_for(self, node: Node) -> int:
@@ -150,6 +169,9 @@ class RoutingTable(_KadRoutingTable):
             return
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        if node.id not in bucket.nodes and not self.admits(node, bucket):
+            self.diversity_refused += 1
+            return
         if bucket.add_node(node):
             self._track(node)
             return
@@ -187,14 +209,48 @@ class RoutingTable(_KadRoutingTable):
             if bucket.nodes:
                 last_id = next(reversed(bucket.nodes))
                 if last_id not in self._pos:
-                    self._track(bucket.nodes[last_id])
+                    promoted = bucket.nodes.pop(last_id)
+                    # cached while other contacts were live: check its group again
+                    if self.admits(promoted, bucket):
+                        bucket.nodes[last_id] = promoted
+                        self._track(promoted)
+                    else:
+                        self.diversity_refused += 1
+
+    def admits(self, node: Node, bucket: KBucket | None = None) -> bool:
+        """Would ``node`` (not yet live) keep its bucket and the table within the
+        diversity limits of its IP and /24 (/64)?"""
+        pol = self.diversity
+        if not isinstance(node.ip, str):
+            return True
+        host, prefix = pol.groups(node.ip, node.port)
+        in_table = self._groups.count(host, prefix)
+        if (pol.table_per_ip and in_table[0] >= pol.table_per_ip) or (
+                pol.table_per_prefix and in_table[1] >= pol.table_per_prefix):
+            return False
+        # a bucket is part of the table: below the bucket limits there, below here too
+        if (not pol.bucket_per_ip or in_table[0] < pol.bucket_per_ip) and (
+                not pol.bucket_per_prefix or in_table[1] < pol.bucket_per_prefix):
+            return True
+        if bucket is None:
+            bucket = self.buckets[self.get_bucket_for(node)]
+        n_host = n_prefix = 0
+        for n in bucket.nodes.values():
+            h, p = pol.groups(n.ip, n.port)
+            n_host += h == host
+            n_prefix += p == prefix
+        return ((not pol.bucket_per_ip or n_host < pol.bucket_per_ip)
+                and (not pol.bucket_per_prefix or n_prefix < pol.bucket_per_prefix))
 
     def is_new_node(self, node: Node) -> bool:
         """True only for a contact we have never heard of (live *or* cached counts)."""
         if not _valid_id(node.id):
             return False
         bucket = self.buckets[self.get_bucket_for(node)]
-        return node.id not in bucket.nodes and node.id not in bucket.replacement_nodes
+        if node.id in bucket.nodes or node.id in bucket.replacement_nodes:
+            return False
+        # a contact the diversity limits would refuse is not worth verifying
+        return self.admits(node, bucket)
 
     def find_neighbors(self, node: Node, k: int | None = None,
                        exclude: Node | None = None) -> list[Node]:
@@ -262,6 +318,11 @@ class RoutingTable(_KadRoutingTable):
         for node in self._nodes:
             homes.setdefault((node.ip, node.port), set()).add(node.id)
         assert homes == self._homes, "home index mismatch"
+        groups = GroupCounter(self.diversity)
+        for node in self._nodes:
+            groups.add(node.ip, node.port)
+        assert (groups.hosts, groups.prefixes) == (self._groups.hosts, self._groups.prefixes), \
+            "diversity counts stale"
         assert self._uppers == [b.range[1] for b in self.buckets], "bucket bounds stale"
 
 

@@ -43,7 +43,7 @@ from agent.dht.identity import Identity
 from agent.dht.keys import INDEX_KEYS
 from agent.dht.protocol import RMAProtocol, _is_id, all_contacts, parse_nodes
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
-from agent.dht.storage import ProviderStorage
+from agent.dht.storage import ProviderStorage, is_stale
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,8 @@ class DHTNode(Server):
                     return counts
             out: dict[str, int] = {}
             for r in await self._provider_lookup(key, now).find():
+                if is_stale(r, time.time()):
+                    continue          # what lookups no longer offer is not counted
                 for svc in r.services:
                     out[svc] = out.get(svc, 0) + 1
             return out

@@ -10,13 +10,21 @@ peer may overwrite. Here a key maps to at most one record *per worker*:
 * a withdrawn record (tombstone) is kept until its expiry so that replays of the older,
   live record are refused, but ``get`` never returns it.
 
-Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key (when
-full, the entry expiring soonest is evicted if the newcomer outlives it, otherwise the
-newcomer is refused), ``max_keys`` keys, ``max_per_sender`` records whose latest copy came
-from one sender address ``(ip, port)``, and ``max_total`` records overall. A coordinator
-republishes the records of many workers from one address; list its IP (or ``(ip, port)``)
-in ``trusted`` to exempt it from the per-sender bound (the total bounds still apply).
-Records stored by this node itself (``sender=None``) are exempt as well.
+Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key,
+``max_keys`` keys, ``max_total`` records overall, and per *host* — the sender's IP, not
+``(ip, port)``, so rotating source ports gains nothing (``diversity.DiversityPolicy.host``;
+loopback ``ip:port`` pairs count apart unless the policy is strict) — ``max_per_sender``
+records whose latest copy came from one host and ``max_per_prefix`` from one /24 (IPv6
+/64). A coordinator republishes the records of many workers from one address; list its IP
+(or ``(ip, port)``) in ``trusted`` to exempt it from the per-host bounds (the total bounds
+still apply). Records stored by this node itself (``sender=None``) are exempt as well.
+
+Eviction when a key (or the whole store) is full never drops an honest record to make
+room for a newer stranger: the victim is a record of the host holding the most records
+under that key, and only if that host holds at least two more than the newcomer's host
+would (a flooder's records go first; a key full of one-record-per-host workers refuses
+newcomers, ``key_full``). Expiry time plays no part: a long-TTL record does not outrank
+an honest 300 s one.
 
 Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
 more are stored, half the answer is the best-ranked ones — lowest utilisation
@@ -41,14 +49,22 @@ from typing import Any
 
 from kademlia.storage import IStorage
 
+from agent.dht.diversity import DiversityPolicy
 from agent.dht.record import RecordError, WorkerRecord
 
 log = logging.getLogger(__name__)
 
 ANSWER_LIMIT = 20
 MAX_PER_KEY = 10_240        # a service of 10,000 workers fits under one key
+STALE_REFRESHES = 2.0       # a record is stale after this many of its own refreshes
 SKETCH_BUCKETS = 16         # ranges of worker ids (by first nibble) in a key's sketch
 Sender = tuple[str, int] | None
+
+
+def is_stale(record: WorkerRecord, now: float) -> bool:
+    """The worker missed two of its own refreshes (``refresh``): callers stop offering
+    it (``agent.discovery.select.record_max_age``, the same rule)."""
+    return now - record.issued_at > STALE_REFRESHES * record.refresh
 
 
 def _bucket_of(worker_id: bytes) -> int:
@@ -60,13 +76,17 @@ def _xor_of(worker_id: bytes) -> int:
 
 
 class _Entry:
-    __slots__ = ("encoded", "record", "sender", "stored_at")
+    __slots__ = ("encoded", "host", "prefix", "record", "sender", "stored_at")
 
-    def __init__(self, record: WorkerRecord, sender: Sender, stored_at: float) -> None:
+    def __init__(self, record: WorkerRecord, sender: Sender, stored_at: float,
+                 host: Any = None, prefix: Any = None) -> None:
         self.record = record
         self.encoded = record.encode()
         self.sender = sender
         self.stored_at = stored_at
+        # the quota groups this entry counts in (None: local or trusted, not counted)
+        self.host = host
+        self.prefix = prefix
 
 
 class ProviderStorage(IStorage):
@@ -82,20 +102,27 @@ class ProviderStorage(IStorage):
         max_per_key: int = MAX_PER_KEY,
         max_keys: int = 4096,
         max_per_sender: int = 64,
+        max_per_prefix: int | None = None,
         max_total: int = 50_000,
         trusted: Iterable[Any] = (),
         max_skew: float = 30.0,
         rng: random.Random | None = None,
+        diversity: DiversityPolicy | None = None,
     ) -> None:
         self.max_per_key = max_per_key
         self.max_keys = max_keys
         self.max_per_sender = max_per_sender
+        self.max_per_prefix = 4 * max_per_sender if max_per_prefix is None else max_per_prefix
         self.max_total = max_total
+        self.diversity = diversity if diversity is not None else DiversityPolicy.from_env()
         self.trusted: set[Any] = set(trusted)
         self.max_skew = max_skew
         self._rng = rng or random.Random()
         self._data: dict[bytes, dict[bytes, _Entry]] = {}
-        self._by_sender: Counter[tuple[str, int]] = Counter()
+        self._by_sender: Counter[Any] = Counter()    # host -> records
+        self._by_prefix: Counter[Any] = Counter()    # /24 or /64 -> records
+        self.evicted = 0
+        self._no_flooder: set[bytes] = set()   # full keys known to hold no flooder
         self._total = 0
         self._last_cull = 0.0
         self.refused: Counter[str] = Counter()
@@ -109,13 +136,15 @@ class ProviderStorage(IStorage):
         # called with each record that replaced or added an entry (the agent turns it
         # into its "record" bus event, so cached lookup answers learn of withdrawals)
         self.on_stored: Callable[[WorkerRecord], None] | None = None
+        # closed networks (agent.network): refusal reason for a record, or None to admit
+        self.admit: Callable[[WorkerRecord, float], str | None] | None = None
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,
             now: float | None = None, verify: bool = True) -> str:
         """Store ``record`` under ``key``; return "stored", "same" (equal seq, kept the
-        existing copy) or the refusal reason ("invalid", "wrong_key", "stale",
-        "key_full", "sender_full", "total_full", "too_many_keys")."""
+        existing copy) or the refusal reason ("invalid", "wrong_key", "not_admitted",
+        "stale", "key_full", "sender_full", "total_full", "too_many_keys")."""
         now = time.time() if now is None else now
         status = self._put(key, record, sender, now, verify)
         if status not in ("stored", "same"):
@@ -138,30 +167,36 @@ class ProviderStorage(IStorage):
             return "invalid"
         if not record.serves(key):
             return "wrong_key"
+        if self.admit is not None and self.admit(record, now) is not None:
+            return "not_admitted"
         bucket = self._data.get(key)
         old = bucket.get(record.worker_id) if bucket is not None else None
         if old is not None and old.record.expires_at <= now:
             self._remove(key, bucket, record.worker_id)  # type: ignore[arg-type]
             old = None
+        host, prefix = self._groups(sender)
         if old is not None:
             if record.seq < old.record.seq:
                 return "stale"
             if record.seq == old.record.seq:
                 return "same"
-            if sender != old.sender and self._sender_full(sender):
+            if host != old.host and self._sender_full(host, prefix):
                 return "sender_full"
-            self._uncount(old.sender)
-            self._count(sender)
-            bucket[record.worker_id] = _Entry(record, sender, now)  # type: ignore[index]
+            self._uncount(old)
+            entry = _Entry(record, sender, now, host, prefix)
+            self._count(entry)
+            bucket[record.worker_id] = entry  # type: ignore[index]
             self._ranked.pop(key, None)
             self._sketch.pop(key, None)
+            self._no_flooder.discard(key)
             return "stored"
         # a new worker under this key
-        if self._sender_full(sender):
+        if self._sender_full(host, prefix):
             return "sender_full"
         if self._total >= self.max_total:
             self.cull(now, force=False)
-            if self._total >= self.max_total:
+            if self._total >= self.max_total and not (
+                    bucket and self._evict_flooder(key, bucket, host)):
                 return "total_full"
         if bucket is None:
             if len(self._data) >= self.max_keys:
@@ -169,51 +204,86 @@ class ProviderStorage(IStorage):
                 if len(self._data) >= self.max_keys:
                     return "too_many_keys"
             bucket = self._data[key] = {}
-        elif len(bucket) >= self.max_per_key:
-            victim_id = min(bucket, key=lambda w: bucket[w].record.expires_at)
-            if bucket[victim_id].record.expires_at >= record.expires_at:
-                return "key_full"
-            self._remove(key, bucket, victim_id)
-        bucket[record.worker_id] = _Entry(record, sender, now)
+        elif len(bucket) >= self.max_per_key and not self._evict_flooder(key, bucket, host):
+            return "key_full"
+        entry = _Entry(record, sender, now, host, prefix)
+        bucket[record.worker_id] = entry
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             bisect.insort(order, record.worker_id)
-        self._count(sender)
+        self._count(entry)
         self._total += 1
         return "stored"
 
     def _is_trusted(self, sender: Sender) -> bool:
         return sender is None or sender in self.trusted or sender[0] in self.trusted
 
-    def _sender_full(self, sender: Sender) -> bool:
+    def _groups(self, sender: Sender) -> tuple[Any, Any]:
+        """(host, prefix) the quotas count ``sender`` in; (None, None) when exempt."""
         if self._is_trusted(sender):
+            return None, None
+        ip, port = sender  # type: ignore[misc]
+        return self.diversity.host(ip, port), self.diversity.prefix(ip, port)
+
+    def _sender_full(self, host: Any, prefix: Any) -> bool:
+        if host is None:
             return False
-        return self._by_sender[sender] >= self.max_per_sender  # type: ignore[index]
+        return (self._by_sender[host] >= self.max_per_sender
+                or (self.max_per_prefix > 0 and self._by_prefix[prefix] >= self.max_per_prefix))
 
-    def _count(self, sender: Sender) -> None:
-        if sender is not None:
-            self._by_sender[sender] += 1
+    def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
+        """Make room under ``key`` for a record of ``host`` by dropping one record of the
+        host holding the most there — only if it holds at least two more than ``host``
+        would. Never an exempt (local, trusted) record. True if one was dropped.
 
-    def _uncount(self, sender: Sender) -> None:
-        if sender is not None:
-            n = self._by_sender[sender] - 1
+        The scan is O(records under the key); a key found to hold no host with two or
+        more records is remembered (``_no_flooder``, cleared by any change to the key),
+        so a full key of honest one-record hosts refuses newcomers without rescanning."""
+        if key in self._no_flooder:
+            return False
+        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
+        heavy, n = per_host.most_common(1)[0] if per_host else (None, 0)
+        if n < 2:
+            self._no_flooder.add(key)
+            return False
+        mine = per_host.get(host, 0) if host is not None else 0
+        if n < mine + 2:
+            return False
+        victim = min((w for w, e in bucket.items() if e.host == heavy),
+                     key=lambda w: bucket[w].stored_at)
+        self._remove(key, bucket, victim)
+        self.evicted += 1
+        return True
+
+    def _count(self, entry: _Entry) -> None:
+        if entry.host is not None:
+            self._by_sender[entry.host] += 1
+            self._by_prefix[entry.prefix] += 1
+
+    def _uncount(self, entry: _Entry) -> None:
+        if entry.host is None:
+            return
+        for counter, k in ((self._by_sender, entry.host), (self._by_prefix, entry.prefix)):
+            n = counter[k] - 1
             if n > 0:
-                self._by_sender[sender] = n
+                counter[k] = n
             else:
-                del self._by_sender[sender]
+                del counter[k]
 
     def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
         entry = bucket.pop(worker_id)
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             i = bisect.bisect_left(order, worker_id)
             if i < len(order) and order[i] == worker_id:
                 del order[i]
-        self._uncount(entry.sender)
+        self._uncount(entry)
         self._total -= 1
         if not bucket:
             self._data.pop(key, None)
@@ -231,6 +301,17 @@ class ProviderStorage(IStorage):
         for key in list(self._data):
             bucket = self._data[key]
             for wid in [w for w, e in bucket.items() if e.record.expires_at <= now]:
+                self._remove(key, bucket, wid)
+                dropped += 1
+        return dropped
+
+    def drop_where(self, pred: Callable[[WorkerRecord], bool]) -> int:
+        """Remove every record (tombstones included) for which ``pred`` is true; how
+        many. Used when a revocation list or an expired certificate removes a worker."""
+        dropped = 0
+        for key in list(self._data):
+            bucket = self._data[key]
+            for wid in [w for w, e in bucket.items() if pred(e.record)]:
                 self._remove(key, bucket, wid)
                 dropped += 1
         return dropped
@@ -387,10 +468,15 @@ class ProviderStorage(IStorage):
 
     def service_counts(self, key: bytes, now: float | None = None) -> dict[str, int]:
         """Live workers per service name among the records under ``key`` (the answer
-        of a service-index shard: names and counts, not the records)."""
+        of a service-index shard: names and counts, not the records). Live is what
+        lookups offer: unexpired *and* not stale by the record's own ``refresh``
+        (``is_stale``), so a worker gone without a goodbye leaves the counts when it
+        leaves lookups, not at its TTL."""
         now = time.time() if now is None else now
         counts: dict[str, int] = {}
         for e in self._live(key, now):
+            if is_stale(e.record, now):
+                continue
             for svc in e.record.services:
                 counts[svc] = counts.get(svc, 0) + 1
         return counts
@@ -416,13 +502,15 @@ class ProviderStorage(IStorage):
         return len(self._data.get(key) or ())
 
     def sender_count(self, sender: tuple[str, int]) -> int:
-        return self._by_sender.get(sender, 0)
+        """Records counted against ``sender``'s host (every port of its IP)."""
+        host, _prefix = self._groups(sender)
+        return self._by_sender.get(host, 0) if host is not None else 0
 
     def stats(self) -> dict[str, Any]:
         withdrawn = sum(1 for b in self._data.values() for e in b.values() if e.record.withdrawn)
         return {"keys": len(self._data), "records": self._total - withdrawn,
                 "tombstones": withdrawn, "senders": len(self._by_sender),
-                "refused": dict(self.refused)}
+                "evicted": self.evicted, "refused": dict(self.refused)}
 
     def __len__(self) -> int:
         return self._total

@@ -7,7 +7,8 @@ Every bad input is a 400 with ``{"error": "<what is wrong>"}`` (never a 500):
   ``discovery.max_results`` are capped to it), ``region`` and ``gpu`` (filters, 1-64
   printable characters), ``min_gpu_memory_gb`` (finite number >= 0) and ``prefer_region``
   (rank this region first instead of the agent's own ``agent.region``); unknown or
-  repeated parameters are errors, so a typo is not silently ignored;
+  repeated parameters are errors, so a typo is not silently ignored; ``explain=1`` adds
+  each worker's score components and why others were excluded (``explain.py``);
 * a request header ``Cache-Control: no-cache`` makes the lookup skip the cache;
 * ``POST /api/services/{name}/report`` takes a JSON object
   ``{"worker_id": "<40 hex>", "ok": true|false, "latency_ms": <number >= 0, optional>}``
@@ -21,10 +22,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import MultiDict
 
 from agent.config import SERVICE_RE
 from agent.dht.record import normalize_service
 from agent.discovery.select import Query
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     from agent.discovery.service import DiscoveryComponent
@@ -93,6 +96,17 @@ def parse_query(params: Any, max_results: int) -> Query:
                  caller_region=prefer)
 
 
+def parse_explain(params: Any) -> bool:
+    """``explain=1|true|0|false`` (once): whether to add score components."""
+    values = params.getall("explain")
+    if len(values) > 1:
+        raise BadRequest("parameter 'explain' given more than once")
+    value = values[0].lower()
+    if value not in ("1", "true", "0", "false", "yes", "no"):
+        raise BadRequest(f"explain must be 1 or 0, got {values[0][:20]!r}")
+    return value in ("1", "true", "yes")
+
+
 def parse_report(body: bytes) -> tuple[bytes, bool, float | None]:
     """Validate a report body into (worker_id, ok, latency_ms)."""
     if len(body) > MAX_REPORT_BYTES:
@@ -137,18 +151,31 @@ async def list_services(request: web.Request) -> web.Response:
 
 async def get_service(request: web.Request) -> web.Response:
     comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    params = request.query
+    explain = params.get("explain")
     try:
         service = check_service(request.match_info["name"])
-        query = parse_query(request.query, comp.max_results)
+        if explain is not None:         # "why this worker" (agent/discovery/explain.py)
+            explain = parse_explain(params)
+            params = MultiDict((k, v) for k, v in params.items() if k != "explain")
+        query = parse_query(params, comp.max_results)
     except BadRequest as exc:
         return _bad(str(exc))
     fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    if not comp.guard.allow_lookup(comp, service, request):
+        return comp.guard.too_many()
+    if explain:
+        from agent.discovery.explain import explain as explain_lookup
+        return web.json_response(await explain_lookup(comp, service, query, fresh=fresh))
     result = await comp.lookup(service, query, fresh=fresh)
     return web.Response(body=result.body(), content_type="application/json")
 
 
 async def post_report(request: web.Request) -> web.Response:
     comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    refused = refuse_remote(request, "a worker report")
+    if refused is not None:
+        return refused
     try:
         service = check_service(request.match_info["name"])
         if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:

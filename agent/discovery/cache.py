@@ -14,7 +14,9 @@ An entry is fresh until the first of:
 * an early invalidation: a cached worker was reported (or probed) failed, or a newer
   record of a cached worker was seen elsewhere (another lookup, or the local DHT node
   storing it — the ``"record"`` event) that changes what an answer says: withdrawn,
-  new endpoint, services, GPU, capacity or region, or load moved by a whole slot.
+  new endpoint, services, GPU, capacity or region, or load moved by a whole slot; or a
+  live record, issued after the entry was fetched, of a worker the entry lacks (a new
+  worker, or one back from a restart or a package upgrade).
 
 An empty answer is cached for at most ``NEGATIVE_TTL_S`` (a lookup storm for a service
 nobody serves must not become a DHT storm, but a new worker must show up quickly).
@@ -60,6 +62,9 @@ class ServiceCache:
         self.negative_ttl_s = negative_ttl_s
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.invalidations = 0
+        # service -> {worker id: newest record observed} while a query for it is in flight:
+        # a record stored locally during the query may be missing from its answer.
+        self._inflight: dict[str, dict[bytes, RecordLike]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -78,12 +83,33 @@ class ServiceCache:
         """The entry even past freshness (last-resort answers)."""
         return self._entries.get(service)
 
+    def begin(self, service: str) -> None:
+        """A query for ``service`` starts: records observed until its ``put`` (or ``end``)
+        are checked against its answer."""
+        self._inflight[service] = {}
+
+    def end(self, service: str) -> None:
+        """The query for ``service`` finished without ``put`` (or after it)."""
+        self._inflight.pop(service, None)
+
     def put(self, service: str, candidates: CandidateSet, source: str,
             now: float) -> CacheEntry:
         if len(candidates):
             until = min(now + self.ttl_s, candidates.fresh_until)
         else:
             until = now + min(self.ttl_s, self.negative_ttl_s)
+        # A record that arrived while the query ran and that its answer lacks (or holds in
+        # a materially older form) makes the answer outdated on arrival: keep it (a last
+        # resort) but not fresh, so the next lookup asks again instead of serving it until
+        # it expires (a restarted worker would stay invisible for NEGATIVE_TTL_S).
+        for wid, rec in self._inflight.pop(service, {}).items():
+            i = candidates.index.get(wid)
+            if (not rec.withdrawn if i is None else
+                    candidates.records[i].seq < rec.seq
+                    and material_change(candidates.records[i], rec)):
+                until = 0.0
+                self.invalidations += 1
+                break
         entry = CacheEntry(candidates, source, now, until)
         self._entries[service] = entry
         self._entries.move_to_end(service)
@@ -107,14 +133,22 @@ class ServiceCache:
     def observe(self, records: Iterable[RecordLike], except_service: str | None = None) -> int:
         """Invalidate entries whose copy of a worker is materially older than one of
         ``records`` (withdrawn, moved, changed services/GPU/capacity/region, or a load
-        change of at least one slot). A plain refresh (same content, newer ``seq``) is
-        not a reason: workers refresh every ``republish_interval``, and invalidating on
-        each would make the cache useless for large services."""
+        change of at least one slot), or that lack a live worker of the service whose
+        record was issued after the entry was fetched (a new or restarted worker). A
+        plain refresh (same content, newer ``seq``) is not a reason: workers refresh
+        every ``republish_interval``, and invalidating on each would make the cache
+        useless for large services."""
         newest: dict[bytes, RecordLike] = {}
         for rec in records:
             cur = newest.get(rec.worker_id)
             if cur is None or rec.seq > cur.seq:
                 newest[rec.worker_id] = rec
+        for service, seen in self._inflight.items():
+            if service == except_service:
+                continue
+            for wid, rec in newest.items():
+                if service in rec.services and (wid not in seen or seen[wid].seq < rec.seq):
+                    seen[wid] = rec
         count = 0
         for service, entry in list(self._entries.items()):
             if service == except_service or entry.valid_until == 0.0:
@@ -122,8 +156,16 @@ class ServiceCache:
             cs = entry.candidates
             for wid, rec in newest.items():
                 i = cs.index.get(wid)
-                if i is not None and cs.records[i].seq < rec.seq \
-                        and material_change(cs.records[i], rec):
+                if i is None:
+                    # A worker the answer lacks, live, serving this service and issued
+                    # after the entry was fetched: new, or back after a restart (its
+                    # withdrawal emptied the answer). Without this a restarted worker
+                    # stays invisible until the entry expires (NEGATIVE_TTL_S when empty).
+                    if not rec.withdrawn and service in rec.services \
+                            and rec.issued_at > entry.fetched_at:
+                        count += self.invalidate(service)
+                        break
+                elif cs.records[i].seq < rec.seq and material_change(cs.records[i], rec):
                     count += self.invalidate(service)
                     break
         return count

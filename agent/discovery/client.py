@@ -158,9 +158,39 @@ def format_status(stats: dict[str, Any]) -> str:
         ("kernels", stats.get("kernels")),
         ("uptime", _num(stats.get("uptime_s"), "{:.0f} s")),
         ("version", stats.get("version")),
+        ("fleet versions", _fleet_versions(stats.get("versions"))),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {'-' if v is None else v}" for k, v in rows)
+
+
+def _fleet_versions(block: Any) -> str | None:
+    """``{"peers": {"0.2.0": 3, "": 1}, "sampled": 4}`` -> "0.2.0 x3, v1 record x1 (4 peers)"."""
+    if not isinstance(block, dict) or not isinstance(block.get("peers"), dict):
+        return None
+    peers = block["peers"]
+    if not peers:
+        return "no peer records seen yet"
+    parts = [f"{v or 'v1 record'} x{n}" for v, n in peers.items()]
+    return f"{', '.join(parts)} ({block.get('sampled', sum(peers.values()))} peers)"
+
+
+def outdated_warning(stats: dict[str, Any]) -> str | None:
+    """The warning ``rma-agent status`` prints when most peers run a newer version.
+
+    The agent decides (``versions.outdated`` in ``/api/dht/stats``, from the worker
+    records its DHT node stores: agent.versions); this only words it."""
+    block = stats.get("versions")
+    if not isinstance(block, dict) or not block.get("outdated"):
+        return None
+    from agent.versions import version_key
+
+    local = str(block.get("local", ""))
+    newer = ", ".join(f"{v} x{n}" for v, n in (block.get("peers") or {}).items()
+                      if version_key(str(v)) > version_key(local))
+    return (f"warning: this agent runs {local}, older than {block.get('newer')} of the "
+            f"{block.get('sampled')} peers it sees ({newer}); upgrade it: "
+            f"apt update && apt upgrade rma-agent")
 
 
 def _pct(v: Any) -> str | None:
@@ -190,6 +220,9 @@ def cmd_status(url: str, as_json: bool, out: TextIO | None = None,
         print("rma-agent status: unexpected answer (not a JSON object)", file=err)
         return 1
     print(format_status(stats), file=out)
+    warning = outdated_warning(stats)
+    if warning:
+        print(warning, file=err)
     return 0
 
 

@@ -41,9 +41,12 @@ from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
+from agent.discovery.guard import CrawlGuard
 from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
+from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.select import (
     DEFAULT_WEIGHTS,
     TOP_RANDOM,
@@ -52,6 +55,7 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
+from agent.network import admitted
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -112,8 +116,9 @@ class _Ranked:
     until: float
     version: int
     views: list[dict[str, Any]]
+    ids: list[bytes]                  # worker id of each view
     fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
-    probe: list[tuple[bytes, str]]
+    probe: list[tuple[bytes, str, bytes]]
 
 
 @dataclass
@@ -182,8 +187,13 @@ class DiscoveryComponent(Component):
         self.lastgood = LastGood(getattr(cfg.agent, "state_dir", None))
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
+        self.ownership = OwnershipVerifier(registry=agent.registry)
+        self.guard = CrawlGuard(agent.registry)
+        # hosts that caller-side sessions asked to connect to (endpoints.GuardedConnector)
+        self.contacts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
-        self.prober = Prober(self.tracker, lambda: self._session,
+        self._probe_session: aiohttp.ClientSession | None = None
+        self.prober = Prober(self.tracker, lambda: self._probe_session, verifier=self.ownership,
                              on_failure=self._worker_failed, on_result=self._probe_result)
         self.metrics = _Metrics(agent.registry, self)
         self._m_source = {s: self.metrics.lookups.labels(s) for s in SOURCES}
@@ -212,6 +222,7 @@ class DiscoveryComponent(Component):
 
     async def start(self) -> None:
         self._ensure_session()
+        self._peer_session()
         # records the local DHT node stores (if it emits them) keep cached answers honest:
         # a withdrawal or a moved endpoint invalidates at once
         self.agent.subscribe("record", self.observe_record)
@@ -232,17 +243,31 @@ class DiscoveryComponent(Component):
                 headers={"User-Agent": "rma-agent-discovery"})
         return self._session
 
+    def _peer_session(self) -> aiohttp.ClientSession:
+        """The session for workers' endpoints (probes): every connection passes the
+        endpoint rule (:class:`GuardedConnector`). Coordinators, which the operator
+        configured, use ``_session``."""
+        if self._probe_session is None or self._probe_session.closed:
+            self._probe_session = aiohttp.ClientSession(
+                connector=GuardedConnector(lambda: _allow_http(self.agent.config),
+                                           self.contacts, limit=32, limit_per_host=4),
+                headers={"User-Agent": "rma-agent-discovery"})
+        return self._probe_session
+
     async def stop(self) -> None:
         await self.prober.close()
+        await self.ownership.close()
         await self.flight.cancel_all()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
 
     async def reload(self, old: Config, new: Config) -> None:
         self.cache.set_ttl(new.discovery.cache_ttl)
         if (dict(old.discovery.gpu_scores) != dict(new.discovery.gpu_scores)
-                or old.dht.republish_interval != new.dht.republish_interval):
+                or old.dht.republish_interval != new.dht.republish_interval
+                or _allow_http(old) != _allow_http(new)):
             # GPU scores and staleness are baked into cached candidate sets
             self.scorer = GpuScorer(new.discovery.gpu_scores)
             self.cache.clear()
@@ -283,6 +308,31 @@ class DiscoveryComponent(Component):
                             age_s=max(0.0, now - entry.fetched_at) if source == "stale"
                             else None)
 
+    async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
+        """The router's view of a lookup: the ranked *records* (best first, after the
+        top-3 draw, at most ``query.limit``) and the answer's source. Same cache, DHT and
+        coordinator path, ranking and metrics as :meth:`lookup`; records rather than
+        JSON views because the router needs each worker's public key."""
+        t0 = time.perf_counter()
+        q = query
+        if not q.caller_region and self.agent.config.agent.region:
+            q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
+                      self.agent.config.agent.region)
+        entry, source = await self._entry(service)
+        answer = self._ranked_answer(entry.candidates, q, self.clock())
+        cs = answer.cs
+        order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
+        if answer.probe:
+            self.prober.consider(answer.probe)
+        records = [cs.records[cs.index[answer.ids[i]]] for i in order]
+        dt = time.perf_counter() - t0
+        self._m_source[source].inc()
+        self._m_seconds.observe(dt)
+        self.counts["lookups"] += 1
+        self.counts[f"source_{source}"] += 1
+        self._durations.append(dt)
+        return records, source
+
     def _ranked_answer(self, cs: CandidateSet, q: Query, now: float) -> _Ranked:
         """The deterministic ranking of ``cs`` for ``q``, rendered; reused for up to
         ``RANK_MEMO_S`` while nothing that affects it changed.
@@ -304,9 +354,10 @@ class DiscoveryComponent(Component):
         views = [cs.view(i, now, score) for i, score in pairs]
         memo = _Ranked(
             cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
-            version=tracker.version, views=views,
+            version=tracker.version, views=views, ids=[cs.ids[i] for i, _ in pairs],
             fragments=[_dumps(v).encode() for v in views],
-            probe=[(cs.ids[i], cs.records[i].endpoint) for i, _ in pairs[:TOP_RANDOM]])
+            probe=[(cs.ids[i], cs.records[i].endpoint, cs.records[i].public_key)
+                   for i, _ in pairs[:TOP_RANDOM]])
         self._memo[key] = memo
         self._memo.move_to_end(key)
         while len(self._memo) > RANK_MEMO_MAX:
@@ -327,9 +378,15 @@ class DiscoveryComponent(Component):
         return await self.flight.run(service, lambda: self._refresh(service))
 
     async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
-        fetched = await self._fetch(service)
+        self.cache.begin(service)       # records stored while we ask are checked at put()
+        try:
+            fetched = await self._fetch(service)
+        except BaseException:
+            self.cache.end(service)
+            raise
         old = self.cache.get_any(service)
         if not fetched.answered and old is not None and len(old.candidates):
+            self.cache.end(service)
             self.counts["stale_answers"] += 1
             return old, "cache"
         now = self.clock()
@@ -353,6 +410,9 @@ class DiscoveryComponent(Component):
         if got is None:
             return None
         records, saved_at = got
+        # what was admitted and contactable when saved may not be now (a revocation, a
+        # reload of network.admission_keys or discovery.allow_http_hosts)
+        records = self._contactable(admitted(self.agent, records))
         cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
         if not len(cs):
             return None
@@ -373,6 +433,7 @@ class DiscoveryComponent(Component):
     async def _fetch(self, service: str) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
+        records = self._contactable(admitted(self.agent, records))
         now = self.clock()
         cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
         answered = dht_state in ("hit", "miss")
@@ -381,11 +442,21 @@ class DiscoveryComponent(Component):
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
         crecords, coord_answered = await self._from_coordinators(service)
+        crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
         if len(ccs) or not answered:
             return _Fetched(ccs, "coordinator", coord_answered or answered, crecords)
         return _Fetched(cs, "dht", True, records)
+
+    def _contactable(self, records: list[RecordLike]) -> list[RecordLike]:
+        """Records whose endpoint callers may contact (see
+        :mod:`agent.discovery.endpoints`); the others are never offered."""
+        allow = _allow_http(self.agent.config)
+        kept = [r for r in records if endpoint_refusal(r.endpoint, allow) is None]
+        if len(kept) != len(records):
+            self.ownership.count_refused(len(records) - len(kept))
+        return kept
 
     async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
         dht = self.agent.get("dht")
@@ -509,8 +580,9 @@ class DiscoveryComponent(Component):
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
-            counts[svc] = max(counts.get(svc, 0),
-                              len(_live_indices(e.candidates, now, self.tracker)))
+            live = len(_live_indices(e.candidates, now, self.tracker))
+            if live:          # a looked-up name nobody serves (a typo) is no service
+                counts[svc] = max(counts.get(svc, 0), live)
         return {"source": source,
                 "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
 
@@ -576,6 +648,10 @@ class DiscoveryComponent(Component):
             "bad_records": c["bad_records"],
             **self.tracker.stats(self.clock()),
         }}
+
+
+def _allow_http(cfg: Config) -> tuple[str, ...]:
+    return tuple(cfg.discovery.allow_http_hosts)
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import random
 import time
@@ -31,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter
 
+from agent import __version__
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
+from agent.httpguard import refuse_remote
 
 if TYPE_CHECKING:
     import aiohttp
@@ -62,6 +63,7 @@ class WorkerRole(Component):
         self._tunnel_endpoint = ""
         self._gpu: GpuInfo | None = None
         self._inflight: float | None = None     # set by whoever tracks requests, if anyone
+        self._reported: float | None = None     # PUT /api/worker/load (the local service)
         self._load = 0.0
         self._seq = 0
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +74,7 @@ class WorkerRole(Component):
         self._stopping = False
         self._announced_services: tuple[str, ...] = ()
         self._withdraw_services: tuple[str, ...] = ()
+        self._down: frozenset[str] = frozenset()   # services whose upstream is down
         self.last_record: WorkerRecord | None = None
         self.last_announce_at: float | None = None
         self.last_stored = 0
@@ -106,8 +109,12 @@ class WorkerRole(Component):
 
     def _current_load(self) -> float:
         cap = self._capacity()
-        if self._inflight is not None:
-            return float(min(max(self._inflight, 0.0), cap))
+        # the gateway's count and the local service's own report: the larger, as neither
+        # sees everything (the service also works on requests that did not come through
+        # the gateway; the gateway's count drops to 0 after each burst)
+        counts = [n for n in (self._inflight, self._reported) if n is not None]
+        if counts:
+            return float(min(max(max(counts), 0.0), cap))
         if self._gpu is not None and self._gpu.utilization is not None:
             return round(min(max(self._gpu.utilization, 0.0), 1.0) * cap, 2)
         return 0.0
@@ -119,7 +126,7 @@ class WorkerRole(Component):
         record = WorkerRecord.create(
             self.dht.identity,
             name=cfg.agent.name,
-            services=list(services if services is not None else cfg.worker.services),
+            services=list(services if services is not None else self.services()),
             endpoint=self.endpoint,
             gpu=gpu.name,
             gpu_memory_gb=float(gpu.memory_gb),
@@ -130,6 +137,8 @@ class WorkerRole(Component):
             ttl=int(cfg.dht.record_ttl),
             withdrawn=withdrawn,
             refresh=float(cfg.dht.republish_interval),
+            agent_version=__version__,     # the fleet's versions (agent.versions, status)
+            cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
         )
         self._seq = record.seq
         return record
@@ -139,9 +148,34 @@ class WorkerRole(Component):
         if self._wake is not None:
             self._wake.set()
 
+    def services(self) -> tuple[str, ...]:
+        """The services announced now: the configured ones whose upstream is not down."""
+        return tuple(s for s in self.agent.config.worker.services if s not in self._down)
+
+    def set_down(self, services: frozenset[str]) -> None:
+        """Services whose upstream fails its health check (the gateway says so): left out
+        of the record, and withdrawn at once if they were announced, until they are back."""
+        services = frozenset(services)
+        if services == self._down:
+            return
+        gone = tuple(s for s in self._announced_services if s in services - self._down)
+        back = (self._down - services) & set(self.agent.config.worker.services)
+        self._down = services
+        # a service back before its withdrawal went out needs none any more
+        pending = (s for s in self._withdraw_services if s not in back)
+        self._withdraw_services = tuple(dict.fromkeys((*pending, *gone)))
+        self.wake()
+
     def set_inflight(self, n: float | None) -> None:
-        """Report requests in flight (overrides the NVML estimate); re-announces on change."""
+        """Report requests in flight (overrides the NVML estimate); re-announces on change.
+        The gateway calls this with its proxied requests."""
         self._inflight = n
+        self._maybe_load_changed()
+
+    def set_reported(self, n: float | None) -> None:
+        """The local service's own in-flight count (``PUT /api/worker/load``); kept apart
+        from the gateway's so that neither report erases the other."""
+        self._reported = n
         self._maybe_load_changed()
 
     def _maybe_load_changed(self) -> None:
@@ -164,14 +198,13 @@ class WorkerRole(Component):
 
     async def _put_load(self, request: web.Request) -> web.Response:
         """``PUT /api/worker/load`` ``{"inflight": N}`` (or ``null`` to go back to the NVML
-        estimate): the service on this box reports its requests in flight, which become
-        the record's load. Local callers only: the agent's port is what a quick tunnel
+        estimate): the service on this box reports its requests in flight; the record's
+        load is the larger of that and the gateway's own count. Local callers only: the agent's port is what a quick tunnel
         publishes, so a request relayed by cloudflared (``Cf-Connecting-Ip``) is refused
         like any non-loopback caller."""
-        remote = request.remote or ""
-        if "Cf-Connecting-Ip" in request.headers or not _is_loopback(remote):
-            return web.json_response({"error": "the load is set from this box only"},
-                                     status=403)
+        refused = refuse_remote(request, "the load")
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -183,8 +216,8 @@ class WorkerRole(Component):
             return web.json_response(
                 {"error": 'expected {"inflight": <number >= 0>} or {"inflight": null}'},
                 status=400)
-        self.set_inflight(None if value is None else float(value))
-        return web.json_response({"inflight": self._inflight, "load": self._current_load(),
+        self.set_reported(None if value is None else float(value))
+        return web.json_response({"inflight": self._reported, "load": self._current_load(),
                                   "capacity": self._capacity()})
 
     async def start(self) -> None:
@@ -218,7 +251,7 @@ class WorkerRole(Component):
     async def reload(self, old: Config, new: Config) -> None:
         removed = tuple(s for s in old.worker.services if s not in new.worker.services)
         if removed and self._announced_services:
-            self._withdraw_services = removed
+            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *removed)))
         if old.worker != new.worker:
             self._gpu = await asyncio.get_running_loop().run_in_executor(
                 None, detect_gpu, new.worker)
@@ -279,7 +312,7 @@ class WorkerRole(Component):
     async def _announce_once(self) -> bool:
         """One refresh; True when the record is stored somewhere (DHT or a coordinator)."""
         cfg = self.agent.config
-        if not self.endpoint or not cfg.worker.services:
+        if not self.endpoint or not self.services():
             if self.last_record is not None and not self.last_record.withdrawn:
                 # a record pointing at a dead URL (or at services no longer served) is
                 # worse than none: withdraw it now instead of letting it live to expiry
@@ -289,7 +322,8 @@ class WorkerRole(Component):
             if not self._said_no_endpoint:
                 self._said_no_endpoint = True
                 self.last_result = ("no endpoint" if not self.endpoint
-                                    else "no services configured")
+                                    else "every service's upstream is down"
+                                    if cfg.worker.services else "no services configured")
             return False
         self._said_no_endpoint = False
         if self._withdraw_services:
@@ -436,10 +470,3 @@ class WorkerRole(Component):
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
         }}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False

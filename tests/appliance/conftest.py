@@ -1,4 +1,4 @@
-"""Harness for the appliance test: build the .deb, boot Debian 12 with systemd-nspawn.
+"""Harness for the appliance tests: build the .debs, boot Debian 12/13 with systemd-nspawn.
 
 What works on these machines is in ``shared/notes/nspawn.md``; in short:
 
@@ -9,7 +9,15 @@ What works on these machines is in ``shared/notes/nspawn.md``; in short:
 * with ``--keep-unit`` nspawn makes ``payload/`` and ``supervisor/`` cgroups under its own
   cgroup, so each container gets its own cgroup (v1 ``name=systemd`` and v2 ``unified``),
   removed afterwards together with anything left in it;
-* ``--volatile=overlay``: the cached root filesystem is never written, each boot starts clean.
+* ``--volatile=overlay``: the cached root filesystem is never written, each boot starts clean;
+* trixie's systemd (257) no longer boots on cgroup v1, and nspawn 252 on this hybrid host
+  would give it the hybrid layout: ``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`` asks for the
+  unified (v2) hierarchy for the trixie container.
+
+Fixtures: ``deb`` / ``runtime_rootfs`` / ``container`` are bookworm's (revision 1, in
+``dist/``); ``debs`` maps each release to its package, ``next_debs`` to the same tree
+repacked as revision 2 ("N+1", in ``dist/next/``) for the upgrade tests, and
+``runtime_rootfs_for(release)`` gives a release's booted test root filesystem.
 
 Skips when the machine cannot do this (not root, no debootstrap or nspawn); in CI
 (``CI`` set) that is a failure instead, since .ci/run installs everything it needs.
@@ -29,10 +37,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.appliance.releases import RELEASES, deb_path
 from tests.util import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DIST = REPO / "dist"
+NEXT_DIST = DIST / "next"         # revision 2 of the same tree: the upgrade tests' "N+1"
 TOOLS = REPO / "tests" / "tools"
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,11 +61,13 @@ def _why_not_runnable() -> str | None:
 
 
 class Container:
-    """One booted Debian 12 container (systemd as PID 1), driven from the host."""
+    """One booted Debian container (systemd as PID 1), driven from the host."""
 
-    def __init__(self, rootfs: Path, binds_ro: dict[Path, str], logdir: Path) -> None:
+    def __init__(self, rootfs: Path, binds_ro: dict[Path, str], logdir: Path,
+                 unified_cgroup: bool = False) -> None:
         self.rootfs = rootfs
         self.binds_ro = binds_ro
+        self.unified_cgroup = unified_cgroup
         self.name = f"rma-test-{uuid.uuid4().hex[:8]}"
         self.log_path = logdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,10 +94,14 @@ class Container:
             for cg in cgroups:
                 (cg / "cgroup.procs").write_text(str(os.getpid()))
 
+        env = dict(os.environ)
+        if self.unified_cgroup:
+            env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
         self._log = open(self.log_path, "wb")  # closed in stop()
         # unshare (without --fork) and sh exec in place: Popen's pid is nspawn's.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=into_own_cgroup)
+                                     stderr=subprocess.STDOUT, preexec_fn=into_own_cgroup,
+                                     env=env)
         deadline = time.monotonic() + timeout
         while self.pid1 is None:
             if self.proc.poll() is not None:
@@ -240,48 +256,97 @@ def appliance_ready() -> None:
         pytest.skip(f"appliance test skipped: {why}")
 
 
-def _runtime_rootfs_cmd() -> list[str]:
-    return ["sh", str(REPO / "packaging" / "rootfs.sh"), "runtime"]
+def _runtime_rootfs_cmd(release: str = "bookworm") -> list[str]:
+    return ["sh", str(REPO / "packaging" / "rootfs.sh"), "runtime", release]
 
 
-_rootfs_job: subprocess.Popen[str] | None = None
+# Runtime root filesystems being made in the background (release -> job), started as soon
+# as a package build starts: on a cold cache debootstrap and the build overlap.
+_rootfs_jobs: dict[str, subprocess.Popen[str]] = {}
+_rootfs_done: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="session")
-def deb(appliance_ready) -> Path:
-    """The .deb under test: built by packaging/build-deb.sh, reused while its inputs are
-    unchanged (the script keeps a hash of them next to the package)."""
-    global _rootfs_job
-    # On a cold cache, debootstrap the runtime root filesystem while the package builds
-    # (both ~1 min); rootfs.sh locks, so the runtime_rootfs fixture just waits for it.
-    if _rootfs_job is None:
-        _rootfs_job = subprocess.Popen(_runtime_rootfs_cmd(), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), "--if-changed"],
-                       cwd=REPO, capture_output=True, text=True, timeout=1200)
-    if r.returncode != 0:
-        pytest.fail(f"build-deb.sh failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    debs = sorted(DIST.glob("rma-agent_*_amd64.deb"), key=lambda p: p.stat().st_mtime)
-    assert debs, f"no .deb in {DIST}"
-    return debs[-1]
+def _start_rootfs(release: str) -> None:
+    if release not in _rootfs_jobs and release not in _rootfs_done:
+        _rootfs_jobs[release] = subprocess.Popen(
+            _runtime_rootfs_cmd(release), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
 
 
-@pytest.fixture(scope="session")
-def runtime_rootfs(appliance_ready) -> Path:
-    global _rootfs_job
-    job, _rootfs_job = _rootfs_job, None
-    if job is None:
-        job = subprocess.Popen(_runtime_rootfs_cmd(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+def runtime_rootfs_for(release: str) -> Path:
+    """The cached runtime root filesystem of ``release`` (debootstrapped once)."""
+    if release in _rootfs_done:
+        return _rootfs_done[release]
+    _start_rootfs(release)
+    job = _rootfs_jobs.pop(release)
     try:
         out, err = job.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         job.kill()
         job.communicate()
-        pytest.fail("rootfs.sh runtime took more than 15 min")
+        pytest.fail(f"rootfs.sh runtime {release} took more than 15 min")
     if job.returncode != 0:
-        pytest.fail(f"rootfs.sh runtime failed:\n{err[-4000:]}")
-    return Path(out.strip().splitlines()[-1])
+        pytest.fail(f"rootfs.sh runtime {release} failed:\n{err[-4000:]}")
+    _rootfs_done[release] = Path(out.strip().splitlines()[-1])
+    return _rootfs_done[release]
+
+
+def build_debs(releases: tuple[str, ...], revision: int = 1, out: Path = DIST,
+               lintian: bool = True) -> dict[str, Path]:
+    """packaging/build-deb.sh --if-changed for ``releases``; {release: .deb}."""
+    for release in releases:
+        _start_rootfs(release)
+    release_arg = releases[0] if len(releases) == 1 else "all"
+    cmd = ["bash", str(REPO / "packaging" / "build-deb.sh"), "--if-changed",
+           "--release", release_arg, "--revision", str(revision), "--out", str(out)]
+    if not lintian:
+        cmd.append("--no-lintian")
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        pytest.fail(f"build-deb.sh failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    print(f"build-deb.sh {' '.join(cmd[3:])}: {time.monotonic() - t0:.0f} s")
+    debs = {release: deb_path(release, revision, out) for release in releases}
+    for path in debs.values():
+        assert path.is_file(), f"build-deb.sh did not make {path}"
+    return debs
+
+
+@pytest.fixture(scope="session")
+def debs(appliance_ready) -> dict[str, Path]:
+    """Revision 1 for both releases, in dist/ (reused while the inputs are unchanged)."""
+    return build_debs(RELEASES)
+
+
+@pytest.fixture(scope="session")
+def next_debs(debs) -> dict[str, Path]:
+    """The same tree as ``debs`` with revision 2 ("N+1"), in dist/next/: the cached venv is
+    repacked with the new version, nothing is rebuilt. Lintian ran on revision 1."""
+    return build_debs(RELEASES, revision=2, out=NEXT_DIST, lintian=False)
+
+
+@pytest.fixture(scope="session")
+def deb(debs) -> Path:
+    """The bookworm .deb under test (packaging/build-deb.sh, reused while its inputs are
+    unchanged: the script keeps a hash of them next to the package)."""
+    return debs["bookworm"]
+
+
+@pytest.fixture(scope="session")
+def runtime_rootfs(appliance_ready) -> Path:
+    return runtime_rootfs_for("bookworm")
+
+
+def boot(release: str, binds_ro: dict[Path, str], logdir: Path) -> Container:
+    """Boot ``release``'s runtime root filesystem (the caller stops it)."""
+    c = Container(runtime_rootfs_for(release), binds_ro, logdir,
+                  unified_cgroup=release != "bookworm")
+    try:
+        c.start()
+    except BaseException:
+        c.stop()
+        raise
+    return c
 
 
 @pytest.fixture(scope="module")

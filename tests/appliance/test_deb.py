@@ -1,10 +1,13 @@
-"""What is inside the built .deb (no container needed): paths, modes, control fields."""
+"""What is inside the built .debs (no container needed): paths, modes, control fields,
+lintian, for each release (bookworm and trixie)."""
 
 from __future__ import annotations
 
 import subprocess
 
 import pytest
+
+from tests.appliance.releases import PYTHON_MINOR, RELEASES, deb_version
 
 # Marked nspawn too: building the package needs the same root + debootstrap'd bookworm
 # chroot as the booted test, so `-m "not nspawn"` runs skip the build as well.
@@ -28,7 +31,13 @@ def field(deb, name: str) -> str:
                           check=True).stdout.strip()
 
 
-def test_layout(deb):
+@pytest.fixture(params=RELEASES)
+def release(request) -> str:
+    return request.param
+
+
+def test_layout(debs, release):
+    deb = debs[release]
     files = listing(deb)
     for path, mode in {
         "/usr/bin/rma-agent": "lrwxrwxrwx",
@@ -45,20 +54,51 @@ def test_layout(deb):
         assert path in files, f"{path} missing from the package"
         assert files[path].startswith(mode), (path, files[path])
         assert files[path].endswith("root/root"), (path, files[path])
-    # Compiled kernels for bookworm's python3.11, no bytecode (postinst compiles it).
-    assert any(p.startswith("/opt/rma-agent/lib/python3.11/site-packages/_fast/_xor.cpython-311")
-               for p in files)
+    # Compiled kernels for the release's own python3, no bytecode (postinst compiles it).
+    minor = PYTHON_MINOR[release]
+    tag = minor.replace(".", "")
+    assert any(p.startswith(f"/opt/rma-agent/lib/python{minor}/site-packages/_fast/"
+                            f"_xor.cpython-{tag}") for p in files)
+    assert not any(p.startswith("/opt/rma-agent/lib/python3.") and
+                   not p.startswith(f"/opt/rma-agent/lib/python{minor}") for p in files)
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in files)
     assert not any(p.startswith("/opt/rma-agent/include") for p in files)
 
 
-def test_control(deb):
+def test_control(debs, release):
+    deb = debs[release]
     assert field(deb, "Package") == "rma-agent"
     assert field(deb, "Architecture") == "amd64"
+    assert field(deb, "Version") == deb_version(release)
     depends = field(deb, "Depends")
-    for want in ("python3 (>= 3.11)", "python3 (<< 3.12)", "adduser", "systemd", "libc6"):
+    major, minor = PYTHON_MINOR[release].split(".")
+    for want in (f"python3 (>= {major}.{minor})", f"python3 (<< {major}.{int(minor) + 1})",
+                 "adduser", "systemd", "libc6"):
         assert want in depends, depends
     assert field(deb, "Recommends") == "cloudflared"
     conffiles = subprocess.run(["dpkg-deb", "--info", str(deb), "conffiles"],
                                capture_output=True, text=True, check=True).stdout.split()
     assert conffiles == ["/etc/rma-agent/agent.toml", "/etc/default/rma-agent"]
+
+
+def test_versions_sort_across_releases(debs):
+    """bookworm's build < trixie's build < the next revision of either (dpkg's order), so a
+    box moving to trixie gets the trixie build and a new revision upgrades both."""
+    def lt(a: str, b: str) -> bool:
+        return subprocess.run(["dpkg", "--compare-versions", a, "lt", b]).returncode == 0
+
+    b1, t1 = deb_version("bookworm"), deb_version("trixie")
+    assert lt(b1, t1)
+    assert lt(t1, deb_version("bookworm", 2)) and lt(b1, deb_version("bookworm", 2))
+    assert lt(b1, b1.split("~")[0])  # below the plain revision (as Debian's own ~debNNuM)
+
+
+def test_lintian_clean(debs, release):
+    """build-deb.sh fails on lintian errors and keeps lintian's full output next to the
+    package: no warnings either (every accepted tag is an override that says why)."""
+    deb = debs[release]
+    report = deb.parent / f".{deb.stem}.lintian"
+    assert report.is_file(), f"no lintian report {report} (built with --no-lintian?)"
+    text = report.read_text()
+    print(f"lintian {deb.name}: {text.strip() or 'clean'}")
+    assert text.strip() == "", text

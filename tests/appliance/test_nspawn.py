@@ -40,6 +40,9 @@ mode = "server"
 [http]
 listen = "127.0.0.1:8080"
 
+[gateway]
+listen = "127.0.0.1:8092"
+
 [tunnel]
 mode = "off"
 
@@ -50,7 +53,7 @@ level = "info"
 
 def worker_toml(*, name: str, dht_port: int, http_port: int, seeds: list[str], service: str,
                 endpoint: str = "", tunnel: str = "off", state_dir: str = "/var/lib/rma-agent",
-                metrics: str = "127.0.0.1:20241") -> str:
+                metrics: str = "127.0.0.1:20241", gateway: str = "127.0.0.1:8090") -> str:
     return f"""\
 [agent]
 role = "worker"
@@ -67,6 +70,9 @@ republish_interval = 5
 
 [http]
 listen = "127.0.0.1:{http_port}"
+
+[gateway]
+listen = "{gateway}"
 
 [worker]
 services = ["{service}"]
@@ -266,17 +272,18 @@ def test_second_agent_joins_and_is_found_by_lookup(installed):
     restart_and_wait_active(c)
     _start_second_agent(c, "worker2", worker_toml(
         name="worker-two", dht_port=8469, http_port=8081, seeds=["127.0.0.1:8468"],
-        # Its own API as endpoint: lookups probe {endpoint}/healthz and leave out workers
-        # that fail the probe, so the endpoint must answer inside the private network.
-        service="ocr-test", endpoint="http://127.0.0.1:8081",
+        # Its own gateway as endpoint: lookups probe the endpoint's ownership proof
+        # ({endpoint}/.well-known/rma-agent/proof) and leave out workers that fail it, so
+        # the endpoint must be this worker's gateway, reachable inside the private network.
+        service="ocr-test", endpoint="http://127.0.0.1:8091", gateway="127.0.0.1:8091",
         state_dir="/var/lib/rma-agent/worker2"))
     try:
         c.wait_for("worker2 ready", lambda: c.curl("http://127.0.0.1:8081/readyz")[0] == 200,
                    timeout=30)
         found = c.wait_for("worker-two found by lookup on the coordinator", lambda: [
             w for w in _lookup(c, "ocr-test", API) if w.get("name") == "worker-two"], timeout=30)
-        assert found[0]["endpoint"] == "http://127.0.0.1:8081"
-        # Still found after the health probe, and through the CLI (limit=10, other cache key).
+        assert found[0]["endpoint"] == "http://127.0.0.1:8091"
+        # Still found after the proof probe, and through the CLI (limit=10, other cache key).
         time.sleep(1.5)
         out = c.run("rma-agent", "lookup", "ocr-test", "--json").stdout
         assert "worker-two" in out, out
@@ -292,7 +299,8 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
     c = installed
     # A DHT peer to announce to: a coordinator as a second agent.
     _start_second_agent(c, "coord2", COORDINATOR_TOML.replace("8468", "8470")
-                        .replace("8080", "8082").replace("coord-test", "coord-two")
+                        .replace("8080", "8082").replace("8092", "8093")
+                        .replace("coord-test", "coord-two")
                         .replace('"/var/lib/rma-agent"', '"/var/lib/rma-agent/coord2"'))
     try:
         c.write("/etc/default/rma-agent", "RMA_CLOUDFLARED=/srv/tools/fake_cloudflared.py\n")
@@ -349,7 +357,8 @@ def test_named_tunnel_uses_its_own_config_and_hostname(installed):
     https://<tunnel.hostname>."""
     c = installed
     _start_second_agent(c, "coord2", COORDINATOR_TOML.replace("8468", "8470")
-                        .replace("8080", "8082").replace("coord-test", "coord-two")
+                        .replace("8080", "8082").replace("8092", "8093")
+                        .replace("coord-test", "coord-two")
                         .replace('"/var/lib/rma-agent"', '"/var/lib/rma-agent/coord2"'))
     try:
         c.write("/etc/default/rma-agent", "RMA_CLOUDFLARED=/srv/tools/fake_cloudflared.py\n")

@@ -28,11 +28,11 @@ FAKE = REPO / "tests" / "tools" / "fake_cloudflared.py"
 
 
 def toml(tmp_path: Path, *, tunnel: str, listen: str = "127.0.0.1:8080",
-         metrics: str = "127.0.0.1:20241", hostname: str = "", role: str = "worker",
-         extra: str = "") -> Path:
+         gateway: str = "127.0.0.1:8090", metrics: str = "127.0.0.1:20241",
+         hostname: str = "", role: str = "worker", extra: str = "") -> Path:
     worker = '[worker]\nservices = ["ocr"]\n' if role == "worker" else ""
     text = (f'[agent]\nrole = "{role}"\nname = "t"\nstate_dir = "{tmp_path}/state"\n'
-            f'[http]\nlisten = "{listen}"\n{worker}'
+            f'[http]\nlisten = "{listen}"\n[gateway]\nlisten = "{gateway}"\n{worker}'
             f'[tunnel]\nmode = "{tunnel}"\nmetrics = "{metrics}"\nhostname = "{hostname}"\n'
             f"{extra}")
     p = tmp_path / "agent.toml"
@@ -52,20 +52,32 @@ def fake_env() -> dict[str, str]:
 
 
 def test_quick_tunnel_command_line(tmp_path):
-    cfg = toml(tmp_path, tunnel="quick", listen="0.0.0.0:8080", metrics="127.0.0.1:20999")
+    cfg = toml(tmp_path, tunnel="quick", listen="127.0.0.1:8080", gateway="0.0.0.0:8091",
+               metrics="127.0.0.1:20999")
     assert launch("-c", str(cfg), "--condition").returncode == 0
     r = launch("-c", str(cfg), "--print", env=fake_env())
     assert r.returncode == 0, r.stderr
-    # A wildcard listen address is reached on loopback.
+    # The origin is the gateway, never the admin API; a wildcard address is reached on
+    # loopback.
     assert shlex.split(r.stdout) == [str(FAKE), "--no-autoupdate", "--metrics", "127.0.0.1:20999",
-                                "tunnel", "--url", "http://127.0.0.1:8080"]
+                                "tunnel", "--url", "http://127.0.0.1:8091"]
+    assert "8080" not in r.stdout
+
+
+def test_quick_tunnel_default_origin_is_the_default_gateway(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nstate_dir = "{tmp_path}/state"\n[worker]\nservices = ["ocr"]\n'
+                   '[tunnel]\nmode = "quick"\n')
+    r = launch("-c", str(cfg), "--print", env=fake_env())
+    assert r.returncode == 0, r.stderr
+    assert shlex.split(r.stdout)[-2:] == ["--url", "http://127.0.0.1:8090"]
 
 
 def test_quick_tunnel_ipv6_origin(tmp_path):
-    cfg = toml(tmp_path, tunnel="quick", listen="[::]:8080")
+    cfg = toml(tmp_path, tunnel="quick", listen="[::1]:8080", gateway="[::]:8090")
     r = launch("-c", str(cfg), "--print", env=fake_env())
     assert r.returncode == 0, r.stderr
-    assert shlex.split(r.stdout)[-1] == "http://[::1]:8080"
+    assert shlex.split(r.stdout)[-1] == "http://[::1]:8090"
 
 
 def test_named_tunnel_uses_explicit_config_next_to_agent_toml(tmp_path):
@@ -77,8 +89,18 @@ def test_named_tunnel_uses_explicit_config_next_to_agent_toml(tmp_path):
     r = launch("-c", str(cfg), "--print", env=fake_env())
     assert r.returncode == 0, r.stderr
     # An explicit --config: a stray /etc/cloudflared/config.yml cannot take over.
-    assert shlex.split(r.stdout)[-4:] == ["tunnel", "--config", str(tmp_path / "cloudflared.yml"),
-                                     "run"]
+    # ... and the origin is the gateway here too (cloudflared's --url, not ingress rules).
+    assert shlex.split(r.stdout)[-6:] == ["tunnel", "--config", str(tmp_path / "cloudflared.yml"),
+                                     "run", "--url", "http://127.0.0.1:8090"]
+
+
+def test_named_tunnel_refuses_ingress_rules(tmp_path):
+    cfg = toml(tmp_path, tunnel="named", hostname="w1.example.org")
+    (tmp_path / "cloudflared.yml").write_text(
+        "tunnel: x\ncredentials-file: /x.json\ningress:\n  - service: http://127.0.0.1:8080\n")
+    r = launch("-c", str(cfg), "--print", env=fake_env())
+    assert r.returncode == 78
+    assert "ingress rules" in r.stderr and "gateway.listen" in r.stderr
 
 
 def test_mode_off_is_skipped_not_failed(tmp_path):

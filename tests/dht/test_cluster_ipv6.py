@@ -34,12 +34,14 @@ def test_worker_found_over_ipv6(tmp_path: Path) -> None:
     coord = write_config(tmp_path / "c.toml", {
         "agent": {"role": "coordinator", "name": "c6", "state_dir": str(tmp_path / "sc")},
         "dht": {"listen": f"[::1]:{c_udp}", "mode": "server"},
-        "http": {"listen": f"[::1]:{c_http}"}})
+        "http": {"listen": f"[::1]:{c_http}"},
+        "gateway": {"listen": f"[::1]:{_v6_port(socket.SOCK_STREAM)}"}})
     worker = write_config(tmp_path / "w.toml", {
         "agent": {"role": "worker", "name": "w6", "state_dir": str(tmp_path / "sw")},
         "dht": {"listen": f"[::1]:{w_udp}", "mode": "auto", "bootstrap": [f"[::1]:{c_udp}"],
                 "republish_interval": 3, "record_ttl": 20},
         "http": {"listen": f"[::1]:{w_http}"},
+        "gateway": {"listen": f"[::1]:{_v6_port(socket.SOCK_STREAM)}"},
         "worker": {"services": ["ocr"], "endpoint": f"http://[::1]:{w_http}"}})
     procs = [subprocess.Popen(agent_cmd("run", "-c", str(cfg)), env=agent_env(),
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{cfg.stem}.log").open("wb"))

@@ -14,6 +14,7 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable as KadRoutingTable
 
 import _fast
+from agent.dht.diversity import DiversityPolicy
 from agent.dht.routing import RoutingTable, brute_force_neighbors
 
 IMPLS = [pytest.param(_fast.pure, id="python"),
@@ -220,7 +221,8 @@ def test_split_point_id_found_in_its_bucket(kernel):
 
 def test_exclude_and_self_and_refresh(kernel):
     rnd = random.Random(4)
-    table = RoutingTable(FakeProtocol(), 20, Node(rnd.randbytes(20)))
+    # 60 contacts on one made-up address: diversity limits are not what is tested here
+    table = RoutingTable(FakeProtocol(), 20, Node(rnd.randbytes(20)), DiversityPolicy.unlimited())
     nodes = [Node(rnd.randbytes(20), "10.0.0.1", 1000 + i % 5) for i in range(60)]
     for n in nodes:
         table.add_contact(n)

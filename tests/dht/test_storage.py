@@ -94,14 +94,58 @@ def test_bounds_hold_under_flood():
     t = ProviderStorage(max_per_sender=2, trusted={"10.0.0.7"})
     for i in IDS[:10]:
         assert t.put(KEY, make(i), sender=("10.0.0.7", 8468)) == "stored"
-    # per-key bound: a full key evicts the soonest-expiring entry for a longer-lived one
+    # per-key bound: a full key of one-record hosts refuses newcomers, however long-lived
+    # (a 3600 s stranger must not displace an honest 300 s record)
     k = ProviderStorage(max_per_key=3)
     now = time.time()
     for n, i in enumerate(IDS[:3]):
-        k.put(KEY, make(i, ttl=100 + n, now=now), now=now)
-    assert k.put(KEY, make(IDS[3], ttl=50, now=now), now=now) == "key_full"
-    assert k.put(KEY, make(IDS[4], ttl=500, now=now), now=now) == "stored"
-    assert k.record(KEY, IDS[0].node_id) is None and k.count(KEY) == 3
+        k.put(KEY, make(i, ttl=100 + n, now=now), sender=(f"10.0.{n}.1", 1), now=now)
+    assert k.put(KEY, make(IDS[3], ttl=50, now=now), sender=("10.9.0.1", 1), now=now) == "key_full"
+    assert k.put(KEY, make(IDS[4], ttl=3600, now=now), sender=("10.9.0.2", 1),
+                 now=now) == "key_full"
+    assert k.count(KEY) == 3 and all(k.record(KEY, i.node_id) for i in IDS[:3])
+
+
+def test_per_ip_quota_ignores_source_ports():
+    s = ProviderStorage(max_per_sender=5)
+    got = [s.put(KEY, make(i), sender=("203.0.113.9", 1000 + n)) for n, i in enumerate(IDS[:20])]
+    assert got.count("stored") == 5 and got.count("sender_full") == 15
+    assert s.sender_count(("203.0.113.9", 1)) == 5
+    # one /24 is bounded too (default 4 x the per-host bound)
+    p = ProviderStorage(max_per_sender=2)
+    got = [p.put(KEY, make(i), sender=(f"203.0.113.{n}", 1)) for n, i in enumerate(IDS[:20])]
+    assert got.count("stored") == 8
+    # an honest host elsewhere still stores
+    assert p.put(KEY, make(IDS[30]), sender=("198.51.100.1", 1)) == "stored"
+
+
+def test_full_key_evicts_the_flooders_records_first():
+    s = ProviderStorage(max_per_key=10, max_per_sender=100)
+    now = time.time()
+    flood = [Identity.generate() for _ in range(8)]
+    for i in flood:        # one host with 8 records, long-lived ones
+        assert s.put(KEY, make(i, ttl=3600, now=now), sender=("203.0.113.9", 7), now=now) == "stored"
+    honest = IDS[:6]
+    for n, i in enumerate(honest):
+        assert s.put(KEY, make(i, now=now), sender=(f"198.51.{n}.1", 8468), now=now) == "stored"
+    # every honest record is there; the flooder lost what the newcomers needed
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    assert s.count(KEY) == 10 and s.sender_count(("203.0.113.9", 7)) == 4
+    assert s.evicted == 4
+    # the flooder cannot push honest records out: it is refused once it is not heavier
+    for i in [Identity.generate() for _ in range(5)]:
+        s.put(KEY, make(i, ttl=3600, now=now), sender=("203.0.113.9", 8), now=now)
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    # a second flooding host competes only with the first one
+    got = [s.put(KEY, make(i, now=now), sender=("192.0.2.5", 1), now=now)
+           for i in [Identity.generate() for _ in range(6)]]
+    assert all(s.record(KEY, i.node_id) is not None for i in honest)
+    assert "key_full" in got and s.count(KEY) == 10
+    # a trusted republisher (coordinator) and local records are never evicted
+    t = ProviderStorage(max_per_key=3, trusted={"10.0.0.7"})
+    for i in IDS[:3]:
+        t.put(KEY, make(i), sender=("10.0.0.7", 1))
+    assert t.put(KEY, make(IDS[4]), sender=("10.1.1.1", 1)) == "key_full"
 
 
 def test_memory_flat_under_flood():
@@ -180,3 +224,42 @@ def test_on_stored_sees_new_and_replacing_records_only():
 
     s.on_stored = broken              # a failing observer never breaks storing
     assert s.put(KEY, make(IDS[1], seq=5)) == "stored"
+
+
+def test_index_counts_leave_out_stale_records_by_their_own_refresh():
+    """A worker killed without a goodbye stops counting in the service index (what
+    ``/api/services`` shows) when lookups stop offering it — two of *its own* refreshes —
+    not at its TTL (it was counted for 300 s while lookups had dropped it after 20 s)."""
+    from agent.dht.keys import index_key, index_shard
+    s = ProviderStorage()
+    now = time.time()
+    fast, slow = IDS[0], IDS[1]
+    for ident, refresh in ((fast, 10.0), (slow, 60.0)):
+        rec = WorkerRecord.create(ident, name="w", services=("ocr",), endpoint="https://x",
+                                  gpu="T4", gpu_memory_gb=16, load=0, capacity=4, region="",
+                                  ttl=300, refresh=refresh, now=now)
+        key = index_key(index_shard(ident.node_id))
+        assert s.put(key, rec, now=now) == "stored"
+    keys = {index_key(index_shard(i.node_id)) for i in (fast, slow)}
+
+    def total(at: float) -> int:
+        return sum(s.service_counts(k, at).get("ocr", 0) for k in keys)
+
+    assert total(now + 5) == 2
+    assert total(now + 30) == 1          # 30 s > 2 x 10 s: fast is stale; slow (2 x 60) not
+    assert total(now + 130) == 0
+    assert s.count() == 2                # the records themselves stay until their TTL
+
+
+def test_full_key_of_honest_hosts_is_not_rescanned_until_it_changes():
+    s = ProviderStorage(max_per_key=4, max_per_sender=100)
+    for n, i in enumerate(IDS[:4]):
+        assert s.put(KEY, make(i), sender=(f"198.51.{n}.1", 1)) == "stored"
+    assert s.put(KEY, make(IDS[4]), sender=("203.0.113.9", 1)) == "key_full"
+    assert KEY in s._no_flooder                       # remembered: no host holds two
+    assert s.put(KEY, make(IDS[5]), sender=("203.0.113.9", 1)) == "key_full"
+    # a change to the key forgets it: a host that now holds two can be evicted from
+    s.put(KEY, make(IDS[0], seq=10**15), sender=("198.51.1.1", 1))   # moves to host 1
+    assert KEY not in s._no_flooder
+    assert s.put(KEY, make(IDS[6]), sender=("203.0.113.7", 1)) == "stored"
+    assert s.evicted == 1 and s.sender_count(("198.51.1.1", 1)) == 1

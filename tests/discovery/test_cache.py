@@ -213,3 +213,83 @@ async def test_staleness_follows_each_records_own_refresh():
     dht.add(make_record(fast, name="fast", now=clock.t - 50, refresh=20))
     res = await comp.lookup("ocr")
     assert [w["name"] for w in res.workers] == ["slow"]
+
+
+async def test_worker_back_after_a_restart_shows_at_once_not_after_the_negative_ttl():
+    """An upgrade restarts a worker: its withdrawal empties the cached answer, and the
+    record it announces after the restart (stored by the local DHT node: the "record"
+    event) must end that empty answer at once, not NEGATIVE_TTL_S later."""
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    comp.prober.top = 0                 # the records' endpoints are made up: no probes
+    await comp.start()
+    try:
+        ident = Identity.generate()
+        live = make_record(ident, name="w", seq=5, now=clock.t)
+        dht.add(live)
+        assert len((await comp.lookup("ocr")).workers) == 1
+        tomb = live.tombstone(ident, now=clock.t)
+        dht.add(tomb)
+        agent.emit("record", tomb)
+        assert (await comp.lookup("ocr")).workers == []
+        assert (await comp.lookup("ocr")).source == "cache"      # the empty answer, cached
+        clock.advance(0.5)
+        back = make_record(ident, name="w", seq=tomb.seq + 1, now=clock.t)
+        dht.add(back)
+        agent.emit("record", back)
+        res = await comp.lookup("ocr")
+        assert res.source == "dht" and [w["name"] for w in res.workers] == ["w"]
+        # An old record of a worker the entry lacks (issued before the entry was fetched,
+        # e.g. a stale copy another lookup came across) is no reason to re-query.
+        other = make_record(name="old", now=clock.t - 30)
+        agent.emit("record", other)
+        assert (await comp.lookup("ocr")).source == "cache"
+        # Nor is a live record of a worker serving another service.
+        agent.emit("record", make_record(name="llm-only", services=("llm",), now=clock.t + 1))
+        assert (await comp.lookup("ocr")).source == "cache"
+    finally:
+        await comp.stop()
+
+
+async def test_service_list_leaves_out_looked_up_names_nobody_serves():
+    """A lookup of a name nobody serves (a typo, a probe) caches an empty answer; the
+    service list must not show it as a service "with 0 workers" (it did, for cache_ttl)."""
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    dht.add(make_record(services=("ocr",), now=clock.t))
+    assert (await comp.lookup("nosuch")).workers == []
+    assert len((await comp.lookup("ocr")).workers) == 1
+    out = await comp.services()
+    assert out["services"] == [{"name": "ocr", "workers": 1}]
+
+
+async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer():
+    """The race behind a restarted worker staying invisible: the lookup's DHT query is in
+    flight (it will answer "nobody") when the worker's new record is stored locally. The
+    answer must not be served from the cache as if it were current."""
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock, cache_ttl=60)
+    comp.prober.top = 0
+    await comp.start()
+    try:
+        dht.delay = 0.2
+        lookup = asyncio.ensure_future(comp.lookup("ocr"))
+        await asyncio.sleep(0.05)                   # the query has started, finds nothing
+        rec = make_record(name="w", now=clock.t)
+        agent.emit("record", rec)                   # ... while the record is stored here
+        assert (await lookup).workers == []
+        dht.add(rec)
+        dht.delay = 0.0
+        res = await comp.lookup("ocr")
+        assert res.source == "dht" and [w["name"] for w in res.workers] == ["w"]
+        assert (await comp.lookup("ocr")).source == "cache"     # and cached from then on
+        # A record for another service, during a query, changes nothing.
+        dht.delay = 0.2
+        comp.cache.invalidate("ocr")                # (e.g. a worker reported failed)
+        lookup = asyncio.ensure_future(comp.lookup("ocr"))
+        await asyncio.sleep(0.05)
+        agent.emit("record", make_record(name="other-service", services=("llm",), now=clock.t))
+        assert [w["name"] for w in (await lookup).workers] == ["w"]
+        assert (await comp.lookup("ocr")).source == "cache"
+    finally:
+        await comp.stop()

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from agent.dht.identity import Identity
+from agent.proof import PROOF_PATH, make_proof, parse_nonce
 from tests.discovery._support import make_discovery, make_record
 from tests.util import (
     agent_cmd,
@@ -38,6 +39,7 @@ class Registry:
         self.mode = "ok"           # "ok" | "500" | "garbage" | "slow"
         self.runner: web.AppRunner | None = None
         self.url = ""
+        self.identity = Identity.generate()
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -53,11 +55,16 @@ class Registry:
         return web.json_response({"service": svc,
                                   "records": [base64.b64encode(b).decode() for b in recs]})
 
+    async def proof(self, request: web.Request) -> web.Response:
+        nonce = parse_nonce(request.query.get("nonce", ""))
+        return web.json_response(make_proof(self.identity, nonce, self.url))
+
     async def __aenter__(self) -> Registry:
         app = web.Application()
         app.router.add_get("/api/registry/{service}", self.handler)
-        # the records' endpoints point here, so discovery's health probes succeed
-        app.router.add_get("/healthz", _healthz)
+        # records of ``self.identity`` point here: discovery's probes (ownership proofs)
+        # succeed for them
+        app.router.add_get(PROOF_PATH, self.proof)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -71,8 +78,6 @@ class Registry:
         await self.runner.cleanup()
 
 
-async def _healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 def _services(raw: bytes) -> tuple[str, ...]:
@@ -147,7 +152,7 @@ async def test_broken_coordinators_do_not_break_lookups():
 
 async def test_everything_down_serves_the_last_known_answer():
     async with Registry() as reg:
-        reg.records = [make_record(name="w", endpoint=reg.url).encode()]
+        reg.records = [make_record(reg.identity, name="w", endpoint=reg.url).encode()]
         _agent, comp, dht = make_discovery(coordinators=[reg.url], cache_ttl=1)
         await comp.start()
         try:
@@ -222,6 +227,7 @@ def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinato
         "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server",
                 "bootstrap": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]},  # nobody there
         "http": {"listen": f"127.0.0.1:{http}"},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
         "worker": {"services": ["ocr"], "endpoint": f"http://127.0.0.1:{http}",
                    "gpu": "T4", "gpu_memory_gb": 16},
         "discovery": {"coordinators": [url]},

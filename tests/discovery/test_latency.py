@@ -1,4 +1,4 @@
-"""Latency EWMA, failure back-off, bounded memory, and real HTTP health probes."""
+"""Latency EWMA, failure back-off, bounded memory, and real HTTP probes (ownership proofs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.dht.identity import Identity
 from agent.discovery.latency import LatencyTracker, Prober
+from agent.proof import PROOF_PATH, make_proof, parse_nonce
 
 W1, W2 = b"\x01" * 20, b"\x02" * 20
 
@@ -55,24 +57,37 @@ def test_memory_is_bounded():
 
 
 class Endpoints:
-    """Real HTTP servers standing for workers: ok, slow, 530 (dead tunnel origin), 404."""
+    """Real HTTP servers standing for workers' gateways, each serving the ownership proof
+    at ``{base}/{kind}/.well-known/rma-agent/proof``: ok, slow, dead (530: a dead tunnel
+    origin), nohealth (404: no proof), impostor (proof signed by another key)."""
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
         self.runner: web.AppRunner | None = None
         self.base = ""
+        self.ids = {k: Identity.generate() for k in ("ok", "slow", "dead", "nohealth",
+                                                      "impostor")}
 
     async def handle(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
         self.hits[kind] = self.hits.get(kind, 0) + 1
         if kind == "slow":
             await asyncio.sleep(1.2)
-        status = {"ok": 200, "dead": 530, "nohealth": 404}.get(kind, 200)
-        return web.json_response({"kind": kind}, status=status)
+        if kind in ("dead", "nohealth"):
+            return web.json_response({"kind": kind}, status=530 if kind == "dead" else 404)
+        signer = Identity.generate() if kind == "impostor" else self.ids.get(kind)
+        if signer is None:
+            return web.json_response({"error": "no such worker"}, status=404)
+        nonce = parse_nonce(request.query["nonce"])
+        return web.json_response(make_proof(signer, nonce, f"{self.base}/{kind}"))
+
+    def cand(self, kind: str) -> tuple[bytes, str, bytes]:
+        ident = self.ids[kind]
+        return ident.node_id, f"{self.base}/{kind}", ident.public_key
 
     async def __aenter__(self) -> Endpoints:
         app = web.Application()
-        app.router.add_get("/{kind}/healthz", self.handle)
+        app.router.add_get("/{kind}" + PROOF_PATH, self.handle)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -94,22 +109,34 @@ async def test_probes_feed_latency_and_demote_failures(session):
     async with Endpoints() as ep:
         t = LatencyTracker()
         failed: list[bytes] = []
-        p = Prober(t, lambda: session, on_failure=failed.append, timeout_s=0.5, top=5)
-        ids = {k: bytes([i + 1]) * 20 for i, k in enumerate(["ok", "slow", "dead", "nohealth"])}
-        cands = [(wid, f"{ep.base}/{k}") for k, wid in ids.items()]
-        cands.append((b"\x09" * 20, "http://127.0.0.1:9"))  # refused
+        p = Prober(t, lambda: session, on_failure=failed.append, timeout_s=0.5, top=6,
+                   max_concurrency=5)
+        ids = {k: ep.ids[k].node_id for k in ep.ids}
+        cands = [ep.cand(k) for k in ("ok", "slow", "dead", "nohealth", "impostor")]
+        refused = Identity.generate()
+        cands.append((refused.node_id, "http://127.0.0.1:9", refused.public_key))
         t0 = time.monotonic()
-        assert p.consider(cands) == 4                      # max_concurrency = 4
+        assert p.consider(cands) == 5                      # max_concurrency = 5
         await p.drain()
         assert time.monotonic() - t0 < 2.0                 # the slow one timed out at 0.5 s
-        assert 0 <= t.latency_ms(ids["ok"]) < 500 and not t.is_banned(ids["ok"], time.time())
-        assert t.latency_ms(ids["nohealth"]) >= 0            # reachable, just no /healthz
-        assert t.is_banned(ids["slow"], time.time()) and t.is_banned(ids["dead"], time.time())
-        assert set(failed) == {ids["slow"], ids["dead"]}
-        assert p.counts["ok"] == 2 and p.counts["failed"] == 2
-        assert p.consider(cands[4:]) == 1                  # the refused one, now room
+        now = time.time()
+        assert 0 <= t.latency_ms(ids["ok"]) < 500 and not t.is_banned(ids["ok"], now)
+        assert t.get(ids["ok"]).proof == "ok"
+        # down: back-off; no proof (404) or a proof by another key: held out as failed
+        for kind in ("slow", "dead", "nohealth", "impostor"):
+            assert t.is_banned(ids[kind], now), kind
+        assert t.get(ids["nohealth"]).proof == "failed"
+        assert t.get(ids["impostor"]).proof == "failed"
+        assert t.get(ids["dead"]).proof == ""
+        assert set(failed) == {ids["slow"], ids["dead"], ids["nohealth"], ids["impostor"]}
+        assert p.counts["ok"] == 1 and p.counts["failed"] == 2
+        assert p.counts["proof_failed"] == 2
+        # a success report cannot lift a failed proof; only a valid proof does
+        t.record_success(ids["impostor"], 5.0)
+        assert t.is_banned(ids["impostor"], time.time())
+        assert p.consider(cands[5:]) == 1                  # the refused one, now room
         await p.drain()
-        assert t.is_banned(b"\x09" * 20, time.time())
+        assert t.is_banned(refused.node_id, time.time())
 
 
 async def test_probes_are_rate_limited_and_not_repeated_per_worker(session):
@@ -117,9 +144,9 @@ async def test_probes_are_rate_limited_and_not_repeated_per_worker(session):
         t = LatencyTracker()
         p = Prober(t, lambda: session, rate_per_s=3, max_concurrency=100, top=100,
                    min_interval_s=60)
-        cands = [(i.to_bytes(20, "big"), f"{ep.base}/ok") for i in range(20)]
+        cands = [(i.to_bytes(20, "big"), f"{ep.base}/ok", b"k" * 32) for i in range(20)]
         assert p.consider(cands) == 3                      # bucket of 3 tokens
         await p.drain()
         assert p.consider(cands[:3]) == 0                  # each worker once per interval
         assert ep.hits["ok"] == 3
-        assert p.consider([(b"\x07" * 20, "ftp://nope")]) == 0   # only http(s)
+        assert p.consider([(b"\x07" * 20, "ftp://nope", b"k" * 32)]) == 0   # only http(s)

@@ -17,6 +17,15 @@ and the systemd unit ``rma-tunnel.service`` can be exercised end to end:
   ``GET /quicktunnel`` -> ``{"hostname":"<words>.trycloudflare.com"}`` in quick mode
   (``--url`` without ``run``); 404 in named mode (``run [NAME]`` or ``--config`` alone);
   ``GET /healthcheck`` -> ``OK``; ``GET /metrics`` -> a few Prometheus lines;
+* the tunnel itself, reduced to a local "edge": an HTTP listener (``FAKE_CLOUDFLARED_EDGE``,
+  default ``127.0.0.1:0``) that relays every request to the ``--url`` origin the way
+  cloudflared relays requests for the public hostname — original ``Host`` kept,
+  ``Cf-Connecting-Ip`` / ``X-Forwarded-For`` / ``X-Forwarded-Proto: https`` added, hop-by-hop
+  headers dropped, the answer streamed back — so a test can send a request "through the
+  tunnel" to whatever the launcher made the origin. ``GET /fake/edge`` on the metrics
+  server tells where it listens: ``{"url": ..., "origin": ..., "hostname": ...}``. (The
+  real cloudflared has no such endpoint; it is the stand-in's test hook.) A named tunnel
+  given ``--url`` next to ``ingress:`` rules in its ``--config`` fails like cloudflared;
 * log lines on stderr in cloudflared's console format (``2026-11-25T10:00:00Z INF ...``);
 * exit status 0 on SIGTERM / SIGINT (graceful shutdown), 1 when the metrics address
   cannot be bound, 2 on a command line it cannot run.
@@ -24,6 +33,7 @@ and the systemd unit ``rma-tunnel.service`` can be exercised end to end:
 Knobs for tests:
 
 * ``FAKE_CLOUDFLARED_READY_DELAY`` (seconds, default 0): time before ``/ready`` turns 200.
+* ``FAKE_CLOUDFLARED_EDGE=HOST:PORT``: where the stand-in edge listens.
 * ``FAKE_CLOUDFLARED_NAMED_QUICKTUNNEL=empty``: in named mode answer ``/quicktunnel`` with
   200 ``{"hostname":""}`` (what current cloudflared releases do) instead of 404.
 * SIGUSR1: pick a new quick-tunnel hostname (what a restarted quick tunnel looks like).
@@ -34,6 +44,7 @@ Standard library only (Python >= 3.11): the systemd/nspawn test runs it in a bar
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -41,6 +52,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -66,6 +78,10 @@ WORDS = (
     "oasis orchid pebble pepper prairie quartz raven river saffron sierra summit tundra "
     "velvet willow"
 ).split()
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
+              "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"}
 
 
 def log(level: str, msg: str) -> None:
@@ -133,6 +149,8 @@ class State:
         self.hostname = random_hostname() if mode == "quick" else ""
         self.connector_id = str(uuid.uuid4())
         self.edge_down = False
+        self.edge_url = ""
+        self.origin = ""
         self.lock = threading.Lock()
 
     def ready_connections(self) -> int:
@@ -174,6 +192,9 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
                     self._send(200, b'{"hostname":""}')
                 else:
                     self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
+            elif path == "/fake/edge":
+                body = {"url": state.edge_url, "origin": state.origin, "hostname": hostname}
+                self._send(200, json.dumps(body).encode())
             elif path == "/healthcheck":
                 self._send(200, b"OK\n", "text/plain; charset=utf-8")
             elif path == "/metrics":
@@ -187,6 +208,100 @@ def make_handler(state: State) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_GET
 
     return Handler
+
+
+def make_edge_handler(state: State) -> type[BaseHTTPRequestHandler]:
+    """The stand-in for Cloudflare's edge + the connector: relays requests to the origin."""
+
+    class Edge(BaseHTTPRequestHandler):
+        server_version = "cloudflare"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            """No access log."""
+
+        def _plain(self, status: int, text: str) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _body(self) -> bytes | None:
+            length = self.headers.get("Content-Length")
+            if length is not None:
+                return self.rfile.read(int(length))
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return None
+
+        def relay(self) -> None:
+            if state.edge_down or not state.origin:
+                self._plain(502, "stand-in edge: the tunnel has no origin or no edge connection")
+                return
+            body = self._body()
+            named = {t.strip().lower() for t in self.headers.get("Connection", "").split(",")}
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in HOP_BY_HOP | named | {"content-length"}}
+            peer = self.client_address[0]
+            xff = self.headers.get("X-Forwarded-For")
+            headers["Cf-Connecting-Ip"] = peer
+            headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+            headers["X-Forwarded-Proto"] = "https"
+            origin = urllib.parse.urlsplit(state.origin)
+            conn = http.client.HTTPConnection(origin.hostname, origin.port or 80, timeout=60)
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+            except OSError as e:
+                self._plain(502, f"stand-in edge: origin {state.origin} unreachable: {e}")
+                conn.close()
+                return
+            try:
+                self.send_response(resp.status, resp.reason)
+                rnamed = {t.strip().lower()
+                          for t in (resp.getheader("Connection") or "").split(",")}
+                for k, v in resp.getheaders():
+                    if k.lower() not in HOP_BY_HOP | rnamed:
+                        self.send_header(k, v)
+                chunked = (resp.getheader("Content-Length") is None
+                           and self.command != "HEAD" and resp.status not in (204, 304))
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while True:
+                    chunk = resp.read1(65536)
+                    if not chunk:
+                        break
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked
+                                     else chunk)
+                    self.wfile.flush()
+                if chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+            finally:
+                conn.close()
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = relay
+
+    return Edge
+
+
+def config_has_ingress(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.split("#", 1)[0].rstrip().startswith("ingress:") for line in f)
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:
@@ -211,9 +326,16 @@ def main(argv: list[str]) -> int:
         else:
             raise Usage("give --url URL (quick tunnel) or run [NAME] (named tunnel)")
         host, port = parse_metrics(str(flags.get("metrics", DEFAULT_METRICS)))
+        edge_host, edge_port = parse_metrics(os.environ.get("FAKE_CLOUDFLARED_EDGE")
+                                             or "127.0.0.1:0")
     except Usage as e:
         log("ERR", f"{e}")
         return 2
+    if mode == "named" and "url" in flags and "config" in flags \
+            and config_has_ingress(str(flags["config"])):
+        log("ERR", "You can't set the --url flag (or $TUNNEL_URL) when using multiple-origin "
+                   "ingress rules")
+        return 1
 
     delay = float(os.environ.get("FAKE_CLOUDFLARED_READY_DELAY", "0") or 0)
     state = State(mode, delay, os.environ.get("FAKE_CLOUDFLARED_NAMED_QUICKTUNNEL") == "empty")
@@ -243,6 +365,17 @@ def main(argv: list[str]) -> int:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               daemon=True)
     thread.start()
+    state.origin = str(flags.get("url", "") or "")
+    try:
+        edge = ThreadingHTTPServer((edge_host, edge_port), make_edge_handler(state))
+    except OSError as e:
+        log("ERR", f"stand-in edge: cannot bind {edge_host}:{edge_port}: {e.strerror or e}")
+        return 1
+    edge.daemon_threads = True
+    state.edge_url = f"http://{edge.server_address[0]}:{edge.server_address[1]}"
+    log("INF", f"stand-in edge {state.edge_url} relays to origin {state.origin or '(none)'}")
+    threading.Thread(target=edge.serve_forever, kwargs={"poll_interval": 0.1},
+                     daemon=True).start()
 
     stop = threading.Event()
     stop_sig: list[str] = []
@@ -283,6 +416,8 @@ def main(argv: list[str]) -> int:
     log("INF", f"Initiating graceful shutdown due to signal {stop_sig[0] if stop_sig else '?'} ...")
     server.shutdown()
     server.server_close()
+    edge.shutdown()
+    edge.server_close()
     log("INF", "Tunnel server stopped")
     return 0
 

@@ -1,0 +1,289 @@
+"""GatewayComponent: a worker's public face — the service proxy and the ownership proof.
+
+It owns what ``gateway.listen`` serves on a worker (the listener itself is started by the
+lifecycle next to the admin API, see ``agent.gateway.app``):
+
+- ``ANY /{service}/{path}`` -> ``gateway.upstreams[service]`` (``agent.gateway.proxy``),
+  counted against ``worker.max_concurrency``: when that many requests are in flight the
+  next one is answered ``503`` + ``Retry-After`` + ``RMA-Not-Processed: 1`` at once, without
+  touching the upstream, so a router can send it to another worker.
+- ``GET /.well-known/rma-agent/proof?nonce=HEX`` -> ``agent.proof.make_proof`` over the
+  endpoint the worker announces (``worker.endpoint`` or the tunnel's URL).
+- The in-flight count is the record's load: pushed to the worker role at most every
+  ``LOAD_MIN_INTERVAL`` seconds, which re-announces only on a material change.
+- Upstream health (``agent.gateway.health``): a service whose upstream is down is left
+  out of the record (withdrawn from the DHT) and announced again once it answers;
+  ``/readyz``, ``STATUS=`` and the journal name it.
+
+It starts before the worker role (see ``agent.lifecycle._COMPONENTS``) so the first
+health check decides what the first announce contains, and stops after it, so the
+withdrawal goes out while requests still drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import Counter, Gauge
+
+from agent.component import Component, cancel_task
+from agent.gateway import health as health_mod
+from agent.gateway.proxy import error, new_session, proxy
+from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.lifecycle import Agent
+    from agent.roles.worker import WorkerRole
+
+log = logging.getLogger("rma_agent.gateway")
+
+LOAD_MIN_INTERVAL = 5.0      # seconds between two load reports to the worker role (and so
+                             # at most one load-triggered re-announce per 5 s)
+FIRST_CHECK_BUDGET = 2.0     # start() waits at most this long for the first health round
+RETRY_AFTER = "1"            # seconds a caller should wait when this worker is full
+
+
+class GatewayComponent(Component):
+    """Component "gateway" (workers only)."""
+
+    name = "gateway"
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.inflight = 0
+        self.requests: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.states: dict[str, health_mod.UpstreamState] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._hsession: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._load_handle: asyncio.TimerHandle | None = None
+        self._last_push = -LOAD_MIN_INTERVAL
+        reg = agent.registry
+        self._m_requests = Counter("rma_agent_gateway_requests", "Requests to the gateway's "
+                                   "service proxy, by outcome", ["outcome"], registry=reg)
+        self._m_bytes = Counter("rma_agent_gateway_bytes", "Body bytes through the gateway "
+                                "(in: caller -> upstream, out: upstream -> caller)",
+                                ["direction"], registry=reg)
+        inflight = Gauge("rma_agent_gateway_inflight", "Proxied requests in flight",
+                         registry=reg)
+        inflight.set_function(lambda: self.inflight)
+        self._m_up = Gauge("rma_agent_gateway_upstream_up", "1 when the service's upstream "
+                           "passes its health check", ["service"], registry=reg)
+
+    # ------------------------------------------------------------------ helpers
+    def _worker(self) -> WorkerRole | None:
+        return self.agent.get("worker")  # type: ignore[no-any-return]
+
+    def _capacity(self) -> int:
+        return max(1, int(self.agent.config.worker.max_concurrency))
+
+    def down(self) -> list[str]:
+        return sorted(s for s, st in self.states.items() if st.state == "down")
+
+    def _count(self, outcome: str) -> None:
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
+        self._m_requests.labels(outcome).inc()
+
+    # ------------------------------------------------------------------ routes
+    def add_gateway_routes(self, app: web.Application) -> None:
+        app.router.add_get(PROOF_PATH, self._proof)
+        app.router.add_route("*", "/{service}", self._proxy)
+        app.router.add_route("*", "/{service}/{path:.*}", self._proxy)
+
+    async def _proof(self, request: web.Request) -> web.Response:
+        try:
+            nonce = parse_nonce(request.query.get("nonce", ""))
+        except ProofError as exc:
+            return error(400, f"{exc}: GET {PROOF_PATH}?nonce=<hex>")
+        worker = self._worker()
+        endpoint = worker.endpoint if worker is not None else ""
+        dht = self.agent.get("dht")
+        identity = getattr(dht, "identity", None)
+        if not endpoint or identity is None:
+            return error(503, "this worker has no public endpoint yet", not_processed=True)
+        return web.json_response(make_proof(identity, nonce, endpoint),
+                                 headers={"Cache-Control": "no-store"})
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.agent.config
+        service = request.match_info["service"].lower()
+        if service not in cfg.worker.services:
+            self._count("unknown_service")
+            return error(404, f"no service {service!r} on this worker (it serves: "
+                              f"{', '.join(cfg.worker.services) or 'nothing'})")
+        upstream = cfg.gateway.upstreams.get(service)
+        if upstream is None:
+            self._count("no_upstream")
+            return error(502, f"service {service!r} has no upstream on this worker "
+                              "(gateway.upstreams)", not_processed=True)
+        if self._session is None:
+            self._count("not_started")
+            return error(503, "the gateway is starting", not_processed=True,
+                         headers={"Retry-After": RETRY_AFTER})
+        cap = self._capacity()
+        if self.inflight >= cap:
+            self._count("full")
+            return error(503, f"worker is full: {self.inflight} requests in flight "
+                              f"(worker.max_concurrency = {cap})", not_processed=True,
+                         headers={"Retry-After": RETRY_AFTER})
+        self.inflight += 1
+        self._load_changed()
+        try:
+            resp, outcome, n_in, n_out = await proxy(request, self._session, upstream,
+                                                     cfg.gateway)
+        finally:
+            self.inflight -= 1
+            self._load_changed()
+        self._count(outcome)
+        self.bytes_in += n_in
+        self.bytes_out += n_out
+        self._m_bytes.labels("in").inc(n_in)
+        self._m_bytes.labels("out").inc(n_out)
+        return resp
+
+    # ------------------------------------------------------------------ load
+    def _load_changed(self) -> None:
+        """Schedule a load report: at once if the last one is old enough, else when it is."""
+        if not self.agent.config.gateway.upstreams or self._load_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_push + LOAD_MIN_INTERVAL - loop.time()
+        if wait <= 0:
+            self._push_load()
+        else:
+            self._load_handle = loop.call_later(wait, self._push_load)
+
+    def _push_load(self) -> None:
+        self._load_handle = None
+        self._last_push = asyncio.get_running_loop().time()
+        worker = self._worker()
+        if worker is not None:
+            worker.set_inflight(float(self.inflight))
+
+    # ------------------------------------------------------------------ health
+    def _sync_states(self, cfg: Config) -> None:
+        """Upstream states for the configured upstreams (kept for unchanged entries)."""
+        new: dict[str, health_mod.UpstreamState] = {}
+        for service, up in cfg.gateway.upstreams.items():
+            old = self.states.get(service)
+            new[service] = old if old is not None and old.upstream == up else \
+                health_mod.UpstreamState(service, up)
+        for gone in set(self.states) - set(new):
+            try:
+                self._m_up.remove(gone)
+            except KeyError:
+                pass
+        self.states = new
+
+    async def _check_round(self, *, first: bool = False) -> None:
+        assert self._hsession is not None
+        states = list(self.states.values())
+        results = await asyncio.gather(*(health_mod.check(self._hsession, st.upstream)
+                                         for st in states))
+        changed = False
+        for st, why in zip(states, results, strict=True):
+            was = st.state
+            if health_mod.record(st, why, first=first or was == "unknown"):
+                changed = True
+                self._log_change(st, was)
+            self._m_up.labels(st.service).set(1 if st.state == "up" else 0)
+        if changed:
+            self._apply()
+
+    def _log_change(self, st: health_mod.UpstreamState, was: str) -> None:
+        if st.state == "down":
+            log.warning("gateway: upstream of %s is down (%s): %s", st.service, st.error,
+                        "withdrawing it from the DHT" if was == "up" else "not announcing it")
+        elif was == "down":
+            log.info("gateway: upstream of %s is back (%s): announcing it again", st.service,
+                     st.upstream.health_url)
+        else:
+            log.info("gateway: upstream of %s is up (%s)", st.service, st.upstream.health_url)
+
+    def _apply(self) -> None:
+        """Tell the worker role which services to leave out, and STATUS= to refresh."""
+        worker = self._worker()
+        if worker is not None:
+            worker.set_down(frozenset(self.down()))
+        self.agent.status_changed()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(health_mod.INTERVAL)
+            try:
+                await self._check_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:     # never let the checker die
+                log.warning("gateway: health check round failed: %r", exc)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._session = new_session(limit=0)
+        self._hsession = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        self._sync_states(self.agent.config)
+        if self.states:
+            try:
+                await asyncio.wait_for(self._check_round(first=True), FIRST_CHECK_BUDGET)
+            except TimeoutError:
+                log.info("gateway: first upstream health check still running; announcing "
+                         "what is known")
+            self._push_load()
+        self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
+        services = set(self.agent.config.worker.services)
+        missing = sorted(services - set(self.agent.config.gateway.upstreams))
+        if missing:
+            log.warning("gateway: no upstream for %s (gateway.upstreams): requests for it "
+                        "are answered 502", ",".join(missing))
+
+    async def reload(self, old: Config, new: Config) -> None:
+        if old.gateway.upstreams != new.gateway.upstreams:
+            self._sync_states(new)
+            if self._hsession is not None and self.states:
+                self.agent.spawn(self._check_round(), "gateway-health-reload")
+            self._apply()
+
+    async def stop(self) -> None:
+        await cancel_task(self._health_task)
+        self._health_task = None
+        if self._load_handle is not None:
+            self._load_handle.cancel()
+            self._load_handle = None
+        for sess in (self._session, self._hsession):
+            if sess is not None:
+                await sess.close()
+        self._session = self._hsession = None
+
+    # ------------------------------------------------------------------ readiness/status
+    def ready(self) -> tuple[bool, str]:
+        down = [self.states[s] for s in self.down()]
+        if down:
+            return False, "gateway: upstream down: " + "; ".join(
+                f"{st.service} ({st.error})" for st in down)
+        return True, ""
+
+    def status(self) -> str:
+        frag = f"inflight {self.inflight}/{self._capacity()}"
+        down = self.down()
+        if down:
+            frag += ", upstream down: " + ",".join(down)
+        return frag
+
+    def stats(self) -> dict[str, Any]:
+        return {"gateway": {
+            "listen": str(self.agent.config.gateway.listen),
+            "inflight": self.inflight,
+            "capacity": self._capacity(),
+            "requests": dict(self.requests),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "upstreams": {s: st.to_json() for s, st in self.states.items()},
+            "down": self.down(),
+        }}

@@ -1,0 +1,260 @@
+"""The streaming reverse proxy behind ``ANY /{service}/{path}`` on a worker's gateway.
+
+Why it is written this way:
+
+- **Streams, never buffers.** The request body is read from ``request.content`` chunk by
+  chunk and handed to the upstream request as an async generator; the answer is copied
+  from the upstream's ``content`` into a ``web.StreamResponse`` as it arrives. Both sides
+  have flow control (aiohttp pauses reading a socket whose buffer is full, and ``write``
+  waits for the peer to drain), so memory stays flat whatever the body size and a
+  ``text/event-stream`` answer reaches the caller event by event.
+- **Hop-by-hop headers stay on their hop** (RFC 9110 §7.6.1): ``Connection`` and every
+  header it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``,
+  ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authenticate``/``-Authorization`` are
+  removed in both directions; each hop frames its own body.
+- **No decompression** and no headers added that the caller did not send (no
+  ``Accept-Encoding``, ``User-Agent``, ``Content-Type``): the upstream sees the caller's
+  request and the caller gets the upstream's bytes.
+- **Errors say whether the work was done.** Nothing reached the upstream (service full,
+  connect failure, no upstream configured) -> ``RMA-Not-Processed: 1``, so a router may
+  retry any method elsewhere; after that the gateway cannot know, and says nothing.
+- **Limits**: ``gateway.max_body_mb`` (413, checked against ``Content-Length`` up front
+  and counted on chunked bodies as they stream) and ``gateway.upstream_timeout``
+  (nginx's ``proxy_read_timeout``: the longest the upstream may stay silent, before its
+  answer starts or between two chunks; 504 when the answer had not started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+if TYPE_CHECKING:
+    from agent.config import GatewaySection, Upstream
+
+log = logging.getLogger("rma_agent.gateway")
+
+CHUNK = 64 * 1024
+# Bodies of at most this size with a declared length are read whole and sent with their
+# message head in one write (a syscall per message instead of three); memory per request
+# stays bounded by it, and anything larger or of unknown length streams.
+SMALL_BODY = 64 * 1024
+CONNECT_TIMEOUT = 10.0        # seconds to open a TCP connection to the upstream (at most)
+NOT_PROCESSED = "RMA-Not-Processed"
+
+# RFC 9110 §7.6.1 and the legacy ones every proxy drops. ``Expect`` is answered by our
+# own server (100-continue is per hop); ``Host`` is the upstream's own.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "content-length"}
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past ``gateway.max_body_mb`` while streaming."""
+
+
+def connection_named(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in ``Connection`` (lower case): hop-by-hop for this message."""
+    names: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    values: Iterable[str] = (getall("Connection", []) if getall is not None
+                             else [headers.get("Connection", "")])
+    for value in values:
+        names.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return names
+
+
+def end_to_end(headers: CIMultiDict[str] | Mapping[str, str],
+               drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop ones (and those ``Connection`` names)."""
+    extra = connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        low = key.lower()
+        if low not in drop and low not in extra:
+            out.add(key, value)
+    return out
+
+
+def _forwarded_node(ip: str) -> str:
+    """RFC 7239 node: IPv6 in quotes and brackets, others bare."""
+    return f'"[{ip}]"' if ":" in ip else ip
+
+
+def forward_headers(request: web.Request) -> CIMultiDict[str]:
+    """The headers the upstream gets: end-to-end ones plus ``X-Forwarded-For``,
+    ``Forwarded`` (both appended to, never replaced), ``X-Forwarded-Host``/``-Proto``."""
+    out = end_to_end(request.headers, REQUEST_DROP)
+    peer = request.remote or "unknown"
+    xff = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    out.popall("X-Forwarded-For", None)
+    out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+    host = request.headers.get("Host", "")
+    element = f"for={_forwarded_node(peer)};proto={request.scheme}"
+    if host and all(c.isprintable() and c not in '";,' for c in host):
+        element += f';host="{host}"'
+    fwd = ", ".join(request.headers.getall("Forwarded", []))
+    out.popall("Forwarded", None)
+    out["Forwarded"] = f"{fwd}, {element}" if fwd else element
+    if host and "X-Forwarded-Host" not in out:
+        out["X-Forwarded-Host"] = host
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = request.scheme
+    return out
+
+
+def target_url(upstream: Upstream, raw_path: str) -> URL:
+    """``upstream.url`` + the request's path after ``/{service}``, with its query, kept
+    exactly as the caller encoded them (no decoding and re-encoding on the way)."""
+    path, sep, query = raw_path.partition("?")
+    rest = path[1:].partition("/")
+    tail = ("/" + rest[2]) if rest[1] else ""
+    return URL(upstream.url + tail + (sep + query if sep else ""), encoded=True)
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    """Whether the path has a ``.`` or ``..`` segment (also percent-encoded): forwarded
+    as is, ``/svc/../x`` would let a caller step out of the upstream's path prefix."""
+    path = raw_path.partition("?")[0]
+    return any(urllib.parse.unquote(seg) in (".", "..") for seg in path.split("/"))
+
+
+def error(status: int, message: str, *, not_processed: bool = False,
+          headers: Mapping[str, str] | None = None) -> web.Response:
+    h = dict(headers or {})
+    if not_processed:
+        h[NOT_PROCESSED] = "1"
+    return web.json_response({"error": message}, status=status, headers=h)
+
+
+def new_session(limit: int) -> aiohttp.ClientSession:
+    """The upstream client: no decompression, no headers of its own, no cookie jar."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class Outcome:
+    """How one proxied request ended, for metrics (see ``GatewayComponent``)."""
+
+    OK = "ok"                       # upstream answered and the answer was relayed
+    BAD_REQUEST = "bad_request"     # refused before reaching the upstream
+    TOO_LARGE = "too_large"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"     # connect failed: not processed
+    UPSTREAM_ERROR = "upstream_error"
+    ABORTED = "aborted"             # the caller went away, or the stream broke mid-way
+
+
+async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: Upstream,
+                gw: GatewaySection) -> tuple[web.StreamResponse, str, int, int]:
+    """Forward ``request`` to ``upstream``; (response, outcome, bytes in, bytes out)."""
+    limit = gw.max_body_bytes
+    if has_dot_segment(request.raw_path):
+        return (error(400, "path must not contain '.' or '..' segments", not_processed=True),
+                Outcome.BAD_REQUEST, 0, 0)
+    if request.content_length is not None and request.content_length > limit:
+        return (error(413, f"request body of {request.content_length} bytes is over the "
+                           f"gateway's limit of {gw.max_body_mb} MiB (gateway.max_body_mb)",
+                      not_processed=True), Outcome.TOO_LARGE, 0, 0)
+    headers = forward_headers(request)
+    received = 0
+    too_large = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal received, too_large
+        async for chunk in request.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > limit:
+                too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+    declared = request.content_length
+    small_request = request.body_exists and declared is not None and declared <= SMALL_BODY
+    data: AsyncIterator[bytes] | bytes | None = None
+    if request.body_exists and not small_request:
+        data = body()
+        if declared is not None:
+            headers["Content-Length"] = str(declared)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT,
+                                                                 gw.upstream_timeout),
+                                    sock_read=gw.upstream_timeout)
+    url = target_url(upstream, request.raw_path)
+    sent = 0
+    out: web.StreamResponse | None = None
+    try:
+        if small_request:
+            # a small declared body goes out with the request head in one write
+            data = await request.read()
+            received = len(data)
+        async with session.request(request.method, url, headers=headers, data=data,
+                                   allow_redirects=False, timeout=timeout) as resp:
+            length = resp.content_length
+            if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+                # small declared answer: head and body in one write to the caller
+                payload = await resp.read()
+                out = web.Response(status=resp.status, reason=resp.reason,
+                                   headers=end_to_end(resp.headers), body=payload)
+                return out, Outcome.OK, received, len(payload)
+            # no Content-Length from the upstream -> aiohttp frames the answer chunked
+            out = web.StreamResponse(status=resp.status, reason=resp.reason,
+                                     headers=end_to_end(resp.headers))
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+                sent += len(chunk)
+            await out.write_eof()
+            return out, Outcome.OK, received, sent
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if out is not None and out.prepared:
+            # Headers are gone: the only honest signal left is a broken connection, so
+            # the caller never mistakes a truncated body for a complete one.
+            if request.transport is not None:
+                request.transport.abort()
+            log.debug("gateway: %s %s broken mid-answer: %r", request.method, url, exc)
+            return out, Outcome.ABORTED, received, sent
+        return (*_error_for(exc, too_large, gw, url), received, sent)
+
+
+def _error_for(exc: Exception, too_large: bool, gw: GatewaySection,
+               url: URL) -> tuple[web.Response, str]:
+    """The JSON error for a failure before the answer started."""
+    if too_large or isinstance(exc, BodyTooLarge) or isinstance(exc.__cause__, BodyTooLarge):
+        return (error(413, f"request body is over the gateway's limit of {gw.max_body_mb} MiB "
+                           "(gateway.max_body_mb)"), Outcome.TOO_LARGE)
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return (error(502, f"upstream {url.origin()} is unreachable: {_why(exc)}",
+                      not_processed=True), Outcome.UNREACHABLE)
+    if isinstance(exc, TimeoutError):
+        return (error(504, f"upstream {url.origin()} sent nothing for {gw.upstream_timeout:g} s "
+                           "(gateway.upstream_timeout)"), Outcome.TIMEOUT)
+    if isinstance(exc, aiohttp.ClientError):
+        return (error(502, f"upstream {url.origin()} failed: {_why(exc)}"),
+                Outcome.UPSTREAM_ERROR)
+    if isinstance(exc, ConnectionError | aiohttp.http_exceptions.HttpProcessingError):
+        return error(400, f"request body broke off: {_why(exc)}"), Outcome.ABORTED
+    log.exception("gateway: unexpected error proxying to %s", url)
+    return error(502, f"upstream {url.origin()} failed: {type(exc).__name__}"), \
+        Outcome.UPSTREAM_ERROR
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

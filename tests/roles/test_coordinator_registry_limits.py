@@ -1,0 +1,184 @@
+"""The coordinator's registry under abuse: closed-network admission, per-IP rate limit and
+quota, TTL cap, and no eviction of live records (issue 11)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from agent.admission import Certificate, NetworkKey, RevocationList
+from agent.config.model import NetworkSection
+from agent.dht.identity import Identity
+from agent.dht.record import WorkerRecord
+from agent.httpapi import json_errors
+from agent.network import NetworkComponent
+from agent.roles import coordinator as coord_mod
+from agent.roles.coordinator import CoordinatorRole
+from tests.roles.fakes import FakeAgent, FakeDHT, make_config
+
+NK = NetworkKey.generate()
+
+
+def rec(ident: Identity, *, cert: bytes = b"", services=("ocr",), ttl: float = 20,
+        **kw: Any) -> WorkerRecord:
+    return WorkerRecord.create(ident, name=kw.pop("name", "w"), services=services,
+                               endpoint="https://w.example", gpu="T4", gpu_memory_gb=16.0,
+                               load=0.0, capacity=4, region="eu", ttl=ttl, cert=cert, **kw)
+
+
+def certified(ident: Identity, **kw: Any) -> WorkerRecord:
+    c = Certificate.issue(NK, ident.public_key, services=("ocr",)).encode()
+    return rec(ident, cert=c, **kw)
+
+
+def b64(r: WorkerRecord) -> dict[str, str]:
+    return {"record": base64.b64encode(r.encode()).decode()}
+
+
+async def _serve(tmp_path, closed: bool) -> tuple[TestClient, CoordinatorRole, Any]:
+    cfg = make_config(tmp_path, "coordinator")
+    if closed:
+        cfg = dataclasses.replace(cfg, network=NetworkSection(
+            admission_keys=(base64.b64encode(NK.public_key).decode(),)))
+    agent = FakeAgent(cfg, FakeDHT(Identity.generate()))
+    network = NetworkComponent(agent)  # type: ignore[arg-type]
+    role = CoordinatorRole(agent)  # type: ignore[arg-type]
+    agent.components += [network, role]
+    app = web.Application(middlewares=[json_errors])
+    role.add_routes(app)
+    network.add_routes(app)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client, role, network
+
+
+@pytest.fixture
+async def closed(tmp_path) -> AsyncIterator[tuple[TestClient, CoordinatorRole, Any]]:
+    client, role, network = await _serve(tmp_path, closed=True)
+    try:
+        yield client, role, network
+    finally:
+        await network.stop()
+        await client.close()
+
+
+@pytest.fixture
+async def open_(tmp_path) -> AsyncIterator[tuple[TestClient, CoordinatorRole, Any]]:
+    client, role, network = await _serve(tmp_path, closed=False)
+    try:
+        yield client, role, network
+    finally:
+        await client.close()
+
+
+async def test_closed_network_registers_only_admitted(closed) -> None:
+    client, role, network = closed
+    good, bare, other = Identity.generate(), Identity.generate(), Identity.generate()
+    resp = await client.post("/api/services/register", json=b64(certified(good)))
+    assert resp.status == 200, await resp.json()
+    resp = await client.post("/api/services/register", json=b64(rec(bare)))
+    body = await resp.json()
+    assert resp.status == 403 and "no admission certificate" in body["error"]
+    # a certificate copied from an admitted worker does not admit another key
+    stolen = Certificate.issue(NK, good.public_key, services=("ocr",)).encode()
+    resp = await client.post("/api/services/register", json=b64(rec(other, cert=stolen)))
+    assert resp.status == 403 and "another key" in (await resp.json())["error"]
+    # a certificate for ocr does not admit an asr announcement
+    resp = await client.post("/api/services/register",
+                             json=b64(certified(other, services=("ocr", "asr"))))
+    assert resp.status == 403 and "cover" in (await resp.json())["error"]
+    assert set(role.registry) == {good.node_id}
+    # revocation removes it from the registry and its answers; re-registering is refused
+    assert network._take(RevocationList.issue(NK, [good.public_key]), "test")
+    network._apply()
+    assert role.registry == {}
+    resp = await client.get("/api/registry/ocr")
+    assert (await resp.json())["records"] == []
+    resp = await client.post("/api/services/register", json=b64(certified(good)))
+    assert resp.status == 403 and "revoked" in (await resp.json())["error"]
+    # the lists it knows are served to other agents
+    resp = await client.get("/api/network/revocations")
+    lists = (await resp.json())["lists"]
+    assert len(lists) == 1
+    assert RevocationList.decode(base64.b64decode(lists[0])).revoked == (good.public_key,)
+
+
+async def test_admitted_worker_can_withdraw(closed) -> None:
+    client, role, _ = closed
+    w = Identity.generate()
+    live = certified(w)
+    assert (await client.post("/api/services/register", json=b64(live))).status == 200
+    resp = await client.post("/api/services/register", json=b64(live.tombstone(w)))
+    assert resp.status == 200, await resp.json()
+    assert role.registry[w.node_id].withdrawn
+    assert (await (await client.get("/api/registry/ocr")).json())["records"] == []
+
+
+async def test_rate_limit_per_source_ip(open_) -> None:
+    client, _role, _ = open_
+    statuses = []
+    w = Identity.generate()
+    for i in range(int(coord_mod.REGISTER_BURST) + 20):
+        resp = await client.post("/api/services/register", json=b64(rec(w, name=f"n{i}")))
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert resp.headers["Retry-After"] and "too many" in (await resp.json())["error"]
+    assert statuses[:40].count(200) == 40
+    assert statuses.count(429) >= 15
+
+
+async def test_quota_per_ip_and_no_eviction_when_full(open_, monkeypatch) -> None:
+    client, role, _ = open_
+    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 3)
+    ids = [Identity.generate() for _ in range(4)]
+    for ident in ids[:3]:
+        assert (await client.post("/api/services/register", json=b64(rec(ident)))).status == 200
+    resp = await client.post("/api/services/register", json=b64(rec(ids[3], ttl=3600)))
+    assert resp.status == 429 and "already registered" in (await resp.json())["error"]
+    # a known worker may still refresh its record from that address
+    assert (await client.post("/api/services/register", json=b64(rec(ids[0])))).status == 200
+    # a full registry refuses a newcomer instead of evicting a live honest record, however
+    # long-lived the newcomer claims to be
+    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 100)
+    monkeypatch.setattr(coord_mod, "REGISTRY_MAX", 3)
+    resp = await client.post("/api/services/register", json=b64(rec(ids[3], ttl=3600)))
+    assert resp.status == 503 and "full" in (await resp.json())["error"]
+    assert set(role.registry) == {i.node_id for i in ids[:3]}
+
+
+async def test_claimed_lifetime_is_capped(open_) -> None:
+    _client, role, _ = open_
+    w = Identity.generate()
+    r = rec(w, ttl=3600)
+    now = time.time()
+    assert role._store(r, "192.0.2.1", now) == "stored"
+    ttl = role.agent.config.dht.record_ttl
+    role._expire(now + ttl - 1)
+    assert w.node_id in role.registry
+    role._expire(now + ttl + 1)              # its own expiry is an hour away; gone anyway
+    assert w.node_id not in role.registry and role._per_ip == {}
+
+
+async def test_limits_follow_the_client_behind_a_local_proxy(open_, monkeypatch) -> None:
+    """Through cloudflared/a TLS proxy every request comes from loopback: the limits must
+    apply to the client the proxy names, not to the proxy."""
+    client, role, _ = open_
+    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 2)
+    for i in range(2):
+        resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                                 headers={"X-Forwarded-For": f"203.0.113.9, 198.51.100.{i}"})
+        assert resp.status == 200
+    resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                             headers={"CF-Connecting-IP": "198.51.100.0"})
+    assert resp.status == 200            # 198.51.100.0 holds 1 of 2
+    resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                             headers={"X-Forwarded-For": "198.51.100.0"})
+    assert resp.status == 429
+    assert role._per_ip == {"198.51.100.0": 2, "198.51.100.1": 1}
