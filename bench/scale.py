@@ -522,15 +522,24 @@ class Scenario:
         loop_task = asyncio.ensure_future(self.republish_loop())
         await asyncio.sleep(a.republish)
         own: list[float] = []
-        for k in range(min(40, a.lookups)):
+        sem = asyncio.Semaphore(a.churn_concurrency)
+
+        async def own_side(k: int) -> None:
             i = self.rng.choice(self.alive)
             svc = self.pick_service(k)
             mine = [w for w in self.members[svc]
                     if w not in self.dead and (w in side_a) == (i in side_a)]
             if not mine:
-                continue
-            got = await impl.lookup(i, svc, mine)
+                return
+            async with sem:
+                try:
+                    got = await asyncio.wait_for(impl.lookup(i, svc, mine), 30)
+                except Exception:
+                    got = set()
             own.append(len(got & set(mine)) / len(mine))
+
+        await asyncio.wait_for(asyncio.gather(*(own_side(k) for k in range(min(40, a.lookups)))),
+                               a.phase_cap)
         self.emit("partition", {"seconds": a.republish, "own_side_found":
                                 statistics.fmean(own) if own else 0.0,
                                 "dropped_datagrams": self.world.dropped})
