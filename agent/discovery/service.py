@@ -410,6 +410,9 @@ class DiscoveryComponent(Component):
         if got is None:
             return None
         records, saved_at = got
+        # what was admitted and contactable when saved may not be now (a revocation, a
+        # reload of network.admission_keys or discovery.allow_http_hosts)
+        records = self._contactable(admitted(self.agent, records))
         cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
         if not len(cs):
             return None
@@ -577,8 +580,9 @@ class DiscoveryComponent(Component):
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
-            counts[svc] = max(counts.get(svc, 0),
-                              len(_live_indices(e.candidates, now, self.tracker)))
+            live = len(_live_indices(e.candidates, now, self.tracker))
+            if live:          # a looked-up name nobody serves (a typo) is no service
+                counts[svc] = max(counts.get(svc, 0), live)
         return {"source": source,
                 "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
 

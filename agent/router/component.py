@@ -44,6 +44,7 @@ from agent.component import Component
 from agent.discovery.api import BadRequest, check_service, parse_query
 from agent.discovery.endpoints import EndpointRefused, GuardedConnector, endpoint_refusal
 from agent.discovery.select import Query
+from agent.discovery.service import SOURCES
 from agent.ratelimit import RateLimiter
 from agent.router.budget import RetryBudget
 from agent.router.proxy import (
@@ -96,7 +97,8 @@ class _Metrics:
                                   "Time from sending to a worker to its response headers",
                                   buckets=UPSTREAM_BUCKETS, **kw)
         self.lookups = PromCounter("rma_agent_route_lookups",
-                                   "Router lookups by source (cache, dht, coordinator)",
+                                   "Router lookups by source (cache, dht, coordinator, "
+                                   "stale: the last-known-good copy on disk)",
                                    ["source"], **kw)
         Gauge("rma_agent_route_dht_hit_ratio", "Of the router's lookups that reached past "
               "the cache, the share the DHT answered", **kw).set_function(
@@ -108,7 +110,7 @@ class _Metrics:
             self.requests.labels(o)
         for r in RETRY_REASONS:
             self.retries.labels(r)
-        for s in ("cache", "dht", "coordinator"):
+        for s in SOURCES:
             self.lookups.labels(s)
 
 
@@ -134,7 +136,7 @@ class RouterComponent(Component):
         self._m_out = {o: self.metrics.requests.labels(o) for o in OUTCOMES}
         self._m_retry = {r: self.metrics.retries.labels(r) for r in RETRY_REASONS}
         self._m_lookup = {s: self.metrics.lookups.labels(s)
-                          for s in ("cache", "dht", "coordinator")}
+                          for s in SOURCES}
         self.counts: Counter[str] = Counter()
         self._busy: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, int] = {}      # requests this router has at each worker
@@ -207,7 +209,7 @@ class RouterComponent(Component):
                 "retry_budget_exhausted": self.budget.refused,
                 "retry_budget_tokens": round(self.budget.tokens, 2),
                 "lookups_by_source": {s: c[f"lookup_{s}"]
-                                      for s in ("cache", "dht", "coordinator")},
+                                      for s in SOURCES},
                 "dht_hit_rate": round(dht_rate, 4) if past else None,
                 "fallback_rate": round(fallback_rate, 4) if past else None,
                 "max_attempts": self.max_attempts,

@@ -299,3 +299,85 @@ async def test_samples_rates_percentiles_and_the_router_block():
         assert list(dash.samples)[-1] == s2
     finally:
         await comp.stop()
+
+
+def test_local_records_expire_by_their_own_refresh():
+    """The event log's "expired" for records this node stores uses each record's own
+    ``refresh`` (as lookups do), not this agent's republish interval: a worker that
+    refreshes every 60 s was logged "expired" and "joined" again on every refresh when
+    the dashboard's agent republishes every 10 s."""
+    import time
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, _comp, _dht = make_discovery(republish=10)
+    dash = DashboardComponent(agent)
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now)
+    quick = make_record(name="quick", refresh=10.0, now=now)
+    dash._on_record(slow)
+    dash._on_record(quick)
+    assert [e["kind"] for e in dash._log] == ["joined", "joined"]
+    dash._check_local(now + 30)              # quick: 30 s > 2 x 10 s; slow: < 2 x 60 s
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick"], list(dash._log)
+    dash._check_local(now + 121)
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick", "slow"], list(dash._log)
+
+
+async def test_state_shows_each_workers_version_and_the_fleets():
+    """Record format 2 carries ``agent_version`` so that the dashboard can show a fleet's
+    versions (issue 13): each worker row names its version, the overview counts them."""
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    for name, version in (("new1", "0.2.0"), ("new2", "0.2.0"), ("old", "0.1.9")):
+        dht.add(make_record(name=name, agent_version=version))
+    dht.identity, dht.mode = None, "server"          # what the overview reads of the DHT
+    dht.contacts, dht.peers = (lambda: []), (lambda: 0)
+    dash = DashboardComponent(agent)
+    agent.components.append(dash)
+    await comp.start()
+    dash.hub.start()
+    try:
+        await dash._activate()
+        st = dash.state()
+        assert st["agent"]["versions"] == {"0.1.9": 1, "0.2.0": 2}, st["agent"]
+        (svc,) = st["services"]
+        assert {w["name"]: w["version"] for w in svc["workers"]} == {
+            "new1": "0.2.0", "new2": "0.2.0", "old": "0.1.9"}
+    finally:
+        await dash.hub.stop()
+        await comp.stop()
+
+
+async def test_ring_takes_service_names_as_typed():
+    """One service-name rule everywhere: user input is lowercased (``normalize_service``)
+    before it is checked; the ring answered 400 to ``?service=OCR``."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery
+
+    agent, _comp, _dht = make_discovery()
+    dash = DashboardComponent(agent)
+    asked: list[str | None] = []
+
+    def ring(service: str | None) -> dict[str, Any]:
+        asked.append(service)
+        return {"service": service}
+
+    dash.ring = ring                                  # type: ignore[method-assign]
+    app = web.Application()
+    dash.add_routes(app)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/api/dashboard/ring?service=OCR")
+        assert r.status == 200 and (await r.json())["service"] == "ocr"
+        r = await client.get("/api/dashboard/ring?service=BAD!")
+        assert r.status == 400 and "error" in await r.json()
+    assert asked == ["ocr"]

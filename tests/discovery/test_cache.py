@@ -251,6 +251,18 @@ async def test_worker_back_after_a_restart_shows_at_once_not_after_the_negative_
         await comp.stop()
 
 
+async def test_service_list_leaves_out_looked_up_names_nobody_serves():
+    """A lookup of a name nobody serves (a typo, a probe) caches an empty answer; the
+    service list must not show it as a service "with 0 workers" (it did, for cache_ttl)."""
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    dht.add(make_record(services=("ocr",), now=clock.t))
+    assert (await comp.lookup("nosuch")).workers == []
+    assert len((await comp.lookup("ocr")).workers) == 1
+    out = await comp.services()
+    assert out["services"] == [{"name": "ocr", "workers": 1}]
+
+
 async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer():
     """The race behind a restarted worker staying invisible: the lookup's DHT query is in
     flight (it will answer "nobody") when the worker's new record is stored locally. The

@@ -62,3 +62,22 @@ def test_saves_are_debounced_bounded_and_never_create_the_state_dir(tmp_path):
     missing = LastGood(tmp_path / "nope")
     assert missing.save("ocr", [rec]) and not (tmp_path / "nope").exists()
     assert missing.load("ocr")[0][0].name == "a"               # kept in memory still
+
+
+async def test_the_copy_on_disk_is_held_to_todays_admission_and_endpoint_rules():
+    """A record saved while its endpoint was allowed (or its worker admitted) is not
+    offered from disk once that no longer holds: the disk answer skipped the filters
+    every other answer passes (``admitted``, the endpoint rule)."""
+    clock = Clock()
+    agent, comp, dht = make_discovery(clock=clock, cache_ttl=5,
+                                      allow_http_hosts=("10.0.0.1",))
+    dht.add(make_record(name="lan", endpoint="http://10.0.0.1:9", now=clock.t, ttl=60))
+    dht.add(make_record(name="local", now=clock.t, ttl=60))
+    first = await comp.lookup("ocr")
+    assert {w["name"] for w in first.workers} == {"lan", "local"}
+    state_dir = agent.config.agent.state_dir
+    # restarted without 10.0.0.1 in discovery.allow_http_hosts, cut off from the DHT
+    _agent2, comp2, dht2 = make_discovery(clock=clock, cache_ttl=5, state_dir=state_dir)
+    dht2.fail = True
+    res = await comp2.lookup("ocr")
+    assert res.source == "stale" and [w["name"] for w in res.workers] == ["local"]

@@ -261,3 +261,73 @@ async def test_a_watcher_that_stops_reading_is_dropped():
         await hub.stop()
         await comp.stop()
         await server.close()
+
+
+def test_membership_judges_staleness_by_each_records_own_refresh():
+    """A worker that republishes every 60 s stays a member at 30 s of age even when the
+    watching agent's own republish interval is 10 s (lookups offer it: it carries its
+    own ``refresh``); before, the watch reported it "removed (stale)" and "added" again
+    every refresh. A 10 s worker silent for 30 s is removed as stale."""
+    from agent.discovery.select import CandidateSet
+    from agent.discovery.watch import ServiceWatch, WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, _dht = make_discovery(republish=10)
+    hub = WatchHub(agent)
+    w = ServiceWatch(hub, "ocr")
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now - 30)
+    quick = make_record(name="quick", refresh=10.0, now=now - 15)
+    kinds: list[tuple[str, str, str]] = []
+    hub.on_change = lambda svc, kind, view, reason: kinds.append((kind, view["name"], reason))
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), now)
+    assert sorted(v["name"] for v in w.members.values()) == ["quick", "slow"]
+    later = now + 10             # quick: 25 s > 2 x 10 s; slow: 40 s <= 2 x 60 s
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), later)
+    assert sorted(v["name"] for v in w.members.values()) == ["slow"]
+    assert kinds == [("added", "slow", ""), ("added", "quick", ""),
+                     ("removed", "quick", "stale")], kinds
+
+
+async def test_the_all_workers_watch_is_a_paced_index_crawl(monkeypatch):
+    """``"*"`` reads every service-index shard with all its records: the dashboard's
+    1 s pace made one open page cost ~160 find_providers RPCs/s in a 6-node demo. It is
+    refreshed every INDEX_REFRESH_S, woken by a join at most every INDEX_MIN_GAP_S, and
+    not woken by a known worker's refresh; per-service watches keep their pace."""
+    from agent.discovery import watch as watch_mod
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    monkeypatch.setattr(watch_mod, "INDEX_REFRESH_S", 60.0, raising=False)
+    monkeypatch.setattr(watch_mod, "INDEX_MIN_GAP_S", 0.3, raising=False)
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    from agent.dht.identity import Identity
+
+    ident = Identity.generate()
+    known = make_record(ident, name="known")
+    dht.add(known)
+    hub = WatchHub(agent, refresh_s=0.05)
+    await comp.start()
+    hub.start()
+    try:
+        star, ocr = hub.pin("*"), hub.pin("ocr")
+        assert star is not None and ocr is not None
+        await star.wait_first()
+        await asyncio.sleep(1.0)
+        assert star.refreshes == 1 and ocr.refreshes >= 5, (star.refreshes, ocr.refreshes)
+        assert list(star.members) == [known.worker_id]
+        agent.emit("record", make_record(ident, name="known"))     # its next refresh
+        await asyncio.sleep(0.6)
+        assert star.refreshes == 1               # a known worker's refresh: no crawl
+        joiner = make_record(name="joiner")
+        dht.add(joiner)
+        agent.emit("record", joiner)
+        for _ in range(40):
+            if joiner.worker_id in star.members:
+                break
+            await asyncio.sleep(0.05)
+        assert star.refreshes == 2 and joiner.worker_id in star.members
+    finally:
+        await hub.stop()
+        await comp.stop()

@@ -249,3 +249,30 @@ async def test_local_service_sets_the_load_over_http(tmp_path) -> None:
             await _until(lambda: dht.announced[-1].load == 0.0, timeout=1.0)
     finally:
         await role.stop()
+
+
+async def test_the_gateways_count_does_not_erase_the_services_reported_load(tmp_path) -> None:
+    """Two reporters of the load meet in the worker: the local service (``PUT
+    /api/worker/load``) and the gateway (its proxied requests). The gateway's count fell to
+    0 after each burst and replaced what the service had reported (the demo's loads went
+    to 0 after its first routed burst): the record carries the larger of the two."""
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    app = web.Application(middlewares=[json_errors])
+    role.add_routes(app)
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.put("/api/worker/load", json={"inflight": 3})
+            assert resp.status == 200
+            await _until(lambda: dht.announced[-1].load == 3.0, timeout=1.0)
+            role.set_inflight(1)             # the gateway: one request in flight, then none
+            role.set_inflight(0)
+            await asyncio.sleep(0.2)
+            assert role._current_load() == 3.0 and dht.announced[-1].load == 3.0
+            role.set_inflight(4)             # the gateway sees more than the service said
+            await _until(lambda: dht.announced[-1].load == 4.0, timeout=1.0)
+            resp = await client.put("/api/worker/load", json={"inflight": None})
+            assert (await resp.json())["load"] == 4.0
+    finally:
+        await role.stop()
