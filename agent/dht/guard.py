@@ -54,7 +54,7 @@ from agent.dht.tokens import TOKEN_LEN, AddressGuard, TokenCache, WriteTokens
 from agent.dht.wire import HEADER, MAX_PAYLOAD, _norm_host
 
 Address = tuple[str, int]
-PING_BYTES = 64                     # a ping request datagram, rounded up
+PING_BYTES = 52                     # a ping request datagram (50 bytes), rounded up
 
 
 def is_challenge(result: Any) -> bool:
@@ -178,6 +178,16 @@ class HostileGuard:
             return
         self._proving.add(address)
         self._spawn(self._ping_to_prove(address))  # type: ignore[attr-defined]
+
+    async def _verify_contact(self, node: Any, handoff: bool = True) -> None:
+        """Contact verification (``liveness``) pings the claimed address — up to two
+        datagrams with the retransmission. For an unproven address that counts against
+        its byte budget: a spoofed request must not buy more than 2.5x its size."""
+        if not self.budget_probe((node.ip, node.port), 2 * PING_BYTES):
+            self._verifying.discard(node.id)  # type: ignore[attr-defined]
+            self.drops["verify_budget"] += 1
+            return
+        await super()._verify_contact(node, handoff)  # type: ignore[misc]
 
     async def _ping_to_prove(self, address: Address) -> None:
         try:

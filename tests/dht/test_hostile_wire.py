@@ -138,11 +138,15 @@ async def _reflection(net: int) -> dict[str, float]:
     sent = 0
     try:
         for i in range(40):
-            for req in (request("find_providers", bytes(20), KEY),
+            # a fresh claimed node id in every request: each one would be a new contact
+            # to verify (a ping back to the victim) if verification were not budgeted
+            for req in (request("find_providers", os.urandom(20), KEY),
                         request("find_providers", b"", KEY, i),
-                        request("find_node", bytes(20), os.urandom(20)),
-                        request("ping", bytes(20)),
-                        request("announce", bytes(20), KEY, rec(Identity.generate()).encode())):
+                        request("find_node", os.urandom(20), os.urandom(20)),
+                        request("ping", os.urandom(20)),
+                        request("ping", os.urandom(20)),
+                        request("announce", os.urandom(20), KEY,
+                                rec(Identity.generate()).encode())):
                 sent += spoofed_udp(victim, dst, req)
             if i % 8 == 0:
                 sent += spoofed_udp(victim, dst, request("reachable", b"", victim[1]))
