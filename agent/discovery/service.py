@@ -76,6 +76,10 @@ RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
 SOURCES = ("cache", "dht", "coordinator", "stale")
+# GET /api/services reads every service-index shard (32 crawls): concurrent calls share
+# one read and its answer is reused this long, so a client polling it is no crawl loop
+SERVICES_TTL_S = 2.0
+_SERVICES_FLIGHT = "\0services"       # never a service name (single-flight key)
 RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
 RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
 
@@ -202,6 +206,7 @@ class DiscoveryComponent(Component):
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
         self._memo: OrderedDict[tuple[str, Query], _Ranked] = OrderedDict()
+        self._services_memo: tuple[float, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -553,6 +558,16 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
+        """Known services with live worker counts (``_services``), read at most once per
+        ``SERVICES_TTL_S`` however many callers ask."""
+        hit = self._services_memo
+        if hit is not None and 0.0 <= self.clock() - hit[0] < SERVICES_TTL_S:
+            return hit[1]
+        out = await self.flight.run(_SERVICES_FLIGHT, self._services)
+        self._services_memo = (self.clock(), out)
+        return out
+
+    async def _services(self) -> dict[str, Any]:
         """Known services with live worker counts.
 
         From the DHT's sharded service index when the node offers it (``service_counts``:
