@@ -122,6 +122,7 @@ class ProviderStorage(IStorage):
         self._by_sender: Counter[Any] = Counter()    # host -> records
         self._by_prefix: Counter[Any] = Counter()    # /24 or /64 -> records
         self.evicted = 0
+        self._no_flooder: set[bytes] = set()   # full keys known to hold no flooder
         self._total = 0
         self._last_cull = 0.0
         self.refused: Counter[str] = Counter()
@@ -187,6 +188,7 @@ class ProviderStorage(IStorage):
             bucket[record.worker_id] = entry  # type: ignore[index]
             self._ranked.pop(key, None)
             self._sketch.pop(key, None)
+            self._no_flooder.discard(key)
             return "stored"
         # a new worker under this key
         if self._sender_full(host, prefix):
@@ -208,6 +210,7 @@ class ProviderStorage(IStorage):
         bucket[record.worker_id] = entry
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             bisect.insort(order, record.worker_id)
@@ -234,11 +237,18 @@ class ProviderStorage(IStorage):
     def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
         """Make room under ``key`` for a record of ``host`` by dropping one record of the
         host holding the most there — only if it holds at least two more than ``host``
-        would. Never an exempt (local, trusted) record. True if one was dropped."""
-        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
-        if not per_host:
+        would. Never an exempt (local, trusted) record. True if one was dropped.
+
+        The scan is O(records under the key); a key found to hold no host with two or
+        more records is remembered (``_no_flooder``, cleared by any change to the key),
+        so a full key of honest one-record hosts refuses newcomers without rescanning."""
+        if key in self._no_flooder:
             return False
-        heavy, n = per_host.most_common(1)[0]
+        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
+        heavy, n = per_host.most_common(1)[0] if per_host else (None, 0)
+        if n < 2:
+            self._no_flooder.add(key)
+            return False
         mine = per_host.get(host, 0) if host is not None else 0
         if n < mine + 2:
             return False
@@ -267,6 +277,7 @@ class ProviderStorage(IStorage):
         entry = bucket.pop(worker_id)
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             i = bisect.bisect_left(order, worker_id)

@@ -40,6 +40,9 @@ mode = "server"
 [http]
 listen = "127.0.0.1:8080"
 
+[gateway]
+listen = "127.0.0.1:8092"
+
 [tunnel]
 mode = "off"
 
@@ -296,7 +299,8 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
     c = installed
     # A DHT peer to announce to: a coordinator as a second agent.
     _start_second_agent(c, "coord2", COORDINATOR_TOML.replace("8468", "8470")
-                        .replace("8080", "8082").replace("coord-test", "coord-two")
+                        .replace("8080", "8082").replace("8092", "8093")
+                        .replace("coord-test", "coord-two")
                         .replace('"/var/lib/rma-agent"', '"/var/lib/rma-agent/coord2"'))
     try:
         c.write("/etc/default/rma-agent", "RMA_CLOUDFLARED=/srv/tools/fake_cloudflared.py\n")
@@ -353,7 +357,8 @@ def test_named_tunnel_uses_its_own_config_and_hostname(installed):
     https://<tunnel.hostname>."""
     c = installed
     _start_second_agent(c, "coord2", COORDINATOR_TOML.replace("8468", "8470")
-                        .replace("8080", "8082").replace("coord-test", "coord-two")
+                        .replace("8080", "8082").replace("8092", "8093")
+                        .replace("coord-test", "coord-two")
                         .replace('"/var/lib/rma-agent"', '"/var/lib/rma-agent/coord2"'))
     try:
         c.write("/etc/default/rma-agent", "RMA_CLOUDFLARED=/srv/tools/fake_cloudflared.py\n")

@@ -68,9 +68,13 @@ republish_interval = 5
 [http]
 listen = "127.0.0.1:8080"
 
+[gateway]
+listen = "127.0.0.1:8090"
+
 [worker]
 services = ["{SERVICE}"]
-endpoint = "{WORKER_API}"
+# Its own gateway: lookups probe the endpoint's ownership proof there.
+endpoint = "http://127.0.0.1:8090"
 
 [tunnel]
 mode = "off"
@@ -90,6 +94,9 @@ mode = "server"
 
 [http]
 listen = "127.0.0.1:8082"
+
+[gateway]
+listen = "127.0.0.1:8092"
 
 [tunnel]
 mode = "off"

@@ -268,4 +268,8 @@ def test_lying_peer_with_dead_addresses_cannot_stall_other_requests(monkeypatch)
     assert fair["ping_max_s"] < 0.25, fair
     stalled = run_uvloop(_stall(free_net(), 64))
     print("one shared pool", stalled)
-    assert stalled["ping_max_s"] > 2 * fair["ping_max_s"], stalled
+    # the control shows what the test guards against: with one shared pool the pings to
+    # live peers queue behind the dead addresses (medians and throughput, not a single
+    # maximum, which a busy machine makes noisy)
+    assert stalled["ping_median_s"] > 10 * fair["ping_median_s"], (fair, stalled)
+    assert stalled["pings"] * 2 < fair["pings"], (fair, stalled)

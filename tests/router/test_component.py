@@ -211,6 +211,36 @@ async def test_filter_headers_pick_the_workers():
         await small.stop()
 
 
+async def test_large_streamed_body_is_retried_when_none_of_it_was_sent():
+    good = await StandInGateway().start()
+    gone = await StandInGateway().start()
+    body = os.urandom(3 << 20)            # above the 1 MiB replay buffer: streamed
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(good, load=3.0, capacity=4)
+            ra.announce(gone, load=0.0, capacity=8)
+            for _ in range(40):                     # until both are proven and remembered
+                if gone.proofs and good.proofs:
+                    break
+                assert (await ra.client.get("/route/ocr/warm")).status == 200
+            assert gone.proofs and good.proofs
+            await gone.stop()                                  # now it refuses connections
+            for _ in range(30):             # until the draw puts the gone worker first
+                r = await ra.client.post("/route/ocr/up", data=body)
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+                assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+                assert r.headers["RMA-Worker"] == good.identity.node_id.hex()
+                if r.headers["RMA-Attempts"] == "2":
+                    break
+            else:
+                raise AssertionError("the gone worker was never drawn first")
+            assert ra.router.counts["retry_connect"] == 1
+            assert ra.disc.tracker.is_banned(gone.identity.node_id, time.time())
+    finally:
+        await good.stop()
+
+
 async def test_routes_from_the_last_known_good_copy_when_the_dht_is_gone():
     """Discovery answers from its on-disk copy with source "stale" (scale) when neither
     the DHT nor a coordinator answers; the router counted lookups per source with a fixed
