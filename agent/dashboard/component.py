@@ -13,7 +13,7 @@ Component "dashboard", started last. What it keeps, always (cheap, no network):
 
 While at least one page listens (and ``PAGE_LINGER_S`` after), it pins the ``"*"`` key
 and up to ``MAX_SERVICES`` services in the :class:`~agent.discovery.watch.WatchHub`
-(refreshed from the DHT every second) and broadcasts the page's ``state`` each
+(refreshed from the DHT every second; ``"*"`` less often, see ``watch.py``) and broadcasts the page's ``state`` each
 ``TICK_S``: the agent at a glance, and per service the explained ranking
 (:mod:`agent.discovery.explain`: best first, score parts, state, why others are out).
 With no page open it makes no lookups at all.
@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +40,18 @@ from aiohttp import web
 from agent import __version__, events
 from agent.component import Component, cancel_task
 from agent.dht.record import ALL_SERVICES, service_key
+from agent.discovery.api import BadRequest, check_service
 from agent.discovery.explain import explain_set, worker_state
-from agent.discovery.select import Query
+from agent.discovery.select import Query, record_max_age
 from agent.discovery.watch import WatchHub
+from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from agent.config import Config
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.dashboard")
+_LOG_LIMIT = RateLimiter(rate=1 / 60, burst=3)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 STATIC_FILES = {"app.js": "application/javascript", "app.css": "text/css",
@@ -234,7 +237,8 @@ class DashboardComponent(Component):
         for (svc, wid), rec in list(self._present.items()):
             if rec is None:
                 continue          # known through a watch: the watch reports its removal
-            if rec.expires_at <= now or now - rec.issued_at > max_age:
+            # stale by the record's own refresh, the rule lookups apply (select.py)
+            if rec.expires_at <= now or now - rec.issued_at > record_max_age(rec, max_age):
                 self._unmark(svc, wid)
                 self.log_event("expired", f"{rec.name} expired from {svc} (no refresh for "
                                f"{now - rec.issued_at:.0f} s)", service=svc, worker=rec.name,
@@ -298,7 +302,7 @@ class DashboardComponent(Component):
             try:
                 self._check_local(now)
                 if time.monotonic() >= next_sample:
-                    next_sample += SAMPLE_S
+                    next_sample = max(next_sample + SAMPLE_S, time.monotonic())
                     sample = self._sample()
                     if sample is not None and self.channel.subscribers:
                         self.channel.broadcast(events.frame("sample", sample))
@@ -310,8 +314,8 @@ class DashboardComponent(Component):
                     self._unpin_all()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("dashboard: tick failed")
+            except Exception as exc:      # a bug here must not flood the journal
+                _LOG_LIMIT.log(log, logging.ERROR, "tick", "dashboard: tick failed: %r", exc)
             await asyncio.sleep(TICK_S)
 
     def _pin(self, service: str) -> None:
@@ -380,6 +384,10 @@ class DashboardComponent(Component):
             "nodes": len(nodes), "coordinators": len(coordinators),
             "workers": len(workers), "services": len(services),
             "router": bool(self.samples and self.samples[-1].get("router")),
+            # the fleet's versions (record format 2's agent_version; "" = a v1 record)
+            "versions": dict(sorted(Counter(
+                str(getattr(r, "agent_version", "") or "") for r in
+                (star.records.values() if star is not None else ())).items())),
         }
 
     def _service_state(self, service: str, now: float) -> dict[str, Any] | None:
@@ -396,9 +404,12 @@ class DashboardComponent(Component):
                           max_excluded=MAX_ROWS)
         # members of the watch that a newer answer dropped are gone: not shown
         workers = []
+        cs = entry.candidates
         for v in out["workers"]:
+            rec = cs.records[cs.index[bytes.fromhex(v["id"])]]
             workers.append({
                 "id": v["id"], "name": v["name"], "endpoint": v["endpoint"], "gpu": v["gpu"],
+                "version": str(getattr(rec, "agent_version", "") or ""),
                 "gpu_memory_gb": _num(v["gpu_memory_gb"], 1), "load": _num(v["load"], 2),
                 "capacity": _num(v["capacity"], 2), "region": v["region"],
                 "age_s": _num(v["age_s"], 1), "latency_ms": _num(v["latency_ms"], 1),
@@ -510,9 +521,11 @@ class DashboardComponent(Component):
             return web.json_response({"error": f"unknown parameter {extra[0]!r} "
                                                "(allowed: service)"}, status=400)
         service = request.query.get("service") or None
-        from agent.config import SERVICE_RE
-        if service is not None and not SERVICE_RE.fullmatch(service):
-            return web.json_response({"error": "bad service name"}, status=400)
+        if service is not None:
+            try:
+                service = check_service(service)     # one rule: user input is lowercased
+            except BadRequest as exc:
+                return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(self.ring(service))
 
     async def _events(self, request: web.Request) -> web.StreamResponse:

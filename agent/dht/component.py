@@ -211,8 +211,8 @@ class DHTComponent(Component):
         if verdict is None:
             if not self._said_undecided:
                 self._said_undecided = True
-                log.info("dht: mode auto: no seed answered the reachability probe; asking "
-                         "again with backoff (client until then)")
+                log.info("dht: mode auto: no seed gave a reachability verdict (no answer, or "
+                         "no probe capacity); asking again with backoff (client until then)")
             return
         self.mode = "server" if verdict else "client"
         self.node.set_mode(self.mode)
@@ -599,6 +599,18 @@ class DHTCollector:
         for reason, n in sorted(_as_dict(stats.get("drops", stats.get("dropped"))).items()):
             drops.add_metric([str(reason)], _num(n))
         yield drops
+        # hostile-peer defences (agent/dht/diversity.py, guard.py, storage.py)
+        node = d.node
+        yield CounterMetricFamily("rma_agent_dht_diversity_refused",
+                                  "Contacts refused by the per-IP and per-/24 routing limits",
+                                  value=_num(stats.get("diversity_refused")))
+        yield CounterMetricFamily("rma_agent_dht_token_challenges",
+                                  "Requests answered with a write-token challenge",
+                                  value=_num(_as_dict(stats.get("guard")).get("challenges")))
+        yield CounterMetricFamily("rma_agent_dht_records_evicted",
+                                  "Records of flooding hosts evicted to make room",
+                                  value=_num(getattr(getattr(node, "storage", None),
+                                                     "evicted", 0)))
         rpc = _as_dict(stats.get("rpc"))
         for key, help_text in (("sent", "RPC requests sent"), ("received", "RPC requests received"),
                                ("timeouts", "RPC requests that timed out"),

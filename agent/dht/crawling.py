@@ -68,6 +68,7 @@ MAX_RECONCILE = 32          # (node, id range) re-reads after comparing sketches
 SKETCH_BUCKETS = 16
 HEDGE_MIN = 0.003
 HEDGE_MAX = 0.1
+MAX_STEPS = 64              # queries per crawl beyond 4 x width: a bound, whatever peers say
 
 
 def _valid_sketch(sk: Any) -> bool:
@@ -84,12 +85,17 @@ class Crawl:
     """Generic iterative lookup toward ``target``; subclasses define the RPC and merge."""
 
     def __init__(self, protocol: RMAProtocol, target: bytes, peers: list[Node], *,
-                 width: int, alpha: int) -> None:
+                 width: int, alpha: int, patient: bool = False) -> None:
         self.protocol = protocol
+        # patient: do not end while a slow (hedged) request to a node closer than the
+        # width-th answer is still out — a store set must be the closest nodes, not the
+        # fastest (under load the closest ones were skipped, and lookups missed records)
+        self.patient = patient
         self.target = target
         self.tlong = int.from_bytes(target, "big")
         self.width = max(1, width)
         self.alpha = max(1, alpha)
+        self.max_steps = MAX_STEPS + 4 * self.width
         self.state: dict[bytes, int] = {}
         self.nodes: dict[bytes, Node] = {}
         self.order: list[tuple[int, bytes]] = []
@@ -105,9 +111,14 @@ class Crawl:
         if not isinstance(policy, DiversityPolicy):
             policy = DiversityPolicy.from_env()
         self.policy = policy
-        # (host, prefix) of every candidate, computed once; None when the limits are off
+        # (host, prefix) of every candidate, computed once; None when the limits are off.
+        # The window is only applied once some group has more candidates than its limit
+        # (``_crowded``): an honest crawl (every candidate its own host) pays nothing.
         self._groups: dict[bytes, tuple[Any, Any]] | None = (
             {} if policy.window_per_ip or policy.window_per_prefix else None)
+        self._host_n: dict[Any, int] = {}
+        self._prefix_n: dict[Any, int] = {}
+        self._crowded = False
         self.diversity_skipped: set[bytes] = set()
         for n in peers:
             self._add(n)
@@ -119,8 +130,13 @@ class Crawl:
         self.state[nid] = NEW
         self.nodes[nid] = node
         if self._groups is not None:
-            self._groups[nid] = (self.policy.host(node.ip, node.port),
-                                 self.policy.prefix(node.ip, node.port))
+            host, prefix = self._groups[nid] = self.policy.groups(node.ip, node.port)
+            h = self._host_n[host] = self._host_n.get(host, 0) + 1
+            p = self._prefix_n[prefix] = self._prefix_n.get(prefix, 0) + 1
+            pol = self.policy
+            if (pol.window_per_ip and h > pol.window_per_ip) or (
+                    pol.window_per_prefix and p > pol.window_per_prefix):
+                self._crowded = True
         item = (node.long_id ^ self.tlong, nid)
         pos = bisect.bisect(self.order, item)
         self.order.insert(pos, item)
@@ -200,17 +216,22 @@ class Crawl:
                 parallel = self.width if self._stall >= self.alpha else self.alpha
                 seen = 0
                 answered = 0
-                window = _Window(self) if self._groups is not None else None
+                window = _Window(self) if self._crowded else None
+                pending_closer = 0
                 for _dist, nid in self.order:
                     st = state[nid]
-                    if st == FAILED or st == HEDGED:
+                    if st == HEDGED:
+                        pending_closer += 1
+                        continue
+                    if st == FAILED:
                         continue
                     if window is not None and not window.admit(nid):
                         continue
                     seen += 1
                     if st == ANSWERED:
                         answered += 1
-                    elif st == NEW and len(launched) < parallel:
+                    elif (st == NEW and len(launched) < parallel
+                          and self.queried < self.max_steps):
                         state[nid] = INFLIGHT
                         launched[nid] = now
                         outstanding += 1
@@ -220,7 +241,8 @@ class Crawl:
                         task.add_done_callback(self._tasks.discard)
                     if seen >= self.width:
                         break
-                if answered >= self.width or outstanding == 0:
+                if outstanding == 0 or (answered >= self.width
+                                        and not (self.patient and pending_closer)):
                     return
                 if tick is not None:
                     tick.cancel()
@@ -250,7 +272,7 @@ class Crawl:
         """The ``k`` closest nodes that answered, within the diversity limits (a node
         asked before closer nodes of its host turned up is left out)."""
         out = []
-        window = _Window(self) if self._groups is not None else None
+        window = _Window(self) if self._crowded else None
         for _d, nid in self.order:
             if self.state[nid] == ANSWERED and (window is None or window.admit(nid)):
                 out.append(self.nodes[nid])
@@ -285,7 +307,11 @@ class _Window:
 
 
 class NodeLookup(Crawl):
-    """The ``width`` (default k) closest live nodes to ``target``."""
+    """The ``width`` (default k) closest live nodes to ``target`` (patient: see ``Crawl``)."""
+
+    def __init__(self, protocol: RMAProtocol, target: bytes, peers: list[Node], *,
+                 width: int, alpha: int) -> None:
+        super().__init__(protocol, target, peers, width=width, alpha=alpha, patient=True)
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
         return await self.protocol.call_find_node(node, Node(self.target))
@@ -303,8 +329,11 @@ class ProviderLookup(Crawl):
 
     def __init__(self, protocol: RMAProtocol, target: bytes, peers: list[Node], *,
                  width: int, alpha: int, now: float | None = None,
-                 max_skew: float = 30.0) -> None:
+                 max_skew: float = 30.0, max_width: int | None = None) -> None:
         super().__init__(protocol, target, peers, width=width, alpha=alpha)
+        self.max_width = max(self.width, max_width or self.width)
+        self.totals: dict[bytes, int] = {}
+        self.widened = 0
         self.now = time.time() if now is None else now
         self.max_skew = max_skew
         self.records: dict[bytes, WorkerRecord] = {}
@@ -338,6 +367,8 @@ class ProviderLookup(Crawl):
             self.protocol.drops["bad_answer"] += 1
             return
         total, pages = data.get("total"), data.get("pages")
+        if type(total) is int and total >= 0:
+            self.totals[node.id] = total
         if (type(total) is int and type(pages) is int and 0 < pages <= 1_000_000
                 and node.id in self._asked):
             self._paged.append((total, pages, -(node.long_id ^ self.tlong), node,
@@ -458,9 +489,24 @@ class ProviderLookup(Crawl):
             self.followups += len(jobs)
             await asyncio.gather(*jobs)
 
+    def _disagree(self) -> bool:
+        """The closest answering nodes hold different numbers of live records."""
+        ts = {self.totals.get(n.id, -1) for n in self.closest_answered(self.width)}
+        return len(ts) > 1
+
     async def find(self) -> list[WorkerRecord]:
-        """Merged, live (not withdrawn, not expired) records."""
+        """Merged, live (not withdrawn, not expired) records.
+
+        While the ``width`` closest answering nodes disagree about how many records the
+        key has (storing sets diverged: announces under load, churn, a healed split), the
+        crawl widens by ``alpha`` up to ``max_width`` (k): the records held only further
+        out are then merged too. A consistent key costs nothing extra."""
         await self.run()
+        while self._disagree() and self.width < self.max_width:
+            self.width = min(self.max_width, self.width + self.alpha)
+            self.widened += 1
+            self._stall = self.alpha  # ask the new closest candidates at once
+            await self.run()
         if self._holders:
             await self._read_all()
         else:

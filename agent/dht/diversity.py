@@ -94,6 +94,19 @@ class DiversityPolicy:
             return ip
         return _prefix(ip)
 
+    def groups(self, ip: str, port: int) -> tuple[Any, Any]:
+        """``(host(ip, port), prefix(ip, port))`` in one pass (hot path: every contact and
+        every lookup candidate)."""
+        if not isinstance(ip, str):
+            return None, None
+        ip = _norm(ip)
+        if _is_loopback(ip):
+            if self.loopback == "exempt":
+                key = (ip, port)
+                return key, key
+            return ip, _prefix(ip)
+        return ip, (ip if is_private(ip) else _prefix(ip))
+
     def is_exempt(self, ip: str) -> bool:
         """True for loopback addresses under ``loopback="exempt"`` (not spoofable from
         off the machine; the reply budgets skip them)."""
@@ -151,27 +164,32 @@ class GroupCounter:
     def add(self, ip: str, port: int) -> None:
         if not isinstance(ip, str):     # an address-less Node (tests, id-only targets)
             return
-        self.hosts[self.policy.host(ip, port)] += 1
-        self.prefixes[self.policy.prefix(ip, port)] += 1
+        host, prefix = self.policy.groups(ip, port)
+        self.hosts[host] += 1
+        self.prefixes[prefix] += 1
 
     def remove(self, ip: str, port: int) -> None:
         if not isinstance(ip, str):
             return
-        for counter, key in ((self.hosts, self.policy.host(ip, port)),
-                             (self.prefixes, self.policy.prefix(ip, port))):
+        for counter, key in zip((self.hosts, self.prefixes), self.policy.groups(ip, port),
+                                strict=True):
             n = counter[key] - 1
             if n > 0:
                 counter[key] = n
             else:
                 counter.pop(key, None)
 
+    def count(self, host: Any, prefix: Any) -> tuple[int, int]:
+        return self.hosts.get(host, 0), self.prefixes.get(prefix, 0)
+
     def allows(self, ip: str, port: int, per_ip: int, per_prefix: int) -> bool:
         """Would one more member at ``ip:port`` stay within the limits?"""
         if not isinstance(ip, str):
             return True
-        if per_ip and self.hosts[self.policy.host(ip, port)] >= per_ip:
+        host, prefix = self.policy.groups(ip, port)
+        if per_ip and self.hosts.get(host, 0) >= per_ip:
             return False
-        return not (per_prefix and self.prefixes[self.policy.prefix(ip, port)] >= per_prefix)
+        return not (per_prefix and self.prefixes.get(prefix, 0) >= per_prefix)
 
     def clear(self) -> None:
         self.hosts.clear()

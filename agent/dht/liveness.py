@@ -15,6 +15,15 @@ newcomer is handed.
   a global token bucket of announce RPCs (kademlia re-welcomes replacement-cache contacts
   and re-stores every key to each, a self-sustaining loop at 1,000 nodes).
 
+* **Partitions heal.** A contact removed for missing replies goes to a bounded
+  *graveyard* (``GRAVEYARD`` entries, kept ``GRAVE_TTL``). ``revive()`` (the node calls it
+  every few seconds) pings at most ``REVIVE_PER_TICK`` due entries, each with its own
+  back-off (``REVIVE_MIN`` doubling to ``REVIVE_MAX``); one that answers with its id comes
+  back into the routing table and ``on_revived`` fires (the node then looks itself up, so
+  the two halves' tables re-merge through normal lookups). Without it, once a split has
+  emptied each side's tables of the other side, nothing would ever cross again: plain
+  kademlia only learns contacts from traffic. An empty graveyard costs nothing.
+
 ``ContactLiveness`` is a mixin of the protocol: it uses the RPC engine's ``_call`` and
 ``_spawn`` and the protocol's ``router``, ``storage`` and ``call_*`` methods.
 """
@@ -23,16 +32,24 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from kademlia.node import Node
 
+from agent.dht.rpc import QUEUE_FULL
 from agent.ratelimit import TokenBucket
 
 TOMBSTONE_WINDOW = 600.0            # tombstones younger than this ride along in answers
 HANDOFF_KEYS = 16                   # keys handed to one newcomer
 HANDOFF_RECORDS = 64                # records handed to one newcomer
 SUSPECT_TTL = 60.0                  # crawls skip a peer this long after a failure
+GRAVEYARD = 256                     # removed contacts remembered for revival
+GRAVE_TTL = 3600.0                  # ... for this long
+REVIVE_MIN = 2.0                    # first revival ping this long after removal
+REVIVE_MAX = 10.0                   # back-off cap between revival pings of one contact
+REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
+MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 
 
 class ContactLiveness:
@@ -50,21 +67,36 @@ class ContactLiveness:
         self._fails: dict[bytes, tuple[int, float]] = {}
         self._fail_addr: dict[tuple[str, int], bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
-        self._handoff_bucket = TokenBucket(handoff_rate, handoff_rate)
+        # rate per second, burst HANDOFF_RECORDS: one newcomer gets its records at once;
+        # a heal (half the network new to us at once) cannot turn into a storm
+        self._handoff_bucket = TokenBucket(handoff_rate, max(handoff_rate, HANDOFF_RECORDS))
         self._verify_bucket = TokenBucket(200.0, 400.0)
         self._verifying: set[bytes] = set()
         self.removed_contacts = 0
         self.handoffs = 0
+        # node id -> [node, next probe at, back-off, buried at] (monotonic clock)
+        self._graveyard: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self._reviving: set[bytes] = set()
+        self._handoff_inflight = 0
+        self.revived = 0
+        self.on_revived: Callable[[Node], None] | None = None
 
     def _sender(self, sender: tuple[str, int], nodeid: bytes) -> Node | None:
         if not nodeid or nodeid == self.source_node.id:
             return None
         return Node(nodeid, sender[0], sender[1])
 
-    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes) -> None:
+    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes, *,
+                        handoff: bool = True) -> None:
         """A request's claimed (id, address) is unverified: a spoofed datagram could fill
         the routing table with ids that live nowhere. Ping the address first and add the
-        contact only if it answers with that id (bounded and rate-limited)."""
+        contact only if it answers with that id (bounded and rate-limited).
+
+        ``handoff``: hand keys over once verified. True for a peer that sent us a request
+        (a newcomer announces itself so: its join lookups), False for one we only heard
+        of in an answer to our own query — after our own join those are old members that
+        hold their keys already, and a young node handing each of them its keys was a
+        join storm (~80 announces from one newcomer in a 24-node network)."""
         if not nodeid or nodeid == self.source_node.id:
             return
         node = Node(nodeid, sender[0], sender[1])
@@ -74,19 +106,19 @@ class ContactLiveness:
             self.drops["contact_unverified"] += 1
             return
         self._verifying.add(nodeid)
-        self._spawn(self._verify_contact(node))
+        self._spawn(self._verify_contact(node, handoff))
 
-    async def _verify_contact(self, node: Node) -> None:
+    async def _verify_contact(self, node: Node, handoff: bool = True) -> None:
         try:
             ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
             if ok and res == node.id:
-                self.welcome_if_new(node)
+                self.welcome_if_new(node, handoff=handoff)
             elif ok:
                 self.drops["contact_id_mismatch"] += 1
         finally:
             self._verifying.discard(node.id)
 
-    def welcome_if_new(self, node: Node) -> None:
+    def welcome_if_new(self, node: Node, *, handoff: bool = True) -> None:
         """Add ``node`` to the routing table; hand over only the keys it now should hold.
 
         Fixes kademlia's storm: the replacement-cache re-welcome and the full re-store of
@@ -96,7 +128,9 @@ class ContactLiveness:
         if not self.router.is_new_node(node):
             return
         self.router.add_contact(node)
-        if self.mode != "server" or not len(self.storage):
+        if self._graveyard:
+            self._graveyard.pop(node.id, None)
+        if not handoff or self.mode != "server" or not len(self.storage):
             return
         now = time.monotonic()
         last = self._welcomed.get(node.id)
@@ -124,15 +158,25 @@ class ContactLiveness:
             recs = (self.storage.tombstones(key, since=time.time() - TOMBSTONE_WINDOW)
                     + self.storage.get_encoded(key, limit=budget))
             for enc in recs[:budget]:
-                if not self._handoff_bucket.take():
+                if self._handoff_inflight >= MAX_HANDOFF_TASKS or not self._handoff_bucket.take():
+                    self.drops["handoff_limited"] += 1
                     return
-                self._spawn(self.call_announce(node, key, enc))
+                self._handoff_inflight += 1
+                self._spawn(self._handoff_one(node, key, enc))
                 budget -= 1
                 self.handoffs += 1
             keys_sent += 1
 
+    async def _handoff_one(self, node: Node, key: bytes, enc: bytes) -> None:
+        try:
+            await self.call_announce(node, key, enc)
+        finally:
+            self._handoff_inflight -= 1
+
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
         """Count the outcome for ``node``; remove it after ``dead_after`` straight timeouts."""
+        if not result[0] and result[1] == QUEUE_FULL:
+            return result  # our own backlog, not the peer's fault
         if not result[0]:
             fails = self._fails.get(node.id, (0, 0.0))[0] + 1
             self._fails[node.id] = (fails, time.monotonic())
@@ -145,6 +189,7 @@ class ContactLiveness:
                     self.removed_contacts += 1
                 except Exception:  # a contact not in the table
                     pass
+                self._bury(node)
             elif not self.router.is_new_node(node) and self._verify_bucket.take():
                 # a routing contact missed a reply: ping it now rather than wait for the
                 # next lookup to stumble on it (crawls skip suspects, so that may never
@@ -156,7 +201,7 @@ class ContactLiveness:
         # The id came from another peer's node list: an answer from that address does not
         # prove it (a liar can pair a made-up id with an honest node's address), so a new
         # contact enters the table only after a ping answered with that very id.
-        self._welcome_sender((node.ip, node.port), node.id)
+        self._welcome_sender((node.ip, node.port), node.id, handoff=False)
         return result
 
     def _prune_fails(self) -> None:
@@ -175,6 +220,56 @@ class ContactLiveness:
         """Failed recently without answering since: crawls skip such peers."""
         f = self._fails.get(node_id)
         return f is not None and time.monotonic() - f[1] < SUSPECT_TTL
+
+    def _bury(self, node: Node) -> None:
+        """Remember a removed contact for revival pings (see module docstring)."""
+        if node.id in self._graveyard or len(node.id) != 20:
+            return
+        now = time.monotonic()
+        self._graveyard[node.id] = [node, now + REVIVE_MIN, REVIVE_MIN, now]
+        while len(self._graveyard) > GRAVEYARD:
+            self._graveyard.popitem(last=False)
+
+    def revive(self) -> int:
+        """Ping up to ``REVIVE_PER_TICK`` removed contacts that are due; returns how many
+        pings were started. Called periodically by the node."""
+        if not self._graveyard:
+            return 0
+        now = time.monotonic()
+        started = 0
+        for nid, entry in list(self._graveyard.items()):
+            if started >= REVIVE_PER_TICK:
+                break
+            node, due, backoff, buried = entry
+            if now - buried > GRAVE_TTL:
+                del self._graveyard[nid]
+                continue
+            if due > now or nid in self._reviving:
+                continue
+            entry[1] = now + min(REVIVE_MAX, backoff * 2)
+            entry[2] = min(REVIVE_MAX, backoff * 2)
+            self._graveyard.move_to_end(nid)
+            self._reviving.add(nid)
+            self._spawn(self._revive(node))
+            started += 1
+        return started
+
+    async def _revive(self, node: Node) -> None:
+        try:
+            ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
+        finally:
+            self._reviving.discard(node.id)
+        if not (ok and res == node.id):
+            return
+        self._graveyard.pop(node.id, None)
+        self._fails.pop(node.id, None)
+        self.revived += 1
+        # no handoff: a revived contact is an old member (after a heal, all of the other
+        # half at once — handing each our keys would be a storm); owners' republishes
+        # re-spread records to the merged network's closest nodes
+        self.welcome_if_new(node, handoff=False)
+        if self.on_revived is not None:
+            self.on_revived(node)
 
     def housekeeping(self) -> None:
         self._prune_fails()

@@ -101,7 +101,7 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
                  mode: str = "server", rto_min: float = 0.2, rto_max: float = 2.0,
                  rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
-                 handoff_rate: float = 200.0, reply_rate: float = 2_000_000.0,
+                 handoff_rate: float = 20.0, reply_rate: float = 2_000_000.0,
                  max_inflight: int = 64, retransmits: int = 1) -> None:
         RPCProtocol.__init__(self, wait_timeout=rto_max)
         self.router = RoutingTable(self, ksize, source_node)
@@ -132,7 +132,9 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
 
     # ================================================================ RPC handlers
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:  # type: ignore[override]
-        self._welcome_sender(sender, nodeid)
+        # a ping is someone checking us (e.g. verifying us as their new contact), not a
+        # newcomer joining (joins look up): no handoff for it
+        self._welcome_sender(sender, nodeid, handoff=False)
         return self.source_node.id
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: Any) -> bool:  # type: ignore[override]
@@ -331,4 +333,6 @@ class RMAProtocol(HostileGuard, ContactLiveness, RpcEngine, KademliaProtocol):
             "handoffs": self.handoffs,
             "diversity_refused": getattr(self.router, "diversity_refused", 0),
             "guard": self.guard_stats(),
+            "graveyard": len(self._graveyard),
+            "revived": self.revived,
         }

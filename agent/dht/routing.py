@@ -221,14 +221,26 @@ class RoutingTable(_KadRoutingTable):
         """Would ``node`` (not yet live) keep its bucket and the table within the
         diversity limits of its IP and /24 (/64)?"""
         pol = self.diversity
-        if not self._groups.allows(node.ip, node.port, pol.table_per_ip, pol.table_per_prefix):
+        if not isinstance(node.ip, str):
+            return True
+        host, prefix = pol.groups(node.ip, node.port)
+        in_table = self._groups.count(host, prefix)
+        if (pol.table_per_ip and in_table[0] >= pol.table_per_ip) or (
+                pol.table_per_prefix and in_table[1] >= pol.table_per_prefix):
             return False
+        # a bucket is part of the table: below the bucket limits there, below here too
+        if (not pol.bucket_per_ip or in_table[0] < pol.bucket_per_ip) and (
+                not pol.bucket_per_prefix or in_table[1] < pol.bucket_per_prefix):
+            return True
         if bucket is None:
             bucket = self.buckets[self.get_bucket_for(node)]
-        local = GroupCounter(pol)
+        n_host = n_prefix = 0
         for n in bucket.nodes.values():
-            local.add(n.ip, n.port)
-        return local.allows(node.ip, node.port, pol.bucket_per_ip, pol.bucket_per_prefix)
+            h, p = pol.groups(n.ip, n.port)
+            n_host += h == host
+            n_prefix += p == prefix
+        return ((not pol.bucket_per_ip or n_host < pol.bucket_per_ip)
+                and (not pol.bucket_per_prefix or n_prefix < pol.bucket_per_prefix))
 
     def is_new_node(self, node: Node) -> bool:
         """True only for a contact we have never heard of (live *or* cached counts)."""

@@ -44,6 +44,8 @@ from agent.ratelimit import RateLimiter, TokenBucket
 
 log = logging.getLogger("agent.dht.protocol")  # one logger name for the whole wire
 
+QUEUE_FULL = "queue_full"   # the result of a call refused because the wait queue is full
+
 
 class _Pending:
     """One request awaiting its reply."""
@@ -100,7 +102,8 @@ class RpcEngine:
     transport: Any
 
     def _init_rpc(self, *, rto_min: float, rto_max: float, rto_initial: float,
-                  max_inflight: int, retransmits: int, reply_rate: float) -> None:
+                  max_inflight: int, retransmits: int, reply_rate: float,
+                  max_queue: int = 4096) -> None:
         self.rto_min, self.rto_max, self.rto_initial = rto_min, rto_max, rto_initial
         self.loop = asyncio.get_event_loop()
         # msg_id -> (future, timer, address, sent_at, rpc name)
@@ -109,6 +112,10 @@ class RpcEngine:
         # hundreds of records) queues here, before its timers start, instead of timing
         # out on replies that are merely queued behind it
         self._slots = asyncio.Semaphore(max_inflight)
+        # ... and at most max_queue wait behind them: past that a call fails at once
+        # (``(False, QUEUE_FULL)``, not held against the peer) instead of piling up
+        self.max_queue = max_queue
+        self._waiting = 0
         self.queued = 0
         self.timeout_extensions = 0
         self.retransmits = retransmits
@@ -291,9 +298,19 @@ class RpcEngine:
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"rpc {name}: request of {len(payload)} bytes exceeds 8 KiB")
         if self._slots.locked():
+            if self._waiting >= self.max_queue:
+                self.drops["rpc_queue_full"] += 1
+                return (False, QUEUE_FULL)
             self.queued += 1
-        async with self._slots:
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             return await self._send_and_wait(address, name, payload, timeout)
+        finally:
+            self._slots.release()
 
     async def _send_and_wait(self, address: tuple[str, int], name: str, payload: bytes,
                              timeout: float | None) -> tuple[bool, Any]:  # noqa: ASYNC109

@@ -23,14 +23,15 @@ What it changes in ``kademlia.network.Server`` and why:
   found rate, also after 30 % churn.
 * Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
   announces, never added to others' routing tables, stores nothing for others).
-  ``"auto"`` starts as a client; the component calls ``check_reachable(seed)`` and then
-  ``set_mode("server"|"client")``.
+  ``"auto"`` starts as a client; the component asks seeds to ping it back
+  (``component.probe_reachable``) and then calls ``set_mode("server"|"client")``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -40,9 +41,9 @@ from kademlia.node import Node
 from agent.dht.crawling import NodeLookup, ProviderLookup
 from agent.dht.identity import Identity
 from agent.dht.keys import INDEX_KEYS
-from agent.dht.protocol import RMAProtocol, _is_id, all_contacts
+from agent.dht.protocol import RMAProtocol, _is_id, all_contacts, parse_nodes
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
-from agent.dht.storage import ProviderStorage
+from agent.dht.storage import ProviderStorage, is_stale
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class DHTNode(Server):
                  lookup_width: int | None = None, closest_ttl: float = 120.0,
                  trusted: tuple[Any, ...] | list[Any] | set[Any] = (),
                  rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
-                 dead_after: int = 2, max_skew: float = 30.0) -> None:
+                 dead_after: int = 2, max_skew: float = 30.0,
+                 revive_interval: float = 5.0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ksize < 1 or alpha < 1:
@@ -83,6 +85,11 @@ class DHTNode(Server):
         self._closest: dict[bytes, tuple[float, list[Node]]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self.cull_loop: asyncio.TimerHandle | None = None
+        self.revive_interval = revive_interval
+        self.revive_loop: asyncio.TimerHandle | None = None
+        self._last_remerge = -1e9
+        self.closest_checks = 0
+        self.closest_stale = 0
         self.port: int | None = None
         self.interface: str | None = None
         self.started_at = time.time()
@@ -107,12 +114,17 @@ class DHTNode(Server):
                  interface, self.port, self.mode)
         self.refresh_loop = loop.call_later(self.refresh_interval, self.refresh_table)
         self.cull_loop = loop.call_later(self.cull_interval, self._cull)
+        self.protocol.on_revived = self._on_revived
+        self.revive_loop = loop.call_later(self.revive_interval, self._revive)
 
     def stop(self) -> None:
         super().stop()
         if self.cull_loop is not None:
             self.cull_loop.cancel()
             self.cull_loop = None
+        if self.revive_loop is not None:
+            self.revive_loop.cancel()
+            self.revive_loop = None
         if self.protocol is not None:
             self.protocol.close()
         for t in list(self._bg):
@@ -171,6 +183,28 @@ class DHTNode(Server):
         finally:
             self.cull_loop = asyncio.get_running_loop().call_later(self.cull_interval, self._cull)
 
+    def _revive(self) -> None:
+        """Ping a few removed contacts that are due (``ContactLiveness.revive``): after a
+        partition heals, this is what first crosses between the halves again."""
+        try:
+            if self.protocol is not None:
+                self.protocol.revive()
+        finally:
+            self.revive_loop = asyncio.get_running_loop().call_later(
+                self.revive_interval, self._revive)
+
+    def _on_revived(self, node: Node) -> None:
+        """A contact lost earlier answers again (a healed partition, a restarted peer):
+        look ourselves up through it so our neighbourhood re-merges with whatever it
+        knows (at most once per 10 s), and forget cached closest sets, so the next
+        republish of each key stores at the closest nodes of the merged network."""
+        self._closest.clear()
+        now = time.monotonic()
+        if now - self._last_remerge < 10.0:
+            return
+        self._last_remerge = now
+        self._spawn(self._node_lookup(self.node.id))
+
     # ------------------------------------------------------------------ joining
     async def _node_lookup(self, target: bytes, width: int | None = None) -> list[Node]:
         assert self.protocol is not None
@@ -200,30 +234,56 @@ class DHTNode(Server):
         seeds = [n for n in await asyncio.gather(*(ping(a) for a in addrs)) if n]
         if seeds:
             await self._node_lookup(self.node.id)
+            await self._refresh_buckets()
         return self.peers()
+
+    async def _refresh_buckets(self, limit: int = 8) -> None:
+        """Look up a random id in each bucket but the one holding our own id (the
+        self-lookup covered it), at most ``limit`` in parallel — Kademlia's join step.
+        Without it a node that joined while many others did knows only what its
+        self-lookup passed, and small groups of such nodes can end up knowing mostly
+        each other: a lookup that converges into one finds the wrong closest nodes."""
+        assert self.protocol is not None
+        me = self.node.long_id
+        ids = [random.randint(*b.range).to_bytes(20, "big")
+               for b in self.protocol.router.buckets if not (b.range[0] <= me <= b.range[1])]
+        random.shuffle(ids)
+        await asyncio.gather(*(self._node_lookup(i) for i in ids[:limit]))
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:  # type: ignore[override]
         assert self.protocol is not None
         ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
         return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
 
-    async def check_reachable(self, seed: tuple[str, int]) -> bool | None:
-        """Ask ``seed`` to ping us back on our UDP port (``mode = "auto"``). False when
-        it said unreachable or did not answer; None when it had no capacity to probe
-        (not a verdict: ask again later)."""
-        assert self.protocol is not None and self.port is not None
-        ok, res = await self.protocol._call(seed, "reachable", self.protocol.my_id(),
-                                            self.port, timeout=2.5)
-        if ok and res is None:
-            return None
-        return bool(ok) and res is True
-
     # ------------------------------------------------------------------ records
+    async def _still_closest(self, key: bytes, nodes: list[Node]) -> bool:
+        """One ``find_node`` to the closest member of a cached closest set: False if it
+        knows a live node closer to ``key`` than the set's farthest member (the network
+        changed under the cache: a healed partition, new nodes), so the caller crawls
+        afresh. One RPC per key per republish instead of a crawl."""
+        assert self.protocol is not None
+        if not nodes:
+            return False
+        self.closest_checks += 1
+        target = Node(key)
+        far = max(n.distance_to(target) for n in nodes)
+        have = {n.id for n in nodes}
+        ok, res = await self.protocol.call_find_node(nodes[0], target)
+        if not ok:
+            return True  # the announce itself finds out whether members died
+        for nid, _ip, _port in parse_nodes(res):
+            if nid not in have and nid != self.node.id and \
+                    (int.from_bytes(nid, "big") ^ target.long_id) < far:
+                self.closest_stale += 1
+                return False
+        return True
+
     async def _closest_for(self, key: bytes, *, fresh: bool = False) -> list[Node]:
         now = time.monotonic()
         hit = self._closest.get(key)
         if hit is not None and not fresh and now - hit[0] < self.closest_ttl:
-            return hit[1]
+            if await self._still_closest(key, hit[1]):
+                return hit[1]
         nodes = await self._node_lookup(key)
         if nodes:
             self._closest[key] = (now, nodes)
@@ -277,7 +337,8 @@ class DHTNode(Server):
         assert self.protocol is not None
         peers = self.protocol.router.find_neighbors(Node(key), k=self.ksize)
         crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
-                               alpha=self.alpha, now=now, max_skew=self.max_skew)
+                               alpha=self.alpha, now=now, max_skew=self.max_skew,
+                               max_width=self.ksize)
         for rec in self.storage.snapshot(key, now):
             crawl.merge(rec)
         return crawl
@@ -326,6 +387,8 @@ class DHTNode(Server):
                     return counts
             out: dict[str, int] = {}
             for r in await self._provider_lookup(key, now).find():
+                if is_stale(r, time.time()):
+                    continue          # what lookups no longer offer is not counted
                 for svc in r.services:
                     out[svc] = out.get(svc, 0) + 1
             return out

@@ -56,8 +56,15 @@ log = logging.getLogger(__name__)
 
 ANSWER_LIMIT = 20
 MAX_PER_KEY = 10_240        # a service of 10,000 workers fits under one key
+STALE_REFRESHES = 2.0       # a record is stale after this many of its own refreshes
 SKETCH_BUCKETS = 16         # ranges of worker ids (by first nibble) in a key's sketch
 Sender = tuple[str, int] | None
+
+
+def is_stale(record: WorkerRecord, now: float) -> bool:
+    """The worker missed two of its own refreshes (``refresh``): callers stop offering
+    it (``agent.discovery.select.record_max_age``, the same rule)."""
+    return now - record.issued_at > STALE_REFRESHES * record.refresh
 
 
 def _bucket_of(worker_id: bytes) -> int:
@@ -115,6 +122,7 @@ class ProviderStorage(IStorage):
         self._by_sender: Counter[Any] = Counter()    # host -> records
         self._by_prefix: Counter[Any] = Counter()    # /24 or /64 -> records
         self.evicted = 0
+        self._no_flooder: set[bytes] = set()   # full keys known to hold no flooder
         self._total = 0
         self._last_cull = 0.0
         self.refused: Counter[str] = Counter()
@@ -180,6 +188,7 @@ class ProviderStorage(IStorage):
             bucket[record.worker_id] = entry  # type: ignore[index]
             self._ranked.pop(key, None)
             self._sketch.pop(key, None)
+            self._no_flooder.discard(key)
             return "stored"
         # a new worker under this key
         if self._sender_full(host, prefix):
@@ -201,6 +210,7 @@ class ProviderStorage(IStorage):
         bucket[record.worker_id] = entry
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             bisect.insort(order, record.worker_id)
@@ -227,11 +237,18 @@ class ProviderStorage(IStorage):
     def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
         """Make room under ``key`` for a record of ``host`` by dropping one record of the
         host holding the most there — only if it holds at least two more than ``host``
-        would. Never an exempt (local, trusted) record. True if one was dropped."""
-        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
-        if not per_host:
+        would. Never an exempt (local, trusted) record. True if one was dropped.
+
+        The scan is O(records under the key); a key found to hold no host with two or
+        more records is remembered (``_no_flooder``, cleared by any change to the key),
+        so a full key of honest one-record hosts refuses newcomers without rescanning."""
+        if key in self._no_flooder:
             return False
-        heavy, n = per_host.most_common(1)[0]
+        per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
+        heavy, n = per_host.most_common(1)[0] if per_host else (None, 0)
+        if n < 2:
+            self._no_flooder.add(key)
+            return False
         mine = per_host.get(host, 0) if host is not None else 0
         if n < mine + 2:
             return False
@@ -260,6 +277,7 @@ class ProviderStorage(IStorage):
         entry = bucket.pop(worker_id)
         self._ranked.pop(key, None)
         self._sketch.pop(key, None)
+        self._no_flooder.discard(key)
         order = self._order.get(key)
         if order is not None:
             i = bisect.bisect_left(order, worker_id)
@@ -450,10 +468,15 @@ class ProviderStorage(IStorage):
 
     def service_counts(self, key: bytes, now: float | None = None) -> dict[str, int]:
         """Live workers per service name among the records under ``key`` (the answer
-        of a service-index shard: names and counts, not the records)."""
+        of a service-index shard: names and counts, not the records). Live is what
+        lookups offer: unexpired *and* not stale by the record's own ``refresh``
+        (``is_stale``), so a worker gone without a goodbye leaves the counts when it
+        leaves lookups, not at its TTL."""
         now = time.time() if now is None else now
         counts: dict[str, int] = {}
         for e in self._live(key, now):
+            if is_stale(e.record, now):
+                continue
             for svc in e.record.services:
                 counts[svc] = counts.get(svc, 0) + 1
         return counts

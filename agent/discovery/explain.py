@@ -36,7 +36,14 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.discovery.endpoints import endpoint_refusal
-from agent.discovery.select import DEFAULT_WEIGHTS, TOP_RANDOM, CandidateSet, Query, RecordLike
+from agent.discovery.select import (
+    DEFAULT_WEIGHTS,
+    TOP_RANDOM,
+    CandidateSet,
+    Query,
+    RecordLike,
+    record_max_age,
+)
 
 if TYPE_CHECKING:
     from agent.discovery.service import DiscoveryComponent
@@ -98,9 +105,13 @@ def worker_state(tracker: Any, worker_id: bytes, now: float) -> str:
 
 def _row_terms(cs: CandidateSet, i: int, now: float, q: Query,
                weights: Sequence[float]) -> dict[str, float]:
-    age = now - cs.issued[i]
+    a = now - cs.issued[i]
+    # the age the kernel was given (CandidateSet.ranked, same operations): scaled so that
+    # age / cs.max_age_s is the record's age over its *own* max age (2 x its refresh)
+    scale = cs.max_age_s
+    age = a * scale / cs.max_ages[i] if a > 0.0 else 0.0
     region = cs._region_match(q.caller_region)
-    return score_terms(cs.load[i], cs.capacity[i], cs.gpu_score[i], age if age > 0.0 else 0.0,
+    return score_terms(cs.load[i], cs.capacity[i], cs.gpu_score[i], age,
                        cs._lat[i], bool(region[i]), weights, cs.max_age_s)
 
 
@@ -170,9 +181,9 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
                       f"retry in {max(0.0, bans[cs.ids[i]] - now):.0f} s")
         if reason is None and cs.expires[i] <= now:
             reason = "expired"
-        if reason is None and now - cs.issued[i] > cs.max_age_s:
+        if reason is None and now - cs.issued[i] > cs.max_ages[i]:
             reason = (f"stale: last refreshed {now - cs.issued[i]:.0f} s ago "
-                      f"(> {cs.max_age_s:g} s)")
+                      f"(> {cs.max_ages[i]:g} s)")
         if reason is None and i in ranked_idx:
             reason = f"beyond limit={q.limit} (rank {ranked_idx[i]})"
         if reason is None:
@@ -201,8 +212,8 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
             reason = "withdrawn (the worker left the network)"
         elif rec.expires_at <= now:
             reason = "expired"
-        elif now - rec.issued_at > max_age:
-            reason = f"stale: last refreshed {now - rec.issued_at:.0f} s ago (> {max_age:g} s)"
+        elif now - rec.issued_at > (own := record_max_age(rec, max_age)):
+            reason = f"stale: last refreshed {now - rec.issued_at:.0f} s ago (> {own:g} s)"
         elif cs.service != "*" and cs.service not in rec.services:
             reason = "does not list this service"
         else:

@@ -44,7 +44,8 @@ log = logging.getLogger("rma_agent.discovery")
 EWMA_ALPHA = 0.3
 BASE_BACKOFF_S = 15.0
 MAX_BACKOFF_S = 240.0
-RANK_DELTA = 0.1         # relative latency change that is worth re-ranking for
+RANK_DELTA = 0.1         # relative latency change that is worth re-ranking for ...
+RANK_MIN_MS = 2.0        # ... and never less than this (it moves a score by < 0.02)
 
 
 @dataclass
@@ -105,8 +106,8 @@ class LatencyTracker:
         """A call or probe worked (in ``latency_ms`` if known): update and clear failures.
 
         ``version`` moves only when ranking would: a cleared failure or back-off, a first
-        sample, or an estimate that moved by more than ``RANK_DELTA`` since rankings last
-        saw it. The router reports every request it routes; re-ranking a service on each
+        sample, or an estimate that moved by more than ``RANK_DELTA`` (and at least
+        ``RANK_MIN_MS``) since rankings last saw it. The router reports every request it routes; re-ranking a service on each
         of thousands of successes a second would cost more than the routing itself."""
         st = self._touch(worker_id)
         changed = st.failures != 0 or st.banned_until != 0.0 or worker_id in self._bans
@@ -115,7 +116,7 @@ class LatencyTracker:
                           else self.alpha * latency_ms + (1.0 - self.alpha) * st.ewma_ms)
             st.samples += 1
             if st.ranked_ms < 0.0 or \
-                    abs(st.ewma_ms - st.ranked_ms) > RANK_DELTA * max(st.ranked_ms, 1.0):
+                    abs(st.ewma_ms - st.ranked_ms) > max(RANK_DELTA * st.ranked_ms, RANK_MIN_MS):
                 st.ranked_ms = st.ewma_ms
                 changed = True
         st.failures = 0

@@ -44,6 +44,7 @@ from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.guard import CrawlGuard
+from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
 from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.select import (
@@ -74,7 +75,13 @@ REGISTRY_LIMIT = 1000         # records asked of a coordinator (its own cap is 1
 RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
-SOURCES = ("cache", "dht", "coordinator")
+SOURCES = ("cache", "dht", "coordinator", "stale")
+# GET /api/services reads every service-index shard (32 crawls): concurrent calls share
+# one read and its answer is reused this long, so a client polling it is no crawl loop
+SERVICES_TTL_S = 2.0
+_SERVICES_FLIGHT = "\0services"       # never a service name (single-flight key)
+COORDINATOR_REUSE_S = 5.0    # a coordinator fallback's answer is reused this long
+COORDINATOR_REUSE_MAX = 1024
 RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
 RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
 
@@ -89,12 +96,17 @@ class LookupResult:
     candidates: int = 0       # usable records before filters, limit and health
     fragments: list[bytes] | None = None   # ``workers`` already JSON-encoded, same order
 
+    age_s: float | None = None   # source "stale": how old the last-known-good copy is
+
     def to_json(self) -> dict[str, Any]:
-        return {"service": self.service, "source": self.source, "workers": self.workers}
+        out = {"service": self.service, "source": self.source, "workers": self.workers}
+        if self.age_s is not None:
+            out["age_s"] = round(self.age_s, 3)
+        return out
 
     def body(self) -> bytes:
         """``to_json()`` serialised (joins the pre-encoded workers when available)."""
-        if self.fragments is None:
+        if self.fragments is None or self.age_s is not None:
             return _dumps(self.to_json()).encode()
         return b"".join((b'{"service": ', _dumps(self.service).encode(), b', "source": ',
                          _dumps(self.source).encode(), b', "workers": [',
@@ -178,6 +190,7 @@ class DiscoveryComponent(Component):
         cfg = agent.config
         self.scorer = GpuScorer(cfg.discovery.gpu_scores)
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
+        self.lastgood = LastGood(getattr(cfg.agent, "state_dir", None))
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
         self.ownership = OwnershipVerifier(registry=agent.registry)
@@ -195,6 +208,10 @@ class DiscoveryComponent(Component):
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
         self._memo: OrderedDict[tuple[str, Query], _Ranked] = OrderedDict()
+        self._services_memo: tuple[float, dict[str, Any]] | None = None
+        # service -> (asked at, records, answered): coordinators' last answers (reused)
+        self._coord_answers: OrderedDict[str, tuple[float, list[RecordLike], bool]] = \
+            OrderedDict()
 
     # ------------------------------------------------------------------ config
     @property
@@ -282,7 +299,10 @@ class DiscoveryComponent(Component):
             q = Query(self.max_results, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region)
         entry, source = await self._entry(service, fresh)
         now = self.clock()
-        answer = self._ranked_answer(entry.candidates, q, now)
+        # a last-known-good copy from disk is ranked as of when it was saved (its records
+        # may have expired since); the answer says how old it is
+        rank_at = entry.fetched_at if source == "stale" else now
+        answer = self._ranked_answer(entry.candidates, q, rank_at)
         # the top-3 draw happens on every call, on top of the (memoised) ranking
         order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
         if answer.probe:
@@ -294,7 +314,9 @@ class DiscoveryComponent(Component):
         self.counts[f"source_{source}"] += 1
         self._durations.append(dt)
         return LookupResult(service, source, [answer.views[i] for i in order],
-                            len(entry.candidates), [answer.fragments[i] for i in order])
+                            len(entry.candidates), [answer.fragments[i] for i in order],
+                            age_s=max(0.0, now - entry.fetched_at) if source == "stale"
+                            else None)
 
     async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
         """The router's view of a lookup: the ranked *records* (best first, after the
@@ -352,8 +374,11 @@ class DiscoveryComponent(Component):
             self._memo.popitem(last=False)
         return memo
 
-    async def _entry(self, service: str, fresh: bool = False) -> tuple[CacheEntry, str]:
-        """A cache entry for ``service`` (fresh, or fetched now) and the answer's source."""
+    async def _entry(self, service: str, fresh: bool = False, *,
+                     paced: bool = False) -> tuple[CacheEntry, str]:
+        """A cache entry for ``service`` (fresh, or fetched now) and the answer's source.
+        ``paced``: a periodic refresh (watches), whose coordinator fallback may reuse an
+        answer up to ``COORDINATOR_REUSE_S`` old (see ``_from_coordinators``)."""
         entry = None if fresh else self.cache.get(service, self.clock())
         if entry is not None:
             self.metrics.cache.labels("hit").inc()
@@ -363,12 +388,12 @@ class DiscoveryComponent(Component):
         self.counts["cache_misses"] += 1
         if service in self.flight:
             self.counts["single_flight_joined"] += 1
-        return await self.flight.run(service, lambda: self._refresh(service))
+        return await self.flight.run(service, lambda: self._refresh(service, paced))
 
-    async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
+    async def _refresh(self, service: str, paced: bool = False) -> tuple[CacheEntry, str]:
         self.cache.begin(service)       # records stored while we ask are checked at put()
         try:
-            fetched = await self._fetch(service)
+            fetched = await self._fetch(service, paced)
         except BaseException:
             self.cache.end(service)
             raise
@@ -378,12 +403,35 @@ class DiscoveryComponent(Component):
             self.counts["stale_answers"] += 1
             return old, "cache"
         now = self.clock()
+        if not len(fetched.candidates) and (old is None or not len(old.candidates)):
+            disk = self._from_disk(service)
+            if disk is not None:
+                return disk, "stale"
+        elif len(fetched.candidates) and fetched.records and service != ALL_SERVICES:
+            self.lastgood.save(service, fetched.records, now)
         if old is not None:
             self._forgive_moved(old.candidates, fetched.candidates)
         entry = self.cache.put(service, fetched.candidates, fetched.source, now)
         if fetched.records:
             self.cache.observe(fetched.records, except_service=service)
         return entry, fetched.source
+
+    def _from_disk(self, service: str) -> CacheEntry | None:
+        """The last-known-good copy of ``service`` (``lastgood``), as an entry that is
+        never cached (each lookup tries the DHT and coordinators again first)."""
+        got = self.lastgood.load(service)
+        if got is None:
+            return None
+        records, saved_at = got
+        # what was admitted and contactable when saved may not be now (a revocation, a
+        # reload of network.admission_keys or discovery.allow_http_hosts)
+        records = self._contactable(admitted(self.agent, records))
+        cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
+        if not len(cs):
+            return None
+        self.counts["disk_answers"] += 1
+        return CacheEntry(candidates=cs, source="stale", fetched_at=saved_at,
+                          valid_until=saved_at)
 
     def _forgive_moved(self, old: CandidateSet, new: CandidateSet) -> None:
         """A failing worker that now announces a different endpoint gets a fresh chance
@@ -395,7 +443,7 @@ class DiscoveryComponent(Component):
                     old.records[i].endpoint != new.records[j].endpoint:
                 self.tracker.forgive(wid)
 
-    async def _fetch(self, service: str) -> _Fetched:
+    async def _fetch(self, service: str, paced: bool = False) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
         records = self._contactable(admitted(self.agent, records))
@@ -406,7 +454,7 @@ class DiscoveryComponent(Component):
             return _Fetched(cs, "dht", answered, records)
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
-        crecords, coord_answered = await self._from_coordinators(service)
+        crecords, coord_answered = await self._from_coordinators(service, paced)
         crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
@@ -447,8 +495,28 @@ class DiscoveryComponent(Component):
         self.counts[f"dht_{state}"] += 1
         return records, state
 
-    async def _from_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
-        """Records from every configured coordinator, verified; (records, any answered)."""
+    async def _from_coordinators(self, service: str,
+                                 paced: bool = False) -> tuple[list[RecordLike], bool]:
+        """Records from every configured coordinator, verified; (records, any answered).
+
+        ``paced`` (a watch's refresh): reuse the last answer when it is less than
+        ``COORDINATOR_REUSE_S`` old. A watch (or the dashboard) refreshes its services
+        from the DHT every second, and for a service the DHT has no workers of each
+        refresh fell back to every coordinator over HTTP. The reused answer is signed
+        records, re-judged (expiry, staleness) by the caller."""
+        now = self.clock()
+        last = self._coord_answers.get(service) if paced else None
+        if last is not None and 0.0 <= now - last[0] < COORDINATOR_REUSE_S:
+            self.counts["coordinator_reused"] += 1
+            return list(last[1]), last[2]
+        records, answered = await self._ask_coordinators(service)
+        self._coord_answers[service] = (now, records, answered)
+        self._coord_answers.move_to_end(service)
+        while len(self._coord_answers) > COORDINATOR_REUSE_MAX:
+            self._coord_answers.popitem(last=False)
+        return records, answered
+
+    async def _ask_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
         urls = list(self.agent.config.discovery.coordinators)[:MAX_COORDINATORS]
         if not urls:
             return [], False
@@ -518,6 +586,16 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
+        """Known services with live worker counts (``_services``), read at most once per
+        ``SERVICES_TTL_S`` however many callers ask."""
+        hit = self._services_memo
+        if hit is not None and 0.0 <= self.clock() - hit[0] < SERVICES_TTL_S:
+            return hit[1]
+        out = await self.flight.run(_SERVICES_FLIGHT, self._services)
+        self._services_memo = (self.clock(), out)
+        return out
+
+    async def _services(self) -> dict[str, Any]:
         """Known services with live worker counts.
 
         From the DHT's sharded service index when the node offers it (``service_counts``:
@@ -545,8 +623,9 @@ class DiscoveryComponent(Component):
         for svc, e in self.cache.items():
             if svc == ALL_SERVICES or not e.fresh(now):
                 continue
-            counts[svc] = max(counts.get(svc, 0),
-                              len(_live_indices(e.candidates, now, self.tracker)))
+            live = len(_live_indices(e.candidates, now, self.tracker))
+            if live:          # a looked-up name nobody serves (a typo) is no service
+                counts[svc] = max(counts.get(svc, 0), live)
         return {"source": source,
                 "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
 

@@ -12,7 +12,10 @@ How changes are noticed, without trusting any single signal:
   lookup is refreshed from the DHT every ``REFRESH_S`` (bypassing the cache, sharing the
   query with concurrent lookups; the answer also refreshes discovery's cache). This is
   what finds members appearing and disappearing anywhere in the network, even when this
-  node stores none of the service's records.
+  node stores none of the service's records. ``"*"`` (every worker, the dashboard's
+  overview) is a crawl of every service-index shard with all their records, so it is
+  refreshed every ``INDEX_REFRESH_S`` and, woken by a join, at most every
+  ``INDEX_MIN_GAP_S``.
 * **Local records.** A record the local DHT node stores (the ``"record"`` bus event)
   wakes the service's refresh at once; a withdrawal (tombstone) removes the worker at
   once, with reason ``withdrawn``.
@@ -40,7 +43,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent import events
+from agent.dht.record import ALL_SERVICES
 from agent.discovery.api import BadRequest, check_service
+from agent.discovery.select import record_max_age
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -52,6 +57,8 @@ log = logging.getLogger("rma_agent.watch")
 _LOG_LIMIT = RateLimiter(rate=0.1, burst=2)
 
 REFRESH_S = 1.0          # a watched service's lookup is refreshed this often
+INDEX_REFRESH_S = 10.0   # "*" (every worker: all index shards) at least this often...
+INDEX_MIN_GAP_S = 2.0    # ...and, woken by joins, at most this often
 LINGER_S = 60.0          # a watch without watchers is kept this long (resume, dashboard)
 FIRST_LOOKUP_S = 3.0     # a new watcher waits at most this for the first answer
 MAX_WATCHERS = 256
@@ -118,14 +125,22 @@ class ServiceWatch:
                 self.hub._retire(self)
                 return
             self.wake.clear()
+            period = self.hub.refresh_s
+            if self.service == ALL_SERVICES:
+                # every worker of the network: a crawl of every service-index shard
+                # (agent.dht.keys), records and all. At most every INDEX_MIN_GAP_S (a
+                # join wakes it), else every INDEX_REFRESH_S; per-service watches keep
+                # their 1 s pace.
+                await asyncio.sleep(INDEX_MIN_GAP_S)
+                period = max(period, INDEX_REFRESH_S) - INDEX_MIN_GAP_S
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.hub.refresh_s)
+                await asyncio.wait_for(self.wake.wait(), period)
 
     async def refresh(self) -> None:
         comp = self.hub.discovery
         if comp is None:
             return
-        entry, source = await comp._entry(self.service, True)
+        entry, source = await comp._entry(self.service, True, paced=True)
         self.source = source
         self.refreshes += 1
         self.apply(entry.candidates, comp.clock())
@@ -135,8 +150,8 @@ class ServiceWatch:
         current: dict[bytes, RecordLike] = {}
         for i, rec in enumerate(cs.records):
             tomb = self.hub.tombstones.get(rec.worker_id)
-            if cs.expires[i] > now and now - cs.issued[i] <= cs.max_age_s \
-                    and (tomb is None or rec.issued_at > tomb):
+            # fresh by the record's own refresh (select.record_max_age), as lookups judge
+            if cs.is_fresh(i, now) and (tomb is None or rec.issued_at > tomb):
                 current[rec.worker_id] = rec
         for wid, rec in current.items():
             old = self.records.get(wid)
@@ -163,7 +178,7 @@ class ServiceWatch:
             return "withdrawn"
         if rec is not None and rec.expires_at <= now:
             return "expired"
-        if rec is not None and now - rec.issued_at > max_age_s:
+        if rec is not None and now - rec.issued_at > record_max_age(rec, max_age_s):
             return "stale"
         return "gone from the DHT"
 
@@ -283,12 +298,14 @@ class WatchHub:
             prev = self.tombstones.get(wid)
             if prev is not None and record.issued_at > prev:
                 del self.tombstones[wid]      # back after a restart
-        for svc in (*services, "*"):          # "*": every worker (the dashboard's count)
+        for svc in (*services, ALL_SERVICES):   # "*": every worker (the dashboard's count)
             w = self.watches.get(svc)
             if w is None:
                 continue
             if withdrawn and wid in w.members:
                 w.remove(wid, "withdrawn")
+            elif svc == ALL_SERVICES and wid in w.members:
+                continue          # a known worker's refresh: not worth an index crawl
             w.wake.set()
 
     # -------------------------------------------------------------- HTTP

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rma_agent.gateway")
 
-LOAD_MIN_INTERVAL = 2.0      # seconds between two load reports to the worker role
+LOAD_MIN_INTERVAL = 5.0      # seconds between two load reports to the worker role (and so
+                             # at most one load-triggered re-announce per 5 s)
 FIRST_CHECK_BUDGET = 2.0     # start() waits at most this long for the first health round
 RETRY_AFTER = "1"            # seconds a caller should wait when this worker is full
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,13 @@ def target_url(upstream: Upstream, raw_path: str) -> URL:
     return URL(upstream.url + tail + (sep + query if sep else ""), encoded=True)
 
 
+def has_dot_segment(raw_path: str) -> bool:
+    """Whether the path has a ``.`` or ``..`` segment (also percent-encoded): forwarded
+    as is, ``/svc/../x`` would let a caller step out of the upstream's path prefix."""
+    path = raw_path.partition("?")[0]
+    return any(urllib.parse.unquote(seg) in (".", "..") for seg in path.split("/"))
+
+
 def error(status: int, message: str, *, not_processed: bool = False,
           headers: Mapping[str, str] | None = None) -> web.Response:
     h = dict(headers or {})
@@ -144,6 +152,7 @@ class Outcome:
     """How one proxied request ended, for metrics (see ``GatewayComponent``)."""
 
     OK = "ok"                       # upstream answered and the answer was relayed
+    BAD_REQUEST = "bad_request"     # refused before reaching the upstream
     TOO_LARGE = "too_large"
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"     # connect failed: not processed
@@ -155,6 +164,9 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
                 gw: GatewaySection) -> tuple[web.StreamResponse, str, int, int]:
     """Forward ``request`` to ``upstream``; (response, outcome, bytes in, bytes out)."""
     limit = gw.max_body_bytes
+    if has_dot_segment(request.raw_path):
+        return (error(400, "path must not contain '.' or '..' segments", not_processed=True),
+                Outcome.BAD_REQUEST, 0, 0)
     if request.content_length is not None and request.content_length > limit:
         return (error(413, f"request body of {request.content_length} bytes is over the "
                            f"gateway's limit of {gw.max_body_mb} MiB (gateway.max_body_mb)",

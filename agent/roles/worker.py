@@ -63,6 +63,7 @@ class WorkerRole(Component):
         self._tunnel_endpoint = ""
         self._gpu: GpuInfo | None = None
         self._inflight: float | None = None     # set by whoever tracks requests, if anyone
+        self._reported: float | None = None     # PUT /api/worker/load (the local service)
         self._load = 0.0
         self._seq = 0
         self._task: asyncio.Task[None] | None = None
@@ -108,8 +109,12 @@ class WorkerRole(Component):
 
     def _current_load(self) -> float:
         cap = self._capacity()
-        if self._inflight is not None:
-            return float(min(max(self._inflight, 0.0), cap))
+        # the gateway's count and the local service's own report: the larger, as neither
+        # sees everything (the service also works on requests that did not come through
+        # the gateway; the gateway's count drops to 0 after each burst)
+        counts = [n for n in (self._inflight, self._reported) if n is not None]
+        if counts:
+            return float(min(max(max(counts), 0.0), cap))
         if self._gpu is not None and self._gpu.utilization is not None:
             return round(min(max(self._gpu.utilization, 0.0), 1.0) * cap, 2)
         return 0.0
@@ -154,14 +159,23 @@ class WorkerRole(Component):
         if services == self._down:
             return
         gone = tuple(s for s in self._announced_services if s in services - self._down)
+        back = (self._down - services) & set(self.agent.config.worker.services)
         self._down = services
-        if gone:
-            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *gone)))
+        # a service back before its withdrawal went out needs none any more
+        pending = (s for s in self._withdraw_services if s not in back)
+        self._withdraw_services = tuple(dict.fromkeys((*pending, *gone)))
         self.wake()
 
     def set_inflight(self, n: float | None) -> None:
-        """Report requests in flight (overrides the NVML estimate); re-announces on change."""
+        """Report requests in flight (overrides the NVML estimate); re-announces on change.
+        The gateway calls this with its proxied requests."""
         self._inflight = n
+        self._maybe_load_changed()
+
+    def set_reported(self, n: float | None) -> None:
+        """The local service's own in-flight count (``PUT /api/worker/load``); kept apart
+        from the gateway's so that neither report erases the other."""
+        self._reported = n
         self._maybe_load_changed()
 
     def _maybe_load_changed(self) -> None:
@@ -184,8 +198,8 @@ class WorkerRole(Component):
 
     async def _put_load(self, request: web.Request) -> web.Response:
         """``PUT /api/worker/load`` ``{"inflight": N}`` (or ``null`` to go back to the NVML
-        estimate): the service on this box reports its requests in flight, which become
-        the record's load. Local callers only: the agent's port is what a quick tunnel
+        estimate): the service on this box reports its requests in flight; the record's
+        load is the larger of that and the gateway's own count. Local callers only: the agent's port is what a quick tunnel
         publishes, so a request relayed by cloudflared (``Cf-Connecting-Ip``) is refused
         like any non-loopback caller."""
         refused = refuse_remote(request, "the load")
@@ -202,8 +216,8 @@ class WorkerRole(Component):
             return web.json_response(
                 {"error": 'expected {"inflight": <number >= 0>} or {"inflight": null}'},
                 status=400)
-        self.set_inflight(None if value is None else float(value))
-        return web.json_response({"inflight": self._inflight, "load": self._current_load(),
+        self.set_reported(None if value is None else float(value))
+        return web.json_response({"inflight": self._reported, "load": self._current_load(),
                                   "capacity": self._capacity()})
 
     async def start(self) -> None:
@@ -237,7 +251,7 @@ class WorkerRole(Component):
     async def reload(self, old: Config, new: Config) -> None:
         removed = tuple(s for s in old.worker.services if s not in new.worker.services)
         if removed and self._announced_services:
-            self._withdraw_services = removed
+            self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *removed)))
         if old.worker != new.worker:
             self._gpu = await asyncio.get_running_loop().run_in_executor(
                 None, detect_gpu, new.worker)

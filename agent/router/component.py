@@ -44,6 +44,7 @@ from agent.component import Component
 from agent.discovery.api import BadRequest, check_service, parse_query
 from agent.discovery.endpoints import EndpointRefused, GuardedConnector, endpoint_refusal
 from agent.discovery.select import Query
+from agent.discovery.service import SOURCES
 from agent.ratelimit import RateLimiter
 from agent.router.budget import RetryBudget
 from agent.router.proxy import (
@@ -70,7 +71,8 @@ BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this lon
 MAX_BUSY = 4096
 READ_BUFSIZE = 1 << 18
 SMALL_ANSWER_BYTES = 64 * 1024   # answers up to this size (with a length) are relayed whole
-OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted")
+OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted",
+            "limited")
 RETRY_REASONS = ("connect", "proof", "not_processed", "status", "timeout", "disconnect")
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
 UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -95,7 +97,8 @@ class _Metrics:
                                   "Time from sending to a worker to its response headers",
                                   buckets=UPSTREAM_BUCKETS, **kw)
         self.lookups = PromCounter("rma_agent_route_lookups",
-                                   "Router lookups by source (cache, dht, coordinator)",
+                                   "Router lookups by source (cache, dht, coordinator, "
+                                   "stale: the last-known-good copy on disk)",
                                    ["source"], **kw)
         Gauge("rma_agent_route_dht_hit_ratio", "Of the router's lookups that reached past "
               "the cache, the share the DHT answered", **kw).set_function(
@@ -107,7 +110,7 @@ class _Metrics:
             self.requests.labels(o)
         for r in RETRY_REASONS:
             self.retries.labels(r)
-        for s in ("cache", "dht", "coordinator"):
+        for s in SOURCES:
             self.lookups.labels(s)
 
 
@@ -133,9 +136,10 @@ class RouterComponent(Component):
         self._m_out = {o: self.metrics.requests.labels(o) for o in OUTCOMES}
         self._m_retry = {r: self.metrics.retries.labels(r) for r in RETRY_REASONS}
         self._m_lookup = {s: self.metrics.lookups.labels(s)
-                          for s in ("cache", "dht", "coordinator")}
+                          for s in SOURCES}
         self.counts: Counter[str] = Counter()
         self._busy: OrderedDict[bytes, float] = OrderedDict()
+        self._inflight: dict[bytes, int] = {}      # requests this router has at each worker
         self._session: aiohttp.ClientSession | None = None
         self._refusals: dict[str, str | None] = {}
 
@@ -205,7 +209,7 @@ class RouterComponent(Component):
                 "retry_budget_exhausted": self.budget.refused,
                 "retry_budget_tokens": round(self.budget.tokens, 2),
                 "lookups_by_source": {s: c[f"lookup_{s}"]
-                                      for s in ("cache", "dht", "coordinator")},
+                                      for s in SOURCES},
                 "dht_hit_rate": round(dht_rate, 4) if past else None,
                 "fallback_rate": round(fallback_rate, 4) if past else None,
                 "max_attempts": self.max_attempts,
@@ -250,7 +254,7 @@ class RouterComponent(Component):
             return _error(400, "'.' and '..' path segments are not routed")
         guard = getattr(disc, "guard", None)
         if guard is not None and not guard.allow_lookup(disc, service, request):
-            self._finish("bad_request", 0)
+            self._finish("limited", 0)
             return guard.too_many()
         records, source = await disc.route_candidates(service, query)
         self.counts[f"lookup_{source}"] += 1
@@ -288,15 +292,19 @@ class RouterComponent(Component):
                      min_gpu_memory_gb=q.min_gpu_memory_gb)
 
     def _order(self, records: list[Any]) -> list[Any]:
-        """Workers that answered "full" within BUSY_HOLD_S go last (order kept)."""
-        if not self._busy:
+        """Workers likely to be full go last (ranking order otherwise kept): those that
+        answered "full" within BUSY_HOLD_S, and those this router already has as many
+        requests at as their announced capacity (least-outstanding-requests: it spreads
+        a burst by capacity instead of collecting 503s from small workers)."""
+        busy, inflight = self._busy, self._inflight
+        if busy:
+            now = time.monotonic()
+            for wid in [w for w, until in busy.items() if until <= now]:
+                del busy[wid]
+        if not busy and not inflight:
             return records
-        now = time.monotonic()
-        for wid in [w for w, until in self._busy.items() if until <= now]:
-            del self._busy[wid]
-        if not self._busy:
-            return records
-        return sorted(records, key=lambda r: r.worker_id in self._busy)
+        return sorted(records, key=lambda r: r.worker_id in busy or (
+            r.capacity > 0 and inflight.get(r.worker_id, 0) >= r.capacity))
 
     def _refused(self, endpoint: str) -> str | None:
         cached = self._refusals.get(endpoint, ...)
@@ -335,41 +343,58 @@ class RouterComponent(Component):
                 continue
             url = URL(f"{rec.endpoint.rstrip('/')}/{service}{rest}"
                       + (f"?{raw_query}" if raw_query else ""), encoded=True)
-            t0 = time.perf_counter()
+            self._inflight[wid] = self._inflight.get(wid, 0) + 1
             try:
-                resp = await self._send(session, method, url, headers, body, limits)
-            except _Failed as exc:
-                disc.report(service, wid, False, None)
-                last = f"worker {wid.hex()[:12]}: {exc}"
-                retry_ok = body.replayable and (not exc.sent or idempotent)
-                if not (retry_ok and self._may_retry(n, candidates, attempts,
-                                                      charged=exc.charged,
-                                                      reason=exc.reason)):
-                    break
-                continue
-            dt = time.perf_counter() - t0
-            self.metrics.upstream.observe(dt)
-            not_processed = resp.headers.get("RMA-Not-Processed", "").strip() == "1"
-            retry_reason = ""
-            if not_processed:
-                retry_reason = "not_processed"
-                self._mark_busy(wid)
-            elif idempotent and resp.status in RETRY_STATUSES:
-                retry_reason = "status"
-            if retry_reason:
-                if not not_processed:
+                t0 = time.perf_counter()
+                try:
+                    resp = await self._send(session, method, url, headers, body, limits)
+                except asyncio.CancelledError:
+                    # the caller went away (aiohttp cancels its handler): nobody's failure
+                    self._finish("aborted", attempts)
+                    raise
+                except _Failed as exc:
+                    if body.caller_failed:
+                        # the caller's upload broke off: nobody's failure but the caller's
+                        self._finish("aborted", attempts)
+                        return _error(400, "the request body ended before it was complete",
+                                      attempts=attempts)
                     disc.report(service, wid, False, None)
-                if body.replayable and self._may_retry(n, candidates, attempts, charged=True,
-                                                       reason=retry_reason):
-                    last = f"worker {wid.hex()[:12]}: HTTP {resp.status}"
-                    resp.release()
+                    last = f"worker {wid.hex()[:12]}: {exc}"
+                    retry_ok = body.replayable and (not exc.sent or idempotent)
+                    if not (retry_ok and self._may_retry(n, candidates, attempts,
+                                                          charged=exc.charged,
+                                                          reason=exc.reason)):
+                        break
                     continue
-            elif resp.status >= 500:
-                disc.report(service, wid, False, None)
-            else:
-                # straight to the tracker: report()'s answer dict is not needed here
-                disc.tracker.record_success(wid, dt * 1000.0)
-            return await self._relay(request, resp, wid, attempts)
+                dt = time.perf_counter() - t0
+                self.metrics.upstream.observe(dt)
+                not_processed = resp.headers.get("RMA-Not-Processed", "").strip() == "1"
+                retry_reason = ""
+                if not_processed:
+                    retry_reason = "not_processed"
+                    self._mark_busy(wid)
+                elif idempotent and resp.status in RETRY_STATUSES:
+                    retry_reason = "status"
+                if retry_reason:
+                    if not not_processed:
+                        disc.report(service, wid, False, None)
+                    if body.replayable and self._may_retry(n, candidates, attempts, charged=True,
+                                                           reason=retry_reason):
+                        last = f"worker {wid.hex()[:12]}: HTTP {resp.status}"
+                        resp.release()
+                        continue
+                elif resp.status >= 500:
+                    disc.report(service, wid, False, None)
+                else:
+                    # straight to the tracker: report()'s answer dict is not needed here
+                    disc.tracker.record_success(wid, dt * 1000.0)
+                return await self._relay(request, resp, wid, attempts)
+            finally:
+                left = self._inflight.get(wid, 1) - 1
+                if left > 0:
+                    self._inflight[wid] = left
+                else:
+                    self._inflight.pop(wid, None)
         self._finish("failed" if attempts else "no_workers", attempts)
         return _error(502, f"no worker could serve {service!r}: {last}",
                       attempts=attempts, extra={"RMA-Attempts": str(attempts)})

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 
+import aiohttp
+import aiohttp.web
 from aiohttp import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -87,6 +89,10 @@ def dot_segments(raw_path: str) -> bool:
     return False
 
 
+class CallerBodyError(ConnectionError):
+    """The caller's request body stream failed while it was being forwarded."""
+
+
 class Body:
     """A request body as the attempts see it: whole bytes (replayable), or a prefix plus
     the rest of the caller's stream (replayable only until a worker started reading)."""
@@ -97,6 +103,7 @@ class Body:
         self.stream = stream
         self.length = length if stream is not None else (len(data) if data else None)
         self.started = False          # a worker began to receive the streamed part
+        self.caller_failed = False    # the caller's own stream broke (not the worker's fault)
 
     @property
     def replayable(self) -> bool:
@@ -113,8 +120,13 @@ class Body:
         if self.data:
             yield self.data
         assert self.stream is not None
-        async for chunk in self.stream.iter_any():
-            yield chunk
+        try:
+            async for chunk in self.stream.iter_any():
+                yield chunk
+        except (OSError, ValueError, aiohttp.ClientError, aiohttp.web.HTTPException) as exc:
+            # e.g. the caller hung up mid-upload, or sent less than its Content-Length
+            self.caller_failed = True
+            raise CallerBodyError(str(exc) or type(exc).__name__) from None
 
 
 async def read_body(method: str, content: StreamReader, content_length: int | None,

@@ -68,6 +68,8 @@
       ["services", a.services], ["role", a.role], ["mode", a.mode || "–"],
       ["peers", a.peers], ["region", a.region || "–"], ["uptime", ago(a.uptime_s)],
       ["version", a.version],
+      ["fleet versions", Object.entries(a.versions || {})
+        .map(([v, n]) => (v || "v1 record") + " ×" + n).join(", ") || "–"],
     ];
     $("tiles").replaceChildren(...tiles.map(([k, v]) =>
       h("div", {}, h("dt", { text: k }), h("dd", { text: String(v) }))));
@@ -168,7 +170,8 @@
     const rows = svc.workers.map((w) => h("tr", { "data-worker": w.name, "data-id": w.id },
       td("#", "num", String(w.rank)),
       td("worker", null, h("span", { class: "wname", text: w.name }),
-         h("span", { class: "endpoint", text: w.endpoint })),
+         h("span", { class: "endpoint", text: w.endpoint +
+                     (w.version ? " · rma-agent " + w.version : "") })),
       td("state", null, stateCell(w.state)),
       td("load", null, loadBar(w)),
       td("GPU", null, (w.gpu || "no GPU") + (w.gpu_memory_gb ? " " + fmt(w.gpu_memory_gb, 0) + " GB" : "")),

@@ -11,20 +11,22 @@ In CI (``CI=true``) a missing browser or driver fails the test instead of skippi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.component import Component
 from tests.cluster import REPO, Cluster
+from tests.cluster import http as http_call
 from tests.sse import SSEReader
 from tests.util import wait_for
-
-pytestmark = pytest.mark.slow
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 STATIC = REPO / "agent" / "static"
@@ -106,6 +108,7 @@ def _severe(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e.get("level") in ("SEVERE", "ERROR")]
 
 
+@pytest.mark.slow
 def test_dashboard_in_a_real_browser(cluster, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -194,9 +197,9 @@ def test_dashboard_in_a_real_browser(cluster, browser):
     cl.wait_healthy(c1)
 
 
+@pytest.mark.slow
 def test_page_assets_and_endpoints(cluster):
     _cl, c1, _ = cluster
-    from tests.cluster import http as http_call
     status, body = http_call("GET", c1.url + "/")
     assert status == 200 and "<title>rma-agent dashboard</title>" in body
     status, _ = http_call("GET", c1.url + "/static/app.js")
@@ -213,6 +216,7 @@ def test_page_assets_and_endpoints(cluster):
     assert status == 200 and dash["samples"] and dash["state"]["agent"]["role"] == "coordinator"
 
 
+@pytest.mark.slow
 def test_events_stream_sends_state_and_resumable_log(cluster):
     _cl, c1, _ = cluster
     rd = SSEReader(c1.ip, c1.http_port, "/api/events")
@@ -223,10 +227,157 @@ def test_events_stream_sends_state_and_resumable_log(cluster):
     state = got[-1][2]
     assert state["agent"]["role"] == "coordinator" and state["services"]
     rd.until(lambda ev: ev[1] == "sample", 10, "a sample frame")
+    # a reload and a failing worker are logged; the worker shows as backed off
+    assert c1.proc is not None
+    c1.proc.send_signal(signal.SIGHUP)
+    rd.until(lambda ev: ev[1] == "log" and ev[2]["kind"] == "reload", 10, "reload logged")
+    w1_id = next(w["id"] for s in state["services"] for w in s["workers"] if w["name"] == "w1")
+    status, _ = http_call("POST", c1.url + "/api/services/ocr/report",
+                          {"worker_id": w1_id, "ok": False})
+    assert status == 200
+    rd.until(lambda ev: ev[1] == "log" and ev[2]["kind"] == "failing"
+             and ev[2]["worker_id"] == w1_id, 10, "failure logged")
+
+    def backed_off(ev: tuple[str, str, Any]) -> bool:
+        if ev[1] != "state":
+            return False
+        (ocr,) = [s for s in ev[2]["services"] if s["name"] == "ocr"]
+        return any(x["name"] == "w1" and x["state"] == "backed off"
+                   and x["reason"].startswith("backed off") for x in ocr["excluded"])
+
+    rd.until(backed_off, 10, "w1 shown as backed off")
     rd.close()
     # resume after the first log event: the rest of the log, not the first one again
     rd2 = SSEReader(c1.ip, c1.http_port, "/api/events", {"Last-Event-ID": logs[0][0]})
     again = rd2.until(lambda ev: ev[1] == "state", 10, "state after resume")
     ids = [ev[0] for ev in again if ev[1] == "log"]
-    assert logs[0][0] not in ids and ids == [ev[0] for ev in logs[1:]][:len(ids)]
+    assert logs[0][0] not in ids and ids[:len(logs) - 1] == [ev[0] for ev in logs[1:]]
+    assert len(ids) > len(logs) - 1          # and what was logged since (reload, failing)
     rd2.close()
+
+
+class _FakeRouter(Component):
+    """Stands for the router component: only its ``"router"`` stats block matters here."""
+
+    name = "router"
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__(agent)
+        self.block = {"requests": 0, "ok": 0, "failed": 0, "retries": 0, "attempts": 0}
+
+    def stats(self) -> dict[str, Any]:
+        return {"router": dict(self.block)}
+
+
+async def test_samples_rates_percentiles_and_the_router_block():
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    dht.add(make_record(name="w"))
+    dash = DashboardComponent(agent)
+    agent.components.append(dash)
+    await comp.start()
+    try:
+        assert dash._sample() is None                  # the first call sets the baseline
+        for _ in range(20):
+            await comp.lookup("ocr")
+        await asyncio.sleep(0.05)
+        s1 = dash._sample()
+        assert s1 is not None and s1["lookups_s"] > 0 and s1["p50_ms"] is not None
+        assert s1["routed_s"] == 0 and s1["router"] is False    # "no router" on the page
+        router = _FakeRouter(agent)
+        agent.components.append(router)
+        dash._sample()
+        router.block.update(requests=30, ok=27, failed=3)
+        await asyncio.sleep(0.05)
+        s2 = dash._sample()
+        assert s2 is not None and s2["router"] is True
+        assert s2["routed_s"] > 0 and s2["errors_s"] > 0 and s2["lookups_s"] == 0
+        assert s2["p50_ms"] is None                     # no lookups in that interval
+        assert list(dash.samples)[-1] == s2
+    finally:
+        await comp.stop()
+
+
+def test_local_records_expire_by_their_own_refresh():
+    """The event log's "expired" for records this node stores uses each record's own
+    ``refresh`` (as lookups do), not this agent's republish interval: a worker that
+    refreshes every 60 s was logged "expired" and "joined" again on every refresh when
+    the dashboard's agent republishes every 10 s."""
+    import time
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, _comp, _dht = make_discovery(republish=10)
+    dash = DashboardComponent(agent)
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now)
+    quick = make_record(name="quick", refresh=10.0, now=now)
+    dash._on_record(slow)
+    dash._on_record(quick)
+    assert [e["kind"] for e in dash._log] == ["joined", "joined"]
+    dash._check_local(now + 30)              # quick: 30 s > 2 x 10 s; slow: < 2 x 60 s
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick"], list(dash._log)
+    dash._check_local(now + 121)
+    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
+    assert expired == ["quick", "slow"], list(dash._log)
+
+
+async def test_state_shows_each_workers_version_and_the_fleets():
+    """Record format 2 carries ``agent_version`` so that the dashboard can show a fleet's
+    versions (issue 13): each worker row names its version, the overview counts them."""
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    for name, version in (("new1", "0.2.0"), ("new2", "0.2.0"), ("old", "0.1.9")):
+        dht.add(make_record(name=name, agent_version=version))
+    dht.identity, dht.mode = None, "server"          # what the overview reads of the DHT
+    dht.contacts, dht.peers = (lambda: []), (lambda: 0)
+    dash = DashboardComponent(agent)
+    agent.components.append(dash)
+    await comp.start()
+    dash.hub.start()
+    try:
+        await dash._activate()
+        st = dash.state()
+        assert st["agent"]["versions"] == {"0.1.9": 1, "0.2.0": 2}, st["agent"]
+        (svc,) = st["services"]
+        assert {w["name"]: w["version"] for w in svc["workers"]} == {
+            "new1": "0.2.0", "new2": "0.2.0", "old": "0.1.9"}
+    finally:
+        await dash.hub.stop()
+        await comp.stop()
+
+
+async def test_ring_takes_service_names_as_typed():
+    """One service-name rule everywhere: user input is lowercased (``normalize_service``)
+    before it is checked; the ring answered 400 to ``?service=OCR``."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dashboard.component import DashboardComponent
+    from tests.discovery._support import make_discovery
+
+    agent, _comp, _dht = make_discovery()
+    dash = DashboardComponent(agent)
+    asked: list[str | None] = []
+
+    def ring(service: str | None) -> dict[str, Any]:
+        asked.append(service)
+        return {"service": service}
+
+    dash.ring = ring                                  # type: ignore[method-assign]
+    app = web.Application()
+    dash.add_routes(app)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/api/dashboard/ring?service=OCR")
+        assert r.status == 200 and (await r.json())["service"] == "ocr"
+        r = await client.get("/api/dashboard/ring?service=BAD!")
+        assert r.status == 400 and "error" in await r.json()
+    assert asked == ["ocr"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import time
 from pathlib import Path
@@ -96,6 +97,13 @@ def test_thousand_fake_workers_from_one_host(tmp_path, monkeypatch):
             assert f["sender_full"] > 0, (name, f)
             assert f["found_honest"] == len(honest), (name, f)
             assert f["rss_growth_kib"] < 30_000, (name, f)
+        status, metrics = c1.get("/metrics")
+        assert status == 200
+        challenged = re.search(r"^rma_agent_dht_token_challenges_total ([0-9.e+]+)$", metrics,
+                               re.M)
+        assert challenged and float(challenged.group(1)) > 0, metrics[:400]
+        assert re.search(r"^rma_agent_dht_diversity_refused_total ", metrics, re.M)
+        assert re.search(r"^rma_agent_dht_records_evicted_total ", metrics, re.M)
         # 2 keys (ocr, ALL_SERVICES) x 1000 announces: at most the quota per storing node
         assert figures["stores_accepted"] <= len(agents) * PER_HOST, figures
 

@@ -105,8 +105,16 @@ def test_many_workers_client_mode_and_churn():
                     break
                 await asyncio.sleep(0.1)
             assert sum(n.stats()["removed_contacts"] for n in live) > 0
+            # the client's lookups asked the dead holders closest to the key first: those
+            # requests timed out (counted, never logged at ERROR), and the RTT it
+            # measured from the live ones is reported
+            for _ in range(40):
+                if client.stats()["timeouts"] > 0:
+                    break
+                await asyncio.sleep(0.1)
             st = client.stats()
-            assert st["mode"] == "client" and st["timeouts"] >= 0 and "rtt_ms" in st
+            assert st["mode"] == "client" and st["timeouts"] > 0
+            assert st["rtt_ms"] is not None and st["rtt_ms"] > 0
         finally:
             stop_all(nodes)
             client.stop()
@@ -179,10 +187,10 @@ def test_newcomer_gets_targeted_handoff():
             # an identity closer to the key than every existing node
             kl = int.from_bytes(key, "big")
             best_existing = min(int.from_bytes(n.node.id, "big") ^ kl for n in nodes)
-            cand = min((Identity.generate() for _ in range(400)),
-                       key=lambda i: int.from_bytes(i.node_id, "big") ^ kl)
-            if int.from_bytes(cand.node_id, "big") ^ kl > best_existing:
-                return  # astronomically unlikely; nothing to hand over to
+            # one random id in 25 beats all 24 nodes: draw until one does (the chance that
+            # 2,000 draws all fail is below 1e-35), so the test never skips its assertions
+            cand = next(i for i in (Identity.generate() for _ in range(2000))
+                        if int.from_bytes(i.node_id, "big") ^ kl < best_existing)
             newcomer = DHTNode(cand)
             await newcomer.listen(0, "127.0.0.1")
             nodes.append(newcomer)
@@ -194,9 +202,13 @@ def test_newcomer_gets_targeted_handoff():
             assert newcomer.storage.count(key) == 5
             await asyncio.sleep(0.3)  # other holders' contact checks of the newcomer finish
             h1 = sum(n.protocol.handoffs for n in nodes)
-            # bounded: at most the 10 records of its two keys (asr, *) from each holder that
-            # believes it was the closest
-            assert 5 <= h1 <= 10 * len(nodes)
+            # targeted: at most the 5 workers' records under their 2 keys each (asr and
+            # their index shard), from at most two holders whose views differ — not a
+            # re-store to every node (it was up to 250 before), and the newcomer, verified
+            # by old members' pings, hands nothing back to them
+            held = newcomer.storage.count()
+            assert 5 <= h1 <= 20, (h1, held)
+            assert newcomer.protocol.handoffs == 0
             # no storm: hearing again from contacts a node already knows (every request
             # and reply "welcomes" its sender) hands nothing over
             for n in nodes:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import msgpack
 from kademlia.network import Server
 from kademlia.node import Node
 
+from agent.dht.component import probe_reachable
 from agent.dht.identity import Identity
 from agent.dht.protocol import MAX_PAYLOAD, RttEstimator, parse_nodes
 from agent.dht.record import WorkerRecord, service_key
 from agent.dht.server import DHTNode
 from agent.ratelimit import RateLimiter
-from tests.util import run_uvloop
+from tests.util import free_port, run_uvloop
 
 
 def test_rtt_estimator_adapts_and_is_clamped():
@@ -81,8 +83,13 @@ def test_wire_behaviour():
             assert ok and 20 <= len(res["records"]) <= 24
             assert len(msgpack.packb(res, use_bin_type=True)) <= MAX_PAYLOAD
 
-            # reachability probe: True for our live port, False for a closed one
-            assert await a.check_reachable(addr_b) is True
+            # reachability, as mode = "auto" asks it (component.probe_reachable, from a
+            # fresh socket): True for our live DHT port, False for a port nobody serves,
+            # None when the "seed" does not answer at all
+            assert await probe_reachable(addr_b, a.port, "127.0.0.1") is True
+            assert await probe_reachable(addr_b, free_port(socket.SOCK_DGRAM), "127.0.0.1") is False
+            assert await probe_reachable(("127.0.0.1", free_port(socket.SOCK_DGRAM)), a.port, "127.0.0.1",
+                                         timeout=0.3) is None
             t = time.monotonic()
             assert await b.protocol.rpc_reachable(("127.0.0.1", 9), b"", 9) is False
             assert time.monotonic() - t < 1.5
@@ -211,11 +218,19 @@ def test_reachability_probe_sees_through_a_stateful_firewall():
             await n.listen(0, "127.0.0.1")
         try:
             addr = ("127.0.0.1", seed.port)
-            assert await open_node.check_reachable(addr) is True
-            assert await natted.check_reachable(addr) is False
-            # yet the NAT-ed node can use the DHT as a client
+            # what mode = "auto" does before joining: ask from a fresh socket for a ping
+            # to our DHT port
+            assert await probe_reachable(addr, open_node.port, "127.0.0.1") is True
+            assert await probe_reachable(addr, natted.port, "127.0.0.1") is False
+            # and after traffic (its DHT socket has talked to the seed): still False, the
+            # seed's ping leaves from a port the firewall never sent to
             natted.set_mode("client")
-            assert await natted.bootstrap([addr]) == 1
+            await natted.bootstrap([addr])
+            assert await probe_reachable(addr, natted.port, "127.0.0.1") is False
+            # the post-join variant (port=None: a fresh answering port) sees an open path
+            assert await probe_reachable(addr, None, "127.0.0.1") is True
+            # yet the NAT-ed node uses the DHT as a client
+            assert natted.peers() == 1
             assert seed.peers() == 0 or all(c[2] != natted.port for c in seed.contacts())
         finally:
             for n in (seed, open_node, natted):

@@ -153,12 +153,21 @@ svc = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
        region=names, seq=st.integers(0, 2**63 - 1), ttl=st.floats(1, 3600), withdrawn=st.booleans())
 def test_roundtrip_property(name, services, endpoint, gpu, mem, load, cap, region, seq, ttl,
                             withdrawn):
-    try:
-        r = make(name=name, services=tuple(services), endpoint=endpoint, gpu=gpu,
+    # the only limits these strategies can break are the per-field byte limits (names
+    # of up to 16 characters may take up to 64 UTF-8 bytes); everything else must build
+    over = [what for what, v, limit in (("name", name, recmod.MAX_NAME),
+                                          ("gpu", gpu, recmod.MAX_GPU),
+                                          ("region", region, recmod.MAX_REGION))
+            if len(v.encode("utf-8")) > limit]
+    if over:
+        with pytest.raises(RecordError, match=f"{over[0]} longer than"):
+            make(name=name, services=tuple(services), endpoint=endpoint, gpu=gpu,
                  gpu_memory_gb=mem, load=load, capacity=cap, region=region, seq=seq, ttl=ttl,
                  withdrawn=withdrawn)
-    except RecordError:
-        return  # a field combination over a limit: refused cleanly, nothing to round-trip
+        return
+    r = make(name=name, services=tuple(services), endpoint=endpoint, gpu=gpu,
+             gpu_memory_gb=mem, load=load, capacity=cap, region=region, seq=seq, ttl=ttl,
+             withdrawn=withdrawn)
     b = r.encode()
     assert len(b) <= MAX_RECORD_BYTES
     r2 = WorkerRecord.decode(b)

@@ -224,3 +224,42 @@ def test_on_stored_sees_new_and_replacing_records_only():
 
     s.on_stored = broken              # a failing observer never breaks storing
     assert s.put(KEY, make(IDS[1], seq=5)) == "stored"
+
+
+def test_index_counts_leave_out_stale_records_by_their_own_refresh():
+    """A worker killed without a goodbye stops counting in the service index (what
+    ``/api/services`` shows) when lookups stop offering it — two of *its own* refreshes —
+    not at its TTL (it was counted for 300 s while lookups had dropped it after 20 s)."""
+    from agent.dht.keys import index_key, index_shard
+    s = ProviderStorage()
+    now = time.time()
+    fast, slow = IDS[0], IDS[1]
+    for ident, refresh in ((fast, 10.0), (slow, 60.0)):
+        rec = WorkerRecord.create(ident, name="w", services=("ocr",), endpoint="https://x",
+                                  gpu="T4", gpu_memory_gb=16, load=0, capacity=4, region="",
+                                  ttl=300, refresh=refresh, now=now)
+        key = index_key(index_shard(ident.node_id))
+        assert s.put(key, rec, now=now) == "stored"
+    keys = {index_key(index_shard(i.node_id)) for i in (fast, slow)}
+
+    def total(at: float) -> int:
+        return sum(s.service_counts(k, at).get("ocr", 0) for k in keys)
+
+    assert total(now + 5) == 2
+    assert total(now + 30) == 1          # 30 s > 2 x 10 s: fast is stale; slow (2 x 60) not
+    assert total(now + 130) == 0
+    assert s.count() == 2                # the records themselves stay until their TTL
+
+
+def test_full_key_of_honest_hosts_is_not_rescanned_until_it_changes():
+    s = ProviderStorage(max_per_key=4, max_per_sender=100)
+    for n, i in enumerate(IDS[:4]):
+        assert s.put(KEY, make(i), sender=(f"198.51.{n}.1", 1)) == "stored"
+    assert s.put(KEY, make(IDS[4]), sender=("203.0.113.9", 1)) == "key_full"
+    assert KEY in s._no_flooder                       # remembered: no host holds two
+    assert s.put(KEY, make(IDS[5]), sender=("203.0.113.9", 1)) == "key_full"
+    # a change to the key forgets it: a host that now holds two can be evicted from
+    s.put(KEY, make(IDS[0], seq=10**15), sender=("198.51.1.1", 1))   # moves to host 1
+    assert KEY not in s._no_flooder
+    assert s.put(KEY, make(IDS[6]), sender=("203.0.113.7", 1)) == "stored"
+    assert s.evicted == 1 and s.sender_count(("198.51.1.1", 1)) == 1

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from agent.component import Component
@@ -74,9 +76,10 @@ class ProviderStub(Component):
 
 
 def make_config(*, region: str = "", cache_ttl: int = 60, coordinators: Iterable[str] = (),
-                republish: int = 30, **disc: Any) -> Config:
+                republish: int = 30, state_dir: Path | None = None, **disc: Any) -> Config:
     return Config(
-        agent=AgentSection(role="worker", name="test", region=region),
+        agent=AgentSection(role="worker", name="test", region=region,
+                           state_dir=state_dir or Path(tempfile.mkdtemp(prefix="rma-disc-"))),
         dht=DHTSection(republish_interval=republish),
         discovery=dataclasses.replace(DiscoverySection(cache_ttl=cache_ttl,
                                                        coordinators=tuple(coordinators)),

@@ -152,7 +152,7 @@ async def test_stats_and_metrics_carry_discovery_figures(api):
         await client.get("/api/services/ocr")
     stats = await (await client.get("/api/dht/stats")).json()
     d = stats["discovery"]
-    assert d["lookups"] == 3 and d["by_source"] == {"cache": 2, "dht": 1, "coordinator": 0}
+    assert d["lookups"] == 3 and d["by_source"] == {"cache": 2, "dht": 1, "coordinator": 0, "stale": 0}
     assert d["cache_hit_rate"] == round(2 / 3, 4) and d["lookup_p99_ms"] is not None
     text = await (await client.get("/metrics")).text()
     assert 'rma_agent_lookups_total{source="cache"} 2.0' in text

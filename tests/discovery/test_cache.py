@@ -25,7 +25,7 @@ async def test_repeated_lookups_within_ttl_cost_no_dht_query():
     assert (await comp.lookup("ocr")).source == "dht"
     assert dht.calls == ["ocr", "ocr"]
     st = comp.stats()["discovery"]
-    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0}
+    assert st["by_source"] == {"cache": 50, "dht": 2, "coordinator": 0, "stale": 0}
     assert st["cache_hit_rate"] == round(50 / 52, 4) and st["dht_hit_rate"] == 1.0
     assert st["lookup_p50_ms"] is not None and st["lookup_p99_ms"] >= st["lookup_p50_ms"]
 
@@ -249,6 +249,18 @@ async def test_worker_back_after_a_restart_shows_at_once_not_after_the_negative_
         assert (await comp.lookup("ocr")).source == "cache"
     finally:
         await comp.stop()
+
+
+async def test_service_list_leaves_out_looked_up_names_nobody_serves():
+    """A lookup of a name nobody serves (a typo, a probe) caches an empty answer; the
+    service list must not show it as a service "with 0 workers" (it did, for cache_ttl)."""
+    clock = Clock()
+    _agent, comp, dht = make_discovery(clock=clock)
+    dht.add(make_record(services=("ocr",), now=clock.t))
+    assert (await comp.lookup("nosuch")).workers == []
+    assert len((await comp.lookup("ocr")).workers) == 1
+    out = await comp.services()
+    assert out["services"] == [{"name": "ocr", "workers": 1}]
 
 
 async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer():

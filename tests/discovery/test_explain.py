@@ -95,6 +95,33 @@ def test_explained_ranking_matches_the_lookup_order_and_scores():
     assert out["excluded"] == []
 
 
+def test_components_add_up_when_workers_refresh_at_other_intervals_than_the_caller():
+    """Records carry their own ``refresh``; the kernel is given each record's age scaled
+    to its own max age. The parts must add up to that score (they used the raw age over
+    the caller's max age), and a worker with a long refresh is not called "stale" for
+    an age its own refresh allows."""
+    now = 1_800_000_000.0
+    recs = [make_record(name="r10", refresh=10.0, now=now - 15, load=1.0),
+            make_record(name="r30", refresh=30.0, now=now - 15, load=2.0),
+            make_record(name="r120", refresh=120.0, now=now - 80, load=3.0)]
+    cs = _set(recs, now)                       # the caller's max age: 60 s
+    assert len(cs) == 3
+    q = Query(limit=2)
+    out = explain_set(cs, q, now, None, GpuScorer({}))
+    plain = dict(cs.ranked(now, q))
+    for w in out["workers"]:
+        i = cs.index[bytes.fromhex(w["id"])]
+        assert bits(terms_sum(w["components"])) == bits(plain[i]), w["name"]
+    ages = {w["name"]: w["components"]["age"] for w in out["workers"]}
+    assert ages["r10"] == pytest.approx(-0.1 * 15 / 20)     # 15 s of its own 20 s
+    (x,) = out["excluded"]
+    assert x["name"] == "r120" and x["reason"].startswith("beyond limit=2"), x
+    # a fresh DHT answer holding a record the cached set does not: judged by its refresh
+    late = make_record(name="late", refresh=120.0, now=now - 90)
+    out = explain_set(_set([], now), q, now, None, GpuScorer({}), raw=[late])
+    assert out["excluded"][0]["reason"].startswith("newer than the cached answer"), out
+
+
 def test_every_worker_not_offered_says_which_rule_left_it_out():
     from agent.discovery.latency import LatencyTracker
 
@@ -125,6 +152,23 @@ def test_every_worker_not_offered_says_which_rule_left_it_out():
     assert why[gone.worker_id.hex()].startswith("withdrawn")
     states = {x["name"]: x["state"] for x in out["excluded"]}
     assert states["banned"] == "backed off"
+
+
+def test_a_failed_ownership_proof_is_its_own_state_and_reason():
+    import time
+
+    from agent.discovery.latency import LatencyTracker
+
+    now = time.time()
+    ident = Identity.generate()
+    cs = _set([make_record(ident, name="p", now=now), make_record(name="q", now=now)], now)
+    tracker = LatencyTracker()
+    tracker.record_proof(ident.node_id, False, now, 60.0)
+    out = explain_set(cs, Query(limit=5), now, tracker, GpuScorer({}))
+    assert [w["name"] for w in out["workers"]] == ["q"]
+    (x,) = out["excluded"]
+    assert x["state"] == "proof failed"
+    assert x["reason"].startswith("endpoint ownership proof failed")
 
 
 def test_exclusions_are_itemised_up_to_a_bound_and_counted():

@@ -1,4 +1,5 @@
-"""``GET /api/services/{name}/watch`` against real agent processes (tests/cluster.py).
+"""``GET /api/services/{name}/watch`` against real agent processes (tests/cluster.py),
+and the hub's bound, heartbeat and local-withdrawal path in process.
 
 One cluster for the module: a coordinator and a client-mode worker ``w0`` (a DHT client
 stores no records, so a watch there can only learn changes from its periodic DHT
@@ -7,10 +8,12 @@ refresh). A second worker ``w1`` starts, changes its load and stops while we wat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -156,3 +159,175 @@ def test_lookup_explain_cli_prints_parts_and_exclusions(cluster):
     for k in ("region", "latency", "age", "health"):
         total = total + parts[k]
     assert total == w["score"] and parts["region"] == 0.4      # c1 and w0 share "test"
+
+
+async def _read_until(resp: Any, needle: bytes) -> bytes:
+    buf = b""
+    while needle not in buf:
+        chunk = await asyncio.wait_for(resp.content.readany(), 5)
+        assert chunk, buf
+        buf += chunk
+    return buf
+
+
+async def test_hub_bound_heartbeat_and_local_withdrawal():
+    """In process (a stub DHT): the watcher bound answers 503 JSON, a quiet stream gets
+    heartbeats, and a tombstone stored locally removes the worker at once."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from agent.dht.identity import Identity
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    ident = Identity.generate()
+    rec = make_record(ident, name="wa")
+    dht.add(rec)
+    hub = WatchHub(agent, max_watchers=2, refresh_s=30.0, heartbeat_s=0.3)
+    app = web.Application()
+    app.router.add_get("/api/services/{name}/watch", hub.handle)
+    await comp.start()
+    hub.start()
+    try:
+        async with TestClient(TestServer(app)) as client:
+            r1 = await client.get("/api/services/OCR/watch")     # names are lowercased
+            assert r1.status == 200
+            assert b'"name":"wa"' in await _read_until(r1, b"event: snapshot")
+            r2 = await client.get("/api/services/ocr/watch")
+            r3 = await client.get("/api/services/ocr/watch")
+            assert r3.status == 503 and r3.headers["Retry-After"]
+            assert "too many watchers" in (await r3.json())["error"]
+            await _read_until(r1, b": ping")
+            agent.emit("record", rec.tombstone(ident))           # stored by the local node
+            got = await _read_until(r2, b"event: removed")
+            assert b'"reason":"withdrawn"' in got.split(b"event: removed", 1)[1]
+            r1.close()
+            r2.close()
+    finally:
+        await hub.stop()
+        await comp.stop()
+
+
+async def test_a_watcher_that_stops_reading_is_dropped():
+    """A real socket that never reads, on a watch (in process): its bounded queue fills,
+    the hub drops it and gives its slot back; other watchers are not held up."""
+    from aiohttp.test_utils import TestServer
+
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    dht.add(make_record(name="wa"))
+    hub = WatchHub(agent, max_watchers=4, refresh_s=30.0, queue_size=16)
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/api/services/{name}/watch", hub.handle)
+    server = TestServer(app)
+    await server.start_server()
+    await comp.start()
+    hub.start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (server.host, server.port))
+        await loop.sock_sendall(sock, b"GET /api/services/ocr/watch HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if hub.limit.current == 1 and hub.get("ocr") and hub.get("ocr").channel.subscribers:
+                break
+            await asyncio.sleep(0.05)
+        w = hub.get("ocr")
+        assert w is not None and len(w.channel.subscribers) == 1
+        view = {"name": "x" * 3000}
+        for i in range(4000):                     # ~12 MB offered to a reader reading nothing
+            w.channel.publish("changed", {"service": "ocr", "worker": {**view, "n": i}})
+            if hub.limit.dropped:
+                break
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        assert hub.limit.dropped == 1
+        for _ in range(100):
+            if hub.limit.current == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.limit.current == 0 and w.watchers == 0 and not w.channel.subscribers
+    finally:
+        sock.close()
+        await hub.stop()
+        await comp.stop()
+        await server.close()
+
+
+def test_membership_judges_staleness_by_each_records_own_refresh():
+    """A worker that republishes every 60 s stays a member at 30 s of age even when the
+    watching agent's own republish interval is 10 s (lookups offer it: it carries its
+    own ``refresh``); before, the watch reported it "removed (stale)" and "added" again
+    every refresh. A 10 s worker silent for 30 s is removed as stale."""
+    from agent.discovery.select import CandidateSet
+    from agent.discovery.watch import ServiceWatch, WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, _dht = make_discovery(republish=10)
+    hub = WatchHub(agent)
+    w = ServiceWatch(hub, "ocr")
+    now = time.time()
+    slow = make_record(name="slow", refresh=60.0, now=now - 30)
+    quick = make_record(name="quick", refresh=10.0, now=now - 15)
+    kinds: list[tuple[str, str, str]] = []
+    hub.on_change = lambda svc, kind, view, reason: kinds.append((kind, view["name"], reason))
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), now)
+    assert sorted(v["name"] for v in w.members.values()) == ["quick", "slow"]
+    later = now + 10             # quick: 25 s > 2 x 10 s; slow: 40 s <= 2 x 60 s
+    w.apply(CandidateSet("ocr", [slow, quick], comp.scorer, now, comp.max_age_s), later)
+    assert sorted(v["name"] for v in w.members.values()) == ["slow"]
+    assert kinds == [("added", "slow", ""), ("added", "quick", ""),
+                     ("removed", "quick", "stale")], kinds
+
+
+async def test_the_all_workers_watch_is_a_paced_index_crawl(monkeypatch):
+    """``"*"`` reads every service-index shard with all its records: the dashboard's
+    1 s pace made one open page cost ~160 find_providers RPCs/s in a 6-node demo. It is
+    refreshed every INDEX_REFRESH_S, woken by a join at most every INDEX_MIN_GAP_S, and
+    not woken by a known worker's refresh; per-service watches keep their pace."""
+    from agent.discovery import watch as watch_mod
+    from agent.discovery.watch import WatchHub
+    from tests.discovery._support import make_discovery, make_record
+
+    monkeypatch.setattr(watch_mod, "INDEX_REFRESH_S", 60.0, raising=False)
+    monkeypatch.setattr(watch_mod, "INDEX_MIN_GAP_S", 0.3, raising=False)
+    agent, comp, dht = make_discovery()
+    comp.prober.top = 0
+    from agent.dht.identity import Identity
+
+    ident = Identity.generate()
+    known = make_record(ident, name="known")
+    dht.add(known)
+    hub = WatchHub(agent, refresh_s=0.05)
+    await comp.start()
+    hub.start()
+    try:
+        star, ocr = hub.pin("*"), hub.pin("ocr")
+        assert star is not None and ocr is not None
+        await star.wait_first()
+        await asyncio.sleep(1.0)
+        assert star.refreshes == 1 and ocr.refreshes >= 5, (star.refreshes, ocr.refreshes)
+        assert list(star.members) == [known.worker_id]
+        agent.emit("record", make_record(ident, name="known"))     # its next refresh
+        await asyncio.sleep(0.6)
+        assert star.refreshes == 1               # a known worker's refresh: no crawl
+        joiner = make_record(name="joiner")
+        dht.add(joiner)
+        agent.emit("record", joiner)
+        for _ in range(40):
+            if joiner.worker_id in star.members:
+                break
+            await asyncio.sleep(0.05)
+        assert star.refreshes == 2 and joiner.worker_id in star.members
+    finally:
+        await hub.stop()
+        await comp.stop()

@@ -266,8 +266,26 @@ def test_every_admin_path_is_404_on_the_worker_gateway(net: Net) -> None:
                             else None)
         assert status == 404 and isinstance(body, dict) and "error" in body, (method, path,
                                                                                status, body)
-    # the admin API still serves them
+    # the admin API still serves them, and counts the gateway's work
     assert net.w1.get("/api/dht/stats")[0] == 200
+    status, text = net.w1.get("/metrics")
+    assert status == 200
+    for line in ('rma_agent_gateway_requests_total{outcome="ok"}',
+                 'rma_agent_gateway_requests_total{outcome="unknown_service"}',
+                 'rma_agent_gateway_bytes_total{direction="in"}',
+                 'rma_agent_gateway_upstream_up{service="echo"} 1.0',
+                 "rma_agent_gateway_inflight 0.0"):
+        assert line in text, line
+
+
+def test_dot_segments_are_refused_before_the_upstream(net: Net) -> None:
+    before = _hits(net.a)
+    for path in ("/echo/echo/../upload", "/echo/echo/%2e%2e/upload"):
+        req = urllib.request.Request(net.w1.gateway_url + path)
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=5)
+        assert ei.value.code == 400 and "segments" in json.loads(ei.value.read())["error"]
+    assert _hits(net.a) == before
 
 
 def test_service_without_upstream_is_a_502_not_processed(net: Net) -> None:

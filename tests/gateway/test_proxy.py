@@ -6,7 +6,13 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from agent.config import Upstream
-from agent.gateway.proxy import HOP_BY_HOP, end_to_end, forward_headers, target_url
+from agent.gateway.proxy import (
+    HOP_BY_HOP,
+    end_to_end,
+    forward_headers,
+    has_dot_segment,
+    target_url,
+)
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
@@ -56,3 +62,10 @@ def test_target_url_keeps_the_callers_encoding_and_the_upstream_prefix() -> None
     assert str(target_url(up, "/ocr?q")) == "http://127.0.0.1:9000/?q"
     pre = Upstream("https://gpu.local:8443/api")
     assert str(target_url(pre, "/llm/chat?stream=1")) == "https://gpu.local:8443/api/chat?stream=1"
+
+
+def test_dot_segments_cannot_step_out_of_the_upstream_prefix() -> None:
+    for bad in ("/ocr/../admin", "/ocr/a/%2e%2E/b", "/ocr/./x", "/ocr/%2E", "/ocr/x/..?q=1"):
+        assert has_dot_segment(bad), bad
+    for ok in ("/ocr/a..b/.hidden", "/ocr/x?path=../y", "/ocr/...", "/ocr/%2e%2e%2e"):
+        assert not has_dot_segment(ok), ok

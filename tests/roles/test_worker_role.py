@@ -131,6 +131,36 @@ async def test_reload_withdraws_removed_service(tmp_path) -> None:
         await role.stop()
 
 
+async def test_service_with_upstream_down_is_withdrawn_then_back(tmp_path) -> None:
+    """``set_down`` (the gateway's health checks): a tombstone for the service that is
+    down, a record without it, and the full record again once it is back."""
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        role.set_down(frozenset({"asr"}))
+        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        tomb, live = dht.announced[1], dht.announced[2]
+        assert tomb.withdrawn and tomb.services == ("asr",)
+        assert not live.withdrawn and live.services == ("ocr",) and live.seq > tomb.seq
+        assert role.services() == ("ocr",)
+        role.set_down(frozenset({"asr"}))                       # no change: no announce
+        await asyncio.sleep(0.2)
+        assert len(dht.announced) == 3
+        role.set_down(frozenset({"asr", "ocr"}))                # everything down
+        await _until(lambda: dht.announced[-1].withdrawn, timeout=1.0)
+        assert role.status() == "withdrawn" and role.services() == ()
+        n = len(dht.announced)
+        role.set_down(frozenset())                              # both back
+        await _until(lambda: len(dht.announced) > n and not dht.announced[-1].withdrawn,
+                     timeout=1.0)
+        assert dht.announced[-1].services == ("ocr", "asr")
+        # nothing withdrawn on the way back: the pending withdrawal was dropped
+        assert all(not r.withdrawn for r in dht.announced[n:])
+    finally:
+        await role.stop()
+
+
 async def test_fallback_to_coordinator_registry(tmp_path) -> None:
     # a real CoordinatorRole behind a real HTTP server
     cdht = FakeDHT(Identity.generate(), stores_on=2)
@@ -217,5 +247,32 @@ async def test_local_service_sets_the_load_over_http(tmp_path) -> None:
             resp = await client.put("/api/worker/load", json={"inflight": None})
             assert resp.status == 200 and (await resp.json())["inflight"] is None
             await _until(lambda: dht.announced[-1].load == 0.0, timeout=1.0)
+    finally:
+        await role.stop()
+
+
+async def test_the_gateways_count_does_not_erase_the_services_reported_load(tmp_path) -> None:
+    """Two reporters of the load meet in the worker: the local service (``PUT
+    /api/worker/load``) and the gateway (its proxied requests). The gateway's count fell to
+    0 after each burst and replaced what the service had reported (the demo's loads went
+    to 0 after its first routed burst): the record carries the larger of the two."""
+    _agent, dht, role = _worker(tmp_path, dht={"republish_interval": 30, "record_ttl": 60})
+    app = web.Application(middlewares=[json_errors])
+    role.add_routes(app)
+    await role.start()
+    try:
+        await _until(lambda: len(dht.announced) == 1)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.put("/api/worker/load", json={"inflight": 3})
+            assert resp.status == 200
+            await _until(lambda: dht.announced[-1].load == 3.0, timeout=1.0)
+            role.set_inflight(1)             # the gateway: one request in flight, then none
+            role.set_inflight(0)
+            await asyncio.sleep(0.2)
+            assert role._current_load() == 3.0 and dht.announced[-1].load == 3.0
+            role.set_inflight(4)             # the gateway sees more than the service said
+            await _until(lambda: dht.announced[-1].load == 4.0, timeout=1.0)
+            resp = await client.put("/api/worker/load", json={"inflight": None})
+            assert (await resp.json())["load"] == 4.0
     finally:
         await role.stop()

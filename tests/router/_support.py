@@ -77,6 +77,10 @@ class StandInGateway:
                                      headers={"RMA-Not-Processed": "1", "Retry-After": "1"})
         if self.mode == "fail":
             return web.json_response({"error": "upstream down"}, status=502)
+        if request.path.endswith("/redirect"):
+            return web.Response(status=302, headers={"Location": "http://10.0.0.1/steal"})
+        if request.path.endswith("/empty"):
+            return web.Response(status=204)
         return web.json_response({"method": request.method, "path": request.path,
                                   "query": request.raw_path.partition("?")[2], "size": size,
                                   "sha256": h.hexdigest(),

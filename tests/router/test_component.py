@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 
 from agent.dht.identity import Identity
 from tests.discovery._support import make_record
@@ -137,3 +138,126 @@ async def test_errors_are_json():
         assert r.status == 502, await r.text()
         body = await r.json()
         assert "no worker could serve" in body["error"] and body["attempts"] == 1
+
+
+async def test_redirects_relayed_not_followed_204_and_head():
+    gw = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(gw)
+            c = ra.client
+            r = await c.get("/route/ocr/x/redirect", allow_redirects=False)
+            assert r.status == 302 and r.headers["Location"] == "http://10.0.0.1/steal"
+            assert r.headers["RMA-Worker"] == gw.identity.node_id.hex()
+            assert "10.0.0.1" not in ra.disc.contacts
+            r = await c.delete("/route/ocr/x/empty")
+            assert r.status == 204 and await r.read() == b""
+            r = await c.head("/route/ocr/x/echo")
+            assert r.status == 200 and r.headers["RMA-Attempts"] == "1"
+            assert int(r.headers["Content-Length"]) > 0 and await r.read() == b""
+    finally:
+        await gw.stop()
+
+
+async def test_a_caller_that_hangs_up_mid_upload_does_not_demote_the_worker():
+    gw = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(gw)
+            assert (await ra.client.get("/route/ocr/warm")).status == 200
+            _reader, writer = await asyncio.open_connection("127.0.0.1", ra.client.port)
+            writer.write(b"POST /route/ocr/upload HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 20000000\r\n\r\n" + b"\0" * (3 << 20))
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            writer.close()
+            for _ in range(50):
+                if ra.router.counts["outcome_aborted"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert ra.router.counts["outcome_aborted"] == 1
+            assert not ra.disc.tracker.is_banned(gw.identity.node_id, time.time())
+            assert (await ra.client.get("/route/ocr/after")).status == 200
+    finally:
+        await gw.stop()
+
+
+async def test_filter_headers_pick_the_workers():
+    big = await StandInGateway().start()
+    small = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(big, gpu="A100", gpu_memory_gb=80.0, region="us-east")
+            ra.announce(small, gpu="T4", gpu_memory_gb=16.0, region="eu-west")
+            c = ra.client
+            for headers, want in (({"RMA-GPU": "t4"}, small), ({"RMA-Region": "US-East"}, big),
+                                  ({"RMA-Min-GPU-Memory-GB": "40"}, big)):
+                for _ in range(5):
+                    r = await c.get("/route/ocr/x", headers=headers)
+                    assert r.status == 200, await r.text()
+                    assert r.headers["RMA-Worker"] == want.identity.node_id.hex(), headers
+            r = await c.get("/route/ocr/x", headers={"RMA-GPU": "H100"})
+            assert r.status == 404 and "no workers" in (await r.json())["error"]
+            metrics = await (await c.get("/metrics")).text()
+            for name in ('rma_agent_routed_requests_total{outcome="ok"} 15.0',
+                         'rma_agent_routed_requests_total{outcome="no_workers"} 1.0',
+                         "rma_agent_route_attempts_bucket", "rma_agent_route_upstream_seconds",
+                         'rma_agent_route_lookups_total{source="dht"}',
+                         "rma_agent_route_dht_hit_ratio", "rma_agent_route_fallback_ratio",
+                         'rma_agent_endpoint_proofs_total{outcome="ok"} 2.0'):
+                assert name in metrics, name
+    finally:
+        await big.stop()
+        await small.stop()
+
+
+async def test_large_streamed_body_is_retried_when_none_of_it_was_sent():
+    good = await StandInGateway().start()
+    gone = await StandInGateway().start()
+    body = os.urandom(3 << 20)            # above the 1 MiB replay buffer: streamed
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(good, load=3.0, capacity=4)
+            ra.announce(gone, load=0.0, capacity=8)
+            for _ in range(40):                     # until both are proven and remembered
+                if gone.proofs and good.proofs:
+                    break
+                assert (await ra.client.get("/route/ocr/warm")).status == 200
+            assert gone.proofs and good.proofs
+            await gone.stop()                                  # now it refuses connections
+            for _ in range(30):             # until the draw puts the gone worker first
+                r = await ra.client.post("/route/ocr/up", data=body)
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+                assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+                assert r.headers["RMA-Worker"] == good.identity.node_id.hex()
+                if r.headers["RMA-Attempts"] == "2":
+                    break
+            else:
+                raise AssertionError("the gone worker was never drawn first")
+            assert ra.router.counts["retry_connect"] == 1
+            assert ra.disc.tracker.is_banned(gone.identity.node_id, time.time())
+    finally:
+        await good.stop()
+
+
+async def test_routes_from_the_last_known_good_copy_when_the_dht_is_gone():
+    """Discovery answers from its on-disk copy with source "stale" (scale) when neither
+    the DHT nor a coordinator answers; the router counted lookups per source with a fixed
+    list without "stale" and answered that request with a 500 (KeyError)."""
+    gw = await StandInGateway().start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(gw)
+            r = await ra.client.get("/route/ocr/v1/x")
+            assert r.status == 200
+            state_dir = ra.agent.config.agent.state_dir
+        async with RouterAgent(state_dir=state_dir) as ra2:     # restarted, DHT cut off
+            ra2.dht.fail = True
+            r = await ra2.client.get("/route/ocr/v1/x")
+            assert r.status == 200, await r.text()
+            assert r.headers["RMA-Worker"] == gw.identity.node_id.hex()
+            detail = ra2.agent.stats()["router_detail"]
+            assert detail["lookups_by_source"]["stale"] == 1
+    finally:
+        await gw.stop()
