@@ -213,7 +213,11 @@ def test_page_assets_and_endpoints(cluster):
     status, body = http_call("GET", c1.url + "/api/dashboard/ring?service=BAD!")
     assert status == 400 and "error" in body
     status, dash = http_call("GET", c1.url + "/api/dashboard")
-    assert status == 200 and dash["samples"] and dash["state"]["agent"]["role"] == "coordinator"
+    assert status == 200 and dash["state"]["agent"]["role"] == "coordinator"
+    # samples: the first one sets the baseline, so the ring holds one after two SAMPLE_S
+    # (run on its own, this test comes sooner after the agent started than that)
+    wait_for(lambda: http_call("GET", c1.url + "/api/dashboard")[1]["samples"], 10, 0.5,
+             "a first sample in the dashboard's ring")
 
 
 @pytest.mark.slow
