@@ -118,8 +118,9 @@ class GatewayComponent(Component):
     # ------------------------------------------------------------------ routes
     def add_gateway_routes(self, app: web.Application) -> None:
         app.router.add_get(PROOF_PATH, self._proof)
-        app.router.add_route("*", "/{service}", self._proxy)
+        # the common shape first: the router tries dynamic routes in order
         app.router.add_route("*", "/{service}/{path:.*}", self._proxy)
+        app.router.add_route("*", "/{service}", self._proxy)
 
     async def _proof(self, request: web.Request) -> web.Response:
         try:
