@@ -59,6 +59,8 @@ HOP_BY_HOP = frozenset({
     "upgrade", "proxy-authenticate", "proxy-authorization",
 })
 REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "content-length"}
+# RFC 9110 §9.2.2: may be sent again when a kept-alive connection closes under them
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # methods sent without Content-Length when they carry no body (as aiohttp's client does)
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -298,9 +300,22 @@ async def _proxy_lean(request: web.Request, pool: Pool, gw: GatewaySection,
             body = await request.read()
             received = len(body)
         head = request_head(request, pool.origin, body)
-        proto = await pool.acquire(min(CONNECT_TIMEOUT, gw.upstream_timeout))
-        message, payload = await exchange(proto, head, head_only=method == "HEAD",
-                                          read_timeout=gw.upstream_timeout)
+        retry = method in IDEMPOTENT_METHODS
+        while True:
+            proto = await pool.acquire(min(CONNECT_TIMEOUT, gw.upstream_timeout))
+            try:
+                message, payload = await exchange(proto, head, head_only=method == "HEAD",
+                                                  read_timeout=gw.upstream_timeout)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The upstream closed a kept-alive connection as the request went out
+                # (RFC 9112 §9.3.1): an idempotent request is sent once more on a new
+                # connection, as aiohttp's session does.
+                proto.close()
+                proto = None
+                if not retry:
+                    raise
+                retry = False
         headers = end_to_end(message.headers)
         length = message.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) <= SMALL_BODY \

@@ -11,8 +11,14 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from agent.config import Upstream
-from agent.gateway.proxy import forward_headers, request_head, target_url
+from agent.config import GatewaySection, Upstream
+from agent.gateway.proxy import (
+    NOT_PROCESSED,
+    forward_headers,
+    proxy,
+    request_head,
+    target_url,
+)
 from agent.gateway.upstream import Origin, Pool, UpstreamUnreachable, exchange
 from tests.util import free_port
 
@@ -146,3 +152,40 @@ async def test_a_refused_connection_is_unreachable() -> None:
     assert origin is not None
     with pytest.raises(UpstreamUnreachable):
         await Pool(origin).acquire(1.0)
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_is_retried_if_idempotent(
+) -> None:
+    """An upstream that drops a kept-alive connection as the next request arrives (each
+    connection answers its first request only): GET is sent again on a new connection,
+    POST is answered 502 (it may have been processed; the gateway does not resend it)."""
+    conns: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(1)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")       # the second request: dropped
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    origin = Origin.parse(f"http://127.0.0.1:{port}")
+    assert origin is not None
+    pool = Pool(origin)
+    gw = GatewaySection()
+    try:
+        for method, status in (("GET", 200), ("GET", 200), ("POST", 502)):
+            resp, _, _, _ = await proxy(_request(method, "/svc/x", []), None,  # type: ignore[arg-type]
+                                        Upstream(f"http://127.0.0.1:{port}"), gw, pool)
+            assert resp.status == status, (method, resp.status)
+            assert NOT_PROCESSED not in resp.headers
+        assert len(conns) == 2     # the first GET, then the retried one; POST got no new one
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
