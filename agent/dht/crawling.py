@@ -465,18 +465,25 @@ class ProviderLookup(Crawl):
                 return
 
     async def _read_all(self) -> None:
-        """Read the largest holder's whole set by id ranges, then re-read from each
-        other holder the sketch buckets where it differs from what was merged."""
+        """Read the largest holders' set by id ranges, then re-read from each other
+        holder the sketch buckets where it differs from what was merged."""
         holders = sorted(self._holders, key=lambda t: (t[0], t[1]), reverse=True)
         sem = asyncio.Semaphore(RANGE_PARALLEL)
         if _sketch_of(holders[0][3]) != self.my_sketch():
             total = holders[0][0]
             parts = max(1, min(4096, -(-total // RANGE_RECORDS)))
             cuts = [b""] + [((i << 32) // parts).to_bytes(4, "big") for i in range(1, parts)]
-            order = [h[2] for h in holders[:3]]  # fall back to the next holders
-            await asyncio.gather(*(self._list_range(order, cuts[i], cuts[i + 1]
-                                                    if i + 1 < parts else b"", sem)
-                                   for i in range(parts)))
+            # the ranges are spread over the holders whose sets are (nearly) complete, so
+            # many concurrent lookups of one service do not all queue at the one node
+            # closest to the key; each range falls back to the next holders in turn
+            full = [h[2] for h in holders if h[0] * 10 >= total * 9][:6]
+            rest = [h[2] for h in holders if h[2] not in full][:2]
+            pool = full + rest
+            first = random.randrange(len(full))
+            await asyncio.gather(*(
+                self._list_range(pool[(first + i) % len(full):] + pool[:(first + i) % len(full)],
+                                 cuts[i], cuts[i + 1] if i + 1 < parts else b"", sem)
+                for i in range(parts)))
         mine = self.my_sketch()
         jobs = []
         for _total, _rank, node, sk in holders:
