@@ -50,6 +50,7 @@ from typing import Any
 
 import msgpack
 
+from agent.dht.rpc import QUEUE_FULL
 from agent.dht.tokens import TOKEN_LEN, AddressGuard, TokenCache, WriteTokens
 from agent.dht.wire import HEADER, MAX_PAYLOAD, _norm_host
 
@@ -219,7 +220,7 @@ class HostileGuard:
         for attempt in (0, 1):
             if self._waiting >= self.max_queued:
                 self.failed["queue_full"] += 1
-                return (False, None)
+                return (False, QUEUE_FULL)  # our backlog: not held against the peer
             token = self.peer_tokens.get(address)
             payload = msgpack.packb([name, args] if token is None else [name, args, token],
                                     use_bin_type=True)

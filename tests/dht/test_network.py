@@ -252,3 +252,84 @@ def test_large_service_fully_found_through_pages():
             await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
+
+
+def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
+    """Storing nodes that each missed different announces (churn, timeouts, a healed
+    split): a lookup compares their sketches and re-reads what differs, so it returns
+    every worker; its datagrams grow with the records returned; a withdrawal in a large
+    service reaches every lookup at once (tombstones are part of range reads)."""
+    async def scenario():
+        nodes = await build(16)
+        for n in nodes:  # 16 nodes announce 700 workers' records, as coordinators would:
+            n.trust("127.0.0.1")  # past the per-sender bound
+        try:
+            workers = [Identity.generate() for _ in range(300)]
+            recs = {}
+            for i, w in enumerate(workers):
+                recs[w.node_id] = rec_for(w, load=i / 100)
+            await asyncio.gather(*(nodes[i % 16].announce(r)
+                                   for i, r in enumerate(recs.values())))
+            key = service_key("ocr")
+            # each storing node forgets a different tenth of the records
+            for j, n in enumerate(nodes):
+                bucket = n.storage._data.get(key, {})
+                for wid in [w for w in sorted(bucket) if w[0] % 10 == j % 10]:
+                    n.storage._remove(key, bucket, wid)
+            want = set(recs)
+            for n in nodes[:6]:
+                got = await n.find_providers("ocr")
+                assert {r.worker_id for r in got} == want
+
+            # cost grows with the records returned: 100 vs 300 workers, asked by a client
+            # (it holds no copy of its own), counting every node's datagrams
+            client = DHTNode(Identity.generate(), mode="client")
+            await client.listen(0, "127.0.0.1")
+            nodes.append(client)
+            await client.bootstrap([("127.0.0.1", nodes[0].port)])
+            for svc, n_workers in (("asr", 100), ("big", 300)):
+                await asyncio.gather(*(nodes[i % 16].announce(
+                    rec_for(Identity.generate(), services=(svc,))) for i in range(n_workers)))
+
+            async def datagrams(service: str, expect: int) -> float:
+                sent = [sum(x.protocol.tx.values()) for x in nodes]
+                for _ in range(4):
+                    assert len(await client.find_providers(service)) == expect
+                return sum(sum(x.protocol.tx.values()) - s0
+                           for x, s0 in zip(nodes, sent, strict=True)) / 4
+            d100, d300 = await datagrams("asr", 100), await datagrams("big", 300)
+            assert d100 < d300 < 3.5 * d100, (d100, d300)
+
+            # a withdrawal in the 300-worker service: gone from every lookup at once
+            gone = workers[123]
+            assert await nodes[2].withdraw(recs[gone.node_id].tombstone(gone)) > 0
+            for n in nodes:
+                assert gone.node_id not in {r.worker_id for r in await n.find_providers("ocr")}
+        finally:
+            stop_all(nodes)
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())
+
+
+def test_service_counts_from_the_sharded_index():
+    async def scenario():
+        nodes = await build(20)
+        try:
+            for i in range(60):
+                ident = Identity.generate()
+                svc = ("ocr",) if i < 40 else ("asr", "llm")
+                assert await nodes[i % 20].announce(rec_for(ident, services=svc)) > 0
+            for n in (nodes[0], nodes[11]):
+                assert await n.service_counts() == {"ocr": 40, "asr": 20, "llm": 20}
+            everyone = await nodes[5].find_providers(ALL_SERVICES)
+            assert len(everyone) == 60
+            # no single key took every announce: the 60 records are spread over shards
+            shard_keys = {k for n in nodes for k in n.storage.keys()} - {
+                service_key("ocr"), service_key("asr"), service_key("llm")}
+            assert len(shard_keys) >= 20 and service_key(ALL_SERVICES) not in shard_keys
+        finally:
+            stop_all(nodes)
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())

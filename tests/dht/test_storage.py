@@ -263,3 +263,67 @@ def test_full_key_of_honest_hosts_is_not_rescanned_until_it_changes():
     assert KEY not in s._no_flooder
     assert s.put(KEY, make(IDS[6]), sender=("203.0.113.7", 1)) == "stored"
     assert s.evicted == 1 and s.sender_count(("198.51.1.1", 1)) == 1
+
+
+def test_range_reads_page_every_record_in_worker_id_order_with_tombstones():
+    """``range_encoded`` is what ``list_providers`` answers: every record of an id range,
+    in id order, cut at the byte budget with the id to continue from."""
+    s = ProviderStorage()
+    recs = {i.node_id: make(i) for i in IDS}
+    for r in recs.values():
+        assert s.put(KEY, r) == "stored"
+    gone = IDS[3]
+    tomb = recs[gone.node_id].tombstone(gone)
+    assert s.put(KEY, tomb) == "stored"
+    seen: list[bytes] = []
+    cursor, calls = b"", 0
+    while cursor is not None:
+        chunk, cursor = s.range_encoded(KEY, cursor, b"", budget=2000)
+        calls += 1
+        assert sum(len(b) + 3 for b in chunk) <= 2000 and chunk
+        seen.extend(chunk)
+    decoded = [WorkerRecord.decode(b) for b in seen]
+    ids = [r.worker_id for r in decoded]
+    assert ids == sorted(recs) and calls == -(-len(recs) // (2000 // (len(seen[0]) + 3)))
+    assert [r for r in decoded if r.withdrawn] == [tomb]   # the withdrawal rides along
+    # a bounded range: only ids in [start, end)
+    lo, hi = sorted(recs)[10], sorted(recs)[20]
+    part, nxt = s.range_encoded(KEY, lo, hi, budget=8000)
+    assert nxt is None and [WorkerRecord.decode(b).worker_id for b in part] == sorted(recs)[10:20]
+    assert s.range_encoded(service_key("none"), b"", b"", budget=8000) == ([], None)
+
+
+def test_sketch_counts_live_workers_per_id_bucket_and_follows_changes():
+    s = ProviderStorage()
+    now = time.time()
+    for i in IDS[:20]:
+        s.put(KEY, make(i, ttl=300, now=now))
+    sk = s.sketch(KEY, now)
+    assert len(sk) == 16 and sum(c for c, _x in sk) == 20
+    b = IDS[0].node_id[0] >> 4
+    assert sk[b][0] >= 1
+    # a withdrawal and an expiry change it; a plain refresh (new seq) does not
+    before = [list(p) for p in sk]
+    s.put(KEY, make(IDS[1], ttl=300, now=now + 1))
+    assert s.sketch(KEY, now + 1) == before
+    s.put(KEY, make(IDS[0], ttl=300, now=now + 2).tombstone(IDS[0], now=now + 2))
+    after = s.sketch(KEY, now + 2)
+    assert after[b][0] == before[b][0] - 1 and sum(c for c, _x in after) == 19
+    s.put(KEY, make(IDS[25], ttl=5, now=now))
+    assert sum(c for c, _x in s.sketch(KEY, now + 3)) == 20
+    assert sum(c for c, _x in s.sketch(KEY, now + 10)) == 19   # expired: gone
+
+
+def test_service_counts_of_an_index_shard():
+    s = ProviderStorage()
+    shards = set()
+    for i, ident in enumerate(IDS[:12]):
+        r = make(ident, services=("ocr", "llm") if i % 3 == 0 else ("asr",))
+        assert s.put(r.keys()[-1], r) == "stored"      # each under its own index shard
+        shards.add(r.keys()[-1])
+    total: dict[str, int] = {}
+    for key in s.keys():
+        for svc, n in s.service_counts(key).items():
+            total[svc] = total.get(svc, 0) + n
+    assert total == {"ocr": 4, "llm": 4, "asr": 8}
+    assert set(s.keys()) == shards
