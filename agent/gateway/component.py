@@ -109,7 +109,8 @@ class GatewayComponent(Component):
             pool = self._pools[url] = Pool(origin) if origin is not None else None
             return pool
 
-    def _close_pools(self, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def _close_pools(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Close the pools of upstream URLs not in ``keep`` (all by default)."""
         for url in [u for u in self._pools if u not in keep]:
             pool = self._pools.pop(url)
             if pool is not None:
