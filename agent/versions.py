@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.component import Component
+from agent.dht.record import MAX_TTL
+from agent.discovery.select import record_max_age
 
 if TYPE_CHECKING:
     from agent.lifecycle import Agent
@@ -68,7 +70,7 @@ class VersionsComponent(Component):
     def __init__(self, agent: Agent, clock: Any = time.time) -> None:
         super().__init__(agent)
         self.clock = clock
-        # worker id -> (seq, agent_version, expires_at), least recently updated first
+        # worker id -> (seq, agent_version, live until), least recently updated first
         self._seen: OrderedDict[bytes, tuple[int, str, float]] = OrderedDict()
 
     async def start(self) -> None:
@@ -91,8 +93,12 @@ class VersionsComponent(Component):
             if record.withdrawn:
                 self._seen.pop(wid, None)
                 return
+            # live until expiry or until stale by its own refresh (what lookups offer),
+            # so a worker gone without a goodbye leaves the sample with it
+            live_until = min(float(record.expires_at),
+                             float(record.issued_at) + record_max_age(record, MAX_TTL))
             self._seen[wid] = (int(record.seq), str(getattr(record, "agent_version", "")),
-                               float(record.expires_at))
+                               live_until)
             self._seen.move_to_end(wid)
             while len(self._seen) > MAX_TRACKED:
                 self._seen.popitem(last=False)

@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift ;;
         --release) release=$2; shift ;;
         --revision) revision=$2; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0" | cut -c3-; exit 0 ;;
         *) echo "build-deb.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

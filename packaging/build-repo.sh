@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
         --passphrase-file) passfile=$2; shift ;;
         --dist) dist=$2; shift ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | cut -c3-; exit 0 ;;
         *) echo "build-repo.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

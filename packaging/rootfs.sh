@@ -11,8 +11,8 @@
 #                                    the release's python3 + venv + headers + gcc
 #
 # SUITE is bookworm (Debian 12, Python 3.11; the default) or trixie (Debian 13, Python 3.13).
-# debootstrap checks the suite's Release signature with the host's debian-archive-keyring:
-# bookworm's 2023.3+deb12u1 and later carry the trixie keys (packaging/deps.sh checks).
+# debootstrap checks the suite's Release signature with the host's debian-archive-keyring,
+# which must carry the Debian 13 keys for trixie (packaging/deps.sh checks).
 #
 # CACHE defaults to /var/cache/rma-agent-build (RMA_BUILD_CACHE overrides). A root
 # filesystem is only used once its ".complete" stamp matches the package list below, so an

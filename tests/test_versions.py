@@ -153,3 +153,23 @@ def test_real_fleet_versions_reach_the_coordinator_and_status_warns(tmp_path):
         status, stats = new1.get("/api/dht/stats")
         assert status == 200 and stats["version"] == ahead
         assert stats["versions"]["outdated"] is False
+
+
+async def test_a_worker_gone_without_goodbye_leaves_the_sample_when_it_turns_stale():
+    """Counted until its record expires *or* turns stale by its own ``refresh`` (what
+    lookups offer): a killed worker stayed in the fleet's versions for its whole TTL."""
+    own = Identity.generate()
+    agent = FakeAgent(own)
+    clock = [time.time()]
+    comp = VersionsComponent(agent, clock=lambda: clock[0])  # type: ignore[arg-type]
+    await comp.start()
+    emit = agent.subs["record"][0]
+    quick, slow = Identity.generate(), Identity.generate()
+    for ident, refresh in ((quick, 10.0), (slow, 60.0)):
+        emit(WorkerRecord.create(ident, name="w", services=("ocr",), endpoint="http://127.0.0.1:9",
+                                 gpu="T4", gpu_memory_gb=16.0, load=0.0, capacity=1,
+                                 region="x", ttl=300, refresh=refresh, agent_version="0.2.0",
+                                 now=clock[0]))
+    assert comp.peers() == {"0.2.0": 2}
+    clock[0] += 30                              # quick missed two of its 10 s refreshes
+    assert comp.peers() == {"0.2.0": 1}

@@ -108,6 +108,9 @@ class DashboardComponent(Component):
         self._task: asyncio.Task[None] | None = None
         self._static: dict[str, bytes] = {}
         self._log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        # worker id -> last name seen: a back-off can outlast the worker's record (it went
+        # stale and was forgotten), and its "recovered" line should still name it
+        self._names: OrderedDict[bytes, str] = OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:
@@ -147,8 +150,17 @@ class DashboardComponent(Component):
         eid = self.channel.publish("log", item)
         self._log.append({**item, "event_id": eid})
 
+    def _remember_name(self, wid: bytes, name: Any) -> None:
+        if isinstance(name, str) and name:
+            self._names[wid] = name
+            self._names.move_to_end(wid)
+            while len(self._names) > MAX_PRESENT:
+                self._names.popitem(last=False)
+
     def _mark(self, service: str, wid: bytes, rec: Any) -> bool:
         """Remember (service, worker) as present; True if it was not."""
+        if rec is not None:
+            self._remember_name(wid, getattr(rec, "name", ""))
         key = (service, wid)
         new = key not in self._present
         self._present[key] = rec
@@ -194,6 +206,7 @@ class DashboardComponent(Component):
             return
         wid = bytes.fromhex(view["id"])
         name = view.get("name", "")
+        self._remember_name(wid, name)
         if kind == "added":
             if (service, wid) not in self._present and self._mark(service, wid, None):
                 self.log_event("joined", f"{name} joined {service}", service=service,
@@ -252,7 +265,7 @@ class DashboardComponent(Component):
             view = w.members.get(wid)
             if view is not None:
                 return str(view["name"])
-        return wid.hex()[:12]
+        return self._names.get(wid) or wid.hex()[:12]
 
     # ------------------------------------------------------------------ samples
     def _counters(self) -> tuple[dict[str, float], list[float]]:

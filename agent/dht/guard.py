@@ -31,8 +31,10 @@ Interop with agents without tokens (0.1.x): they never send a 3-element envelope
 never receive one (we send a token only to an address that gave us one), so lookups work
 both ways; our announces to them are accepted as before. Their announces to us are
 answered with a challenge they do not understand — refused (``drops["announce_no_token"]``)
-— and their requests for large answers get the challenge until they are proven (our
-contact-verification ping proves a server-mode peer within one round trip). Upgrade the
+— and their first request for a large answer gets the challenge, which they read as an
+empty answer; the node then pings the address (``_prove_by_ping``, within the byte
+budget) and, once it answers, the old agent's retransmission or next request gets the
+full answer (one retransmission timeout per node, once per 10 minutes). Upgrade the
 storing nodes (coordinators, reachable boxes) and the workers together.
 
 Loopback follows the diversity policy: exempt from the byte budget by default (in-process
@@ -53,6 +55,7 @@ from agent.dht.tokens import TOKEN_LEN, AddressGuard, TokenCache, WriteTokens
 from agent.dht.wire import HEADER, MAX_PAYLOAD, _norm_host
 
 Address = tuple[str, int]
+PING_BYTES = 52                     # a ping request datagram (50 bytes), rounded up
 
 
 def is_challenge(result: Any) -> bool:
@@ -87,6 +90,7 @@ class HostileGuard:
         unproven = max_unproven if max_unproven is not None else max(1, (3 * max_inflight) // 8)
         self._unproven_slots = asyncio.Semaphore(unproven)
         self.challenges = 0
+        self._proving: set[Address] = set()
 
     # ---------------------------------------------------------------- helpers
     def _exempt(self, address: Address) -> bool:
@@ -154,9 +158,45 @@ class HostileGuard:
             if self.addr_guard.may_send(address, HEADER + len(
                     msgpack.packb(challenge, use_bin_type=True))):
                 self.drops["reply_needs_token"] += 1
-                return super()._respond(msg_id, challenge, address)  # type: ignore[misc]
+                super()._respond(msg_id, challenge, address)  # type: ignore[misc]
+                self._prove_by_ping(address)
+                return None
         self.drops["reply_amplification"] += 1
         return None
+
+    def _prove_by_ping(self, address: Address) -> None:
+        """Ping an address we just challenged: if it answers, it is proven and its next
+        request (an old agent's retransmission, which carries no token) gets the full
+        answer. Counted against the address's byte budget (so a spoofed source gets
+        the challenge and this ping, together still under 2.5x what it sent) and
+        limited to one ping in flight per address and the contact-verification rate."""
+        if address in self._proving or len(self._proving) >= 256:
+            return
+        if not self.addr_guard.may_send(address, PING_BYTES):
+            return
+        bucket = getattr(self, "_verify_bucket", None)
+        if bucket is not None and not bucket.take():
+            return
+        self._proving.add(address)
+        self._spawn(self._ping_to_prove(address))  # type: ignore[attr-defined]
+
+    async def _verify_contact(self, node: Any, handoff: bool = True) -> None:
+        """Contact verification (``liveness``) pings the claimed address — up to two
+        datagrams with the retransmission. For an unproven address that counts against
+        its byte budget: a spoofed request must not buy more than 2.5x its size."""
+        if not self.budget_probe((node.ip, node.port), 2 * PING_BYTES):
+            self._verifying.discard(node.id)  # type: ignore[attr-defined]
+            self.drops["verify_budget"] += 1
+            return
+        await super()._verify_contact(node, handoff)  # type: ignore[misc]
+
+    async def _ping_to_prove(self, address: Address) -> None:
+        try:
+            # an explicit timeout: no retransmission, so one ping is all the address gets
+            await self._call(address, "ping", self.my_id(),  # type: ignore[attr-defined]
+                             timeout=max(self.rto(address), 0.5))  # type: ignore[attr-defined]
+        finally:
+            self._proving.discard(address)
 
     def _accept_response(self, msg_id: bytes, data: Any, address: Address) -> None:
         entry = self._outstanding.get(msg_id)

@@ -164,6 +164,8 @@ async def get_service(request: web.Request) -> web.Response:
     fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
     if not comp.guard.allow_lookup(comp, service, request):
         return comp.guard.too_many()
+    if explain and not comp.guard.take():     # explain always crawls the DHT afresh
+        return comp.guard.too_many()
     if explain:
         from agent.discovery.explain import explain as explain_lookup
         return web.json_response(await explain_lookup(comp, service, query, fresh=fresh))

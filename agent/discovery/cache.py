@@ -35,6 +35,9 @@ from typing import TypeVar
 from agent.discovery.select import CandidateSet, RecordLike
 
 NEGATIVE_TTL_S = 5.0
+# A record issued this long before an answer was fetched may still have been on its way to
+# the nodes the query asked (UDP, a busy storing node): not proof that the answer saw it.
+IN_TRANSIT_S = 2.0
 LOAD_DELTA = 1.0         # a load change of a whole slot is news (workers re-announce on it)
 MAX_SERVICES = 1024
 
@@ -134,7 +137,8 @@ class ServiceCache:
         """Invalidate entries whose copy of a worker is materially older than one of
         ``records`` (withdrawn, moved, changed services/GPU/capacity/region, or a load
         change of at least one slot), or that lack a live worker of the service whose
-        record was issued after the entry was fetched (a new or restarted worker). A
+        record was issued after (or within ``IN_TRANSIT_S`` before) the entry was fetched
+        (a new or restarted worker). A
         plain refresh (same content, newer ``seq``) is not a reason: workers refresh
         every ``republish_interval``, and invalidating on each would make the cache
         useless for large services."""
@@ -158,11 +162,12 @@ class ServiceCache:
                 i = cs.index.get(wid)
                 if i is None:
                     # A worker the answer lacks, live, serving this service and issued
-                    # after the entry was fetched: new, or back after a restart (its
-                    # withdrawal emptied the answer). Without this a restarted worker
-                    # stays invisible until the entry expires (NEGATIVE_TTL_S when empty).
+                    # after (or just before: it was in transit while the query ran) the
+                    # entry was fetched: new, or back after a restart (its withdrawal
+                    # emptied the answer). Without this a restarted worker stays invisible
+                    # until the entry expires (NEGATIVE_TTL_S when empty).
                     if not rec.withdrawn and service in rec.services \
-                            and rec.issued_at > entry.fetched_at:
+                            and rec.issued_at > entry.fetched_at - IN_TRANSIT_S:
                         count += self.invalidate(service)
                         break
                 elif cs.records[i].seq < rec.seq and material_change(cs.records[i], rec):

@@ -246,6 +246,9 @@ def format_lookup(answer: dict[str, Any]) -> str:
         ))
     head = (f"{service}: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
             f"best first (source: {source})")
+    if source == "stale":         # discovery's last-known-good copy: say how old it is
+        head += (f" — neither the DHT nor a coordinator answered; last-known-good copy "
+                 f"from {_num(answer.get('age_s'), '{:.0f} s')} ago")
     text = head + "\n" + table(
         ("#", "name", "id", "gpu", "memory", "load", "region", "latency", "age", "score",
          "endpoint"), rows, right=(0, 4, 5, 7, 8, 9))

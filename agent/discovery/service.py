@@ -76,6 +76,12 @@ RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1.0, 2.5, 5.0)
 SOURCES = ("cache", "dht", "coordinator", "stale")
+# GET /api/services reads every service-index shard (32 crawls): concurrent calls share
+# one read and its answer is reused this long, so a client polling it is no crawl loop
+SERVICES_TTL_S = 2.0
+_SERVICES_FLIGHT = "\0services"       # never a service name (single-flight key)
+COORDINATOR_REUSE_S = 5.0    # a coordinator fallback's answer is reused this long
+COORDINATOR_REUSE_MAX = 1024
 RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
 RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
 
@@ -202,6 +208,10 @@ class DiscoveryComponent(Component):
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
         self._memo: OrderedDict[tuple[str, Query], _Ranked] = OrderedDict()
+        self._services_memo: tuple[float, dict[str, Any]] | None = None
+        # service -> (asked at, records, answered): coordinators' last answers (reused)
+        self._coord_answers: OrderedDict[str, tuple[float, list[RecordLike], bool]] = \
+            OrderedDict()
 
     # ------------------------------------------------------------------ config
     @property
@@ -364,8 +374,11 @@ class DiscoveryComponent(Component):
             self._memo.popitem(last=False)
         return memo
 
-    async def _entry(self, service: str, fresh: bool = False) -> tuple[CacheEntry, str]:
-        """A cache entry for ``service`` (fresh, or fetched now) and the answer's source."""
+    async def _entry(self, service: str, fresh: bool = False, *,
+                     paced: bool = False) -> tuple[CacheEntry, str]:
+        """A cache entry for ``service`` (fresh, or fetched now) and the answer's source.
+        ``paced``: a periodic refresh (watches), whose coordinator fallback may reuse an
+        answer up to ``COORDINATOR_REUSE_S`` old (see ``_from_coordinators``)."""
         entry = None if fresh else self.cache.get(service, self.clock())
         if entry is not None:
             self.metrics.cache.labels("hit").inc()
@@ -375,12 +388,12 @@ class DiscoveryComponent(Component):
         self.counts["cache_misses"] += 1
         if service in self.flight:
             self.counts["single_flight_joined"] += 1
-        return await self.flight.run(service, lambda: self._refresh(service))
+        return await self.flight.run(service, lambda: self._refresh(service, paced))
 
-    async def _refresh(self, service: str) -> tuple[CacheEntry, str]:
+    async def _refresh(self, service: str, paced: bool = False) -> tuple[CacheEntry, str]:
         self.cache.begin(service)       # records stored while we ask are checked at put()
         try:
-            fetched = await self._fetch(service)
+            fetched = await self._fetch(service, paced)
         except BaseException:
             self.cache.end(service)
             raise
@@ -430,7 +443,7 @@ class DiscoveryComponent(Component):
                     old.records[i].endpoint != new.records[j].endpoint:
                 self.tracker.forgive(wid)
 
-    async def _fetch(self, service: str) -> _Fetched:
+    async def _fetch(self, service: str, paced: bool = False) -> _Fetched:
         """DHT first; coordinators when the DHT yields nothing usable."""
         records, dht_state = await self._from_dht(service)
         records = self._contactable(admitted(self.agent, records))
@@ -441,7 +454,7 @@ class DiscoveryComponent(Component):
             return _Fetched(cs, "dht", answered, records)
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
-        crecords, coord_answered = await self._from_coordinators(service)
+        crecords, coord_answered = await self._from_coordinators(service, paced)
         crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
@@ -482,8 +495,28 @@ class DiscoveryComponent(Component):
         self.counts[f"dht_{state}"] += 1
         return records, state
 
-    async def _from_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
-        """Records from every configured coordinator, verified; (records, any answered)."""
+    async def _from_coordinators(self, service: str,
+                                 paced: bool = False) -> tuple[list[RecordLike], bool]:
+        """Records from every configured coordinator, verified; (records, any answered).
+
+        ``paced`` (a watch's refresh): reuse the last answer when it is less than
+        ``COORDINATOR_REUSE_S`` old. A watch (or the dashboard) refreshes its services
+        from the DHT every second, and for a service the DHT has no workers of each
+        refresh fell back to every coordinator over HTTP. The reused answer is signed
+        records, re-judged (expiry, staleness) by the caller."""
+        now = self.clock()
+        last = self._coord_answers.get(service) if paced else None
+        if last is not None and 0.0 <= now - last[0] < COORDINATOR_REUSE_S:
+            self.counts["coordinator_reused"] += 1
+            return list(last[1]), last[2]
+        records, answered = await self._ask_coordinators(service)
+        self._coord_answers[service] = (now, records, answered)
+        self._coord_answers.move_to_end(service)
+        while len(self._coord_answers) > COORDINATOR_REUSE_MAX:
+            self._coord_answers.popitem(last=False)
+        return records, answered
+
+    async def _ask_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
         urls = list(self.agent.config.discovery.coordinators)[:MAX_COORDINATORS]
         if not urls:
             return [], False
@@ -553,6 +586,16 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
+        """Known services with live worker counts (``_services``), read at most once per
+        ``SERVICES_TTL_S`` however many callers ask."""
+        hit = self._services_memo
+        if hit is not None and 0.0 <= self.clock() - hit[0] < SERVICES_TTL_S:
+            return hit[1]
+        out = await self.flight.run(_SERVICES_FLIGHT, self._services)
+        self._services_memo = (self.clock(), out)
+        return out
+
+    async def _services(self) -> dict[str, Any]:
         """Known services with live worker counts.
 
         From the DHT's sharded service index when the node offers it (``service_counts``:

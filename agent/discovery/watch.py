@@ -140,7 +140,7 @@ class ServiceWatch:
         comp = self.hub.discovery
         if comp is None:
             return
-        entry, source = await comp._entry(self.service, True)
+        entry, source = await comp._entry(self.service, True, paced=True)
         self.source = source
         self.refreshes += 1
         self.apply(entry.candidates, comp.clock())

@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 from agent.component import Component, cancel_task
 from agent.gateway import health as health_mod
 from agent.gateway.proxy import error, new_session, proxy
+from agent.gateway.upstream import Origin, Pool
 from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class GatewayComponent(Component):
         self.bytes_out = 0
         self.states: dict[str, health_mod.UpstreamState] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[str, Pool | None] = {}    # upstream URL -> lean pool (http only)
         self._hsession: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._load_handle: asyncio.TimerHandle | None = None
@@ -74,6 +76,10 @@ class GatewayComponent(Component):
         inflight = Gauge("rma_agent_gateway_inflight", "Proxied requests in flight",
                          registry=reg)
         inflight.set_function(lambda: self.inflight)
+        # children resolved once: a labels() lookup per request is measurable CPU
+        self._m_outcome: dict[str, Any] = {}
+        self._m_in = self._m_bytes.labels("in")
+        self._m_out = self._m_bytes.labels("out")
         self._m_up = Gauge("rma_agent_gateway_upstream_up", "1 when the service's upstream "
                            "passes its health check", ["service"], registry=reg)
 
@@ -89,13 +95,33 @@ class GatewayComponent(Component):
 
     def _count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
-        self._m_requests.labels(outcome).inc()
+        child = self._m_outcome.get(outcome)
+        if child is None:
+            child = self._m_outcome[outcome] = self._m_requests.labels(outcome)
+        child.inc()
+
+    def _pool(self, url: str) -> Pool | None:
+        """The lean connection pool for an upstream URL (None: not plain HTTP)."""
+        try:
+            return self._pools[url]
+        except KeyError:
+            origin = Origin.parse(url)
+            pool = self._pools[url] = Pool(origin) if origin is not None else None
+            return pool
+
+    def _close_pools(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Close the pools of upstream URLs not in ``keep`` (all by default)."""
+        for url in [u for u in self._pools if u not in keep]:
+            pool = self._pools.pop(url)
+            if pool is not None:
+                pool.close()
 
     # ------------------------------------------------------------------ routes
     def add_gateway_routes(self, app: web.Application) -> None:
         app.router.add_get(PROOF_PATH, self._proof)
-        app.router.add_route("*", "/{service}", self._proxy)
+        # the common shape first: the router tries dynamic routes in order
         app.router.add_route("*", "/{service}/{path:.*}", self._proxy)
+        app.router.add_route("*", "/{service}", self._proxy)
 
     async def _proof(self, request: web.Request) -> web.Response:
         try:
@@ -137,15 +163,17 @@ class GatewayComponent(Component):
         self._load_changed()
         try:
             resp, outcome, n_in, n_out = await proxy(request, self._session, upstream,
-                                                     cfg.gateway)
+                                                     cfg.gateway, self._pool(upstream.url))
         finally:
             self.inflight -= 1
             self._load_changed()
         self._count(outcome)
         self.bytes_in += n_in
         self.bytes_out += n_out
-        self._m_bytes.labels("in").inc(n_in)
-        self._m_bytes.labels("out").inc(n_out)
+        if n_in:
+            self._m_in.inc(n_in)
+        if n_out:
+            self._m_out.inc(n_out)
         return resp
 
     # ------------------------------------------------------------------ load
@@ -217,6 +245,9 @@ class GatewayComponent(Component):
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(health_mod.INTERVAL)
+            for pool in self._pools.values():
+                if pool is not None:
+                    pool.sweep()
             try:
                 await self._check_round()
             except asyncio.CancelledError:
@@ -245,6 +276,7 @@ class GatewayComponent(Component):
 
     async def reload(self, old: Config, new: Config) -> None:
         if old.gateway.upstreams != new.gateway.upstreams:
+            self._close_pools({up.url for up in new.gateway.upstreams.values()})
             self._sync_states(new)
             if self._hsession is not None and self.states:
                 self.agent.spawn(self._check_round(), "gateway-health-reload")
@@ -256,6 +288,7 @@ class GatewayComponent(Component):
         if self._load_handle is not None:
             self._load_handle.cancel()
             self._load_handle = None
+        self._close_pools()
         for sess in (self._session, self._hsession):
             if sess is not None:
                 await sess.close()

@@ -37,6 +37,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from agent.gateway.upstream import Origin, Pool, UpstreamUnreachable, exchange
+
 if TYPE_CHECKING:
     from agent.config import GatewaySection, Upstream
 
@@ -57,6 +59,10 @@ HOP_BY_HOP = frozenset({
     "upgrade", "proxy-authenticate", "proxy-authorization",
 })
 REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "content-length"}
+# RFC 9110 §9.2.2: may be sent again when a kept-alive connection closes under them
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# methods sent without Content-Length when they carry no body (as aiohttp's client does)
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class BodyTooLarge(Exception):
@@ -91,26 +97,72 @@ def _forwarded_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def forward_headers(request: web.Request) -> CIMultiDict[str]:
-    """The headers the upstream gets: end-to-end ones plus ``X-Forwarded-For``,
-    ``Forwarded`` (both appended to, never replaced), ``X-Forwarded-Host``/``-Proto``."""
-    out = end_to_end(request.headers, REQUEST_DROP)
+def forward_pairs(request: web.Request) -> list[tuple[str, str]]:
+    """The headers the upstream gets, in order: the end-to-end ones, then
+    ``X-Forwarded-For`` and ``Forwarded`` (both appended to, never replaced) and
+    ``X-Forwarded-Host``/``-Proto`` unless the caller sent them. One pass over the
+    caller's headers: this runs for every proxied request."""
+    headers = request.headers
+    named = connection_named(headers) if "Connection" in headers else ()
+    out: list[tuple[str, str]] = []
+    xff: list[str] = []
+    fwd: list[str] = []
+    has_xfh = has_xfp = False
+    for key, value in headers.items():
+        low = key.lower()
+        if low == "x-forwarded-for":
+            xff.append(value)
+            continue
+        if low == "forwarded":
+            fwd.append(value)
+            continue
+        if low in REQUEST_DROP or low in named:
+            continue
+        if low == "x-forwarded-host":
+            has_xfh = True
+        elif low == "x-forwarded-proto":
+            has_xfp = True
+        out.append((key, value))
     peer = request.remote or "unknown"
-    xff = ", ".join(request.headers.getall("X-Forwarded-For", []))
-    out.popall("X-Forwarded-For", None)
-    out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
-    host = request.headers.get("Host", "")
-    element = f"for={_forwarded_node(peer)};proto={request.scheme}"
-    if host and all(c.isprintable() and c not in '";,' for c in host):
+    out.append(("X-Forwarded-For", f"{', '.join(xff)}, {peer}" if xff else peer))
+    host = headers.get("Host", "")
+    scheme = request.scheme
+    element = f"for={_forwarded_node(peer)};proto={scheme}"
+    if host and host.isprintable() and '"' not in host and ";" not in host \
+            and "," not in host:
         element += f';host="{host}"'
-    fwd = ", ".join(request.headers.getall("Forwarded", []))
-    out.popall("Forwarded", None)
-    out["Forwarded"] = f"{fwd}, {element}" if fwd else element
-    if host and "X-Forwarded-Host" not in out:
-        out["X-Forwarded-Host"] = host
-    if "X-Forwarded-Proto" not in out:
-        out["X-Forwarded-Proto"] = request.scheme
+    out.append(("Forwarded", f"{', '.join(fwd)}, {element}" if fwd else element))
+    if host and not has_xfh:
+        out.append(("X-Forwarded-Host", host))
+    if not has_xfp:
+        out.append(("X-Forwarded-Proto", scheme))
     return out
+
+
+def forward_headers(request: web.Request) -> CIMultiDict[str]:
+    """``forward_pairs`` as a multidict (for the general ``ClientSession`` path)."""
+    return CIMultiDict(forward_pairs(request))
+
+
+def request_head(request: web.Request, origin: Origin, body: bytes | None) -> bytes:
+    """The request head for the lean path (``agent.gateway.upstream``), body appended.
+
+    ``Content-Length`` is the body's; a method that normally has a body gets ``0``
+    without one (what the session sends). Header values are passed on byte for byte (the
+    server decoded them with ``surrogateescape``); CR/LF cannot occur in them (the
+    request parser refuses them)."""
+    lines = [f"{request.method} {origin.target(request.raw_path)} HTTP/1.1\r\n"
+             f"Host: {origin.host_header}\r\n"]
+    for k, v in forward_pairs(request):
+        lines.append(f"{k}: {v}\r\n")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    elif request.method not in _BODYLESS_METHODS:
+        lines.append("Content-Length: 0\r\n\r\n")
+    else:
+        lines.append("\r\n")
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return head + body if body else head
 
 
 def target_url(upstream: Upstream, raw_path: str) -> URL:
@@ -126,6 +178,8 @@ def has_dot_segment(raw_path: str) -> bool:
     """Whether the path has a ``.`` or ``..`` segment (also percent-encoded): forwarded
     as is, ``/svc/../x`` would let a caller step out of the upstream's path prefix."""
     path = raw_path.partition("?")[0]
+    if "." not in path and "%" not in path:      # the common case, without a split
+        return False
     return any(urllib.parse.unquote(seg) in (".", "..") for seg in path.split("/"))
 
 
@@ -161,8 +215,13 @@ class Outcome:
 
 
 async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: Upstream,
-                gw: GatewaySection) -> tuple[web.StreamResponse, str, int, int]:
-    """Forward ``request`` to ``upstream``; (response, outcome, bytes in, bytes out)."""
+                gw: GatewaySection, pool: Pool | None = None,
+                ) -> tuple[web.StreamResponse, str, int, int]:
+    """Forward ``request`` to ``upstream``; (response, outcome, bytes in, bytes out).
+
+    With a ``pool`` (a plain-HTTP upstream), a request without a body or with a small
+    declared one takes the lean path (``agent.gateway.upstream``); the rest, and every
+    request to an ``https://`` upstream, goes through ``session``."""
     limit = gw.max_body_bytes
     if has_dot_segment(request.raw_path):
         return (error(400, "path must not contain '.' or '..' segments", not_processed=True),
@@ -171,7 +230,6 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
         return (error(413, f"request body of {request.content_length} bytes is over the "
                            f"gateway's limit of {gw.max_body_mb} MiB (gateway.max_body_mb)",
                       not_processed=True), Outcome.TOO_LARGE, 0, 0)
-    headers = forward_headers(request)
     received = 0
     too_large = False
 
@@ -186,6 +244,9 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
 
     declared = request.content_length
     small_request = request.body_exists and declared is not None and declared <= SMALL_BODY
+    if pool is not None and (small_request or not request.body_exists):
+        return await _proxy_lean(request, pool, gw, small_request)
+    headers = forward_headers(request)
     data: AsyncIterator[bytes] | bytes | None = None
     if request.body_exists and not small_request:
         data = body()
@@ -223,14 +284,80 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if out is not None and out.prepared:
-            # Headers are gone: the only honest signal left is a broken connection, so
-            # the caller never mistakes a truncated body for a complete one.
-            if request.transport is not None:
-                request.transport.abort()
-            log.debug("gateway: %s %s broken mid-answer: %r", request.method, url, exc)
-            return out, Outcome.ABORTED, received, sent
-        return (*_error_for(exc, too_large, gw, url), received, sent)
+        return (*_failed(request, out, exc, too_large, gw, url), received, sent)
+
+
+async def _proxy_lean(request: web.Request, pool: Pool, gw: GatewaySection,
+                      has_body: bool) -> tuple[web.StreamResponse, str, int, int]:
+    """``proxy`` for a bodiless or small-bodied request over ``pool``'s connections."""
+    method = request.method
+    received = sent = 0
+    out: web.StreamResponse | None = None
+    proto = None
+    try:
+        body = None
+        if has_body:
+            body = await request.read()
+            received = len(body)
+        head = request_head(request, pool.origin, body)
+        retry = method in IDEMPOTENT_METHODS
+        while True:
+            proto = await pool.acquire(min(CONNECT_TIMEOUT, gw.upstream_timeout))
+            try:
+                message, payload = await exchange(proto, head, head_only=method == "HEAD",
+                                                  read_timeout=gw.upstream_timeout)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The upstream closed a kept-alive connection as the request went out
+                # (RFC 9112 §9.3.1): an idempotent request is sent once more on a new
+                # connection, as aiohttp's session does.
+                proto.close()
+                proto = None
+                if not retry:
+                    raise
+                retry = False
+        headers = end_to_end(message.headers)
+        length = message.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= SMALL_BODY \
+                and method != "HEAD":
+            # small declared answer: head and body in one write to the caller
+            # usually all there already, parsed with the head
+            data = payload.read_nowait() if payload.is_eof() else await payload.read()
+            pool.release(proto, message)
+            proto = None
+            out = web.Response(status=message.code, reason=message.reason, headers=headers,
+                               body=data)
+            return out, Outcome.OK, received, len(data)
+        # no Content-Length from the upstream -> aiohttp frames the answer chunked
+        out = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
+        await out.prepare(request)
+        async for chunk in payload.iter_any():
+            await out.write(chunk)
+            sent += len(chunk)
+        await out.write_eof()
+        pool.release(proto, message)
+        proto = None
+        return out, Outcome.OK, received, sent
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return (*_failed(request, out, exc, False, gw, pool.url), received, sent)
+    finally:
+        if proto is not None:       # failed, cancelled or abandoned: never pooled
+            proto.close()
+
+
+def _failed(request: web.Request, out: web.StreamResponse | None, exc: Exception,
+            too_large: bool, gw: GatewaySection, url: URL) -> tuple[web.StreamResponse, str]:
+    """The answer for a proxied request that failed with ``exc``."""
+    if out is not None and out.prepared:
+        # Headers are gone: the only honest signal left is a broken connection, so
+        # the caller never mistakes a truncated body for a complete one.
+        if request.transport is not None:
+            request.transport.abort()
+        log.debug("gateway: %s %s broken mid-answer: %r", request.method, url, exc)
+        return out, Outcome.ABORTED
+    return _error_for(exc, too_large, gw, url)
 
 
 def _error_for(exc: Exception, too_large: bool, gw: GatewaySection,
@@ -239,7 +366,8 @@ def _error_for(exc: Exception, too_large: bool, gw: GatewaySection,
     if too_large or isinstance(exc, BodyTooLarge) or isinstance(exc.__cause__, BodyTooLarge):
         return (error(413, f"request body is over the gateway's limit of {gw.max_body_mb} MiB "
                            "(gateway.max_body_mb)"), Outcome.TOO_LARGE)
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, UpstreamUnreachable | aiohttp.ClientConnectorError
+                  | aiohttp.ConnectionTimeoutError):
         return (error(502, f"upstream {url.origin()} is unreachable: {_why(exc)}",
                       not_processed=True), Outcome.UNREACHABLE)
     if isinstance(exc, TimeoutError):

@@ -311,9 +311,10 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
         restart_and_wait_active(c)
         c.wait_for("rma-tunnel active", lambda: c.show(TUNNEL, "ActiveState") == "active",
                    timeout=20)
-        # The launcher ran the stand-in with cloudflared's flags, from agent.toml.
+        # The launcher ran the stand-in with cloudflared's flags, from agent.toml; the
+        # origin is the gateway (gateway.listen), never the admin API.
         tlog = "\n".join(messages(c.journal(TUNNEL)))
-        assert ("--no-autoupdate --metrics 127.0.0.1:20241 tunnel --url http://127.0.0.1:8080"
+        assert ("--no-autoupdate --metrics 127.0.0.1:20241 tunnel --url http://127.0.0.1:8090"
                 in tlog), tlog[-2000:]
         _, body = c.wait_for("stand-in /quicktunnel", lambda: (lambda r: r if r[0] == 200
                                 else None)(c.curl("http://127.0.0.1:20241/quicktunnel")),

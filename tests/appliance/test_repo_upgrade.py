@@ -382,6 +382,7 @@ def test_upgrade_keeps_config_identity_and_is_found_again_quickly(box, repos):
         for e in c.journal(UNIT, cursor) + c.journal("coord.service", cursor):
             print(f"  {int(e['__MONOTONIC_TIMESTAMP']) / 1e6 - start_mono:+7.2f} s "
                   f"[{e.get('_PID', '')}] {e.get('MESSAGE', '')}")
+        print("  coordinator's discovery:", json.dumps(_stats(c, COORD_API).get("discovery")))
     assert found - start_mono <= FOUND_AGAIN_LIMIT_S
 
     # Same identity, same state.

@@ -213,7 +213,11 @@ def test_page_assets_and_endpoints(cluster):
     status, body = http_call("GET", c1.url + "/api/dashboard/ring?service=BAD!")
     assert status == 400 and "error" in body
     status, dash = http_call("GET", c1.url + "/api/dashboard")
-    assert status == 200 and dash["samples"] and dash["state"]["agent"]["role"] == "coordinator"
+    assert status == 200 and dash["state"]["agent"]["role"] == "coordinator"
+    # samples: the first one sets the baseline, so the ring holds one after two SAMPLE_S
+    # (run on its own, this test comes sooner after the agent started than that)
+    wait_for(lambda: http_call("GET", c1.url + "/api/dashboard")[1]["samples"], 10, 0.5,
+             "a first sample in the dashboard's ring")
 
 
 @pytest.mark.slow
@@ -381,3 +385,29 @@ async def test_ring_takes_service_names_as_typed():
         r = await client.get("/api/dashboard/ring?service=BAD!")
         assert r.status == 400 and "error" in await r.json()
     assert asked == ["ocr"]
+
+
+def test_a_back_off_that_outlasts_the_record_still_names_the_worker():
+    """A killed worker's back-off (the router's failures) ends after its record turned
+    stale and left the page; the "recovered" line named it by a bare id
+    ("worker aa4b2a8a14e5: back-off over" in the demo)."""
+    import time
+
+    from agent.dashboard.component import DashboardComponent
+    from agent.dht.identity import Identity
+    from tests.discovery._support import make_discovery, make_record
+
+    agent, comp, _dht = make_discovery(republish=10)
+    dash = DashboardComponent(agent)
+    now = time.time()
+    ident = Identity.generate()
+    dash._on_record(make_record(ident, name="gpu-7", refresh=10.0, now=now))
+    comp.tracker.base_backoff_s = 60.0          # a back-off longer than the record lives
+    comp.tracker.record_failure(ident.node_id, now)
+    dash._check_local(now + 1)                  # failing: backed off
+    dash._check_local(now + 25)                 # stale (> 2 x 10 s): gone from the page
+    comp.tracker.forgive(ident.node_id)
+    dash._check_local(now + 26)                 # back-off over
+    lines = {e["kind"]: e["text"] for e in dash._log}
+    assert lines["expired"].startswith("gpu-7 expired")
+    assert lines["recovered"] == "worker gpu-7: back-off over", lines

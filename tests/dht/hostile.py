@@ -121,10 +121,15 @@ class AttackerHost:
         return [[nid, ip, port] for nid, (ip, port) in zip(self.ids, self.addrs, strict=True)]
 
     async def introduce(self, targets: list[tuple[str, int]]) -> None:
-        """Ping every target from every port so they verify and (maybe) add us."""
+        """Join like a node would, from every port: a ping and a ``find_node`` for its
+        own id to every target, so they verify and (maybe) add us."""
+        async def one(port: _LyingPort, t: tuple[str, int]) -> None:
+            await port.call(t, "ping", port.node_id, timeout=0.5)
+            await port.call(t, "find_node", port.node_id, port.node_id, timeout=0.5)
+
         for port in self.ports:
-            await asyncio.gather(*(port.call(t, "ping", port.node_id) for t in targets))
-            await asyncio.sleep(0.02)
+            await asyncio.gather(*(one(port, t) for t in targets))
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         for t in self._transports:

@@ -138,11 +138,15 @@ async def _reflection(net: int) -> dict[str, float]:
     sent = 0
     try:
         for i in range(40):
-            for req in (request("find_providers", bytes(20), KEY),
+            # a fresh claimed node id in every request: each one would be a new contact
+            # to verify (a ping back to the victim) if verification were not budgeted
+            for req in (request("find_providers", os.urandom(20), KEY),
                         request("find_providers", b"", KEY, i),
-                        request("find_node", bytes(20), os.urandom(20)),
-                        request("ping", bytes(20)),
-                        request("announce", bytes(20), KEY, rec(Identity.generate()).encode())):
+                        request("find_node", os.urandom(20), os.urandom(20)),
+                        request("ping", os.urandom(20)),
+                        request("ping", os.urandom(20)),
+                        request("announce", os.urandom(20), KEY,
+                                rec(Identity.generate()).encode())):
                 sent += spoofed_udp(victim, dst, req)
             if i % 8 == 0:
                 sent += spoofed_udp(victim, dst, request("reachable", b"", victim[1]))
@@ -251,7 +255,9 @@ async def _stall(net: int, unproven_pool: int | None) -> dict[str, float]:
                 await a.protocol._call((n.interface, n.port), "ping", a.protocol.my_id())
                 rtts.append(time.monotonic() - t0)
             await asyncio.sleep(0.02)
-        await asyncio.gather(*lookups)
+        for t in lookups:          # what they found is not the point; the pings were
+            t.cancel()
+        await asyncio.gather(*lookups, return_exceptions=True)
         return {"ping_max_s": max(rtts), "ping_median_s": statistics.median(rtts),
                 "pings": len(rtts), "queued": a.protocol.queued}
     finally:
@@ -273,3 +279,63 @@ def test_lying_peer_with_dead_addresses_cannot_stall_other_requests(monkeypatch)
     # maximum, which a busy machine makes noisy)
     assert stalled["ping_median_s"] > 10 * fair["ping_median_s"], (fair, stalled)
     assert stalled["pings"] * 2 < fair["pings"], (fair, stalled)
+
+
+class _OldAgent(asyncio.DatagramProtocol):
+    """An agent from before write tokens: 2-element envelopes, no idea what a challenge
+    is, answers pings, retransmits a request once with the same message id."""
+
+    def __init__(self) -> None:
+        self.node_id = os.urandom(20)
+        self.replies: dict[bytes, list[object]] = {}
+        self.pinged = 0
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if data[0] == 0:
+            if msgpack.unpackb(data[21:], raw=False)[0] == "ping":
+                self.pinged += 1
+                self.transport.sendto(b"\x01" + data[1:21] + msgpack.packb(
+                    self.node_id, use_bin_type=True), addr)
+            return
+        got = parse_response(data)
+        if got is not None:
+            self.replies.setdefault(got[0], []).append(got[1])
+
+
+def test_old_agent_gets_full_answers_after_one_retransmission(monkeypatch):
+    monkeypatch.setenv(LOOPBACK_ENV, "strict")
+
+    async def scenario():
+        net = free_net()
+        nodes = await honest_network(3, net)
+        a = nodes[0]
+        for _ in range(20):
+            a.storage.put(KEY, rec(Identity.generate()), sender=None)
+        tr, old, _addr = await _endpoint(_OldAgent, f"127.{net}.88.1")
+        try:
+            mid = os.urandom(20)
+            datagram = request("find_providers", b"", KEY, msg_id=mid)
+            tr.sendto(datagram, (a.interface, a.port))
+            await asyncio.sleep(0.2)
+            first = old.replies[mid][0]
+            assert set(first) == {"token"}            # read as an empty answer by old code
+            assert old.pinged == 1                     # ... but the node checked the address
+            tr.sendto(datagram, (a.interface, a.port))   # the old agent's retransmission
+            await asyncio.sleep(0.2)
+            second = old.replies[mid][1]
+            assert len(second["records"]) == 20 and len(second["nodes"]) >= 2
+            # its announces are still refused (no token): the documented upgrade order
+            tr.sendto(request("announce", b"", KEY, rec(Identity.generate()).encode()),
+                      (a.interface, a.port))
+            await asyncio.sleep(0.1)
+            assert a.protocol.drops["announce_no_token"] == 1
+        finally:
+            tr.close()
+            for n in nodes:
+                n.stop()
+
+    run_uvloop(scenario())

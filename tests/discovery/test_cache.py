@@ -239,8 +239,19 @@ async def test_worker_back_after_a_restart_shows_at_once_not_after_the_negative_
         agent.emit("record", back)
         res = await comp.lookup("ocr")
         assert res.source == "dht" and [w["name"] for w in res.workers] == ["w"]
-        # An old record of a worker the entry lacks (issued before the entry was fetched,
-        # e.g. a stale copy another lookup came across) is no reason to re-query.
+        # A record issued just before the entry was fetched but stored here after it (it
+        # was in transit while the query ran) is news too.
+        clock.advance(0.5)
+        assert (await comp.lookup("ocr")).source == "cache"
+        late = make_record(name="late", now=clock.t - 0.5)   # issued before that fetch
+        clock.advance(0.1)
+        assert (await comp.lookup("ocr")).source == "cache"
+        dht.add(late)
+        agent.emit("record", late)
+        res = await comp.lookup("ocr")
+        assert res.source == "dht" and sorted(w["name"] for w in res.workers) == ["late", "w"]
+        # An old record of a worker the entry lacks (issued long before the entry was
+        # fetched, e.g. a stale copy another lookup came across) is no reason to re-query.
         other = make_record(name="old", now=clock.t - 30)
         agent.emit("record", other)
         assert (await comp.lookup("ocr")).source == "cache"

@@ -87,3 +87,14 @@ def test_table_and_draw_note():
     text = format_lookup({"service": "ocr", "source": "cache", "workers": [
         {"name": "a", "score": 0.9}, {"name": "b", "score": 0.5}]})
     assert "drawn" not in text
+
+
+def test_a_stale_answer_says_how_old_it_is():
+    """Discovery's last-known-good copy comes with its age (``age_s``); the table named
+    the source "stale" but not how old the copy was."""
+    text = format_lookup({"service": "ocr", "source": "stale", "age_s": 612.4, "workers": [
+        {"name": "a", "score": 0.9}]})
+    head = text.splitlines()[0]
+    assert "(source: stale)" in head and "from 612 s ago" in head, head
+    text = format_lookup({"service": "ocr", "source": "dht", "workers": [{"name": "a"}]})
+    assert "ago" not in text.splitlines()[0]

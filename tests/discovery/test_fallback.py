@@ -264,3 +264,32 @@ async def test_large_registry_answer_is_read_whole():
             assert len(res.workers) == 1000
         finally:
             await comp.stop()
+
+
+async def test_a_watch_of_a_service_the_dht_lacks_does_not_poll_coordinators_every_second():
+    """A watch refreshes its service from the DHT every second; when the DHT has no
+    workers of it (nobody serves it yet, or all left), each refresh fell back to every
+    coordinator over HTTP — one request per second per watched service, from every
+    agent with a dashboard open or a ``rma-agent watch``. A paced refresh reuses the
+    coordinators' answer for COORDINATOR_REUSE_S; a caller's own fresh lookup does not."""
+    import agent.discovery.service as service_mod
+    from agent.discovery.watch import ServiceWatch, WatchHub
+    from tests.discovery._support import Clock
+
+    clock = Clock()
+    async with Registry() as reg:
+        agent, comp, _dht = make_discovery(coordinators=[reg.url], clock=clock)
+        comp.prober.top = 0
+        await comp.start()
+        try:
+            w = ServiceWatch(WatchHub(agent), "ocr")
+            for _ in range(10):                     # ten 1 s refreshes, within the reuse
+                await w.refresh()
+            assert reg.hits == 1, reg.hits
+            clock.advance(getattr(service_mod, "COORDINATOR_REUSE_S", 5.0) + 0.1)
+            await w.refresh()
+            assert reg.hits == 2
+            await comp.lookup("ocr", fresh=True)    # Cache-Control: no-cache asks anew
+            assert reg.hits == 3
+        finally:
+            await comp.stop()

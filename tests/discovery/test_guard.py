@@ -77,3 +77,39 @@ async def test_random_names_and_no_cache_are_limited_with_429() -> None:
         assert r.status == 200 and (await r.json())["source"] == "cache"
     finally:
         await client.close()
+
+
+async def test_explain_and_the_service_list_are_no_crawl_loops() -> None:
+    """``?explain=1`` crawls the DHT afresh on every call (the records the cached answer
+    lacks), and ``/api/services`` reads every index shard: both passed the crawl guard
+    for free once the service was cached, so a client looping on them made one crawl (or
+    32) per request. Explain now takes a token; the service list is shared and reused."""
+    client, comp, dht = await _client(delay=0.0)
+    index_reads = 0
+
+    async def service_counts() -> dict[str, int]:
+        nonlocal index_reads
+        index_reads += 1
+        await asyncio.sleep(0.01)
+        return {"ocr": 1}
+
+    dht.service_counts = service_counts            # the DHT component's index read
+    try:
+        await comp.lookup("ocr")                    # cached from here on
+        before = len(dht.calls)
+        statuses = []
+        for _ in range(120):
+            r = await client.get("/api/services/ocr", params={"explain": "1"})
+            statuses.append(r.status)
+        assert statuses.count(429) >= 50, statuses.count(429)
+        assert len(dht.calls) - before <= 120 - statuses.count(429)
+        r = await client.get("/api/services/ocr")   # a plain cached lookup: never refused
+        assert r.status == 200
+        answers = await asyncio.gather(*(client.get("/api/services") for _ in range(50)))
+        for _ in range(50):
+            answers.append(await client.get("/api/services"))
+        assert {a.status for a in answers} == {200}
+        assert index_reads <= 2, index_reads
+        assert (await answers[-1].json())["services"] == [{"name": "ocr", "workers": 1}]
+    finally:
+        await client.close()

@@ -81,7 +81,9 @@ def test_eclipse_and_spoofed_announces_between_real_hosts(tmp_path) -> None:
             assert all(v.get("announce_no_token", 0) > 0 for v in drops.values()), drops
         finally:
             evil.kill()
-            out, _ = evil.communicate(timeout=5)
+            # read through the text wrapper: readline() above may have buffered more lines
+            out = evil.stdout.read() if evil.stdout is not None else ""
+            evil.wait(timeout=5)
         spoofed = [int(line.rsplit(" ", 1)[1]) for line in out.splitlines()
                    if line.startswith("introduced")]
         assert spoofed and spoofed[-1] > 0, out     # forged announces were really sent
