@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from agent.dht.record import ALL_SERVICES, MAX_SERVICE, valid_service_name
+from agent.fsutil import write_atomic
 
 CERT_VERSION = 1
 CERT_DOMAIN = b"rma-agent/admission-cert/v1\x00"
@@ -220,17 +221,7 @@ def write_new_file(path: Path, data: bytes, *, mode: int = 0o644,
     file unless ``replace`` (then written to a temp file and renamed over it)."""
     path = Path(path)
     if replace:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, data, mode=mode)
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

@@ -53,6 +53,7 @@ from agent.admission import (
     read_b64_file,
 )
 from agent.component import Component, cancel_task
+from agent.fsutil import write_atomic
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -333,10 +334,8 @@ class NetworkComponent(Component):
         data = "".join(base64.b64encode(rl.encode()).decode() + "\n"
                        for rl in self.policy.lists.values())
         path = self._state(KNOWN_LISTS)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            tmp.write_text(data, "ascii")
-            os.replace(tmp, path)
+            write_atomic(path, data.encode("ascii"), mode=0o644)
         except OSError as exc:
             _LOG_LIMIT.log(log, logging.WARNING, "save-known",
                            "network: cannot keep revocation lists in %s: %s", path, exc)

@@ -20,13 +20,13 @@ import asyncio
 import ipaddress
 import json
 import logging
-import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agent.fsutil import write_atomic
 
 log = logging.getLogger("rma_agent.dht")
 
@@ -205,20 +205,7 @@ def save_snapshot(state_dir: Path | str, node_id_hex: str,
         "contacts": [{"id": cid, "ip": ip, "port": int(port)} for cid, ip, port in contacts],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".routing.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_atomic(path, json.dumps(data, indent=1).encode("utf-8"), mode=0o600)
 
 
 def load_snapshot(state_dir: Path | str) -> list[Addr]:

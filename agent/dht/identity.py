@@ -10,7 +10,6 @@ than silently used, because anyone holding it can forge this worker's records.
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
+
+from agent.fsutil import write_atomic
 
 KEY_FILE = "identity.key"
 
@@ -99,18 +100,8 @@ class Identity:
     def _create(cls, path: Path) -> Identity:
         ident = cls.generate()
         raw = ident._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        # O_EXCL + explicit mode: the key never exists on disk with wider permissions.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(raw)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # created 0600 from the start: the key never exists on disk with wider permissions
+        write_atomic(path, raw, mode=0o600)
         return ident
 
     def sign(self, data: bytes) -> bytes:

@@ -19,7 +19,6 @@ so a tampered file yields nothing, never a forged worker. Bounded: at most
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import msgpack
 
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
+from agent.fsutil import write_atomic
 
 log = logging.getLogger("rma_agent.discovery")
 
@@ -81,13 +81,10 @@ class LastGood:
             return
         body = msgpack.packb({s: [t, recs] for s, (t, recs) in self._data.items()},
                              use_bin_type=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         if not self.path.parent.is_dir():
             return  # the agent creates its state_dir; never create one ourselves
         try:
-            with open(tmp, "wb") as f:
-                f.write(body)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, body, mode=0o600)
             self.writes += 1
         except OSError as exc:
             self.errors += 1
