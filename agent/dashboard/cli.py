@@ -18,9 +18,15 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from agent.config import SERVICE_RE
-from agent.dht.record import normalize_service
-from agent.discovery.client import ClientError, _fail, _num, get_json, lookup_url, table
+from agent.discovery.client import (
+    ClientError,
+    _fail,
+    _num,
+    cli_service,
+    get_json,
+    lookup_url,
+    table,
+)
 
 RECONNECT_S = 2.0
 GIVE_UP_S = 60.0
@@ -68,11 +74,10 @@ def cmd_lookup_explain(url: str, service: str, limit: int | None, as_json: bool,
                        out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    service = normalize_service(service)
-    if not SERVICE_RE.fullmatch(service):
-        print(f"rma-agent lookup: bad service name {service!r}: 1-63 characters of "
-              "lowercase a-z, 0-9, '.', '_', '-'", file=err)
+    name = cli_service("lookup", service, err)
+    if name is None:
         return 2
+    service = name
     base = lookup_url(url, service, limit, region, gpu)
     full = base + ("&" if "?" in base else "?") + "explain=1"
     try:
@@ -142,11 +147,10 @@ def cmd_watch(url: str, service: str, as_json: bool = False, out: TextIO | None 
     """``rma-agent watch SERVICE``: print membership changes until Ctrl-C."""
     out = out or sys.stdout
     err = err or sys.stderr
-    service = normalize_service(service)
-    if not SERVICE_RE.fullmatch(service):
-        print(f"rma-agent watch: bad service name {service!r}: 1-63 characters of "
-              "lowercase a-z, 0-9, '.', '_', '-'", file=err)
+    name = cli_service("watch", service, err)
+    if name is None:
         return 2
+    service = name
     target = f"{url.rstrip('/')}/api/services/{urllib.parse.quote(service, safe='')}/watch"
     last_id = ""
     seen = 0

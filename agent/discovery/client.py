@@ -273,17 +273,27 @@ def lookup_url(url: str, service: str, limit: int | None = None, region: str | N
     return f"{url.rstrip('/')}/api/services/{urllib.parse.quote(service, safe='')}{q}"
 
 
+def cli_service(command: str, service: str, err: TextIO) -> str | None:
+    """A service name typed on the command line, lowercased (``OCR`` finds ``ocr``), or
+    None after printing the one service-name rule to ``err`` (the caller exits 2)."""
+    name = normalize_service(service)
+    if SERVICE_RE.fullmatch(name):
+        return name
+    print(f"rma-agent {command}: bad service name {service!r}: 1-63 characters of "
+          "lowercase a-z, 0-9, '.', '_', '-', starting with a letter or digit", file=err)
+    return None
+
+
 def cmd_lookup(url: str, service: str, limit: int | None, as_json: bool,
                region: str | None = None, gpu: str | None = None,
                out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``rma-agent lookup SERVICE``: ranked workers as a table or raw JSON."""
     out = out or sys.stdout
     err = err or sys.stderr
-    service = normalize_service(service)
-    if not SERVICE_RE.fullmatch(service):
-        print(f"rma-agent lookup: bad service name {service!r}: 1-63 characters of "
-              "lowercase a-z, 0-9, '.', '_', '-'", file=err)
+    name = cli_service("lookup", service, err)
+    if name is None:
         return 2
+    service = name
     try:
         answer = get_json(lookup_url(url, service, limit, region, gpu))
     except ClientError as exc:

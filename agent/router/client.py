@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import IO, BinaryIO
 
-from agent.config import SERVICE_RE
+from agent.discovery.client import cli_service
 
 TIMEOUT_S = 330.0          # above the gateway's default upstream_timeout (300 s)
 CHUNK = 1 << 16
@@ -78,11 +78,10 @@ def cmd_call(url: str, service: str, path: str, *, data: str | None = None,
              out: IO[bytes] | None = None, err: IO[str] | None = None) -> int:
     out = out if out is not None else sys.stdout.buffer
     err = err if err is not None else sys.stderr
-    service = service.lower()
-    if not SERVICE_RE.fullmatch(service):
-        print(f"rma-agent call: bad service name {service!r}: 1-63 characters of lowercase "
-              "a-z, 0-9, '.', '_', '-'", file=err)
+    name = cli_service("call", service, err)
+    if name is None:
         return 2
+    service = name
     body: BinaryIO | bytes | None = None
     try:
         hdrs = parse_headers(headers)
