@@ -98,3 +98,26 @@ def test_a_stale_answer_says_how_old_it_is():
     assert "(source: stale)" in head and "from 612 s ago" in head, head
     text = format_lookup({"service": "ocr", "source": "dht", "workers": [{"name": "a"}]})
     assert "ago" not in text.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["lookup", "explain", "watch", "call"])
+def test_every_command_applies_the_one_service_rule(command):
+    """A bad name is exit 2 with the rule, before anything is contacted (the URL points
+    nowhere); an uppercase name is lowercased, not refused."""
+    from agent.dashboard.cli import cmd_lookup_explain, cmd_watch
+    from agent.discovery.client import cli_service
+    from agent.router.client import cmd_call
+
+    nowhere = "http://127.0.0.1:9"
+    calls = {
+        "lookup": lambda s, err: cmd_lookup(nowhere, s, 5, False, out=io.StringIO(), err=err),
+        "explain": lambda s, err: cmd_lookup_explain(nowhere, s, 5, False, out=io.StringIO(),
+                                                     err=err),
+        "watch": lambda s, err: cmd_watch(nowhere, s, out=io.StringIO(), err=err),
+        "call": lambda s, err: cmd_call(nowhere, s, "/x", out=io.BytesIO(), err=err),
+    }
+    err = io.StringIO()
+    assert calls[command]("-bad name", err) == 2
+    assert "bad service name '-bad name'" in err.getvalue()
+    assert "lowercase a-z" in err.getvalue()
+    assert cli_service(command, " OCR ", io.StringIO()) == "ocr"
