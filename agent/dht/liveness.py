@@ -47,7 +47,9 @@ SUSPECT_TTL = 60.0                  # crawls skip a peer this long after a failu
 GRAVEYARD = 256                     # removed contacts remembered for revival
 GRAVE_TTL = 3600.0                  # ... for this long
 REVIVE_MIN = 2.0                    # first revival ping this long after removal
-REVIVE_MAX = 10.0                   # back-off cap between revival pings of one contact
+REVIVE_MAX = 4.0                    # back-off cap between revival pings of one contact: a
+                                    # healed partition is noticed within it (the per-tick
+                                    # limit below is what bounds the traffic)
 REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
 MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 

@@ -88,9 +88,21 @@ def test_every_worker_found_from_every_node(net: Cluster) -> None:
         assert status == 200 and body["source"] in ("dht", "cache"), body
         names = {w["name"] for w in body["workers"]}
         assert names >= expected(net, "ocr"), (via.name, sorted(expected(net, "ocr") - names))
-        status, body = via.get("/api/services")
-        counts = {s["name"]: s["workers"] for s in body["services"]}
-        assert counts.get("llm", 0) >= len(expected(net, "llm")), body
+        # the service index is announced beside the service keys (its own shard, its own
+        # write-token round trip), so its counts may trail the lookups above by a moment
+        listing: dict[str, object] = {}
+
+        def index_counts_all(via: Node = via, listing: dict[str, object] = listing) -> bool:
+            status, body = via.get("/api/services")
+            listing["last"] = body
+            counts = {s["name"]: s["workers"] for s in body["services"]}
+            return status == 200 and counts.get("llm", 0) >= len(expected(net, "llm"))
+
+        try:
+            wait_until(index_counts_all, timeout=15, what=f"{via.name}'s /api/services to "
+                       "count every llm worker", interval=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answer: {listing.get('last')}") from None
     # records of the same service from different workers coexist: one lookup returns all
     names, _ms, _rtt = net.nodes["c1"].providers("ocr")
     assert names >= expected(net, "ocr") and len(names) >= 14

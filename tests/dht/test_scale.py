@@ -2,7 +2,7 @@
 
 Asserts found = 1.0 (every live worker in every lookup) on a healthy network, right after
 30 % of the nodes stop without goodbye, and after a partition in two halves heals
-(within one republish interval, no restart). ``bench/scale.py`` runs the same phases at
+(within one republish interval plus the revival back-off cap, no restart). ``bench/scale.py`` runs the same phases at
 N = 1,000 and 5,000; this is the regression guard. Marked ``scale`` (deselect with
 ``-m 'not scale'``); CI runs it.
 """
@@ -16,6 +16,7 @@ import time
 import pytest
 
 from agent.dht.identity import Identity
+from agent.dht.liveness import REVIVE_MAX
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
 from tests.util import run_uvloop
@@ -169,7 +170,13 @@ def test_500_nodes_300_workers_healthy_churn_partition_heal():
                 await asyncio.sleep(0.5)
             republishing = False
             loop_task.cancel()
-            assert heal_s is not None and heal_s <= REPUBLISH, heal_s
+            # The guarantee: a node notices the heal at its next revival ping of a removed
+            # contact (back-off capped at REVIVE_MAX), and the republish round after that
+            # re-spreads records to the merged network's closest nodes. Lookups usually
+            # cross to the other half's holders before (1-5 s here), but a run that has to
+            # wait for the republish takes up to REPUBLISH + REVIVE_MAX.
+            print("heal_s", heal_s)
+            assert heal_s is not None and heal_s <= REPUBLISH + REVIVE_MAX, heal_s
         finally:
             for n in nodes:
                 n.stop()
