@@ -23,8 +23,8 @@ from agent.discovery.client import (
     _fail,
     _num,
     cli_service,
+    cmd_lookup,
     get_json,
-    lookup_url,
     table,
 )
 
@@ -72,26 +72,9 @@ def format_explain(answer: dict[str, Any]) -> str:
 def cmd_lookup_explain(url: str, service: str, limit: int | None, as_json: bool,
                        region: str | None = None, gpu: str | None = None,
                        out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    name = cli_service("lookup", service, err)
-    if name is None:
-        return 2
-    service = name
-    base = lookup_url(url, service, limit, region, gpu)
-    full = base + ("&" if "?" in base else "?") + "explain=1"
-    try:
-        answer = get_json(full)
-    except ClientError as exc:
-        return _fail("lookup", exc, err)
-    if as_json:
-        print(json.dumps(answer, indent=2), file=out)
-        return 0
-    if not isinstance(answer, dict):
-        print("rma-agent lookup: unexpected answer (not a JSON object)", file=err)
-        return 1
-    print(format_explain(answer), file=out)
-    return 0
+    """``rma-agent lookup SERVICE --explain``: the lookup with each worker's score parts."""
+    return cmd_lookup(url, service, limit, as_json, region, gpu, out, err, explain=True,
+                      formatter=format_explain)
 
 
 # ---------------------------------------------------------------------- watch

@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from agent.config import SERVICE_RE
@@ -286,16 +286,23 @@ def cli_service(command: str, service: str, err: TextIO) -> str | None:
 
 def cmd_lookup(url: str, service: str, limit: int | None, as_json: bool,
                region: str | None = None, gpu: str | None = None,
-               out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """``rma-agent lookup SERVICE``: ranked workers as a table or raw JSON."""
+               out: TextIO | None = None, err: TextIO | None = None, *,
+               explain: bool = False,
+               formatter: Callable[[dict[str, Any]], str] | None = None) -> int:
+    """``rma-agent lookup SERVICE [--explain]``: ranked workers as a table or raw JSON.
+    ``explain`` asks for the score parts; ``formatter`` renders the answer (default: the
+    ranking table)."""
     out = out or sys.stdout
     err = err or sys.stderr
     name = cli_service("lookup", service, err)
     if name is None:
         return 2
     service = name
+    target = lookup_url(url, service, limit, region, gpu)
+    if explain:
+        target += ("&" if "?" in target else "?") + "explain=1"
     try:
-        answer = get_json(lookup_url(url, service, limit, region, gpu))
+        answer = get_json(target)
     except ClientError as exc:
         return _fail("lookup", exc, err)
     if as_json:
@@ -304,5 +311,5 @@ def cmd_lookup(url: str, service: str, limit: int | None, as_json: bool,
     if not isinstance(answer, dict):
         print("rma-agent lookup: unexpected answer (not a JSON object)", file=err)
         return 1
-    print(format_lookup(answer), file=out)
+    print((formatter or format_lookup)(answer), file=out)
     return 0
