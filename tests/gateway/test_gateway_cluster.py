@@ -17,6 +17,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -286,6 +287,44 @@ def test_dot_segments_are_refused_before_the_upstream(net: Net) -> None:
             urllib.request.urlopen(req, timeout=5)
         assert ei.value.code == 400 and "segments" in json.loads(ei.value.read())["error"]
     assert _hits(net.a) == before
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    """Send ``data`` as-is to the listener of ``url``; what comes back before it closes
+    (or 3 s pass)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=3) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00\xff\x16\x03\x01garbage\r\n\r\n",                         # TLS/junk on plain HTTP
+    b"GET /echo/x HTTP/9.9\r\nHost: a\r\n\r\n",                         # unknown version
+    b"GET /echo/x HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # huge header
+    b"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    b"POST /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",                   # smuggling shape
+    b"BREW /echo/x HTTP/1.1\r\nHost: a\r\n\r\n",                        # unknown method
+    b"GET /%zz/x HTTP/1.1\r\nHost: a\r\n\r\n",                          # bad escape
+    b"GET /.well-known/rma-agent/proof?nonce=" + b"0" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+])
+def test_hostile_requests_to_the_public_gateway_get_4xx_never_5xx(net: Net,
+                                                                  data: bytes) -> None:
+    """The gateway faces the internet through the tunnel: malformed or hostile requests
+    are answered 4xx (or the connection is closed), never 500, and it keeps serving."""
+    out = _raw(net.w1.gateway_url, data)
+    if out:
+        status = int(out.split(b" ", 2)[1])
+        assert 400 <= status < 500, out[:200]
+    status, _h, _b = _get(net.w1.gateway_url + PROOF_PATH + "?nonce=" + new_nonce())
+    assert status == 200
 
 
 def test_service_without_upstream_is_a_502_not_processed(net: Net) -> None:
