@@ -271,6 +271,14 @@ BAD: list[tuple[str, str, str]] = [
      'PATH:4: discovery.allow_http_hosts: entry 2 is a duplicate of "lan-box"'),
     ("allow-http-int", W + "[discovery]\nallow_http_hosts = [1]\n",
      "PATH:4: discovery.allow_http_hosts: entry 1 must be a string, got 1 (an integer)"),
+    ("allow-private-url", W + '[discovery]\nallow_private_hosts = ["http://10.0.0.1"]\n',
+     "PATH:4: discovery.allow_private_hosts: entry 1 must be an IP address, a CIDR network or "
+     "a host name"),
+    ("allow-private-dup", W + '[discovery]\nallow_private_hosts = ["127.0.0.1/8", "127.0.0.0/8"]\n',
+     'PATH:4: discovery.allow_private_hosts: entry 2 is a duplicate of "127.0.0.0/8"'),
+    ("trusted-proxy-name", W + '[http]\ntrusted_proxies = ["cloudflared"]\n',
+     "PATH:4: http.trusted_proxies: entry 1 must be an IP address or a CIDR network, got "
+     '"cloudflared"'),
     # syntax
     ("duplicate-key", W + "[dht]\nksize = 3\nksize = 4\nalpha = 2\n",
      "PATH:5: syntax: Cannot overwrite a value (at line 5, column 10) - a key or table is defined twice"),
@@ -404,7 +412,7 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
         '[dht]\nlisten = "[::]:9000"\nbootstrap = ["[2001:db8::1]:8468", "seed.example.org:8468",'
         ' "http://10.0.0.1:8080/api/dht/bootstrap"]\nmode = "client"\nksize = 8\nalpha = 2\n'
         "record_ttl = 120\nrepublish_interval = 10\n"
-        '[http]\nlisten = "[::1]:8081"\n'
+        '[http]\nlisten = "[::1]:8081"\ntrusted_proxies = ["127.0.0.1", "[::1]", "10.1.2.3/16"]\n'
         '[gateway]\nlisten = "[::]:8091"\nmax_body_mb = 2048\nupstream_timeout = 2.5\n'
         '[gateway.upstreams]\nocr = "http://127.0.0.1:9000/"\n'
         '"llm-inference" = { url = "https://gpu.local:9443/v1", health = "/v1/health" }\n'
@@ -415,6 +423,7 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
         '[tunnel]\nmetrics = "localhost:20242"\n'
         '[discovery]\ncache_ttl = 0\ncoordinators = ["https://c1.example.org", "http://127.0.0.1:8080"]\n'
         'max_results = 7\nmax_attempts = 5\nallow_http_hosts = ["LAN-Box", "10.0.0.1", "[fd00::1]"]\n'
+        'allow_private_hosts = ["127.0.0.0/8", "Gpu.lan", "fd00::/8"]\n'
         '[discovery.gpu_scores]\n"RTX 4090" = 0.45\nB200 = 1\n'
         '[log]\nlevel = "DEBUG"\n'
     )
@@ -439,6 +448,8 @@ def test_round_trip_of_every_field(tmp_path: Path) -> None:
     assert cfg.network.admission_public_keys == (bytes(range(32)), bytes(range(1, 33)))
     assert cfg.discovery.max_attempts == 5
     assert cfg.discovery.allow_http_hosts == ("lan-box", "10.0.0.1", "fd00::1")
+    assert cfg.discovery.allow_private_hosts == ("127.0.0.0/8", "gpu.lan", "fd00::/8")
+    assert cfg.http.trusted_proxies == ("127.0.0.1", "::1", "10.1.0.0/16")
     out = tmp_path / "sub" / "b.toml"
     out.parent.mkdir()
     out.write_text(dump_toml(cfg))
@@ -465,6 +476,7 @@ def test_defaults_match_spec(tmp_path: Path) -> None:
     assert (cfg.gateway.max_body_mb, cfg.gateway.upstream_timeout) == (100, 300)
     assert cfg.gateway.upstreams == {} and cfg.worker.admission_cert == ""
     assert cfg.network.admission_keys == () and cfg.discovery.allow_http_hosts == ()
+    assert cfg.discovery.allow_private_hosts == () and cfg.http.trusted_proxies == ()
     assert cfg.discovery.max_attempts == 3
     assert cfg.source == p
     # and they equal the dataclass defaults everybody else constructs

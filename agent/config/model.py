@@ -57,6 +57,9 @@ class DHTSection:
 @dataclass(frozen=True)
 class HTTPSection:
     listen: Address = Address("127.0.0.1", 8080)
+    # peers (IPs or CIDR networks) whose CF-Connecting-IP / X-Forwarded-For / X-Real-IP
+    # headers name the real client; e.g. ["127.0.0.1", "::1"] for cloudflared on this box
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,9 @@ class DiscoverySection:
     coordinators: tuple[str, ...] = ()
     max_results: int = 50
     max_attempts: int = 3                  # router: tries per request
-    allow_http_hosts: tuple[str, ...] = ()  # plain-http endpoints allowed besides loopback
+    allow_http_hosts: tuple[str, ...] = ()  # hosts whose plain-http endpoints may be contacted
+    # loopback/private/link-local destinations callers may contact (IPs, CIDRs or names)
+    allow_private_hosts: tuple[str, ...] = ()
     gpu_scores: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GPU_SCORES))
 
 
@@ -173,13 +178,13 @@ MAX_ATTEMPTS = 10                          # discovery.max_attempts upper bound
 SCHEMA: dict[str, tuple[str, ...]] = {
     "agent": ("role", "name", "region", "state_dir"),
     "dht": ("listen", "bootstrap", "mode", "ksize", "alpha", "record_ttl", "republish_interval"),
-    "http": ("listen",),
+    "http": ("listen", "trusted_proxies"),
     "gateway": ("listen", "max_body_mb", "upstream_timeout", "upstreams"),
     "worker": ("services", "endpoint", "max_concurrency", "admission_cert", "gpu",
                "gpu_memory_gb"),
     "network": ("admission_keys",),
     "tunnel": ("mode", "metrics", "hostname"),
     "discovery": ("cache_ttl", "coordinators", "max_results", "max_attempts",
-                  "allow_http_hosts", "gpu_scores"),
+                  "allow_http_hosts", "allow_private_hosts", "gpu_scores"),
     "log": ("level",),
 }

@@ -137,7 +137,8 @@ def parse_config(text: str, path: Path | str = "<config>", *,
 
     # [http]
     s = _section(ck, doc, "http")
-    http = HTTPSection(listen=_address(ck, s, ("http", "listen"), HTTPSection().listen))
+    http = HTTPSection(listen=_address(ck, s, ("http", "listen"), HTTPSection().listen),
+                       trusted_proxies=_net_list(ck, s, ("http", "trusted_proxies"), names=False))
 
     # [worker]
     s = _section(ck, doc, "worker")
@@ -275,7 +276,9 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                     scores[gname] = f
     discovery = DiscoverySection(cache_ttl=cache_ttl, coordinators=tuple(coords),
                                  max_results=max_results, max_attempts=max_attempts,
-                                 allow_http_hosts=tuple(allow_hosts), gpu_scores=scores)
+                                 allow_http_hosts=tuple(allow_hosts), gpu_scores=scores,
+                                 allow_private_hosts=_net_list(
+                                     ck, s, ("discovery", "allow_private_hosts"), names=True))
 
     # [log]
     s = _section(ck, doc, "log")
@@ -416,6 +419,28 @@ def _upstream(ck: _Checker, key: KeyPath, svc: str, val: object,
         ck.err(key, f"{why}, got {_show(val)}")
         return None
     return Upstream(url=url.rstrip("/") or url, health=health)
+
+
+def _net_list(ck: _Checker, s: dict[str, Any], key: KeyPath, *, names: bool) -> tuple[str, ...]:
+    """An array of IP addresses and CIDR networks (``10.0.0.0/8``), and host names when
+    ``names``; entries normalised (lowercase, networks in canonical form)."""
+    out: list[str] = []
+    what = ("an IP address, a CIDR network or a host name" if names
+            else "an IP address or a CIDR network")
+    for k, entry in ck.string_list(s, key, "127.0.0.1") or []:
+        e = entry.strip().lower().removeprefix("[").removesuffix("]")
+        try:
+            norm = str(ipaddress.ip_network(e, strict=False)) if "/" in e else \
+                str(ipaddress.ip_address(e))
+        except ValueError:
+            norm = e if names and ":" not in e and check_host(e) is None else ""
+        if not norm:
+            ck.err(key, f"entry {k[-1] + 1} must be {what}, got {_show(entry)}", at=k)
+        elif norm in out:
+            ck.err(key, f"entry {k[-1] + 1} is a duplicate of {_show(norm)}", at=k)
+        else:
+            out.append(norm)
+    return tuple(out)
 
 
 def _syntax_error(path: str, text: str, msg: str) -> str:
