@@ -27,7 +27,7 @@ from multidict import MultiDict
 from agent.config import SERVICE_RE
 from agent.dht.record import normalize_service
 from agent.discovery.select import Query
-from agent.httpguard import refuse_remote
+from agent.http.local_caller import refuse_remote
 
 if TYPE_CHECKING:
     from agent.discovery.service import DiscoveryComponent

@@ -8,10 +8,9 @@ Why it is written this way:
   have flow control (aiohttp pauses reading a socket whose buffer is full, and ``write``
   waits for the peer to drain), so memory stays flat whatever the body size and a
   ``text/event-stream`` answer reaches the caller event by event.
-- **Hop-by-hop headers stay on their hop** (RFC 9110 §7.6.1): ``Connection`` and every
-  header it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``,
-  ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authenticate``/``-Authorization`` are
-  removed in both directions; each hop frames its own body.
+- **Hop-by-hop headers stay on their hop** and **paths stay inside the upstream's
+  prefix**: the rules are :mod:`agent.http.forwarding`'s, shared with the router. Each
+  hop frames its own body.
 - **No decompression** and no headers added that the caller did not send (no
   ``Accept-Encoding``, ``User-Agent``, ``Content-Type``): the upstream sees the caller's
   request and the caller gets the upstream's bytes.
@@ -28,8 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -38,6 +36,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from agent.gateway.upstream import Origin, Pool, UpstreamUnreachable, exchange
+from agent.http.forwarding import HOP_BY_HOP, connection_named, end_to_end, path_refusal
 
 if TYPE_CHECKING:
     from agent.config import GatewaySection, Upstream
@@ -52,12 +51,8 @@ SMALL_BODY = 64 * 1024
 CONNECT_TIMEOUT = 10.0        # seconds to open a TCP connection to the upstream (at most)
 NOT_PROCESSED = "RMA-Not-Processed"
 
-# RFC 9110 §7.6.1 and the legacy ones every proxy drops. ``Expect`` is answered by our
-# own server (100-continue is per hop); ``Host`` is the upstream's own.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization",
-})
+# ``Expect`` is answered by our own server (100-continue is per hop); ``Host`` is the
+# upstream's own.
 REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "content-length"}
 # RFC 9110 §9.2.2: may be sent again when a kept-alive connection closes under them
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -67,29 +62,6 @@ _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 class BodyTooLarge(Exception):
     """The request body grew past ``gateway.max_body_mb`` while streaming."""
-
-
-def connection_named(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:
-    """Header names listed in ``Connection`` (lower case): hop-by-hop for this message."""
-    names: set[str] = set()
-    getall = getattr(headers, "getall", None)
-    values: Iterable[str] = (getall("Connection", []) if getall is not None
-                             else [headers.get("Connection", "")])
-    for value in values:
-        names.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return names
-
-
-def end_to_end(headers: CIMultiDict[str] | Mapping[str, str],
-               drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop ones (and those ``Connection`` names)."""
-    extra = connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        low = key.lower()
-        if low not in drop and low not in extra:
-            out.add(key, value)
-    return out
 
 
 def _forwarded_node(ip: str) -> str:
@@ -174,15 +146,6 @@ def target_url(upstream: Upstream, raw_path: str) -> URL:
     return URL(upstream.url + tail + (sep + query if sep else ""), encoded=True)
 
 
-def has_dot_segment(raw_path: str) -> bool:
-    """Whether the path has a ``.`` or ``..`` segment (also percent-encoded): forwarded
-    as is, ``/svc/../x`` would let a caller step out of the upstream's path prefix."""
-    path = raw_path.partition("?")[0]
-    if "." not in path and "%" not in path:      # the common case, without a split
-        return False
-    return any(urllib.parse.unquote(seg) in (".", "..") for seg in path.split("/"))
-
-
 def error(status: int, message: str, *, not_processed: bool = False,
           headers: Mapping[str, str] | None = None) -> web.Response:
     h = dict(headers or {})
@@ -223,9 +186,9 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
     declared one takes the lean path (``agent.gateway.upstream``); the rest, and every
     request to an ``https://`` upstream, goes through ``session``."""
     limit = gw.max_body_bytes
-    if has_dot_segment(request.raw_path):
-        return (error(400, "path must not contain '.' or '..' segments", not_processed=True),
-                Outcome.BAD_REQUEST, 0, 0)
+    refusal = path_refusal(request.raw_path)
+    if refusal is not None:
+        return error(400, refusal, not_processed=True), Outcome.BAD_REQUEST, 0, 0
     if request.content_length is not None and request.content_length > limit:
         return (error(413, f"request body of {request.content_length} bytes is over the "
                            f"gateway's limit of {gw.max_body_mb} MiB (gateway.max_body_mb)",

@@ -34,7 +34,7 @@ from agent import __version__
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
-from agent.httpguard import refuse_remote
+from agent.http.local_caller import refuse_remote
 
 if TYPE_CHECKING:
     import aiohttp

@@ -45,6 +45,7 @@ from agent.discovery.api import BadRequest, check_service, parse_query
 from agent.discovery.endpoints import EndpointRefused, GuardedConnector, endpoint_refusal
 from agent.discovery.select import Query
 from agent.discovery.service import SOURCES
+from agent.http.forwarding import path_refusal
 from agent.ratelimit import RateLimiter
 from agent.router.budget import RetryBudget
 from agent.router.proxy import (
@@ -52,7 +53,6 @@ from agent.router.proxy import (
     IDEMPOTENT,
     RETRY_STATUSES,
     Body,
-    dot_segments,
     read_body,
     request_headers,
     response_headers,
@@ -249,9 +249,10 @@ class RouterComponent(Component):
         prefix = "/route/" + raw_service
         rest = raw_path[len(prefix):] if raw_path.startswith(prefix) else "/" + \
             request.match_info.get("path", "")
-        if dot_segments(rest):
+        refusal = path_refusal(rest)
+        if refusal is not None:
             self._finish("bad_request", 0)
-            return _error(400, "'.' and '..' path segments are not routed")
+            return _error(400, f"not routed: {refusal}")
         guard = getattr(disc, "guard", None)
         if guard is not None and not guard.allow_lookup(disc, service, request):
             self._finish("limited", 0)

@@ -1,9 +1,7 @@
 """What the router forwards and when it may try again (header rules, bodies, retries).
 
-**Headers.** Hop-by-hop headers (RFC 9110 §7.6.1: ``Connection`` and every header it
-names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``,
-``Upgrade``, ``Proxy-Authenticate``/``-Authorization``) never cross the router in either
-direction; neither do ``Host`` (the worker's own), ``Expect`` (the router answers it), the
+**Headers.** Hop-by-hop headers (the rule is :mod:`agent.http.forwarding`'s, shared with
+the gateway; so is the path rule) never cross the router in either direction; neither do ``Host`` (the worker's own), ``Expect`` (the router answers it), the
 router's own request headers (``RMA-Region``, ``RMA-GPU``, ``RMA-Min-GPU-Memory-GB``) or
 ``RMA-Worker``/``RMA-Attempts`` from a worker (only the router says who served).
 
@@ -26,49 +24,28 @@ connection failed or timed out before response headers. Everything else is answe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import aiohttp.web
 from aiohttp import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from agent.http.forwarding import end_to_end
+
 RETRY_BUFFER_BYTES = 1 << 20
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
-})
 FILTER_HEADERS = ("RMA-Region", "RMA-GPU", "RMA-Min-GPU-Memory-GB")
-_DROP_REQUEST = HOP_BY_HOP | {"host", "expect", "content-length", "rma-region", "rma-gpu",
-                              "rma-min-gpu-memory-gb", "rma-worker", "rma-attempts"}
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "rma-worker", "rma-attempts"}
-
-
-def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    names: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        names.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return names
-
-
-def _filtered(headers: CIMultiDictProxy[str] | CIMultiDict[str],
-              drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
-    named = _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in drop or lk in named:
-            continue
-        out.add(k, v)
-    return out
+_DROP_REQUEST = frozenset({"host", "expect", "content-length", "rma-region", "rma-gpu",
+                              "rma-min-gpu-memory-gb", "rma-worker", "rma-attempts"})
+_DROP_RESPONSE = frozenset({"content-length", "rma-worker", "rma-attempts"})
 
 
 def request_headers(headers: CIMultiDictProxy[str], content_length: int | None) -> CIMultiDict[str]:
     """Headers to send to the worker. ``content_length`` is set when the body's length
     is known (buffered, or declared by the caller); otherwise the body goes chunked."""
-    out = _filtered(headers, _DROP_REQUEST)
+    out = end_to_end(headers, _DROP_REQUEST)
     if content_length is not None:
         out["Content-Length"] = str(content_length)
     return out
@@ -76,17 +53,7 @@ def request_headers(headers: CIMultiDictProxy[str], content_length: int | None) 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to send back to the caller (Content-Length is the response object's)."""
-    return _filtered(headers, _DROP_RESPONSE)
-
-
-def dot_segments(raw_path: str) -> bool:
-    """Whether a raw (still percent-encoded) path has ``.`` or ``..`` segments: the
-    router never lets a caller step out of ``/{service}/`` on the worker's gateway."""
-    for seg in raw_path.split("/"):
-        s = seg.lower().replace("%2e", ".")
-        if s in (".", ".."):
-            return True
-    return False
+    return end_to_end(headers, _DROP_RESPONSE)
 
 
 class CallerBodyError(ConnectionError):
@@ -148,6 +115,3 @@ async def read_body(method: str, content: StreamReader, content_length: int | No
         size += len(chunk)
     return Body(b"".join(parts), content, None)
 
-
-def header_names(headers: Iterable[str]) -> set[str]:
-    return {h.lower() for h in headers}

@@ -1,4 +1,4 @@
-"""Who is asking: the one rule for admin requests that only this box may make.
+"""Local callers: the one rule for admin requests that only this box may make.
 
 ``POST /api/services/{name}/report`` (it can ban a worker from this agent's answers) and
 ``PUT /api/worker/load`` (it sets the load this worker announces) are for processes on the

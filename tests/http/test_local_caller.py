@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from agent.httpguard import local_caller
+from agent.http.local_caller import local_caller
 from tests.netns.netlab import NetLab, available
 from tests.util import agent_cmd, agent_env, stop_process, wait_for, write_config
 

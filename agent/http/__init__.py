@@ -1,0 +1,10 @@
+"""HTTP rules shared by every listener and proxy of the agent.
+
+- :mod:`agent.http.forwarding` — what a proxy passes on (hop-by-hop headers, the path
+  rule that keeps a request inside an upstream's prefix); the gateway and the router both
+  use it, so the two can never disagree again.
+- :mod:`agent.http.listener` — the aiohttp listeners (admin and public) with timeouts,
+  connection caps and a bound on heads in progress.
+- :mod:`agent.http.local_caller` — which admin requests only this box may make.
+- :mod:`agent.http.same_site` — the admin API refuses cross-site requests that change state.
+"""
