@@ -1,62 +1,31 @@
 """The parser: TOML text -> validated ``Config`` (``parse_config``, ``load_config``).
 
-Reads every section with the ``_Checker`` readers, cross-checks keys that depend on
-each other, and raises one ``ConfigError`` listing every problem, sorted by line.
+Reads every section with its reader from ``sections`` (in a fixed order: a reader that
+cross-checks another section runs after it), and raises one ``ConfigError`` listing
+every problem, sorted by line.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import difflib
-import ipaddress
-import os
 import re
-import socket
 import tomllib
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from agent.config.locator import KeyPath, _Locator
-from agent.config.model import (
-    DEFAULT_GPU_SCORES,
-    DHT_MODES,
-    LOG_LEVELS,
-    MAX_ATTEMPTS,
-    MAX_BODY_MB,
-    MAX_UPSTREAM_TIMEOUT,
-    ROLES,
-    SCHEMA,
-    SERVICE_RE,
-    TUNNEL_MODES,
-    UPSTREAM_KEYS,
-    Address,
-    AgentSection,
-    Config,
-    ConfigError,
-    DHTSection,
-    DiscoverySection,
-    GatewaySection,
-    HTTPSection,
-    LogSection,
-    NetworkSection,
-    TunnelSection,
-    Upstream,
-    WorkerSection,
+from agent.config.locator import _Locator
+from agent.config.model import SCHEMA, Config, ConfigError
+from agent.config.sections import (
+    agent_section,
+    dht_section,
+    discovery_section,
+    gateway_section,
+    http_section,
+    log_section,
+    network_section,
+    tunnel_section,
+    worker_section,
 )
-from agent.config.validate import (
-    _address,
-    _Checker,
-    _did_you_mean,
-    _got,
-    _section,
-    _show,
-    check_host,
-    check_url,
-    parse_address,
-)
-from agent.dht import record as rec
+from agent.config.validate import _Checker, _did_you_mean
 
 _TOML_POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)\s*$")
 
@@ -72,218 +41,20 @@ def parse_config(text: str, path: Path | str = "<config>", *,
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([_syntax_error(spath, text, str(e))]) from None
-    loc = _Locator(text)
-    ck = _Checker(spath, loc)
-
-    for name, value in doc.items():
-        if name not in SCHEMA:
-            kind = "section" if isinstance(value, dict) else "key"
-            ck.err((name,), f"unknown {kind}" + _did_you_mean(name, tuple(SCHEMA)))
-
-    # [agent]
-    s = _section(ck, doc, "agent")
-    role = ck.choice(s, ("agent", "role"), "worker", ROLES)
-    name = ck.string(s, ("agent", "name"), "", max_len=rec.MAX_NAME, allow_empty=False) or socket.gethostname()
-    region = ck.string(s, ("agent", "region"), "", max_len=rec.MAX_REGION)
-    state_raw = ck.string(s, ("agent", "state_dir"), "/var/lib/rma-agent", max_len=4096,
-                          allow_empty=False)
-    state_dir = Path(state_raw).expanduser()
-    if not state_dir.is_absolute():
-        state_dir = _anchor(spath, base_dir) / state_dir
-    agent = AgentSection(role=role, name=name, region=region,
-                         state_dir=Path(os.path.normpath(state_dir)))
-
-    # [dht]
-    s = _section(ck, doc, "dht")
-    d = DHTSection()
-    listen = _address(ck, s, ("dht", "listen"), d.listen)
-    boots: list[str] = []
-    for key, entry in ck.string_list(s, ("dht", "bootstrap"),
-                                     "198.51.100.7:8468") or []:
-        e = entry.strip()
-        if e.startswith(("http://", "https://")) or "://" in e:
-            why = check_url(e)
-            if why:
-                ck.err(("dht", "bootstrap"), f"entry {key[-1] + 1} {why}, got {_show(entry)}", at=key)
-                continue
-        else:
-            try:
-                parse_address(e)
-            except ValueError as ex:
-                ck.err(("dht", "bootstrap"), f'entry {key[-1] + 1} must be "host:port" or an '
-                       f"http(s):// URL: {ex}, got {_show(entry)}", at=key)
-                continue
-        if e in boots:
-            ck.err(("dht", "bootstrap"), f"entry {key[-1] + 1} is a duplicate of "
-                                         f"{_show(e)}", at=key)
-            continue
-        boots.append(e)
-    mode = ck.choice(s, ("dht", "mode"), d.mode, DHT_MODES)
-    ksize = ck.integer(s, ("dht", "ksize"), d.ksize, 1, 64)
-    alpha = ck.integer(s, ("dht", "alpha"), d.alpha, 1, 16)
-    if alpha > ksize:
-        ck.err(("dht", "alpha"), f"must not exceed dht.ksize ({ksize}), got {alpha}")
-    record_ttl = ck.integer(s, ("dht", "record_ttl"), d.record_ttl, 10, int(rec.MAX_TTL))
-    republish = ck.integer(s, ("dht", "republish_interval"), d.republish_interval, 1)
-    if republish >= record_ttl:
-        if "republish_interval" in s:
-            ck.err(("dht", "republish_interval"), f"must be less than dht.record_ttl "
-                                                  f"({record_ttl}), got {republish}")
-        else:
-            ck.err(("dht", "record_ttl"), f"must be greater than dht.republish_interval "
-                                          f"({republish}), got {record_ttl}")
-    dht = DHTSection(listen=listen, bootstrap=tuple(boots), mode=mode, ksize=ksize,
-                     alpha=alpha, record_ttl=record_ttl, republish_interval=republish)
-
-    # [http]
-    s = _section(ck, doc, "http")
-    http = HTTPSection(listen=_address(ck, s, ("http", "listen"), HTTPSection().listen),
-                       trusted_proxies=_net_list(ck, s, ("http", "trusted_proxies"), names=False))
-
-    # [worker]
-    s = _section(ck, doc, "worker")
-    w = WorkerSection()
-    if "worker" in doc and role != "worker":
-        ck.err(("worker",), f'section is only for role = "worker" (agent.role is "{role}")')
-    services: list[str] = []
-    for key, svc in ck.string_list(s, ("worker", "services"), "ocr") or []:
-        if not SERVICE_RE.fullmatch(svc):
-            hint = (f", did you mean '{svc.strip().lower()}'?"
-                    if SERVICE_RE.fullmatch(svc.strip().lower()) else "")
-            ck.err(("worker", "services"), f"entry {key[-1] + 1} must be a service name: 1-63 "
-                   'characters of a-z, 0-9, ".", "_", "-", starting with a letter or digit, '
-                   f"got {_show(svc)}{hint}", at=key)
-        elif svc in services:
-            ck.err(("worker", "services"), f"entry {key[-1] + 1} is a duplicate of "
-                                           f"{_show(svc)}", at=key)
-        else:
-            services.append(svc)
-    if len(services) > rec.MAX_SERVICES:
-        ck.err(("worker", "services"), f"at most {rec.MAX_SERVICES} services fit in one signed "
-                                       f"record, got {len(services)}")
-    if (role == "worker" and not s.get("services") and isinstance(s.get("services", []), list)
-            and isinstance(doc.get("worker", {}), dict)):
-        ck.err(("worker", "services"), 'a worker must serve at least one service, '
-               'e.g. services = ["ocr"]', ("worker",), ("agent", "role"))
-    endpoint = ck.string(s, ("worker", "endpoint"), "", max_len=rec.MAX_ENDPOINT).strip()
-    if endpoint:
-        why = check_url(endpoint)
-        if why:
-            ck.err(("worker", "endpoint"), f"{why} (or leave it empty to use the tunnel's URL), "
-                                           f"got {_show(endpoint)}")
-            endpoint = ""
-    max_conc = ck.integer(s, ("worker", "max_concurrency"), w.max_concurrency, 1, 100000)
-    gpu: str | None = None
-    if "gpu" in s:
-        gpu = ck.string(s, ("worker", "gpu"), "", max_len=rec.MAX_GPU, allow_empty=False) or None
-    mem: float | None = None
-    if "gpu_memory_gb" in s:
-        mem = ck.number(s["gpu_memory_gb"], ("worker", "gpu_memory_gb"), 0, None)
-    cert = ck.string(s, ("worker", "admission_cert"), "", max_len=4096).strip()
-    if cert:
-        cert_path = Path(cert).expanduser()
-        if not cert_path.is_absolute():
-            cert_path = _anchor(spath, base_dir) / cert_path
-        cert = os.path.normpath(cert_path)
-    worker = WorkerSection(services=tuple(services), endpoint=endpoint,
-                           max_concurrency=max_conc, admission_cert=cert, gpu=gpu,
-                           gpu_memory_gb=mem)
-
-    # [network]
-    s = _section(ck, doc, "network")
-    network = NetworkSection(admission_keys=_admission_keys(ck, s))
-
-    # [tunnel]
-    s = _section(ck, doc, "tunnel")
-    t = TunnelSection()
-    tmode = ck.choice(s, ("tunnel", "mode"), t.mode, TUNNEL_MODES)
-    metrics = _address(ck, s, ("tunnel", "metrics"), t.metrics)
-    hostname = ck.string(s, ("tunnel", "hostname"), "", max_len=253).strip()
-    if hostname:
-        why = ("must be a bare host name without scheme or path, e.g. \"worker-1.example.org\""
-               if "/" in hostname or ":" in hostname else check_host(hostname))
-        if why:
-            ck.err(("tunnel", "hostname"), f"{why}, got {_show(hostname)}")
-            hostname = ""
-        elif tmode != "named":
-            ck.err(("tunnel", "hostname"), f'is only used with tunnel.mode = "named" '
-                                           f'(mode is "{tmode}")')
-    if tmode == "named" and not hostname and "hostname" not in s:
-        ck.err(("tunnel", "hostname"), 'is required when tunnel.mode = "named" (the public '
-               "host name routed to this tunnel)", ("tunnel", "mode"))
-    elif tmode == "named" and not hostname and isinstance(s.get("hostname"), str) \
-            and not s["hostname"].strip():
-        ck.err(("tunnel", "hostname"), 'is required when tunnel.mode = "named" (the public '
-               "host name routed to this tunnel)")
-    if endpoint and tmode != "off" and role == "worker":
-        ck.err(("worker", "endpoint"), f'is set while tunnel.mode = "{tmode}": which public '
-               'URL wins is ambiguous; set endpoint = "" to use the tunnel\'s URL, or '
-               'tunnel.mode = "off"')
-    if metrics == http.listen:
-        ck.err(("tunnel", "metrics"), f"must differ from http.listen ({http.listen})")
-    tunnel = TunnelSection(mode=tmode, metrics=metrics, hostname=hostname)
-
-    # [gateway] (after [worker] and [tunnel]: upstreams name worker services, and the
-    # listen address must not collide with the other listeners)
-    gateway = _gateway(ck, doc, role, worker.services, http.listen, tunnel.metrics)
-
-    # [discovery]
-    s = _section(ck, doc, "discovery")
-    ds = DiscoverySection()
-    cache_ttl = ck.integer(s, ("discovery", "cache_ttl"), ds.cache_ttl, 0, 3600)
-    coords: list[str] = []
-    for key, url in ck.string_list(s, ("discovery", "coordinators"),
-                                   "https://coord-1.example.org") or []:
-        url = url.strip()
-        why = check_url(url)
-        if why:
-            ck.err(("discovery", "coordinators"), f"entry {key[-1] + 1} {why}, got {_show(url)}", at=key)
-        elif url in coords:
-            ck.err(("discovery", "coordinators"), f"entry {key[-1] + 1} is a duplicate of "
-                                                  f"{_show(url)}", at=key)
-        else:
-            coords.append(url)
-    max_results = ck.integer(s, ("discovery", "max_results"), ds.max_results, 1, 1000)
-    max_attempts = ck.integer(s, ("discovery", "max_attempts"), ds.max_attempts, 1, MAX_ATTEMPTS)
-    allow_hosts: list[str] = []
-    for key, host in ck.string_list(s, ("discovery", "allow_http_hosts"), "192.168.1.20") or []:
-        h = host.strip().lower()
-        if h.startswith("[") and h.endswith("]"):
-            h = h[1:-1]
-        why = _why_not_ip6(h) if ":" in h else check_host(h)
-        if why:
-            ck.err(("discovery", "allow_http_hosts"), f"entry {key[-1] + 1} must be a host name "
-                   f"or IP address without scheme or port: {why}, got {_show(host)}", at=key)
-        elif h in allow_hosts:
-            ck.err(("discovery", "allow_http_hosts"), f"entry {key[-1] + 1} is a duplicate of "
-                                                      f"{_show(h)}", at=key)
-        else:
-            allow_hosts.append(h)
-    scores = dict(DEFAULT_GPU_SCORES)
-    if "gpu_scores" in s:
-        raw = s["gpu_scores"]
-        if not isinstance(raw, dict):
-            ck.err(("discovery", "gpu_scores"), 'must be a table of GPU name = score, e.g. '
-                   f'gpu_scores = {{ "A100" = 0.8 }}, got {_got(raw)}')
-        else:
-            for gname, val in raw.items():
-                key = ("discovery", "gpu_scores", gname)
-                if not gname.strip():
-                    ck.err(key, "a GPU name must not be empty")
-                    continue
-                f = ck.number(val, key, 0, 1)
-                if f is not None:
-                    scores[gname] = f
-    discovery = DiscoverySection(cache_ttl=cache_ttl, coordinators=tuple(coords),
-                                 max_results=max_results, max_attempts=max_attempts,
-                                 allow_http_hosts=tuple(allow_hosts), gpu_scores=scores,
-                                 allow_private_hosts=_net_list(
-                                     ck, s, ("discovery", "allow_private_hosts"), names=True))
-
-    # [log]
-    s = _section(ck, doc, "log")
-    log = LogSection(level=ck.choice(s, ("log", "level"), "info", LOG_LEVELS))
-
+    ck = _Checker(spath, _Locator(text))
+    _unknown_sections(ck, doc)
+    agent = agent_section(ck, doc, spath, base_dir)
+    dht = dht_section(ck, doc)
+    http = http_section(ck, doc)
+    worker = worker_section(ck, doc, agent.role, spath, base_dir)
+    network = network_section(ck, doc)
+    tunnel = tunnel_section(ck, doc, agent.role, worker.endpoint, http.listen)
+    # [gateway] after [worker] and [tunnel]: upstreams name worker services, and the
+    # listen address must not collide with the other listeners.
+    gateway = gateway_section(ck, doc, agent.role, worker.services, http.listen,
+                              tunnel.metrics)
+    discovery = discovery_section(ck, doc)
+    log = log_section(ck, doc)
     if ck.errors:
         raise ConfigError(ck.sorted())
     return Config(agent=agent, dht=dht, http=http, gateway=gateway, worker=worker,
@@ -291,156 +62,12 @@ def parse_config(text: str, path: Path | str = "<config>", *,
                   source=Path(spath) if spath != "<config>" else None)
 
 
-def _anchor(spath: str, base_dir: Path | None) -> Path:
-    """The directory relative paths in the config are taken relative to."""
-    if base_dir is not None:
-        return base_dir
-    return Path(spath).resolve().parent if spath != "<config>" else Path.cwd()
-
-
-def _why_not_ip6(host: str) -> str | None:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return f"{host!r} is not a valid IPv6 address"
-    return None
-
-
-def _same_socket(a: Address, b: Address) -> bool:
-    """Whether two listen addresses would fight over one port (a wildcard host takes
-    the port on every address)."""
-    wild = ("0.0.0.0", "::")
-    return a.port == b.port and (a.host == b.host or a.host in wild or b.host in wild)
-
-
-def _admission_keys(ck: _Checker, s: dict[str, Any]) -> tuple[str, ...]:
-    """``network.admission_keys``: base64 Ed25519 public keys, 32 bytes each."""
-    keys: list[str] = []
-    for key, entry in ck.string_list(s, ("network", "admission_keys"),
-                                     "base64 of a 32-byte Ed25519 public key") or []:
-        k = entry.strip()
-        try:
-            raw = base64.b64decode(k, validate=True)
-        except (binascii.Error, ValueError):
-            raw = None
-        if raw is None or len(raw) != 32:
-            what = "is not base64" if raw is None else f"decodes to {len(raw)} bytes"
-            ck.err(("network", "admission_keys"), f"entry {key[-1] + 1} must be the base64 of a "
-                   f"32-byte Ed25519 public key (from `rma-agent network-key create`); it {what}, "
-                   f"got {_show(entry)}", at=key)
-        elif k in keys:
-            ck.err(("network", "admission_keys"), f"entry {key[-1] + 1} is a duplicate of "
-                                                  f"{_show(k)}", at=key)
-        else:
-            keys.append(k)
-    return tuple(keys)
-
-
-def _gateway(ck: _Checker, doc: dict[str, Any], role: str, services: tuple[str, ...],
-             http_listen: Address, metrics: Address) -> GatewaySection:
-    """``[gateway]``: the public listener and, on a worker, each service's upstream.
-
-    An upstream is either a URL string (``ocr = "http://127.0.0.1:9000"``) or an inline
-    table with a health path (``ocr = { url = "http://127.0.0.1:9000", health = "/healthz" }``);
-    without one the health check GETs the base URL itself.
-    """
-    s = _section(ck, doc, "gateway")
-    g = GatewaySection()
-    listen = _address(ck, s, ("gateway", "listen"), g.listen)
-    if _same_socket(listen, http_listen):
-        ck.err(("gateway", "listen"), f"must differ from http.listen ({http_listen}): the "
-               "gateway is public, the admin API is not")
-    elif _same_socket(listen, metrics):
-        ck.err(("gateway", "listen"), f"must differ from tunnel.metrics ({metrics})")
-    max_body = ck.integer(s, ("gateway", "max_body_mb"), g.max_body_mb, 1, MAX_BODY_MB)
-    timeout = g.upstream_timeout
-    if "upstream_timeout" in s:
-        t = ck.number(s["upstream_timeout"], ("gateway", "upstream_timeout"), 0, MAX_UPSTREAM_TIMEOUT)
-        if t is not None and t <= 0:
-            ck.err(("gateway", "upstream_timeout"), f"must be a number of seconds > 0 and "
-                   f"<= {MAX_UPSTREAM_TIMEOUT:g}, got {s['upstream_timeout']!r}")
-        elif t is not None:
-            timeout = t
-    upstreams: dict[str, Upstream] = {}
-    if "upstreams" in s:
-        raw = s["upstreams"]
-        if not isinstance(raw, dict):
-            ck.err(("gateway", "upstreams"), 'must be a table of service = URL, e.g. '
-                   '[gateway.upstreams] ocr = "http://127.0.0.1:9000", '
-                   f"got {_got(raw)}")
-        elif role != "worker" and raw:
-            ck.err(("gateway", "upstreams"), f'is only for role = "worker" (agent.role is '
-                                             f'"{role}"): a coordinator proxies no service')
-        else:
-            for svc, val in raw.items():
-                up = _upstream(ck, ("gateway", "upstreams", svc), svc, val, services)
-                if up is not None:
-                    upstreams[svc] = up
-    return GatewaySection(listen=listen, max_body_mb=max_body, upstream_timeout=timeout,
-                          upstreams=upstreams)
-
-
-def _upstream(ck: _Checker, key: KeyPath, svc: str, val: object,
-              services: tuple[str, ...]) -> Upstream | None:
-    """One ``[gateway.upstreams]`` entry, or None after recording what is wrong."""
-    if svc not in services:
-        listed = ", ".join(services) or "none"
-        close = difflib.get_close_matches(svc, list(services), n=1, cutoff=0.6)
-        hint = f", did you mean '{close[0]}'?" if close else ""
-        ck.err(key, f"is not a service of this worker (worker.services: {listed}){hint}")
-        return None
-    health = ""
-    if isinstance(val, dict):
-        for k in val:
-            if k not in UPSTREAM_KEYS:
-                close = difflib.get_close_matches(k, list(UPSTREAM_KEYS), n=1, cutoff=0.6)
-                ck.err((*key, k), "unknown key" + (f", did you mean '{close[0]}'?" if close
-                                                    else " (known: url, health)"))
-        if "url" not in val:
-            ck.err(key, 'needs a url, e.g. { url = "http://127.0.0.1:9000", health = "/healthz" }')
-            return None
-        hv = val.get("health", "")
-        if not isinstance(hv, str) or (hv and (not hv.startswith("/") or any(
-                c.isspace() or ord(c) < 32 or c in "#?" for c in hv))):
-            ck.err((*key, "health"), 'must be a path starting with "/" (no query, no spaces), '
-                   f"e.g. \"/healthz\", got {_got(hv)}")
-            return None
-        health = hv
-        val, key = val["url"], (*key, "url")
-    if not isinstance(val, str):
-        ck.err(key, 'must be an http(s) URL string, e.g. "http://127.0.0.1:9000", or a table '
-               f"{{ url = ..., health = ... }}, got {_got(val)}")
-        return None
-    url = val.strip()
-    why = check_url(url)
-    if why is None and urllib.parse.urlsplit(url).query:
-        why = "must not contain a ?query"
-    if why:
-        ck.err(key, f"{why}, got {_show(val)}")
-        return None
-    return Upstream(url=url.rstrip("/") or url, health=health)
-
-
-def _net_list(ck: _Checker, s: dict[str, Any], key: KeyPath, *, names: bool) -> tuple[str, ...]:
-    """An array of IP addresses and CIDR networks (``10.0.0.0/8``), and host names when
-    ``names``; entries normalised (lowercase, networks in canonical form)."""
-    out: list[str] = []
-    what = ("an IP address, a CIDR network or a host name" if names
-            else "an IP address or a CIDR network")
-    for k, entry in ck.string_list(s, key, "127.0.0.1") or []:
-        e = entry.strip().lower().removeprefix("[").removesuffix("]")
-        try:
-            norm = str(ipaddress.ip_network(e, strict=False)) if "/" in e else \
-                str(ipaddress.ip_address(e))
-        except ValueError:
-            norm = e if names and ":" not in e and check_host(e) is None else ""
-        if not norm:
-            ck.err(key, f"entry {k[-1] + 1} must be {what}, got {_show(entry)}", at=k)
-        elif norm in out:
-            ck.err(key, f"entry {k[-1] + 1} is a duplicate of {_show(norm)}", at=k)
-        else:
-            out.append(norm)
-    return tuple(out)
+def _unknown_sections(ck: _Checker, doc: dict[str, Any]) -> None:
+    """Report top-level names that are not sections (with a close spelling if any)."""
+    for name, value in doc.items():
+        if name not in SCHEMA:
+            kind = "section" if isinstance(value, dict) else "key"
+            ck.err((name,), f"unknown {kind}" + _did_you_mean(name, tuple(SCHEMA)))
 
 
 def _syntax_error(path: str, text: str, msg: str) -> str:

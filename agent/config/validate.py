@@ -11,6 +11,7 @@ import json
 import math
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from agent.config.locator import _BARE_KEY_RE, KeyPath, _Locator
@@ -192,6 +193,25 @@ class _Checker:
             else:
                 out.append(((*key, i), item))
         return out
+
+    def unique_list(self, sec: dict[str, Any], key: KeyPath, example: str,
+                    check: Callable[[str], tuple[str, str | None]]) -> list[str]:
+        """The array's valid entries, each once, in order.
+
+        ``check`` maps a raw entry to ``(value, why)``: the normalised value to keep, or
+        ``why`` it is wrong (the message after "entry N "). Every array key reports a bad
+        entry and a repeated value the same way, on the entry's own line.
+        """
+        kept: list[str] = []
+        for at, raw in self.string_list(sec, key, example) or []:
+            value, why = check(raw)
+            if why is not None:
+                self.err(key, f"entry {at[-1] + 1} {why}", at=at)
+            elif value in kept:
+                self.err(key, f"entry {at[-1] + 1} is a duplicate of {_show(value)}", at=at)
+            else:
+                kept.append(value)
+        return kept
 
 
 def check_host(host: str) -> str | None:
