@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from agent import limits as rec
 from agent.config.locator import KeyPath
 from agent.config.model import (
     DEFAULT_GPU_SCORES,
@@ -51,7 +52,6 @@ from agent.config.validate import (
     check_url,
     parse_address,
 )
-from agent.dht import record as rec
 
 
 def _anchor(spath: str, base_dir: Path | None) -> Path:

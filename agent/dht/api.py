@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from agent.concurrency import SingleFlight
 from agent.dht.record import ALL_SERVICES, normalize_service, valid_service_name
 
 if TYPE_CHECKING:
@@ -95,8 +96,6 @@ def bootstrap_handler(dht: DHTComponent) -> Any:
 
 
 def add_routes(app: web.Application, dht: DHTComponent) -> None:
-    from agent.discovery.cache import SingleFlight
-
     crawls = SingleFlight()
 
     async def topology(request: web.Request) -> web.Response:

@@ -47,6 +47,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import __version__
 from agent.dht.keys import index_key, index_shard
+from agent.limits import (
+    MAX_ENDPOINT,
+    MAX_GPU,
+    MAX_NAME,
+    MAX_REGION,
+    MAX_SERVICE,
+    MAX_SERVICES,
+    MAX_TTL,
+)
 
 if TYPE_CHECKING:
     from agent.dht.identity import Identity
@@ -60,14 +69,7 @@ MAX_RECORD_BYTES = 640
 LEGACY_REFRESH = 30.0       # what a format-1 record is taken to promise (the platform default)
 MAX_AGENT_VERSION = 24
 MAX_CERT = 256
-MAX_TTL = 3600.0            # a record may not claim to live longer than this
 DEFAULT_MAX_SKEW = 30.0
-MAX_NAME = 64
-MAX_ENDPOINT = 256
-MAX_REGION = 32
-MAX_GPU = 32
-MAX_SERVICE = 63
-MAX_SERVICES = 16
 MAX_SEQ = 2**63 - 1
 SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _N_FIELDS = {FORMAT_VERSION: 18, LEGACY_VERSION: 15}   # signed fields per format

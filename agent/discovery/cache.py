@@ -26,12 +26,11 @@ coordinators fail, the stale entry answers (source ``cache``) rather than nothin
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
+from agent.concurrency import SingleFlight  # noqa: F401 (re-exported: moved below discovery)
 from agent.discovery.select import CandidateSet, RecordLike
 
 NEGATIVE_TTL_S = 5.0
@@ -40,8 +39,6 @@ NEGATIVE_TTL_S = 5.0
 IN_TRANSIT_S = 2.0
 LOAD_DELTA = 1.0         # a load change of a whole slot is news (workers re-announce on it)
 MAX_SERVICES = 1024
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -191,44 +188,3 @@ def material_change(old: RecordLike, new: RecordLike) -> bool:
             or tuple(new.services) != tuple(old.services) or new.gpu != old.gpu
             or new.gpu_memory_gb != old.gpu_memory_gb or new.capacity != old.capacity
             or new.region != old.region or abs(new.load - old.load) >= LOAD_DELTA)
-
-
-class SingleFlight:
-    """Concurrent calls for one key share one execution of the work.
-
-    The work runs in its own task, so a caller that is cancelled (client went away) does
-    not cancel it for the others. ``joined`` counts calls that did not start work.
-    """
-
-    def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[object]] = {}
-        self.joined = 0
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._inflight
-
-    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
-        fut = self._inflight.get(key)
-        if fut is not None:
-            self.joined += 1
-            return await asyncio.shield(fut)  # type: ignore[return-value]
-
-        async def runner() -> T:
-            try:
-                return await work()
-            finally:
-                self._inflight.pop(key, None)
-
-        task: asyncio.Future[object] = asyncio.ensure_future(runner())
-        # if every caller went away, the outcome is still "retrieved" (no asyncio warning)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self._inflight[key] = task
-        return await asyncio.shield(task)  # type: ignore[return-value]
-
-    async def cancel_all(self) -> None:
-        tasks = list(self._inflight.values())
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._inflight.clear()
