@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import random
 import signal
 import socket
@@ -42,13 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import toml_dumps
-from tests.util import free_port, free_udp_tcp_port, wait_for
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, wait_for
 
 
-# ----------------------------------------------------------------------------- TOML
-# ----------------------------------------------------------------------------- ports
 # ----------------------------------------------------------------------------- HTTP
 def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
          raw: bytes | None = None) -> tuple[int, Any]:
@@ -75,7 +70,8 @@ def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """``tests.util.wait_for`` with the argument order the cluster tests use."""
+    """``tests.util.wait_for`` (the one polling helper) with the argument order older
+    cluster tests use; new code calls ``wait_for(pred, timeout, what=...)``."""
     return wait_for(pred, timeout, interval, what)
 
 
@@ -258,16 +254,17 @@ class Cluster:
         return self.add(name, "worker", seeds=seeds, **kw)
 
     # -- processes -----------------------------------------------------------------
-    def start(self, *nodes: Node) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    def start(self, *nodes: Node, launcher: Iterable[str] = ("-m", "agent")) -> None:
+        """Start ``python LAUNCHER run -c CFG`` for each node. ``launcher`` replaces
+        ``-m agent`` where a test runs the same code differently (tests/test_versions.py
+        runs agents that believe they are another version)."""
+        env = agent_env()
         for node in nodes:
             assert not node.alive(), f"{node.name} already running"
             node.write_config()
             node._log = open(node.log_path, "ab")  # closed in _reap
             node.proc = subprocess.Popen(
-                [*node.exec_prefix, sys.executable, "-m", "agent", "run", "-c",
+                [*node.exec_prefix, sys.executable, *launcher, "run", "-c",
                  str(node.cfg_path)],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
-import time
 from typing import Any
 
 from aiohttp import web
@@ -18,14 +16,7 @@ from agent.httpapi import json_errors
 from agent.roles.coordinator import CoordinatorRole
 from agent.roles.worker import WorkerRole
 from tests.roles.fakes import FakeAgent, FakeDHT, make_config
-
-
-async def _until(pred: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+from tests.util import wait_for_async as _until
 
 
 def _worker(tmp_path, stores_on: int = 3, **sections: dict[str, Any]):
@@ -49,7 +40,7 @@ async def test_announces_refreshes_and_withdraws(tmp_path) -> None:
         assert first.region == "eu" and 19 <= first.expires_at - first.issued_at <= 21
         assert role.status() == "announced ocr,asr" and role.ready() == (True, "")
         # republish_interval = 1 s (±10 %): a refresh with a higher sequence follows
-        await _until(lambda: len(dht.announced) >= 2, timeout=3.0)
+        await _until(lambda: len(dht.announced) >= 2)
         assert dht.announced[1].seq > first.seq
         assert role.stats()["worker"]["last_stored_on"] == 3
     finally:
@@ -61,30 +52,34 @@ async def test_announces_refreshes_and_withdraws(tmp_path) -> None:
 
 
 async def test_waits_for_tunnel_endpoint(tmp_path) -> None:
-    agent, dht, role = _worker(tmp_path, worker={"endpoint": ""}, tunnel={"mode": "quick"})
+    # a 30 s refresh: everything below comes from the endpoint events, within the 10 s
+    # limit of each wait, never from a periodic refresh
+    agent, dht, role = _worker(tmp_path, worker={"endpoint": ""}, tunnel={"mode": "quick"},
+                               dht={"republish_interval": 30, "record_ttl": 60})
     await role.start()
     try:
-        await asyncio.sleep(0.3)
+        # the announce loop ran and found no endpoint (its verdict, not a pause)
+        await _until(lambda: role.stats()["worker"]["last_result"] == "no endpoint",
+                     what="the announce loop's 'no endpoint' verdict")
         assert dht.announced == []
         ok, why = role.ready()
         assert not ok and "tunnel" in why
         assert role.status() == "no endpoint"
         agent.emit("endpoint", "https://abc.trycloudflare.com")
-        await _until(lambda: len(dht.announced) == 1, timeout=1.0)   # at once, not at refresh
+        await _until(lambda: len(dht.announced) == 1)   # at once, not at refresh
         assert dht.announced[0].endpoint == "https://abc.trycloudflare.com"
         assert role.ready() == (True, "")
         agent.emit("endpoint", "https://xyz.trycloudflare.com")        # the URL changed
-        await _until(lambda: dht.announced[-1].endpoint == "https://xyz.trycloudflare.com",
-                     timeout=1.0)
+        await _until(lambda: dht.announced[-1].endpoint == "https://xyz.trycloudflare.com")
         n = len(dht.announced)
         agent.emit("endpoint", "")                                      # tunnel gone
-        await _until(lambda: len(dht.announced) == n + 1, timeout=1.0)
+        await _until(lambda: len(dht.announced) == n + 1)
         tomb = dht.announced[-1]
         assert tomb.withdrawn and tomb.endpoint == "https://xyz.trycloudflare.com"
         assert await dht.find_providers("ocr") == []
         assert not role.ready()[0]
         agent.emit("endpoint", "https://new.trycloudflare.com")        # back again
-        await _until(lambda: not dht.announced[-1].withdrawn, timeout=1.0)
+        await _until(lambda: not dht.announced[-1].withdrawn)
         assert len(await dht.find_providers("ocr")) == 1
     finally:
         await role.stop()
@@ -102,14 +97,14 @@ async def test_load_change_reannounces(tmp_path) -> None:
     try:
         await _until(lambda: len(dht.announced) == 1)
         role.set_inflight(3)
-        await _until(lambda: len(dht.announced) == 2, timeout=1.0)
+        await _until(lambda: len(dht.announced) == 2)
         assert dht.announced[-1].load == 3.0
-        role.set_inflight(3.2)        # small jitter is not worth a re-announce
-        await asyncio.sleep(0.2)
-        assert len(dht.announced) == 2
+        role.set_inflight(3.2)        # small jitter is not worth a re-announce:
+        assert role.stats()["worker"]["load"] == 3.0    # the announced load is kept
         role.set_inflight(99)         # clamped to capacity
-        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
-        assert dht.announced[-1].load == 4.0
+        await _until(lambda: len(dht.announced) == 3)
+        # no record ever carried the jitter
+        assert [r.load for r in dht.announced] == [0.0, 3.0, 4.0]
     finally:
         await role.stop()
 
@@ -123,7 +118,7 @@ async def test_reload_withdraws_removed_service(tmp_path) -> None:
         agent.config = dataclasses.replace(
             old, worker=dataclasses.replace(old.worker, services=("ocr",)))
         await role.reload(old, agent.config)
-        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        await _until(lambda: len(dht.announced) == 3)
         tomb, live = dht.announced[1], dht.announced[2]
         assert tomb.withdrawn and tomb.services == ("asr",)
         assert not live.withdrawn and live.services == ("ocr",) and live.seq > tomb.seq
@@ -139,21 +134,20 @@ async def test_service_with_upstream_down_is_withdrawn_then_back(tmp_path) -> No
     try:
         await _until(lambda: len(dht.announced) == 1)
         role.set_down(frozenset({"asr"}))
-        await _until(lambda: len(dht.announced) == 3, timeout=1.0)
+        await _until(lambda: len(dht.announced) == 3)
         tomb, live = dht.announced[1], dht.announced[2]
         assert tomb.withdrawn and tomb.services == ("asr",)
         assert not live.withdrawn and live.services == ("ocr",) and live.seq > tomb.seq
         assert role.services() == ("ocr",)
         role.set_down(frozenset({"asr"}))                       # no change: no announce
-        await asyncio.sleep(0.2)
-        assert len(dht.announced) == 3
         role.set_down(frozenset({"asr", "ocr"}))                # everything down
-        await _until(lambda: dht.announced[-1].withdrawn, timeout=1.0)
+        await _until(lambda: dht.announced[-1].withdrawn)
+        # the repeated report announced nothing: next came the withdrawal of ocr
+        assert len(dht.announced) == 4 and dht.announced[3].services == ("ocr",)
         assert role.status() == "withdrawn" and role.services() == ()
         n = len(dht.announced)
         role.set_down(frozenset())                              # both back
-        await _until(lambda: len(dht.announced) > n and not dht.announced[-1].withdrawn,
-                     timeout=1.0)
+        await _until(lambda: len(dht.announced) > n and not dht.announced[-1].withdrawn)
         assert dht.announced[-1].services == ("ocr", "asr")
         # nothing withdrawn on the way back: the pending withdrawal was dropped
         assert all(not r.withdrawn for r in dht.announced[n:])
@@ -233,7 +227,7 @@ async def test_local_service_sets_the_load_over_http(tmp_path) -> None:
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             resp = await client.put("/api/worker/load", json={"inflight": 3})
             assert resp.status == 200 and (await resp.json())["load"] == 3.0
-            await _until(lambda: len(dht.announced) == 2, timeout=1.0)
+            await _until(lambda: len(dht.announced) == 2)
             assert dht.announced[-1].load == 3.0
             # relayed through the tunnel (cloudflared adds Cf-Connecting-Ip): refused
             resp = await client.put("/api/worker/load", json={"inflight": 0},
@@ -246,7 +240,7 @@ async def test_local_service_sets_the_load_over_http(tmp_path) -> None:
             assert resp.status == 400
             resp = await client.put("/api/worker/load", json={"inflight": None})
             assert resp.status == 200 and (await resp.json())["inflight"] is None
-            await _until(lambda: dht.announced[-1].load == 0.0, timeout=1.0)
+            await _until(lambda: dht.announced[-1].load == 0.0)
     finally:
         await role.stop()
 
@@ -265,13 +259,14 @@ async def test_the_gateways_count_does_not_erase_the_services_reported_load(tmp_
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             resp = await client.put("/api/worker/load", json={"inflight": 3})
             assert resp.status == 200
-            await _until(lambda: dht.announced[-1].load == 3.0, timeout=1.0)
+            await _until(lambda: dht.announced[-1].load == 3.0)
             role.set_inflight(1)             # the gateway: one request in flight, then none
             role.set_inflight(0)
-            await asyncio.sleep(0.2)
-            assert role._current_load() == 3.0 and dht.announced[-1].load == 3.0
+            assert role._current_load() == 3.0 and role.stats()["worker"]["load"] == 3.0
             role.set_inflight(4)             # the gateway sees more than the service said
-            await _until(lambda: dht.announced[-1].load == 4.0, timeout=1.0)
+            await _until(lambda: dht.announced[-1].load == 4.0)
+            # the gateway's 1 and 0 never reached a record
+            assert [r.load for r in dht.announced] == [0.0, 3.0, 4.0]
             resp = await client.put("/api/worker/load", json={"inflight": None})
             assert (await resp.json())["load"] == 4.0
     finally:
