@@ -59,6 +59,7 @@ class ProviderStub(Component):
         self.delay = delay
         self.fail = fail
         self.calls: list[str] = []
+        self.cancelled = 0        # queries abandoned by the caller (its timeout)
 
     def add(self, rec: WorkerRecord) -> None:
         for key in (*rec.services, "*"):
@@ -69,7 +70,11 @@ class ProviderStub(Component):
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
         self.calls.append(service)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         if self.fail:
             raise OSError("network unreachable")
         return list(self.records.get(service, []))

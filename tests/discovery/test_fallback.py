@@ -5,29 +5,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import socket
-import subprocess
 import time
-import urllib.request
 
 import pytest
 from aiohttp import web
 
 from agent.dht.identity import Identity
 from agent.proof import PROOF_PATH, make_proof, parse_nonce
+from tests.cluster import Cluster
 from tests.discovery._support import make_discovery, make_record
-from tests.util import (
-    agent_cmd,
-    agent_env,
-    coordinator_config,
-    free_port,
-    free_udp_tcp_port,
-    http_get,
-    stop_process,
-    wait_for,
-    write_config,
-)
+from tests.util import free_port
 
 
 class Registry:
@@ -104,10 +92,13 @@ async def test_dht_unusable_answers_from_coordinator(dht_state):
             comp.dht_timeout_s = 0.2
         await comp.start()
         try:
-            t0 = time.monotonic()
             res = await comp.lookup("ocr")
-            assert time.monotonic() - t0 < 2.0
             assert res.source == "coordinator"
+            # a DHT that does not answer is given up after dht_timeout_s (counted), not
+            # waited for (its 5 s); how fast the fallback is, bench/ measures
+            assert comp.stats()["discovery"]["dht_timeouts"] == (dht_state == "timeout")
+            if dht is not None:
+                assert dht.calls == ["ocr"] and dht.cancelled == (dht_state == "timeout")
             assert sorted(w["name"] for w in res.workers) == ["w0", "w1", "w2"]
             again = await comp.lookup("ocr")
             assert again.source == "cache" and reg.hits == 1
@@ -171,41 +162,26 @@ async def test_everything_down_serves_the_last_known_answer():
 
 @pytest.fixture
 def real_coordinator(tmp_path):
-    """A real coordinator process (``rma-agent run``) with 3 workers registered over HTTP
-    (``POST /api/services/register``); yields (url, names)."""
-    cfg, http = coordinator_config(tmp_path)
-    proc = subprocess.Popen(agent_cmd("run", "-c", str(cfg)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/readyz", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "coordinator not ready"
-                time.sleep(0.2)
+    """A real coordinator process (``rma-agent run``, tests/cluster.py) with 3 workers
+    registered over HTTP (``POST /api/services/register``); yields (cluster, url, names)."""
+    with Cluster(tmp_path) as cl:
+        coord = cl.coordinator("coord")
+        cl.start(coord)
+        cl.wait_ready(coord)
         names = [f"reg-{i}" for i in range(3)]
         for i, name in enumerate(names):
             rec = make_record(name=name, load=float(i), services=("ocr", "tts"),
-                              endpoint=url)
-            body = json.dumps({"record": base64.b64encode(rec.encode()).decode()}).encode()
-            req = urllib.request.Request(url + "/api/services/register", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                assert resp.status == 200
-        yield url, names
-    finally:
-        proc.terminate()
-        proc.wait(10)
+                              endpoint=coord.url)
+            status, body = coord.post("/api/services/register",
+                                      {"record": base64.b64encode(rec.encode()).decode()})
+            assert status == 200, body
+        yield cl, coord.url, names
 
 
 @pytest.mark.slow
 async def test_real_coordinator_process_registry(real_coordinator):
     """Workers registered only at a real coordinator are found, source = coordinator."""
-    url, names = real_coordinator
+    _cl, url, names = real_coordinator
     _agent, comp, _ = make_discovery(with_dht=False, coordinators=[url])
     await comp.start()
     try:
@@ -217,37 +193,23 @@ async def test_real_coordinator_process_registry(real_coordinator):
 
 
 @pytest.mark.slow
-def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinator, tmp_path):
+def test_agent_with_unreachable_dht_answers_from_the_coordinator(real_coordinator):
     """Two real processes: a worker agent whose DHT seeds are unreachable asks, through its
     own HTTP API, and is answered from the coordinator's registry (source = coordinator)."""
-    url, names = real_coordinator
-    http = free_port()
-    cfg = write_config(tmp_path / "lonely.toml", {
-        "agent": {"role": "worker", "name": "lonely", "state_dir": str(tmp_path / "lonely")},
-        "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server",
-                "bootstrap": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]},  # nobody there
-        "http": {"listen": f"127.0.0.1:{http}"},
-        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
-        "worker": {"services": ["ocr"], "endpoint": f"http://127.0.0.1:{http}",
-                   "gpu": "T4", "gpu_memory_gb": 16},
-        "discovery": {"coordinators": [url]},
-        "log": {"level": "warning"},
-    })
-    proc = subprocess.Popen(agent_cmd("run", "-c", str(cfg)), env=agent_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        base = f"http://127.0.0.1:{http}"
-        wait_for(lambda: http_get(base + "/healthz")[0] == 200 or proc.poll() is not None,
-                 timeout=30, what="lonely agent serving HTTP")
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        status, body = http_get(base + "/api/services/tts", timeout=10)
-        assert status == 200, body
-        assert body["source"] == "coordinator"
-        assert sorted(w["name"] for w in body["workers"]) == names
-        status, stats = http_get(base + "/api/dht/stats", timeout=10)
-        assert stats["discovery"]["fallbacks"] >= 1 and stats["joined"] is False
-    finally:
-        stop_process(proc)
+    cl, url, names = real_coordinator
+    nobody = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+    lonely = cl.worker("lonely", seeds=[nobody], coordinators=[url])
+    cl.start(lonely)
+    cl.wait_healthy(lonely)
+    status, body = lonely.get("/api/services/tts", timeout=10)
+    assert status == 200, body
+    assert body["source"] == "coordinator"
+    assert sorted(w["name"] for w in body["workers"]) == names
+    status, stats = lonely.get("/api/dht/stats", timeout=10)
+    assert status == 200 and stats["joined"] is False
+    # this lookup (and any the worker's own start made) answered by the fallback
+    assert stats["discovery"]["fallbacks"] >= 1
+    assert stats["discovery"]["by_source"]["coordinator"] >= 1
 
 
 async def test_large_registry_answer_is_read_whole():

@@ -115,10 +115,10 @@ async def test_probes_feed_latency_and_demote_failures(session):
         cands = [ep.cand(k) for k in ("ok", "slow", "dead", "nohealth", "impostor")]
         refused = Identity.generate()
         cands.append((refused.node_id, "http://127.0.0.1:9", refused.public_key))
-        t0 = time.monotonic()
         assert p.consider(cands) == 5                      # max_concurrency = 5
         await p.drain()
-        assert time.monotonic() - t0 < 2.0                 # the slow one timed out at 0.5 s
+        # the slow one (answers a valid proof after 1.2 s) was given up at 0.5 s: it is
+        # banned and counted failed below, and "ok" counts only the fast one
         now = time.time()
         assert 0 <= t.latency_ms(ids["ok"]) < 500 and not t.is_banned(ids["ok"], now)
         assert t.get(ids["ok"]).proof == "ok"

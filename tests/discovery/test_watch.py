@@ -20,7 +20,7 @@ import pytest
 from tests.cluster import Cluster
 from tests.cluster import http as http_call
 from tests.sse import SSEReader
-from tests.util import agent_cmd, agent_env, wait_for
+from tests.util import agent_cmd, agent_env, wait_for, wait_for_async
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,6 @@ def test_200_idle_watchers_cost_less_than_20_mb(cluster):
     assert c1.proc is not None
     warm = SSEReader(c1.ip, c1.http_port, "/api/services/ocr/watch")
     assert warm.next()[1] == "snapshot"
-    time.sleep(0.5)
     before = _rss_kb(c1.proc.pid)
     socks = []
     try:
@@ -120,7 +119,6 @@ def test_200_idle_watchers_cost_less_than_20_mb(cluster):
             assert buf.startswith(b"HTTP/1.1 200")
         _, stats = c1.get("/api/dht/stats")
         assert stats["dashboard"]["watch"]["watchers"] == 201
-        time.sleep(1.0)
         after = _rss_kb(c1.proc.pid)
         cost_mb = (after - before) / 1024
         print(f"200 idle watchers: RSS {before / 1024:.1f} -> {after / 1024:.1f} MB "
@@ -237,12 +235,10 @@ async def test_a_watcher_that_stops_reading_is_dropped():
         sock.setblocking(False)
         await loop.sock_connect(sock, (server.host, server.port))
         await loop.sock_sendall(sock, b"GET /api/services/ocr/watch HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(100):
-            if hub.limit.current == 1 and hub.get("ocr") and hub.get("ocr").channel.subscribers:
-                break
-            await asyncio.sleep(0.05)
-        w = hub.get("ocr")
-        assert w is not None and len(w.channel.subscribers) == 1
+        w = await wait_for_async(
+            lambda: hub.limit.current == 1 and (w := hub.get("ocr")) is not None
+            and w.channel.subscribers and w, what="the raw socket subscribed to the watch")
+        assert len(w.channel.subscribers) == 1
         view = {"name": "x" * 3000}
         for i in range(4000):                     # ~12 MB offered to a reader reading nothing
             w.channel.publish("changed", {"service": "ocr", "worker": {**view, "n": i}})
@@ -251,11 +247,8 @@ async def test_a_watcher_that_stops_reading_is_dropped():
             if i % 20 == 0:
                 await asyncio.sleep(0)
         assert hub.limit.dropped == 1
-        for _ in range(100):
-            if hub.limit.current == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert hub.limit.current == 0 and w.watchers == 0 and not w.channel.subscribers
+        await wait_for_async(lambda: hub.limit.current == 0, what="the dropped slot returned")
+        assert w.watchers == 0 and not w.channel.subscribers
     finally:
         sock.close()
         await hub.stop()
@@ -314,20 +307,21 @@ async def test_the_all_workers_watch_is_a_paced_index_crawl(monkeypatch):
         star, ocr = hub.pin("*"), hub.pin("ocr")
         assert star is not None and ocr is not None
         await star.wait_first()
-        await asyncio.sleep(1.0)
-        assert star.refreshes == 1 and ocr.refreshes >= 5, (star.refreshes, ocr.refreshes)
+        # ocr's own refreshes are the clock: 20 of them at its 0.05 s pace span well over
+        # the "*" watch's 0.3 s gap, and the index was crawled once all that time
+        await wait_for_async(lambda: ocr.refreshes >= 20, what="20 paced ocr refreshes")
+        assert star.refreshes == 1, (star.refreshes, ocr.refreshes)
         assert list(star.members) == [known.worker_id]
         agent.emit("record", make_record(ident, name="known"))     # its next refresh
-        await asyncio.sleep(0.6)
-        assert star.refreshes == 1               # a known worker's refresh: no crawl
+        assert not star.wake.is_set()            # a known worker's refresh: no crawl
+        assert ocr.wake.is_set()                 # (its service's watch does look)
         joiner = make_record(name="joiner")
         dht.add(joiner)
         agent.emit("record", joiner)
-        for _ in range(40):
-            if joiner.worker_id in star.members:
-                break
-            await asyncio.sleep(0.05)
-        assert star.refreshes == 2 and joiner.worker_id in star.members
+        assert star.wake.is_set()                # a join wakes the crawl
+        await wait_for_async(lambda: joiner.worker_id in star.members,
+                             what="the joiner in the '*' watch")
+        assert star.refreshes == 2
     finally:
         await hub.stop()
         await comp.stop()
