@@ -44,6 +44,7 @@ log = logging.getLogger("rma_agent.discovery")
 EWMA_ALPHA = 0.3
 BASE_BACKOFF_S = 15.0
 MAX_BACKOFF_S = 240.0
+MAX_DOUBLINGS = 32           # back-off exponent cap (no float overflow after many failures)
 RANK_DELTA = 0.1         # relative latency change that is worth re-ranking for ...
 RANK_MIN_MS = 2.0        # ... and never less than this (it moves a score by < 0.02)
 
@@ -157,7 +158,10 @@ class LatencyTracker:
         st = self._touch(worker_id)
         was_banned = st.banned_until > now
         st.failures += 1
-        backoff = min(self.base_backoff_s * 2.0 ** (st.failures - 1), self.max_backoff_s)
+        # the exponent is capped: 2.0 ** 1024 overflows a float (OverflowError), and a
+        # worker can fail that often; 2 ** 32 times any base is past every sane cap
+        doublings = min(st.failures - 1, MAX_DOUBLINGS)
+        backoff = min(self.base_backoff_s * 2.0 ** doublings, self.max_backoff_s)
         st.banned_until = max(st.banned_until, now + backoff)
         self._bans[worker_id] = st.banned_until
         self.version += 1

@@ -46,6 +46,17 @@ def test_failure_demotes_at_once_and_backs_off_doubling_to_a_cap():
     assert t.get(W1).banned_until == now + 85       # back to 15 s after a success
 
 
+def test_thousands_of_failures_keep_the_capped_backoff():
+    """Issue 20: the 1,025th failure computed 2.0 ** 1024 and raised OverflowError, so
+    every routed request to that worker became a 500."""
+    t = LatencyTracker(base_backoff_s=15, max_backoff_s=240)
+    now = 1000.0
+    for _ in range(1100):
+        t.record_failure(W1, now)
+    assert t.get(W1).failures == 1100
+    assert t.is_banned(W1, now + 239) and not t.is_banned(W1, now + 241)
+
+
 def test_memory_is_bounded():
     t = LatencyTracker(max_workers=100)
     for i in range(10_000):
