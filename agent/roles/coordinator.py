@@ -9,13 +9,18 @@ Why each part exists:
   cannot announce; they send their signed record here. It is verified exactly like a DHT
   record (signature, fields, expiry, skew), kept in a bounded local registry (newest
   sequence per worker), and republished into the DHT on the worker's behalf — the
-  signature travels with it, so no one can alter it on the way. Abuse bounds: in a closed
-  network only admitted records (``agent.network``, 403 otherwise); per source IP a token
-  bucket (``REGISTER_RATE``/s, burst ``REGISTER_BURST``, 429 beyond) and at most
-  ``MAX_PER_IP`` workers; a record is kept at most ``dht.record_ttl`` seconds past its
-  registration whatever lifetime it claims (workers re-register every republish
-  interval), and a full registry refuses newcomers (503) instead of evicting a live
-  record — so a flood of long-lived records cannot push honest workers out.
+  signature travels with it, so no one can alter it on the way. Abuse bounds
+  (:mod:`agent.roles.registry`): in a closed network only admitted records
+  (``agent.network``, 403 otherwise); token buckets per source IP and per /24 (/64),
+  429 beyond; at most ``MAX_PER_IP`` workers per IP and ``MAX_PER_PREFIX`` per /24;
+  the last places kept for newcomers from small networks; a record kept at most
+  ``dht.record_ttl`` seconds past its registration whatever lifetime it claims, and
+  republished into the DHT only when it expires within that window (so the DHT never
+  holds it longer than the registry); a full registry refuses newcomers (503) instead
+  of evicting a live record. The source IP is the peer's, or what a forwarding header
+  says when the peer is listed in ``http.trusted_proxies`` (:mod:`agent.forwarded`).
+  The body is read to its end (it may arrive in several TCP segments) and its JSON
+  nesting bounded before parsing.
 - **``GET /api/registry/{service}``** -> ``{"records": [base64, ...]}``: what discovery's
   coordinator fallback reads when the DHT cannot answer. Clients verify each record again.
 """
@@ -25,12 +30,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import json
 import logging
 import time
-from collections import Counter as CounterT
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +48,10 @@ from agent.dht.record import (
     normalize_service,
     valid_service_name,
 )
+from agent.forwarded import client_ip
 from agent.network import admitted, admitted_reason
-from agent.ratelimit import TokenBucket
+from agent.roles import registry as reg_mod
+from agent.roles.registry import Registry, prefix_of
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
@@ -56,40 +60,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("rma_agent.coordinator")
 
 SNAPSHOT_INTERVAL = 60.0
-REGISTRY_MAX = 10_000        # workers kept; the soonest-expiring go first when full
 MAX_B64 = 16 * 1024          # a record is well under 8 KiB; anything bigger is abuse
 MAX_BODY = 64 * 1024
+MAX_NESTING = 32             # '[' + '{' in a body; a registration has one '{'
 REPUBLISH_TIMEOUT = 5.0
-REGISTER_RATE = 5.0          # registrations per second per source IP (a NAT of many workers
-REGISTER_BURST = 50.0        # re-registers every republish interval: 100 workers ~ 3/s)
-MAX_PER_IP = 256             # workers whose latest registration came from one IP
-RATE_IPS = 4096              # source IPs with a bucket (least recently seen dropped)
 
-
-def source_ip(request: web.Request) -> str:
-    """The registering client's IP, for per-IP limits. Behind cloudflared or a TLS proxy
-    on this box (the connection comes from loopback) the proxy's header names the client:
-    ``CF-Connecting-IP``, else the *last* ``X-Forwarded-For`` entry (the one our proxy
-    appended; earlier ones are whatever the client sent), else ``X-Real-IP``. Headers from
-    any other peer are ignored: they would let a client pick its own bucket."""
-    remote = request.remote or ""
-    try:
-        loopback = ipaddress.ip_address(remote.removeprefix("::ffff:")).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        for header, pick in (("CF-Connecting-IP", 0), ("X-Forwarded-For", -1),
-                             ("X-Real-IP", 0)):
-            value = request.headers.get(header)
-            if value:
-                ip = value.split(",")[pick].strip()[:64]
-                if ip:
-                    return ip
-    return remote
+_LIMIT_TEXT = {
+    "ip_full": "{n} workers already registered from {ip}",
+    "prefix_full": "{n} workers already registered from {prefix}",
+    "reserved": "the registry's last places are kept for networks with few workers",
+}
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, at most ``MAX_BODY + 1`` bytes: ``content.read(n)`` returns what
+    has arrived so far, so a body split over TCP segments is read until EOF."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= MAX_BODY:
+        chunk = await request.content.read(MAX_BODY + 1 - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """The body as JSON, or ValueError. Nesting is bounded before parsing (a body of
+    30,000 '[' made the parser raise RecursionError: a 500 with a traceback)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING:
+        raise ValueError("too deeply nested")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("too deeply nested") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class CoordinatorRole(Component):
@@ -99,11 +110,7 @@ class CoordinatorRole(Component):
 
     def __init__(self, agent: Agent) -> None:
         super().__init__(agent)
-        self.registry: dict[bytes, WorkerRecord] = {}
-        self._until: dict[bytes, float] = {}        # worker -> kept until (TTL capped)
-        self._src: dict[bytes, str] = {}            # worker -> IP of its latest registration
-        self._per_ip: CounterT[str] = CounterT()
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.book = Registry(lambda: float(self.agent.config.dht.record_ttl))
         self._task: asyncio.Task[None] | None = None
         self.last_snapshot_at: float | None = None
         self.last_snapshot_size = 0
@@ -116,6 +123,11 @@ class CoordinatorRole(Component):
         self._m_workers = Gauge("rma_agent_coordinator_registry_workers",
                                 "Live workers in the fallback registry", registry=agent.registry)
         self._m_workers.set_function(self._live_count)
+
+    @property
+    def registry(self) -> dict[bytes, WorkerRecord]:
+        """Registered records by worker id (read-only use; ``book`` keeps the counts)."""
+        return self.book.records
 
     @property
     def dht(self) -> DHTComponent:
@@ -181,65 +193,15 @@ class CoordinatorRole(Component):
 
     # ------------------------------------------------------------------ registry
     def _expire(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        for wid in [w for w, r in self.registry.items()
-                    if min(r.expires_at, self._until.get(w, r.expires_at)) <= now]:
-            self._forget(wid)
-
-    def _forget(self, wid: bytes) -> None:
-        self.registry.pop(wid, None)
-        self._until.pop(wid, None)
-        ip = self._src.pop(wid, None)
-        if ip is not None:
-            n = self._per_ip[ip] - 1
-            if n > 0:
-                self._per_ip[ip] = n
-            else:
-                del self._per_ip[ip]
+        self.book.expire(now)
 
     def drop_where(self, pred: Callable[[WorkerRecord], bool]) -> int:
         """Forget every registered record for which ``pred`` is true (revoked workers,
         expired certificates); how many."""
-        gone = [w for w, r in self.registry.items() if pred(r)]
-        for wid in gone:
-            self._forget(wid)
-        return len(gone)
+        return self.book.drop_where(pred)
 
     def _store(self, record: WorkerRecord, source: str = "", now: float | None = None) -> str:
-        """Keep ``record`` if newest for its worker: "stored", "duplicate", "stale", or
-        "ip_full" / "full" (a newcomer never evicts a live record)."""
-        now = time.time() if now is None else now
-        old = self.registry.get(record.worker_id)
-        if old is not None:
-            if record.seq == old.seq:
-                return "duplicate"
-            if record.seq < old.seq:
-                return "stale"
-            self._forget(record.worker_id)
-        else:
-            if source and self._per_ip[source] >= MAX_PER_IP:
-                return "ip_full"
-            if len(self.registry) >= REGISTRY_MAX:
-                self._expire(now)
-                if len(self.registry) >= REGISTRY_MAX:
-                    return "full"
-        self.registry[record.worker_id] = record
-        self._until[record.worker_id] = min(
-            record.expires_at, now + float(self.agent.config.dht.record_ttl))
-        if source:
-            self._src[record.worker_id] = source
-            self._per_ip[source] += 1
-        return "stored"
-
-    def _rate_ok(self, ip: str) -> bool:
-        bucket = self._buckets.get(ip)
-        if bucket is None:
-            if len(self._buckets) >= RATE_IPS:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[ip] = TokenBucket(REGISTER_RATE, REGISTER_BURST)
-        else:
-            self._buckets.move_to_end(ip)
-        return bucket.take()
+        return self.book.store(record, source, now)
 
     async def _register(self, request: web.Request) -> web.Response:
         resp = await self._register_inner(request)
@@ -249,70 +211,35 @@ class CoordinatorRole(Component):
         return resp
 
     async def _register_inner(self, request: web.Request) -> web.Response:
-        source = source_ip(request)
-        if not self._rate_ok(source):
+        source = client_ip(request, self.agent.config.http.trusted_proxies)
+        limited = self.book.rate_ok(source)
+        if limited is not None:
             self.rejected += 1
+            who = source if limited == "ip" else prefix_of(source)
             return web.json_response(
-                {"error": f"too many registrations from {source} (at most "
-                          f"{REGISTER_RATE:g}/s); retry later"},
+                {"error": f"too many registrations from {who}; retry later"},
                 status=429, headers={"Retry-After": "5"})
-        if request.content_length is not None and request.content_length > MAX_BODY:
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
             self.rejected += 1
-            return _error(413, f"body too large (max {MAX_BODY} bytes)")
-        try:
-            raw = await request.content.read(MAX_BODY + 1)
-        except Exception as exc:
+            return body
+        record = self._decode(body)
+        if isinstance(record, web.Response):
             self.rejected += 1
-            return _error(400, f"cannot read body: {exc}")
-        if len(raw) > MAX_BODY:
+            return record
+        outcome = self.book.store(record, source)
+        refused = self._refused(outcome, source)
+        if refused is not None:
             self.rejected += 1
-            return _error(413, f"body too large (max {MAX_BODY} bytes)")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            self.rejected += 1
-            return _error(400, 'body must be JSON: {"record": "<base64 of the signed record>"}')
-        if not isinstance(body, dict) or not isinstance(body.get("record"), str):
-            self.rejected += 1
-            return _error(400, 'expected {"record": "<base64 of the signed record>"}')
-        text = body["record"]
-        if len(text) > MAX_B64:
-            self.rejected += 1
-            return _error(413, f"record too large (max {MAX_B64} base64 characters)")
-        try:
-            blob = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            self.rejected += 1
-            return _error(400, "record is not valid base64")
-        try:
-            record = WorkerRecord.decode(blob)
-            record.verify(time.time())
-        except RecordError as exc:
-            self.rejected += 1
-            return _error(422, f"record rejected: {exc}")
-        except Exception as exc:    # decode of hostile bytes must still be a 4xx
-            self.rejected += 1
-            return _error(422, f"record rejected: undecodable ({type(exc).__name__})")
-        why = admitted_reason(self.agent, record)
-        if why is not None:
-            self.rejected += 1
-            return _error(403, f"record rejected: not admitted to this network: {why}")
-        outcome = self._store(record, source)
-        if outcome == "ip_full":
-            self.rejected += 1
-            return _error(429, f"record rejected: {MAX_PER_IP} workers already registered "
-                               f"from {source}")
-        if outcome == "full":
-            self.rejected += 1
-            return _error(503, "record rejected: the registry is full of live records")
-        if outcome == "stale":
-            self.rejected += 1
-            return _error(409, "record rejected: a newer sequence number is already "
-                               "registered for this worker")
+            return refused
         self.registrations += 1
-        stored = 0
+        stored, republish = 0, "same"
         if outcome == "stored":
-            stored = await self._republish(record)
+            if self.book.republishable(record):
+                stored, republish = await self._republish(record), "yes"
+            else:
+                republish = (f"no: the record lives past the {self.agent.config.dht.record_ttl}"
+                             " s this registry keeps it")
             if record.withdrawn:
                 log.info("coordinator: worker %s (%s) withdrew", record.name,
                          record.worker_id.hex()[:12])
@@ -321,7 +248,60 @@ class CoordinatorRole(Component):
                           record.worker_id.hex()[:12], ",".join(record.services))
         return web.json_response({"ok": True, "worker_id": record.worker_id.hex(),
                                   "seq": record.seq, "result": outcome,
-                                  "republished_on": stored})
+                                  "republished_on": stored, "republish": republish})
+
+    async def _read_json(self, request: web.Request) -> Any:
+        """The body's JSON object, or the 4xx answer saying why not."""
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _error(413, f"body too large (max {MAX_BODY} bytes)")
+        try:
+            raw = await _read_body(request)
+        except Exception as exc:
+            return _error(400, f"cannot read body: {exc}")
+        if len(raw) > MAX_BODY:
+            return _error(413, f"body too large (max {MAX_BODY} bytes)")
+        try:
+            body = _parse_json(raw)
+        except ValueError as exc:
+            return _error(400, 'body must be JSON: {"record": "<base64 of the signed record>"}'
+                               f" ({str(exc)[:80]})")
+        if not isinstance(body, dict) or not isinstance(body.get("record"), str):
+            return _error(400, 'expected {"record": "<base64 of the signed record>"}')
+        return body
+
+    def _decode(self, body: dict[str, Any]) -> WorkerRecord | web.Response:
+        """The verified, admitted record of a registration, or the 4xx answer."""
+        text = body["record"]
+        if len(text) > MAX_B64:
+            return _error(413, f"record too large (max {MAX_B64} base64 characters)")
+        try:
+            blob = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return _error(400, "record is not valid base64")
+        try:
+            record = WorkerRecord.decode(blob)
+            record.verify(time.time())
+        except RecordError as exc:
+            return _error(422, f"record rejected: {exc}")
+        except Exception as exc:    # decode of hostile bytes must still be a 4xx
+            return _error(422, f"record rejected: undecodable ({type(exc).__name__})")
+        why = admitted_reason(self.agent, record)
+        if why is not None:
+            return _error(403, f"record rejected: not admitted to this network: {why}")
+        return record
+
+    def _refused(self, outcome: str, source: str) -> web.Response | None:
+        """The answer to a registration the registry refused, or None when kept."""
+        if outcome in _LIMIT_TEXT:
+            n = reg_mod.MAX_PER_IP if outcome == "ip_full" else reg_mod.MAX_PER_PREFIX
+            why = _LIMIT_TEXT[outcome].format(n=n, ip=source, prefix=prefix_of(source))
+            return _error(429, f"record rejected: {why}")
+        if outcome == "full":
+            return _error(503, "record rejected: the registry is full of live records")
+        if outcome == "stale":
+            return _error(409, "record rejected: a newer sequence number is already "
+                               "registered for this worker")
+        return None
 
     async def _republish(self, record: WorkerRecord) -> int:
         """Announce the worker's record into the DHT; bounded so a request never hangs."""

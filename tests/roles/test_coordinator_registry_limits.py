@@ -19,7 +19,7 @@ from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
 from agent.httpapi import json_errors
 from agent.network import NetworkComponent
-from agent.roles import coordinator as coord_mod
+from agent.roles import registry as reg_mod
 from agent.roles.coordinator import CoordinatorRole
 from tests.roles.fakes import FakeAgent, FakeDHT, make_config
 
@@ -125,7 +125,7 @@ async def test_rate_limit_per_source_ip(open_) -> None:
     client, _role, _ = open_
     statuses = []
     w = Identity.generate()
-    for i in range(int(coord_mod.REGISTER_BURST) + 20):
+    for i in range(int(reg_mod.REGISTER_BURST) + 20):
         resp = await client.post("/api/services/register", json=b64(rec(w, name=f"n{i}")))
         statuses.append(resp.status)
         if resp.status == 429:
@@ -136,7 +136,7 @@ async def test_rate_limit_per_source_ip(open_) -> None:
 
 async def test_quota_per_ip_and_no_eviction_when_full(open_, monkeypatch) -> None:
     client, role, _ = open_
-    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 3)
+    monkeypatch.setattr(reg_mod, "MAX_PER_IP", 3)
     ids = [Identity.generate() for _ in range(4)]
     for ident in ids[:3]:
         assert (await client.post("/api/services/register", json=b64(rec(ident)))).status == 200
@@ -146,8 +146,8 @@ async def test_quota_per_ip_and_no_eviction_when_full(open_, monkeypatch) -> Non
     assert (await client.post("/api/services/register", json=b64(rec(ids[0])))).status == 200
     # a full registry refuses a newcomer instead of evicting a live honest record, however
     # long-lived the newcomer claims to be
-    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 100)
-    monkeypatch.setattr(coord_mod, "REGISTRY_MAX", 3)
+    monkeypatch.setattr(reg_mod, "MAX_PER_IP", 100)
+    monkeypatch.setattr(reg_mod, "REGISTRY_MAX", 3)
     resp = await client.post("/api/services/register", json=b64(rec(ids[3], ttl=3600)))
     assert resp.status == 503 and "full" in (await resp.json())["error"]
     assert set(role.registry) == {i.node_id for i in ids[:3]}
@@ -163,14 +163,17 @@ async def test_claimed_lifetime_is_capped(open_) -> None:
     role._expire(now + ttl - 1)
     assert w.node_id in role.registry
     role._expire(now + ttl + 1)              # its own expiry is an hour away; gone anyway
-    assert w.node_id not in role.registry and role._per_ip == {}
+    assert w.node_id not in role.registry and role.book.per_ip == {}
 
 
-async def test_limits_follow_the_client_behind_a_local_proxy(open_, monkeypatch) -> None:
-    """Through cloudflared/a TLS proxy every request comes from loopback: the limits must
-    apply to the client the proxy names, not to the proxy."""
+async def test_limits_follow_the_client_behind_a_named_proxy(open_, monkeypatch) -> None:
+    """Through cloudflared/a TLS proxy every request comes from loopback: once the operator
+    names that proxy (``http.trusted_proxies``) the limits apply to the client it names."""
     client, role, _ = open_
-    monkeypatch.setattr(coord_mod, "MAX_PER_IP", 2)
+    cfg = role.agent.config
+    role.agent.config = dataclasses.replace(cfg, http=dataclasses.replace(
+        cfg.http, trusted_proxies=("127.0.0.1", "::1")))
+    monkeypatch.setattr(reg_mod, "MAX_PER_IP", 2)
     for i in range(2):
         resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
                                  headers={"X-Forwarded-For": f"203.0.113.9, 198.51.100.{i}"})
@@ -181,4 +184,45 @@ async def test_limits_follow_the_client_behind_a_local_proxy(open_, monkeypatch)
     resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
                              headers={"X-Forwarded-For": "198.51.100.0"})
     assert resp.status == 429
-    assert role._per_ip == {"198.51.100.0": 2, "198.51.100.1": 1}
+    assert role.book.per_ip == {"198.51.100.0": 2, "198.51.100.1": 1}
+    assert role.book.per_prefix == {"198.51.100.0/24": 3}
+
+
+async def test_forwarding_headers_of_an_unnamed_peer_are_ignored(open_, monkeypatch) -> None:
+    """Issue 20: rotating ``CF-Connecting-IP`` from a loopback peer escaped the per-IP limit.
+    Without ``http.trusted_proxies`` the peer's own address is what counts."""
+    client, role, _ = open_
+    assert role.agent.config.http.trusted_proxies == ()
+    monkeypatch.setattr(reg_mod, "MAX_PER_IP", 3)
+    statuses = []
+    for i in range(6):
+        resp = await client.post("/api/services/register", json=b64(rec(Identity.generate())),
+                                 headers={"CF-Connecting-IP": f"198.51.{i}.7",
+                                          "X-Forwarded-For": f"203.0.{i}.9"})
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert role.book.per_ip == {"127.0.0.1": 3}
+
+
+def test_client_ip_reads_headers_of_named_proxies_only() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from agent.forwarded import client_ip
+
+    def req(remote: str, **headers: str) -> web.Request:
+        r = make_mocked_request("POST", "/", headers={k.replace("_", "-"): v
+                                                      for k, v in headers.items()})
+        return r.clone(remote=remote)
+
+    xff = {"X_Forwarded_For": "6.6.6.6, 203.0.113.5, 10.0.0.2"}
+    assert client_ip(req("127.0.0.1", CF_Connecting_IP="6.6.6.6"), ()) == "127.0.0.1"
+    assert client_ip(req("127.0.0.1", CF_Connecting_IP="6.6.6.6"),
+                     ("127.0.0.1",)) == "6.6.6.6"
+    # right to left, skipping the named proxies: the client the first proxy saw
+    assert client_ip(req("127.0.0.1", **xff), ("127.0.0.0/8", "10.0.0.0/8")) == "203.0.113.5"
+    assert client_ip(req("127.0.0.1", **xff), ("127.0.0.1",)) == "10.0.0.2"
+    # a header that names no address is ignored; a peer outside the networks is itself
+    assert client_ip(req("127.0.0.1", CF_Connecting_IP="nope"), ("127.0.0.1",)) == "127.0.0.1"
+    assert client_ip(req("::ffff:192.0.2.1", CF_Connecting_IP="6.6.6.6"),
+                     ("127.0.0.1", "::1")) == "192.0.2.1"
+    assert client_ip(req("::1", X_Real_IP="2001:db8::7"), ("::1",)) == "2001:db8::7"
