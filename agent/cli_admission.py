@@ -26,18 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.admission import (
-    MAX_CERT_DAYS,
+from agent.admission.certificate import MAX_CERT_DAYS, Certificate, parse_services
+from agent.admission.keys import (
     AdmissionError,
-    Certificate,
     NetworkKey,
-    RevocationList,
     b64_key,
     parse_public_key,
-    parse_services,
     read_b64_file,
     write_new_file,
 )
+from agent.admission.revocation import RevocationList
 
 COMMANDS = ("identity", "network-key", "admit", "revoke")
 
@@ -238,9 +236,14 @@ def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str
     syntax only): (error lines, warning lines), as ``PATH:LINE: worker.admission_cert:
     ...``. The box's public key is read from ``state_dir`` when this user may read it
     (never created here); otherwise "for another key" cannot be checked and is skipped."""
+    from agent.admission.settings import (
+        NO_SOURCES,
+        certificate_state,
+        configured_keys,
+        revocation_sources,
+    )
     from agent.config.locator import _Locator
     from agent.dht.identity import KEY_FILE, Identity, IdentityError
-    from agent.network import NO_SOURCES, certificate_state, configured_keys, revocation_sources
 
     pk: bytes | None = None
     try:

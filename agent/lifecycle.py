@@ -37,7 +37,7 @@ STATUS_PERIOD = 5.0     # STATUS= is refreshed at least this often (only sent wh
 # (module, class) per component, in start order. The role slot depends on agent.role.
 _COMPONENTS: list[tuple[str, str, str | None]] = [
     ("agent.dht.component", "DHTComponent", None),
-    ("agent.network", "NetworkComponent", None),
+    ("agent.admission.component", "NetworkComponent", None),
     ("agent.tunnel", "TunnelComponent", None),
     # before the worker role: its first health check decides what the first announce holds
     ("agent.gateway.component", "GatewayComponent", "worker"),

@@ -8,16 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.admission import (
-    MAX_CERT_BYTES,
-    AdmissionError,
-    AdmissionPolicy,
-    Certificate,
-    NetworkKey,
-    RevocationList,
-    parse_public_key,
-    parse_services,
-)
+from agent.admission.certificate import MAX_CERT_BYTES, Certificate, parse_services
+from agent.admission.keys import AdmissionError, NetworkKey, parse_public_key
+from agent.admission.policy import AdmissionPolicy
+from agent.admission.revocation import RevocationList
 from agent.dht.identity import Identity
 
 NK = NetworkKey.generate()

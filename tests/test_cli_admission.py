@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.admission import (
-    AdmissionPolicy,
-    Certificate,
-    RevocationList,
-    read_b64_file,
-)
+from agent.admission.certificate import Certificate
+from agent.admission.keys import read_b64_file
+from agent.admission.policy import AdmissionPolicy
+from agent.admission.revocation import RevocationList
 from agent.cli import main
 from agent.dht.identity import Identity
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.admission import Certificate, NetworkKey, RevocationList
+from agent.admission.certificate import Certificate
+from agent.admission.component import NetworkComponent
+from agent.admission.keys import NetworkKey
+from agent.admission.revocation import RevocationList
 from agent.cli import main as cli_main
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
-from agent.network import NetworkComponent
 from tests.cluster import Cluster, Node, wait_until
 
 ADMITTED = {"w1", "w2", "w3", "w4"}

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from agent.admission.component import admitted
 from agent.component import Component, cancel_task
 from agent.config import default_path
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
-from agent.network import admitted
 
 if TYPE_CHECKING:
     from aiohttp import web

@@ -136,7 +136,7 @@ class ProviderStorage(IStorage):
         # called with each record that replaced or added an entry (the agent turns it
         # into its "record" bus event, so cached lookup answers learn of withdrawals)
         self.on_stored: Callable[[WorkerRecord], None] | None = None
-        # closed networks (agent.network): refusal reason for a record, or None to admit
+        # closed networks (agent.admission): refusal reason for a record, or None to admit
         self.admit: Callable[[WorkerRecord, float], str | None] | None = None
 
     # ------------------------------------------------------------------ writes

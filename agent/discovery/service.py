@@ -37,6 +37,7 @@ import aiohttp
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from agent.admission.component import admitted
 from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
@@ -55,7 +56,6 @@ from agent.discovery.select import (
     RecordLike,
     pick_first,
 )
-from agent.network import admitted
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:

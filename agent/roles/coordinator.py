@@ -11,7 +11,7 @@ Why each part exists:
   sequence per worker), and republished into the DHT on the worker's behalf — the
   signature travels with it, so no one can alter it on the way. Abuse bounds
   (:mod:`agent.roles.registry`): in a closed network only admitted records
-  (``agent.network``, 403 otherwise); token buckets per source IP and per /24 (/64),
+  (``agent.admission``, 403 otherwise); token buckets per source IP and per /24 (/64),
   429 beyond; at most ``MAX_PER_IP`` workers per IP and ``MAX_PER_PREFIX`` per /24;
   the last places kept for newcomers from small networks; a record kept at most
   ``dht.record_ttl`` seconds past its registration whatever lifetime it claims, and
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from agent.admission.component import admitted, admitted_reason
 from agent.component import Component, cancel_task
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.record import (
@@ -49,7 +50,6 @@ from agent.dht.record import (
     valid_service_name,
 )
 from agent.forwarded import client_ip
-from agent.network import admitted, admitted_reason
 from agent.roles import registry as reg_mod
 from agent.roles.registry import Registry, prefix_of
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
-from agent.admission import AdmissionPolicy, Certificate, NetworkKey, RevocationList
+from agent.admission.certificate import Certificate
+from agent.admission.keys import NetworkKey
+from agent.admission.policy import AdmissionPolicy
+from agent.admission.revocation import RevocationList
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage

@@ -13,12 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.admission import Certificate, NetworkKey, RevocationList
+from agent.admission.certificate import Certificate
+from agent.admission.component import NetworkComponent
+from agent.admission.keys import NetworkKey
+from agent.admission.revocation import RevocationList
 from agent.config.model import NetworkSection
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
 from agent.httpapi import json_errors
-from agent.network import NetworkComponent
 from agent.roles import registry as reg_mod
 from agent.roles.coordinator import CoordinatorRole
 from tests.roles.fakes import FakeAgent, FakeDHT, make_config

@@ -1,0 +1,19 @@
+"""Closed networks: who may announce services, and how a running agent enforces it.
+
+A network is *closed* when ``network.admission_keys`` lists at least one admission key;
+docs/SECURITY.md has the trust model. The package is cut by what each part does:
+
+* ``keys``        the admission authority's key (``NetworkKey``), public-key parsing, the
+                  canonical msgpack + signature plumbing and the one-line base64 files;
+* ``certificate`` ``Certificate``: an admission key admits one worker key for services;
+* ``revocation``  ``RevocationList``: worker keys an admission key no longer admits;
+* ``policy``      ``AdmissionPolicy``: which records a closed network admits;
+* ``settings``    what the config says: trusted keys, this worker's certificate state,
+                  where revocation lists come from (shared with ``rma-agent check-config``);
+* ``component``   ``NetworkComponent``, component ``"network"``: the policy in a running
+                  agent (storage hook, registry and lookup filters, revocation fetching).
+
+The commands (``network-key create``, ``admit``, ``revoke``, ``identity``) live in the
+command line package. This ``__init__`` imports nothing, so importing a certificate never
+pulls in the running component (aiohttp, the component machinery).
+"""
