@@ -4,7 +4,6 @@ downloaded here) serving /ready and /quicktunnel on a free loopback port."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -29,7 +28,8 @@ from prometheus_client import generate_latest
 from agent.config import Address, Config, TunnelSection
 from agent.lifecycle import Agent
 from agent.tunnel import TunnelComponent
-from tests.util import free_port
+from tests.util import free_port, wait_for
+from tests.util import wait_for_async as until
 
 FAKE = Path(__file__).resolve().parent / "tools" / "fake_cloudflared.py"
 
@@ -52,11 +52,14 @@ class FakeCloudflared:
                f"127.0.0.1:{self.port}", "tunnel", *self.args]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not _listening(self.port):
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            assert time.monotonic() < deadline, "stand-in did not start listening"
-            time.sleep(0.05)
+        proc = self.proc
+
+        def listening() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return _listening(self.port)
+
+        # it installs its signal handlers before it listens: signals are safe from here
+        wait_for(listening, 10, 0.05, "the stand-in listening")
         return self
 
     def get(self, path: str) -> tuple[int, Any]:
@@ -119,13 +122,6 @@ def make_agent(mode: str, port: int, hostname: str = "") -> tuple[Agent, TunnelC
     events: list[str] = []
     agent.subscribe("endpoint", events.append)
     return agent, comp, events
-
-
-async def until(pred: Callable[[], Any], limit: float = 8.0, what: str = "") -> None:
-    deadline = time.monotonic() + limit
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or pred}"
-        await asyncio.sleep(0.02)
 
 
 async def test_quick_tunnel_learns_and_reannounces(fakes: Callable[..., FakeCloudflared]) -> None:
@@ -406,11 +402,9 @@ def test_stand_in_logs_like_cloudflared() -> None:
                              "tunnel", "--url", "http://127.0.0.1:8090"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while not _listening(port):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        time.sleep(0.2)
+        # listening means its handlers are set (they come first): SIGTERM is graceful
+        wait_for(lambda: proc.poll() is None and _listening(port), 10, 0.05,
+                 "the stand-in listening")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=5)
     finally:
@@ -433,13 +427,22 @@ async def test_endpoint_waits_until_the_agent_runs(fakes: Callable[..., FakeClou
     for mode, host in (("named", "w1.example.org"), ("quick", "")):
         agent, comp, events = make_agent(mode, port, hostname=host)
         agent.running = False                       # still starting components
+        polls: list[str] = []
+        real_get = comp._get
+
+        async def counting_get(path: str, real_get=real_get, polls=polls) -> tuple[int, Any]:
+            polls.append(path)
+            return await real_get(path)
+
+        comp._get = counting_get  # type: ignore[method-assign]
         await comp.start()
         try:
             await until(lambda c=comp: c.endpoint is not None and c.up, what="learned")
-            await asyncio.sleep(0.3)
+            n = len(polls)                          # each poll is followed by a flush
+            await until(lambda p=polls, n=n: len(p) >= n + 3, what="three more polls")
             assert events == []                     # held back while starting
             agent.running = True                    # every start() returned
-            await until(lambda e=events: len(e) == 1, limit=2, what="deferred event")
+            await until(lambda e=events: len(e) == 1, what="deferred event")
             assert events == [comp.endpoint]
         finally:
             await comp.stop()

@@ -15,7 +15,7 @@ from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
 from agent.discovery.client import format_status, outdated_warning
 from agent.versions import VersionsComponent, summarize, version_key
-from tests.cluster import REPO, Cluster, _die_with_parent
+from tests.cluster import REPO, Cluster
 from tests.util import wait_for
 
 
@@ -97,18 +97,12 @@ def test_status_shows_fleet_versions_and_warns_when_outdated():
     assert outdated_warning({}) is None and outdated_warning({"versions": "x"}) is None
 
 
-def _start_as_version(cl: Cluster, node, version: str) -> None:
-    """Run ``node`` as an agent that believes it is ``version`` (the same code; only
-    agent.__version__ differs, as in a fleet where some boxes upgraded first)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    node._log = open(node.log_path, "ab")  # closed by the cluster's reaper
-    node.proc = subprocess.Popen(
-        [sys.executable, "-c", f"import agent, runpy; agent.__version__ = {version!r}; "
-         "runpy.run_module('agent', run_name='__main__')", "run", "-c", str(node.cfg_path)],
-        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
-        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+def _as_version(version: str) -> tuple[str, ...]:
+    """The launcher (``Cluster.start``) of an agent that believes it is ``version``: the
+    same code, only agent.__version__ differs, as in a fleet where some boxes upgraded
+    first."""
+    return ("-c", f"import agent, runpy; agent.__version__ = {version!r}; "
+            "runpy.run_module('agent', run_name='__main__')")
 
 
 @pytest.mark.slow
@@ -125,8 +119,7 @@ def test_real_fleet_versions_reach_the_coordinator_and_status_warns(tmp_path):
         new1 = cl.worker("new1", seeds=[c1.dht_addr])
         new2 = cl.worker("new2", seeds=[c1.dht_addr])
         same = cl.worker("same", seeds=[c1.dht_addr])
-        _start_as_version(cl, new1, ahead)
-        _start_as_version(cl, new2, ahead)
+        cl.start(new1, new2, launcher=_as_version(ahead))
         cl.start(same)
         cl.wait_ready(new1, new2, same)
         records = wait_for(lambda: (lambda r: r if len(r) == 3 else None)(

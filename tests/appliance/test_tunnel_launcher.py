@@ -16,11 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.util import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "systemd" / "rma-tunnel"
@@ -156,19 +157,19 @@ def test_launcher_execs_the_stand_in(tmp_path):
     proc = subprocess.Popen([sys.executable, str(LAUNCHER), "-c", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while True:
+        def quicktunnel() -> bytes | None:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:
                 code, body = _get(f"http://127.0.0.1:{port}/quicktunnel")
-                if code == 200:
-                    break
             except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "stand-in metrics server did not come up"
-            time.sleep(0.1)
+                return None
+            return body if code == 200 else None
+
+        body = wait_for(quicktunnel, 15, 0.1, "the stand-in's metrics server (/quicktunnel)")
         assert json.loads(body)["hostname"].endswith(".trycloudflare.com")
-        assert _get(f"http://127.0.0.1:{port}/ready")[0] in (200, 503)
+        # no FAKE_CLOUDFLARED_READY_DELAY: its four edge connections are up at once
+        code, ready = _get(f"http://127.0.0.1:{port}/ready")
+        assert code == 200 and json.loads(ready)["readyConnections"] == 4, (code, ready)
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"--no-autoupdate" in cmdline and b"--url" in cmdline  # exec'd in place
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import time
@@ -26,7 +25,7 @@ from agent.component import Component
 from tests.cluster import REPO, Cluster
 from tests.cluster import http as http_call
 from tests.sse import SSEReader
-from tests.util import wait_for
+from tests.util import require, wait_for
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 STATIC = REPO / "agent" / "static"
@@ -44,9 +43,7 @@ def _require_browser() -> Any:
     if missing:
         msg = (f"browser test needs {', '.join(missing)} (packaging/deps.sh installs chromium "
                "and chromium-driver; pip extra [test] installs selenium)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        require(msg)               # a skip here, a failure in CI
     return webdriver
 
 
@@ -91,12 +88,24 @@ return Array.from(document.querySelectorAll('#service-list [data-service="ocr"] 
 """
 
 
+# resolves after two animation frames: the page has laid out and painted at its new size
+FRAMES_JS = """
+const done = arguments[arguments.length - 1];
+requestAnimationFrame(() => requestAnimationFrame(() => done(window.innerWidth)));
+"""
+
+
+def _resize(driver: Any, width: int, height: int) -> None:
+    """Resize the window and wait until the page has been laid out at the new size."""
+    driver.set_window_size(width, height)
+    wait_for(lambda: driver.execute_async_script(FRAMES_JS) <= width, 10, 0.05,
+             f"the page laid out at {width} px")
+
+
 def _screenshot(driver: Any, width: int, name: str) -> Path:
-    driver.set_window_size(width, 900)
-    time.sleep(0.4)
+    _resize(driver, width, 900)
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(int(height) + 140, 6000))
-    time.sleep(0.6)
+    _resize(driver, width, min(int(height) + 140, 6000))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
     driver.save_screenshot(str(path))

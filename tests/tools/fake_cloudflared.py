@@ -339,6 +339,35 @@ def main(argv: list[str]) -> int:
 
     delay = float(os.environ.get("FAKE_CLOUDFLARED_READY_DELAY", "0") or 0)
     state = State(mode, delay, os.environ.get("FAKE_CLOUDFLARED_NAMED_QUICKTUNNEL") == "empty")
+    # Handlers first: once the metrics server answers, a test may signal us at once (a
+    # SIGUSR1 before the handler exists would kill the stand-in).
+    stop = threading.Event()
+    stop_sig: list[str] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        stop_sig.append(signal.Signals(signum).name)
+        stop.set()
+
+    def on_usr1(_signum: int, _frame: object) -> None:
+        if state.mode != "quick":
+            log("WRN", "SIGUSR1: not a quick tunnel, hostname unchanged")
+            return
+        with state.lock:
+            state.hostname = random_hostname()
+        log("INF", f"quick Tunnel hostname is now https://{state.hostname}")
+
+    def on_usr2(_signum: int, _frame: object) -> None:
+        with state.lock:
+            state.edge_down = not state.edge_down
+        if state.edge_down:
+            log("ERR", "Connection terminated error=\"stand-in: edge connection dropped\" connIndex=0")
+        else:
+            log("INF", "Registered tunnel connection connIndex=0 location=fake protocol=quic")
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
     log("INF", f"Starting tunnel tunnelID={state.connector_id if mode == 'named' else ''}")
     log("INF", f"Version {VERSION} (stand-in: no tunnel is opened)")
     if "no-autoupdate" not in flags:
@@ -377,33 +406,6 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=edge.serve_forever, kwargs={"poll_interval": 0.1},
                      daemon=True).start()
 
-    stop = threading.Event()
-    stop_sig: list[str] = []
-
-    def on_stop(signum: int, _frame: object) -> None:
-        stop_sig.append(signal.Signals(signum).name)
-        stop.set()
-
-    def on_usr1(_signum: int, _frame: object) -> None:
-        if state.mode != "quick":
-            log("WRN", "SIGUSR1: not a quick tunnel, hostname unchanged")
-            return
-        with state.lock:
-            state.hostname = random_hostname()
-        log("INF", f"quick Tunnel hostname is now https://{state.hostname}")
-
-    def on_usr2(_signum: int, _frame: object) -> None:
-        with state.lock:
-            state.edge_down = not state.edge_down
-        if state.edge_down:
-            log("ERR", "Connection terminated error=\"stand-in: edge connection dropped\" connIndex=0")
-        else:
-            log("INF", "Registered tunnel connection connIndex=0 location=fake protocol=quic")
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGUSR1, on_usr1)
-    signal.signal(signal.SIGUSR2, on_usr2)
 
     announced = False
     while not stop.wait(0.05):
