@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent import events
+from tests.util import wait_for_async
 
 
 def test_replay_covers_the_gap_or_says_it_cannot():
@@ -88,11 +89,7 @@ async def test_stream_resume_heartbeat_and_subscriber_bound():
         assert "error" in await r3.json() and r3.headers["Retry-After"]
         r1.close()
         r2.close()
-        for _ in range(50):                                  # slots come back
-            if ch.limit.current == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert ch.limit.current == 0
+        await wait_for_async(lambda: ch.limit.current == 0, what="the slots back")
 
 
 async def test_a_reader_that_stops_reading_is_dropped():
@@ -108,10 +105,7 @@ async def test_a_reader_that_stops_reading_is_dropped():
         sock.setblocking(False)
         await loop.sock_connect(sock, (server.host, server.port))
         await loop.sock_sendall(sock, b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(50):
-            if ch.subscribers:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: ch.subscribers, what="the raw socket subscribed")
         (sub,) = tuple(ch.subscribers)
         payload = {"pad": "x" * 4000}
         for i in range(5000):                 # ~20 MB offered; the reader reads nothing
@@ -122,11 +116,8 @@ async def test_a_reader_that_stops_reading_is_dropped():
                 await asyncio.sleep(0)        # let the writer push into the socket
         assert sub.dropped and sub.reason.startswith("slow reader"), sub.reason
         assert sub.queue.qsize() <= 33
-        for _ in range(50):
-            if ch.limit.current == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert ch.limit.current == 0 and not ch.subscribers
+        await wait_for_async(lambda: ch.limit.current == 0, what="the dropped slot back")
+        assert not ch.subscribers
         # the server cut the connection: reading now ends (after what was buffered)
         sock.setblocking(True)
         sock.settimeout(5)

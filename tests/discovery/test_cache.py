@@ -7,6 +7,7 @@ import asyncio
 from agent.dht.identity import Identity
 from agent.discovery.select import Query
 from tests.discovery._support import Clock, make_discovery, make_record
+from tests.util import wait_for_async
 
 
 async def test_repeated_lookups_within_ttl_cost_no_dht_query():
@@ -46,7 +47,7 @@ async def test_cancelled_caller_does_not_cancel_the_shared_query():
     dht.add(make_record())
     a = asyncio.ensure_future(comp.lookup("ocr"))
     b = asyncio.ensure_future(comp.lookup("ocr"))
-    await asyncio.sleep(0.02)
+    await wait_for_async(lambda: dht.calls == ["ocr"], what="the shared DHT query started")
     a.cancel()
     assert len((await b).workers) == 1 and len(dht.calls) == 1
 
@@ -284,8 +285,10 @@ async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer
     await comp.start()
     try:
         dht.delay = 0.2
+        started = len(dht.calls)
         lookup = asyncio.ensure_future(comp.lookup("ocr"))
-        await asyncio.sleep(0.05)                   # the query has started, finds nothing
+        await wait_for_async(lambda: len(dht.calls) == started + 1,  # it will find nothing
+                             what="the DHT query started")
         rec = make_record(name="w", now=clock.t)
         agent.emit("record", rec)                   # ... while the record is stored here
         assert (await lookup).workers == []
@@ -297,8 +300,10 @@ async def test_record_stored_while_the_query_runs_is_not_lost_in_a_cached_answer
         # A record for another service, during a query, changes nothing.
         dht.delay = 0.2
         comp.cache.invalidate("ocr")                # (e.g. a worker reported failed)
+        started = len(dht.calls)
         lookup = asyncio.ensure_future(comp.lookup("ocr"))
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: len(dht.calls) == started + 1,
+                             what="the second DHT query started")
         agent.emit("record", make_record(name="other-service", services=("llm",), now=clock.t))
         assert [w["name"] for w in (await lookup).workers] == ["w"]
         assert (await comp.lookup("ocr")).source == "cache"
