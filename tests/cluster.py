@@ -33,40 +33,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config import toml_dumps
-from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, wait_for
+from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, http, wait_for
 
-
-# ----------------------------------------------------------------------------- HTTP
-def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
-         raw: bytes | None = None) -> tuple[int, Any]:
-    """(status, JSON or text); status 0 when the connection fails."""
-    data = raw
-    headers = {}
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            payload, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as e:
-        payload, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
-    except (urllib.error.URLError, OSError):
-        return 0, None
-    if "json" in ctype:
-        try:
-            return status, json.loads(payload)
-        except ValueError:
-            pass
-    return status, payload.decode("utf-8", "replace")
+__all__ = ["REPO", "Cluster", "Node", "http", "percentile", "wait_until"]
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

@@ -1,4 +1,14 @@
-"""Helpers shared by tests that run real agent processes (import as ``tests.util``)."""
+"""Helpers shared by the tests (import as ``tests.util``).
+
+- ``wait_for`` / ``wait_for_async``: THE polling helper (wait until a condition holds;
+  on timeout say what was awaited and the last value seen). Tests wait on events and
+  state with it, never on fixed sleeps; its timeout is a generous limit, not a speed
+  claim (speed is measured in bench/).
+- ``require`` / ``requires``: a test the machine cannot run skips, except in CI (``CI``
+  set), where it fails: a skip there would hide a broken set-up behind a green run.
+- ports, configs, ``http``, processes: the pieces tests/cluster.py (the one way to run
+  agent processes in a test) is built from.
+"""
 
 from __future__ import annotations
 
@@ -74,20 +84,33 @@ def agent_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """(status, parsed JSON or text); connection errors give status 0."""
+def http(method: str, url: str, body: Any = None, timeout: float = 3.0,
+         raw: bytes | None = None) -> tuple[int, Any]:
+    """(status, JSON or text); status 0 when the connection fails."""
+    data = raw
+    headers = {}
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read()
-            status = r.status
-            ctype = r.headers.get("Content-Type", "")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            payload, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
-        body, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+        payload, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
     except (urllib.error.URLError, OSError):
         return 0, None
     if "json" in ctype:
-        return status, json.loads(body)
-    return status, body.decode("utf-8", "replace")
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            pass
+    return status, payload.decode("utf-8", "replace")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """``http("GET", url)``: (status, parsed JSON or text); connection errors give 0."""
+    return http("GET", url, timeout=timeout)
 
 
 class _Poll:
