@@ -1,20 +1,35 @@
-"""The shape every part of the agent takes (DHT, roles, discovery, tunnel).
+"""The shape every part of the agent takes (DHT, roles, discovery, tunnel), and how
+parts find each other.
 
 The lifecycle (``agent.lifecycle.Agent``) owns a list of components and drives them:
 ``add_routes`` / ``add_gateway_routes`` before the HTTP servers start, ``start`` in order,
 ``reload`` on SIGHUP, ``stop`` in reverse order. Components never touch signals, the loop or sd_notify.
+
+A component sees the Agent as :class:`agent.interfaces.AgentAPI` and reaches the others
+through its typed accessors (:class:`ComponentDirectory`: ``agent.dht``,
+``agent.discovery``, ...), each typed by what that component offers others
+(:mod:`agent.interfaces`), never by its class: so no component module imports another's
+for types, and none imports the lifecycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from agent.config import Config
-    from agent.lifecycle import Agent
+    from agent.interfaces import (
+        AdmissionService,
+        AgentAPI,
+        DHTService,
+        DiscoveryService,
+        RegistryService,
+        TunnelService,
+        WorkerService,
+    )
 
 
 class Component:
@@ -22,7 +37,7 @@ class Component:
 
     name: str = "component"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         self.agent = agent
 
     def add_routes(self, app: web.Application) -> None:
@@ -53,6 +68,50 @@ class Component:
     def stats(self) -> dict[str, Any]:
         """Entries merged into ``GET /api/dht/stats``."""
         return {}
+
+
+class ComponentDirectory:
+    """Typed accessors over ``components``: what the Agent (and a test's stand-in agent)
+    answers to ``agent.dht``, ``agent.discovery``, ...
+
+    Each returns the component of that name typed as the protocol of what it offers
+    (:mod:`agent.interfaces`), or None when this agent runs none: a coordinator has no
+    worker role, an agent built for a test may have no DHT. The callers check for None
+    rather than catch AttributeError, so a missing component is a decision, not a crash.
+    """
+
+    components: list[Any]
+
+    def _named(self, name: str) -> Any:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        return None
+
+    @property
+    def dht(self) -> DHTService | None:
+        return cast("DHTService | None", self._named("dht"))
+
+    @property
+    def discovery(self) -> DiscoveryService | None:
+        return cast("DiscoveryService | None", self._named("discovery"))
+
+    @property
+    def worker(self) -> WorkerService | None:
+        return cast("WorkerService | None", self._named("worker"))
+
+    @property
+    def tunnel(self) -> TunnelService | None:
+        return cast("TunnelService | None", self._named("tunnel"))
+
+    @property
+    def admission(self) -> AdmissionService | None:
+        """The closed network's admission (component "network")."""
+        return cast("AdmissionService | None", self._named("network"))
+
+    @property
+    def coordinator(self) -> RegistryService | None:
+        return cast("RegistryService | None", self._named("coordinator"))
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
-from agent.component import Component
+from agent.component import Component, ComponentDirectory
 from agent.config import Address, Config
 from agent.gateway.app import make_gateway_app
 from agent.httpapi import make_app
@@ -61,8 +61,10 @@ def build_components(agent: Agent) -> list[Component]:
     return comps
 
 
-class Agent:
-    """A running agent. See docs/DESIGN.md for what components may use."""
+class Agent(ComponentDirectory):
+    """A running agent. What components may use of it is :class:`agent.interfaces.AgentAPI`
+    (see docs/DESIGN.md): the bus, the config, the registry, and the typed accessors to
+    the other components (``self.dht``, ``self.discovery``, ...: ``ComponentDirectory``)."""
 
     def __init__(self, config: Config, notifier: Notifier | None = None,
                  components: list[Component] | None = None) -> None:
@@ -84,13 +86,7 @@ class Agent:
         self.running = False
         self.components = components if components is not None else build_components(self)
 
-    # --- what components use -------------------------------------------------------
-    def get(self, name: str) -> Any:
-        for comp in self.components:
-            if comp.name == name:
-                return comp
-        return None
-
+    # --- what components use (besides the accessors) --------------------------------
     def subscribe(self, event: str, callback: Callable[[Any], Any]) -> None:
         self._subs[event].append(callback)
 

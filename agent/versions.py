@@ -77,9 +77,9 @@ class VersionsComponent(Component):
         self.agent.subscribe("record", self.observe)
 
     def _own_id(self) -> bytes | None:
-        dht = self.agent.get("dht")
-        identity = getattr(dht, "identity", None)
-        return getattr(identity, "node_id", None)
+        dht = self.agent.dht
+        identity = dht.identity if dht is not None else None
+        return identity.node_id if identity is not None else None
 
     def observe(self, record: Any) -> None:
         """A record this node stored (bus event). Never raises: it runs inside storage."""

@@ -28,7 +28,7 @@ def rec(ident: Identity, version: str, *, seq: int | None = None, ttl: float = 6
 
 
 class FakeAgent:
-    """Only what VersionsComponent uses: subscribe() and get("dht").identity."""
+    """Only what VersionsComponent uses: subscribe() and dht.identity."""
 
     def __init__(self, own: Identity) -> None:
         self.subs: dict[str, list] = {}
@@ -36,9 +36,6 @@ class FakeAgent:
 
     def subscribe(self, event: str, cb) -> None:
         self.subs.setdefault(event, []).append(cb)
-
-    def get(self, name: str):
-        return self.dht if name == "dht" else None
 
 
 def test_version_key_orders_release_numbers():

@@ -86,7 +86,7 @@ def revocation_interval() -> float:
 
 def admitted(agent: Any, records: Iterable[Any]) -> list[Any]:
     """``records`` filtered by the agent's admission policy (unchanged when open)."""
-    comp = agent.get("network") if agent is not None else None
+    comp = agent.admission if agent is not None else None
     if comp is None:
         return list(records)
     return comp.admitted(records)
@@ -201,13 +201,13 @@ class NetworkComponent(Component):
         self._load_certificate()
         for e in self.cert_errors:
             log.error("worker.admission_cert: %s", e)
-        worker = self.agent.get("worker")
-        if self.cert_blob != before and worker is not None and hasattr(worker, "wake"):
+        worker = self.agent.worker
+        if self.cert_blob != before and worker is not None:
             worker.wake()                 # announce the new certificate now
 
     def _load_certificate(self) -> None:
-        dht = self.agent.get("dht")
-        identity = getattr(dht, "identity", None)
+        dht = self.agent.dht
+        identity = dht.identity if dht is not None else None
         pk = identity.public_key if identity is not None else None
         self.cert_blob, self.cert_errors, self.cert_warnings = certificate_state(
             self.agent.config, pk)
@@ -340,10 +340,9 @@ class NetworkComponent(Component):
         forget cached lookup answers (they may name a revoked worker)."""
         self.last_change_at = time.time()
         self.purge()
-        disc = self.agent.get("discovery")
-        cache = getattr(disc, "cache", None)
-        if cache is not None:
-            cache.clear()
+        disc = self.agent.discovery
+        if disc is not None:
+            disc.forget_answers()
         self.agent.status_changed()
 
     def purge(self, now: float | None = None) -> int:
@@ -353,12 +352,12 @@ class NetworkComponent(Component):
             return 0
         now = time.time() if now is None else now
         n = 0
-        dht = self.agent.get("dht")
-        storage = getattr(getattr(dht, "node", None), "storage", None)
-        if storage is not None and hasattr(storage, "drop_where"):
+        dht = self.agent.dht
+        storage = dht.storage if dht is not None else None
+        if storage is not None:
             n += storage.drop_where(lambda r: self.policy.check(r, now) is not None)
-        coord = self.agent.get("coordinator")
-        if coord is not None and hasattr(coord, "drop_where"):
+        coord = self.agent.coordinator
+        if coord is not None:
             n += coord.drop_where(lambda r: self.policy.check(r, now) is not None)
         if n:
             self.purged += n
@@ -463,5 +462,5 @@ class _NetworkCollector:
 
 def admitted_reason(agent: Any, record: Any) -> str | None:
     """Why the agent's admission policy refuses ``record``; None when admitted/open."""
-    comp = agent.get("network") if agent is not None else None
+    comp = agent.admission if agent is not None else None
     return None if comp is None else comp.check(record)

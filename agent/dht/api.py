@@ -125,7 +125,8 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
             return found, time.perf_counter() - t0
 
         if service not in crawls:
-            guard = getattr(dht.agent.get("discovery"), "guard", None)
+            disc = dht.agent.discovery
+            guard = disc.guard if disc is not None else None
             if guard is not None and not guard.take():
                 return guard.too_many()
         records, elapsed = await crawls.run(service, crawl)

@@ -32,11 +32,13 @@ from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
+from agent.interfaces import RoutingContact, Topology
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from agent.config import Config
+    from agent.dht.storage import ProviderStorage
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.dht")
@@ -108,7 +110,7 @@ class DHTComponent(Component):
         self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
                             mode=self.mode)
         self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
-        network = self.agent.get("network")     # closed networks: only admitted records
+        network = self.agent.admission     # closed networks: only admitted records
         self.node.storage.admit = network.storage_hook if network is not None else None
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
@@ -413,6 +415,21 @@ class DHTComponent(Component):
 
     def routing_snapshot(self) -> list[tuple[str, int]]:
         return list(self.node.routing_snapshot()) if self.node is not None else []
+
+    @property
+    def storage(self) -> ProviderStorage | None:
+        """The local record store (admission purges it, explain reads tombstones)."""
+        return self.node.storage if self.node is not None else None
+
+    def topology(self) -> Topology:
+        """The routing table's buckets and contacts (the dashboard's ring)."""
+        protocol = self.node.protocol if self.node is not None else None
+        if protocol is None:
+            return Topology(0, [])
+        router = protocol.router
+        return Topology(len(router.buckets), [
+            RoutingContact(n.id, n.ip, n.port, router.get_bucket_for(n))
+            for n in router.all_contacts()])
 
     # ------------------------------------------------------------------ readiness/status
     def ready(self) -> tuple[bool, str]:

@@ -30,7 +30,7 @@ from agent.discovery.select import Query
 from agent.http.local_caller import refuse_remote
 
 if TYPE_CHECKING:
-    from agent.discovery.service import DiscoveryComponent
+    from agent.interfaces import DiscoveryService
 
 LOOKUP_PARAMS = ("limit", "region", "gpu", "min_gpu_memory_gb", "prefer_region")
 MAX_TEXT = 64
@@ -55,6 +55,11 @@ def check_service(name: str) -> str:
         raise BadRequest(f"bad service name {shown!r}: 1-63 characters of lowercase a-z, 0-9, "
                          "'.', '_', '-', starting with a letter or digit")
     return name
+
+
+def wants_fresh(request: web.Request) -> bool:
+    """``Cache-Control: no-cache``: the caller asks for a lookup past the cache."""
+    return "no-cache" in request.headers.get("Cache-Control", "").lower()
 
 
 def _text(name: str, value: str) -> str:
@@ -143,14 +148,14 @@ def parse_report(body: bytes) -> tuple[bytes, bool, float | None]:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    comp: DiscoveryService = request.app[COMPONENT_KEY]
     if request.query:
         return _bad("this path takes no parameters")
     return web.json_response(await comp.services())
 
 
 async def get_service(request: web.Request) -> web.Response:
-    comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    comp: DiscoveryService = request.app[COMPONENT_KEY]
     params = request.query
     explain = params.get("explain")
     try:
@@ -161,8 +166,8 @@ async def get_service(request: web.Request) -> web.Response:
         query = parse_query(params, comp.max_results)
     except BadRequest as exc:
         return _bad(str(exc))
-    fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
-    if not comp.guard.allow_lookup(comp, service, request):
+    fresh = wants_fresh(request)
+    if not comp.allow_lookup(service, fresh):
         return comp.guard.too_many()
     if explain and not comp.guard.take():     # explain always crawls the DHT afresh
         return comp.guard.too_many()
@@ -174,7 +179,7 @@ async def get_service(request: web.Request) -> web.Response:
 
 
 async def post_report(request: web.Request) -> web.Response:
-    comp: DiscoveryComponent = request.app[COMPONENT_KEY]
+    comp: DiscoveryService = request.app[COMPONENT_KEY]
     refused = refuse_remote(request, "a worker report")
     if refused is not None:
         return refused
@@ -190,7 +195,7 @@ async def post_report(request: web.Request) -> web.Response:
     return web.json_response(comp.report(service, worker_id, ok, lat))
 
 
-def add_routes(app: web.Application, comp: DiscoveryComponent) -> None:
+def add_routes(app: web.Application, comp: DiscoveryService) -> None:
     app[COMPONENT_KEY] = comp
     app.router.add_get("/api/services", list_services)
     app.router.add_get("/api/services/{name}", get_service)

@@ -46,7 +46,8 @@ from agent.discovery.select import (
 )
 
 if TYPE_CHECKING:
-    from agent.discovery.service import DiscoveryComponent
+    from agent.discovery.latency import LatencyTracker
+    from agent.interfaces import DiscoveryService
 
 COMPONENTS = ("load", "gpu", "region", "latency", "age", "health")
 RAW_TIMEOUT_S = 2.0
@@ -85,16 +86,13 @@ def terms_sum(terms: dict[str, float]) -> float:
     return total + terms["health"]
 
 
-def worker_state(tracker: Any, worker_id: bytes, now: float) -> str:
+def worker_state(tracker: LatencyTracker | None, worker_id: bytes, now: float) -> str:
     """ok | backed off (inside a failure back-off: not offered) | failing (failed
-    lately, back-off over, offered again) | proof failed (when the tracker says so)."""
+    lately, back-off over, offered again) | proof failed (its endpoint's ownership)."""
     st = tracker.get(worker_id) if tracker is not None else None
     if st is None:
         return "ok"
-    explicit = getattr(st, "state", None)
-    if isinstance(explicit, str) and explicit and explicit != "ok":
-        return explicit
-    if getattr(st, "proof_failed", False):
+    if st.proof_failed:
         return "proof failed"
     if st.banned_until > now:
         return "backed off"
@@ -229,11 +227,10 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
     return {"workers": workers, "excluded": excluded, "excluded_total": total}
 
 
-def local_tombstones(comp: DiscoveryComponent, service: str) -> set[bytes]:
+def local_tombstones(comp: DiscoveryService, service: str) -> set[bytes]:
     """Worker ids whose withdrawal of ``service`` this node stores (if it stores any)."""
-    dht = comp.agent.get("dht")
-    node = getattr(dht, "node", None)
-    storage = getattr(node, "storage", None)
+    dht = comp.agent.dht
+    storage = dht.storage if dht is not None else None
     if storage is None:
         return set()
     from agent.dht.record import service_key
@@ -241,18 +238,18 @@ def local_tombstones(comp: DiscoveryComponent, service: str) -> set[bytes]:
         recs = storage.snapshot(service_key(service))
     except Exception:
         return set()
-    return {r.worker_id for r in recs if getattr(r, "withdrawn", False)}
+    return {r.worker_id for r in recs if r.withdrawn}
 
 
-async def explain(comp: DiscoveryComponent, service: str, q: Query, *,
+async def explain(comp: DiscoveryService, service: str, q: Query, *,
                   fresh: bool = False) -> dict[str, Any]:
     """The explained answer of ``GET /api/services/{name}?explain=1``."""
     if not q.caller_region and comp.agent.config.agent.region:
         q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb, comp.agent.config.agent.region)
-    entry, source = await comp._entry(service, fresh)
+    entry, source = await comp.answer(service, fresh)
     raw: list[RecordLike] = []
-    dht = comp.agent.get("dht")
-    if dht is not None and hasattr(dht, "find_providers"):
+    dht = comp.agent.dht
+    if dht is not None:
         try:
             raw = list(await asyncio.wait_for(dht.find_providers(service), RAW_TIMEOUT_S))
         except (TimeoutError, OSError):

@@ -17,15 +17,12 @@ to up to ``alpha`` peers at a time. Without a bound, one client looping over ran
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter as PromCounter
 
 from agent.ratelimit import TokenBucket
-
-if TYPE_CHECKING:
-    from agent.discovery.service import DiscoveryComponent
 
 CRAWL_RATE = 20.0
 CRAWL_BURST = 40.0
@@ -53,17 +50,6 @@ class CrawlGuard:
         if self._m is not None:
             self._m.inc()
         return False
-
-    def allow_lookup(self, disc: DiscoveryComponent, service: str,
-                     request: web.Request) -> bool:
-        """Whether a lookup of ``service`` for ``request`` may go ahead: always when it is
-        answered from the cache or joins a query in flight, else when a token is left."""
-        fresh = "no-cache" in request.headers.get("Cache-Control", "").lower()
-        if not fresh and disc.cache.get(service, disc.clock()) is not None:
-            return True
-        if service in disc.flight:
-            return True
-        return self.take()
 
     def too_many(self) -> web.Response:
         retry = max(1, round(1.0 / self.rate)) if self.rate > 0 else 1

@@ -3,128 +3,67 @@
 Lookup path (each answer says which one it came from in ``source``):
 
 1. **cache** — a fresh per-service entry (:mod:`agent.discovery.cache`); re-ranked per call.
-2. **dht** — ``agent.get("dht").find_providers(service)``, bounded by ``DHT_TIMEOUT_S``.
+2. **dht** — ``agent.dht.find_providers(service)``, bounded by ``DHT_TIMEOUT_S``.
    Concurrent lookups of one service share a single query (single-flight).
 3. **coordinator** — when the DHT yields nothing usable, fails or times out: every
-   ``discovery.coordinators`` URL is asked ``GET {url}/api/registry/{service}`` at once
-   (bounded time and size); each record is decoded and verified *here* (signature, id,
-   times) — a coordinator is a convenience, not a trusted party.
+   ``discovery.coordinators`` URL is asked at once, and each record verified here
+   (:mod:`agent.discovery.coordinator_client`).
 
 If all of them fail outright (no answer at all, as opposed to an empty answer) and an
 older cache entry exists, that entry answers (source ``cache``): stale workers are still
 filtered out at ranking time, so this can only return workers that are still in date.
 
-Selection (:mod:`agent.discovery.select`), latency and failure tracking
+Selection (:mod:`agent.discovery.select`), the rendered ranking
+(:mod:`agent.discovery.ranking`), latency and failure tracking
 (:mod:`agent.discovery.latency`) and the HTTP API (:mod:`agent.discovery.api`) are
-separate modules; this one wires them to the agent, its config and its metrics.
+separate modules; this one wires them to the agent, its config and its metrics. What
+other components may use of it is :class:`agent.interfaces.DiscoveryService`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import random
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram
 
 from agent.admission.component import admitted
 from agent.component import Component
 from agent.config import SERVICE_RE, Config
-from agent.dht.record import ALL_SERVICES, RecordError, decode_verified
+from agent.dht.record import ALL_SERVICES
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.coordinator_client import CoordinatorClient
 from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.guard import CrawlGuard
 from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
+from agent.discovery.metrics import SOURCES, DiscoveryMetrics, counts_summary
 from agent.discovery.ownership import OwnershipVerifier
-from agent.discovery.select import (
-    DEFAULT_WEIGHTS,
-    TOP_RANDOM,
-    CandidateSet,
-    Query,
-    RecordLike,
-    pick_first,
-)
+from agent.discovery.ranking import LookupResult, RankedAnswer, RankMemo
+from agent.discovery.select import DEFAULT_WEIGHTS, CandidateSet, Query, RecordLike, pick_first
 from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.discovery")
 _LOG_LIMIT = RateLimiter(rate=0.2, burst=3)   # failures can repeat on every cache miss
 
 DHT_TIMEOUT_S = 2.0           # a DHT lookup slower than this falls back to coordinators
-COORDINATOR_TIMEOUT_S = 2.0   # per coordinator request (all asked in parallel)
-MAX_COORDINATORS = 8          # asked at once; more are ignored (config is operator-set)
-MAX_REGISTRY_BYTES = 2 * 1024 * 1024
-MAX_REGISTRY_RECORDS = 5000
-REGISTRY_LIMIT = 1000         # records asked of a coordinator (its own cap is 1000)
 RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
-LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                  0.5, 1.0, 2.5, 5.0)
-SOURCES = ("cache", "dht", "coordinator", "stale")
 # GET /api/services reads every service-index shard (32 crawls): concurrent calls share
 # one read and its answer is reused this long, so a client polling it is no crawl loop
 SERVICES_TTL_S = 2.0
 _SERVICES_FLIGHT = "\0services"       # never a service name (single-flight key)
-COORDINATOR_REUSE_S = 5.0    # a coordinator fallback's answer is reused this long
-COORDINATOR_REUSE_MAX = 1024
-RANK_MEMO_S = 0.1             # a rendered ranking is reused this long at most (see lookup)
-RANK_MEMO_MAX = 256           # (service, query) rankings remembered, LRU
-
-
-@dataclass
-class LookupResult:
-    """One answer: the ranked workers (API JSON objects) and where they came from."""
-
-    service: str
-    source: str
-    workers: list[dict[str, Any]]
-    candidates: int = 0       # usable records before filters, limit and health
-    fragments: list[bytes] | None = None   # ``workers`` already JSON-encoded, same order
-
-    age_s: float | None = None   # source "stale": how old the last-known-good copy is
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"service": self.service, "source": self.source, "workers": self.workers}
-        if self.age_s is not None:
-            out["age_s"] = round(self.age_s, 3)
-        return out
-
-    def body(self) -> bytes:
-        """``to_json()`` serialised (joins the pre-encoded workers when available)."""
-        if self.fragments is None or self.age_s is not None:
-            return _dumps(self.to_json()).encode()
-        return b"".join((b'{"service": ', _dumps(self.service).encode(), b', "source": ',
-                         _dumps(self.source).encode(), b', "workers": [',
-                         b", ".join(self.fragments), b"]}"))
-
-
-@dataclass
-class _Ranked:
-    """A rendered deterministic ranking (see ``DiscoveryComponent._ranked_answer``)."""
-
-    cs: CandidateSet                  # what it was computed from (entries get replaced)
-    since: float
-    until: float
-    version: int
-    views: list[dict[str, Any]]
-    ids: list[bytes]                  # worker id of each view
-    fragments: list[bytes]            # each view as JSON, so answers are joined, not dumped
-    probe: list[tuple[bytes, str, bytes]]
 
 
 @dataclass
@@ -135,62 +74,22 @@ class _Fetched:
     records: list[RecordLike] = field(default_factory=list)
 
 
-class _Metrics:
-    """Prometheus objects on the agent's own registry (several agents per test process)."""
-
-    def __init__(self, registry: Any, comp: DiscoveryComponent) -> None:
-        kw: dict[str, Any] = {"registry": registry}
-        self.lookups = PromCounter("rma_agent_lookups", "Service lookups answered, by source",
-                                   ["source"], **kw)
-        self.seconds = Histogram("rma_agent_lookup_seconds",
-                                 "Time to answer a service lookup (including ranking)",
-                                 buckets=LOOKUP_BUCKETS, **kw)
-        self.cache = PromCounter("rma_agent_lookup_cache", "Lookup cache hits and misses",
-                                 ["result"], **kw)
-        self.dht = PromCounter("rma_agent_lookup_dht",
-                               "DHT queries made by discovery, by outcome", ["result"], **kw)
-        self.fallbacks = PromCounter("rma_agent_lookup_fallbacks",
-                                     "Lookups that fell back to coordinators' registries", **kw)
-        self.coordinator = PromCounter("rma_agent_lookup_coordinator",
-                                       "Coordinator registry requests, by outcome",
-                                       ["result"], **kw)
-        self.bad_records = PromCounter("rma_agent_lookup_bad_records",
-                                       "Records from coordinators that failed verification", **kw)
-        self.reports = PromCounter("rma_agent_worker_reports",
-                                   "Caller reports about workers, by outcome", ["outcome"], **kw)
-        self.probes = PromCounter("rma_agent_worker_probes", "Health probes, by outcome",
-                                  ["outcome"], **kw)
-        self.failing = Gauge("rma_agent_failing_workers",
-                             "Workers currently demoted after a failure", **kw)
-        self.failing.set_function(lambda: len(comp.tracker.current_bans(comp.clock())))
-        self.cached = Gauge("rma_agent_lookup_cached_services", "Services in the lookup cache",
-                            **kw)
-        self.cached.set_function(lambda: len(comp.cache))
-        for s in SOURCES:
-            self.lookups.labels(s)
-        for r in ("hit", "miss"):
-            self.cache.labels(r)
-        for r in ("hit", "miss", "timeout", "error"):
-            self.dht.labels(r)
-
-
 class DiscoveryComponent(Component):
     """Component "discovery": lookup, ranking, latency tracking, the /api/services API."""
 
     name = "discovery"
 
-    def __init__(self, agent: Agent, *, rng: random.Random | None = None,
+    def __init__(self, agent: AgentAPI, *, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(agent)
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
         self.weights = DEFAULT_WEIGHTS
         self.dht_timeout_s = DHT_TIMEOUT_S
-        self.coordinator_timeout_s = COORDINATOR_TIMEOUT_S
         cfg = agent.config
         self.scorer = GpuScorer(cfg.discovery.gpu_scores)
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
-        self.lastgood = LastGood(getattr(cfg.agent, "state_dir", None))
+        self.lastgood = LastGood(cfg.agent.state_dir)
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
         self.ownership = OwnershipVerifier(registry=agent.registry)
@@ -201,17 +100,28 @@ class DiscoveryComponent(Component):
         self._probe_session: aiohttp.ClientSession | None = None
         self.prober = Prober(self.tracker, lambda: self._probe_session, verifier=self.ownership,
                              on_failure=self._worker_failed, on_result=self._probe_result)
-        self.metrics = _Metrics(agent.registry, self)
+        self.metrics = DiscoveryMetrics(
+            agent.registry, failing=lambda: len(self.tracker.current_bans(self.clock())),
+            cached=lambda: len(self.cache))
         self._m_source = {s: self.metrics.lookups.labels(s) for s in SOURCES}
         self._m_seconds = self.metrics.seconds
         # plain counters for stats() (prometheus objects are awkward to read back)
         self.counts: Counter[str] = Counter()
         self._durations: deque[float] = deque(maxlen=RESERVOIR)
-        self._memo: OrderedDict[tuple[str, Query], _Ranked] = OrderedDict()
+        self._ranks = RankMemo()
         self._services_memo: tuple[float, dict[str, Any]] | None = None
-        # service -> (asked at, records, answered): coordinators' last answers (reused)
-        self._coord_answers: OrderedDict[str, tuple[float, list[RecordLike], bool]] = \
-            OrderedDict()
+        self.coordinators = CoordinatorClient(
+            lambda: list(self.agent.config.discovery.coordinators), self._ensure_session,
+            self.clock, self.counts, agent.registry)
+
+    @property
+    def coordinator_timeout_s(self) -> float:
+        """Per coordinator request (a test shortens it)."""
+        return self.coordinators.timeout_s
+
+    @coordinator_timeout_s.setter
+    def coordinator_timeout_s(self, value: float) -> None:
+        self.coordinators.timeout_s = value
 
     # ------------------------------------------------------------------ config
     @property
@@ -292,93 +202,60 @@ class DiscoveryComponent(Component):
         """
         t0 = time.perf_counter()
         q = query or Query(limit=self.max_results)
-        if not q.caller_region and self.agent.config.agent.region:
-            q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
-                      self.agent.config.agent.region)
         if q.limit > self.max_results:
             q = Query(self.max_results, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region)
-        entry, source = await self._entry(service, fresh)
+        entry, source, answer, order = await self._draw(service, q, fresh, as_saved=True)
+        self._count_lookup(source, t0)
         now = self.clock()
-        # a last-known-good copy from disk is ranked as of when it was saved (its records
-        # may have expired since); the answer says how old it is
-        rank_at = entry.fetched_at if source == "stale" else now
-        answer = self._ranked_answer(entry.candidates, q, rank_at)
-        # the top-3 draw happens on every call, on top of the (memoised) ranking
-        order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
-        if answer.probe:
-            self.prober.consider(answer.probe)
-        dt = time.perf_counter() - t0
-        self._m_source[source].inc()
-        self._m_seconds.observe(dt)
-        self.counts["lookups"] += 1
-        self.counts[f"source_{source}"] += 1
-        self._durations.append(dt)
         return LookupResult(service, source, [answer.views[i] for i in order],
                             len(entry.candidates), [answer.fragments[i] for i in order],
                             age_s=max(0.0, now - entry.fetched_at) if source == "stale"
                             else None)
 
-    async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
+    async def route_candidates(self, service: str,
+                               query: Query) -> tuple[list[RecordLike], str]:
         """The router's view of a lookup: the ranked *records* (best first, after the
         top-3 draw, at most ``query.limit``) and the answer's source. Same cache, DHT and
         coordinator path, ranking and metrics as :meth:`lookup`; records rather than
         JSON views because the router needs each worker's public key."""
         t0 = time.perf_counter()
-        q = query
+        _entry, source, answer, order = await self._draw(service, query, False, as_saved=False)
+        cs = answer.cs
+        records = [cs.records[cs.index[answer.ids[i]]] for i in order]
+        self._count_lookup(source, t0)
+        return records, source
+
+    async def _draw(self, service: str, q: Query, fresh: bool, *, as_saved: bool
+                    ) -> tuple[CacheEntry, str, RankedAnswer, list[int]]:
+        """The entry, its source, its ranking for ``q`` and the order of this answer (the
+        top-3 draw on top of the memoised ranking, cut to ``q.limit``). ``as_saved``: a
+        last-known-good copy from disk is ranked as of when it was saved (a lookup shows
+        it, saying how old it is); the router ranks everything as of now, so it never
+        sends a request to a worker whose record has expired since."""
         if not q.caller_region and self.agent.config.agent.region:
             q = Query(q.limit, q.region, q.gpu, q.min_gpu_memory_gb,
                       self.agent.config.agent.region)
-        entry, source = await self._entry(service)
-        answer = self._ranked_answer(entry.candidates, q, self.clock())
-        cs = answer.cs
+        entry, source = await self.answer(service, fresh)
+        rank_at = entry.fetched_at if as_saved and source == "stale" else self.clock()
+        answer = self._ranks.ranked(entry.candidates, q, rank_at, self.tracker, self.weights)
         order = pick_first(list(range(len(answer.views))), self.rng)[:q.limit]
         if answer.probe:
             self.prober.consider(answer.probe)
-        records = [cs.records[cs.index[answer.ids[i]]] for i in order]
+        return entry, source, answer, order
+
+    def _count_lookup(self, source: str, t0: float) -> None:
         dt = time.perf_counter() - t0
         self._m_source[source].inc()
         self._m_seconds.observe(dt)
         self.counts["lookups"] += 1
         self.counts[f"source_{source}"] += 1
         self._durations.append(dt)
-        return records, source
 
-    def _ranked_answer(self, cs: CandidateSet, q: Query, now: float) -> _Ranked:
-        """The deterministic ranking of ``cs`` for ``q``, rendered; reused for up to
-        ``RANK_MEMO_S`` while nothing that affects it changed.
-
-        Why: at thousands of lookups a second on one service, re-scoring and re-rendering
-        50 workers per call would be most of the cost, yet the result only changes when
-        the latency tracker does (reports, probes, bans — its version), when a record
-        reaches expiry or staleness (``fresh_until``), or as ages drift (hence the short
-        window: ages and scores shown are at most ``RANK_MEMO_S`` old).
-        """
-        tracker = self.tracker
-        tracker.current_bans(now)            # ends finished back-offs (bumps the version)
-        key = (cs.service, q)
-        memo = self._memo.get(key)
-        if memo is not None and memo.cs is cs and memo.version == tracker.version \
-                and memo.since <= now < memo.until:
-            return memo
-        pairs = cs.ranked(now, q, tracker, self.weights)
-        views = [cs.view(i, now, score) for i, score in pairs]
-        memo = _Ranked(
-            cs=cs, since=now, until=min(now + RANK_MEMO_S, cs.fresh_until),
-            version=tracker.version, views=views, ids=[cs.ids[i] for i, _ in pairs],
-            fragments=[_dumps(v).encode() for v in views],
-            probe=[(cs.ids[i], cs.records[i].endpoint, cs.records[i].public_key)
-                   for i, _ in pairs[:TOP_RANDOM]])
-        self._memo[key] = memo
-        self._memo.move_to_end(key)
-        while len(self._memo) > RANK_MEMO_MAX:
-            self._memo.popitem(last=False)
-        return memo
-
-    async def _entry(self, service: str, fresh: bool = False, *,
+    async def answer(self, service: str, fresh: bool = False, *,
                      paced: bool = False) -> tuple[CacheEntry, str]:
         """A cache entry for ``service`` (fresh, or fetched now) and the answer's source.
         ``paced``: a periodic refresh (watches), whose coordinator fallback may reuse an
-        answer up to ``COORDINATOR_REUSE_S`` old (see ``_from_coordinators``)."""
+        answer a few seconds old (:mod:`agent.discovery.coordinator_client`)."""
         entry = None if fresh else self.cache.get(service, self.clock())
         if entry is not None:
             self.metrics.cache.labels("hit").inc()
@@ -454,7 +331,7 @@ class DiscoveryComponent(Component):
             return _Fetched(cs, "dht", answered, records)
         self.metrics.fallbacks.inc()
         self.counts["fallbacks"] += 1
-        crecords, coord_answered = await self._from_coordinators(service, paced)
+        crecords, coord_answered = await self.coordinators.records(service, paced)
         crecords = self._contactable(admitted(self.agent, crecords))
         now = self.clock()
         ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
@@ -472,8 +349,8 @@ class DiscoveryComponent(Component):
         return kept
 
     async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
-        dht = self.agent.get("dht")
-        if dht is None or not hasattr(dht, "find_providers"):
+        dht = self.agent.dht
+        if dht is None:
             return [], "absent"
         self.counts["dht_queries"] += 1
         try:
@@ -494,95 +371,6 @@ class DiscoveryComponent(Component):
         self.metrics.dht.labels(state).inc()
         self.counts[f"dht_{state}"] += 1
         return records, state
-
-    async def _from_coordinators(self, service: str,
-                                 paced: bool = False) -> tuple[list[RecordLike], bool]:
-        """Records from every configured coordinator, verified; (records, any answered).
-
-        ``paced`` (a watch's refresh): reuse the last answer when it is less than
-        ``COORDINATOR_REUSE_S`` old. A watch (or the dashboard) refreshes its services
-        from the DHT every second, and for a service the DHT has no workers of each
-        refresh fell back to every coordinator over HTTP. The reused answer is signed
-        records, re-judged (expiry, staleness) by the caller."""
-        now = self.clock()
-        last = self._coord_answers.get(service) if paced else None
-        if last is not None and 0.0 <= now - last[0] < COORDINATOR_REUSE_S:
-            self.counts["coordinator_reused"] += 1
-            return list(last[1]), last[2]
-        records, answered = await self._ask_coordinators(service)
-        self._coord_answers[service] = (now, records, answered)
-        self._coord_answers.move_to_end(service)
-        while len(self._coord_answers) > COORDINATOR_REUSE_MAX:
-            self._coord_answers.popitem(last=False)
-        return records, answered
-
-    async def _ask_coordinators(self, service: str) -> tuple[list[RecordLike], bool]:
-        urls = list(self.agent.config.discovery.coordinators)[:MAX_COORDINATORS]
-        if not urls:
-            return [], False
-        session = self._ensure_session()
-        results = await asyncio.gather(*(self._ask_coordinator(session, u, service)
-                                         for u in urls))
-        records: list[RecordLike] = []
-        answered = False
-        for recs in results:
-            if recs is not None:
-                answered = True
-                records.extend(recs)
-        return records, answered
-
-    async def _ask_coordinator(self, session: aiohttp.ClientSession, base: str,
-                               service: str) -> list[RecordLike] | None:
-        url = f"{base.rstrip('/')}/api/registry/{service}?limit={REGISTRY_LIMIT}"
-        try:
-            async with session.get(
-                    url, timeout=aiohttp.ClientTimeout(total=self.coordinator_timeout_s),
-                    allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")
-                if (resp.content_length or 0) > MAX_REGISTRY_BYTES:
-                    raise ValueError("answer too large")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_REGISTRY_BYTES:
-                        raise ValueError("answer too large")
-                    chunks.append(chunk)
-                data = _json_loads(b"".join(chunks))
-        except asyncio.CancelledError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            self.metrics.coordinator.labels("error").inc()
-            self.counts["coordinator_errors"] += 1
-            _LOG_LIMIT.log(log, logging.WARNING, f"coord:{base}",
-                           "discovery: coordinator %s did not answer for %r: %s", base,
-                           service, str(exc) or type(exc).__name__)
-            return None
-        raw = data.get("records") if isinstance(data, dict) else None
-        if not isinstance(raw, list):
-            self.metrics.coordinator.labels("error").inc()
-            self.counts["coordinator_errors"] += 1
-            return None
-        now = self.clock()
-        out: list[RecordLike] = []
-        bad = 0
-        for item in raw[:MAX_REGISTRY_RECORDS]:
-            try:
-                if not isinstance(item, str):
-                    raise RecordError("record is not a base64 string")
-                rec = decode_verified(base64.b64decode(item, validate=True), now)
-            except (RecordError, binascii.Error, ValueError):
-                bad += 1
-                continue
-            out.append(rec)
-        if bad:
-            self.metrics.bad_records.inc(bad)
-            self.counts["bad_records"] += bad
-        result = "hit" if out else "miss"
-        self.metrics.coordinator.labels(result).inc()
-        self.counts[f"coordinator_{result}"] += 1
-        return out
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
@@ -605,8 +393,8 @@ class DiscoveryComponent(Component):
         now = self.clock()
         counts: dict[str, int] = {}
         source = ""
-        dht = self.agent.get("dht")
-        if dht is not None and hasattr(dht, "service_counts"):
+        dht = self.agent.dht
+        if dht is not None:
             try:
                 got = await asyncio.wait_for(dht.service_counts(), self.dht_timeout_s)
             except TimeoutError:
@@ -614,7 +402,7 @@ class DiscoveryComponent(Component):
             counts = {s: int(n) for s, n in got.items() if SERVICE_RE.fullmatch(s) and n > 0}
             source = "dht" if counts else ""
         if not source:
-            entry, source = await self._entry(ALL_SERVICES)
+            entry, source = await self.answer(ALL_SERVICES)
             cs = entry.candidates
             for i in _live_indices(cs, now, self.tracker):
                 for svc in cs.records[i].services:
@@ -628,6 +416,34 @@ class DiscoveryComponent(Component):
                 counts[svc] = max(counts.get(svc, 0), live)
         return {"source": source,
                 "services": [{"name": s, "workers": counts[s]} for s in sorted(counts)]}
+
+    # ------------------------------------------------------------------ for other components
+    def cached(self, service: str) -> CacheEntry | None:
+        """The cached entry for ``service`` whatever its age (the dashboard shows it)."""
+        return self.cache.get_any(service)
+
+    def forget_answers(self) -> None:
+        """Drop every cached answer: the admission policy changed, and they may name a
+        worker no longer admitted."""
+        self.cache.clear()
+
+    def forget_worker(self, worker_id: bytes) -> int:
+        """Drop cached answers naming ``worker_id`` (its endpoint failed a proof)."""
+        return self.cache.invalidate_worker(worker_id)
+
+    def allow_lookup(self, service: str, fresh: bool) -> bool:
+        """Whether an HTTP lookup of ``service`` may go ahead: always when it is answered
+        from the cache or joins a query in flight, else when the crawl budget
+        (:class:`~agent.discovery.guard.CrawlGuard`) has a token left."""
+        if not fresh and self.cache.get(service, self.clock()) is not None:
+            return True
+        if service in self.flight:
+            return True
+        return self.guard.take()
+
+    def lookup_durations(self) -> list[float]:
+        """The last ``RESERVOIR`` lookup durations (s), oldest first."""
+        return list(self._durations)
 
     # ------------------------------------------------------------------ reports
     def report(self, service: str, worker_id: bytes, ok: bool,
@@ -663,32 +479,10 @@ class DiscoveryComponent(Component):
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        c = self.counts
-        hits, misses = c["cache_hits"], c["cache_misses"]
-        dht_q = c["dht_queries"]
-        xs = sorted(self._durations)
-
-        def pct(q: float) -> float | None:
-            return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 3) if xs else None
-
         return {"discovery": {
-            "lookups": c["lookups"],
-            "by_source": {s: c[f"source_{s}"] for s in SOURCES},
-            "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
-            "dht_queries": dht_q,
-            "dht_hit_rate": round(c["dht_hit"] / dht_q, 4) if dht_q else None,
-            "dht_timeouts": c["dht_timeout"],
-            "dht_errors": c["dht_error"],
-            "fallbacks": c["fallbacks"],
-            "fallback_rate": round(c["fallbacks"] / misses, 4) if misses else None,
-            "stale_answers": c["stale_answers"],
-            "single_flight_joined": c["single_flight_joined"],
-            "lookup_p50_ms": pct(0.50),
-            "lookup_p99_ms": pct(0.99),
+            **counts_summary(self.counts, self._durations),
             "cached_services": len(self.cache),
-            "reports": {"ok": c["reports_ok"], "failed": c["reports_failed"]},
             "probes": dict(self.prober.counts),
-            "bad_records": c["bad_records"],
             **self.tracker.stats(self.clock()),
         }}
 
@@ -697,16 +491,7 @@ def _allow_http(cfg: Config) -> tuple[str, ...]:
     return tuple(cfg.discovery.allow_http_hosts)
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
-
-
 def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:
     bans = tracker.current_bans(now)
     return [i for i in range(len(cs)) if cs.is_fresh(i, now) and cs.ids[i] not in bans]
 
-
-def _json_loads(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None

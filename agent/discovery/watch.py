@@ -50,8 +50,7 @@ from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from agent.discovery.select import CandidateSet, RecordLike
-    from agent.discovery.service import DiscoveryComponent
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI, DiscoveryService
 
 log = logging.getLogger("rma_agent.watch")
 _LOG_LIMIT = RateLimiter(rate=0.1, burst=2)
@@ -140,7 +139,7 @@ class ServiceWatch:
         comp = self.hub.discovery
         if comp is None:
             return
-        entry, source = await comp._entry(self.service, True, paced=True)
+        entry, source = await comp.answer(self.service, True, paced=True)
         self.source = source
         self.refreshes += 1
         self.apply(entry.candidates, comp.clock())
@@ -202,7 +201,7 @@ class ServiceWatch:
 class WatchHub:
     """Every :class:`ServiceWatch` of one agent, the watcher bound, and the HTTP route."""
 
-    def __init__(self, agent: Agent, *, max_watchers: int = MAX_WATCHERS,
+    def __init__(self, agent: AgentAPI, *, max_watchers: int = MAX_WATCHERS,
                  refresh_s: float = REFRESH_S, queue_size: int = events.QUEUE_SIZE,
                  heartbeat_s: float = events.HEARTBEAT_S) -> None:
         self.agent = agent
@@ -216,8 +215,8 @@ class WatchHub:
         self.running = False
 
     @property
-    def discovery(self) -> DiscoveryComponent | None:
-        return self.agent.get("discovery")
+    def discovery(self) -> DiscoveryService | None:
+        return self.agent.discovery
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:

@@ -38,8 +38,8 @@ from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
 
 if TYPE_CHECKING:
     from agent.config import Config
+    from agent.interfaces import WorkerService
     from agent.lifecycle import Agent
-    from agent.roles.worker import WorkerRole
 
 log = logging.getLogger("rma_agent.gateway")
 
@@ -84,8 +84,8 @@ class GatewayComponent(Component):
                            "passes its health check", ["service"], registry=reg)
 
     # ------------------------------------------------------------------ helpers
-    def _worker(self) -> WorkerRole | None:
-        return self.agent.get("worker")  # type: ignore[no-any-return]
+    def _worker(self) -> WorkerService | None:
+        return self.agent.worker
 
     def _capacity(self) -> int:
         return max(1, int(self.agent.config.worker.max_concurrency))
@@ -130,8 +130,8 @@ class GatewayComponent(Component):
             return error(400, f"{exc}: GET {PROOF_PATH}?nonce=<hex>")
         worker = self._worker()
         endpoint = worker.endpoint if worker is not None else ""
-        dht = self.agent.get("dht")
-        identity = getattr(dht, "identity", None)
+        dht = self.agent.dht
+        identity = dht.identity if dht is not None else None
         if not endpoint or identity is None:
             return error(503, "this worker has no public endpoint yet", not_processed=True)
         return web.json_response(make_proof(identity, nonce, endpoint),

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from prometheus_client import Counter, Gauge
@@ -131,10 +131,11 @@ class CoordinatorRole(Component):
 
     @property
     def dht(self) -> DHTComponent:
-        dht = self.agent.get("dht")
+        dht = self.agent.dht
         if dht is None:
             raise RuntimeError("coordinator role needs the dht component")
-        return dht  # type: ignore[return-value]
+        # the DHT's own bootstrap handler (served on our gateway) takes the component
+        return cast("DHTComponent", dht)
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     import aiohttp
 
     from agent.config import Config
-    from agent.dht.component import DHTComponent
+    from agent.dht.identity import Identity
+    from agent.interfaces import DHTService
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.worker")
@@ -94,11 +95,23 @@ class WorkerRole(Component):
 
     # ------------------------------------------------------------------ helpers
     @property
-    def dht(self) -> DHTComponent:
-        dht = self.agent.get("dht")
+    def dht(self) -> DHTService:
+        dht = self.agent.dht
         if dht is None:
             raise RuntimeError("worker role needs the dht component")
-        return dht  # type: ignore[return-value]
+        return dht
+
+    @property
+    def identity(self) -> Identity:
+        identity = self.dht.identity
+        if identity is None:      # the DHT does not start without one
+            raise RuntimeError("worker role needs the node identity")
+        return identity
+
+    def _certificate(self) -> bytes:
+        """The closed network's admission certificate (b"": open network, or none)."""
+        admission = self.agent.admission
+        return admission.certificate_blob() if admission is not None else b""
 
     @property
     def endpoint(self) -> str:
@@ -124,7 +137,7 @@ class WorkerRole(Component):
         cfg = self.agent.config
         gpu = self._gpu or GpuInfo("CPU", 0.0, None)
         record = WorkerRecord.create(
-            self.dht.identity,
+            self.identity,
             name=cfg.agent.name,
             services=list(services if services is not None else self.services()),
             endpoint=self.endpoint,
@@ -138,7 +151,7 @@ class WorkerRole(Component):
             withdrawn=withdrawn,
             refresh=float(cfg.dht.republish_interval),
             agent_version=__version__,     # the fleet's versions (agent.versions, status)
-            cert=getattr(self.agent.get("network"), "cert_blob", b""),   # closed networks
+            cert=self._certificate(),      # closed networks
         )
         self._seq = record.seq
         return record
@@ -230,9 +243,9 @@ class WorkerRole(Component):
         self._wake = asyncio.Event()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT))
         self.agent.subscribe("endpoint", self._on_endpoint)
-        tunnel = self.agent.get("tunnel")
-        known = getattr(tunnel, "endpoint", "") if tunnel is not None else ""
-        if isinstance(known, str) and known:
+        tunnel = self.agent.tunnel
+        known = tunnel.endpoint if tunnel is not None else None
+        if known:
             self._tunnel_endpoint = known       # learned before we subscribed
         self._task = asyncio.create_task(self._loop(), name="worker-announce")
         if self._gpu.utilization is not None:
@@ -408,7 +421,7 @@ class WorkerRole(Component):
         if self.endpoint:
             tomb = self._build(services=services, withdrawn=True)
         else:   # the endpoint is gone: withdraw what was announced, with its old URL
-            tomb = self.last_record.tombstone(self.dht.identity)
+            tomb = self.last_record.tombstone(self.identity)
         stored = await self.dht.announce(tomb)
         if stored == 0 or self.fallback_used:
             await self._register_fallback(tomb)

@@ -41,7 +41,7 @@ from prometheus_client import Gauge, Histogram
 from yarl import URL
 
 from agent.component import Component
-from agent.discovery.api import BadRequest, check_service, parse_query
+from agent.discovery.api import BadRequest, check_service, parse_query, wants_fresh
 from agent.discovery.endpoints import EndpointRefused, GuardedConnector, endpoint_refusal
 from agent.discovery.select import Query
 from agent.discovery.service import SOURCES
@@ -60,7 +60,7 @@ from agent.router.proxy import (
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.discovery.service import DiscoveryComponent
+    from agent.interfaces import DiscoveryService
     from agent.lifecycle import Agent
 
 log = logging.getLogger("rma_agent.router")
@@ -172,9 +172,8 @@ class RouterComponent(Component):
         return self._session
 
     def _contacts(self) -> Counter[str]:
-        disc = self.agent.get("discovery")
-        found = getattr(disc, "contacts", None)
-        return found if isinstance(found, Counter) else Counter()
+        disc = self.agent.discovery
+        return disc.contacts if disc is not None else Counter()
 
     async def start(self) -> None:
         self.session()
@@ -234,7 +233,7 @@ class RouterComponent(Component):
 
     # ------------------------------------------------------------------ the handler
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        disc: DiscoveryComponent | None = self.agent.get("discovery")
+        disc = self.agent.discovery
         if disc is None:
             return _error(503, "router: discovery is not running on this agent")
         raw_service = request.match_info["service"]
@@ -253,10 +252,9 @@ class RouterComponent(Component):
         if refusal is not None:
             self._finish("bad_request", 0)
             return _error(400, f"not routed: {refusal}")
-        guard = getattr(disc, "guard", None)
-        if guard is not None and not guard.allow_lookup(disc, service, request):
+        if not disc.allow_lookup(service, wants_fresh(request)):
             self._finish("limited", 0)
-            return guard.too_many()
+            return disc.guard.too_many()
         records, source = await disc.route_candidates(service, query)
         self.counts[f"lookup_{source}"] += 1
         self._m_lookup[source].inc()
@@ -269,7 +267,7 @@ class RouterComponent(Component):
                                request.body_exists)
         return await self._attempts(request, disc, service, rest, raw_query, records, body)
 
-    def _query(self, request: web.Request, disc: DiscoveryComponent) -> Query:
+    def _query(self, request: web.Request, disc: DiscoveryService) -> Query:
         limit = min(disc.max_results, 2 * self.max_attempts + 2)
         headers = request.headers
         if not any(h in headers for h in FILTER_HEADERS):
@@ -316,7 +314,7 @@ class RouterComponent(Component):
             self._refusals[endpoint] = cached
         return cached  # type: ignore[return-value]
 
-    async def _attempts(self, request: web.Request, disc: DiscoveryComponent, service: str,
+    async def _attempts(self, request: web.Request, disc: DiscoveryService, service: str,
                         rest: str, raw_query: str, records: list[Any],
                         body: Body) -> web.StreamResponse:
         method = request.method
@@ -419,12 +417,12 @@ class RouterComponent(Component):
         while len(self._busy) > MAX_BUSY:
             self._busy.popitem(last=False)
 
-    def _proof_failed(self, disc: DiscoveryComponent, service: str, rec: Any, kind: str,
+    def _proof_failed(self, disc: DiscoveryService, service: str, rec: Any, kind: str,
                       reason: str) -> None:
         if kind == "bad":
             now = disc.clock()
             if disc.tracker.record_proof(rec.worker_id, False, now, disc.ownership.reverify_s):
-                disc.cache.invalidate_worker(rec.worker_id)
+                disc.forget_worker(rec.worker_id)
             _LOG_LIMIT.log(log, logging.WARNING, "proof",
                            "router: worker %s failed its ownership proof at %s: %s; not "
                            "offered or routed to", rec.worker_id.hex()[:12], rec.endpoint,

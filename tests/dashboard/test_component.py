@@ -329,15 +329,15 @@ def test_local_records_expire_by_their_own_refresh():
     now = time.time()
     slow = make_record(name="slow", refresh=60.0, now=now)
     quick = make_record(name="quick", refresh=10.0, now=now)
-    dash._on_record(slow)
-    dash._on_record(quick)
-    assert [e["kind"] for e in dash._log] == ["joined", "joined"]
+    dash.eventlog.on_record(slow)
+    dash.eventlog.on_record(quick)
+    assert [e["kind"] for e in dash.eventlog.items] == ["joined", "joined"]
     dash._check_local(now + 30)              # quick: 30 s > 2 x 10 s; slow: < 2 x 60 s
-    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
-    assert expired == ["quick"], list(dash._log)
+    expired = [e["worker"] for e in dash.eventlog.items if e["kind"] == "expired"]
+    assert expired == ["quick"], list(dash.eventlog.items)
     dash._check_local(now + 121)
-    expired = [e["worker"] for e in dash._log if e["kind"] == "expired"]
-    assert expired == ["quick", "slow"], list(dash._log)
+    expired = [e["worker"] for e in dash.eventlog.items if e["kind"] == "expired"]
+    assert expired == ["quick", "slow"], list(dash.eventlog.items)
 
 
 async def test_state_shows_each_workers_version_and_the_fleets():
@@ -410,13 +410,13 @@ def test_a_back_off_that_outlasts_the_record_still_names_the_worker():
     dash = DashboardComponent(agent)
     now = time.time()
     ident = Identity.generate()
-    dash._on_record(make_record(ident, name="gpu-7", refresh=10.0, now=now))
+    dash.eventlog.on_record(make_record(ident, name="gpu-7", refresh=10.0, now=now))
     comp.tracker.base_backoff_s = 60.0          # a back-off longer than the record lives
     comp.tracker.record_failure(ident.node_id, now)
     dash._check_local(now + 1)                  # failing: backed off
     dash._check_local(now + 25)                 # stale (> 2 x 10 s): gone from the page
     comp.tracker.forgive(ident.node_id)
     dash._check_local(now + 26)                 # back-off over
-    lines = {e["kind"]: e["text"] for e in dash._log}
+    lines = {e["kind"]: e["text"] for e in dash.eventlog.items}
     assert lines["expired"].startswith("gpu-7 expired")
     assert lines["recovered"] == "worker gpu-7: back-off over", lines

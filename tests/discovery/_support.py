@@ -51,6 +51,7 @@ class ProviderStub(Component):
     """
 
     name = "dht"
+    storage = None     # stores no records for the network (no tombstones to read)
 
     def __init__(self, agent: Agent, records: dict[str, list[WorkerRecord]] | None = None,
                  delay: float = 0.0, fail: bool = False) -> None:
@@ -78,6 +79,10 @@ class ProviderStub(Component):
         if self.fail:
             raise OSError("network unreachable")
         return list(self.records.get(service, []))
+
+    async def service_counts(self) -> dict[str, int]:
+        """No service index: the service list falls back to the "*" answer."""
+        return {}
 
 
 def make_config(*, region: str = "", cache_ttl: int = 60, coordinators: Iterable[str] = (),

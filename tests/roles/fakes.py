@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from agent.component import ComponentDirectory
 from agent.config import (
     AgentSection,
     Config,
@@ -29,6 +30,7 @@ from agent.dht.record import ALL_SERVICES, WorkerRecord
 
 class FakeDHT:
     name = "dht"
+    storage = None     # stores no records for the network (no tombstones to read)
 
     def __init__(self, identity: Identity, stores_on: int = 3) -> None:
         self.identity = identity
@@ -61,16 +63,15 @@ class FakeDHT:
         return True, ""
 
 
-class FakeAgent:
+class FakeAgent(ComponentDirectory):
+    """The Agent's bus, config and registry, and its typed accessors over ``components``."""
+
     def __init__(self, config: Config, dht: FakeDHT | None = None) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.components: list[Any] = [dht] if dht is not None else []
         self._subs: dict[str, list[Callable[[Any], Any]]] = defaultdict(list)
         self.status_changes = 0
-
-    def get(self, name: str) -> Any:
-        return next((c for c in self.components if c.name == name), None)
 
     def subscribe(self, event: str, cb: Callable[[Any], Any]) -> None:
         self._subs[event].append(cb)
