@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 from agent.config import Config, ConfigError, load_config, summary
@@ -26,14 +25,9 @@ log = logging.getLogger("rma_agent")
 SHUTDOWN_BUDGET = 4.5  # seconds: systemd and the tests expect an exit within 5 s
 
 
-def main(config_path: Path) -> int:
-    """Entry point of ``rma-agent run``; returns the process exit code."""
-    try:
-        cfg = load_config(config_path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return 2
+def main(config_path: Path, cfg: Config) -> int:
+    """Entry point of ``rma-agent run`` with the config the command line loaded from
+    ``config_path`` (re-read from there on SIGHUP); returns the process exit code."""
     setup_logging(cfg.log.level)
     try:
         import uvloop

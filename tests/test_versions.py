@@ -11,9 +11,9 @@ import time
 import pytest
 
 from agent import __version__
+from agent.cli.status import format_status, outdated_warning
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
-from agent.discovery.client import format_status, outdated_warning
 from agent.versions import VersionsComponent, summarize, version_key
 from tests.cluster import REPO, Cluster
 from tests.util import wait_for

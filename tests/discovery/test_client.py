@@ -9,7 +9,9 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.discovery.client import cmd_lookup, cmd_status, format_lookup, table
+from agent.cli.common import table
+from agent.cli.lookup import cmd_lookup, format_lookup
+from agent.cli.status import cmd_status
 from agent.httpapi import make_app
 from tests.discovery._support import make_discovery, make_record
 from tests.util import free_port
@@ -104,9 +106,10 @@ def test_a_stale_answer_says_how_old_it_is():
 def test_every_command_applies_the_one_service_rule(command):
     """A bad name is exit 2 with the rule, before anything is contacted (the URL points
     nowhere); an uppercase name is lowercased, not refused."""
-    from agent.dashboard.cli import cmd_lookup_explain, cmd_watch
-    from agent.discovery.client import cli_service
-    from agent.router.client import cmd_call
+    from agent.cli.call import cmd_call
+    from agent.cli.common import cli_service
+    from agent.cli.lookup import cmd_lookup_explain
+    from agent.cli.watch import cmd_watch
 
     nowhere = "http://127.0.0.1:9"
     calls = {

@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import IO, BinaryIO
 
-from agent.discovery.client import cli_service
+from agent.cli.common import cli_service
 
 TIMEOUT_S = 330.0          # above the gateway's default upstream_timeout (300 s)
 CHUNK = 1 << 16

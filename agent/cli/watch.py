@@ -1,6 +1,6 @@
-"""``rma-agent watch SERVICE`` and ``rma-agent lookup SERVICE --explain``.
+"""``rma-agent watch SERVICE``: a service's membership changes as they happen.
 
-Why plain ``urllib`` here too (as ``agent.discovery.client``): one connection, read line
+Why plain ``urllib`` here too (as ``agent.cli.common``): one connection, read line
 by line; the SSE format is simple enough that a parser is a dozen lines. ``watch``
 reconnects with ``Last-Event-ID`` when the stream breaks (the agent restarted, the
 watcher was dropped as a slow reader), so the printed history has no gap it does not
@@ -18,66 +18,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from agent.discovery.client import (
-    ClientError,
-    _fail,
-    _num,
-    cli_service,
-    cmd_lookup,
-    get_json,
-    table,
-)
+from agent.cli.common import ClientError, cli_service, fail, get_json, num
 
 RECONNECT_S = 2.0
 GIVE_UP_S = 60.0
 READ_TIMEOUT_S = 60.0      # the agent sends a heartbeat every 15 s
 
 
-# ---------------------------------------------------------------------- explain
-def format_explain(answer: dict[str, Any]) -> str:
-    """The explained ranking as text: workers with score parts, then the excluded."""
-    service = answer.get("service", "?")
-    workers = answer.get("workers") or []
-    lines = [f"{service}: {len(workers)} worker{'s' if len(workers) != 1 else ''} offered, "
-             f"deterministic order (source: {answer.get('source', '?')})"]
-    parts = ("load", "gpu", "region", "latency", "age", "health")
-    rows = []
-    for w in workers:
-        c = w.get("components") or {}
-        rows.append((w.get("rank"), w.get("name"), str(w.get("id", ""))[:12], w.get("state"),
-                     _num(w.get("score"), "{:.4f}"),
-                     *(_num(c.get(p), "{:+.4f}") for p in parts)))
-    if rows:
-        lines.append(table(("#", "name", "id", "state", "score", *parts), rows,
-                           right=(0, 4, 5, 6, 7, 8, 9, 10)))
-    if answer.get("formula"):
-        lines.append("")
-        lines.append(str(answer["formula"]))
-    if answer.get("note"):
-        lines.append(str(answer["note"]))
-    excluded = answer.get("excluded") or []
-    lines.append("")
-    if excluded:
-        total = answer.get("excluded_total", len(excluded))
-        shown = f", first {len(excluded)} shown" if total > len(excluded) else ""
-        lines.append(f"not offered ({total}{shown}):")
-        lines.append(table(("name", "id", "state", "why"),
-                           [(x.get("name") or "-", str(x.get("id", ""))[:12], x.get("state"),
-                             x.get("reason")) for x in excluded]))
-    else:
-        lines.append("not offered: none")
-    return "\n".join(lines)
-
-
-def cmd_lookup_explain(url: str, service: str, limit: int | None, as_json: bool,
-                       region: str | None = None, gpu: str | None = None,
-                       out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """``rma-agent lookup SERVICE --explain``: the lookup with each worker's score parts."""
-    return cmd_lookup(url, service, limit, as_json, region, gpu, out, err, explain=True,
-                      formatter=format_explain)
-
-
-# ---------------------------------------------------------------------- watch
 def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str]]:
     """(id, event, data) per SSE event from raw lines; comments and retry: skipped."""
     eid, event, data = "", "message", []
@@ -102,7 +49,7 @@ def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[str, str, str]]:
 
 def _worker_line(w: dict[str, Any]) -> str:
     return (f"{w.get('name', '?')} ({str(w.get('id', ''))[:12]}) {w.get('endpoint', '')} "
-            f"load {_num(w.get('load'))}/{_num(w.get('capacity'))} {w.get('gpu') or 'no GPU'} "
+            f"load {num(w.get('load'))}/{num(w.get('capacity'))} {w.get('gpu') or 'no GPU'} "
             f"{w.get('region') or '-'}")
 
 
@@ -174,21 +121,21 @@ def cmd_watch(url: str, service: str, as_json: bool = False, out: TextIO | None 
                 if exc.code == 503 and connected_once:
                     pass                       # busy: retry like a broken stream
                 else:
-                    return _fail("watch", ClientError(f"{msg} (HTTP {exc.code})",
+                    return fail("watch", ClientError(f"{msg} (HTTP {exc.code})",
                                                       2 if 400 <= exc.code < 500 else 1), err)
             except (urllib.error.URLError, OSError) as exc:
                 if not connected_once:
                     try:
                         get_json(url.rstrip("/") + "/healthz", timeout=3.0)
                     except ClientError as cexc:
-                        return _fail("watch", cexc, err)
-                    return _fail("watch", ClientError(f"cannot watch {target}: {exc}"), err)
+                        return fail("watch", cexc, err)
+                    return fail("watch", ClientError(f"cannot watch {target}: {exc}"), err)
             now = time.monotonic()
             if lost_at is None:
                 lost_at = now
                 print(f"{time.strftime('%H:%M:%S')} (stream lost, reconnecting)", file=err)
             elif now - lost_at > GIVE_UP_S:
-                return _fail("watch", ClientError(f"lost the agent at {url} for "
+                return fail("watch", ClientError(f"lost the agent at {url} for "
                                                   f"{GIVE_UP_S:.0f} s"), err)
             time.sleep(RECONNECT_S)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.admission.certificate import MAX_CERT_DAYS, Certificate, parse_services
 from agent.admission.keys import (
@@ -36,6 +37,10 @@ from agent.admission.keys import (
     write_new_file,
 )
 from agent.admission.revocation import RevocationList
+from agent.cli.common import load_config_or_report
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 COMMANDS = ("identity", "network-key", "admit", "revoke")
 
@@ -107,15 +112,11 @@ def _identity(config: Path | None) -> int:
     ``run`` would at first start) so an operator can have a box admitted before starting
     it. Run as root, a key created in a state dir owned by the service user is handed to
     that user, so the service can still read it."""
-    from agent.config import ConfigError, default_path, load_config
+    from agent.config import default_path
     from agent.dht.identity import KEY_FILE, Identity, IdentityError
 
-    path = config or default_path()
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    cfg = load_config_or_report(config or default_path())
+    if cfg is None:
         return 2
     state = Path(cfg.agent.state_dir)
     key = state / KEY_FILE
@@ -231,7 +232,7 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str]]:
+def check_config_admission(cfg: Config, path: Path) -> tuple[list[str], list[str]]:
     """``check-config``'s semantic checks of ``worker.admission_cert`` (the loader checks
     syntax only): (error lines, warning lines), as ``PATH:LINE: worker.admission_cert:
     ...``. The box's public key is read from ``state_dir`` when this user may read it
@@ -247,10 +248,10 @@ def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str
 
     pk: bytes | None = None
     try:
-        pk = Identity._load(Path(cfg.agent.state_dir) / KEY_FILE).public_key  # type: ignore[attr-defined]
+        pk = Identity._load(Path(cfg.agent.state_dir) / KEY_FILE).public_key
     except (IdentityError, OSError, ValueError):
         pk = None
-    _, errors, warnings = certificate_state(cfg, pk)  # type: ignore[arg-type]
+    _, errors, warnings = certificate_state(cfg, pk)
     try:
         line = _Locator(Path(path).read_text("utf-8")).line(("worker", "admission_cert"),
                                                             ("network", "admission_keys"))
@@ -259,8 +260,7 @@ def check_config_admission(cfg: object, path: Path) -> tuple[list[str], list[str
     where = f"{path}:{line}: worker.admission_cert"
     out_errors = [f"{where}: {e}" for e in errors]
     out_warnings = [f"{where}: warning: {w}" for w in warnings]
-    if configured_keys(cfg) and not revocation_sources(cfg) \
-            and cfg.agent.role == "worker":  # type: ignore[attr-defined]
+    if configured_keys(cfg) and not revocation_sources(cfg) and cfg.agent.role == "worker":
         try:
             nline = _Locator(Path(path).read_text("utf-8")).line(("network", "admission_keys"))
         except (OSError, UnicodeDecodeError):

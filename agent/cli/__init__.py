@@ -1,0 +1,26 @@
+"""The ``rma-agent`` command line (SPEC §3), one module per command group:
+
+* ``commands``      the parser, and which module runs each command;
+* ``common``        loading the config (errors printed, exit 2), the agent's URL, one JSON
+                    GET with readable failures, tables, the service-name rule;
+* ``status``        ``rma-agent status``;
+* ``lookup``        ``rma-agent lookup [--explain]``;
+* ``watch``         ``rma-agent watch``;
+* ``call``          ``rma-agent call`` (one request through the local router);
+* ``admission``     ``identity``, ``network-key create``, ``admit``, ``revoke`` and
+                    ``check-config``'s certificate checks;
+* ``demo``          ``rma-agent demo`` (with ``demo_cluster``, ``demo_routing`` and the
+                    GPU stand-ins of ``demo_services``).
+
+``main`` is the console script (``agent.cli:main``) and ``python -m agent``. It imports
+the parser only when called, so importing a helper module (``agent.cli.common``) does
+not load every command.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
+    from agent.cli.commands import main as run
+    return run(argv)
