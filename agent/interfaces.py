@@ -110,7 +110,7 @@ class DHTService(Protocol):
 
 # --------------------------------------------------------------------------- discovery
 class CrawlBudget(Protocol):
-    """The agent's bound on HTTP-triggered DHT crawls (``agent.discovery.guard``)."""
+    """The agent's bound on HTTP-triggered DHT crawls (``agent.discovery.crawl_limit``)."""
 
     def take(self) -> bool: ...
 
@@ -123,7 +123,7 @@ class DiscoveryService(Protocol):
 
     agent: AgentAPI
     clock: Callable[[], float]
-    guard: CrawlBudget
+    crawl_limit: CrawlBudget
     contacts: Counter[str]          # hosts that guarded sessions connected to
     counts: Counter[str]            # plain counters behind stats()
     tracker: LatencyTracker

@@ -11,7 +11,7 @@
   with the lookup's own duration. A debugging aid (and what the multi-process tests time);
   ranked answers are discovery's ``/api/services/{name}``. Every call is a crawl, so
   concurrent calls for one service share one (single-flight) and new crawls draw on the
-  agent's crawl budget (:mod:`agent.discovery.guard`): 429 JSON when it is spent.
+  agent's crawl budget (:mod:`agent.discovery.crawl_limit`): 429 JSON when it is spent.
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def add_routes(app: web.Application, dht: DHTComponent) -> None:
 
         if service not in crawls:
             disc = dht.agent.discovery
-            guard = disc.guard if disc is not None else None
-            if guard is not None and not guard.take():
-                return guard.too_many()
+            limit = disc.crawl_limit if disc is not None else None
+            if limit is not None and not limit.take():
+                return limit.too_many()
         records, elapsed = await crawls.run(service, crawl)
         return web.json_response({"service": service, "count": len(records),
                                   "elapsed_ms": round(elapsed * 1000, 3),

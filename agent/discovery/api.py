@@ -168,9 +168,9 @@ async def get_service(request: web.Request) -> web.Response:
         return _bad(str(exc))
     fresh = wants_fresh(request)
     if not comp.allow_lookup(service, fresh):
-        return comp.guard.too_many()
-    if explain and not comp.guard.take():     # explain always crawls the DHT afresh
-        return comp.guard.too_many()
+        return comp.crawl_limit.too_many()
+    if explain and not comp.crawl_limit.take():     # explain always crawls the DHT afresh
+        return comp.crawl_limit.too_many()
     if explain:
         from agent.discovery.explain import explain as explain_lookup
         return web.json_response(await explain_lookup(comp, service, query, fresh=fresh))

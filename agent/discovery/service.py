@@ -39,9 +39,9 @@ from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.coordinator_client import CoordinatorClient
+from agent.discovery.crawl_limit import CrawlLimiter
 from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
-from agent.discovery.guard import CrawlGuard
 from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
 from agent.discovery.metrics import SOURCES, DiscoveryMetrics, counts_summary
@@ -93,7 +93,7 @@ class DiscoveryComponent(Component):
         self.flight = SingleFlight()
         self.tracker = LatencyTracker()
         self.ownership = OwnershipVerifier(registry=agent.registry)
-        self.guard = CrawlGuard(agent.registry)
+        self.crawl_limit = CrawlLimiter(agent.registry)
         # hosts that caller-side sessions asked to connect to (endpoints.GuardedConnector)
         self.contacts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
@@ -434,12 +434,12 @@ class DiscoveryComponent(Component):
     def allow_lookup(self, service: str, fresh: bool) -> bool:
         """Whether an HTTP lookup of ``service`` may go ahead: always when it is answered
         from the cache or joins a query in flight, else when the crawl budget
-        (:class:`~agent.discovery.guard.CrawlGuard`) has a token left."""
+        (:class:`~agent.discovery.crawl_limit.CrawlLimiter`) has a token left."""
         if not fresh and self.cache.get(service, self.clock()) is not None:
             return True
         if service in self.flight:
             return True
-        return self.guard.take()
+        return self.crawl_limit.take()
 
     def lookup_durations(self) -> list[float]:
         """The last ``RESERVOIR`` lookup durations (s), oldest first."""

@@ -254,7 +254,7 @@ class RouterComponent(Component):
             return _error(400, f"not routed: {refusal}")
         if not disc.allow_lookup(service, wants_fresh(request)):
             self._finish("limited", 0)
-            return disc.guard.too_many()
+            return disc.crawl_limit.too_many()
         records, source = await disc.route_candidates(service, query)
         self.counts[f"lookup_{source}"] += 1
         self._m_lookup[source].inc()

@@ -28,8 +28,9 @@ CRAWL_RATE = 20.0
 CRAWL_BURST = 40.0
 
 
-class CrawlGuard:
-    """The agent's budget for HTTP-triggered DHT crawls."""
+class CrawlLimiter:
+    """The agent's budget for HTTP-triggered DHT crawls: ``take`` one, or answer
+    ``too_many`` (429)."""
 
     def __init__(self, registry: Any = None, rate: float = CRAWL_RATE,
                  burst: float = CRAWL_BURST) -> None:

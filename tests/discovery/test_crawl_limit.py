@@ -44,7 +44,7 @@ async def test_concurrent_provider_crawls_of_one_service_share_one() -> None:
                                          for _ in range(30)))
         assert {r.status for r in answers} == {200}
         assert dht.calls.count("ocr") == 1
-        assert comp.guard.limited == 0
+        assert comp.crawl_limit.limited == 0
     finally:
         await client.close()
 
@@ -68,11 +68,11 @@ async def test_random_names_and_no_cache_are_limited_with_429() -> None:
             statuses.append(r.status)
         assert 429 in statuses[120:]
         # out of tokens: an uncached lookup is refused, a cached one never is
-        comp.guard.bucket.tokens = 0
+        comp.crawl_limit.bucket.tokens = 0
         r = await client.get("/api/services/ocr")
         assert r.status == 429
         await comp.lookup("ocr")                    # now cached
-        comp.guard.bucket.tokens = 0
+        comp.crawl_limit.bucket.tokens = 0
         r = await client.get("/api/services/ocr")
         assert r.status == 200 and (await r.json())["source"] == "cache"
     finally:
@@ -81,7 +81,7 @@ async def test_random_names_and_no_cache_are_limited_with_429() -> None:
 
 async def test_explain_and_the_service_list_are_no_crawl_loops() -> None:
     """``?explain=1`` crawls the DHT afresh on every call (the records the cached answer
-    lacks), and ``/api/services`` reads every index shard: both passed the crawl guard
+    lacks), and ``/api/services`` reads every index shard: both passed the crawl limiter
     for free once the service was cached, so a client looping on them made one crawl (or
     32) per request. Explain now takes a token; the service list is shared and reused."""
     client, comp, dht = await _client(delay=0.0)
