@@ -21,8 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.component import Component, ComponentDirectory
-from agent.config import Address, Config
+from agent.config import Config
 from agent.gateway.app import make_gateway_app
+from agent.http import budget
+from agent.http.connections import ListenerMetrics
+from agent.http.listener import serve
 from agent.httpapi import make_app
 from agent.logs import set_level
 from agent.metrics import CoreMetrics, kernels_implementation
@@ -173,14 +176,20 @@ class Agent(ComponentDirectory):
     async def start(self) -> None:
         """Serve HTTP, start components in order, then tell systemd READY=1."""
         self.loop = asyncio.get_running_loop()
-        self._runner, self.http_url = await _serve(make_app(self), self.config.http.listen)
+        # both listeners bounded (agent.http.budget): timeouts, connection caps below the
+        # file limit, head memory; a caller that hangs up cancels its handler (routed and
+        # proxied requests stop working for nobody and free their slots at once)
+        admin_limits, public_limits = budget.listener_limits()
+        metrics = ListenerMetrics(self.registry)
+        self._runner, self.http_url, _ = await serve(
+            make_app(self), self.config.http.listen, name="admin", limits=admin_limits,
+            metrics=metrics)
         started: list[Component] = []
         try:
             # the public listener (SPEC §5): its own app, so no admin path is reachable there
-            # handler_cancellation: a caller that hangs up cancels its proxied request, so
-            # the upstream stops working for nobody and the in-flight slot frees at once
-            self._gateway_runner, self.gateway_url = await _serve(
-                make_gateway_app(self), self.config.gateway.listen, handler_cancellation=True)
+            self._gateway_runner, self.gateway_url, _ = await serve(
+                make_gateway_app(self), self.config.gateway.listen, name="gateway",
+                limits=public_limits, metrics=metrics)
             for comp in self.components:
                 await comp.start()
                 started.append(comp)
@@ -269,23 +278,6 @@ class Agent(ComponentDirectory):
         self.notifier.ready(self.status_line())
         self.status_changed()
         log.info("configuration reloaded from %s", new.source)
-
-
-async def _serve(app: web.Application, listen: Address,
-                 **kwargs: Any) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on ``listen``; (runner, the URL a local client reaches it at)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
-                           **kwargs)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-    return runner, f"http://{host}:{listen.port}"
 
 
 def _kernels_fallback_reason() -> str | None:
