@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from agent.http.same_site import same_site_middleware
 from agent.metrics import CONTENT_TYPE_LATEST, render
 
 if TYPE_CHECKING:
@@ -42,8 +43,15 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.json_response({"error": "internal error"}, status=500)
 
 
+def _listen_host(request: web.Request) -> str:
+    return request.app[AGENT_KEY].config.http.listen.host
+
+
 def make_app(agent: Agent) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
+    """The admin API: core routes, the components' routes, JSON errors, and no
+    state change from another site (``agent.http.same_site``)."""
+    app = web.Application(middlewares=[json_errors, same_site_middleware(_listen_host)],
+                          client_max_size=64 * 1024)
     app[AGENT_KEY] = agent
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -15,18 +15,21 @@ filter headers ...).
 **The path rule** (:func:`path_refusal`): a path is forwarded as the caller encoded it,
 appended to the upstream's own prefix (``www = "http://127.0.0.1:9100/prefix"``). The
 upstream decodes it and resolves dot segments itself, so every segment is decoded *first*
-and then judged — splitting on a literal ``/`` before decoding is what let
+(and split again where ``%2F`` or ``%5C`` decode to ``/`` or ``\\``, as many servers
+do) and then judged — splitting on a literal ``/`` before decoding is what let
 ``/www/..%2fsecret.txt`` out of ``/prefix``. Refused (400, nothing sent upstream):
 
 - a ``.`` or ``..`` segment, literal or percent-encoded, also with a ``;params`` tail
   (``..;/`` is ``..`` to Tomcat and Spring);
-- an encoded ``/`` or ``\\`` inside a segment (``%2F``, ``%5C``, ``%2e%2e%2f``,
-  ``..%2f`` ...) and a literal ``\\`` anywhere (many servers treat it as ``/``);
+- one that appears once ``%2F``/``%5C`` are decoded: ``..%2f``, ``%2e%2e%2f``,
+  ``%2E%2E%2F``, ``..%5c``, ``a%2f..%2f..``;
+- a literal ``\\`` anywhere (not valid in a URI; many servers read it as ``/``);
 - the same hidden under a second layer of encoding (``%252e%252e%252f``: servers that
   decode twice exist) and overlong UTF-8 forms of ``/``, ``\\`` and ``.`` (``%c0%af``);
 - an encoded NUL (``%00``): no upstream means it, some truncate the path there.
 
-``...``, ``.hidden``, ``a..b`` and ``%2e%2e%2e`` are ordinary names and pass.
+An encoded slash that cannot climb (``/v1/models/org%2Fmodel``, common in model APIs)
+passes, as do ``...``, ``.hidden``, ``a..b`` and ``%2e%2e%2e``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ def _dot(segment: str) -> bool:
     return segment.partition(";")[0] in (".", "..")
 
 
+def _pieces(text: str) -> list[str]:
+    """What a decoded segment becomes for a server that reads ``\\`` as ``/``."""
+    return text.replace("\\", "/").split("/")
+
+
 def _segment_refusal(seg: str) -> str | None:
     """Why one raw segment may not be forwarded, or None."""
     if "%" not in seg:
@@ -86,12 +94,10 @@ def _segment_refusal(seg: str) -> str | None:
         return "an overlong UTF-8 escape"
     decoded = urllib.parse.unquote(seg)
     for text in (decoded, urllib.parse.unquote(decoded)):    # once, and a second layer
-        if "/" in text or "\\" in text:
-            return "an encoded '/' or '\\' (%2F, %5C) in a segment"
         if "\x00" in text:
             return "an encoded NUL (%00)"
-        if _dot(text):
-            return "a '.' or '..' segment (also percent-encoded)"
+        if any(_dot(piece) for piece in _pieces(text)):
+            return "a '.' or '..' segment once decoded (%2E, %2F, %5C and their mixes)"
     return None
 
 

@@ -70,11 +70,13 @@ ESCAPES = [
     "/www/%2E%2E%2Fsecret.txt", "/www/%2e%2e/secret.txt", "/www/..%5csecret.txt",
     "/www/..\\secret.txt", "/www/a%2f..%2f..%2fsecret.txt", "/www/%252e%252e%252fsecret.txt",
     "/www/..%252fsecret.txt", "/www/%c0%ae%c0%ae%c0%afsecret.txt", "/www/..;/secret.txt",
-    "/www/.%2e/secret.txt", "/www/secret.txt%00.png", "/www/a%2Fb",
+    "/www/.%2e/secret.txt", "/www/secret.txt%00.png", "/www/%2f..%2fsecret.txt",
+    "/www/x%5c..%5c..%5csecret.txt", "/www/..%2F", "/www/%2E%2E",
 ]
 ORDINARY = ["/www/a..b/.hidden", "/www/x?path=../y", "/www/...", "/www/%2e%2e%2e",
             "/www/a%20b/c%3Fd", "/www/x?q=%2f..%2f", "/www/", "/www", "/www/caf%C3%A9",
-            "/www/.well-known/x", "/www/a;b=c/d"]
+            "/www/.well-known/x", "/www/a;b=c/d", "/www/v1/models/org%2Fmodel",
+            "/www/a/b%20c/%2Fx", "/www/a%5Cb", "/www/%2F%2F"]
 
 
 @pytest.mark.parametrize("path", ESCAPES)
