@@ -1,0 +1,126 @@
+"""The admin API refuses cross-site state changes (agent.http.same_site): the rule on
+mocked requests, then a real worker process attacked the way a web page would (a
+``text/plain`` POST from a foreign origin, a DNS-rebound ``Host``) while the CLI-shaped
+and the dashboard-shaped (same-origin) requests still work."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from agent.http.same_site import cross_site_refusal, host_name
+from tests.util import (
+    agent_cmd,
+    agent_env,
+    free_port,
+    free_udp_tcp_port,
+    http_get,
+    stop_process,
+    wait_for,
+    write_config,
+)
+
+
+def _refusal(method: str, headers: dict[str, str], listen: str = "127.0.0.1") -> str | None:
+    return cross_site_refusal(make_mocked_request(method, "/api/worker/load",
+                                                  headers=headers), listen)
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "127.0.0.1:8080"},                                        # the CLI
+    {"Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:8080",
+     "Sec-Fetch-Site": "same-origin"},                                 # the dashboard
+    {"Host": "localhost:8080", "Origin": "http://localhost:8080"},
+    {"Host": "[::1]:8080"},
+    {"Host": "192.168.1.5:8080"},                                      # an IP literal
+    {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "none"},              # typed by the user
+])
+def test_local_callers_and_the_own_dashboard_pass(headers: dict[str, str]) -> None:
+    assert _refusal("POST", headers) is None
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "127.0.0.1:8080", "Origin": "http://evil.example"},
+    {"Host": "127.0.0.1:8080", "Origin": "null"},
+    {"Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:9999"},    # another local port
+    {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "cross-site"},
+    {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "same-site"},
+    {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"},   # DNS rebinding
+    {"Host": "evil.example:8080"},
+    {"Host": ""},
+])
+def test_cross_site_and_rebound_requests_are_refused(headers: dict[str, str]) -> None:
+    assert _refusal("POST", headers) is not None
+    assert _refusal("GET", headers) is None                    # reads are not checked
+
+
+def test_the_configured_listen_host_passes() -> None:
+    assert _refusal("PUT", {"Host": "gpu-box.lan:8080"}, listen="gpu-box.lan") is None
+    assert host_name("[::1]:80") == "::1" and host_name("LocalHost.:1") == "localhost"
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("same-site")
+    port = free_port()
+    cfg = write_config(tmp / "w.toml", {
+        "agent": {"role": "worker", "name": "w", "state_dir": str(tmp / "state")},
+        "dht": {"listen": f"127.0.0.1:{free_udp_tcp_port()}", "mode": "server"},
+        "http": {"listen": f"127.0.0.1:{port}"},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"},
+        "worker": {"services": ["ocr"], "endpoint": "https://w.example.org", "gpu": "T4",
+                   "gpu_memory_gb": 16},
+        "log": {"level": "info"},
+    })
+    with open(tmp / "agent.log", "wb") as log:
+        proc = subprocess.Popen(agent_cmd("run", "-c", str(cfg)), env=agent_env(),
+                                stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda: http_get(url + "/healthz")[0] == 200, 30, what="agent up")
+            yield f"127.0.0.1:{port}"
+        finally:
+            stop_process(proc)
+
+
+def _put_load(addr: str, value: int, **headers: str) -> tuple[int, Any]:
+    """PUT /api/worker/load as a browser would send it (text/plain needs no preflight)."""
+    host, port = addr.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.putrequest("PUT", "/api/worker/load", skip_host=True)
+        conn.putheader("Host", headers.pop("Host", addr))
+        conn.putheader("Content-Type", "text/plain")
+        for k, v in headers.items():
+            conn.putheader(k.replace("_", "-"), v)
+        body = json.dumps({"inflight": value}).encode()
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_foreign_page_cannot_change_a_workers_load(worker: str) -> None:
+    status, body = _put_load(worker, 3)                              # the CLI's shape
+    assert status == 200 and body["inflight"] == 3, body
+    for headers in ({"Origin": "http://evil.example"},
+                    {"Sec_Fetch_Site": "cross-site", "Origin": "http://evil.example"},
+                    {"Host": f"evil.example:{worker.split(':')[1]}",
+                     "Origin": f"http://evil.example:{worker.split(':')[1]}"}):
+        status, body = _put_load(worker, 9, **headers)
+        assert status == 403 and "cross-site request refused" in body["error"], body
+    # the dashboard's shape (same origin) still changes it; nothing refused leaked through
+    status, body = _put_load(worker, 3, Origin=f"http://{worker}",
+                             Sec_Fetch_Site="same-origin")
+    assert status == 200 and body["inflight"] == 3, body
+    status, _ = http_get(f"http://{worker}/api/dht/stats")           # reads: unchecked
+    assert status == 200
