@@ -11,12 +11,16 @@ state (any method but GET, HEAD, OPTIONS) is refused with 403 JSON when:
   ``same-origin`` and ``none`` — typed by the user — pass);
 - it carries an ``Origin`` (browsers send one with every such request) that is ``null``
   or not this very host and port;
-- its ``Host`` is a DNS name other than ``localhost`` (``*.localhost``) or the configured
-  ``http.listen`` host: that is what DNS rebinding looks like. IP literals pass (a
-  rebinding page cannot make the browser send one).
+- it comes from a browser (``Origin``, any ``Sec-Fetch-*`` header, or a ``Mozilla/``
+  user agent — a page can remove none of them from its own requests) and its ``Host`` is
+  a DNS name other than ``localhost`` (``*.localhost``) or the configured ``http.listen``
+  host: that is what DNS rebinding looks like (the page's own name, rebound to
+  127.0.0.1, makes it same-origin). IP literals pass: a rebinding page cannot make the
+  browser send one.
 
-The CLI and local programs send no ``Origin`` and an IP ``Host``; the dashboard is
-same-origin. GET stays unchecked: it reads, and the admin API sends no CORS headers, so a
+The CLI and local programs send no ``Origin`` and are not browsers (a local program
+could do anything a request can anyway, so their ``Host`` is not judged); the dashboard
+is same-origin. GET stays unchecked: it reads, and the admin API sends no CORS headers, so a
 foreign page cannot read the answers.
 """
 
@@ -28,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_FETCH_METADATA = ("Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest", "Sec-Fetch-User")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -73,7 +78,9 @@ def cross_site_refusal(request: web.Request, listen_host: str) -> str | None:
         _scheme, sep, netloc = origin.strip().lower().partition("://")
         if not sep or netloc.rstrip("/") != host.strip().lower():
             return f"Origin {origin[:100]!r} is not this API's own"
-    if not host_allowed(host, listen_host):
+    browser = (origin is not None or any(h in headers for h in _FETCH_METADATA)
+               or headers.get("User-Agent", "").startswith("Mozilla/"))
+    if browser and not host_allowed(host, listen_host):
         return f"Host {host[:100]!r} is not a loopback or configured name of this API " \
                "(DNS rebinding?)"
     return None

@@ -11,7 +11,8 @@ their answer until the test says so, so streaming is observed rather than inferr
   last one (``finished`` is set only after that)
 - ``GET /chunked`` -> chunked plain text, same hold as ``/sse``
 - ``GET /hold`` -> streams until ``release``; counts ``holding``
-- ``GET /slow?delay=S`` -> answers after S seconds
+- ``GET /slow?delay=S`` -> answers after S seconds or once ``slow_release`` is set
+  (``hits["slow_answered"]`` counts the answers)
 - ``GET /hop`` -> an answer carrying hop-by-hop headers
 - ``GET /health`` -> 200 (the health path tests configure)
 """
@@ -62,6 +63,7 @@ class Upstream:
         self.holding = 0
         self.release = threading.Event()
         self.finished = threading.Event()
+        self.slow_release = threading.Event()
         self.last: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -146,7 +148,10 @@ class Upstream:
 
     async def _slow(self, request: web.Request) -> web.Response:
         self.hits["slow"] += 1
-        await asyncio.sleep(float(request.query.get("delay", "3")))
+        # answers after `delay` s, or as soon as the test sets `slow_release`
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.slow_release.wait, float(request.query.get("delay", "3")))
+        self.hits["slow_answered"] += 1
         return web.json_response({"slow": True})
 
     async def _hop(self, request: web.Request) -> web.Response:

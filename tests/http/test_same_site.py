@@ -40,6 +40,7 @@ def _refusal(method: str, headers: dict[str, str], listen: str = "127.0.0.1") ->
     {"Host": "[::1]:8080"},
     {"Host": "192.168.1.5:8080"},                                      # an IP literal
     {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "none"},              # typed by the user
+    {"Host": "gpu-box.lan:8080", "User-Agent": "rma-agent-call"},      # not a browser
 ])
 def test_local_callers_and_the_own_dashboard_pass(headers: dict[str, str]) -> None:
     assert _refusal("POST", headers) is None
@@ -52,8 +53,9 @@ def test_local_callers_and_the_own_dashboard_pass(headers: dict[str, str]) -> No
     {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "cross-site"},
     {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "same-site"},
     {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"},   # DNS rebinding
-    {"Host": "evil.example:8080"},
-    {"Host": ""},
+    {"Host": "evil.example:8080", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"},
+    {"Host": "evil.example:8080", "Sec-Fetch-Mode": "no-cors"},
+    {"Host": "", "Sec-Fetch-Dest": "empty"},
 ])
 def test_cross_site_and_rebound_requests_are_refused(headers: dict[str, str]) -> None:
     assert _refusal("POST", headers) is not None
