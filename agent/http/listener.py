@@ -58,8 +58,8 @@ def _answer(status: int, message: str) -> bytes:
 class GuardedHandler(RequestHandler):
     """aiohttp's per-connection protocol, with the state the listener's bounds need."""
 
-    __slots__ = ("_refused", "_request", "_table", "_write_paused_at", "head_bytes",
-                 "key", "served", "since", "state")
+    __slots__ = ("_draining", "_refused", "_request", "_table", "_write_paused_at",
+                 "head_bytes", "key", "served", "since", "state")
 
     def __init__(self, table: ConnectionTable, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -70,6 +70,7 @@ class GuardedHandler(RequestHandler):
         self.served = 0
         self.key = ""
         self._refused = False
+        self._draining = False      # the handler returned; its body is still arriving
         self._request: web.BaseRequest | None = None
         self._write_paused_at = 0.0
 
@@ -101,6 +102,8 @@ class GuardedHandler(RequestHandler):
         if state == ACTIVE:
             self.since = self._loop.time()
             super().data_received(data)
+            if self._draining and (self._request is None or self._request.content.is_eof()):
+                self._idle()
             return
         before = self._request_count
         super().data_received(data)
@@ -129,13 +132,26 @@ class GuardedHandler(RequestHandler):
         if self.state != ACTIVE:
             self._table.became_active(self)
         self.state = ACTIVE
+        self._draining = False
         self.served += 1
         self.since = self._loop.time()
         self._request = request
 
     def end(self) -> None:
-        """The handler returned: idle again, newest in the eviction order."""
+        """The handler returned: idle again, newest in the eviction order — once the
+        request's body has arrived (aiohttp reads and drops what the handler left, and
+        those bytes are body, not the next head)."""
+        request = self._request
+        if request is not None and not request.content.is_eof():
+            self._draining = True
+            return
+        self._idle()
+
+    def _idle(self) -> None:
+        self._draining = False
         self._request = None
+        if self._request_count > self.served:
+            return           # the next request is parsed already (pipelined): still busy
         self.state = IDLE
         self.since = self._loop.time()
         self._table.became_idle(self)

@@ -59,10 +59,14 @@ async def listening(limits: ListenerLimits = FAST) -> AsyncIterator[Served]:
     async def body(request: web.Request) -> web.Response:
         return web.json_response({"length": len(await request.read())})
 
+    async def reject(_request: web.Request) -> web.Response:
+        return web.json_response({"error": "too large"}, status=413)    # body left unread
+
     app = web.Application(client_max_size=1 << 20)
     app.router.add_get("/ok", ok)
     app.router.add_get("/hold", hold)
     app.router.add_post("/body", body)
+    app.router.add_post("/reject", reject)
     registry = CollectorRegistry()
     runner, url, table = await serve(app, Address("127.0.0.1", 0), name="test",
                                      limits=limits, metrics=ListenerMetrics(registry))
@@ -166,6 +170,26 @@ async def test_a_stalled_body_is_closed_but_a_complete_one_is_served() -> None:
         writer.write(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                      b"Connection: close\r\n\r\nabc")
         assert b'"length": 3' in await _closed(reader)
+        writer.close()
+
+
+async def test_a_body_left_unread_is_not_taken_for_the_next_head() -> None:
+    """aiohttp drops the body a handler did not read; those bytes, and a pipelined next
+    request's body, are body — not a head past its size cap."""
+    async with listening() as s:
+        reader, writer = await _connect(s.port)
+        big = b"x" * 300_000
+        writer.write(b"POST /reject HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                     % len(big) + big[:10])
+        head = await reader.readuntil(b"\r\n\r\n")      # the handler has returned
+        assert head.startswith(b"HTTP/1.1 413"), head
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r")[0]))
+        writer.write(big[10:] + b"POST /body HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(big) + big)
+        answer = await _closed(reader)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        assert b'"length": 300000' in answer, answer[-200:]
+        assert s.shed("head_too_large") == 0
         writer.close()
 
 
