@@ -111,6 +111,7 @@ listen = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"
 [discovery]
 cache_ttl = 600
 coordinators = ["{url}"]
+allow_private_hosts = ["127.0.0.1"]
 [log]
 level = "warning"
 """)

@@ -312,7 +312,8 @@ def main() -> int:
         spawn([sys.executable, __file__, "--serve-upstream", str(up)], "upstream.log")
         c_udp, c_http, c_gw = free_udp(), free_port(), free_port()
         w_udp, w_http, w_gw = free_udp(), free_port(), free_port()
-        common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"}}
+        common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
+                  "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
         (tmp / "caller.toml").write_text(toml_dumps({
             "agent": {"role": "coordinator", "name": "caller", "state_dir": str(tmp / "sc")},
             "dht": {"listen": f"127.0.0.1:{c_udp}", "mode": "server"},

@@ -206,7 +206,9 @@ class Cluster:
             "http": {"listen": f"{http_host}:{http_port}"},
             "gateway": {"listen": f"{http_host}:{gw_port}"},
             "tunnel": {"mode": "off"},
-            "discovery": {"coordinators": list(coordinators)},
+            # every node is on loopback: callers may contact it (discovery.endpoints)
+            "discovery": {"coordinators": list(coordinators),
+                          "allow_private_hosts": ["127.0.0.0/8", "::1"]},
             "log": {"level": "info"},
         }
         if role == "worker":

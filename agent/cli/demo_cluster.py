@@ -104,6 +104,8 @@ def plan(workers: int, tmp: Path, services: DemoServices | None = None) -> list[
                  tmp / "coordinator.log", gateway_port=_gateway_port(taken))
     nodes = [coord]
     common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"}}
+    # the whole demo runs on this box's loopback: callers may contact it
+    local = ["127.0.0.1"]
     coord.config.write_text(toml_dumps({
         "agent": {"role": "coordinator", "name": coord.name, "region": "eu-west",
                   "state_dir": str(tmp / "state-coordinator")},
@@ -111,6 +113,7 @@ def plan(workers: int, tmp: Path, services: DemoServices | None = None) -> list[
                 "republish_interval": REPUBLISH_S},
         "http": {"listen": f"127.0.0.1:{http}"},
         "gateway": {"listen": f"127.0.0.1:{coord.gateway_port}"},
+        "discovery": {"allow_private_hosts": local},
         **common,
     }))
     for i in range(workers):
@@ -134,7 +137,7 @@ def plan(workers: int, tmp: Path, services: DemoServices | None = None) -> list[
             "worker": {"services": list(node.services),
                        "endpoint": f"http://127.0.0.1:{node.gateway_port}",
                        "max_concurrency": conc, "gpu": gpu, "gpu_memory_gb": mem},
-            "discovery": {"coordinators": [coord.url]},
+            "discovery": {"coordinators": [coord.url], "allow_private_hosts": local},
             **common,
         }))
         nodes.append(node)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent.discovery.endpoints import endpoint_refusal
+from agent.discovery.endpoints import Allowance, endpoint_refusal
 from agent.discovery.select import (
     DEFAULT_WEIGHTS,
     TOP_RANDOM,
@@ -134,7 +134,7 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
                 weights: Sequence[float] = DEFAULT_WEIGHTS,
                 raw: Iterable[RecordLike] = (), withdrawn: Iterable[bytes] = (),
                 max_age_s: float | None = None,
-                allow_http_hosts: Iterable[str] | None = None,
+                allow_http_hosts: Allowance | Iterable[str] | None = None,
                 max_excluded: int = MAX_EXCLUDED) -> dict[str, Any]:
     """The explained ranking of ``cs`` for ``q`` at ``now``.
 
@@ -257,7 +257,7 @@ async def explain(comp: DiscoveryService, service: str, q: Query, *,
     now = comp.clock()
     out = explain_set(entry.candidates, q, now, comp.tracker, comp.scorer, comp.weights,
                       raw=raw, withdrawn=local_tombstones(comp, service),
-                      allow_http_hosts=comp.agent.config.discovery.allow_http_hosts)
+                      allow_http_hosts=Allowance.from_config(comp.agent.config.discovery))
     w = comp.weights
     return {
         "service": service, "source": source, "explain": True,

@@ -18,6 +18,11 @@ succeeds; ``down`` is the latency tracker's ordinary failure back-off.
 
 The proof is bound to (worker id, endpoint, public key): a new record with another
 endpoint or key is a new proof.
+
+The request goes through the endpoint rule (:mod:`agent.discovery.endpoints`) like every
+other caller-side request: only through a session whose connector is a
+``GuardedConnector``, and never to an endpoint the rule refuses (issue 20: a registered
+fake record made callers send proof requests to their own ``127.0.0.1:6666``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
 from agent.discovery.cache import SingleFlight
+from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.proof import PROOF_PATH, ProofError, new_nonce, parse_nonce, verify_proof
 
 REVERIFY_S = 180.0          # "every few minutes"
@@ -88,7 +94,8 @@ class OwnershipVerifier:
                 self._m_checks.labels(k)
             self._m_refused = PromCounter(
                 "rma_agent_endpoints_refused", "Records left out because callers may not "
-                "contact their endpoint (scheme/host rule, discovery.allow_http_hosts)",
+                "contact their endpoint (scheme/host rule, discovery.allow_http_hosts and "
+                "allow_private_hosts)",
                 registry=registry)
             Gauge("rma_agent_endpoint_proof_failed", "Endpoints currently held out after a "
                   "failed ownership proof", registry=registry).set_function(self.failed)
@@ -138,30 +145,8 @@ class OwnershipVerifier:
 
     async def _fetch(self, session: aiohttp.ClientSession, key: Key) -> ProofOutcome:
         _wid, endpoint, public_key = key
-        nonce = new_nonce()
         t0 = time.perf_counter()
-        try:
-            async with session.get(proof_url(endpoint, nonce), allow_redirects=False,
-                                   timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                if resp.status >= 500:
-                    out = ProofOutcome("down", None, f"HTTP {resp.status}")
-                elif resp.status != 200:
-                    out = ProofOutcome("bad", None, f"proof answered HTTP {resp.status}")
-                else:
-                    body = await resp.content.read(MAX_PROOF_BYTES + 1)
-                    if len(body) > MAX_PROOF_BYTES:
-                        out = ProofOutcome("bad", None, "proof answer too large")
-                    else:
-                        try:
-                            verify_proof(json.loads(body), public_key=public_key,
-                                         nonce=parse_nonce(nonce), endpoint=endpoint)
-                            out = ProofOutcome("ok")
-                        except (ProofError, ValueError) as exc:
-                            out = ProofOutcome("bad", None, str(exc) or "bad proof")
-        except asyncio.CancelledError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            out = ProofOutcome("down", None, str(exc) or type(exc).__name__)
+        out = await self._get_proof(session, endpoint, public_key)
         ms = (time.perf_counter() - t0) * 1000.0
         out = ProofOutcome(out.kind, ms, out.reason)
         self.counts[out.kind] += 1
@@ -175,6 +160,41 @@ class OwnershipVerifier:
             while len(self._state) > self.max_remembered:
                 self._state.popitem(last=False)
         return out
+
+    async def _get_proof(self, session: aiohttp.ClientSession, endpoint: str,
+                         public_key: bytes) -> ProofOutcome:
+        """One proof request, through the endpoint rule: the session must enforce it
+        (:class:`GuardedConnector`: names are checked again once resolved), and an
+        endpoint the rule refuses is not contacted at all."""
+        conn = session.connector
+        if not isinstance(conn, GuardedConnector):
+            return ProofOutcome("down", None, "not contacted: the session does not "
+                                              "enforce the endpoint rule")
+        refused = endpoint_refusal(endpoint, conn.allowance())
+        if refused is not None:
+            self.count_refused()
+            return ProofOutcome("down", None, f"not contacted: {refused}")
+        nonce = new_nonce()
+        try:
+            async with session.get(proof_url(endpoint, nonce), allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                if resp.status >= 500:
+                    return ProofOutcome("down", None, f"HTTP {resp.status}")
+                if resp.status != 200:
+                    return ProofOutcome("bad", None, f"proof answered HTTP {resp.status}")
+                body = await resp.content.read(MAX_PROOF_BYTES + 1)
+                if len(body) > MAX_PROOF_BYTES:
+                    return ProofOutcome("bad", None, "proof answer too large")
+                try:
+                    verify_proof(json.loads(body), public_key=public_key,
+                                 nonce=parse_nonce(nonce), endpoint=endpoint)
+                except (ProofError, ValueError) as exc:
+                    return ProofOutcome("bad", None, str(exc) or "bad proof")
+                return ProofOutcome("ok")
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return ProofOutcome("down", None, str(exc) or type(exc).__name__)
 
     def forget(self, worker_id: bytes) -> None:
         for key in [k for k in self._state if k[0] == worker_id]:

@@ -40,7 +40,7 @@ from agent.dht.record import ALL_SERVICES
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.coordinator_client import CoordinatorClient
 from agent.discovery.crawl_limit import CrawlLimiter
-from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
+from agent.discovery.endpoints import Allowance, GuardedConnector, endpoint_refusal
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
@@ -487,8 +487,8 @@ class DiscoveryComponent(Component):
         }}
 
 
-def _allow_http(cfg: Config) -> tuple[str, ...]:
-    return tuple(cfg.discovery.allow_http_hosts)
+def _allow_http(cfg: Config) -> Allowance:
+    return Allowance.from_config(cfg.discovery)
 
 
 def _live_indices(cs: CandidateSet, now: float, tracker: LatencyTracker) -> list[int]:

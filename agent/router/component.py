@@ -42,7 +42,12 @@ from yarl import URL
 
 from agent.component import Component
 from agent.discovery.api import BadRequest, check_service, parse_query, wants_fresh
-from agent.discovery.endpoints import EndpointRefused, GuardedConnector, endpoint_refusal
+from agent.discovery.endpoints import (
+    Allowance,
+    EndpointRefused,
+    GuardedConnector,
+    endpoint_refusal,
+)
 from agent.discovery.select import Query
 from agent.discovery.service import SOURCES
 from agent.http.forwarding import path_refusal
@@ -152,8 +157,8 @@ class RouterComponent(Component):
     def upstream_timeout_s(self) -> float:
         return float(self.agent.config.gateway.upstream_timeout)
 
-    def _allow_http(self) -> tuple[str, ...]:
-        return tuple(self.agent.config.discovery.allow_http_hosts)
+    def _allow_http(self) -> Allowance:
+        return Allowance.from_config(self.agent.config.discovery)
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:

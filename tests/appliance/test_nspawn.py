@@ -46,6 +46,9 @@ listen = "127.0.0.1:8092"
 [tunnel]
 mode = "off"
 
+[discovery]
+allow_private_hosts = ["127.0.0.1"]
+
 [log]
 level = "info"
 """
@@ -81,6 +84,9 @@ endpoint = "{endpoint}"
 [tunnel]
 mode = "{tunnel}"
 metrics = "{metrics}"
+
+[discovery]
+allow_private_hosts = ["127.0.0.1"]
 
 [log]
 level = "info"

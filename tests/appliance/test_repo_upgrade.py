@@ -100,6 +100,10 @@ listen = "127.0.0.1:8092"
 
 [tunnel]
 mode = "off"
+
+[discovery]
+# the worker it looks up is on this box's loopback
+allow_private_hosts = ["127.0.0.1"]
 """
 
 

@@ -91,9 +91,9 @@ def make_config(*, region: str = "", cache_ttl: int = 60, coordinators: Iterable
         agent=AgentSection(role="worker", name="test", region=region,
                            state_dir=state_dir or Path(tempfile.mkdtemp(prefix="rma-disc-"))),
         dht=DHTSection(republish_interval=republish),
-        discovery=dataclasses.replace(DiscoverySection(cache_ttl=cache_ttl,
-                                                       coordinators=tuple(coordinators)),
-                                      **disc),
+        discovery=dataclasses.replace(DiscoverySection(
+            cache_ttl=cache_ttl, coordinators=tuple(coordinators),
+            allow_private_hosts=("127.0.0.0/8", "::1")), **disc),
     )
 
 

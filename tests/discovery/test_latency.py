@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from agent.dht.identity import Identity
+from agent.discovery.endpoints import Allowance, GuardedConnector
 from agent.discovery.latency import LatencyTracker, Prober
 from agent.proof import PROOF_PATH, make_proof, parse_nonce
 
@@ -112,7 +113,10 @@ class Endpoints:
 
 @pytest.fixture
 async def session():
-    async with aiohttp.ClientSession() as s:
+    """A caller-side session as the agent makes them: through the endpoint rule, with
+    loopback allowed (the test's workers are on 127.0.0.1)."""
+    conn = GuardedConnector(lambda: Allowance(private=("127.0.0.1",)))
+    async with aiohttp.ClientSession(connector=conn) as s:
         yield s
 
 

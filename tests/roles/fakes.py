@@ -93,7 +93,7 @@ def make_config(tmp: Path, role: str = "worker", **sections: dict[str, Any]) -> 
         "worker": WorkerSection(services=("ocr", "asr"), endpoint="https://w.example.org",
                                 max_concurrency=4, gpu="A100", gpu_memory_gb=80.0),
         "tunnel": TunnelSection(mode="off"),
-        "discovery": DiscoverySection(),
+        "discovery": DiscoverySection(allow_private_hosts=("127.0.0.0/8", "::1")),
     }
     for name, values in sections.items():
         parts[name] = dataclasses.replace(parts[name], **values)
