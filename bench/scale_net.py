@@ -1,0 +1,303 @@
+"""The network under ``bench/scale.py``: counted sockets, the coordinators' stand-in, and
+the two implementations (the agent's ``DHTNode`` and plain ``kademlia``) behind one face.
+
+Why a separate module: ``scale.py`` holds the command line and the report, and
+``scale_phases.py`` the scenario; this one holds what both implementations are measured
+through, so that the same counting (every datagram at the sender) applies to both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+from typing import Any
+
+from agent.dht.identity import Identity
+from agent.dht.record import RecordError, WorkerRecord
+
+
+def pct(xs: list[float], p: float) -> float:
+    """Nearest-rank percentile; NaN for no samples."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(p / 100 * len(xs)) - 1))]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def address(i: int) -> str:
+    """Node i's own loopback address: 127.x.y.z (y, z in 1..250)."""
+    return f"127.{1 + i // 62500}.{1 + (i // 250) % 250}.{1 + i % 250}"
+
+
+class World:
+    """Counts every datagram sent and every table refresh, and drops datagrams crossing a
+    partition."""
+
+    def __init__(self) -> None:
+        self.datagrams = 0
+        self.bytes = 0
+        self.dropped = 0
+        self.refreshes = 0                  # table refresh rounds started, all nodes
+        self.side: dict[str, int] = {}      # ip -> side while partitioned
+        self.split = False
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.datagrams, self.bytes
+
+
+class Tap:
+    """Stands in for a node's UDP transport: counts, and drops across a partition."""
+
+    def __init__(self, transport: Any, ip: str, world: World) -> None:
+        self._t = transport
+        self._ip = ip
+        self._w = world
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        w = self._w
+        if w.split and w.side.get(self._ip) != w.side.get(addr[0]):
+            w.dropped += 1
+            return
+        w.datagrams += 1
+        w.bytes += len(data)
+        self._t.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
+def count_refreshes(node: Any, world: World, interval: float | None) -> None:
+    """Wrap ``node.refresh_table`` (before ``listen``) so each refresh round is counted.
+    Both implementations reschedule through the attribute, so every round passes here.
+    ``interval`` overrides the period (``--refresh-interval``); None keeps the node's."""
+    inner = node.refresh_table
+
+    def refresh_table(*args: Any) -> None:
+        world.refreshes += 1
+        if interval is None:
+            inner(*args)
+        else:
+            inner(interval)
+
+    node.refresh_table = refresh_table
+
+
+class Coordinator:
+    """A real HTTP endpoint standing for the coordinators; counts what reaches it."""
+
+    def __init__(self) -> None:
+        self.registrations = 0
+        self.registry_reads = 0
+        self.port = 0
+        self._runner: Any = None
+        self._session: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import ClientSession, web
+
+        async def register(request: web.Request) -> web.Response:
+            self.registrations += 1
+            await request.read()
+            return web.json_response({"stored": 1})
+
+        async def registry(request: web.Request) -> web.Response:
+            self.registry_reads += 1
+            return web.json_response({"records": []})
+
+        app = web.Application()
+        app.router.add_post("/api/services/register", register)
+        app.router.add_get("/api/registry/{service}", registry)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._session = ClientSession()
+
+    async def register(self, body: bytes) -> None:
+        async with self._session.post(f"http://127.0.0.1:{self.port}/api/services/register",
+                                      data=body) as r:
+            await r.read()
+
+    async def registry(self, service: str) -> None:
+        async with self._session.get(f"http://127.0.0.1:{self.port}/api/registry/{service}") as r:
+            await r.read()
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def kademlia_set(s: Any, key: str, value: bytes) -> int:
+    """kademlia's own ``Server.set`` / ``set_digest``, step for step, except that it
+    returns how many nodes stored the value (``set`` says only whether one did)."""
+    from kademlia.crawling import NodeSpiderCrawl
+    from kademlia.node import Node
+    from kademlia.utils import digest
+
+    dkey = digest(key)
+    node = Node(dkey)
+    nearest = s.protocol.router.find_neighbors(node)
+    if not nearest:
+        return 0
+    nodes = await NodeSpiderCrawl(s.protocol, node, nearest, s.ksize, s.alpha).find()
+    if not nodes:
+        return 0
+    biggest = max(n.distance_to(node) for n in nodes)
+    local = 0
+    if s.node.distance_to(node) < biggest:
+        s.storage[dkey] = value
+        local = 1
+    results = await asyncio.gather(*(s.protocol.call_store(n, dkey, value) for n in nodes))
+    return local + sum(1 for r in results if r)
+
+
+# ---------------------------------------------------------------------------- impls
+class Impl:
+    """One implementation's face to the scenario.
+
+    ``publish`` returns the number of nodes that stored the record, per key (the most is
+    k); ``lookup`` returns (workers asked about, {worker: issued_at of the record found})."""
+
+    name = ""
+    sees_dead = True        # False: lookups ask only about live workers (kademlia's gets)
+    nodes: list[Any]
+    idents: list[Identity]
+    timeouts = ""
+
+    async def make(self, i: int, world: World) -> None: ...
+    async def join(self, i: int, seeds: list[tuple[str, int]]) -> None: ...
+    async def publish(self, w: int, record: WorkerRecord) -> float: ...
+    async def lookup(self, i: int, service: str,
+                     workers: list[int]) -> tuple[list[int], dict[int, float]]: ...
+    def stop(self, i: int) -> None: ...
+    def addr(self, i: int) -> tuple[str, int]: ...
+    def extra(self, alive: list[int]) -> dict[str, Any]:
+        return {}
+
+
+class RMA(Impl):
+    name = "rma"
+
+    def __init__(self, idents: list[Identity], refresh_interval: float | None) -> None:
+        from agent.dht.server import DHTNode
+        self.DHTNode = DHTNode
+        self.idents = idents
+        self.refresh_interval = refresh_interval
+        self.nodes = []
+        self.by_id: dict[bytes, int] = {}
+        self.timeouts = "adaptive per peer (rto 0.2-2 s) plus hedged requests"
+
+    async def make(self, i: int, world: World) -> None:
+        kw = {} if self.refresh_interval is None else {"refresh_interval":
+                                                       self.refresh_interval}
+        node = self.DHTNode(self.idents[i], **kw)
+        count_refreshes(node, world, None)
+        ip = address(i)
+        await node.listen(0, ip)
+        node.protocol.transport = Tap(node.protocol.transport, ip, world)
+        node.trust(ip)
+        self.nodes.append(node)
+        self.by_id[self.idents[i].node_id] = i
+
+    def addr(self, i: int) -> tuple[str, int]:
+        n = self.nodes[i]
+        return (n.interface, n.port)
+
+    async def join(self, i: int, seeds: list[tuple[str, int]]) -> None:
+        await self.nodes[i].bootstrap(seeds)
+
+    async def publish(self, w: int, record: WorkerRecord) -> float:
+        return await self.nodes[w].announce(record) / len(record.keys())
+
+    async def lookup(self, i: int, service: str,
+                     workers: list[int]) -> tuple[list[int], dict[int, float]]:
+        got = await self.nodes[i].find_providers(service)
+        by_id = self.by_id
+        return workers, {by_id[r.worker_id]: r.issued_at for r in got
+                         if r.worker_id in by_id}
+
+    def stop(self, i: int) -> None:
+        self.nodes[i].stop()
+
+    def extra(self, alive: list[int]) -> dict[str, Any]:
+        st = [self.nodes[i].stats() for i in alive]
+        drops: dict[str, int] = {}
+        for s in st:
+            for k, v in s["drops"].items():
+                drops[k] = drops.get(k, 0) + v
+        return {"rpc_timeouts": sum(s["timeouts"] for s in st),
+                "contacts_removed": sum(s["removed_contacts"] for s in st),
+                "revived": sum(s["revived"] for s in st),
+                "mean_routing_table": sum(s["routing_table_size"] for s in st) / len(st),
+                "records_stored": sum(s["records_stored"] for s in st),
+                "drops": drops}
+
+
+class Plain(Impl):
+    """Plain ``kademlia``: one value per key, so worker w sets ``"<service>:<w>"``; a
+    lookup of a service is one ``get`` per worker, ``gets`` of them sampled at random
+    (0 = every worker of the service)."""
+
+    name = "kademlia"
+    sees_dead = False
+
+    def __init__(self, idents: list[Identity], refresh_interval: float | None,
+                 rpc_timeout: float, gets: int) -> None:
+        from kademlia.network import Server
+        self.Server = Server
+        self.idents = idents
+        self.refresh_interval = refresh_interval
+        self.rpc_timeout = rpc_timeout
+        self.gets = gets
+        self.nodes = []
+        self.ips: list[str] = []
+        self.rng = random.Random(7)
+        self.timeouts = f"fixed {rpc_timeout:g} s per RPC (rpcudp), no hedging"
+
+    async def make(self, i: int, world: World) -> None:
+        node = self.Server(node_id=self.idents[i].node_id)
+        count_refreshes(node, world, self.refresh_interval)
+        ip = address(i)
+        await node.listen(0, ip)
+        node.protocol._wait_timeout = self.rpc_timeout
+        node.protocol.transport = Tap(node.protocol.transport, ip, world)
+        self.nodes.append(node)
+        self.ips.append(ip)
+
+    def addr(self, i: int) -> tuple[str, int]:
+        return (self.ips[i], self.nodes[i].transport.get_extra_info("sockname")[1])
+
+    async def join(self, i: int, seeds: list[tuple[str, int]]) -> None:
+        await self.nodes[i].bootstrap(seeds)
+
+    async def publish(self, w: int, record: WorkerRecord) -> float:
+        return await kademlia_set(self.nodes[w], f"{record.services[0]}:{w}",
+                                  record.encode())
+
+    async def lookup(self, i: int, service: str,
+                     workers: list[int]) -> tuple[list[int], dict[int, float]]:
+        asked = workers if not self.gets else self.rng.sample(workers,
+                                                             min(self.gets, len(workers)))
+        vals = await asyncio.gather(*(self.nodes[i].get(f"{service}:{w}") for w in asked))
+        found: dict[int, float] = {}
+        for w, v in zip(asked, vals, strict=True):
+            if v is None:
+                continue
+            try:
+                found[w] = WorkerRecord.decode(v).issued_at
+            except (RecordError, ValueError, TypeError):
+                continue
+        return asked, found
+
+    def stop(self, i: int) -> None:
+        self.nodes[i].stop()
