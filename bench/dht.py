@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -390,8 +391,9 @@ def main() -> int:
         res["kademlia"] = run_impl(Plain(args.workers, args.kademlia_timeout), args)
     if args.json or args.only:
         print(json.dumps(res, indent=1, default=str))
-    else:
-        report(res["rma"], res["kademlia"], args)
+    if not args.only:
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            report(res["rma"], res["kademlia"], args)
     return 0
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -410,7 +411,13 @@ def main() -> int:
 
     if args.json:
         print(json.dumps(res, indent=2))
-        return 0
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        report(res, args)
+    return 0
+
+
+def report(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """The table for people (on stderr with --json, whose stdout is the JSON)."""
     h = res["healthz"]
     print(f"lookup benchmark: {args.workers} workers per service, limit={args.limit}, "
           f"{args.seconds:g} s per phase, kernels={res['kernels']}, cpus={os.cpu_count()}, "
@@ -460,7 +467,6 @@ def main() -> int:
     print(f"agent's own view: lookups={st.get('lookups')} cache_hit_rate="
           f"{st.get('cache_hit_rate')} p50={st.get('lookup_p50_ms')} ms "
           f"p99={st.get('lookup_p99_ms')} ms fallbacks={st.get('fallbacks')}")
-    return 0
 
 
 if __name__ == "__main__":

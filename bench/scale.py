@@ -50,6 +50,7 @@ otherwise (the agent's is adaptive, 0.2-2 s, with hedged requests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -276,7 +277,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({n: {"finished": fin, **data} for n, (data, fin) in results.items()},
                          indent=1))
-    else:
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
         report(results, args)
     return 0
 
