@@ -45,6 +45,7 @@ class World:
         self.bytes = 0
         self.dropped = 0
         self.refreshes = 0                  # table refresh rounds started, all nodes
+        self.refresh_override: float | None = None  # --refresh-interval, in the rests
         self.side: dict[str, int] = {}      # ip -> side while partitioned
         self.split = False
 
@@ -73,20 +74,30 @@ class Tap:
         return getattr(self._t, name)
 
 
-def count_refreshes(node: Any, world: World, interval: float | None) -> None:
+def count_refreshes(node: Any, world: World) -> None:
     """Wrap ``node.refresh_table`` (before ``listen``) so each refresh round is counted.
-    Both implementations reschedule through the attribute, so every round passes here.
-    ``interval`` overrides the period (``--refresh-interval``); None keeps the node's."""
+    Both implementations reschedule through the attribute, so every round passes here;
+    while ``world.refresh_override`` is set, rounds are rescheduled with that period."""
     inner = node.refresh_table
 
     def refresh_table(*args: Any) -> None:
         world.refreshes += 1
-        if interval is None:
+        if world.refresh_override is None:
             inner(*args)
         else:
-            inner(interval)
+            inner(world.refresh_override)
 
     node.refresh_table = refresh_table
+
+
+def reschedule_refresh(nodes: list[Any], period: float) -> None:
+    """Next table refresh of every node in ``period`` seconds (``--refresh-interval``
+    during the rests, and back to the implementation's own period after them)."""
+    loop = asyncio.get_running_loop()
+    for node in nodes:
+        if node.refresh_loop is not None:
+            node.refresh_loop.cancel()
+        node.refresh_loop = loop.call_later(period, node.refresh_table)
 
 
 class Coordinator:
@@ -169,6 +180,7 @@ class Impl:
     k); ``lookup`` returns (workers asked about, {worker: issued_at of the record found})."""
 
     name = ""
+    refresh_period = 0.0    # the implementation's own table refresh period, s
     sees_dead = True        # False: lookups ask only about live workers (kademlia's gets)
     nodes: list[Any]
     idents: list[Identity]
@@ -188,20 +200,20 @@ class Impl:
 class RMA(Impl):
     name = "rma"
 
-    def __init__(self, idents: list[Identity], refresh_interval: float | None) -> None:
+    refresh_period = 900.0      # DHTNode's default (the agent's)
+
+    def __init__(self, idents: list[Identity]) -> None:
         from agent.dht.server import DHTNode
         self.DHTNode = DHTNode
         self.idents = idents
-        self.refresh_interval = refresh_interval
         self.nodes = []
         self.by_id: dict[bytes, int] = {}
         self.timeouts = "adaptive per peer (rto 0.2-2 s) plus hedged requests"
 
     async def make(self, i: int, world: World) -> None:
-        kw = {} if self.refresh_interval is None else {"refresh_interval":
-                                                       self.refresh_interval}
-        node = self.DHTNode(self.idents[i], **kw)
-        count_refreshes(node, world, None)
+        node = self.DHTNode(self.idents[i])
+        self.refresh_period = node.refresh_interval
+        count_refreshes(node, world)
         ip = address(i)
         await node.listen(0, ip)
         node.protocol.transport = Tap(node.protocol.transport, ip, world)
@@ -251,12 +263,12 @@ class Plain(Impl):
     name = "kademlia"
     sees_dead = False
 
-    def __init__(self, idents: list[Identity], refresh_interval: float | None,
-                 rpc_timeout: float, gets: int) -> None:
+    refresh_period = 3600.0     # kademlia's ``refresh_table`` default
+
+    def __init__(self, idents: list[Identity], rpc_timeout: float, gets: int) -> None:
         from kademlia.network import Server
         self.Server = Server
         self.idents = idents
-        self.refresh_interval = refresh_interval
         self.rpc_timeout = rpc_timeout
         self.gets = gets
         self.nodes = []
@@ -266,7 +278,7 @@ class Plain(Impl):
 
     async def make(self, i: int, world: World) -> None:
         node = self.Server(node_id=self.idents[i].node_id)
-        count_refreshes(node, world, self.refresh_interval)
+        count_refreshes(node, world)
         ip = address(i)
         await node.listen(0, ip)
         node.protocol._wait_timeout = self.rpc_timeout

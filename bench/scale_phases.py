@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any
 
-from scale_net import Coordinator, Impl, World, address, pct, rss_bytes
+from scale_net import Coordinator, Impl, World, address, pct, reschedule_refresh, rss_bytes
 
 from agent.dht.record import WorkerRecord
 from agent.discovery.service import DHT_TIMEOUT_S
@@ -200,9 +200,9 @@ class Scenario:
 
     async def republish_loop(self, rounds: list[int] | None = None) -> None:
         while self._republishing:
-            await self.republish_round(self.args.republish)
             if rounds is not None:
                 rounds.append(1)
+            await self.republish_round(self.args.republish)
 
     # -- phases -------------------------------------------------------------------
     async def run(self) -> None:
@@ -320,8 +320,18 @@ class Scenario:
         """Two windows of ``--rest`` seconds with no client traffic: with the workers'
         republish running at its interval, and without. Table refreshes are counted."""
         await asyncio.sleep(2.0)
-        await self._rest_window("rest_republish", True)
-        await self._rest_window("rest_quiet", False)
+        period = self.args.refresh_interval
+        live = [self.impl.nodes[i] for i in self.alive]
+        if period is not None:
+            self.world.refresh_override = period
+            reschedule_refresh(live, period)
+        try:
+            await self._rest_window("rest_republish", True)
+            await self._rest_window("rest_quiet", False)
+        finally:
+            if period is not None:
+                self.world.refresh_override = None
+                reschedule_refresh(live, self.impl.refresh_period)
 
     async def phase_churn(self) -> None:
         a = self.args

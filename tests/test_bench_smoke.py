@@ -1,0 +1,152 @@
+"""Every ``bench/`` script runs at a tiny size and its output keeps its invariants.
+
+Why: a benchmark nobody runs rots silently — an import moves, a phase starts counting
+429s as lookups, a table gets compared against one of another size. The figures at these
+sizes mean nothing; what is checked is what makes the real figures honest: both sides of
+a comparison measured alike (tables of like size, same rows), failures counted apart
+from throughput, and windows that contain the events they claim to count.
+
+The five scripts run at once (most of their time is sleeps: rests, settle pauses,
+process start-up), each bounded by its own arguments and a subprocess timeout; together
+well under a minute on an idle 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 240  # per script; a loaded shared machine is slow, the sizes are tiny
+
+ARGS: dict[str, list[str]] = {
+    "kernels": ["--quick"],
+    "lookup": ["--workers", "12", "--seconds", "0.4", "--rate", "100",
+               "--uncached-rate", "5", "--json"],
+    "dht": ["--nodes", "24", "--workers", "6", "--lookups", "10", "--concurrent", "10",
+            "--waves", "1", "--churn-lookups", "6", "--churn-concurrency", "3",
+            "--kademlia-timeout", "0.3", "--json"],
+    "scale": ["--nodes", "16", "--workers", "4", "--services", "2", "--lookups", "8",
+              "--concurrent", "6", "--waves", "1", "--republish", "1", "--rest", "1.5",
+              "--refresh-interval", "0.5", "--cap", "90", "--phase-cap", "8",
+              "--kademlia-timeout", "0.3", "--churn-concurrency", "4", "--json"],
+    "route": ["--seconds", "0.3", "--requests", "100", "--concurrency", "4",
+              "--stream-mb", "4", "--json"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench" / f"{name}.py"), *a],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True)
+             for name, a in ARGS.items()}
+    out: dict[str, subprocess.CompletedProcess[str]] = {}
+    for name, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return out
+
+
+def ran(runs: dict[str, Any], name: str) -> subprocess.CompletedProcess[str]:
+    r = runs[name]
+    assert r.returncode == 0, f"{name}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
+def test_kernels_compares_tables_of_one_size(runs: dict[str, Any]) -> None:
+    out = ran(runs, "kernels").stdout
+    m = re.search(r"table: (\d+) live contacts .* kademlia's (\d+) in", out)
+    assert m, out
+    assert int(m.group(1)) == int(m.group(2)) >= 1000
+    assert "ours: 0/300 (checked)" in out
+    for section in ("XOR k-closest", "Neighbour search", "Worker scoring"):
+        assert section in out
+
+
+def test_lookup_counts_failures_apart(runs: dict[str, Any]) -> None:
+    r = ran(runs, "lookup")
+    res = json.loads(r.stdout)
+    assert res["answer"]["workers"] > 0 and res["answer_dht"]["workers"] > 0
+    phases = ("healthz", "cached", "healthz_paced", "cached_paced", "uncached_c1",
+              "uncached", "uncached_dht_c1", "uncached_paced", "uncached_dht_paced")
+    for key in phases:
+        assert res[key]["requests"] >= 0 and res[key]["errors"] >= 0
+        assert key in res
+    for key in ("healthz", "cached", "cached_paced", "uncached_paced", "uncached_dht_paced"):
+        assert res[key]["requests"] > 0, (key, res[key])
+        assert res[key]["errors"] == 0, (key, res[key])
+    # the crawl budget (20/s, burst 40) bounds uncached HTTP lookups: a bench that counted
+    # the 429s as lookups would report hundreds per second here
+    for key in ("uncached_c1", "uncached", "uncached_dht_c1"):
+        assert res[key]["per_s"] < 150, (key, res[key])
+    assert "ok req" in r.stderr and "errors" in r.stderr
+
+
+def test_dht_reports_both_sides_alike(runs: dict[str, Any]) -> None:
+    r = ran(runs, "dht")
+    res = json.loads(r.stdout)
+    rma, kad = res["rma"], res["kademlia"]
+    assert set(rma) - {"extra"} == set(kad) - {"extra"}
+    for side in (rma, kad):
+        assert side["announce"]["n"] == 6
+        assert 0 <= side["announce"]["on_k"] <= side["announce"]["ok"] <= 6
+        for key in ("lookup", "churn_lookup", "churn_lookup_2nd"):
+            assert 0.0 <= side[key]["found"] <= 1.0
+    assert "rma gain" in r.stderr and "kademlia fixed 0.3 s" in r.stderr
+
+
+def test_scale_windows_hold_what_they_count(runs: dict[str, Any]) -> None:
+    r = ran(runs, "scale")
+    res = json.loads(r.stdout)
+    assert set(res) == {"rma", "kademlia"}
+    rows = {name: set(data) for name, data in res.items()}
+    assert rows["rma"] == rows["kademlia"], rows
+    for name, data in res.items():
+        assert data["finished"], name
+        for phase in ("announce", "lookups", "rest_republish", "rest_quiet", "churn"):
+            assert not data[phase].get("did_not_finish"), (name, phase)
+        assert data["announce"]["ok"] <= 4 and data["announce"]["on_k"] <= data["announce"]["ok"]
+        assert 0.0 <= data["lookups"]["found"] <= 1.0
+        # a rest window longer than the refresh period holds a refresh round, and the
+        # window with republish holds a completed republish round
+        for window in ("rest_republish", "rest_quiet"):
+            assert data[window]["refresh_rounds_per_node"] >= 1.0, (name, data[window])
+        assert data["rest_republish"]["republish_rounds"] >= 1, (name, data["rest_republish"])
+        assert data["rest_quiet"]["republish_rounds"] == 0
+        # the split is measured only after every live worker republished inside it
+        if not data["partition"].get("did_not_finish"):
+            assert data["partition"]["all_republished"], (name, data["partition"])
+        # the product's fallback rules: at most one coordinator request per event
+        for phase, c in data["coordinators"].items():
+            assert 0 <= c["registrations"] <= c["announces"], (name, phase, c)
+            assert 0 <= c["registry_reads"] <= c["lookups"], (name, phase, c)
+        assert {"announce", "lookups", "churn"} <= set(data["coordinators"])
+    assert "rest with republish: datagrams/s/node" in r.stderr
+    assert "coordinator HTTP, churn" in r.stderr
+
+
+def test_route_measures_every_path(runs: dict[str, Any]) -> None:
+    r = ran(runs, "route")
+    res = json.loads(r.stdout)
+    want = {"a", "b", "c"} | ({"d"} if (shutil.which("nginx") or
+                                        Path("/usr/sbin/nginx").exists()) else set())
+    assert set(res["paths"]) == want
+    for key, p in res["paths"].items():
+        assert p["rps"] > 0 and p["errors"] == 0, (key, p)
+        assert p["upload_mib_s"] > 0 and p["download_mib_s"] > 0, (key, p)
+    assert "MiB/s" in r.stderr
