@@ -5,7 +5,8 @@
 
 One real agent process (``python -m agent run``, coordinator role, its own registry as its
 discovery fallback) on 127.0.0.1. Two services of ``--workers`` real signed records each
-(distinct Ed25519 identities):
+(distinct Ed25519 identities, each worker with its own endpoint URL on a small server in
+this process that answers the ownership proof callers check before offering a worker):
 
 * "bench" is registered only through ``POST /api/services/register`` (the agent's DHT,
   alone, holds no provider records for it: lookups fall back to the registry over HTTP);
@@ -24,7 +25,8 @@ client, uvloop, ``--concurrency`` requests in flight):
   and, for "bench", falls back to the registry over HTTP and verifies every record — at
   concurrency 1 and at ``--concurrency`` (concurrent requests share one fetch), and
   "bench-dht" at concurrency 1 (a DHT crawl per request). The agent bounds the DHT crawls
-  HTTP requests may cause (a token bucket, 20/s, burst 40; ``429`` beyond): closed-loop,
+  HTTP requests may cause (``agent.discovery.crawl_limit``: a token bucket, 20/s, burst
+  40; ``429`` beyond): closed-loop,
   these rows measure that bound. So the same two lookups are also paced at
   ``--uncached-rate`` (10/s), below the bound: latency of a real uncached lookup.
 
@@ -66,6 +68,7 @@ import uvloop  # noqa: E402
 
 from agent.dht.identity import Identity  # noqa: E402
 from agent.dht.record import WorkerRecord  # noqa: E402
+from agent.discovery.crawl_limit import CRAWL_BURST, CRAWL_RATE  # noqa: E402
 
 MAX_REQUESTS = 200_000
 GPUS = [("H100", 80.0), ("A100", 40.0), ("L40S", 48.0), ("RTX 4090", 24.0), ("T4", 16.0)]
@@ -83,17 +86,52 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def make_records(n: int, endpoint: str, service: str = "bench") -> list[WorkerRecord]:
+IDENTITIES: dict[str, Identity] = {}     # endpoint path -> the worker that owns it
+
+
+def make_records(n: int, base: str, service: str = "bench") -> list[WorkerRecord]:
+    """``n`` signed records, each worker with its own endpoint ``{base}/{service}-{i}``,
+    whose ownership proof :func:`serve_proofs` answers (callers check it before they
+    offer a worker: a record naming somebody else's URL is never offered)."""
     rng = random.Random(4)
     out = []
     for i in range(n):
         gpu, mem = GPUS[i % len(GPUS)]
         cap = rng.choice([1, 2, 4, 8])
+        ident = Identity.generate()
+        IDENTITIES[f"{service}-{i}"] = ident
         out.append(WorkerRecord.create(
-            Identity.generate(), name=f"{service}-{i}", services=(service,), endpoint=endpoint,
-            gpu=gpu, gpu_memory_gb=mem, load=float(rng.randint(0, cap)), capacity=cap,
+            ident, name=f"{service}-{i}", services=(service,),
+            endpoint=f"{base}/{service}-{i}", gpu=gpu, gpu_memory_gb=mem,
+            load=float(rng.randint(0, cap)), capacity=cap,
             region=REGIONS[i % len(REGIONS)], ttl=600))
     return out
+
+
+async def serve_proofs(port: int) -> Any:
+    """The workers' endpoints, as far as callers contact them: the ownership proof at
+    ``/{worker}/.well-known/rma-agent/proof`` (what a worker's gateway answers)."""
+    from aiohttp import web
+
+    from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
+
+    async def proof(request: web.Request) -> web.Response:
+        ident = IDENTITIES.get(request.match_info["worker"])
+        try:
+            nonce = parse_nonce(request.query.get("nonce", ""))
+        except ProofError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if ident is None:
+            return web.json_response({"error": "no such worker"}, status=404)
+        endpoint = f"http://127.0.0.1:{port}/{request.match_info['worker']}"
+        return web.json_response(make_proof(ident, nonce, endpoint))
+
+    app = web.Application()
+    app.router.add_get("/{worker}" + PROOF_PATH, proof)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -201,10 +239,17 @@ async def dht_helpers(agent_udp: int, records: list[WorkerRecord], n: int = 8) -
     return nodes
 
 
-def good(status: int, body: bytes) -> bool:
-    """A lookup that answered: HTTP 200 and, for a service lookup, at least one worker
-    (an empty list is a failed lookup, not a fast one)."""
-    return status == 200 and b'"workers": []' not in body
+async def get_once(s: aiohttp.ClientSession, url: str) -> str | None:
+    """One GET; None when it answered (HTTP 200 and, for a service lookup, at least one
+    worker: an empty list is a failed lookup, not a fast one), else why not."""
+    try:
+        async with s.get(url) as r:
+            body = await r.read()
+            if r.status != 200:
+                return f"HTTP {r.status}"
+            return "no workers" if b'"workers": []' in body else None
+    except (aiohttp.ClientError, OSError) as exc:
+        return type(exc).__name__
 
 
 async def load(url: str, seconds: float, concurrency: int,
@@ -213,6 +258,7 @@ async def load(url: str, seconds: float, concurrency: int,
     answers count as throughput and latency; the others are counted as errors apart."""
     times: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=conn, headers=headers) as s:
         # warm-up: open the connections, fill caches
@@ -225,22 +271,19 @@ async def load(url: str, seconds: float, concurrency: int,
             nonlocal errors
             while time.perf_counter() < deadline and len(times) + errors < MAX_REQUESTS:
                 t0 = time.perf_counter()
-                try:
-                    async with s.get(url) as r:
-                        ok = good(r.status, await r.read())
-                except aiohttp.ClientError:
-                    ok = False
-                if ok:
+                why = await get_once(s, url)
+                if why is None:
                     times.append(time.perf_counter() - t0)
                 else:
                     errors += 1
+                    kinds[why] = kinds.get(why, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return {"requests": len(times), "errors": errors, "per_s": len(times) / wall,
             "p50_ms": pct(times, 0.5) * 1000, "p99_ms": pct(times, 0.99) * 1000,
-            "concurrency": concurrency}
+            "concurrency": concurrency, "error_kinds": kinds}
 
 
 async def paced(url: str, rate: float, seconds: float, max_inflight: int = 64,
@@ -251,6 +294,7 @@ async def paced(url: str, rate: float, seconds: float, max_inflight: int = 64,
     n = min(int(rate * seconds), MAX_REQUESTS)
     times: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     conn = aiohttp.TCPConnector(limit=max_inflight)
     async with aiohttp.ClientSession(connector=conn, headers=headers) as s:
         for _ in range(8 if headers is None else 0):
@@ -265,21 +309,19 @@ async def paced(url: str, rate: float, seconds: float, max_inflight: int = 64,
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            try:
-                async with sem, s.get(url) as r:
-                    ok = good(r.status, await r.read())
-            except aiohttp.ClientError:
-                ok = False
-            if ok:
+            async with sem:
+                why = await get_once(s, url)
+            if why is None:
                 times.append(time.perf_counter() - due)
             else:
                 errors += 1
+                kinds[why] = kinds.get(why, 0) + 1
 
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = time.perf_counter() - start
     return {"requests": len(times), "errors": errors, "per_s": len(times) / wall,
             "p50_ms": pct(times, 0.5) * 1000, "p99_ms": pct(times, 0.99) * 1000,
-            "rate": rate}
+            "rate": rate, "error_kinds": kinds}
 
 
 async def in_process(records: list[WorkerRecord], seconds: float) -> dict[str, Any]:
@@ -338,7 +380,8 @@ async def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
 
 
 async def phases(args: argparse.Namespace, url: str, udp: int, records: list[WorkerRecord],
-                 dht_records: list[WorkerRecord], res: dict[str, Any]) -> None:
+                 dht_records: list[WorkerRecord], res: dict[str, Any], proof_port: int) -> None:
+    proofs = await serve_proofs(proof_port)
     res["register_retries_429"] = await register(url, records)
     nodes = await dht_helpers(udp, dht_records)
     try:
@@ -369,6 +412,7 @@ async def phases(args: argparse.Namespace, url: str, udp: int, records: list[Wor
     finally:
         for node in nodes:
             node.stop()
+        await proofs.cleanup()
 
 
 def main() -> int:
@@ -382,7 +426,7 @@ def main() -> int:
                     help="requests/s of the paced (open-loop) phases (default 2000)")
     ap.add_argument("--uncached-rate", type=float, default=10.0,
                     help="requests/s of the paced uncached phases, below the agent's crawl "
-                         "budget for HTTP (agent.discovery guard: 20/s, 429 beyond)")
+                         f"budget for HTTP ({CRAWL_RATE:g}/s, 429 beyond)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (1 <= args.workers <= 1000 and 0.2 <= args.seconds <= 30
@@ -395,9 +439,11 @@ def main() -> int:
     proc, url, udp = start_agent(tmp)
     res: dict[str, Any] = {"workers": args.workers}
     try:
-        records = make_records(args.workers, url)
-        dht_records = make_records(args.workers, url, "bench-dht")
-        uvloop.run(phases(args, url, udp, records, dht_records, res))
+        proof_port = free_port(socket.SOCK_STREAM)
+        base = f"http://127.0.0.1:{proof_port}"
+        records = make_records(args.workers, base)
+        dht_records = make_records(args.workers, base, "bench-dht")
+        uvloop.run(phases(args, url, udp, records, dht_records, res, proof_port))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -444,11 +490,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
         r = res[key]
         print(f"{label:<38}{r['requests']:>8}{r['errors']:>8}{r['per_s']:>11.0f}"
               f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-              f"{r['per_s'] / h['per_s'] if h['per_s'] else float('nan'):>11.2f}x")
-    print("uncached lookups over HTTP are bounded by the agent's crawl budget (a token "
-          "bucket, 20/s with a burst of 40 in agent/discovery's guard; the rest are 429, "
-          "in errors): closed-loop uncached rows measure that bound, the paced rows (below "
-          "it) what one uncached lookup costs")
+              f"{r['per_s'] / h['per_s'] if h['per_s'] else float('nan'):>11.2f}x"
+              + (f"  {r['error_kinds']}" if r["errors"] else ""))
+    print(f"uncached lookups over HTTP are bounded by the agent's crawl budget (a token "
+          f"bucket, {CRAWL_RATE:g}/s with a burst of {CRAWL_BURST:g}: "
+          f"agent/discovery/crawl_limit.py; the rest are 429, in errors): closed-loop "
+          f"uncached rows measure that bound, the paced rows (below it) what one uncached "
+          f"lookup costs")
     c = res["cached"]
     up = res["uncached_paced"]
     if up["requests"]:

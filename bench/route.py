@@ -296,6 +296,32 @@ http {{
 """
 
 
+def write_configs(tmp: Path, up: int, stream_mb: int) -> tuple[int, int, int]:
+    """caller.toml (coordinator: its router is the path under test) and worker.toml
+    (its gateway fronts the upstream as service ``bench``); returns the caller's HTTP
+    port and the worker's HTTP and gateway ports."""
+    c_udp, c_http, c_gw = free_udp(), free_port(), free_port()
+    w_udp, w_http, w_gw = free_udp(), free_port(), free_port()
+    common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
+              "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
+    (tmp / "caller.toml").write_text(toml_dumps({
+        "agent": {"role": "coordinator", "name": "caller", "state_dir": str(tmp / "sc")},
+        "dht": {"listen": f"127.0.0.1:{c_udp}", "mode": "server"},
+        "http": {"listen": f"127.0.0.1:{c_http}"},
+        "gateway": {"listen": f"127.0.0.1:{c_gw}"}, **common}))
+    (tmp / "worker.toml").write_text(toml_dumps({
+        "agent": {"role": "worker", "name": "worker", "state_dir": str(tmp / "sw")},
+        "dht": {"listen": f"127.0.0.1:{w_udp}", "mode": "server",
+                "bootstrap": [f"127.0.0.1:{c_udp}"]},
+        "http": {"listen": f"127.0.0.1:{w_http}"},
+        "gateway": {"listen": f"127.0.0.1:{w_gw}", "max_body_mb": 4 * stream_mb,
+                    "upstreams": {"bench": f"http://127.0.0.1:{up}"}},
+        "worker": {"services": ["bench"], "endpoint": f"http://127.0.0.1:{w_gw}",
+                   "max_concurrency": 256, "gpu": "A100", "gpu_memory_gb": 80},
+        **common}))
+    return c_http, w_http, w_gw
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -323,25 +349,7 @@ def main() -> int:
     try:
         up = free_port()
         spawn([sys.executable, __file__, "--serve-upstream", str(up)], "upstream.log")
-        c_udp, c_http, c_gw = free_udp(), free_port(), free_port()
-        w_udp, w_http, w_gw = free_udp(), free_port(), free_port()
-        common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
-                  "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
-        (tmp / "caller.toml").write_text(toml_dumps({
-            "agent": {"role": "coordinator", "name": "caller", "state_dir": str(tmp / "sc")},
-            "dht": {"listen": f"127.0.0.1:{c_udp}", "mode": "server"},
-            "http": {"listen": f"127.0.0.1:{c_http}"},
-            "gateway": {"listen": f"127.0.0.1:{c_gw}"}, **common}))
-        (tmp / "worker.toml").write_text(toml_dumps({
-            "agent": {"role": "worker", "name": "worker", "state_dir": str(tmp / "sw")},
-            "dht": {"listen": f"127.0.0.1:{w_udp}", "mode": "server",
-                    "bootstrap": [f"127.0.0.1:{c_udp}"]},
-            "http": {"listen": f"127.0.0.1:{w_http}"},
-            "gateway": {"listen": f"127.0.0.1:{w_gw}", "max_body_mb": 4 * args.stream_mb,
-                        "upstreams": {"bench": f"http://127.0.0.1:{up}"}},
-            "worker": {"services": ["bench"], "endpoint": f"http://127.0.0.1:{w_gw}",
-                       "max_concurrency": 256, "gpu": "A100", "gpu_memory_gb": 80},
-            **common}))
+        c_http, w_http, w_gw = write_configs(tmp, up, args.stream_mb)
         spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "caller.toml")],
               "caller.log")
         spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "worker.toml")],
