@@ -258,7 +258,17 @@ def main() -> int:
     ap.add_argument("--only", choices=("rma", "kademlia"))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=("rma", "kademlia"), help=argparse.SUPPRESS)
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="print the table from earlier --json outputs (e.g. one --only rma "
+                         "and one --only kademlia run; give the same size arguments)")
     args = ap.parse_args()
+    if args.report:
+        merged: dict[str, tuple[dict[str, Any], bool]] = {}
+        for path in args.report:
+            for name, data in json.loads(Path(path).read_text()).items():
+                merged[name] = (data, bool(data.pop("finished", False)))
+        report(merged, args)
+        return 0
     if args.workers > args.nodes:
         ap.error("--workers must not exceed --nodes (worker w runs on node w)")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
