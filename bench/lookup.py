@@ -151,6 +151,7 @@ record_ttl = 600
 republish_interval = 300
 [http]
 listen = "127.0.0.1:{http}"
+trusted_proxies = ["127.0.0.1"]
 [gateway]
 listen = "127.0.0.1:{free_port(socket.SOCK_STREAM)}"
 [discovery]
@@ -183,14 +184,14 @@ def client_ip(i: int) -> str:
 async def register(url: str, records: list[WorkerRecord], deadline_s: float = 120.0) -> int:
     """POST every record to the coordinator; returns how many 429 answers were retried.
 
-    The coordinator limits registrations per source IP (``REGISTER_RATE``/s, burst
-    ``REGISTER_BURST``, per /24 where it groups by prefix). Here one process registers
-    for ``--workers`` workers, as a proxy on the coordinator's box would for its clients:
-    each request names its worker's own address in ``X-Forwarded-For``, which the
-    coordinator honours from a loopback peer (``agent.roles.coordinator.source_ip``), so
-    each worker gets its own bucket as it would in a real network. Should a 429 still come
-    (a coordinator that no longer honours the header), the request is retried after its
-    ``Retry-After``, within ``deadline_s``: the set-up is slower, never silently partial.
+    The coordinator limits registrations per source IP and per /24 (token buckets, 429
+    beyond; ``agent.roles.registry``). Here one process registers for ``--workers``
+    workers, as a proxy on the coordinator's box would for its clients — the documented
+    way (``agent.forwarded``): the agent lists ``127.0.0.1`` in ``http.trusted_proxies``
+    and each request names its worker's own address, on its own /24, in
+    ``X-Forwarded-For``; so each worker gets its own buckets as in a real network. Should
+    a 429 still come, the request is retried after its ``Retry-After``, within
+    ``deadline_s``: the set-up is slower, never silently partial, and the count is shown.
     """
     retried = 0
     deadline = time.monotonic() + deadline_s
@@ -471,8 +472,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
           f"({res['answer']['workers']} workers returned); bench-dht "
           f"source={res['answer_dht']['source']} ({res['answer_dht']['workers']} returned)")
     print(f"set-up: {args.workers} records registered over HTTP, each for its own client "
-          f"address (X-Forwarded-For from loopback; {res['register_retries_429']} answers "
-          f"429 retried); {args.workers} announced into the DHT by 8 helper nodes")
+          f"address (X-Forwarded-For from a trusted proxy, 127.0.0.1; "
+          f"{res['register_retries_429']} answers 429 retried); {args.workers} announced into the DHT by 8 helper nodes")
     print("only HTTP 200 answers with at least one worker count as lookups (req, "
           "lookups/s, p50, p99); everything else is in the errors column")
     print(f"{'phase':<38}{'ok req':>8}{'errors':>8}{'lookups/s':>11}{'p50 ms':>9}"
