@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import aiohttp
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from agent.discovery.cache import CacheEntry
     from agent.discovery.gpu_classes import GpuScorer
     from agent.discovery.latency import LatencyTracker
-    from agent.discovery.ownership import OwnershipVerifier
+    from agent.discovery.ownership import OwnershipVerifier, ProofOutcome
     from agent.discovery.ranking import LookupResult
     from agent.discovery.select import Query, RecordLike
 
@@ -176,6 +177,57 @@ class DiscoveryService(Protocol):
 
     def report(self, service: str, worker_id: bytes, ok: bool,
                latency_ms: float | None) -> dict[str, Any]: ...
+
+
+class RoutedRecord(Protocol):
+    """The fields of a worker record the router reads."""
+
+    worker_id: bytes
+    endpoint: str
+    public_key: bytes
+    capacity: float
+
+
+class RouterDiscovery(Protocol):
+    """Discovery as the router sees it, and all it sees (issue 19: it used to reach into
+    seven internals): ask for candidates, report outcomes, check proofs. Implemented by
+    :class:`agent.discovery.router_view.RouterView` over a :class:`DiscoveryService`."""
+
+    @property
+    def max_results(self) -> int: ...
+
+    def lookup_refusal(self, service: str, request: web.Request) -> web.Response | None:
+        """None when a lookup of ``service`` may go ahead for ``request``; else the answer
+        to send instead (429: too many uncached lookups, i.e. DHT crawls)."""
+        ...
+
+    async def route_candidates(self, service: str, query: Query) -> tuple[list[Any], str]:
+        """Ranked records (best first, after the top-3 draw) and the answer's source."""
+        ...
+
+    async def check_proof(self, session: aiohttp.ClientSession,
+                          record: RoutedRecord) -> ProofOutcome:
+        """The record's endpoint ownership proof (remembered, or fetched through
+        ``session``, the router's own pool)."""
+        ...
+
+    def proof_failed(self, record: RoutedRecord, outcome: ProofOutcome) -> None:
+        """A failed check: "bad" holds the worker out of answers, "down" backs it off."""
+        ...
+
+    def worker_outcome(self, worker_id: bytes, ok: bool,
+                       latency_ms: float | None = None) -> None:
+        """A routed request's outcome: a latency sample, or an immediate back-off."""
+        ...
+
+    def caller_connector(self, **kw: Any) -> aiohttp.TCPConnector:
+        """A connector for sessions that contact workers' endpoints: the endpoint rule
+        checked on every connection, the hosts asked for counted."""
+        ...
+
+    def contacted_hosts(self) -> dict[str, int]:
+        """Hosts that caller-side sessions asked to connect to, with counts."""
+        ...
 
 
 # --------------------------------------------------------------------------- the others

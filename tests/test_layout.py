@@ -34,11 +34,9 @@ MODULES_ALLOWED: set[str] = {
     "agent/dht/component.py",
     "agent/dht/crawling.py",
     "agent/dht/storage.py",
-    "agent/router/component.py",
 }
 FUNCTIONS_ALLOWED: set[str] = {
     "agent/discovery/explain.py:explain_set",
-    "agent/router/component.py:RouterComponent._attempts",
 }
 OVERRIDE_IGNORES_ALLOWED: set[str] = {
     "agent/dht/protocol.py",

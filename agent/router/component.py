@@ -7,22 +7,39 @@ One routed request:
    ``RMA-Region``, ``RMA-GPU`` and ``RMA-Min-GPU-Memory-GB`` request headers. Records
    whose endpoint callers may not contact were already left out by discovery
    (:mod:`agent.discovery.endpoints`); workers that said "full" in the last second go last.
-2. **Own.** Before the first request to an endpoint (and again every few minutes) its
+   Discovery is reached only through :class:`agent.interfaces.RouterDiscovery`
+   (:class:`agent.discovery.router_view.RouterView` over ``agent.discovery``).
+2. **Share.** A worker that holds its whole share of this router's connections, or hangs,
+   is skipped (:mod:`agent.router.slots`); when every candidate is skipped the answer is a
+   ``503`` at once.
+3. **Own.** Before the first request to an endpoint (and again every few minutes) its
    ownership proof is checked (:mod:`agent.discovery.ownership`); a failed proof holds
    the worker out of every answer and the request moves to the next worker.
-3. **Forward.** ``{endpoint}/{service}/{path}?{query}`` with the caller's method, headers
+4. **Forward.** ``{endpoint}/{service}/{path}?{query}`` with the caller's method, headers
    (hop-by-hop removed) and body; the answer streams back as it arrives (no buffering,
    no decompression, redirects passed on, never followed) with ``RMA-Worker: <id hex>``
-   and ``RMA-Attempts: <n>``.
-4. **Retry** (rules in :mod:`agent.router.proxy`) on the next-ranked worker, at most
+   and ``RMA-Attempts: <n>``. One attempt (connect, send, response headers) has
+   ``CONNECT_TIMEOUT_S + gateway.upstream_timeout`` in all, so a worker cannot trickle
+   its headers forever; after the headers a streamed answer may last as long as it keeps
+   sending, but a silence longer than ``gateway.upstream_timeout`` ends it. A caller
+   that hangs up cancels the handler (the admin app runs with ``handler_cancellation``):
+   the connection to the worker is closed at once, so the worker sees its caller go, and
+   the slot is free again.
+5. **Retry** (rules in :mod:`agent.router.proxy`) on the next-ranked worker, at most
    ``discovery.max_attempts`` tries, within the retry budget (:mod:`agent.router.budget`).
-5. **Learn.** Each outcome feeds the latency tracker ranking uses: time to response
+   ``RMA-Not-Processed: 1`` is believed only on a ``502``/``503`` answer — the statuses a
+   worker's gateway gives when it refused the request *before* passing it on (full,
+   starting, upstream unreachable). On any other status the work may have been done, so
+   the answer goes back to the caller as it is: a worker cannot get a processed ``POST``
+   sent to a second worker by adding the header to a ``200`` or a ``500``.
+6. **Learn.** Each outcome feeds the latency tracker ranking uses: time to response
    headers on success, an immediate back-off on a refused connection, a timeout or a
-   502/503/504 (callers no longer need to ``POST .../report``).
+   502/503/504, or when the worker hangs (callers no longer need to ``POST .../report``).
 
 Errors of the router itself are JSON: 400 (bad service name, bad filter header, a
 ``.``/``..`` path segment), 404 (nobody serves the service), 429 (too many uncached
-lookups), 502 (no worker could serve: every try failed), 503 (not started).
+lookups), 502 (no worker could serve: every try failed), 503 (not started, or every
+worker at its share of the router's connections).
 """
 
 from __future__ import annotations
@@ -31,42 +48,36 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from multidict import MultiDict
-from prometheus_client import Counter as PromCounter
-from prometheus_client import Gauge, Histogram
+from multidict import CIMultiDict
 from yarl import URL
 
-from agent.component import Component
-from agent.discovery.api import BadRequest, check_service, parse_query, wants_fresh
-from agent.discovery.endpoints import (
-    Allowance,
-    EndpointRefused,
-    GuardedConnector,
-    endpoint_refusal,
-)
-from agent.discovery.select import Query
-from agent.discovery.service import SOURCES
+from agent.component import Component, cancel_task
+from agent.discovery.api import BadRequest, check_service
+from agent.discovery.endpoints import EndpointRefused
+from agent.discovery.metrics import SOURCES
+from agent.discovery.router_view import RouterView
 from agent.http.forwarding import path_refusal
 from agent.ratelimit import RateLimiter
 from agent.router.budget import RetryBudget
+from agent.router.filters import filter_query
+from agent.router.metrics import OUTCOMES, RETRY_REASONS, RouterMetrics
 from agent.router.proxy import (
-    FILTER_HEADERS,
     IDEMPOTENT,
     RETRY_STATUSES,
     Body,
     read_body,
     request_headers,
-    response_headers,
 )
+from agent.router.relay import error, relay
+from agent.router.slots import POOL, WorkerSlots
 
 if TYPE_CHECKING:
-    from agent.config import Config
-    from agent.interfaces import DiscoveryService
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI, RoutedRecord, RouterDiscovery
 
 log = logging.getLogger("rma_agent.router")
 _LOG_LIMIT = RateLimiter(rate=0.2, burst=5)
@@ -75,48 +86,9 @@ CONNECT_TIMEOUT_S = 5.0
 BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this long
 MAX_BUSY = 4096
 READ_BUFSIZE = 1 << 18
-SMALL_ANSWER_BYTES = 64 * 1024   # answers up to this size (with a length) are relayed whole
-OUTCOMES = ("ok", "upstream_error", "no_workers", "failed", "bad_request", "aborted",
-            "limited")
-RETRY_REASONS = ("connect", "proof", "not_processed", "status", "timeout", "disconnect")
-ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
-UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-class _Metrics:
-    def __init__(self, registry: Any, router: RouterComponent) -> None:
-        kw: dict[str, Any] = {"registry": registry}
-        self.requests = PromCounter("rma_agent_routed_requests",
-                                    "Requests through /route/, by outcome", ["outcome"], **kw)
-        self.attempts = Histogram("rma_agent_route_attempts",
-                                  "Workers tried per routed request",
-                                  buckets=ATTEMPT_BUCKETS, **kw)
-        self.retries = PromCounter("rma_agent_route_retries",
-                                   "Routed requests tried again on another worker, by reason",
-                                   ["reason"], **kw)
-        self.budget_refused = PromCounter("rma_agent_route_retry_budget_exhausted",
-                                          "Retries not made because the retry budget was "
-                                          "spent", **kw)
-        self.upstream = Histogram("rma_agent_route_upstream_seconds",
-                                  "Time from sending to a worker to its response headers",
-                                  buckets=UPSTREAM_BUCKETS, **kw)
-        self.lookups = PromCounter("rma_agent_route_lookups",
-                                   "Router lookups by source (cache, dht, coordinator, "
-                                   "stale: the last-known-good copy on disk)",
-                                   ["source"], **kw)
-        Gauge("rma_agent_route_dht_hit_ratio", "Of the router's lookups that reached past "
-              "the cache, the share the DHT answered", **kw).set_function(
-            lambda: router.rates()[0])
-        Gauge("rma_agent_route_fallback_ratio", "Of the router's lookups that reached past "
-              "the cache, the share coordinators answered", **kw).set_function(
-            lambda: router.rates()[1])
-        for o in OUTCOMES:
-            self.requests.labels(o)
-        for r in RETRY_REASONS:
-            self.retries.labels(r)
-        for s in SOURCES:
-            self.lookups.labels(s)
+SWEEP_S = 1.0                 # how often waiting attempts are checked for hanging workers
+# statuses on which a worker's RMA-Not-Processed is believed (its gateway's refusals)
+NOT_PROCESSED_STATUSES = frozenset({502, 503})
 
 
 class _Failed(Exception):
@@ -129,24 +101,49 @@ class _Failed(Exception):
         self.charged = charged      # a retry after this costs retry budget
 
 
+@dataclass
+class _Call:
+    """One routed request while its attempts run."""
+
+    request: web.Request
+    disc: RouterDiscovery
+    service: str
+    path: str                 # after /route/{service}: what follows the worker's /{service}
+    query: str
+    body: Body
+    headers: CIMultiDict[str]
+    candidates: list[Any]
+    n: int = 0                # candidates looked at
+    attempts: int = 0         # workers actually tried
+    skipped: int = 0          # candidates skipped: at their share, or hanging
+    stop: bool = False        # no further try is allowed
+    last: str = "no usable worker"
+
+    @property
+    def idempotent(self) -> bool:
+        return self.request.method in IDEMPOTENT
+
+
 class RouterComponent(Component):
     """Component "router" (any role)."""
 
     name = "router"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self.budget = RetryBudget()
-        self.metrics = _Metrics(agent.registry, self)
+        self.metrics = RouterMetrics(agent.registry, SOURCES, self.rates)
         self._m_out = {o: self.metrics.requests.labels(o) for o in OUTCOMES}
         self._m_retry = {r: self.metrics.retries.labels(r) for r in RETRY_REASONS}
-        self._m_lookup = {s: self.metrics.lookups.labels(s)
-                          for s in SOURCES}
+        self._m_lookup = {s: self.metrics.lookups.labels(s) for s in SOURCES}
         self.counts: Counter[str] = Counter()
+        self.slots = WorkerSlots()
         self._busy: OrderedDict[bytes, float] = OrderedDict()
-        self._inflight: dict[bytes, int] = {}      # requests this router has at each worker
         self._session: aiohttp.ClientSession | None = None
-        self._refusals: dict[str, str | None] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.connect_timeout_s = CONNECT_TIMEOUT_S
+        self._view: RouterDiscovery | None = None
+        self._view_of: object = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -157,39 +154,68 @@ class RouterComponent(Component):
     def upstream_timeout_s(self) -> float:
         return float(self.agent.config.gateway.upstream_timeout)
 
-    def _allow_http(self) -> Allowance:
-        return Allowance.from_config(self.agent.config.discovery)
+    @property
+    def attempt_budget_s(self) -> float:
+        """The most one attempt may take up to the worker's response headers."""
+        return self.connect_timeout_s + self.upstream_timeout_s
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/route/{service}/{path:.*}", self.handle)
         app.router.add_route("*", "/route/{service}", self.handle)
 
-    def session(self) -> aiohttp.ClientSession:
+    def _discovery(self) -> RouterDiscovery | None:
+        """The router's view of this agent's discovery (None: it runs none)."""
+        disc = self.agent.discovery
+        if disc is None:
+            return None
+        if self._view is None or self._view_of is not disc:
+            self._view, self._view_of = RouterView(disc), disc
+        return self._view
+
+    def session(self, disc: RouterDiscovery) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=GuardedConnector(self._allow_http, self._contacts(), limit=512,
-                                           limit_per_host=0),
+                connector=disc.caller_connector(limit=POOL, limit_per_host=0),
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                    "Content-Type"),
                 read_bufsize=READ_BUFSIZE)
         return self._session
 
-    def _contacts(self) -> Counter[str]:
-        disc = self.agent.discovery
-        return disc.contacts if disc is not None else Counter()
-
     async def start(self) -> None:
-        self.session()
+        disc = self._discovery()
+        if disc is not None:
+            self.session(disc)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def stop(self) -> None:
+        await cancel_task(self._sweeper)
+        self._sweeper = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def reload(self, old: Config, new: Config) -> None:
-        self._refusals.clear()
+    async def _sweep_loop(self) -> None:
+        """Once a second, while attempts wait for headers: back off hanging workers."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            if self.slots.busy():
+                self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> int:
+        """Report the workers :meth:`WorkerSlots.sweep` finds hanging; how many."""
+        found = self.slots.sweep(now)
+        disc = self._discovery() if found else None
+        for wid, overdue in found:
+            self.metrics.suspects.inc()
+            if disc is not None:
+                disc.worker_outcome(wid, False)
+            _LOG_LIMIT.log(log, logging.WARNING, "hanging",
+                           "router: worker %s holds %d requests that waited over %.0f s "
+                           "for an answer (more than it may have in flight): backed off",
+                           wid.hex()[:12], overdue, self.slots.overdue_after(wid))
+        return len(found)
 
     # ------------------------------------------------------------------ stats
     def rates(self) -> tuple[float, float]:
@@ -204,6 +230,7 @@ class RouterComponent(Component):
         c = self.counts
         dht_rate, fallback_rate = self.rates()
         past = c["lookup_dht"] + c["lookup_coordinator"]
+        disc = self._discovery()
         return {
             "router": {"requests": c["requests"], "ok": c["ok"], "failed": c["failed"],
                        "retries": c["retries"], "attempts": c["attempts"]},
@@ -217,7 +244,9 @@ class RouterComponent(Component):
                 "dht_hit_rate": round(dht_rate, 4) if past else None,
                 "fallback_rate": round(fallback_rate, 4) if past else None,
                 "max_attempts": self.max_attempts,
-                "contacted_hosts": dict(self._contacts()),
+                "attempt_budget_s": self.attempt_budget_s,
+                "contacted_hosts": disc.contacted_hosts() if disc is not None else {},
+                "workers": self.slots.stats(time.monotonic()),
             },
         }
 
@@ -238,16 +267,17 @@ class RouterComponent(Component):
 
     # ------------------------------------------------------------------ the handler
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        disc = self.agent.discovery
+        disc = self._discovery()
         if disc is None:
-            return _error(503, "router: discovery is not running on this agent")
+            return error(503, "router: discovery is not running on this agent")
         raw_service = request.match_info["service"]
         try:
             service = check_service(raw_service.lower())
-            query = self._query(request, disc)
+            query = filter_query(request.headers, disc.max_results,
+                                 2 * self.max_attempts + 2)
         except BadRequest as exc:
             self._finish("bad_request", 0)
-            return _error(400, str(exc))
+            return error(400, str(exc))
         raw = request.raw_path
         raw_path, _, raw_query = raw.partition("?")
         prefix = "/route/" + raw_service
@@ -256,51 +286,32 @@ class RouterComponent(Component):
         refusal = path_refusal(rest)
         if refusal is not None:
             self._finish("bad_request", 0)
-            return _error(400, f"not routed: {refusal}")
-        if not disc.allow_lookup(service, wants_fresh(request)):
+            return error(400, f"not routed: {refusal}")
+        too_many = disc.lookup_refusal(service, request)
+        if too_many is not None:
             self._finish("limited", 0)
-            return disc.crawl_limit.too_many()
+            return too_many
         records, source = await disc.route_candidates(service, query)
         self.counts[f"lookup_{source}"] += 1
         self._m_lookup[source].inc()
         if not records:
             self._finish("no_workers", 0)
-            return _error(404, f"no workers serve {service!r} right now "
+            return error(404, f"no workers serve {service!r} right now "
                                f"(source: {source})")
         self.budget.deposit()
         body = await read_body(request.method, request.content, request.content_length,
                                request.body_exists)
-        return await self._attempts(request, disc, service, rest, raw_query, records, body)
-
-    def _query(self, request: web.Request, disc: DiscoveryService) -> Query:
-        limit = min(disc.max_results, 2 * self.max_attempts + 2)
-        headers = request.headers
-        if not any(h in headers for h in FILTER_HEADERS):
-            return Query(limit=limit)
-        params: MultiDict[str] = MultiDict()
-        names = {"RMA-Region": "region", "RMA-GPU": "gpu",
-                 "RMA-Min-GPU-Memory-GB": "min_gpu_memory_gb"}
-        for header in FILTER_HEADERS:
-            for value in request.headers.getall(header, ()):
-                params.add(names[header], value)
-        try:
-            q = parse_query(params, disc.max_results)
-        except BadRequest as exc:
-            msg = str(exc)
-            for header, param in sorted(names.items(), key=lambda hp: -len(hp[1])):
-                msg = msg.replace(f"parameter {param!r}", f"header {header}")
-                msg = msg.replace(param, header)
-            raise BadRequest(msg) from None
-        # a few more candidates than tries: some may fail their proof or be skipped
-        return Query(limit=limit, region=q.region, gpu=q.gpu,
-                     min_gpu_memory_gb=q.min_gpu_memory_gb)
+        candidates = self._order(records)
+        return await self._attempts(_Call(
+            request, disc, service, rest, raw_query, body,
+            request_headers(request.headers, body.length), candidates))
 
     def _order(self, records: list[Any]) -> list[Any]:
         """Workers likely to be full go last (ranking order otherwise kept): those that
         answered "full" within BUSY_HOLD_S, and those this router already has as many
         requests at as their announced capacity (least-outstanding-requests: it spreads
         a burst by capacity instead of collecting 503s from small workers)."""
-        busy, inflight = self._busy, self._inflight
+        busy, inflight = self._busy, self.slots.inflight
         if busy:
             now = time.monotonic()
             for wid in [w for w, until in busy.items() if until <= now]:
@@ -310,103 +321,127 @@ class RouterComponent(Component):
         return sorted(records, key=lambda r: r.worker_id in busy or (
             r.capacity > 0 and inflight.get(r.worker_id, 0) >= r.capacity))
 
-    def _refused(self, endpoint: str) -> str | None:
-        cached = self._refusals.get(endpoint, ...)
-        if cached is ...:
-            cached = endpoint_refusal(endpoint, self._allow_http())
-            if len(self._refusals) > 4096:
-                self._refusals.clear()
-            self._refusals[endpoint] = cached
-        return cached  # type: ignore[return-value]
-
-    async def _attempts(self, request: web.Request, disc: DiscoveryService, service: str,
-                        rest: str, raw_query: str, records: list[Any],
-                        body: Body) -> web.StreamResponse:
-        method = request.method
-        idempotent = method in IDEMPOTENT
-        session = self.session()
-        candidates = [r for r in self._order(records) if self._refused(r.endpoint) is None]
-        attempts = 0
-        last = "no usable worker"
-        headers = request_headers(request.headers, body.length)
-        limits = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
-                                        sock_read=self.upstream_timeout_s)
-        n = 0
-        while n < len(candidates) and attempts < self.max_attempts:
-            rec = candidates[n]
-            n += 1
-            attempts += 1
-            wid = rec.worker_id
-            proof = await disc.ownership.check(session, wid, rec.endpoint, rec.public_key)
-            if not proof.ok:
-                self._proof_failed(disc, service, rec, proof.kind, proof.reason)
-                last = f"worker {wid.hex()[:12]}: ownership proof {proof.kind}: {proof.reason}"
-                if not self._may_retry(n, candidates, attempts, charged=False,
-                                       reason="proof"):
-                    break
+    async def _attempts(self, call: _Call) -> web.StreamResponse:
+        while call.n < len(call.candidates) and call.attempts < self.max_attempts:
+            rec = call.candidates[call.n]
+            call.n += 1
+            if not self._room(call, rec):
                 continue
-            url = URL(f"{rec.endpoint.rstrip('/')}/{service}{rest}"
-                      + (f"?{raw_query}" if raw_query else ""), encoded=True)
-            self._inflight[wid] = self._inflight.get(wid, 0) + 1
-            try:
-                t0 = time.perf_counter()
-                try:
-                    resp = await self._send(session, method, url, headers, body, limits)
-                except asyncio.CancelledError:
-                    # the caller went away (aiohttp cancels its handler): nobody's failure
-                    self._finish("aborted", attempts)
-                    raise
-                except _Failed as exc:
-                    if body.caller_failed:
-                        # the caller's upload broke off: nobody's failure but the caller's
-                        self._finish("aborted", attempts)
-                        return _error(400, "the request body ended before it was complete",
-                                      attempts=attempts)
-                    disc.report(service, wid, False, None)
-                    last = f"worker {wid.hex()[:12]}: {exc}"
-                    retry_ok = body.replayable and (not exc.sent or idempotent)
-                    if not (retry_ok and self._may_retry(n, candidates, attempts,
-                                                          charged=exc.charged,
-                                                          reason=exc.reason)):
-                        break
-                    continue
-                dt = time.perf_counter() - t0
-                self.metrics.upstream.observe(dt)
-                not_processed = resp.headers.get("RMA-Not-Processed", "").strip() == "1"
-                retry_reason = ""
-                if not_processed:
-                    retry_reason = "not_processed"
-                    self._mark_busy(wid)
-                elif idempotent and resp.status in RETRY_STATUSES:
-                    retry_reason = "status"
-                if retry_reason:
-                    if not not_processed:
-                        disc.report(service, wid, False, None)
-                    if body.replayable and self._may_retry(n, candidates, attempts, charged=True,
-                                                           reason=retry_reason):
-                        last = f"worker {wid.hex()[:12]}: HTTP {resp.status}"
-                        resp.release()
-                        continue
-                elif resp.status >= 500:
-                    disc.report(service, wid, False, None)
-                else:
-                    # straight to the tracker: report()'s answer dict is not needed here
-                    disc.tracker.record_success(wid, dt * 1000.0)
-                return await self._relay(request, resp, wid, attempts)
-            finally:
-                left = self._inflight.get(wid, 1) - 1
-                if left > 0:
-                    self._inflight[wid] = left
-                else:
-                    self._inflight.pop(wid, None)
-        self._finish("failed" if attempts else "no_workers", attempts)
-        return _error(502, f"no worker could serve {service!r}: {last}",
-                      attempts=attempts, extra={"RMA-Attempts": str(attempts)})
+            call.attempts += 1
+            answer = await self._try(call, rec)
+            if answer is not None:
+                return answer
+            if call.stop:
+                break
+        if not call.attempts and call.skipped:
+            self._finish("shed", 0)
+            return error(503, f"every worker of {call.service!r} this agent may use holds "
+                               f"its share of the router's connections "
+                               f"({self.slots.share} requests) or is not answering; try "
+                               "again shortly", attempts=0,
+                          extra={"Retry-After": "1", "RMA-Attempts": "0"})
+        self._finish("failed" if call.attempts else "no_workers", call.attempts)
+        return error(502, f"no worker could serve {call.service!r}: {call.last}",
+                      attempts=call.attempts, extra={"RMA-Attempts": str(call.attempts)})
 
-    def _may_retry(self, n: int, candidates: list[Any], attempts: int, *, charged: bool,
-                   reason: str) -> bool:
+    def _room(self, call: _Call, rec: RoutedRecord) -> bool:
+        """Whether ``rec``'s worker may take one more request; a skip is counted."""
+        if self.slots.has_room(rec.worker_id, time.monotonic()):
+            return True
+        call.skipped += 1
+        self.slots.shed += 1
+        self.metrics.shed.inc()
+        call.last = (f"worker {rec.worker_id.hex()[:12]} holds its share of this router's "
+                     "connections or is not answering")
+        return False
+
+    async def _try(self, call: _Call, rec: RoutedRecord) -> web.StreamResponse | None:
+        """One attempt at ``rec``: the answer to send, or None to go on (``call.stop``
+        says whether another try is allowed)."""
+        wid = rec.worker_id
+        session = self.session(call.disc)
+        proof = await call.disc.check_proof(session, rec)
+        if not proof.ok:
+            call.disc.proof_failed(rec, proof)
+            call.last = f"worker {wid.hex()[:12]}: ownership proof {proof.kind}: {proof.reason}"
+            call.stop = not self._may_retry(call, charged=False, reason="proof")
+            return None
+        if not self._room(call, rec):       # filled up while the proof was fetched
+            call.attempts -= 1
+            return None
+        url = URL(f"{rec.endpoint.rstrip('/')}/{call.service}{call.path}"
+                  + (f"?{call.query}" if call.query else ""), encoded=True)
+        self.slots.acquire(wid, rec.capacity)
+        try:
+            t0 = time.perf_counter()
+            token = self.slots.sent(wid, time.monotonic())
+            got = False
+            try:
+                resp = await self._send(session, call, url)
+                got = True
+            except asyncio.CancelledError:
+                # the caller went away (aiohttp cancels its handler): nobody's failure;
+                # aiohttp closed the connection, so the worker sees it go too
+                self._finish("aborted", call.attempts)
+                raise
+            except _Failed as exc:
+                return self._failed(call, wid, exc)
+            finally:
+                self.slots.answered(wid, token, time.monotonic(), got)
+            dt = time.perf_counter() - t0
+            self.metrics.upstream.observe(dt)
+            verdict = self._retry_answer(call, wid, resp)
+            if verdict == "retry":
+                resp.release()
+                return None
+            if not verdict:
+                call.disc.worker_outcome(wid, resp.status < 500, dt * 1000.0)
+            try:
+                out, outcome = await relay(call.request, resp, wid, call.attempts)
+            except asyncio.CancelledError:
+                self._finish("aborted", call.attempts)
+                raise
+            self._finish(outcome, call.attempts)
+            return out
+        finally:
+            self.slots.release(wid)
+
+    def _failed(self, call: _Call, wid: bytes, exc: _Failed) -> web.StreamResponse | None:
+        if call.body.caller_failed:
+            # the caller's upload broke off: nobody's failure but the caller's
+            self._finish("aborted", call.attempts)
+            return error(400, "the request body ended before it was complete",
+                          attempts=call.attempts)
+        call.disc.worker_outcome(wid, False)
+        call.last = f"worker {wid.hex()[:12]}: {exc}"
+        retry_ok = call.body.replayable and (not exc.sent or call.idempotent)
+        call.stop = not (retry_ok and self._may_retry(call, charged=exc.charged,
+                                                      reason=exc.reason))
+        return None
+
+    def _retry_answer(self, call: _Call, wid: bytes, resp: aiohttp.ClientResponse) -> str:
+        """"retry": try the next worker instead of relaying ``resp``; "judged": relay it,
+        its outcome is already recorded; "": relay it. A worker's ``RMA-Not-Processed``
+        is believed only on the statuses its gateway gives when it refused before passing
+        the request on (``NOT_PROCESSED_STATUSES``)."""
+        not_processed = resp.status in NOT_PROCESSED_STATUSES and \
+            resp.headers.get("RMA-Not-Processed", "").strip() == "1"
+        if not_processed:
+            reason = "not_processed"
+            self._mark_busy(wid)
+        elif call.idempotent and resp.status in RETRY_STATUSES:
+            reason = "status"
+            call.disc.worker_outcome(wid, False)
+        else:
+            return ""
+        if call.body.replayable and self._may_retry(call, charged=True, reason=reason):
+            call.last = f"worker {wid.hex()[:12]}: HTTP {resp.status}"
+            return "retry"
+        return "judged"
+
+    def _may_retry(self, call: _Call, *, charged: bool, reason: str) -> bool:
         """Whether one more try is allowed; counts it when it is."""
-        if n >= len(candidates) or attempts >= self.max_attempts:
+        if call.n >= len(call.candidates) or call.attempts >= self.max_attempts:
             return False
         if charged and not self.budget.withdraw():
             self.metrics.budget_refused.inc()
@@ -422,27 +457,19 @@ class RouterComponent(Component):
         while len(self._busy) > MAX_BUSY:
             self._busy.popitem(last=False)
 
-    def _proof_failed(self, disc: DiscoveryService, service: str, rec: Any, kind: str,
-                      reason: str) -> None:
-        if kind == "bad":
-            now = disc.clock()
-            if disc.tracker.record_proof(rec.worker_id, False, now, disc.ownership.reverify_s):
-                disc.forget_worker(rec.worker_id)
-            _LOG_LIMIT.log(log, logging.WARNING, "proof",
-                           "router: worker %s failed its ownership proof at %s: %s; not "
-                           "offered or routed to", rec.worker_id.hex()[:12], rec.endpoint,
-                           reason)
-        else:
-            disc.report(service, rec.worker_id, False, None)
-
-    async def _send(self, session: aiohttp.ClientSession, method: str, url: URL,
-                    headers: Any, body: Body,
-                    limits: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        """One attempt up to the response headers; failures as :class:`_Failed`."""
+    async def _send(self, session: aiohttp.ClientSession, call: _Call,
+                    url: URL) -> aiohttp.ClientResponse:
+        """One attempt up to the response headers, within ``attempt_budget_s`` in all
+        (a worker that trickles its head byte by byte gets no more); failures as
+        :class:`_Failed`."""
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
+                                       sock_read=self.upstream_timeout_s)
+        body = call.body
         try:
-            return await session.request(method, url, headers=headers, data=body.payload(),
-                                         allow_redirects=False, timeout=limits,
-                                         compress=None, chunked=None)
+            async with asyncio.timeout(self.attempt_budget_s):
+                return await session.request(
+                    call.request.method, url, headers=call.headers, data=body.payload(),
+                    allow_redirects=False, timeout=limits, compress=None, chunked=None)
         except asyncio.CancelledError:
             raise
         except EndpointRefused as exc:
@@ -456,57 +483,3 @@ class RouterComponent(Component):
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise _Failed("disconnect", f"connection failed: {exc or type(exc).__name__}",
                           sent=True, charged=True) from None
-
-    async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, wid: bytes,
-                     attempts: int) -> web.StreamResponse:
-        """Stream the worker's answer to the caller as it arrives."""
-        headers = response_headers(resp.headers)
-        headers["RMA-Worker"] = wid.hex()
-        headers["RMA-Attempts"] = str(attempts)
-        outcome = "ok" if resp.status < 500 else "upstream_error"
-        length = resp.content_length
-        if length is not None and length <= SMALL_ANSWER_BYTES and request.method != "HEAD":
-            # a small answer of known length: one read and one write (the common case;
-            # memory is bounded by SMALL_ANSWER_BYTES per request)
-            try:
-                body = await resp.content.readexactly(length)
-            except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-                resp.release()
-                self._finish("aborted", attempts)
-                return _error(502, f"worker {wid.hex()[:12]} cut its answer short: "
-                                   f"{str(exc) or type(exc).__name__}",
-                              extra={"RMA-Worker": wid.hex(),
-                                     "RMA-Attempts": str(attempts)})
-            resp.release()
-            self._finish(outcome, attempts)
-            return web.Response(status=resp.status, reason=resp.reason, body=body,
-                                headers=headers)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        if length is not None:
-            out.content_length = length
-        try:
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            # the worker or the caller went away mid-answer: nothing sensible can be sent
-            # any more; closing the connection tells the caller the answer is incomplete
-            outcome = "aborted"
-            _LOG_LIMIT.log(log, logging.INFO, "abort",
-                           "router: answer from worker %s cut short: %s", wid.hex()[:12],
-                           str(exc) or type(exc).__name__)
-            if request.transport is not None:
-                request.transport.close()
-        finally:
-            resp.release()
-        self._finish(outcome, attempts)
-        return out
-
-
-def _error(status: int, message: str, *, attempts: int | None = None,
-           extra: dict[str, str] | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if attempts is not None:
-        body["attempts"] = attempts
-    return web.json_response(body, status=status, headers=extra)

@@ -4,6 +4,7 @@ in-process agent with discovery and the router."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -21,9 +22,13 @@ from tests.discovery._support import make_discovery, make_record
 
 class StandInGateway:
     """A worker's gateway as the router sees it. ``mode``: "echo" answers with what it
-    got; "full" answers 503 + RMA-Not-Processed; "fail" answers 502. ``claim`` is the
-    endpoint the proof names (default: its own URL); ``signer`` signs the proof
-    (default: its own identity) — set either to make it an impostor."""
+    got; "full" answers 503 + RMA-Not-Processed; "fail" answers 502; "hang" never
+    answers (it proves ownership, takes requests and waits until the caller goes away:
+    ``open`` counts the requests it holds, ``gone`` those whose caller hung up);
+    "lie500"/"lie200" process the request, then answer 500/200 with
+    ``RMA-Not-Processed: 1``. ``claim`` is the endpoint the proof names (default: its
+    own URL); ``signer`` signs the proof (default: its own identity) — set either to
+    make it an impostor."""
 
     def __init__(self, identity: Identity | None = None, mode: str = "echo") -> None:
         self.identity = identity or Identity.generate()
@@ -32,6 +37,10 @@ class StandInGateway:
         self.signer: Identity | None = None
         self.requests: list[dict[str, Any]] = []
         self.proofs = 0
+        self.open = 0
+        self.most_open = 0
+        self.gone = 0
+        self.changed = asyncio.Event()    # set on every arrival and departure (mode "hang")
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -43,7 +52,8 @@ class StandInGateway:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_get(PROOF_PATH, self.proof)
         app.router.add_route("*", "/{service}/{path:.*}", self.serve)
-        self.runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a "hang" handler learns that its caller went away
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -72,6 +82,12 @@ class StandInGateway:
         self.requests.append({"method": request.method, "path": request.path,
                               "query": request.raw_path.partition("?")[2], "size": size,
                               "headers": dict(request.headers)})
+        if self.mode == "hang":
+            return await self._hang()
+        if self.mode in ("lie500", "lie200"):
+            return web.json_response({"processed": True},
+                                     status=500 if self.mode == "lie500" else 200,
+                                     headers={"RMA-Not-Processed": "1"})
         if self.mode == "full":
             return web.json_response({"error": "full"}, status=503,
                                      headers={"RMA-Not-Processed": "1", "Retry-After": "1"})
@@ -86,6 +102,28 @@ class StandInGateway:
                                   "sha256": h.hexdigest(),
                                   "headers": {k.lower(): v for k, v in request.headers.items()}},
                                  headers={"X-Served-By": self.identity.node_id.hex()})
+
+
+    async def _hang(self) -> web.StreamResponse:
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        self.changed.set()
+        try:
+            await asyncio.Event().wait()          # until the caller hangs up
+        except asyncio.CancelledError:
+            self.gone += 1
+            raise
+        finally:
+            self.open -= 1
+            self.changed.set()
+        raise AssertionError("unreachable")
+
+    async def wait_for(self, pred: Any) -> None:
+        """Until ``pred()`` holds (checked on every arrival and departure); callers
+        bound it with ``asyncio.timeout``."""
+        while not pred():
+            self.changed.clear()
+            await self.changed.wait()
 
 
 class RouterAgent:
@@ -106,7 +144,7 @@ class RouterAgent:
                                  services=services, now=time.time(), **kw))
 
     async def __aenter__(self) -> RouterAgent:
-        self.client = TestClient(TestServer(make_app(self.agent)))
+        self.client = TestClient(TestServer(make_app(self.agent), handler_cancellation=True))
         await self.client.start_server()
         await self.disc.start()
         await self.router.start()

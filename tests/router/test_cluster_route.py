@@ -237,15 +237,17 @@ def test_hop_by_hop_headers_never_cross(net: tuple[Cluster, Upstreams]) -> None:
 
 
 def test_full_worker_answer_lands_on_another(net: tuple[Cluster, Upstreams]) -> None:
-    cl, _ = net
+    cl, ups = net
     c1 = cl.nodes["c1"]
     wid = ids(cl)
-    # occupy wfull's one slot straight through its gateway
+    # occupy wfull's one slot straight through its gateway: the slot is taken once the
+    # request reached wfull's upstream (the gateway counts it in flight before forwarding)
     gw = cl.nodes["wfull"].data["worker"]["endpoint"]
     host, port = gw.removeprefix("http://").split(":")
+    before = ups.hits.get("wfull", 0)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("GET", "/busy/slow?s=6")
-    time.sleep(0.5)
+    wait_until(lambda: ups.hits.get("wfull", 0) > before, 10, "wfull's slot taken")
     attempts: Counter[str] = Counter()
     try:
         for i in range(12):
