@@ -11,13 +11,13 @@ peer may overwrite. Here a key maps to at most one record *per worker*:
   live record are refused, but ``get`` never returns it.
 
 Bounds (memory stays flat whatever peers send): ``max_per_key`` records per key,
-``max_keys`` keys, ``max_total`` records overall, and per *host* — the sender's IP, not
-``(ip, port)``, so rotating source ports gains nothing (``diversity.DiversityPolicy.host``;
-loopback ``ip:port`` pairs count apart unless the policy is strict) — ``max_per_sender``
-records whose latest copy came from one host and ``max_per_prefix`` from one /24 (IPv6
-/64). A coordinator republishes the records of many workers from one address; list its IP
-(or ``(ip, port)``) in ``trusted`` to exempt it from the per-host bounds (the total bounds
-still apply). Records stored by this node itself (``sender=None``) are exempt as well.
+``max_keys`` keys, ``max_total`` records overall, and per *host* (:mod:`agent.dht.quota`)
+— the sender's IP, not ``(ip, port)`` — ``max_per_sender`` records whose latest copy came
+from one host and ``max_per_prefix`` from one /24 (IPv6 /64). A coordinator republishes
+the records of many workers from one address; list its IP (or ``(ip, port)``) in
+``trusted`` and its records count against the workers' endpoint hosts instead of against
+it (still bounded: issue 20). Records stored by this node itself (``sender=None``) count
+nowhere.
 
 Eviction when a key (or the whole store) is full never drops an honest record to make
 room for a newer stranger: the victim is a record of the host holding the most records
@@ -50,6 +50,8 @@ from typing import Any
 from kademlia.storage import IStorage
 
 from agent.dht.diversity import DiversityPolicy
+from agent.dht.listing import range_of, sketch_of
+from agent.dht.quota import QuotaBook, endpoint_groups
 from agent.dht.record import RecordError, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ log = logging.getLogger(__name__)
 ANSWER_LIMIT = 20
 MAX_PER_KEY = 10_240        # a service of 10,000 workers fits under one key
 STALE_REFRESHES = 2.0       # a record is stale after this many of its own refreshes
-SKETCH_BUCKETS = 16         # ranges of worker ids (by first nibble) in a key's sketch
 Sender = tuple[str, int] | None
 
 
@@ -65,14 +66,6 @@ def is_stale(record: WorkerRecord, now: float) -> bool:
     """The worker missed two of its own refreshes (``refresh``): callers stop offering
     it (``agent.discovery.select.record_max_age``, the same rule)."""
     return now - record.issued_at > STALE_REFRESHES * record.refresh
-
-
-def _bucket_of(worker_id: bytes) -> int:
-    return worker_id[0] >> 4
-
-
-def _xor_of(worker_id: bytes) -> int:
-    return int.from_bytes(worker_id[:4], "big")
 
 
 class _Entry:
@@ -111,16 +104,14 @@ class ProviderStorage(IStorage):
     ) -> None:
         self.max_per_key = max_per_key
         self.max_keys = max_keys
-        self.max_per_sender = max_per_sender
-        self.max_per_prefix = 4 * max_per_sender if max_per_prefix is None else max_per_prefix
+        self.quota = QuotaBook(max_per_sender, 4 * max_per_sender if max_per_prefix is None
+                               else max_per_prefix)
         self.max_total = max_total
         self.diversity = diversity if diversity is not None else DiversityPolicy.from_env()
         self.trusted: set[Any] = set(trusted)
         self.max_skew = max_skew
         self._rng = rng or random.Random()
         self._data: dict[bytes, dict[bytes, _Entry]] = {}
-        self._by_sender: Counter[Any] = Counter()    # host -> records
-        self._by_prefix: Counter[Any] = Counter()    # /24 or /64 -> records
         self.evicted = 0
         self._no_flooder: set[bytes] = set()   # full keys known to hold no flooder
         self._total = 0
@@ -174,7 +165,7 @@ class ProviderStorage(IStorage):
         if old is not None and old.record.expires_at <= now:
             self._remove(key, bucket, record.worker_id)  # type: ignore[arg-type]
             old = None
-        host, prefix = self._groups(sender)
+        host, prefix = self._groups(sender, record)
         if old is not None:
             if record.seq < old.record.seq:
                 return "stale"
@@ -219,20 +210,21 @@ class ProviderStorage(IStorage):
         return "stored"
 
     def _is_trusted(self, sender: Sender) -> bool:
-        return sender is None or sender in self.trusted or sender[0] in self.trusted
+        return sender is not None and (sender in self.trusted or sender[0] in self.trusted)
 
-    def _groups(self, sender: Sender) -> tuple[Any, Any]:
-        """(host, prefix) the quotas count ``sender`` in; (None, None) when exempt."""
-        if self._is_trusted(sender):
+    def _groups(self, sender: Sender, record: WorkerRecord) -> tuple[Any, Any]:
+        """(host, prefix) the quotas count a record from ``sender`` in: the sender's, or
+        for a trusted republisher the record's endpoint host's; (None, None) when this
+        node stores it itself."""
+        if sender is None:
             return None, None
-        ip, port = sender  # type: ignore[misc]
+        if self._is_trusted(sender):
+            return endpoint_groups(record, self.diversity)
+        ip, port = sender
         return self.diversity.host(ip, port), self.diversity.prefix(ip, port)
 
     def _sender_full(self, host: Any, prefix: Any) -> bool:
-        if host is None:
-            return False
-        return (self._by_sender[host] >= self.max_per_sender
-                or (self.max_per_prefix > 0 and self._by_prefix[prefix] >= self.max_per_prefix))
+        return self.quota.full(host, prefix)
 
     def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
         """Make room under ``key`` for a record of ``host`` by dropping one record of the
@@ -259,19 +251,10 @@ class ProviderStorage(IStorage):
         return True
 
     def _count(self, entry: _Entry) -> None:
-        if entry.host is not None:
-            self._by_sender[entry.host] += 1
-            self._by_prefix[entry.prefix] += 1
+        self.quota.count(entry.host, entry.prefix)
 
     def _uncount(self, entry: _Entry) -> None:
-        if entry.host is None:
-            return
-        for counter, k in ((self._by_sender, entry.host), (self._by_prefix, entry.prefix)):
-            n = counter[k] - 1
-            if n > 0:
-                counter[k] = n
-            else:
-                del counter[k]
+        self.quota.uncount(entry.host, entry.prefix)
 
     def _remove(self, key: bytes, bucket: dict[bytes, _Entry], worker_id: bytes) -> None:
         entry = bucket.pop(worker_id)
@@ -414,13 +397,8 @@ class ProviderStorage(IStorage):
     def range_encoded(self, key: bytes, start: bytes, end: bytes, budget: int,
                       now: float | None = None) -> tuple[list[bytes], bytes | None]:
         """Encoded records (tombstones included) of the workers with ``start <= id <
-        end`` (``end == b""``: to the end of the id space), in worker-id order, until
-        their sizes (+3 bytes of framing each) would exceed ``budget``. Returns them and
-        the id to continue from (``None`` when the range is exhausted).
-
-        This is how a lookup reads every record of a large service: it splits the id
-        space into ranges that each fit about one answer and asks for them in parallel,
-        so its cost grows with the records returned, not with a page count."""
+        end`` (``end == b""``: to the end of the id space), in worker-id order, within
+        ``budget`` bytes; and the id to continue from (:func:`listing.range_of`)."""
         now = time.time() if now is None else now
         bucket = self._data.get(key)
         if not bucket:
@@ -428,41 +406,18 @@ class ProviderStorage(IStorage):
         order = self._order.get(key)
         if order is None or len(order) != len(bucket):
             order = self._order[key] = sorted(bucket)
-        i = bisect.bisect_left(order, start)
-        out: list[bytes] = []
-        while i < len(order):
-            wid = order[i]
-            if end and wid >= end:
-                return out, None
-            e = bucket.get(wid)
-            i += 1
-            if e is None or e.record.expires_at <= now:
-                continue
-            budget -= len(e.encoded) + 3
-            if budget < 0:
-                return out, wid if out else None
-            out.append(e.encoded)
-        return out, None
+        return range_of(order, bucket, start, end, budget, now)
 
     def sketch(self, key: bytes, now: float | None = None) -> list[list[int]]:
-        """``SKETCH_BUCKETS`` pairs ``[count, xor]`` over the live (unexpired, not
-        withdrawn) workers of ``key``, bucketed by the first nibble of the worker id;
-        ``xor`` folds the first 4 bytes of each id. A lookup compares a node's sketch
-        with the records it merged and re-reads only the buckets that differ, so two
-        storing nodes that saw different announces still add up to every worker."""
+        """The ``[count, xor]`` sketch of the live workers of ``key``
+        (:mod:`agent.dht.listing`), cached until the key's first expiry."""
         now = time.time() if now is None else now
         hit = self._sketch.get(key)
         if hit is not None and now < hit[0]:
             return hit[1]
-        out = [[0, 0] for _ in range(SKETCH_BUCKETS)]
-        first_exp = float("inf")
-        for e in self._live(key, now):
-            wid = e.record.worker_id
-            b = out[_bucket_of(wid)]
-            b[0] += 1
-            b[1] ^= _xor_of(wid)
-        for e in (self._data.get(key) or {}).values():
-            first_exp = min(first_exp, e.record.expires_at)
+        out = sketch_of(e.record.worker_id for e in self._live(key, now))
+        first_exp = min((e.record.expires_at for e in (self._data.get(key) or {}).values()),
+                        default=float("inf"))
         self._sketch[key] = (first_exp, out)
         return out
 
@@ -503,13 +458,21 @@ class ProviderStorage(IStorage):
 
     def sender_count(self, sender: tuple[str, int]) -> int:
         """Records counted against ``sender``'s host (every port of its IP)."""
-        host, _prefix = self._groups(sender)
-        return self._by_sender.get(host, 0) if host is not None else 0
+        ip, port = sender
+        return self.quota.by_sender.get(self.diversity.host(ip, port), 0)
+
+    @property
+    def max_per_sender(self) -> int:
+        return self.quota.max_per_sender
+
+    @property
+    def max_per_prefix(self) -> int:
+        return self.quota.max_per_prefix
 
     def stats(self) -> dict[str, Any]:
         withdrawn = sum(1 for b in self._data.values() for e in b.values() if e.record.withdrawn)
         return {"keys": len(self._data), "records": self._total - withdrawn,
-                "tombstones": withdrawn, "senders": len(self._by_sender),
+                "tombstones": withdrawn, "senders": len(self.quota.by_sender),
                 "evicted": self.evicted, "refused": dict(self.refused)}
 
     def __len__(self) -> int:

@@ -208,7 +208,8 @@ def test_start_failures_are_one_line_errors(tmp_path) -> None:
 async def test_coordinator_republish_is_not_capped_by_per_sender_bound(tmp_path) -> None:
     """40 fallback registrations republished by one coordinator: the storing node that
     lists the coordinator as its seed keeps them all (80 records from one sender, over the
-    per-sender bound of 64); a node that does not trust it caps them."""
+    per-sender bound of 64: each counts against its own worker's endpoint host); a node
+    that does not trust it caps them."""
     import base64
 
     from aiohttp import web
@@ -243,7 +244,8 @@ async def test_coordinator_republish_is_not_capped_by_per_sender_bound(tmp_path)
         for i in range(40):
             rec = WorkerRecord.create(Identity.generate(), name=f"w{i}", services=["ocr"],
                                       endpoint=f"https://w{i}", gpu="T4", gpu_memory_gb=16.0,
-                                      load=0.0, capacity=1, region="", ttl=60)
+                                      load=0.0, capacity=1, region="",
+                                      ttl=20)     # within the registry's keep (record_ttl)
             resp = await client.post("/api/services/register",
                                      json={"record": base64.b64encode(rec.encode()).decode()})
             assert resp.status == 200, await resp.text()

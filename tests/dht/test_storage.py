@@ -13,8 +13,8 @@ IDS = [Identity.generate() for _ in range(40)]
 
 
 def make(ident, *, seq=None, ttl=300, load=0.5, capacity=4, now=None, withdrawn=False,
-         services=("ocr",)):
-    return WorkerRecord.create(ident, name="w", services=services, endpoint="https://x",
+         services=("ocr",), endpoint="https://x"):
+    return WorkerRecord.create(ident, name="w", services=services, endpoint=endpoint,
                                gpu="T4", gpu_memory_gb=16, load=load, capacity=capacity,
                                region="", seq=seq, ttl=ttl, withdrawn=withdrawn, now=now)
 
@@ -90,10 +90,12 @@ def test_bounds_hold_under_flood():
             assert all(s.count(k2) <= 16 for k2 in s.keys())
             assert all(s.sender_count(("10.0.0.9", 1000 + p)) <= 8 for p in range(3))
     assert "sender_full" in statuses and "too_many_keys" in statuses
-    # a trusted sender (the coordinator republishing many workers) is exempt per sender
+    # a trusted sender (the coordinator republishing many workers) is not bounded as one
+    # host: each record counts against its own worker's endpoint host
     t = ProviderStorage(max_per_sender=2, trusted={"10.0.0.7"})
-    for i in IDS[:10]:
-        assert t.put(KEY, make(i), sender=("10.0.0.7", 8468)) == "stored"
+    for n, i in enumerate(IDS[:10]):
+        assert t.put(KEY, make(i, endpoint=f"https://w{n}.example{n}.org"),
+                     sender=("10.0.0.7", 8468)) == "stored"
     # per-key bound: a full key of one-record hosts refuses newcomers, however long-lived
     # (a 3600 s stranger must not displace an honest 300 s record)
     k = ProviderStorage(max_per_key=3)
@@ -117,6 +119,51 @@ def test_per_ip_quota_ignores_source_ports():
     assert got.count("stored") == 8
     # an honest host elsewhere still stores
     assert p.put(KEY, make(IDS[30]), sender=("198.51.100.1", 1)) == "stored"
+
+
+def test_a_coordinator_relays_no_more_than_the_workers_own_quotas():
+    """Issue 20: two IPs of one /24 registered 512 one-hour records with a coordinator and
+    storing nodes kept 503, because they trust their configured seed. What a trusted seed
+    relays now counts against the endpoint host of each record: its IP and /24, or its
+    name and registrable domain."""
+    coord = ("10.0.0.7", 8468)
+    s = ProviderStorage(trusted={coord[0]})              # 64 per host, 256 per network
+    flood = [Identity.generate() for _ in range(512)]
+    got = [s.put(KEY, make(i, ttl=3600, endpoint=f"https://203.0.113.{n % 2 + 1}:8443"),
+                 sender=coord) for n, i in enumerate(flood)]
+    assert got.count("stored") == 2 * 64 and got.count("sender_full") == 512 - 128
+    got = [s.put(KEY, make(i, ttl=3600, endpoint=f"https://203.0.113.{n % 200 + 3}"),
+                 sender=coord) for n, i in enumerate(flood[128:])]
+    assert got.count("stored") == 256 - 128           # the /24 is full at 256
+    got = [s.put(KEY, make(i, endpoint=f"https://w{n}.evil.example"), sender=coord)
+           for n, i in enumerate([Identity.generate() for _ in range(300)])]
+    assert got.count("stored") == 256                 # names: one registrable domain
+    # honest workers elsewhere — quick tunnels each their own owner — are all relayed,
+    # and announcing directly from the flooded /24 is refused as before
+    honest = [Identity.generate() for _ in range(100)]
+    got = [s.put(KEY, make(i, endpoint=f"https://word-{n}-x.trycloudflare.com"), sender=coord)
+           for n, i in enumerate(honest)]
+    assert got == ["stored"] * 100
+    assert s.put(KEY, make(Identity.generate()), sender=("203.0.113.99", 1)) == "sender_full"
+    assert s.put(KEY, make(Identity.generate(), endpoint="https://8.8.8.8"),
+                 sender=coord) == "stored"
+    # a relayed copy and the worker's own announcement count in the same groups
+    assert s.sender_count(("203.0.113.1", 5)) == 64
+    # records this node stores itself count nowhere
+    assert s.put(KEY, make(Identity.generate(), endpoint="https://203.0.113.1"),
+                 sender=None) == "stored"
+
+
+def test_registrable_domain() -> None:
+    from agent.dht.quota import registrable_domain
+
+    assert registrable_domain("a.b.example.org") == "example.org"
+    assert registrable_domain("example.org") == "example.org"
+    assert registrable_domain("gpu.lab.example.co.uk") == "example.co.uk"
+    assert registrable_domain("some-words-here.trycloudflare.com") == \
+        "some-words-here.trycloudflare.com"
+    assert registrable_domain("x.y.trycloudflare.com") == "y.trycloudflare.com"
+    assert registrable_domain("localhost") == "localhost"
 
 
 def test_full_key_evicts_the_flooders_records_first():
@@ -143,8 +190,8 @@ def test_full_key_evicts_the_flooders_records_first():
     assert "key_full" in got and s.count(KEY) == 10
     # a trusted republisher (coordinator) and local records are never evicted
     t = ProviderStorage(max_per_key=3, trusted={"10.0.0.7"})
-    for i in IDS[:3]:
-        t.put(KEY, make(i), sender=("10.0.0.7", 1))
+    for n, i in enumerate(IDS[:3]):
+        t.put(KEY, make(i, endpoint=f"https://w{n}.example{n}.org"), sender=("10.0.0.7", 1))
     assert t.put(KEY, make(IDS[4]), sender=("10.1.1.1", 1)) == "key_full"
 
 
