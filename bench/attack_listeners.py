@@ -4,6 +4,7 @@ does the admin API answer, and what does it cost the agent's memory?
 
     python3 bench/attack_listeners.py [--connections 20000] [--seconds 30]
                                       [--sources 200] [--mode mixed|idle|slow]
+                                      [--rounds 2] [--system-malloc]
                                       [--tree PATH] [--json]
 
 Everything on loopback, started by this script, torn down at the end:
@@ -22,9 +23,12 @@ Everything on loopback, started by this script, torn down at the end:
   the admin API's ``/healthz`` is asked too. A request succeeds when its 200 arrives
   within 10 s.
 
-Reported: the share of fresh requests and admin checks that succeeded, the agent's RSS
-(baseline, peak during the attack, and 20 s after it ended), and the connections the
-agent shed (``rma_agent_http_shed_total``). Targets: >= 99 % succeed, the admin API
+Reported per round (``--rounds`` attacks one after the other on the same agent): the
+share of fresh requests and admin checks that succeeded, the agent's RSS (baseline, peak
+during the attack, and up to 20 s after it ended), and the connections the agent shed
+(``rma_agent_http_shed_total``, cumulative). ``--system-malloc`` runs the agent with
+``PYTHONMALLOC=malloc``: CPython's small-object arenas otherwise keep the pages a flood
+fragmented (reused by the next flood, not returned to the system). Targets: >= 99 % succeed, the admin API
 answers, peak RSS < 300 MB, RSS back near its baseline afterwards.
 
 This script raises its own file limit (it needs root for more than the hard limit) and
@@ -79,7 +83,8 @@ def _rss_mb(pid: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the agent
-def start_agent(tmp: Path, tree: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_agent(tmp: Path, tree: Path, system_malloc: bool = False,
+                ) -> tuple[subprocess.Popen[bytes], str, str]:
     http, gw = _free_port(), _free_port()
     cfg = tmp / "w.toml"
     cfg.write_text(f"""
@@ -107,6 +112,8 @@ level = "info"
 
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
     env["PYTHONPATH"] = str(tree)
+    if system_malloc:
+        env["PYTHONMALLOC"] = "malloc"
     log = open(tmp / "agent.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
                             cwd=tree, env=env, stdout=log, stderr=log, preexec_fn=limits)
@@ -234,39 +241,49 @@ def _shed(admin: str) -> dict[str, float]:
     return {k: v for k, v in out.items() if v}
 
 
+def attack_round(args: argparse.Namespace, proc: subprocess.Popen[bytes], admin: str,
+                 gateway: str, baseline: float) -> dict[str, Any]:
+    """One attack: ``--connections`` held for ``--seconds`` while fresh callers ask."""
+    port = int(gateway.rsplit(":", 1)[1])
+    sources = [f"127.1.{i // 250}.{1 + i % 250}" for i in range(args.sources)]
+    half = args.connections // 2
+    attackers = [subprocess.Popen(
+        [sys.executable, __file__, "--attacker", str(port), str(half), args.mode,
+         str(args.seconds), ",".join(sources[k::2])], stdout=subprocess.PIPE)
+        for k in range(2)]
+    ramp = min(10.0, args.seconds / 3)
+    time.sleep(ramp)                                    # let the connections pile up
+    during = asyncio.run(caller(gateway, admin, proc.pid, max(5.0, args.seconds - ramp)))
+    held = [json.loads(a.communicate(timeout=args.seconds + 60)[0] or b"{}")
+            for a in attackers]
+    deadline = time.monotonic() + SETTLE_S
+    after = _rss_mb(proc.pid)
+    while time.monotonic() < deadline and after > baseline * 1.15:
+        time.sleep(1)
+        after = _rss_mb(proc.pid)
+    return {**during, "rss_peak_mb": round(during["rss_peak_mb"], 1),
+            "rss_after_mb": round(after, 1), "agent_alive": proc.poll() is None,
+            "attacker_held_at_end": sum(h.get("held_at_end", 0) for h in held),
+            "attacker_reopened": sum(h.get("closed_by_server", 0) for h in held),
+            "shed": _shed(admin)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     _raise_nofile(args.connections // 2 + 4096)
     with tempfile.TemporaryDirectory(prefix="attack-") as tmpdir:
-        proc, admin, gateway = start_agent(Path(tmpdir), Path(args.tree).resolve())
+        proc, admin, gateway = start_agent(Path(tmpdir), Path(args.tree).resolve(),
+                                           args.system_malloc)
         try:
             time.sleep(2)
             for _ in range(20):                       # warm: the proof path once each
                 asyncio.run(fresh_get(gateway, PROOF, "127.0.0.1"))
             baseline = _rss_mb(proc.pid)
-            port = int(gateway.rsplit(":", 1)[1])
-            sources = [f"127.1.{i // 250}.{1 + i % 250}" for i in range(args.sources)]
-            half = args.connections // 2
-            attackers = [subprocess.Popen(
-                [sys.executable, __file__, "--attacker", str(port), str(half), args.mode,
-                 str(args.seconds), ",".join(sources[k::2])], stdout=subprocess.PIPE)
-                for k in range(2)]
-            time.sleep(min(10.0, args.seconds / 3))      # let the connections pile up
-            during = asyncio.run(caller(gateway, admin, proc.pid,
-                                        max(5.0, args.seconds - min(10.0, args.seconds / 3))))
-            held = [json.loads(a.communicate(timeout=args.seconds + 60)[0] or b"{}")
-                    for a in attackers]
-            deadline = time.monotonic() + SETTLE_S
-            after = _rss_mb(proc.pid)
-            while time.monotonic() < deadline and after > baseline * 1.15:
-                time.sleep(1)
-                after = _rss_mb(proc.pid)
-            alive = proc.poll() is None
-            return {"tree": str(args.tree), "mode": args.mode, "connections": args.connections,
-                    "sources": args.sources, "seconds": args.seconds, **during,
-                    "rss_baseline_mb": round(baseline, 1),
-                    "rss_peak_mb": round(during["rss_peak_mb"], 1),
-                    "rss_after_mb": round(after, 1), "agent_alive": alive,
-                    "attacker": held, "shed": _shed(admin)}
+            rounds = [attack_round(args, proc, admin, gateway, baseline)
+                      for _ in range(args.rounds)]
+            return {"tree": str(args.tree), "mode": args.mode,
+                    "connections": args.connections, "sources": args.sources,
+                    "seconds": args.seconds, "system_malloc": args.system_malloc,
+                    "rss_baseline_mb": round(baseline, 1), "rounds": rounds}
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -288,17 +305,24 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--sources", type=int, default=200)
     ap.add_argument("--mode", choices=("mixed", "idle", "slow"), default="mixed")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="run the agent with PYTHONMALLOC=malloc")
     ap.add_argument("--tree", default=str(REPO), help="source tree to run the agent from")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not 1 <= args.connections <= 60_000 or not 5 <= args.seconds <= 300:
-        ap.error("--connections 1..60000, --seconds 5..300")
+    if not 1 <= args.connections <= 60_000 or not 5 <= args.seconds <= 300 \
+            or not 1 <= args.rounds <= 5:
+        ap.error("--connections 1..60000, --seconds 5..300, --rounds 1..5")
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
-            print(f"{k:18} {v}")
+            if k != "rounds":
+                print(f"{k:18} {v}")
+        for i, r in enumerate(result["rounds"], 1):
+            print(f"round {i}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     return 0
 
 
