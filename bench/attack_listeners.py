@@ -16,7 +16,8 @@ Everything on loopback, started by this script, torn down at the end:
 * the **attacker**: 2 processes (this script with ``--attacker``), each holding half of
   ``--connections`` to the gateway from ``--sources`` addresses in 127.1.0.0/16: ``idle``
   connections send nothing, ``slow`` ones send a head one line every 10 s and never
-  finish it, ``mixed`` is half and half. A connection the agent closes is opened again at
+  finish it, ``mixed`` is half and half; ``bigheads`` connections each send 1 MB of an
+  unfinished head (128 lines of 8,000 bytes; use with ``--connections 1000``). A connection the agent closes is opened again at
   once, so the attacker keeps trying to hold all of them for ``--seconds``;
 * the **caller**: every 50 ms a fresh connection from 127.2.0.x (other addresses) asks
   the gateway for an ownership proof (``GET /.well-known/rma-agent/proof``); every second
@@ -57,6 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNIT_NOFILE = 16384                     # systemd/rma-agent.service LimitNOFILE
 PROOF = "/.well-known/rma-agent/proof?nonce=" + "ab" * 16
 SETTLE_S = 20.0
+BIG_HEAD = b"GET /bench/x HTTP/1.1\r\nHost: victim\r\n" + b"".join(
+    b"X-Big-%03d: %s\r\n" % (i, b"a" * 7985) for i in range(128))     # 1 MB, unfinished
 
 
 def _free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -143,9 +146,16 @@ async def attacker(port: int, count: int, sources: list[str], mode: str,
         try:
             s.bind((sources[i % len(sources)], 0))
             await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", port)), 10)
+            if mode == "bigheads":
+                socks[i] = s
+                stats["opened"] += 1
+                await asyncio.wait_for(loop.sock_sendall(s, BIG_HEAD), 30)
+                return
             if mode == "slow" or (mode == "mixed" and i % 2):
                 s.send(b"GET /bench/x HTTP/1.1\r\nHost: victim\r\n")
         except (OSError, TimeoutError):
+            if socks[i] is s:        # a big head cut short by the server: seen as closed
+                return
             s.close()
             stats["connect_failed"] += 1
             return
@@ -304,7 +314,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=20_000)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--sources", type=int, default=200)
-    ap.add_argument("--mode", choices=("mixed", "idle", "slow"), default="mixed")
+    ap.add_argument("--mode", choices=("mixed", "idle", "slow", "bigheads"), default="mixed")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--system-malloc", action="store_true",
                     help="run the agent with PYTHONMALLOC=malloc")
