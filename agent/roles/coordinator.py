@@ -23,6 +23,9 @@ Why each part exists:
   nesting bounded before parsing.
 - **``GET /api/registry/{service}``** -> ``{"records": [base64, ...]}``: what discovery's
   coordinator fallback reads when the DHT cannot answer. Clients verify each record again.
+- **``GET /api/dht/bootstrap``** on the gateway: the public seed list — our own address,
+  then routing-table contacts chosen by :mod:`agent.roles.seeds` (long-lived first, at
+  most two per /16 and one per /24), so sybils that rent many /24s cannot fill it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from agent.dht.record import (
 from agent.forwarded import client_ip
 from agent.roles import registry as reg_mod
 from agent.roles.registry import Registry, prefix_of
+from agent.roles.seeds import OBSERVE_INTERVAL, SeedBook
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
@@ -111,6 +115,7 @@ class CoordinatorRole(Component):
     def __init__(self, agent: Agent) -> None:
         super().__init__(agent)
         self.book = Registry(lambda: float(self.agent.config.dht.record_ttl))
+        self.seeds = SeedBook()
         self._task: asyncio.Task[None] | None = None
         self.last_snapshot_at: float | None = None
         self.last_snapshot_size = 0
@@ -145,11 +150,9 @@ class CoordinatorRole(Component):
     def add_gateway_routes(self, app: web.Application) -> None:
         """The public registry and seed list, on ``gateway.listen`` (SPEC §5): what
         workers behind UDP filters and new nodes reach through a TLS proxy or tunnel."""
-        from agent.dht.api import bootstrap_handler
-
         app.router.add_post("/api/services/register", self._register)
         app.router.add_get("/api/registry/{service}", self._registry_get)
-        app.router.add_get("/api/dht/bootstrap", bootstrap_handler(self.dht))
+        app.router.add_get("/api/dht/bootstrap", self._bootstrap)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._snapshot_loop(), name="coordinator-snapshot")
@@ -187,10 +190,38 @@ class CoordinatorRole(Component):
         return True
 
     async def _snapshot_loop(self) -> None:
+        """Every ``OBSERVE_INTERVAL``: note new routing-table contacts (the seed list
+        prefers long-lived ones); every ``SNAPSHOT_INTERVAL``: snapshot and expire."""
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(SNAPSHOT_INTERVAL)
-            self.save_snapshot()
-            self._expire()
+            await asyncio.sleep(OBSERVE_INTERVAL)
+            self._observe()
+            if time.monotonic() - last >= SNAPSHOT_INTERVAL:
+                last = time.monotonic()
+                self.save_snapshot()
+                self._expire()
+
+    def _observe(self) -> list[tuple[str, str, int]]:
+        try:
+            return self.seeds.observe(self.dht.contacts())
+        except Exception as exc:    # not started yet, or stopping
+            log.debug("coordinator: no contacts to observe: %s", exc)
+            return []
+
+    async def _bootstrap(self, request: web.Request) -> web.Response:
+        """``GET /api/dht/bootstrap`` on the gateway: our own address (when reachable),
+        then long-lived, diverse contacts (:mod:`agent.roles.seeds`)."""
+        from agent.dht.api import MAX_SEEDS, _fmt, _own_seed
+
+        seeds: list[str] = []
+        own = _own_seed(self.dht, request)
+        if own:
+            seeds.append(own)
+        for ip, port in self.seeds.pick(self._observe(), MAX_SEEDS - len(seeds)):
+            s = _fmt(ip, port)
+            if s not in seeds:
+                seeds.append(s)
+        return web.json_response({"seeds": seeds})
 
     # ------------------------------------------------------------------ registry
     def _expire(self, now: float | None = None) -> None:
