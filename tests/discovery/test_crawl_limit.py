@@ -9,8 +9,26 @@ import uuid
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.dht.api import add_routes as add_dht_routes
+from agent.discovery.crawl_limit import CRAWL_BURST, CRAWL_RATE
 from agent.httpapi import make_app
-from tests.discovery._support import make_discovery, make_record
+from agent.ratelimit import TokenBucket
+from tests.discovery._support import Clock, make_discovery, make_record
+
+
+class _ClockedBucket(TokenBucket):
+    """The limiter's bucket on a test clock. With the wall clock, tokens came back while
+    the requests were being made: on a loaded machine 150 "concurrent" requests spread
+    over seconds and got 60 crawls instead of the burst's 40, and the 429 counts the tests
+    expected did not come. Here tokens come back only when the test moves the clock, so
+    the counts are the limiter's contract, exactly, at any machine speed."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+        super().__init__(rate, burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self, n: float = 1.0, now: float | None = None) -> bool:
+        return super().take(n, self.clock() if now is None else now)
 
 
 async def _client(delay: float = 0.05):
@@ -18,21 +36,31 @@ async def _client(delay: float = 0.05):
     comp.prober.top = 0
     dht.delay = delay
     dht.add(make_record(name="w"))
+    limit = comp.crawl_limit
+    clock = Clock(1000.0)
+    limit.bucket = _ClockedBucket(limit.bucket.rate, limit.bucket.burst, clock)
     app = make_app(agent)
     add_dht_routes(app, dht)          # the stub stands for the DHT component's routes
     client = TestClient(TestServer(app))
     await client.start_server()
+    client.clock = clock              # type: ignore[attr-defined]
     return client, comp, dht
 
 
 async def test_a_concurrent_flood_of_random_names_gets_429s() -> None:
-    client, _comp, dht = await _client()
+    client, comp, dht = await _client()
     try:
         answers = await asyncio.gather(*(client.get(f"/api/dht/providers/r{i}")
                                          for i in range(150)))
         statuses = [r.status for r in answers]
-        assert statuses.count(429) >= 100 and statuses.count(200) >= 40, statuses
-        assert len(dht.calls) == statuses.count(200)
+        # the banked burst, then 429s: one crawl per 200, none per 429
+        assert statuses.count(200) == CRAWL_BURST and statuses.count(429) == 150 - CRAWL_BURST
+        assert len(dht.calls) == CRAWL_BURST and comp.crawl_limit.limited == 150 - CRAWL_BURST
+        client.clock.advance(1.0)    # one second: CRAWL_RATE tokens come back
+        answers = await asyncio.gather(*(client.get(f"/api/dht/providers/s{i}")
+                                         for i in range(50)))
+        assert [r.status for r in answers].count(200) == CRAWL_RATE
+        assert len(dht.calls) == CRAWL_BURST + CRAWL_RATE
     finally:
         await client.close()
 
@@ -59,14 +87,15 @@ async def test_random_names_and_no_cache_are_limited_with_429() -> None:
             if r.status == 429:
                 body = await r.json()
                 assert "error" in body and r.headers["Retry-After"]
-        assert statuses.count(429) >= 50, statuses.count(429)
-        # crawls made: the burst plus the rate over the loop's duration, not one per request
-        assert len(dht.calls) <= 120 - statuses.count(429) + 1
+        # crawls made: the burst, not one per request (the clock stands still)
+        assert statuses.count(200) == CRAWL_BURST, statuses.count(200)
+        assert statuses.count(429) == 120 - CRAWL_BURST
+        assert len(dht.calls) == CRAWL_BURST
         for _ in range(60):
             r = await client.get("/api/dht/providers/ocr",
                                  headers={"Cache-Control": "no-cache"})
             statuses.append(r.status)
-        assert 429 in statuses[120:]
+        assert set(statuses[120:]) == {429}          # no token left: no-cache is refused
         # out of tokens: an uncached lookup is refused, a cached one never is
         comp.crawl_limit.bucket.tokens = 0
         r = await client.get("/api/services/ocr")
@@ -101,8 +130,9 @@ async def test_explain_and_the_service_list_are_no_crawl_loops() -> None:
         for _ in range(120):
             r = await client.get("/api/services/ocr", params={"explain": "1"})
             statuses.append(r.status)
-        assert statuses.count(429) >= 50, statuses.count(429)
-        assert len(dht.calls) - before <= 120 - statuses.count(429)
+        assert statuses.count(200) == CRAWL_BURST, statuses.count(200)
+        assert statuses.count(429) == 120 - CRAWL_BURST
+        assert len(dht.calls) - before == CRAWL_BURST     # one crawl per explained answer
         r = await client.get("/api/services/ocr")   # a plain cached lookup: never refused
         assert r.status == 200
         answers = await asyncio.gather(*(client.get("/api/services") for _ in range(50)))
