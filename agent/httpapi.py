@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -18,10 +18,31 @@ from agent.http.same_site import same_site_middleware
 from agent.metrics import CONTENT_TYPE_LATEST, render
 
 if TYPE_CHECKING:
-    from agent.lifecycle import Agent
+    from prometheus_client import CollectorRegistry
+
+    from agent.component import Component
+    from agent.config import Config
 
 log = logging.getLogger("rma_agent.http")
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+
+
+class ServedAgent(Protocol):
+    """What the HTTP apps need of the agent (``agent.lifecycle.Agent``), so that they do
+    not import the lifecycle that starts them."""
+
+    config: Config
+    registry: CollectorRegistry
+    started_at: float
+    components: list[Component]
+
+    def readiness(self) -> tuple[bool, list[str]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def refresh_metrics(self) -> None: ...
+
+
+AGENT_KEY: web.AppKey[ServedAgent] = web.AppKey("agent")
 
 
 @web.middleware
@@ -47,7 +68,7 @@ def _listen_host(request: web.Request) -> str:
     return request.app[AGENT_KEY].config.http.listen.host
 
 
-def make_app(agent: Agent) -> web.Application:
+def make_app(agent: ServedAgent) -> web.Application:
     """The admin API: core routes, the components' routes, JSON errors, and no
     state change from another site (``agent.http.same_site``)."""
     app = web.Application(middlewares=[json_errors, same_site_middleware(_listen_host)],

@@ -44,7 +44,6 @@ OVERRIDE_IGNORES_ALLOWED: set[str] = {
 }
 CYCLES_ALLOWED: set[frozenset[str]] = {
     frozenset({"agent.dht.api", "agent.dht.component"}),
-    frozenset({"agent.gateway.app", "agent.httpapi", "agent.lifecycle"}),
 }
 
 _OVERRIDE_RE = re.compile(r"type:\s*ignore\[[^\]]*\boverride\b")

@@ -10,21 +10,16 @@ is a 404 JSON from the same error middleware as the admin API.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-from agent.httpapi import AGENT_KEY, json_errors
-
-if TYPE_CHECKING:
-    from agent.lifecycle import Agent
+from agent.httpapi import AGENT_KEY, ServedAgent, json_errors
 
 # Only the coordinator's registration reads a body into memory (bounded by itself too);
 # the service proxy streams and never calls request.read().
 CLIENT_MAX_SIZE = 64 * 1024
 
 
-def make_gateway_app(agent: Agent) -> web.Application:
+def make_gateway_app(agent: ServedAgent) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=CLIENT_MAX_SIZE)
     app[AGENT_KEY] = agent
     for component in agent.components:
