@@ -34,9 +34,7 @@ MODULES_ALLOWED: set[str] = {
     "agent/dht/component.py",
     "agent/dht/crawling.py",
 }
-FUNCTIONS_ALLOWED: set[str] = {
-    "agent/discovery/explain.py:explain_set",
-}
+FUNCTIONS_ALLOWED: set[str] = set()
 OVERRIDE_IGNORES_ALLOWED: set[str] = {
     "agent/dht/protocol.py",
     "agent/dht/rpc.py",

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.discovery.endpoints import Allowance, endpoint_refusal
@@ -145,16 +145,8 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
     """
     pairs = cs.ranked(now, q, tracker, weights)          # the kernel, as the lookup calls it
     offered = pairs[:q.limit]
-    workers = []
-    for rank, (i, score) in enumerate(offered, 1):
-        view = cs.view(i, now, score)
-        terms = _row_terms(cs, i, now, q, weights)
-        view["rank"] = rank
-        view["score"] = score                            # unrounded: the parts add up to it
-        view["components"] = terms
-        view["components_sum"] = terms_sum(terms)
-        view["state"] = worker_state(tracker, cs.ids[i], now)
-        workers.append(view)
+    workers = [_offered_row(cs, i, score, rank, now, q, tracker, weights)
+               for rank, (i, score) in enumerate(offered, 1)]
     seen = {i for i, _ in offered}
     ranked_idx = {i: n for n, (i, _) in enumerate(pairs, 1)}
     excluded: list[dict[str, Any]] = []
@@ -167,55 +159,23 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
         total += 1
         if len(excluded) >= max_excluded:
             continue
-        reason = _filter_reason(cs, i, q, scorer) if not mask[i] else None
         state = worker_state(tracker, cs.ids[i], now)
-        if reason is None and state == "proof failed":
-            reason = ("endpoint ownership proof failed: not offered or routed to until a "
-                      "later proof is valid")
-        if reason is None and cs.ids[i] in bans:
-            st = tracker.get(cs.ids[i])
-            failures = st.failures if st is not None else 0
-            reason = (f"backed off after {failures} failure{'s' if failures != 1 else ''}: "
-                      f"retry in {max(0.0, bans[cs.ids[i]] - now):.0f} s")
-        if reason is None and cs.expires[i] <= now:
-            reason = "expired"
-        if reason is None and now - cs.issued[i] > cs.max_ages[i]:
-            reason = (f"stale: last refreshed {now - cs.issued[i]:.0f} s ago "
-                      f"(> {cs.max_ages[i]:g} s)")
-        if reason is None and i in ranked_idx:
-            reason = f"beyond limit={q.limit} (rank {ranked_idx[i]})"
+        reason = _filter_reason(cs, i, q, scorer) if not mask[i] else None
         if reason is None:
-            reason = (f"beyond limit={q.limit}" if len(pairs) >= max(q.limit, TOP_RANDOM)
-                      else "score is not a number")
+            reason = _cached_reason(cs, i, q, now, state, bans, tracker, ranked_idx.get(i),
+                                    len(pairs))
         excluded.append({**_who(rec), "state": state, "reason": reason})
     # records the cached set does not hold at all
     gone = set(withdrawn)
     max_age = cs.max_age_s if max_age_s is None else max_age_s
-    newest: dict[bytes, RecordLike] = {}
-    for rec in raw:
-        cur = newest.get(rec.worker_id)
-        if cur is None or rec.seq > cur.seq:
-            newest[rec.worker_id] = rec
+    newest = _newest(raw)
     for wid, rec in newest.items():
         if wid in cs.index:
             continue
         total += 1
         if len(excluded) >= max_excluded:
             continue
-        refused = (endpoint_refusal(rec.endpoint, allow_http_hosts)
-                   if allow_http_hosts is not None else None)
-        if refused is not None:
-            reason = f"endpoint never contacted: {refused}"
-        elif rec.withdrawn or wid in gone:
-            reason = "withdrawn (the worker left the network)"
-        elif rec.expires_at <= now:
-            reason = "expired"
-        elif now - rec.issued_at > (own := record_max_age(rec, max_age)):
-            reason = f"stale: last refreshed {now - rec.issued_at:.0f} s ago (> {own:g} s)"
-        elif cs.service != "*" and cs.service not in rec.services:
-            reason = "does not list this service"
-        else:
-            reason = "newer than the cached answer (shown after the cache refreshes)"
+        reason = _raw_reason(rec, cs.service, now, wid in gone, max_age, allow_http_hosts)
         excluded.append({**_who(rec), "state": "-", "reason": reason})
     for wid in gone - set(newest) - set(cs.index):
         total += 1
@@ -225,6 +185,71 @@ def explain_set(cs: CandidateSet, q: Query, now: float, tracker: Any, scorer: An
                          "load": None, "capacity": None, "state": "-",
                          "reason": "withdrawn (the worker left the network)"})
     return {"workers": workers, "excluded": excluded, "excluded_total": total}
+
+
+def _offered_row(cs: CandidateSet, i: int, score: float, rank: int, now: float, q: Query,
+                 tracker: Any, weights: Sequence[float]) -> dict[str, Any]:
+    """An offered worker's view with its rank, unrounded score and the score's parts."""
+    view = cs.view(i, now, score)
+    terms = _row_terms(cs, i, now, q, weights)
+    view["rank"] = rank
+    view["score"] = score                            # unrounded: the parts add up to it
+    view["components"] = terms
+    view["components_sum"] = terms_sum(terms)
+    view["state"] = worker_state(tracker, cs.ids[i], now)
+    return view
+
+
+def _cached_reason(cs: CandidateSet, i: int, q: Query, now: float, state: str,
+                   bans: Mapping[bytes, float], tracker: Any, rank: int | None,
+                   n_ranked: int) -> str:
+    """Why row ``i`` of the cached set, which passed the query's filters, is not offered
+    (``rank``: its place in the full ranking, None when it was not ranked at all)."""
+    wid = cs.ids[i]
+    if state == "proof failed":
+        return ("endpoint ownership proof failed: not offered or routed to until a later "
+                "proof is valid")
+    if wid in bans:
+        st = tracker.get(wid)
+        failures = st.failures if st is not None else 0
+        return (f"backed off after {failures} failure{'s' if failures != 1 else ''}: "
+                f"retry in {max(0.0, bans[wid] - now):.0f} s")
+    if cs.expires[i] <= now:
+        return "expired"
+    if now - cs.issued[i] > cs.max_ages[i]:
+        return f"stale: last refreshed {now - cs.issued[i]:.0f} s ago (> {cs.max_ages[i]:g} s)"
+    if rank is not None:
+        return f"beyond limit={q.limit} (rank {rank})"
+    return (f"beyond limit={q.limit}" if n_ranked >= max(q.limit, TOP_RANDOM)
+            else "score is not a number")
+
+
+def _newest(raw: Iterable[RecordLike]) -> dict[bytes, RecordLike]:
+    """The highest-seq record of each worker in ``raw``."""
+    newest: dict[bytes, RecordLike] = {}
+    for rec in raw:
+        cur = newest.get(rec.worker_id)
+        if cur is None or rec.seq > cur.seq:
+            newest[rec.worker_id] = rec
+    return newest
+
+
+def _raw_reason(rec: RecordLike, service: str, now: float, tombstoned: bool, max_age: float,
+                allow_http_hosts: Allowance | Iterable[str] | None) -> str:
+    """Why a record of the fresh DHT answer is not in the cached set."""
+    refused = (endpoint_refusal(rec.endpoint, allow_http_hosts)
+               if allow_http_hosts is not None else None)
+    if refused is not None:
+        return f"endpoint never contacted: {refused}"
+    if rec.withdrawn or tombstoned:
+        return "withdrawn (the worker left the network)"
+    if rec.expires_at <= now:
+        return "expired"
+    if now - rec.issued_at > (own := record_max_age(rec, max_age)):
+        return f"stale: last refreshed {now - rec.issued_at:.0f} s ago (> {own:g} s)"
+    if service != "*" and service not in rec.services:
+        return "does not list this service"
+    return "newer than the cached answer (shown after the cache refreshes)"
 
 
 def local_tombstones(comp: DiscoveryService, service: str) -> set[bytes]:

@@ -3,15 +3,17 @@
 Lookup path (each answer says which one it came from in ``source``):
 
 1. **cache** — a fresh per-service entry (:mod:`agent.discovery.cache`); re-ranked per call.
-2. **dht** — ``agent.dht.find_providers(service)``, bounded by ``DHT_TIMEOUT_S``.
+2. **dht** — ``agent.dht.find_providers(service)``, bounded in time.
    Concurrent lookups of one service share a single query (single-flight).
 3. **coordinator** — when the DHT yields nothing usable, fails or times out: every
    ``discovery.coordinators`` URL is asked at once, and each record verified here
    (:mod:`agent.discovery.coordinator_client`).
+4. **stale** — neither has a worker: the last-known-good copy saved on disk.
 
-If all of them fail outright (no answer at all, as opposed to an empty answer) and an
-older cache entry exists, that entry answers (source ``cache``): stale workers are still
-filtered out at ranking time, so this can only return workers that are still in date.
+Steps 2-4 are :mod:`agent.discovery.sources`. If all of them fail outright (no answer
+at all, as opposed to an empty answer) and an older cache entry exists, that entry
+answers (source ``cache``): stale workers are still filtered out at ranking time, so
+this can only return workers that are still in date.
 
 Selection (:mod:`agent.discovery.select`), the rendered ranking
 (:mod:`agent.discovery.ranking`), latency and failure tracking
@@ -28,19 +30,17 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.admission.component import admitted
 from agent.component import Component
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES
 from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
 from agent.discovery.coordinator_client import CoordinatorClient
 from agent.discovery.crawl_limit import CrawlLimiter
-from agent.discovery.endpoints import Allowance, GuardedConnector, endpoint_refusal
+from agent.discovery.endpoints import Allowance, GuardedConnector
 from agent.discovery.gpu_classes import GpuScorer
 from agent.discovery.lastgood import LastGood
 from agent.discovery.latency import LatencyTracker, Prober
@@ -48,7 +48,7 @@ from agent.discovery.metrics import SOURCES, DiscoveryMetrics, counts_summary
 from agent.discovery.ownership import OwnershipVerifier
 from agent.discovery.ranking import LookupResult, RankedAnswer, RankMemo
 from agent.discovery.select import DEFAULT_WEIGHTS, CandidateSet, Query, RecordLike, pick_first
-from agent.ratelimit import RateLimiter
+from agent.discovery.sources import Sources
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -56,22 +56,12 @@ if TYPE_CHECKING:
     from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.discovery")
-_LOG_LIMIT = RateLimiter(rate=0.2, burst=3)   # failures can repeat on every cache miss
 
-DHT_TIMEOUT_S = 2.0           # a DHT lookup slower than this falls back to coordinators
 RESERVOIR = 1024              # lookup durations kept for p50/p99 in stats()
 # GET /api/services reads every service-index shard (32 crawls): concurrent calls share
 # one read and its answer is reused this long, so a client polling it is no crawl loop
 SERVICES_TTL_S = 2.0
 _SERVICES_FLIGHT = "\0services"       # never a service name (single-flight key)
-
-
-@dataclass
-class _Fetched:
-    candidates: CandidateSet
-    source: str
-    answered: bool            # False: no source answered at all (all failed/timed out)
-    records: list[RecordLike] = field(default_factory=list)
 
 
 class DiscoveryComponent(Component):
@@ -85,7 +75,6 @@ class DiscoveryComponent(Component):
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
         self.weights = DEFAULT_WEIGHTS
-        self.dht_timeout_s = DHT_TIMEOUT_S
         cfg = agent.config
         self.scorer = GpuScorer(cfg.discovery.gpu_scores)
         self.cache = ServiceCache(cfg.discovery.cache_ttl)
@@ -113,6 +102,19 @@ class DiscoveryComponent(Component):
         self.coordinators = CoordinatorClient(
             lambda: list(self.agent.config.discovery.coordinators), self._ensure_session,
             self.clock, self.counts, agent.registry)
+        self.sources = Sources(
+            agent, clock=self.clock, scorer=lambda: self.scorer,
+            max_age_s=lambda: self.max_age_s, counts=self.counts, metrics=self.metrics,
+            ownership=self.ownership, coordinators=self.coordinators, lastgood=self.lastgood)
+
+    @property
+    def dht_timeout_s(self) -> float:
+        """A DHT lookup slower than this falls back to coordinators (a test shortens it)."""
+        return self.sources.dht_timeout_s
+
+    @dht_timeout_s.setter
+    def dht_timeout_s(self, value: float) -> None:
+        self.sources.dht_timeout_s = value
 
     @property
     def coordinator_timeout_s(self) -> float:
@@ -270,7 +272,7 @@ class DiscoveryComponent(Component):
     async def _refresh(self, service: str, paced: bool = False) -> tuple[CacheEntry, str]:
         self.cache.begin(service)       # records stored while we ask are checked at put()
         try:
-            fetched = await self._fetch(service, paced)
+            fetched = await self.sources.fetch(service, paced)
         except BaseException:
             self.cache.end(service)
             raise
@@ -281,7 +283,7 @@ class DiscoveryComponent(Component):
             return old, "cache"
         now = self.clock()
         if not len(fetched.candidates) and (old is None or not len(old.candidates)):
-            disk = self._from_disk(service)
+            disk = self.sources.from_disk(service)
             if disk is not None:
                 return disk, "stale"
         elif len(fetched.candidates) and fetched.records and service != ALL_SERVICES:
@@ -293,23 +295,6 @@ class DiscoveryComponent(Component):
             self.cache.observe(fetched.records, except_service=service)
         return entry, fetched.source
 
-    def _from_disk(self, service: str) -> CacheEntry | None:
-        """The last-known-good copy of ``service`` (``lastgood``), as an entry that is
-        never cached (each lookup tries the DHT and coordinators again first)."""
-        got = self.lastgood.load(service)
-        if got is None:
-            return None
-        records, saved_at = got
-        # what was admitted and contactable when saved may not be now (a revocation, a
-        # reload of network.admission_keys or discovery.allow_http_hosts)
-        records = self._contactable(admitted(self.agent, records))
-        cs = CandidateSet(service, records, self.scorer, saved_at, self.max_age_s)
-        if not len(cs):
-            return None
-        self.counts["disk_answers"] += 1
-        return CacheEntry(candidates=cs, source="stale", fetched_at=saved_at,
-                          valid_until=saved_at)
-
     def _forgive_moved(self, old: CandidateSet, new: CandidateSet) -> None:
         """A failing worker that now announces a different endpoint gets a fresh chance
         (its tunnel URL changed: the failure was about the old address)."""
@@ -319,58 +304,6 @@ class DiscoveryComponent(Component):
             if i is not None and j is not None and \
                     old.records[i].endpoint != new.records[j].endpoint:
                 self.tracker.forgive(wid)
-
-    async def _fetch(self, service: str, paced: bool = False) -> _Fetched:
-        """DHT first; coordinators when the DHT yields nothing usable."""
-        records, dht_state = await self._from_dht(service)
-        records = self._contactable(admitted(self.agent, records))
-        now = self.clock()
-        cs = CandidateSet(service, records, self.scorer, now, self.max_age_s)
-        answered = dht_state in ("hit", "miss")
-        if len(cs) or not self.agent.config.discovery.coordinators:
-            return _Fetched(cs, "dht", answered, records)
-        self.metrics.fallbacks.inc()
-        self.counts["fallbacks"] += 1
-        crecords, coord_answered = await self.coordinators.records(service, paced)
-        crecords = self._contactable(admitted(self.agent, crecords))
-        now = self.clock()
-        ccs = CandidateSet(service, crecords, self.scorer, now, self.max_age_s)
-        if len(ccs) or not answered:
-            return _Fetched(ccs, "coordinator", coord_answered or answered, crecords)
-        return _Fetched(cs, "dht", True, records)
-
-    def _contactable(self, records: list[RecordLike]) -> list[RecordLike]:
-        """Records whose endpoint callers may contact (see
-        :mod:`agent.discovery.endpoints`); the others are never offered."""
-        allow = _allow_http(self.agent.config)
-        kept = [r for r in records if endpoint_refusal(r.endpoint, allow) is None]
-        if len(kept) != len(records):
-            self.ownership.count_refused(len(records) - len(kept))
-        return kept
-
-    async def _from_dht(self, service: str) -> tuple[list[RecordLike], str]:
-        dht = self.agent.dht
-        if dht is None:
-            return [], "absent"
-        self.counts["dht_queries"] += 1
-        try:
-            records = list(await asyncio.wait_for(dht.find_providers(service),
-                                                  self.dht_timeout_s))
-        except TimeoutError:
-            state = "timeout"
-            records = []
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            _LOG_LIMIT.log(log, logging.WARNING, "dht-error",
-                           "discovery: DHT lookup of %r failed: %s", service, exc)
-            state = "error"
-            records = []
-        else:
-            state = "hit" if records else "miss"
-        self.metrics.dht.labels(state).inc()
-        self.counts[f"dht_{state}"] += 1
-        return records, state
 
     # ------------------------------------------------------------------ service list
     async def services(self) -> dict[str, Any]:
