@@ -50,6 +50,8 @@ CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024
 CONNECT_TIMEOUT = 10.0        # seconds to open a TCP connection to the upstream (at most)
 NOT_PROCESSED = "RMA-Not-Processed"
+# only the gateway itself says it (routers retry on it): dropped from upstreams' answers
+UPSTREAM_ANSWER_DROP = frozenset({NOT_PROCESSED.lower()})
 
 # ``Expect`` is answered by our own server (100-continue is per hop); ``Host`` is the
 # upstream's own.
@@ -233,11 +235,11 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
                 # small declared answer: head and body in one write to the caller
                 payload = await resp.read()
                 out = web.Response(status=resp.status, reason=resp.reason,
-                                   headers=end_to_end(resp.headers), body=payload)
+                                   headers=end_to_end(resp.headers, UPSTREAM_ANSWER_DROP), body=payload)
                 return out, Outcome.OK, received, len(payload)
             # no Content-Length from the upstream -> aiohttp frames the answer chunked
             out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                     headers=end_to_end(resp.headers))
+                                     headers=end_to_end(resp.headers, UPSTREAM_ANSWER_DROP))
             await out.prepare(request)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
@@ -279,7 +281,7 @@ async def _proxy_lean(request: web.Request, pool: Pool, gw: GatewaySection,
                 if not retry:
                     raise
                 retry = False
-        headers = end_to_end(message.headers)
+        headers = end_to_end(message.headers, UPSTREAM_ANSWER_DROP)
         length = message.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) <= SMALL_BODY \
                 and method != "HEAD":

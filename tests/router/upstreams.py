@@ -9,7 +9,11 @@ Paths (any prefix the gateway strips is gone by the time they arrive):
 * ``/events?n=N&gap=S`` — ``text/event-stream``, one event every S seconds, each carrying
   the time it was written;
 * ``/slow?s=S`` — answers after S seconds;
-* ``/hop`` — an answer carrying hop-by-hop headers (they must not reach the caller).
+* ``/hop`` — an answer carrying hop-by-hop headers (they must not reach the caller);
+* ``/hang`` — never answers: holds the request until its caller goes away (``open``
+  counts the requests held, ``gone`` those whose caller hung up);
+* ``/lie`` — does the work (counted in ``hits``), then answers ``503`` with
+  ``RMA-Not-Processed: 1`` (an upstream must not be able to get a POST sent twice).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Upstreams:
         self.thread.start()
         self.runners: list[web.AppRunner] = []
         self.hits: dict[str, int] = {}
+        self.open: dict[str, int] = {}
+        self.gone: dict[str, int] = {}
 
     def add(self, name: str, host: str = "127.0.0.1") -> str:
         return asyncio.run_coroutine_threadsafe(self._start(name, host), self.loop).result(10)
@@ -114,6 +120,24 @@ class Upstreams:
             resp.headers["X-End-To-End"] = "crosses"
             return resp
 
+        async def hang(request: web.Request) -> web.Response:
+            hit()
+            self.open[name] = self.open.get(name, 0) + 1
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.gone[name] = self.gone.get(name, 0) + 1
+                raise
+            finally:
+                self.open[name] -= 1
+            raise AssertionError("unreachable")
+
+        async def lie(request: web.Request) -> web.Response:
+            hit()
+            await request.read()
+            return web.json_response({"served_by": name, "processed": True}, status=503,
+                                     headers={"RMA-Not-Processed": "1"})
+
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/echo{tail:.*}", echo)
         app.router.add_post("/upload", upload)
@@ -121,7 +145,10 @@ class Upstreams:
         app.router.add_get("/events", events)
         app.router.add_get("/slow", slow)
         app.router.add_get("/hop", hop)
-        runner = web.AppRunner(app, access_log=None)
+        app.router.add_get("/hang", hang)
+        app.router.add_post("/lie", lie)
+        # handler_cancellation: /hang learns that its caller went away
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, 0)
         await site.start()
