@@ -17,22 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import socket
 import time
 from typing import TYPE_CHECKING, Any
-
-import msgpack
 
 from agent.admission.component import admitted
 from agent.component import Component, cancel_task
 from agent.config import default_path
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.identity import Identity, IdentityError
+from agent.dht.metrics import DHTCollector, DHTCounters
+from agent.dht.reachability import REACHABLE_TIMEOUT, probe_reachable
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
-from agent.interfaces import RoutingContact, Topology
+from agent.interfaces import Topology
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -47,8 +46,7 @@ JOIN_TIMEOUT = 15.0          # one bootstrap attempt (pings + crawl) never takes
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 MAINTAIN_INTERVAL = 10.0     # how often a joined node checks it still has peers
-REACHABLE_TIMEOUT = 3.0
-LOOKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+__all__ = ["DHTComponent", "probe_reachable"]
 
 
 class DHTComponent(Component):
@@ -86,15 +84,8 @@ class DHTComponent(Component):
         self._joined_at: float | None = None
         self._last_join_error = ""
         # lookup accounting (for /api/dht/stats and Prometheus)
-        self._lookups = 0
-        self._lookup_hits = 0
-        self._lookup_errors = 0
-        self._lookup_times: list[float] = []      # ring of the last 512 durations (s)
-        self._lookup_hist = [0] * (len(LOOKUP_BUCKETS) + 1)
-        self._lookup_sum = 0.0
-        self._announces = 0
-        self._announce_failures = 0
-        self._collector: Any = None
+        self.counters = DHTCounters()
+        self._collector: DHTCollector | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def add_routes(self, app: web.Application) -> None:
@@ -107,11 +98,11 @@ class DHTComponent(Component):
         if self.identity is None:
             raise OSError(f"dht: cannot load or create the node identity in "
                           f"{cfg.agent.state_dir}: {self._identity_error}")
-        self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
-                            mode=self.mode)
-        self.node.storage.on_stored = lambda record: self.agent.emit("record", record)
         network = self.agent.admission     # closed networks: only admitted records
-        self.node.storage.admit = network.storage_hook if network is not None else None
+        self.node = DHTNode(self.identity, ksize=cfg.dht.ksize, alpha=cfg.dht.alpha,
+                            mode=self.mode,
+                            admit=network.storage_hook if network is not None else None,
+                            on_stored=lambda record: self.agent.emit("record", record))
         try:
             await self.node.listen(cfg.dht.listen.port, cfg.dht.listen.host)
         except OSError as exc:
@@ -168,7 +159,7 @@ class DHTComponent(Component):
         # storage's per-sender bound must not refuse them. Only directly configured seeds
         # are trusted — never addresses learned from a URL answer or the snapshot.
         if self.node is not None:
-            self.node.storage.trusted.update(ip for ip, _port in res_direct.addrs)
+            self.node.trust(*(ip for ip, _port in res_direct.addrs))
         snap = [a for a in seeds_mod.load_snapshot(cfg.agent.state_dir)
                 if a not in self._own_addresses()]
         self._snapshot_seeds = len(snap)
@@ -319,11 +310,11 @@ class DHTComponent(Component):
         """Store ``record`` on the k closest nodes of each of its keys; nodes that stored."""
         if self.node is None:
             return 0
-        self._announces += 1
+        self.counters.announces += 1
         if self.peers() == 0:
             # Not joined: the node would only keep a local copy nobody can find (it counts
             # that as a store); report 0 so the worker falls back to the coordinators.
-            self._announce_failures += 1
+            self.counters.announce_failures += 1
             return 0
         self._drop_thin_closest(record)
         try:
@@ -334,7 +325,7 @@ class DHTComponent(Component):
             log.warning("dht: announce failed: %s", exc)
             stored = 0
         if stored == 0:
-            self._announce_failures += 1
+            self.counters.announce_failures += 1
         return stored
 
     def _drop_thin_closest(self, record: WorkerRecord) -> None:
@@ -346,42 +337,33 @@ class DHTComponent(Component):
         alone: the record sat on 2 nodes instead of k, and lookups whose crawl did not
         pass those nodes missed it (seen in the 22-agent test). A set smaller than
         min(k, contacts we know) is certainly stale; dropping it makes the announce crawl
-        afresh. Reads the node's cache defensively: absent, it does nothing.
+        afresh.
         """
-        cache = getattr(self.node, "_closest", None)
-        if not isinstance(cache, dict):
-            return
-        want = min(self.agent.config.dht.ksize, self.peers())
-        for key in record.keys():
-            hit = cache.get(key)
-            try:
-                thin = hit is not None and len(hit[1]) < want
-            except (TypeError, IndexError):
-                thin = False
-            if thin:
-                cache.pop(key, None)
+        if self.node is not None:
+            want = min(self.agent.config.dht.ksize, self.peers())
+            self.node.drop_thin_closest(record.keys(), want)
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
         """Live (verified, not withdrawn) records for ``service``, newest seq per worker."""
         if self.node is None:
             return []
-        self._lookups += 1
+        self.counters.lookups += 1
         t0 = time.perf_counter()
         try:
             records = await self.node.find_providers(service, limit=limit)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._lookup_errors += 1
+            self.counters.lookup_errors += 1
             log.warning("dht: lookup of %r failed: %s", service, exc)
             records = []
         dt = time.perf_counter() - t0
-        self._note_lookup(dt)
+        self.counters.note_lookup(dt)
         now = time.time()
         live = admitted(self.agent, [r for r in records
                                      if not r.withdrawn and r.expires_at > now])
         if live:
-            self._lookup_hits += 1
+            self.counters.lookup_hits += 1
         return live
 
     async def service_counts(self) -> dict[str, int]:
@@ -394,21 +376,9 @@ class DHTComponent(Component):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._lookup_errors += 1
+            self.counters.lookup_errors += 1
             log.warning("dht: service index lookup failed: %s", exc)
             return {}
-
-    def _note_lookup(self, dt: float) -> None:
-        self._lookup_sum += dt
-        for i, bound in enumerate(LOOKUP_BUCKETS):
-            if dt <= bound:
-                self._lookup_hist[i] += 1
-                break
-        else:
-            self._lookup_hist[-1] += 1
-        self._lookup_times.append(dt)
-        if len(self._lookup_times) > 512:
-            del self._lookup_times[:256]
 
     def contacts(self) -> list[tuple[str, str, int]]:
         return list(self.node.contacts()) if self.node is not None else []
@@ -423,13 +393,7 @@ class DHTComponent(Component):
 
     def topology(self) -> Topology:
         """The routing table's buckets and contacts (the dashboard's ring)."""
-        protocol = self.node.protocol if self.node is not None else None
-        if protocol is None:
-            return Topology(0, [])
-        router = protocol.router
-        return Topology(len(router.buckets), [
-            RoutingContact(n.id, n.ip, n.port, router.get_bucket_for(n))
-            for n in router.all_contacts()])
+        return self.node.topology() if self.node is not None else Topology(0, [])
 
     # ------------------------------------------------------------------ readiness/status
     def ready(self) -> tuple[bool, str]:
@@ -453,12 +417,6 @@ class DHTComponent(Component):
             frag += " (client)"
         return frag
 
-    def _percentile(self, q: float) -> float | None:
-        if not self._lookup_times:
-            return None
-        xs = sorted(self._lookup_times)
-        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 3)
-
     def stats(self) -> dict[str, Any]:
         node_stats: dict[str, Any] = {}
         if self.node is not None:
@@ -466,6 +424,7 @@ class DHTComponent(Component):
                 node_stats = dict(self.node.stats())
             except Exception as exc:
                 node_stats = {"error": str(exc)}
+        c = self.counters
         out: dict[str, Any] = {
             "node_id": self.identity.node_id.hex() if self.identity is not None else None,
             "mode": self.mode,
@@ -478,12 +437,11 @@ class DHTComponent(Component):
             "seeds": {"resolved": self._seed_count, "from_snapshot": self._snapshot_seeds,
                       "unreachable": self._unreachable, "failures": self._seed_failures[:10],
                       "attempts": self._attempts},
-            "lookups": {"total": self._lookups, "hits": self._lookup_hits,
-                        "errors": self._lookup_errors,
-                        "hit_rate": round(self._lookup_hits / self._lookups, 4)
-                        if self._lookups else None,
-                        "p50_ms": self._percentile(0.5), "p99_ms": self._percentile(0.99)},
-            "announces": {"total": self._announces, "failures": self._announce_failures},
+            "lookups": {"total": c.lookups, "hits": c.lookup_hits,
+                        "errors": c.lookup_errors,
+                        "hit_rate": round(c.lookup_hits / c.lookups, 4) if c.lookups else None,
+                        "p50_ms": c.percentile(0.5), "p99_ms": c.percentile(0.99)},
+            "announces": {"total": c.announces, "failures": c.announce_failures},
         }
         for k, v in node_stats.items():
             out.setdefault(k, v)
@@ -494,171 +452,8 @@ class DHTComponent(Component):
         registry = getattr(self.agent, "registry", None)
         if registry is None or self._collector is not None:
             return
-        self._collector = DHTCollector(self)
+        collector = self._collector = DHTCollector(self)
         try:
-            registry.register(self._collector)
+            registry.register(collector)
         except ValueError as exc:     # duplicated names must not stop the agent
             log.warning("dht: metrics not registered: %s", exc)
-
-
-class _ProbeProtocol(asyncio.DatagramProtocol):
-    """The asking socket: waits for the ``reachable`` answer with our message id."""
-
-    def __init__(self, msg_id: bytes, fut: asyncio.Future[Any]) -> None:
-        self.msg_id = msg_id
-        self.fut = fut
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.fut.done() or len(data) < 22 or data[0] != 1 or data[1:21] != self.msg_id:
-            return
-        try:
-            self.fut.set_result(msgpack.unpackb(data[21:], raw=False))
-        except Exception:
-            self.fut.set_result(None)
-
-
-class _PingResponder(asyncio.DatagramProtocol):
-    """A fresh port that answers ``ping`` like a DHT node (for the post-join probe)."""
-
-    def __init__(self, node_id: bytes) -> None:
-        self.node_id = node_id
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) < 22 or data[0] != 0 or self.transport is None:
-            return
-        try:
-            msg = msgpack.unpackb(data[21:], raw=False)
-        except Exception:
-            return
-        if isinstance(msg, list) and len(msg) == 2 and msg[0] == "ping":
-            self.transport.sendto(b"\x01" + data[1:21]
-                                  + msgpack.packb(self.node_id, use_bin_type=True), addr)
-
-
-async def probe_reachable(seed: tuple[str, int], port: int | None, host: str = "0.0.0.0", *,
-                          timeout: float = REACHABLE_TIMEOUT,  # noqa: ASYNC109
-                          node_id: bytes = bytes(20)) -> bool | None:
-    """Ask ``seed`` (RPC ``reachable``) to ping us on ``port``, sending the question from
-    a fresh ephemeral socket on ``host``. ``port=None``: ping a second fresh socket that
-    answers like a node (a port no NAT has a mapping for). True/False is the seed's
-    verdict; None when the seed did not answer at all. Wire format: rpcudp's (kind byte,
-    20-byte id, msgpack ``[name, args]``), which ``RMAProtocol`` keeps. A seed that is
-    out of probe capacity answers None, returned as None too (no verdict)."""
-    loop = asyncio.get_running_loop()
-    msg_id = os.urandom(20)
-    fut: asyncio.Future[Any] = loop.create_future()
-    bind = "::" if ":" in seed[0] else ("0.0.0.0" if ":" in host else host)
-    transports: list[asyncio.BaseTransport] = []
-    try:
-        asker, _ = await loop.create_datagram_endpoint(
-            lambda: _ProbeProtocol(msg_id, fut), local_addr=(bind, 0))
-        transports.append(asker)
-        if port is None:
-            target, _ = await loop.create_datagram_endpoint(
-                lambda: _PingResponder(node_id), local_addr=(bind, 0))
-            transports.append(target)
-            port = int(target.get_extra_info("sockname")[1])
-        asker.sendto(b"\x00" + msg_id + msgpack.packb(["reachable", [b"", int(port)]],
-                                                       use_bin_type=True), seed)
-        result = await asyncio.wait_for(fut, timeout)
-    except (TimeoutError, OSError) as exc:
-        if isinstance(exc, OSError):
-            log.debug("dht: reachability probe via %s failed: %s", seed, exc)
-        return None
-    finally:
-        for t in transports:
-            t.close()
-    # a seed out of probe capacity answers None: no verdict, not "unreachable"
-    return result if isinstance(result, bool) else None
-
-
-class DHTCollector:
-    """Prometheus collector reading the live node at scrape time.
-
-    Why a collector and not Counter objects: the protocol keeps plain counters (it is
-    shared by many nodes in one test process and must not know about registries); the
-    numbers are read when /metrics is scraped, so nothing is updated twice.
-    """
-
-    def __init__(self, dht: DHTComponent) -> None:
-        self.dht = dht
-
-    def describe(self) -> list[Any]:
-        return []      # no name claims at registration; names are checked by tests instead
-
-    def collect(self) -> Any:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
-        d = self.dht
-        stats = d.stats()
-        yield GaugeMetricFamily("rma_agent_dht_peers", "Contacts in the routing table",
-                                value=d.peers())
-        yield GaugeMetricFamily("rma_agent_dht_joined", "1 once joined to the DHT",
-                                value=1 if d.joined else 0)
-        yield GaugeMetricFamily("rma_agent_dht_records",
-                                "Provider records stored on this node",
-                                value=_num(stats.get("records_stored")))
-        mode = GaugeMetricFamily("rma_agent_dht_mode", "DHT mode in force", labels=["mode"])
-        for m in ("server", "client"):
-            mode.add_metric([m], 1 if d.mode == m else 0)
-        yield mode
-        drops = CounterMetricFamily("rma_agent_dht_dropped_datagrams",
-                                    "Datagrams dropped by the protocol, by reason",
-                                    labels=["reason"])
-        for reason, n in sorted(_as_dict(stats.get("drops", stats.get("dropped"))).items()):
-            drops.add_metric([str(reason)], _num(n))
-        yield drops
-        # hostile-peer defences (agent/dht/diversity.py, guard.py, storage.py)
-        node = d.node
-        yield CounterMetricFamily("rma_agent_dht_diversity_refused",
-                                  "Contacts refused by the per-IP and per-/24 routing limits",
-                                  value=_num(stats.get("diversity_refused")))
-        yield CounterMetricFamily("rma_agent_dht_token_challenges",
-                                  "Requests answered with a write-token challenge",
-                                  value=_num(_as_dict(stats.get("guard")).get("challenges")))
-        yield CounterMetricFamily("rma_agent_dht_records_evicted",
-                                  "Records of flooding hosts evicted to make room",
-                                  value=_num(getattr(getattr(node, "storage", None),
-                                                     "evicted", 0)))
-        rpc = _as_dict(stats.get("rpc"))
-        for key, help_text in (("sent", "RPC requests sent"), ("received", "RPC requests received"),
-                               ("timeouts", "RPC requests that timed out"),
-                               ("failed", "RPC requests that failed")):
-            fam = CounterMetricFamily(f"rma_agent_dht_rpc_{key}", help_text, labels=["rpc"])
-            for name, n in sorted(_as_dict(rpc.get(key)).items()):
-                fam.add_metric([str(name)], _num(n))
-            yield fam
-        yield CounterMetricFamily("rma_agent_dht_announces", "Announces made by this node",
-                                  value=d._announces)
-        yield CounterMetricFamily("rma_agent_dht_announce_failures",
-                                  "Announces that stored on no node", value=d._announce_failures)
-        yield CounterMetricFamily("rma_agent_dht_lookups", "Provider lookups made by this node",
-                                  value=d._lookups)
-        buckets: list[tuple[str, float]] = []
-        acc = 0
-        for bound, n in zip(LOOKUP_BUCKETS, d._lookup_hist, strict=False):
-            acc += n
-            buckets.append((repr(bound), acc))
-        acc += d._lookup_hist[-1]
-        buckets.append(("+Inf", acc))
-        yield HistogramMetricFamily("rma_agent_dht_lookup_seconds", "Provider lookup duration",
-                                    buckets=buckets, sum_value=d._lookup_sum)
-
-
-def _as_dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return 0.0

@@ -24,15 +24,19 @@ newcomer is handed.
   emptied each side's tables of the other side, nothing would ever cross again: plain
   kademlia only learns contacts from traffic. An empty graveyard costs nothing.
 
-``ContactLiveness`` is a mixin of the protocol: it uses the RPC engine's ``_call`` and
-``_spawn`` and the protocol's ``router``, ``storage`` and ``call_*`` methods.
+``ContactLiveness`` is one object of the protocol, given what it works on in its
+constructor: the routing table and the storage, ``call`` (the protocol's way to send a
+request, ``call_queue.CallQueue.call``), ``spawn``, and two hooks — ``probe_budget``
+(may a verification ping go to an address that has not proven itself? the request
+gate's anti-amplification budget) and ``serving`` (server mode: hand records over).
+``on_revived`` is the node's callback for a contact that came back.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kademlia.node import Node
@@ -54,25 +58,42 @@ REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
 MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 
 
+Address = tuple[str, int]
+Call = Callable[..., Awaitable[tuple[bool, Any]]]
+VERIFY_PING_BYTES = 104             # a verification ping and its retransmission
+
+
 class ContactLiveness:
     """Routing-table membership: verification, failure counting, handoff (see module)."""
 
-    router: Any
-    storage: Any
-    source_node: Node
-    ksize: int
-    mode: str
-    drops: Any
-
-    def _init_liveness(self, *, dead_after: int, handoff_rate: float) -> None:
+    def __init__(self, router: Any, storage: Any, source_node: Node, ksize: int, *,
+                 call: Call, my_id: Callable[[], bytes],
+                 spawn: Callable[[Coroutine[Any, Any, Any]], None],
+                 serving: Callable[[], bool], drops: Counter[str],
+                 probe_budget: Callable[[Address, int], bool] = lambda a, n: True,
+                 limiter: TokenBucket | None = None,
+                 on_revived: Callable[[Node], None] | None = None,
+                 dead_after: int = 2, handoff_rate: float = 20.0) -> None:
+        self.router = router
+        self.storage = storage
+        self.source_node = source_node
+        self.ksize = ksize
+        self._call = call
+        self._my_id = my_id
+        self._spawn = spawn
+        self._serving = serving
+        self.drops = drops
+        self._probe_budget = probe_budget
+        self.on_revived = on_revived
         self.dead_after = dead_after
         self._fails: dict[bytes, tuple[int, float]] = {}
-        self._fail_addr: dict[tuple[str, int], bytes] = {}
+        self._fail_addr: dict[Address, bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         # rate per second, burst HANDOFF_RECORDS: one newcomer gets its records at once;
         # a heal (half the network new to us at once) cannot turn into a storm
         self._handoff_bucket = TokenBucket(handoff_rate, max(handoff_rate, HANDOFF_RECORDS))
-        self._verify_bucket = TokenBucket(200.0, 400.0)
+        # shared with the request gate's proof pings (one verification rate per node)
+        self.limiter = limiter if limiter is not None else TokenBucket(200.0, 400.0)
         self._verifying: set[bytes] = set()
         self.removed_contacts = 0
         self.handoffs = 0
@@ -81,15 +102,19 @@ class ContactLiveness:
         self._reviving: set[bytes] = set()
         self._handoff_inflight = 0
         self.revived = 0
-        self.on_revived: Callable[[Node], None] | None = None
 
-    def _sender(self, sender: tuple[str, int], nodeid: bytes) -> Node | None:
-        if not nodeid or nodeid == self.source_node.id:
-            return None
-        return Node(nodeid, sender[0], sender[1])
+    async def ping(self, node: Node) -> tuple[bool, Any]:
+        """Ping a contact, counting the outcome (``handle_call_response``)."""
+        result = await self._call((node.ip, node.port), "ping", self._my_id())
+        return self.handle_call_response(result, node)
 
-    def _welcome_sender(self, sender: tuple[str, int], nodeid: bytes, *,
-                        handoff: bool = True) -> None:
+    async def announce(self, node: Node, key: bytes, record: bytes) -> tuple[bool, Any]:
+        """Offer one encoded record to ``node``, counting the outcome."""
+        result = await self._call((node.ip, node.port), "announce", self._my_id(), key, record)
+        return self.handle_call_response(result, node)
+
+    def welcome_sender(self, sender: Address, nodeid: bytes, *,
+                       handoff: bool = True) -> None:
         """A request's claimed (id, address) is unverified: a spoofed datagram could fill
         the routing table with ids that live nowhere. Ping the address first and add the
         contact only if it answers with that id (bounded and rate-limited).
@@ -104,15 +129,23 @@ class ContactLiveness:
         node = Node(nodeid, sender[0], sender[1])
         if not self.router.is_new_node(node) or nodeid in self._verifying:
             return
-        if len(self._verifying) >= 256 or not self._verify_bucket.take():
+        if len(self._verifying) >= 256 or not self.limiter.take():
             self.drops["contact_unverified"] += 1
             return
         self._verifying.add(nodeid)
         self._spawn(self._verify_contact(node, handoff))
 
     async def _verify_contact(self, node: Node, handoff: bool = True) -> None:
+        """Ping the claimed address — up to two datagrams with the retransmission. For
+        an address that has not proven it receives there, that counts against its byte
+        budget (``probe_budget``): a spoofed request must not buy more than 2.5x its
+        size. Checked here, in the task, so the request's own reply is budgeted first."""
+        if not self._probe_budget((node.ip, node.port), VERIFY_PING_BYTES):
+            self._verifying.discard(node.id)
+            self.drops["verify_budget"] += 1
+            return
         try:
-            ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
+            ok, res = await self._call((node.ip, node.port), "ping", self._my_id())
             if ok and res == node.id:
                 self.welcome_if_new(node, handoff=handoff)
             elif ok:
@@ -132,7 +165,7 @@ class ContactLiveness:
         self.router.add_contact(node)
         if self._graveyard:
             self._graveyard.pop(node.id, None)
-        if not handoff or self.mode != "server" or not len(self.storage):
+        if not handoff or not self._serving() or not len(self.storage):
             return
         now = time.monotonic()
         last = self._welcomed.get(node.id)
@@ -171,7 +204,7 @@ class ContactLiveness:
 
     async def _handoff_one(self, node: Node, key: bytes, enc: bytes) -> None:
         try:
-            await self.call_announce(node, key, enc)
+            await self.announce(node, key, enc)
         finally:
             self._handoff_inflight -= 1
 
@@ -192,18 +225,18 @@ class ContactLiveness:
                 except Exception:  # a contact not in the table
                     pass
                 self._bury(node)
-            elif not self.router.is_new_node(node) and self._verify_bucket.take():
+            elif not self.router.is_new_node(node) and self.limiter.take():
                 # a routing contact missed a reply: ping it now rather than wait for the
                 # next lookup to stumble on it (crawls skip suspects, so that may never
                 # come) — a dead contact leaves after ``dead_after`` misses in a row
-                self._spawn(self.call_ping(node))
+                self._spawn(self.ping(node))
             return result
         if self._fails:
             self._fails.pop(node.id, None)
         # The id came from another peer's node list: an answer from that address does not
         # prove it (a liar can pair a made-up id with an honest node's address), so a new
         # contact enters the table only after a ping answered with that very id.
-        self._welcome_sender((node.ip, node.port), node.id, handoff=False)
+        self.welcome_sender((node.ip, node.port), node.id, handoff=False)
         return result
 
     def _prune_fails(self) -> None:
@@ -211,7 +244,7 @@ class ContactLiveness:
         self._fails = {k: v for k, v in self._fails.items() if v[1] >= cutoff}
         self._fail_addr = {a: i for a, i in self._fail_addr.items() if i in self._fails}
 
-    def _alive(self, address: tuple[str, int]) -> None:
+    def alive(self, address: Address) -> None:
         """A (late) reply came from ``address``: whatever timed out there was our
         congestion, not a dead peer — forget its failures."""
         nid = self._fail_addr.pop(address, None)
@@ -258,7 +291,7 @@ class ContactLiveness:
 
     async def _revive(self, node: Node) -> None:
         try:
-            ok, res = await self._call((node.ip, node.port), "ping", self.my_id())
+            ok, res = await self._call((node.ip, node.port), "ping", self._my_id())
         finally:
             self._reviving.discard(node.id)
         if not (ok and res == node.id):
@@ -281,3 +314,7 @@ class ContactLiveness:
             if t >= cutoff:
                 break
             del self._welcomed[k]
+
+    def stats(self) -> dict[str, Any]:
+        return {"removed_contacts": self.removed_contacts, "handoffs": self.handoffs,
+                "graveyard": len(self._graveyard), "revived": self.revived}

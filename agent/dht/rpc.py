@@ -1,10 +1,10 @@
 """The RPC engine: pending calls, round-trip times, timeouts, retransmission, reply budget.
 
-Replaces rpcudp's machinery under ``RMAProtocol`` (it keeps rpcudp's datagram format,
-see ``wire``):
+``RpcEngine`` is the datagram endpoint of a node (an ``asyncio.DatagramProtocol``) and
+replaces rpcudp's machinery (it keeps rpcudp's datagram format, see ``wire``):
 
-* **C msgpack both ways** (``_call`` replaces rpcudp's ``__getattr__`` closure): plain
-  kademlia spends a quarter of its CPU in the pure-Python ``umsgpack``.
+* **C msgpack both ways**: plain kademlia spends a quarter of its CPU in the pure-Python
+  ``umsgpack``.
 * **Adaptive timeouts.** Each peer address has a Jacobson/Karels estimator
   (RTO = SRTT + 4·RTTVAR, clamped to [``rto_min``, ``rto_max``]; an unknown peer gets the
   node-wide estimate, or ``rto_initial`` before any sample); a timeout doubles that peer's
@@ -25,8 +25,11 @@ see ``wire``):
   (exported as a Prometheus counter by the component); peer-caused log lines go through
   a token bucket per kind, so a flood produces a handful of lines, not one per datagram.
 
-``RpcEngine`` is a mixin: the protocol class calls ``_init_rpc`` and provides ``_rpcs``
-(the table of handlers, see ``wire.RpcTable``) and ``handle_call_response``.
+Composition: the engine is given its table of handlers (``wire.RpcTable``) and a
+``WireGate`` — the policy that screens requests and replies by source address
+(``flood_gate.RequestGate``; ``OPEN_GATE`` lets everything through) — in its
+constructor, and ``on_late_reply`` (contact liveness forgets a peer's failures). It
+knows nothing of kademlia, records or routing; ``exchange`` is the one way out.
 """
 
 from __future__ import annotations
@@ -35,16 +38,60 @@ import asyncio
 import logging
 import os
 from collections import Counter, OrderedDict
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
 
 import msgpack
 
-from agent.dht.wire import MAX_PAYLOAD, RpcTable, _norm_host, check_request, decode_datagram
+from agent.dht.wire import (
+    HEADER,
+    MAX_PAYLOAD,
+    RpcTable,
+    _norm_host,
+    check_request,
+    decode_datagram,
+)
 from agent.ratelimit import RateLimiter, TokenBucket
 
 log = logging.getLogger("agent.dht.protocol")  # one logger name for the whole wire
 
 QUEUE_FULL = "queue_full"   # the result of a call refused because the wait queue is full
+Address = tuple[str, int]
+SUPPRESS: Any = object()     # ``WireGate.screen_reply``: send nothing
+
+
+class WireGate(Protocol):
+    """What the engine asks about traffic by source address (see ``flood_gate``)."""
+
+    def inbound(self, data: Any, address: Address, size: int) -> tuple[Any, bool]:
+        """A request body of ``size`` datagram bytes: (the body without any token,
+        whether it carried a valid token for ``address``)."""
+        ...
+
+    def screen_reply(self, result: Any, size: int, address: Address) -> Any:
+        """What to send for a handler's ``result`` (``size`` bytes on the wire):
+        ``result`` itself, a replacement, or ``SUPPRESS``."""
+        ...
+
+    def replied(self, address: Address) -> None:
+        """``address`` answered one of our requests (it reads datagrams sent there)."""
+        ...
+
+
+class _OpenGate:
+    """No screening: every request is token-less, every reply goes out."""
+
+    def inbound(self, data: Any, address: Address, size: int) -> tuple[Any, bool]:
+        return data, False
+
+    def screen_reply(self, result: Any, size: int, address: Address) -> Any:
+        return result
+
+    def replied(self, address: Address) -> None:
+        return None
+
+
+OPEN_GATE: WireGate = _OpenGate()
 
 
 class _Pending:
@@ -54,7 +101,7 @@ class _Pending:
                  "resent", "retries_left", "sent_at", "timer", "wait")
 
     def __init__(self, fut: asyncio.Future[Any], timer: asyncio.TimerHandle,
-                 address: tuple[str, int], sent_at: float, name: str, wait: float) -> None:
+                 address: Address, sent_at: float, name: str, wait: float) -> None:
         self.fut = fut
         self.timer = timer
         self.address = address
@@ -94,53 +141,56 @@ class RttEstimator:
         return min(hi, max(lo, self.srtt + 4 * self.rttvar) * self.backoff)
 
 
-
-class RpcEngine:
+class RpcEngine(asyncio.DatagramProtocol):
     """Send requests and match replies; dispatch validated requests to handlers."""
 
-    _rpcs: RpcTable
-    transport: Any
-
-    def _init_rpc(self, *, rto_min: float, rto_max: float, rto_initial: float,
-                  max_inflight: int, retransmits: int, reply_rate: float,
-                  max_queue: int = 4096) -> None:
+    def __init__(self, handlers: RpcTable, *, gate: WireGate = OPEN_GATE,
+                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
+                 max_inflight: int = 64, retransmits: int = 1,
+                 reply_rate: float = 2_000_000.0,
+                 on_late_reply: Callable[[Address], None] | None = None,
+                 drops: Counter[str] | None = None, failed: Counter[str] | None = None
+                 ) -> None:
+        self.handlers = handlers
+        self.gate = gate
+        self.on_late_reply = on_late_reply
+        self.transport: asyncio.DatagramTransport | None = None
         self.rto_min, self.rto_max, self.rto_initial = rto_min, rto_max, rto_initial
         self.loop = asyncio.get_event_loop()
-        # msg_id -> (future, timer, address, sent_at, rpc name)
         self._outstanding: dict[bytes, _Pending] = {}
         # at most max_inflight requests on the wire: a burst (a coordinator republishing
         # hundreds of records) queues here, before its timers start, instead of timing
         # out on replies that are merely queued behind it
         self._slots = asyncio.Semaphore(max_inflight)
-        # ... and at most max_queue wait behind them: past that a call fails at once
-        # (``(False, QUEUE_FULL)``, not held against the peer) instead of piling up
-        self.max_queue = max_queue
-        self._waiting = 0
         self.queued = 0
         self.timeout_extensions = 0
         self.retransmits = retransmits
         self.retransmissions = 0
-        self._rtt: OrderedDict[tuple[str, int], RttEstimator] = OrderedDict()
+        self._rtt: OrderedDict[Address, RttEstimator] = OrderedDict()
         self._rtt_global = RttEstimator()
         self.fast_rtt: float | None = None
         self.reply_rate = reply_rate
         self._reply_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.peer_log = RateLimiter(rate=0.1, burst=5, logger=log)
+        # the request being dispatched carried a valid write token (see ``gate``):
+        # handlers run synchronously inside ``_accept_request`` and read it there
+        self.request_token_ok = False
         # counters (exported by the component)
-        self.drops: Counter[str] = Counter()
+        self.drops: Counter[str] = drops if drops is not None else Counter()
+        self.failed: Counter[str] = failed if failed is not None else Counter()
         self.rx: Counter[str] = Counter()
         self.tx: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
-        self.failed: Counter[str] = Counter()
         self.late_responses = 0
-        self._late: OrderedDict[bytes, tuple[tuple[str, int], float]] = OrderedDict()
-
-    def _alive(self, address: tuple[str, int]) -> None:
-        """A reply came from ``address`` after its timeout (the liveness mixin overrides)."""
+        self._late: OrderedDict[bytes, tuple[Address, float]] = OrderedDict()
 
     # ================================================================ incoming
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a datagram transport (selector-based ones do not subclass DatagramTransport)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         try:
             self._solve_datagram(data, addr)
         except Exception as exc:  # a bug of ours must not kill the transport either
@@ -152,19 +202,23 @@ class RpcEngine:
         self.drops[reason] += 1
         self.peer_log(logging.DEBUG, reason, "dht: dropped datagram from %s: %s", addr, reason)
 
-    def _solve_datagram(self, datagram: bytes, address: tuple[str, int]) -> None:
+    def _solve_datagram(self, datagram: bytes, address: Address) -> None:
         decoded = decode_datagram(datagram)
         if isinstance(decoded, str):
             return self._drop(decoded, address)
         kind, msg_id, data = decoded
         if kind == 0:
-            self._accept_request(msg_id, data, address)
+            data, self.request_token_ok = self.gate.inbound(data, address, len(datagram))
+            try:
+                self._accept_request(msg_id, data, address)
+            finally:
+                self.request_token_ok = False
         else:
             self._accept_response(msg_id, data, address)
         return None
 
-    def _accept_request(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:
-        checked = check_request(data, self._rpcs)
+    def _accept_request(self, msg_id: bytes, data: Any, address: Address) -> None:
+        checked = check_request(data, self.handlers)
         if isinstance(checked, str):
             return self._drop(checked, address)
         name, handler, args = checked
@@ -181,10 +235,10 @@ class RpcEngine:
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._async_done(t, msg_id, address, name))
             return None
-        self._respond(msg_id, result, address)
+        self.respond(msg_id, result, address)
         return None
 
-    def _async_done(self, task: asyncio.Task[Any], msg_id: bytes, address: tuple[str, int],
+    def _async_done(self, task: asyncio.Task[Any], msg_id: bytes, address: Address,
                     name: str) -> None:
         self._tasks.discard(task)
         if task.cancelled():
@@ -195,14 +249,22 @@ class RpcEngine:
             self.peer_log(logging.WARNING, "handler", "dht: rpc %s from %s failed: %r",
                           name, address, exc)
             return
-        self._respond(msg_id, task.result(), address)
+        self.respond(msg_id, task.result(), address)
 
-    def _respond(self, msg_id: bytes, result: Any, address: tuple[str, int]) -> None:
+    def respond(self, msg_id: bytes, result: Any, address: Address) -> None:
+        """Send ``result`` as the reply to request ``msg_id`` — what the gate lets
+        through (the result, a challenge instead, or nothing), within the size limit
+        and the per-IP budget of large answers."""
         try:
             payload = msgpack.packb(result, use_bin_type=True)
         except Exception:
             self.drops["unpackable_response"] += 1
             return
+        reply = self.gate.screen_reply(result, HEADER + len(payload), address)
+        if reply is SUPPRESS:
+            return
+        if reply is not result:
+            payload = msgpack.packb(reply, use_bin_type=True)
         if len(payload) > MAX_PAYLOAD:
             self.drops["response_too_big"] += 1
             return
@@ -228,7 +290,7 @@ class RpcEngine:
             self._reply_buckets.move_to_end(host)
         return b.take(size)
 
-    def _send(self, data: bytes, address: tuple[str, int]) -> bool:
+    def _send(self, data: bytes, address: Address) -> bool:
         t = self.transport
         if t is None or t.is_closing():
             return False
@@ -239,7 +301,7 @@ class RpcEngine:
             return False
         return True
 
-    def _accept_response(self, msg_id: bytes, data: Any, address: tuple[str, int]) -> None:  # type: ignore[override]
+    def _accept_response(self, msg_id: bytes, data: Any, address: Address) -> None:
         entry = self._outstanding.get(msg_id)
         if entry is None:
             late = self._late.pop(msg_id, None)
@@ -250,14 +312,18 @@ class RpcEngine:
                 self.late_responses += 1
                 sent_to, sent_at = late
                 if (_norm_host(address[0]), address[1]) == (_norm_host(sent_to[0]), sent_to[1]):
+                    self.gate.replied(address)
                     self._rtt_sample(sent_to, self.loop.time() - sent_at)
-                    self._alive(sent_to)
+                    if self.on_late_reply is not None:
+                        self.on_late_reply(sent_to)
                 return None
             return self._drop("unknown_msgid", address)
         sent_to = entry.address
         if address != sent_to and ((_norm_host(address[0]), address[1])
                                    != (_norm_host(sent_to[0]), sent_to[1])):
             return self._drop("addr_mismatch", address)
+        # it read our random message id: the address is real
+        self.gate.replied(address)
         del self._outstanding[msg_id]
         entry.timer.cancel()
         if not entry.resent:  # Karn: a reply to a resent request is an ambiguous sample
@@ -266,7 +332,7 @@ class RpcEngine:
             entry.fut.set_result((True, data))
         return None
 
-    def _rtt_sample(self, address: tuple[str, int], rtt: float) -> None:
+    def _rtt_sample(self, address: Address, rtt: float) -> None:
         est = self._rtt.get(address)
         if est is None:
             est = self._rtt[address] = RttEstimator()
@@ -279,40 +345,38 @@ class RpcEngine:
         self.fast_rtt = rtt if self.fast_rtt is None else 0.5 * (self.fast_rtt + rtt)
 
     # ================================================================ outgoing
-    def rto(self, address: tuple[str, int] | None = None) -> float:
+    def rto(self, address: Address | None = None) -> float:
         """Current retransmission timeout for ``address`` (node-wide estimate if unknown)."""
-        est = self._rtt.get(address) if address is not None else None  # type: ignore[arg-type]
+        est = self._rtt.get(address) if address is not None else None
         if est is None:
             est = self._rtt_global
         return est.rto(self.rto_min, self.rto_max, self.rto_initial)
 
-    def my_id(self) -> bytes:
-        """The node id we send: ours in server mode, ``b""`` in client mode."""
-        return b"" if self.mode == "client" else self.source_node.id
+    @property
+    def srtt(self) -> float | None:
+        """The node-wide smoothed RTT (seconds), None before any sample."""
+        return self._rtt_global.srtt
 
-    async def _call(self, address: tuple[str, int], name: str, *args: Any,
-                    timeout: float | None = None) -> tuple[bool, Any]:  # noqa: ASYNC109 (the per-request timer, not a wrapper)
-        """Send request ``name(*args)`` to ``address``; ``(True, result)`` or ``(False, None)``
-        after ``timeout`` (default: the adaptive RTO of that peer)."""
-        payload = msgpack.packb([name, args], use_bin_type=True)
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError(f"rpc {name}: request of {len(payload)} bytes exceeds 8 KiB")
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    async def exchange(self, address: Address, name: str, payload: bytes,
+                       timeout: float | None = None,  # noqa: ASYNC109 (the per-request timer)
+                       on_wire: Callable[[], None] | None = None) -> tuple[bool, Any]:
+        """Send the request ``payload`` (msgpack ``[name, args(, token)]``) to ``address``
+        once one of the ``max_inflight`` slots is free; ``(True, result)``, or
+        ``(False, None)`` after ``timeout`` (default: the adaptive RTO of that peer, with
+        retransmission). ``on_wire`` runs when the slot is taken (the caller's queue
+        accounting: from then on the call is no longer waiting)."""
         if self._slots.locked():
-            if self._waiting >= self.max_queue:
-                self.drops["rpc_queue_full"] += 1
-                return (False, QUEUE_FULL)
             self.queued += 1
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-        try:
+        async with self._slots:
+            if on_wire is not None:
+                on_wire()
             return await self._send_and_wait(address, name, payload, timeout)
-        finally:
-            self._slots.release()
 
-    async def _send_and_wait(self, address: tuple[str, int], name: str, payload: bytes,
+    async def _send_and_wait(self, address: Address, name: str, payload: bytes,
                              timeout: float | None) -> tuple[bool, Any]:  # noqa: ASYNC109
         loop = self.loop
         msg_id = os.urandom(20)
@@ -338,7 +402,7 @@ class RpcEngine:
             if msg_id in self._outstanding:  # cancelled while waiting
                 self._outstanding.pop(msg_id).timer.cancel()
 
-    def _timeout(self, msg_id: bytes) -> None:  # type: ignore[override]
+    def _timeout(self, msg_id: bytes) -> None:
         """A request's timer fired. Before calling the peer unresponsive, make sure it is
         not our own loop that was slow: if the timer fired late (the loop was busy), or
         the reply may be sitting unread in the socket buffer, re-arm it (bounded)."""
@@ -383,15 +447,6 @@ class RpcEngine:
         if not fut.done():
             fut.set_result((False, None))
 
-    def __getattr__(self, name: str) -> Any:
-        # rpcudp turns *any* unknown attribute into a remote call; only our RPC names do.
-        if name.startswith("_") or name.startswith("rpc_"):
-            raise AttributeError(name)
-        rpcs = self.__dict__.get("_rpcs")
-        if rpcs is not None and name in rpcs:
-            return lambda address, *args: self._call(address, name, *args)
-        raise AttributeError(name)
-
     def close(self) -> None:
         """Fail every outstanding request and cancel handler tasks (on stop)."""
         for entry in list(self._outstanding.values()):
@@ -402,8 +457,16 @@ class RpcEngine:
         for t in list(self._tasks):
             t.cancel()
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as a task of this endpoint (cancelled by ``close``)."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def local_host(self) -> str:
+        """The address the socket is bound to ("0.0.0.0" when unknown)."""
+        try:
+            return str(self.transport.get_extra_info("sockname")[0]) \
+                if self.transport is not None else "0.0.0.0"
+        except Exception:
+            return "0.0.0.0"

@@ -1,15 +1,23 @@
-"""``DHTNode``: a kademlia ``Server`` that announces and finds signed worker records.
+"""``DHTNode``: one node of the network — announces and finds signed worker records.
 
-What it changes in ``kademlia.network.Server`` and why:
+``DHTNode`` is its own class, not a ``kademlia.network.Server``: it holds kademlia's
+pieces as members — a ``kademlia.node.Node`` for its id, the ``RMAProtocol`` (which holds
+the routing table built on kademlia's buckets, and rpcudp's framing) — and exposes only
+what this network does: listen/stop, bootstrap, announce/withdraw, find_providers,
+service_counts, the views (peers, contacts, routing_snapshot, topology, stats), set_mode
+and trust. kademlia's plain-value API (get/set) is not part of it. Against plain
+kademlia's ``Server``:
 
-* ``protocol_class = RMAProtocol`` (hardened wire, adaptive timeouts, provider RPCs) and a
-  ``ProviderStorage`` (many signed records per key) instead of ``ForgetfulStorage``.
+* ``RMAProtocol`` (hardened wire, adaptive timeouts, provider RPCs) and a
+  ``ProviderStorage`` (many signed records per key, an ``admit`` validator and an
+  ``on_stored`` observer given to its constructor) instead of ``ForgetfulStorage``.
 * ``listen(port, interface)`` has no default interface (kademlia silently binds 0.0.0.0).
-* ``refresh_table`` reschedules itself with the configured interval (kademlia drops the
-  interval after the first run) and no longer republishes stored values: workers
-  republish their own records every ``republish_interval`` (the roles do).
+* The table refresh keeps the configured interval (kademlia drops it after the first
+  run) and republishes no stored values: workers republish their own records every
+  ``republish_interval`` (the roles do).
 * ``announce(record)`` stores the record at the k closest nodes of each of its keys
-  (its services + ``ALL_SERVICES``). The closest set found for a key is cached for
+  (``WorkerRecord.keys()``: its services and one shard of the service index, see
+  ``keys``). The closest set found for a key is cached for
   ``closest_ttl`` seconds and reused, so a periodic re-announce is one round of
   ``announce`` RPCs instead of a crawl; a cached set that loses a member, or grows stale,
   triggers a fresh node lookup (so republishing heals it).
@@ -33,33 +41,43 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
-from kademlia.network import Server
 from kademlia.node import Node
 
-from agent.dht.crawling import NodeLookup, ProviderLookup
+from agent.dht.crawling import NodeLookup
 from agent.dht.identity import Identity
 from agent.dht.keys import INDEX_KEYS
-from agent.dht.protocol import RMAProtocol, _is_id, all_contacts, parse_nodes
+from agent.dht.protocol import RMAProtocol, all_contacts, parse_nodes
+from agent.dht.provider_lookup import ProviderLookup
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage, is_stale
+from agent.dht.wire import _is_id
+from agent.interfaces import RoutingContact, Topology
 
 log = logging.getLogger(__name__)
 
 MODES = ("server", "client", "auto")
 
 
-class DHTNode(Server):
-    """One DHT node (see module docstring). All methods must run on the node's loop."""
+Admit = Callable[[WorkerRecord, float], str | None]
 
-    protocol_class = RMAProtocol
+
+class DHTNode:
+    """One DHT node (see module docstring). All methods must run on the node's loop.
+
+    ``admit(record, now)``: a refusal reason for a record this node is asked to store,
+    or None to admit it (closed networks); ``on_stored(record)``: observer of every
+    record stored. Both go to the storage's constructor (ignored with ``storage``)."""
 
     def __init__(self, identity: Identity, *, ksize: int = 20, alpha: int = 3,
                  mode: str = "server", storage: ProviderStorage | None = None,
                  refresh_interval: float = 900.0, cull_interval: float = 30.0,
                  lookup_width: int | None = None, closest_ttl: float = 120.0,
                  trusted: tuple[Any, ...] | list[Any] | set[Any] = (),
+                 admit: Admit | None = None,
+                 on_stored: Callable[[WorkerRecord], None] | None = None,
                  rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
                  dead_after: int = 2, max_skew: float = 30.0,
                  revive_interval: float = 5.0) -> None:
@@ -68,11 +86,13 @@ class DHTNode(Server):
         if ksize < 1 or alpha < 1:
             raise ValueError("ksize and alpha must be positive")
         if storage is None:
-            storage = ProviderStorage(trusted=trusted, max_skew=max_skew)
-        super().__init__(ksize=ksize, alpha=alpha, node_id=identity.node_id, storage=storage)
-        # kademlia's ``storage or ForgetfulStorage()`` would replace an empty (falsy) one
+            storage = ProviderStorage(trusted=trusted, max_skew=max_skew, admit=admit,
+                                      on_stored=on_stored)
         self.storage: ProviderStorage = storage
         self.identity = identity
+        self.node = Node(identity.node_id)
+        self.ksize = ksize
+        self.alpha = alpha
         self.mode = "client" if mode == "auto" else mode
         self.requested_mode = mode
         self.refresh_interval = refresh_interval
@@ -81,12 +101,13 @@ class DHTNode(Server):
         self.closest_ttl = closest_ttl
         self.max_skew = max_skew
         self._proto_opts = dict(rto_min=rto_min, rto_max=rto_max, rto_initial=rto_initial,
-                                dead_after=dead_after, max_skew=max_skew)
+                                dead_after=dead_after)
         self._closest: dict[bytes, tuple[float, list[Node]]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
-        self.cull_loop: asyncio.TimerHandle | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.protocol: RMAProtocol | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self.revive_interval = revive_interval
-        self.revive_loop: asyncio.TimerHandle | None = None
         self._last_remerge = -1e9
         self.closest_checks = 0
         self.closest_stale = 0
@@ -95,36 +116,45 @@ class DHTNode(Server):
         self.started_at = time.time()
         self.lookups = 0
         self.announces = 0
-        self.protocol: RMAProtocol | None = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ lifecycle
-    def _create_protocol(self) -> RMAProtocol:
-        return RMAProtocol(self.node, self.storage, self.ksize, mode=self.mode,
-                           **self._proto_opts)  # type: ignore[arg-type]
-
-    async def listen(self, port: int, interface: str) -> None:  # type: ignore[override]
+    async def listen(self, port: int, interface: str) -> None:
         """Bind the UDP socket on ``interface:port`` (port 0 picks a free one) and start
-        the periodic table refresh and storage cull."""
+        the periodic table refresh, storage cull and revival of lost contacts."""
         loop = asyncio.get_running_loop()
-        self.transport, self.protocol = await loop.create_datagram_endpoint(
-            self._create_protocol, local_addr=(interface, port))
+        protocol = RMAProtocol(self.node, self.storage, self.ksize, mode=self.mode,
+                               max_skew=self.max_skew, on_revived=self._on_revived,
+                               **self._proto_opts)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: protocol.engine, local_addr=(interface, port))
+        self.transport, self.protocol = transport, protocol
         self.interface = interface
-        self.port = self.transport.get_extra_info("sockname")[1]
+        self.port = transport.get_extra_info("sockname")[1]
         log.info("dht: node %s listening on udp %s:%d (%s mode)", self.node.id.hex(),
                  interface, self.port, self.mode)
-        self.refresh_loop = loop.call_later(self.refresh_interval, self.refresh_table)
-        self.cull_loop = loop.call_later(self.cull_interval, self._cull)
-        self.protocol.on_revived = self._on_revived
-        self.revive_loop = loop.call_later(self.revive_interval, self._revive)
+        self._every("refresh", self.refresh_interval, self._refresh)
+        self._every("cull", self.cull_interval, self._cull)
+        self._every("revive", self.revive_interval, self._revive)
+
+    def _every(self, name: str, interval: float, work: Callable[[], None]) -> None:
+        """Run ``work`` every ``interval`` seconds until ``stop`` (one timer per name;
+        an exception in ``work`` is logged and the timer kept)."""
+        def tick() -> None:
+            try:
+                work()
+            except Exception as exc:  # background work must never die silently
+                log.warning("dht: %s failed: %r", name, exc)
+            finally:
+                self._timers[name] = asyncio.get_running_loop().call_later(interval, tick)
+
+        self._timers[name] = asyncio.get_running_loop().call_later(interval, tick)
 
     def stop(self) -> None:
-        super().stop()
-        if self.cull_loop is not None:
-            self.cull_loop.cancel()
-            self.cull_loop = None
-        if self.revive_loop is not None:
-            self.revive_loop.cancel()
-            self.revive_loop = None
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self.transport is not None:
+            self.transport.close()
         if self.protocol is not None:
             self.protocol.close()
         for t in list(self._bg):
@@ -151,13 +181,8 @@ class DHTNode(Server):
         task.add_done_callback(self._bg.discard)
         return task
 
-    def refresh_table(self, interval: float | None = None) -> None:  # type: ignore[override]
-        """Refresh lonely buckets now and reschedule with the *same* interval (kademlia
-        forgets a custom interval after the first run)."""
-        interval = self.refresh_interval if interval is None else interval
+    def _refresh(self) -> None:
         self._spawn(self._refresh_table())
-        self.refresh_loop = asyncio.get_running_loop().call_later(
-            interval, self.refresh_table, interval)
 
     async def _refresh_table(self) -> None:
         """Look up a random id in every bucket not touched for an hour, and our own id
@@ -171,27 +196,20 @@ class DHTNode(Server):
             log.warning("dht: table refresh failed: %r", exc)
 
     def _cull(self) -> None:
-        try:
-            n = self.storage.cull()
-            if n:
-                log.debug("dht: dropped %d expired records", n)
-            if self.protocol is not None:
-                self.protocol.housekeeping()
-            now = time.monotonic()
-            for k in [k for k, (t, _) in self._closest.items() if now - t > self.closest_ttl]:
-                del self._closest[k]
-        finally:
-            self.cull_loop = asyncio.get_running_loop().call_later(self.cull_interval, self._cull)
+        n = self.storage.cull()
+        if n:
+            log.debug("dht: dropped %d expired records", n)
+        if self.protocol is not None:
+            self.protocol.housekeeping()
+        now = time.monotonic()
+        for k in [k for k, (t, _) in self._closest.items() if now - t > self.closest_ttl]:
+            del self._closest[k]
 
     def _revive(self) -> None:
         """Ping a few removed contacts that are due (``ContactLiveness.revive``): after a
         partition heals, this is what first crosses between the halves again."""
-        try:
-            if self.protocol is not None:
-                self.protocol.revive()
-        finally:
-            self.revive_loop = asyncio.get_running_loop().call_later(
-                self.revive_interval, self._revive)
+        if self.protocol is not None:
+            self.protocol.revive()
 
     def _on_revived(self, node: Node) -> None:
         """A contact lost earlier answers again (a healed partition, a restarted peer):
@@ -214,7 +232,7 @@ class DHTNode(Server):
         return await NodeLookup(self.protocol, target, peers, width=width or self.ksize,
                                 alpha=self.alpha).find()
 
-    async def bootstrap(self, addrs: list[tuple[str, int]]) -> int:  # type: ignore[override]
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> int:
         """Ping the seeds (IP literals), then look up our own id through them.
         Returns the number of contacts in the routing table afterwards."""
         assert self.protocol is not None, "listen() first"
@@ -223,8 +241,8 @@ class DHTNode(Server):
                  if not (p == self.port and h in (self.interface, "127.0.0.1", "::1"))]
 
         async def ping(addr: tuple[str, int]) -> Node | None:
-            ok, res = await proto._call(addr, "ping", proto.my_id(),
-                                        timeout=max(proto.rto(addr), 1.0))
+            ok, res = await proto.call(addr, "ping", proto.my_id(),
+                                       timeout=max(proto.rto(addr), 1.0))
             if ok and _is_id(res) and res != self.node.id:
                 node = Node(res, addr[0], addr[1])
                 proto.welcome_if_new(node)
@@ -249,11 +267,6 @@ class DHTNode(Server):
                for b in self.protocol.router.buckets if not (b.range[0] <= me <= b.range[1])]
         random.shuffle(ids)
         await asyncio.gather(*(self._node_lookup(i) for i in ids[:limit]))
-
-    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:  # type: ignore[override]
-        assert self.protocol is not None
-        ok, res = await self.protocol._call(addr, "ping", self.protocol.my_id())
-        return Node(res, addr[0], addr[1]) if ok and _is_id(res) else None
 
     # ------------------------------------------------------------------ records
     async def _still_closest(self, key: bytes, nodes: list[Node]) -> bool:
@@ -413,6 +426,28 @@ class DHTNode(Server):
             return []
         return [(n.ip, n.port) for n in all_contacts(self.protocol.router)]
 
+    def topology(self) -> Topology:
+        """The routing table at a glance (the dashboard's ring): how many k-buckets,
+        and each contact with the index of its bucket (empty before ``listen``)."""
+        if self.protocol is None:
+            return Topology(0, [])
+        router = self.protocol.router
+        return Topology(len(router.buckets), [
+            RoutingContact(n.id, n.ip, n.port, router.get_bucket_for(n))
+            for n in all_contacts(router)])
+
+    def drop_thin_closest(self, keys: list[bytes], want: int) -> int:
+        """Forget the cached closest sets of ``keys`` that hold fewer than ``want``
+        nodes (cached while the network was smaller than it is now), so the next
+        announce of those keys crawls afresh. Returns how many were dropped."""
+        dropped = 0
+        for key in keys:
+            hit = self._closest.get(key)
+            if hit is not None and len(hit[1]) < want:
+                del self._closest[key]
+                dropped += 1
+        return dropped
+
     def stats(self) -> dict[str, Any]:
         st = self.storage.stats()
         out: dict[str, Any] = {
@@ -432,16 +467,3 @@ class DHTNode(Server):
         if self.protocol is not None:
             out.update(self.protocol.stats())
         return out
-
-    # kademlia's plain-value API is not part of this network
-    async def get(self, key: Any) -> None:  # type: ignore[override]
-        raise NotImplementedError("use find_providers(); plain values are not stored")
-
-    async def set(self, key: Any, value: Any) -> bool:  # type: ignore[override]
-        raise NotImplementedError("use announce(); plain values are not stored")
-
-    async def set_digest(self, dkey: Any, value: Any) -> bool:  # type: ignore[override]
-        raise NotImplementedError("use announce(); plain values are not stored")
-
-    def save_state_regularly(self, fname: Any, frequency: int = 600) -> None:  # type: ignore[override]
-        raise NotImplementedError("the DHT component keeps the routing snapshot")

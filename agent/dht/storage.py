@@ -101,6 +101,8 @@ class ProviderStorage(IStorage):
         max_skew: float = 30.0,
         rng: random.Random | None = None,
         diversity: DiversityPolicy | None = None,
+        admit: Callable[[WorkerRecord, float], str | None] | None = None,
+        on_stored: Callable[[WorkerRecord], None] | None = None,
     ) -> None:
         self.max_per_key = max_per_key
         self.max_keys = max_keys
@@ -126,9 +128,9 @@ class ProviderStorage(IStorage):
         self._sketch: dict[bytes, tuple[float, list[list[int]]]] = {}
         # called with each record that replaced or added an entry (the agent turns it
         # into its "record" bus event, so cached lookup answers learn of withdrawals)
-        self.on_stored: Callable[[WorkerRecord], None] | None = None
+        self.on_stored: Callable[[WorkerRecord], None] | None = on_stored
         # closed networks (agent.admission): refusal reason for a record, or None to admit
-        self.admit: Callable[[WorkerRecord, float], str | None] | None = None
+        self.admit: Callable[[WorkerRecord, float], str | None] | None = admit
 
     # ------------------------------------------------------------------ writes
     def put(self, key: bytes, record: WorkerRecord, *, sender: Sender = None,

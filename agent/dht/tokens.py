@@ -12,7 +12,7 @@ receives datagrams at that IP can learn it. The secret rotates every ``rotate`` 
 and the previous one is still accepted, so a token lives 5-10 minutes (BEP 5 does the
 same with 5-minute secrets). Nothing per peer is stored on the issuing side.
 
-``AddressGuard`` keeps, per ``(ip, port)`` that has not proven it receives at its
+``AddressBudget`` keeps, per ``(ip, port)`` that has not proven it receives at its
 address, the bytes received from and sent to it, and lets a reply through only while
 ``sent + reply <= factor x received`` (``factor`` 3, QUIC's anti-amplification rule).
 An address is *proven* once it answers one of our requests (the reply carried our random
@@ -83,7 +83,7 @@ class WriteTokens:
                 or hmac.compare_digest(token, self._mac(self._previous, ip)))
 
 
-class AddressGuard:
+class AddressBudget:
     """Which addresses proved they receive at their address, and the byte budget of
     those that have not (see module docstring). Memory is bounded by ``max_entries``."""
 

@@ -38,9 +38,9 @@ def test_forty_workers_found_from_worker_and_coordinator_then_30pct_killed(tmp_p
         names = {w.name for w in workers}
 
         asker = workers[7]
-        wait_until(lambda: c1.providers("big")[0] == names and asker.providers("big")[0] == names,
-                   3 * REPUBLISH + 10, "all 40 workers found from c1 and w07")
-        assert c2.providers("big")[0] == names
+        wait_until(lambda: c1.providers("big")[0] == names and asker.providers("big")[0] == names
+                   and c2.providers("big")[0] == names,
+                   3 * REPUBLISH + 10, "all 40 workers found from c1, c2 and w07")
         status, body = c1.get("/api/services")
         assert status == 200 and {"name": "big", "workers": N_WORKERS} in body["services"], body
 

@@ -116,10 +116,10 @@ def test_spoofed_and_replayed_announces_are_refused(monkeypatch):
             assert ok and res is True
             assert a.storage.record(KEY, good.worker_id) is not None
             # and the next one needs no challenge (the token is cached)
-            before = a.protocol.challenges
+            before = a.protocol.gate.challenges
             good2 = rec(w.identity, "honest")
             ok, res = await w.protocol.call_announce(Node(a.node.id, *dst), KEY, good2.encode())
-            assert ok and res is True and a.protocol.challenges == before
+            assert ok and res is True and a.protocol.gate.challenges == before
         finally:
             tr.close()
             for n in nodes:
@@ -156,7 +156,7 @@ async def _reflection(net: int) -> dict[str, float]:
         return {"sent": sent, "reflected": sink.bytes, "ratio": sink.bytes / sent,
                 "datagrams_back": len(sink.datagrams),
                 "amplification_drops": a.protocol.drops["reply_amplification"],
-                "challenges": a.protocol.challenges}
+                "challenges": a.protocol.gate.challenges}
     finally:
         tr.close()
         for n in nodes:
@@ -192,7 +192,7 @@ def test_honest_asker_pays_one_round_trip_then_gets_full_answers(monkeypatch):
             ok, ans = await client.protocol.call_find_providers(
                 Node(a.node.id, a.interface, a.port), KEY)
             assert ok and len(ans["records"]) == 20     # challenge answered, then the full answer
-            assert a.protocol.challenges == 1
+            assert a.protocol.gate.challenges == 1
             assert await client.bootstrap([(a.interface, a.port)]) > 0
             found = await client.find_providers("ocr")
             assert len(found) == 20
@@ -236,7 +236,7 @@ async def _stall(net: int, unproven_pool: int | None) -> dict[str, float]:
     nodes = await honest_network(12, net)
     a = nodes[0]
     if unproven_pool is not None:        # the control: dead addresses may take every slot
-        a.protocol._unproven_slots = asyncio.Semaphore(unproven_pool)
+        a.protocol.calls.unproven_slots = asyncio.Semaphore(unproven_pool)
     liar_id = os.urandom(20)
     tr, _liar, laddr = await _endpoint(lambda: _Liar(liar_id, f"127.{net}.200.1"),
                                        f"127.{net}.66.1")
@@ -253,14 +253,14 @@ async def _stall(net: int, unproven_pool: int | None) -> dict[str, float]:
         while time.monotonic() < t_end:
             for n in honest:
                 t0 = time.monotonic()
-                await a.protocol._call((n.interface, n.port), "ping", a.protocol.my_id())
+                await a.protocol.call((n.interface, n.port), "ping", a.protocol.my_id())
                 rtts.append(time.monotonic() - t0)
             await asyncio.sleep(0.02)
         for t in lookups:          # what they found is not the point; the pings were
             t.cancel()
         await asyncio.gather(*lookups, return_exceptions=True)
         return {"ping_max_s": max(rtts), "ping_median_s": statistics.median(rtts),
-                "pings": len(rtts), "queued": a.protocol.queued}
+                "pings": len(rtts), "queued": a.protocol.engine.queued}
     finally:
         tr.close()
         for n in nodes:

@@ -204,14 +204,14 @@ def test_newcomer_gets_targeted_handoff():
                 await asyncio.sleep(0.05)
             assert newcomer.storage.count(key) == 5
             await asyncio.sleep(0.3)  # other holders' contact checks of the newcomer finish
-            h1 = sum(n.protocol.handoffs for n in nodes)
+            h1 = sum(n.protocol.liveness.handoffs for n in nodes)
             # targeted: at most the 5 workers' records under their 2 keys each (asr and
             # their index shard), from at most two holders whose views differ — not a
             # re-store to every node (it was up to 250 before), and the newcomer, verified
             # by old members' pings, hands nothing back to them
             held = newcomer.storage.count()
             assert 5 <= h1 <= 20, (h1, held)
-            assert newcomer.protocol.handoffs == 0
+            assert newcomer.protocol.liveness.handoffs == 0
             # no storm: hearing again from contacts a node already knows (every request
             # and reply "welcomes" its sender) hands nothing over
             for n in nodes:
@@ -219,14 +219,14 @@ def test_newcomer_gets_targeted_handoff():
                     for _ in range(3):
                         n.protocol.welcome_if_new(c)
             await asyncio.sleep(0.05)
-            assert sum(n.protocol.handoffs for n in nodes) == h1
+            assert sum(n.protocol.liveness.handoffs for n in nodes) == h1
             # and a contact that drops out and comes back within a minute is not re-fed
             p = nodes[0].protocol
             c = p.router.all_contacts()[0]
-            p._welcomed[c.id] = time.monotonic()
+            p.liveness._welcomed[c.id] = time.monotonic()
             p.router.remove_contact(c)
             p.welcome_if_new(c)
-            assert sum(n.protocol.handoffs for n in nodes) == h1
+            assert sum(n.protocol.liveness.handoffs for n in nodes) == h1
         finally:
             stop_all(nodes)
             await asyncio.sleep(0.01)
@@ -295,10 +295,10 @@ def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
                     rec_for(Identity.generate(), services=(svc,))) for i in range(n_workers)))
 
             async def datagrams(service: str, expect: int) -> float:
-                sent = [sum(x.protocol.tx.values()) for x in nodes]
+                sent = [sum(x.protocol.engine.tx.values()) for x in nodes]
                 for _ in range(4):
                     assert len(await client.find_providers(service)) == expect
-                return sum(sum(x.protocol.tx.values()) - s0
+                return sum(sum(x.protocol.engine.tx.values()) - s0
                            for x, s0 in zip(nodes, sent, strict=True)) / 4
             d100, d300 = await datagrams("asr", 100), await datagrams("big", 300)
             assert d100 < d300 < 3.5 * d100, (d100, d300)

@@ -36,7 +36,7 @@ class Harness:
         self.fed = 0
 
     def feed(self, data: bytes) -> None:
-        self.proto.datagram_received(data, ADDR)
+        self.proto.engine.datagram_received(data, ADDR)
         self.fed += 1
         if self.fed % 16 == 0:  # let spawned handler tasks run (and fail, if they would)
             self.loop.run_until_complete(asyncio.sleep(0))

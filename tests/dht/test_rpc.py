@@ -17,11 +17,11 @@ def test_wait_queue_is_bounded_and_its_refusals_are_not_held_against_the_peer():
         node = DHTNode(Identity.generate())
         await node.listen(0, "127.0.0.1")
         proto = node.protocol
-        proto.per_peer_inflight = 2                 # 2 on the wire to one address ...
-        proto.max_queued = 3                        # ... 3 waiting, the rest refused
+        proto.calls.per_peer_inflight = 2                 # 2 on the wire to one address ...
+        proto.calls.max_queued = 3                        # ... 3 waiting, the rest refused
         silent = ("127.0.0.1", free_port(socket.SOCK_DGRAM))  # nobody answers there
         try:
-            calls = [asyncio.ensure_future(proto._call(silent, "ping", proto.my_id(),
+            calls = [asyncio.ensure_future(proto.call(silent, "ping", proto.my_id(),
                                                        timeout=0.3))
                      for _ in range(8)]
             await asyncio.sleep(0.05)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.dht.tokens import TOKEN_LEN, AddressGuard, TokenCache, WriteTokens
+from agent.dht.tokens import TOKEN_LEN, AddressBudget, TokenCache, WriteTokens
 
 
 def test_token_bound_to_ip_and_rotates():
@@ -25,7 +25,7 @@ def test_token_bound_to_ip_and_rotates():
 
 
 def test_amplification_budget_and_proof():
-    g = AddressGuard(factor=3.0)
+    g = AddressBudget(factor=3.0)
     a = ("198.51.100.7", 4000)
     assert not g.may_send(a, 10)            # never heard from: nothing
     g.received(a, 60)
@@ -37,7 +37,7 @@ def test_amplification_budget_and_proof():
     g.prove(a, now=0)
     assert g.is_proven(a, now=1) and not g.is_proven(a, now=10_000)
     assert not g.is_proven(("198.51.100.7", 4001), now=1)   # per ip:port
-    small = AddressGuard(max_entries=4)
+    small = AddressBudget(max_entries=4)
     for i in range(100):
         small.received((f"10.0.0.{i}", 1), 50)
         small.prove((f"10.1.0.{i}", 1))
