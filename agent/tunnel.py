@@ -46,7 +46,7 @@ from agent.config import check_host
 
 if TYPE_CHECKING:
     from agent.config import Config, TunnelSection
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.tunnel")
 
@@ -64,7 +64,7 @@ class TunnelComponent(Component):
     poll_slow = 10.0          # once everything is up
     backoff_max = 30.0        # cap of the backoff while cloudflared is unreachable
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self.cfg: TunnelSection = agent.config.tunnel
         self.endpoint: str | None = None
@@ -82,7 +82,7 @@ class TunnelComponent(Component):
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._wake: asyncio.Event | None = None
-        registry = getattr(agent, "registry", None)
+        registry = agent.registry
         self._m_up = Gauge("rma_agent_tunnel_up",
                            "1 when cloudflared is connected to the edge and the public URL "
                            "is known (always 1 with tunnel.mode off)", registry=registry)
@@ -318,7 +318,7 @@ class TunnelComponent(Component):
         subscribes in its own start(), after ours; an event sent while the agent is still
         starting would be lost. ``agent.running`` turns True once every start() returned.
         """
-        if not self._pending_emit or not getattr(self.agent, "running", True):
+        if not self._pending_emit or not self.agent.running:
             return
         self._pending_emit = False
         if self.endpoint is not None:

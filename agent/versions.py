@@ -32,7 +32,7 @@ from agent.dht.record import MAX_TTL
 from agent.discovery.select import record_max_age
 
 if TYPE_CHECKING:
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 MAX_TRACKED = 4096      # distinct workers remembered (oldest forgotten first)
 _NUM = re.compile(r"\d+")
@@ -67,7 +67,7 @@ class VersionsComponent(Component):
 
     name = "versions"
 
-    def __init__(self, agent: Agent, clock: Any = time.time) -> None:
+    def __init__(self, agent: AgentAPI, clock: Any = time.time) -> None:
         super().__init__(agent)
         self.clock = clock
         # worker id -> (seq, agent_version, live until), least recently updated first
@@ -97,7 +97,7 @@ class VersionsComponent(Component):
             # so a worker gone without a goodbye leaves the sample with it
             live_until = min(float(record.expires_at),
                              float(record.issued_at) + record_max_age(record, MAX_TTL))
-            self._seen[wid] = (int(record.seq), str(getattr(record, "agent_version", "")),
+            self._seen[wid] = (int(record.seq), str(record.agent_version),
                                live_until)
             self._seen.move_to_end(wid)
             while len(self._seen) > MAX_TRACKED:

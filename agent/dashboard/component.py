@@ -120,9 +120,6 @@ class DashboardComponent(Component):
                               "watch": self.hub.stats()}}
 
     # ------------------------------------------------------------------ event log
-    def log_event(self, kind: str, text: str, **extra: Any) -> None:
-        self.eventlog.log(kind, text, **extra)
-
     def _watched_name(self, wid: bytes) -> str | None:
         for w in self.hub.watches.values():
             v = w.members.get(wid)

@@ -66,7 +66,7 @@ def overview(agent: AgentAPI, hub: WatchHub, services: list[str],
         "router": has_router,
         # the fleet's versions (record format 2's agent_version; "" = a v1 record)
         "versions": dict(sorted(Counter(
-            str(getattr(r, "agent_version", "") or "") for r in
+            r.agent_version for r in
             (star.records.values() if star is not None else ())).items())),
     }
 
@@ -90,8 +90,7 @@ def service_state(disc: DiscoveryService, hub: WatchHub, service: str,
         rec = cs.records[cs.index[bytes.fromhex(v["id"])]]
         workers.append({
             "id": v["id"], "name": v["name"], "endpoint": v["endpoint"], "gpu": v["gpu"],
-            # a v1 record (or a foreign record-like) has no agent_version
-            "version": str(getattr(rec, "agent_version", "") or ""),
+            "version": rec.agent_version,          # "" for a record of format 1
             "gpu_memory_gb": num(v["gpu_memory_gb"], 1), "load": num(v["load"], 2),
             "capacity": num(v["capacity"], 2), "region": v["region"],
             "age_s": num(v["age_s"], 1), "latency_ms": num(v["latency_ms"], 1),

@@ -1,4 +1,4 @@
-"""Per-service answer cache with early invalidation, and single-flight for DHT queries.
+"""Per-service answer cache with early invalidation (single-flight is agent.concurrency).
 
 Why cache at all: a DHT lookup is a network crawl (several round trips), while callers
 ask the same few questions ("who serves llm-inference?") many times a second. An entry is
@@ -30,7 +30,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.concurrency import SingleFlight  # noqa: F401 (re-exported: moved below discovery)
 from agent.discovery.select import CandidateSet, RecordLike
 
 NEGATIVE_TTL_S = 5.0

@@ -38,7 +38,7 @@ import aiohttp
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from agent.discovery.cache import SingleFlight
+from agent.concurrency import SingleFlight
 from agent.discovery.endpoints import GuardedConnector, endpoint_refusal
 from agent.proof import PROOF_PATH, ProofError, new_nonce, parse_nonce, verify_proof
 

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from agent.component import Component
+from agent.concurrency import SingleFlight
 from agent.config import SERVICE_RE, Config
 from agent.dht.record import ALL_SERVICES
-from agent.discovery.cache import CacheEntry, ServiceCache, SingleFlight
+from agent.discovery.cache import CacheEntry, ServiceCache
 from agent.discovery.coordinator_client import CoordinatorClient
 from agent.discovery.crawl_limit import CrawlLimiter
 from agent.discovery.endpoints import Allowance, GuardedConnector

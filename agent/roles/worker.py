@@ -41,8 +41,7 @@ if TYPE_CHECKING:
 
     from agent.config import Config
     from agent.dht.identity import Identity
-    from agent.interfaces import DHTService
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI, DHTService
 
 log = logging.getLogger("rma_agent.worker")
 
@@ -59,7 +58,7 @@ class WorkerRole(Component):
 
     name = "worker"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self._tunnel_endpoint = ""
         self._gpu: GpuInfo | None = None
