@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -26,7 +26,32 @@ from agent.concurrency import SingleFlight
 from agent.dht.record import ALL_SERVICES, normalize_service, valid_service_name
 
 if TYPE_CHECKING:
-    from agent.dht.component import DHTComponent
+    from agent.dht.identity import Identity
+    from agent.dht.record import WorkerRecord
+    from agent.dht.server import DHTNode
+    from agent.interfaces import AgentAPI
+
+
+class DHTView(Protocol):
+    """What the routes read of the DHT component (``component.DHTComponent``), named
+    here so this module does not import the component that mounts it."""
+
+    @property
+    def agent(self) -> AgentAPI: ...
+
+    @property
+    def identity(self) -> Identity | None: ...
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def node(self) -> DHTNode | None: ...
+
+    def contacts(self) -> list[tuple[str, str, int]]: ...
+
+    async def find_providers(self, service: str,
+                             limit: int | None = None) -> list[WorkerRecord]: ...
 
 MAX_SEEDS = 20
 
@@ -35,7 +60,7 @@ def _fmt(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _own_seed(dht: DHTComponent, request: web.Request) -> str | None:
+def _own_seed(dht: DHTView, request: web.Request) -> str | None:
     """Our advertised UDP address, or None when we are a client (unreachable)."""
     if dht.mode != "server" or dht.node is None:
         return None
@@ -76,7 +101,7 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def bootstrap_handler(dht: DHTComponent) -> Any:
+def bootstrap_handler(dht: DHTView) -> Any:
     """``GET /api/dht/bootstrap``: served on the admin API, and on a coordinator's gateway."""
 
     async def bootstrap(request: web.Request) -> web.Response:
@@ -95,7 +120,7 @@ def bootstrap_handler(dht: DHTComponent) -> Any:
     return bootstrap
 
 
-def add_routes(app: web.Application, dht: DHTComponent) -> None:
+def add_routes(app: web.Application, dht: DHTView) -> None:
     crawls = SingleFlight()
 
     async def topology(request: web.Request) -> web.Response:
