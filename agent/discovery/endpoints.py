@@ -230,6 +230,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         self.contacts: Counter[str] = contacts if contacts is not None else Counter()
         self._max_hosts = max_hosts
         self._verdicts: dict[tuple[str, str], tuple[Allowance, str | None]] = {}
+        self._last_allow: Allowance | None = None
 
     def _count_refused(self) -> None:
         self.refused += 1
@@ -244,6 +245,10 @@ class GuardedConnector(aiohttp.TCPConnector):
         if host in self.contacts or len(self.contacts) < self._max_hosts:
             self.contacts[host] += 1
         allow = self._allow()
+        if allow != self._last_allow:
+            # resolutions cached under another rule (a config reload) are judged again
+            self.clear_dns_cache()
+            self._last_allow = allow
         key = (url.scheme, url.raw_authority)
         cached = self._verdicts.get(key)
         if cached is not None and cached[0] == allow:

@@ -197,3 +197,22 @@ async def test_proof_requests_obey_the_rule() -> None:
             out = await ver.check(s, srv.ident.node_id, endpoint, srv.ident.public_key)
         assert out.kind == "ok", out.reason
         assert srv.hits == 1
+
+
+async def test_a_narrower_rule_applies_to_cached_resolutions() -> None:
+    """A config reload that stops allowing a private address takes effect at once, even
+    for a name whose private resolution the connector cached under the old rule."""
+    async with _Listener() as srv:
+        zone = _Zone({"rebind.example": ["127.0.0.1"]})
+        rule = [Allowance(private=("127.0.0.1",))]
+        conn = GuardedConnector(lambda: rule[0], dns=zone, force_close=True)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            url = f"https://rebind.example:{srv.port}/"
+            # allowed: resolved and connected (the listener speaks no TLS: that fails)
+            with pytest.raises(aiohttp.ClientError) as first:
+                await s.get(url)
+            assert not isinstance(first.value, EndpointRefused)
+            rule[0] = Allowance()
+            with pytest.raises(EndpointRefused, match="loopback address"):
+                await s.get(url)
+        assert conn.refused == 1

@@ -171,7 +171,10 @@ async def test_fallback_to_coordinator_registry(tmp_path) -> None:
                                discovery={"coordinators": (base, "http://127.0.0.1:1")})
     await role.start()
     try:
-        await _until(lambda: len(coord.registry) == 1)
+        # the registry holds it before the worker has read the coordinator's answer: wait
+        # for both (checking the worker's count right after the first raced)
+        await _until(lambda: len(coord.registry) == 1
+                     and role.stats()["worker"]["fallback_registrations"]["ok"] >= 1)
         got = next(iter(coord.registry.values()))
         assert got.worker_id == dht.identity.node_id and got.services == ("ocr", "asr")
         assert cdht.announced and cdht.announced[0].encode() == got.encode()  # republished
