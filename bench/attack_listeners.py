@@ -259,7 +259,7 @@ def attack_round(args: argparse.Namespace, proc: subprocess.Popen[bytes], admin:
     half = args.connections // 2
     attackers = [subprocess.Popen(
         [sys.executable, __file__, "--attacker", str(port), str(half), args.mode,
-         str(args.seconds), ",".join(sources[k::2])], stdout=subprocess.PIPE)
+         str(args.seconds), ",".join(sources[k::2] or sources)], stdout=subprocess.PIPE)
         for k in range(2)]
     ramp = min(10.0, args.seconds / 3)
     time.sleep(ramp)                                    # let the connections pile up
