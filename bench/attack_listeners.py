@@ -28,8 +28,7 @@ Reported per round (``--rounds`` attacks one after the other on the same agent):
 share of fresh requests and admin checks that succeeded, the agent's RSS (baseline, peak
 during the attack, and up to 20 s after it ended), and the connections the agent shed
 (``rma_agent_http_shed_total``, cumulative). ``--system-malloc`` runs the agent with
-``PYTHONMALLOC=malloc``: CPython's small-object arenas otherwise keep the pages a flood
-fragmented (reused by the next flood, not returned to the system). Targets: >= 99 % succeed, the admin API
+``PYTHONMALLOC=malloc`` (glibc's allocator for every object instead of CPython's arenas). Targets: >= 99 % succeed, the admin API
 answers, peak RSS < 300 MB, RSS back near its baseline afterwards.
 
 This script raises its own file limit (it needs root for more than the hard limit) and

@@ -15,12 +15,8 @@ only needs the small :class:`Held` interface of them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import gc
 import ipaddress
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -44,31 +40,6 @@ SHED_REASONS: dict[str, tuple[int, str]] = {
     "body_timeout": (0, "closed connections whose request body stalled"),
     "send_timeout": (0, "closed connections that stopped reading their answer"),
 }
-
-
-# After a flood of connections ends, the memory they used is free inside the process but
-# glibc keeps it; malloc_trim hands it back, so RSS returns to its baseline (issue 20).
-TRIM_AFTER = 1000          # connections a listener must have held for a trim to matter
-TRIM_EVERY_S = 5.0
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim
-        return trim
-    except (OSError, AttributeError):        # not glibc: nothing to hand back this way
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_memory() -> None:
-    """Collect cycles and return freed heap pages to the system (glibc only)."""
-    gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class Held(Protocol):
@@ -138,8 +109,6 @@ class ConnectionTable:
         metrics.limit.labels(name, "total").set(limits.max_connections)
         metrics.limit.labels(name, "per_address").set(limits.max_per_address)
         self._sweeper: asyncio.Task[None] | None = None
-        self._peak = 0                  # most connections held since the last trim
-        self._trimmed_at = 0.0
 
     # ------------------------------------------------------------------ accounting
     def count(self, reason: str) -> None:
@@ -239,17 +208,6 @@ class ConnectionTable:
                 reason = conn.stalled(now, lim)
                 if reason is not None:
                     self.shed(conn, reason)
-        self._after_flood(now)
-
-    def _after_flood(self, now: float) -> None:
-        """Once a flood of connections has drained, give its memory back (rate-limited)."""
-        held = len(self.conns)
-        self._peak = max(self._peak, held)
-        if self._peak >= TRIM_AFTER and held <= self._peak // 4 \
-                and now - self._trimmed_at >= TRIM_EVERY_S:
-            self._trimmed_at = now
-            self._peak = held
-            release_memory()
 
     def start(self) -> None:
         if self._sweeper is None:
