@@ -91,6 +91,11 @@ class DHTService(Protocol):
         """The local record store (None before start)."""
         ...
 
+    @property
+    def joined(self) -> bool:
+        """True once this node has a peer (a worker waits for it before announcing)."""
+        ...
+
     def peers(self) -> int: ...
 
     def contacts(self) -> list[tuple[str, str, int]]:
@@ -122,15 +127,38 @@ class DiscoveryService(Protocol):
     """What ``agent.discovery`` (:class:`agent.discovery.service.DiscoveryComponent`)
     offers: lookups, the cached answers, the health of workers and the crawl budget."""
 
-    agent: AgentAPI
-    clock: Callable[[], float]
-    crawl_limit: CrawlBudget
-    contacts: Counter[str]          # hosts that guarded sessions connected to
-    counts: Counter[str]            # plain counters behind stats()
-    tracker: LatencyTracker
-    ownership: OwnershipVerifier
-    scorer: GpuScorer
-    weights: tuple[float, ...]
+    # read-only to others (properties: a protocol's plain attribute would also promise
+    # that callers may assign it)
+    @property
+    def agent(self) -> AgentAPI: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def crawl_limit(self) -> CrawlBudget: ...
+
+    @property
+    def contacts(self) -> Counter[str]:
+        """Hosts that guarded sessions connected to."""
+        ...
+
+    @property
+    def counts(self) -> Counter[str]:
+        """The plain counters behind ``stats()``."""
+        ...
+
+    @property
+    def tracker(self) -> LatencyTracker: ...
+
+    @property
+    def ownership(self) -> OwnershipVerifier: ...
+
+    @property
+    def scorer(self) -> GpuScorer: ...
+
+    @property
+    def weights(self) -> tuple[float, ...]: ...
 
     @property
     def max_results(self) -> int: ...

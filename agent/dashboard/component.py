@@ -248,10 +248,11 @@ class DashboardComponent(Component):
         names = self._service_names()
         disc = self.agent.discovery
         services = []
-        for svc in names if disc is not None else ():
-            st = view.service_state(disc, self.hub, svc, now)
-            if st is not None:
-                services.append(st)
+        if disc is not None:
+            for svc in names:
+                st = view.service_state(disc, self.hub, svc, now)
+                if st is not None:
+                    services.append(st)
         has_router = bool(self.samples and self.samples[-1].get("router"))
         return {"t": round(now, 3),
                 "agent": view.overview(self.agent, self.hub, names, has_router),

@@ -157,10 +157,10 @@ async def list_services(request: web.Request) -> web.Response:
 async def get_service(request: web.Request) -> web.Response:
     comp: DiscoveryService = request.app[COMPONENT_KEY]
     params = request.query
-    explain = params.get("explain")
+    explain = False
     try:
         service = check_service(request.match_info["name"])
-        if explain is not None:         # "why this worker" (agent/discovery/explain.py)
+        if "explain" in params:         # "why this worker" (agent/discovery/explain.py)
             explain = parse_explain(params)
             params = MultiDict((k, v) for k, v in params.items() if k != "explain")
         query = parse_query(params, comp.max_results)
