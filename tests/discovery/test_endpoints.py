@@ -216,3 +216,19 @@ async def test_a_narrower_rule_applies_to_cached_resolutions() -> None:
             with pytest.raises(EndpointRefused, match="loopback address"):
                 await s.get(url)
         assert conn.refused == 1
+
+
+async def test_legacy_numeric_forms_of_loopback_are_refused() -> None:
+    """``127.1``, ``2130706433`` and ``0x7f.1`` are not addresses to ``ipaddress`` (so the
+    static rule sees names) but the system resolver maps them onto 127.0.0.1: refused
+    before any packet, by aiohttp's canonical-address check or by the resolver's."""
+    async with _Listener() as srv:
+        conn = GuardedConnector(lambda: Allowance())
+        async with aiohttp.ClientSession(connector=conn) as s:
+            for host in ("127.1", "2130706433", "0x7f.1"):
+                with pytest.raises(aiohttp.ClientError) as err:
+                    await s.get(f"https://{host}:{srv.port}/")
+                assert not isinstance(err.value, aiohttp.ClientConnectorSSLError)
+            with pytest.raises(EndpointRefused, match=r"loopback address 0x7f\.1"):
+                await s.get(f"https://0x7f.1:{srv.port}/")
+        assert srv.hits == 0
