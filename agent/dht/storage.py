@@ -26,15 +26,13 @@ would (a flooder's records go first; a key full of one-record-per-host workers r
 newcomers, ``key_full``). Expiry time plays no part: a long-TTL record does not outrank
 an honest 300 s one.
 
-Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records. When
-more are stored, half the answer is the best-ranked ones — lowest utilisation
-(``load / capacity``) first, ties broken by freshest ``issued_at`` — and the other half is
-a uniform random sample of the rest, or, when the asker passes a ``page`` number, page
-``page % pages`` of the rest in worker-id order (``pages()`` says how many there are). A
-lookup asks each node it queries for a different page and then fetches the pages it is
-still missing (up to 8 more), so it sees every worker of a service with up to ~150
-workers, and a fair sample beyond that. 20 records of the maximum size (340 bytes) plus 20
-contacts always fit one 8 KiB datagram.
+Answers (``get``): at most ``limit`` (default ``ANSWER_LIMIT`` = 20) live records: half
+the best-ranked (lowest ``load / capacity``, then freshest ``issued_at``), half a random
+sample of the rest — or, for an asker passing ``page``, page ``page % pages`` of the rest
+in worker-id order (``pages()``): a lookup asks each node for a different page, then the
+pages it still misses (up to 8), so it sees every worker of a service of up to ~150, a
+fair sample beyond; id ranges and sketches (:mod:`agent.dht.listing`) read the rest. 20
+records of the maximum size (340 bytes) plus 20 contacts always fit one 8 KiB datagram.
 """
 
 from __future__ import annotations
@@ -230,12 +228,11 @@ class ProviderStorage(IStorage):
 
     def _evict_flooder(self, key: bytes, bucket: dict[bytes, _Entry], host: Any) -> bool:
         """Make room under ``key`` for a record of ``host`` by dropping one record of the
-        host holding the most there — only if it holds at least two more than ``host``
-        would. Never an exempt (local, trusted) record. True if one was dropped.
-
-        The scan is O(records under the key); a key found to hold no host with two or
-        more records is remembered (``_no_flooder``, cleared by any change to the key),
-        so a full key of honest one-record hosts refuses newcomers without rescanning."""
+        host holding the most there, if it holds at least two more than ``host`` would;
+        never one this node stored itself (relayed ones count as their endpoint's host).
+        True if one was dropped. A key found to hold no host with two or more records is
+        remembered (``_no_flooder``, cleared by any change to the key): a full key of
+        one-record hosts refuses newcomers without rescanning."""
         if key in self._no_flooder:
             return False
         per_host: Counter[Any] = Counter(e.host for e in bucket.values() if e.host is not None)
