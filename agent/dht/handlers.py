@@ -111,9 +111,10 @@ class RpcHandlers:
         }
 
     def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
-        # a ping is someone checking us (e.g. verifying us as their new contact), not a
-        # newcomer joining (joins look up): no handoff for it
-        self.liveness.welcome_sender(sender, nodeid, handoff=False)
+        # a ping is someone checking us (e.g. verifying us as their new contact) or a
+        # newcomer joining through us as its seed: no handoff for the ping itself; an
+        # unknown id's handoff waits for its join lookup (``rpc_find_node`` of its id)
+        self.liveness.welcome_sender(sender, nodeid, handoff=False, first_contact=True)
         return self.source_node.id
 
     def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: Any) -> bool:
@@ -127,7 +128,8 @@ class RpcHandlers:
                 for n in self.router.find_neighbors(Node(key), k=self.ksize, exclude=exclude)]
 
     def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[tuple]:
-        self.liveness.welcome_sender(sender, nodeid)
+        # a lookup of the sender's own id is a join (or a re-merge): see liveness
+        self.liveness.welcome_sender(sender, nodeid, joining=key == nodeid)
         return self._neighbors(sender, nodeid, key)
 
     def rpc_find_value(self, sender: Address, nodeid: bytes, key: bytes) -> list[tuple]:

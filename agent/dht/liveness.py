@@ -13,7 +13,9 @@ newcomer is handed.
   for which the newcomer is now among the k closest *and* this node was the closest
   holder, at most ``HANDOFF_KEYS`` keys per newcomer, once per newcomer per minute, under
   a global token bucket of announce RPCs (kademlia re-welcomes replacement-cache contacts
-  and re-stores every key to each, a self-sustaining loop at 1,000 nodes).
+  and re-stores every key to each, a self-sustaining loop at 1,000 nodes). A newcomer
+  that first *pings* us (we are its seed) is handed its keys at its first request (its
+  join lookup), not on the ping: pings also come from old members checking us.
 
 * **Partitions heal.** A contact removed for missing replies goes to a bounded
   *graveyard* (``GRAVEYARD`` entries, kept ``GRAVE_TTL``). ``revive()`` (the node calls it
@@ -56,6 +58,9 @@ REVIVE_MAX = 4.0                    # back-off cap between revival pings of one 
                                     # limit below is what bounds the traffic)
 REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
 MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
+DEFER_TTL = 60.0                    # a pinging newcomer's handoff waits this long for
+                                    # its first request (its join lookup follows at once)
+MAX_DEFERRED = 1024
 
 
 Address = tuple[str, int]
@@ -95,6 +100,9 @@ class ContactLiveness:
         # shared with the request gate's proof pings (one verification rate per node)
         self.limiter = limiter if limiter is not None else TokenBucket(200.0, 400.0)
         self._verifying: set[bytes] = set()
+        self._upgrade: set[bytes] = set()      # in verification, then to be handed keys
+        # id -> (address, when): joined by pinging us, handoff at its first request
+        self._deferred: OrderedDict[bytes, tuple[Address, float]] = OrderedDict()
         self.removed_contacts = 0
         self.handoffs = 0
         # node id -> [node, next probe at, back-off, buried at] (monotonic clock)
@@ -102,6 +110,11 @@ class ContactLiveness:
         self._reviving: set[bytes] = set()
         self._handoff_inflight = 0
         self.revived = 0
+
+    @property
+    def verifying(self) -> int:
+        """Contact checks (verification pings) in flight."""
+        return len(self._verifying)
 
     async def ping(self, node: Node) -> tuple[bool, Any]:
         """Ping a contact, counting the outcome (``handle_call_response``)."""
@@ -113,8 +126,8 @@ class ContactLiveness:
         result = await self._call((node.ip, node.port), "announce", self._my_id(), key, record)
         return self.handle_call_response(result, node)
 
-    def welcome_sender(self, sender: Address, nodeid: bytes, *,
-                       handoff: bool = True) -> None:
+    def welcome_sender(self, sender: Address, nodeid: bytes, *, handoff: bool = True,
+                       first_contact: bool = False, joining: bool = False) -> None:
         """A request's claimed (id, address) is unverified: a spoofed datagram could fill
         the routing table with ids that live nowhere. Ping the address first and add the
         contact only if it answers with that id (bounded and rate-limited).
@@ -123,35 +136,71 @@ class ContactLiveness:
         (a newcomer announces itself so: its join lookups), False for one we only heard
         of in an answer to our own query — after our own join those are old members that
         hold their keys already, and a young node handing each of them its keys was a
-        join storm (~80 announces from one newcomer in a 24-node network)."""
+        join storm (~80 announces from one newcomer in a 24-node network).
+
+        ``first_contact``: a ping from an id we never knew (not a contact lost earlier);
+        ``joining``: a lookup of the sender's own id (Kademlia's join). A newcomer joins
+        by pinging its seed, then looking itself up through it: the seed's handoff is
+        deferred from the ping to that lookup (``DEFER_TTL``). Without this a seed that
+        was the closest holder of a key added the newcomer on its ping, with no handoff,
+        then heard its join lookup from a known contact: nobody handed the key over (the
+        newcomer held none of the key's records until the owners republished). Only a
+        join lookup releases a deferred handoff: old members' pings are first contacts
+        too (a reply and the ping that checks us can cross), and their other requests
+        (a holder's own handoff announces) must not be answered with a handoff back."""
         if not nodeid or nodeid == self.source_node.id:
             return
         node = Node(nodeid, sender[0], sender[1])
-        if not self.router.is_new_node(node) or nodeid in self._verifying:
+        if nodeid in self._verifying:
+            if joining:
+                self._upgrade.add(nodeid)    # its verification is in flight: hand off then
+            return
+        if not self.router.is_new_node(node):
+            if joining and self._deferred:
+                self._deferred_handoff(node)
             return
         if len(self._verifying) >= 256 or not self.limiter.take():
             self.drops["contact_unverified"] += 1
             return
         self._verifying.add(nodeid)
-        self._spawn(self._verify_contact(node, handoff))
+        defer = first_contact and not handoff and nodeid not in self._graveyard
+        self._spawn(self._verify_contact(node, handoff, defer))
 
-    async def _verify_contact(self, node: Node, handoff: bool = True) -> None:
+    def _deferred_handoff(self, node: Node) -> None:
+        """A known contact looks itself up: if it first pinged us (a deferred handoff,
+        same address, within ``DEFER_TTL``), consider the handoff now, once."""
+        hit = self._deferred.pop(node.id, None)
+        if hit is None:
+            return
+        addr, at = hit
+        if addr == (node.ip, node.port) and time.monotonic() - at < DEFER_TTL:
+            self._consider_handoff(node)
+
+    async def _verify_contact(self, node: Node, handoff: bool = True,
+                              defer: bool = False) -> None:
         """Ping the claimed address — up to two datagrams with the retransmission. For
         an address that has not proven it receives there, that counts against its byte
         budget (``probe_budget``): a spoofed request must not buy more than 2.5x its
         size. Checked here, in the task, so the request's own reply is budgeted first."""
         if not self._probe_budget((node.ip, node.port), VERIFY_PING_BYTES):
             self._verifying.discard(node.id)
+            self._upgrade.discard(node.id)
             self.drops["verify_budget"] += 1
             return
         try:
             ok, res = await self._call((node.ip, node.port), "ping", self._my_id())
+            upgraded = defer and node.id in self._upgrade
             if ok and res == node.id:
-                self.welcome_if_new(node, handoff=handoff)
+                if defer and not upgraded and self.router.is_new_node(node):
+                    self._deferred[node.id] = ((node.ip, node.port), time.monotonic())
+                    while len(self._deferred) > MAX_DEFERRED:
+                        self._deferred.popitem(last=False)
+                self.welcome_if_new(node, handoff=handoff or upgraded)
             elif ok:
                 self.drops["contact_id_mismatch"] += 1
         finally:
             self._verifying.discard(node.id)
+            self._upgrade.discard(node.id)
 
     def welcome_if_new(self, node: Node, *, handoff: bool = True) -> None:
         """Add ``node`` to the routing table; hand over only the keys it now should hold.
@@ -165,7 +214,12 @@ class ContactLiveness:
         self.router.add_contact(node)
         if self._graveyard:
             self._graveyard.pop(node.id, None)
-        if not handoff or not self._serving() or not len(self.storage):
+        if handoff:
+            self._consider_handoff(node)
+
+    def _consider_handoff(self, node: Node) -> None:
+        """Hand ``node`` the keys it should now hold, at most once a minute per node."""
+        if not self._serving() or not len(self.storage):
             return
         now = time.monotonic()
         last = self._welcomed.get(node.id)
@@ -308,6 +362,9 @@ class ContactLiveness:
 
     def housekeeping(self) -> None:
         self._prune_fails()
+        cutoff = time.monotonic() - DEFER_TTL
+        while self._deferred and next(iter(self._deferred.values()))[1] < cutoff:
+            self._deferred.popitem(last=False)
         cutoff = time.monotonic() - 60.0
         while self._welcomed:
             k, t = next(iter(self._welcomed.items()))
