@@ -15,6 +15,10 @@ aiohttp ``RequestHandler`` that also knows its state:
   blocked for the send timeout). The handler's own time is the handler's business (the
   gateway has ``upstream_timeout``).
 
+aiohttp has no hook for these, so the handler reads two of its fields: ``_request_count``
+(heads parsed on this connection) and ``_reading_paused`` (we stopped reading, not the
+caller); ``tests/http/test_listener.py`` fails if an aiohttp upgrade renames them.
+
 A connection over the caps is answered ``503`` + ``Retry-After`` and closed right after
 accept; it never reaches aiohttp. Handler cancellation (a caller that hangs up cancels its
 handler) is on for both listeners: the gateway's proxied requests and the admin API's

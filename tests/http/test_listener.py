@@ -272,6 +272,14 @@ async def test_a_caller_that_hangs_up_cancels_its_handler() -> None:
         assert s.cancelled == ["/hold"]
 
 
+def test_the_aiohttp_fields_the_listener_reads_still_exist() -> None:
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.web_protocol import RequestHandler
+
+    assert "_request_count" in RequestHandler.__slots__
+    assert "_reading_paused" in BaseProtocol.__slots__
+
+
 def test_caps_leave_room_below_the_file_limit() -> None:
     for nofile in (256, 1024, 4096, 16384, 1 << 20):
         admin, public = listener_limits(nofile)
