@@ -4,7 +4,9 @@
   rule that keeps a request inside an upstream's prefix); the gateway and the router both
   use it, so the two can never disagree again.
 - :mod:`agent.http.listener` — the aiohttp listeners (admin and public) with timeouts,
-  connection caps and a bound on heads in progress.
+  connection caps and a bound on heads in progress; :mod:`agent.http.budget` holds the
+  numbers (and derives the caps from ``RLIMIT_NOFILE``), :mod:`agent.http.connections`
+  the per-listener bookkeeping (eviction, deadlines, shed metrics and journal lines).
 - :mod:`agent.http.local_caller` — which admin requests only this box may make.
 - :mod:`agent.http.same_site` — the admin API refuses cross-site requests that change state.
 """
