@@ -228,3 +228,10 @@ def test_client_ip_reads_headers_of_named_proxies_only() -> None:
     assert client_ip(req("::ffff:192.0.2.1", CF_Connecting_IP="6.6.6.6"),
                      ("127.0.0.1", "::1")) == "192.0.2.1"
     assert client_ip(req("::1", X_Real_IP="2001:db8::7"), ("::1",)) == "2001:db8::7"
+
+
+def test_networks_are_slash24_and_slash64() -> None:
+    assert reg_mod.prefix_of("198.51.100.7") == "198.51.100.0/24"
+    assert reg_mod.prefix_of("::ffff:198.51.100.7") == "198.51.100.0/24"
+    assert reg_mod.prefix_of("2001:db8:1:2:3::9") == "2001:db8:1:2::/64"
+    assert reg_mod.prefix_of("not-an-ip") == "not-an-ip"
