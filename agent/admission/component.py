@@ -58,7 +58,7 @@ from agent.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.network")
 _LOG_LIMIT = RateLimiter(rate=1 / 60, burst=3)
@@ -97,7 +97,7 @@ class NetworkComponent(Component):
 
     name = "network"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self.policy = AdmissionPolicy(configured_keys(agent.config))
         self.refused: Counter[str] = Counter()

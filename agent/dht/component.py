@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from agent.config import Config
     from agent.dht.storage import ProviderStorage
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.dht")
 
@@ -54,7 +54,7 @@ class DHTComponent(Component):
 
     name = "dht"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         cfg = agent.config
         # A broken state dir must end in a one-line "cannot start" (raised from start(),

@@ -38,8 +38,7 @@ from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.interfaces import WorkerService
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI, WorkerService
 
 log = logging.getLogger("rma_agent.gateway")
 
@@ -54,7 +53,7 @@ class GatewayComponent(Component):
 
     name = "gateway"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self.inflight = 0
         self.requests: dict[str, int] = {}

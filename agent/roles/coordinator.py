@@ -59,7 +59,7 @@ from agent.roles.seeds import OBSERVE_INTERVAL, SeedBook
 
 if TYPE_CHECKING:
     from agent.dht.component import DHTComponent
-    from agent.lifecycle import Agent
+    from agent.interfaces import AgentAPI
 
 log = logging.getLogger("rma_agent.coordinator")
 
@@ -112,7 +112,7 @@ class CoordinatorRole(Component):
 
     name = "coordinator"
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentAPI) -> None:
         super().__init__(agent)
         self.book = Registry(lambda: float(self.agent.config.dht.record_ttl))
         self.seeds = SeedBook()
