@@ -17,7 +17,9 @@ router's own request headers (``RMA-Region``, ``RMA-GPU``, ``RMA-Min-GPU-Memory-
 
 **When to retry.** Surely-not-processed outcomes are retried for every method: the
 connection could not be made, the worker's proof failed (nothing was sent), or the
-worker answered with ``RMA-Not-Processed: 1``. Idempotent methods (RFC 9110 §9.2.2:
+worker answered ``502``/``503`` with ``RMA-Not-Processed: 1`` (its gateway's refusals
+before forwarding; on any other status the header is ignored, see
+:mod:`agent.router.component`). Idempotent methods (RFC 9110 §9.2.2:
 GET, HEAD, OPTIONS, TRACE, PUT, DELETE) are also retried on 502/503/504 and when the
 connection failed or timed out before response headers. Everything else is answered as is.
 """
