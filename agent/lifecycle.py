@@ -77,7 +77,6 @@ class Agent(ComponentDirectory):
         self.core_metrics = CoreMetrics(self.registry, config.agent.role)
         self.notifier = notifier or Notifier()
         self.started_at = time.time()
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.http_url = ""
         self.gateway_url = ""
         self._subs: dict[str, list[Callable[[Any], Any]]] = defaultdict(list)
@@ -175,7 +174,6 @@ class Agent(ComponentDirectory):
     # --- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
         """Serve HTTP, start components in order, then tell systemd READY=1."""
-        self.loop = asyncio.get_running_loop()
         # both listeners bounded (agent.http.budget): timeouts, connection caps below the
         # file limit, head memory; a caller that hangs up cancels its handler (routed and
         # proxied requests stop working for nobody and free their slots at once)
