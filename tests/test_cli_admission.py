@@ -16,6 +16,7 @@ from agent.admission.policy import AdmissionPolicy
 from agent.admission.revocation import RevocationList
 from agent.cli import main
 from agent.dht.identity import Identity
+from tests.util import requires
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,7 +171,7 @@ def test_real_command_exit_codes(setup):
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+@requires(None if os.geteuid() == 0 else "needs root (chown to the state dir's owner)")
 def test_identity_as_root_hands_the_new_key_to_the_state_dir_owner(tmp_path, capsys):
     """``sudo rma-agent identity`` before the first start must not leave a root-owned key
     the service user cannot read."""
