@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from agent.config import toml_dumps
+from agent.ratelimit import TokenBucket
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,6 +178,35 @@ async def wait_for_async(predicate: Callable[[], Any], timeout: float = 10.0,  #
         if expired:
             raise poll.failure()
         await asyncio.sleep(interval)
+
+
+class ManualClock:
+    """A clock that moves only when the test says so (``advance``)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+class ClockedBucket(TokenBucket):
+    """A rate limiter's token bucket on a ``ManualClock``. On the wall clock, tokens come
+    back while a test makes its requests: on a loaded machine a "flood" spreads over
+    seconds and gets more through than the burst, and the 429 counts the test expects do
+    not come (seen under stress-ng). Here tokens come back only when the test advances
+    the clock, so the counts are the limiter's contract, exactly, at any machine speed."""
+
+    def __init__(self, rate: float, burst: float, clock: ManualClock) -> None:
+        super().__init__(rate, burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self, n: float = 1.0, now: float | None = None) -> bool:
+        return super().take(n, self.clock() if now is None else now)
 
 
 def in_ci() -> bool:

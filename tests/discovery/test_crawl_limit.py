@@ -11,24 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.dht.api import add_routes as add_dht_routes
 from agent.discovery.crawl_limit import CRAWL_BURST, CRAWL_RATE
 from agent.httpapi import make_app
-from agent.ratelimit import TokenBucket
-from tests.discovery._support import Clock, make_discovery, make_record
-
-
-class _ClockedBucket(TokenBucket):
-    """The limiter's bucket on a test clock. With the wall clock, tokens came back while
-    the requests were being made: on a loaded machine 150 "concurrent" requests spread
-    over seconds and got 60 crawls instead of the burst's 40, and the 429 counts the tests
-    expected did not come. Here tokens come back only when the test moves the clock, so
-    the counts are the limiter's contract, exactly, at any machine speed."""
-
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        super().__init__(rate, burst)
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self, n: float = 1.0, now: float | None = None) -> bool:
-        return super().take(n, self.clock() if now is None else now)
+from tests.discovery._support import make_discovery, make_record
+from tests.util import ClockedBucket, ManualClock
 
 
 async def _client(delay: float = 0.05):
@@ -37,8 +21,8 @@ async def _client(delay: float = 0.05):
     dht.delay = delay
     dht.add(make_record(name="w"))
     limit = comp.crawl_limit
-    clock = Clock(1000.0)
-    limit.bucket = _ClockedBucket(limit.bucket.rate, limit.bucket.burst, clock)
+    clock = ManualClock()        # tokens come back only when the test says (tests.util)
+    limit.bucket = ClockedBucket(limit.bucket.rate, limit.bucket.burst, clock)
     app = make_app(agent)
     add_dht_routes(app, dht)          # the stub stands for the DHT component's routes
     client = TestClient(TestServer(app))
