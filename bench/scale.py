@@ -21,9 +21,10 @@ Phases (``scale_phases.py``; each also bounded by ``--phase-cap``):
    service: found share, p50/p99, datagrams and bytes per lookup (every datagram any node
    sent during the phase, replies included, / lookups), CPU per lookup (this process's CPU,
    every node's work, / lookups); then waves of ``--concurrent`` lookups: lookups/s.
-4. **rest** — two windows of ``--rest`` seconds without client traffic: with the workers'
-   republish running every ``--republish`` seconds (what an idle network really sends),
-   and without it (the DHT's own upkeep: table refresh, liveness, handoff). Each window
+4. **rest** — two windows of ``--rest`` seconds without client traffic: without the
+   workers' republish (the DHT's own upkeep: table refresh, liveness, handoff), then, after
+   one round that restores the records that expired meanwhile, with the republish running
+   every ``--republish`` seconds (what an idle network really sends). Each window
    reports how many table-refresh rounds per node it held: a window shorter than the
    refresh interval (the agent's 900 s; kademlia's 3600 s) may hold none.
 5. **churn** — 30 % of the nodes stop without goodbye (their workers with them); lookups at
@@ -140,11 +141,11 @@ ROWS = [
     ("lookups", "cpu_ms_per_lookup", "CPU ms per lookup (all nodes)", 2),
     ("concurrent", "lookups_per_s", "lookups/s, concurrent", 0),
     ("concurrent", "found", "concurrent: found share", 4),
+    ("rest_quiet", "datagrams_per_s_per_node", "rest, no republish: datagrams/s/node", 3),
+    ("rest_quiet", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
     ("rest_republish", "datagrams_per_s_per_node", "rest with republish: datagrams/s/node", 3),
     ("rest_republish", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
     ("rest_republish", "republish_rounds", "  republish rounds started in it", 0),
-    ("rest_quiet", "datagrams_per_s_per_node", "rest, no republish: datagrams/s/node", 3),
-    ("rest_quiet", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
     ("churn", "found", "30 % churn: found share at once", 4),
     ("churn", "p99_ms", "30 % churn: p99 ms at once", 1),
     ("churn", "dead_returned_per_lookup", "30 % churn: dead workers returned/lookup", 2),
@@ -154,7 +155,7 @@ ROWS = [
     ("heal", "seconds_to_all_found", "heal: s until all found (records since split)", 1),
     ("heal", "last_batch_found", "heal: found share in the last batch", 4),
 ]
-PHASES = ("announce", "republish", "lookups", "concurrent", "rest_republish", "rest_quiet",
+PHASES = ("announce", "republish", "lookups", "concurrent", "rest_quiet", "rest_republish",
           "churn", "churn_after_republish", "partition", "heal")
 
 
