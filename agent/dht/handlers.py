@@ -30,6 +30,7 @@ import msgpack
 from kademlia.node import Node
 
 from agent.dht.flood_gate import RequestGate
+from agent.dht.identity import NONCE_MAX, NONCE_MIN
 from agent.dht.keys import INDEX_KEYS
 from agent.dht.liveness import TOMBSTONE_WINDOW, ContactLiveness
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
@@ -56,6 +57,10 @@ LIST_BUDGET = MAX_PAYLOAD - 128  # records in one list_providers answer
 Address = tuple[str, int]
 
 
+def _is_nonce(v: Any) -> bool:
+    return type(v) is bytes and NONCE_MIN <= len(v) <= NONCE_MAX
+
+
 def _bounded_counts(counts: dict[str, int], limit: int) -> tuple[list[list[Any]], bool]:
     """``[[service, count], ...]`` (largest first) within ``limit`` encoded bytes, and
     whether every service fitted. A list, not a map: decoders cap maps at 16 entries."""
@@ -79,7 +84,8 @@ class RpcHandlers:
                  ksize: int, max_skew: float, liveness: ContactLiveness, gate: RequestGate,
                  drops: Counter[str], has_token: Callable[[], bool],
                  serving: Callable[[], bool], my_id: Callable[[], bytes],
-                 local_host: Callable[[], str]) -> None:
+                 local_host: Callable[[], str],
+                 prove_id: Callable[[bytes], dict[str, bytes]] | None = None) -> None:
         self.router = router
         self.storage = storage
         self.source_node = source_node
@@ -92,12 +98,13 @@ class RpcHandlers:
         self._serving = serving
         self._my_id = my_id
         self._local_host = local_host
+        self._prove_id = prove_id
         self.peer_log = RateLimiter(rate=0.1, burst=5, logger=log)
         self._reach_bucket = TokenBucket(5.0, 10.0)
         self._reach_by_host: OrderedDict[Any, TokenBucket] = OrderedDict()
 
     def table(self) -> RpcTable:
-        return {
+        table: RpcTable = {
             "ping": (self.rpc_ping, (_is_nodeid,), 1),
             "store": (self.rpc_store, (_is_nodeid, _is_id, lambda v: True), 3),
             "find_node": (self.rpc_find_node, (_is_nodeid, _is_id), 2),
@@ -109,6 +116,9 @@ class RpcHandlers:
             "list_providers": (self.rpc_list_providers,
                                (_is_nodeid, _is_id, _is_id_prefix, _is_id_prefix), 4),
         }
+        if self._prove_id is not None:
+            table["identify"] = (self.rpc_identify, (_is_nodeid, _is_nonce), 2)
+        return table
 
     def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
         # a ping is someone checking us (e.g. verifying us as their new contact) or a
@@ -116,6 +126,15 @@ class RpcHandlers:
         # unknown id's handoff waits for its join lookup (``rpc_find_node`` of its id)
         self.liveness.welcome_sender(sender, nodeid, handoff=False, first_contact=True)
         return self.source_node.id
+
+    def rpc_identify(self, sender: Address, nodeid: bytes, nonce: bytes) -> dict[str, bytes]:
+        """``{"key", "sig"}``: our public key and a signature over ``nonce`` and our node
+        id (``identity.node_id_proof``): how a peer checks our id is the hash of a key we
+        hold before it puts us in its routing table. Old agents do not know this RPC
+        (they drop it unanswered; the asker then falls back to ``ping``)."""
+        self.liveness.welcome_sender(sender, nodeid, handoff=False, first_contact=True)
+        assert self._prove_id is not None      # registered only with a prover
+        return self._prove_id(nonce)
 
     def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: Any) -> bool:
         # Plain kademlia values: any peer could overwrite any key. Refused, counted.

@@ -2,7 +2,13 @@
 
 One key per installation, created at first start in ``state_dir`` and reused after
 restarts, so a worker keeps its worker id (= node id = SHA-1 of the public key) and its
-records stay attributable to it. The private key is stored raw (32 bytes) in
+records stay attributable to it.
+
+The node id is tied to the key on the wire too (``node_id_proof`` / ``proven_node_id``):
+a contact enters a routing table only after answering the ``identify`` RPC with its
+public key and a signature over the asker's fresh nonce and its id, so a peer cannot
+claim an id next to a key it wants to eclipse; it must grind keys for it (see
+``liveness``). The private key is stored raw (32 bytes) in
 ``identity.key`` with mode 0600; a key file that other users can read is refused rather
 than silently used, because anyone holding it can forge this worker's records.
 """
@@ -12,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import stat
 from pathlib import Path
+from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -27,6 +35,8 @@ from cryptography.hazmat.primitives.serialization import (
 from agent.fsutil import write_atomic
 
 KEY_FILE = "identity.key"
+NODE_ID_DOMAIN = b"rma-agent/node-id/v1\x00"   # signatures of node-id proofs only
+NONCE_MIN, NONCE_MAX = 16, 32
 
 
 class IdentityError(Exception):
@@ -36,6 +46,22 @@ class IdentityError(Exception):
 def node_id_of(public_key: bytes) -> bytes:
     """Node/worker id of a raw Ed25519 public key: SHA-1, 20 bytes (Kademlia's id space)."""
     return hashlib.sha1(public_key).digest()
+
+
+def proven_node_id(answer: Any, nonce: bytes) -> bytes | None:
+    """The node id an ``identify`` answer proves for ``nonce`` (SHA-1 of the key it
+    carries, signed over the nonce and that id), or None when it proves nothing."""
+    if not (isinstance(answer, dict) and type(answer.get("key")) is bytes
+            and type(answer.get("sig")) is bytes and len(answer["key"]) == 32
+            and len(answer["sig"]) == 64):
+        return None
+    node_id = node_id_of(answer["key"])
+    try:
+        Ed25519PublicKey.from_public_bytes(answer["key"]).verify(
+            answer["sig"], NODE_ID_DOMAIN + nonce + node_id)
+    except (InvalidSignature, ValueError):
+        return None
+    return node_id
 
 
 class Identity:
@@ -107,6 +133,11 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """64-byte Ed25519 signature of ``data``."""
         return self._private.sign(data)
+
+    def node_id_proof(self, nonce: bytes) -> dict[str, bytes]:
+        """The ``identify`` answer: our public key and a signature over the asker's
+        nonce and our node id (domain-separated from records and endpoint proofs)."""
+        return {"key": self.public_key, "sig": self.sign(NODE_ID_DOMAIN + nonce + self.node_id)}
 
     def public(self) -> Ed25519PublicKey:
         return self._private.public_key()

@@ -5,6 +5,15 @@ newcomer is handed.
   node list, enters the routing table only after a ping to that address answered with
   that very id (bounded and rate-limited), so a spoofed datagram cannot fill the table
   with ids that live nowhere.
+* **Ids tied to keys.** The verification is an ``identify`` RPC: the peer answers with
+  its Ed25519 public key and a signature over our fresh nonce and its id
+  (``identity.proven_node_id``), and the id it claimed must be the SHA-1 of that key. A
+  peer cannot take an id next to a key it wants to eclipse: it must grind keys for it
+  (about 2^b key generations for b chosen leading bits, where it used to pick the id).
+  A peer that does not answer ``identify`` (0.2.0 and older, which drop the unknown RPC)
+  is checked by ``ping`` as before and admitted as a *legacy* contact (counted in
+  ``legacy_contacts``), unless ``require_keyed_ids`` (``RMA_AGENT_DHT_NODE_IDS=strict``)
+  refuses it: old and new agents interoperate until every node is upgraded.
 * **Dead contacts leave fast**: a routing contact that misses a reply is pinged at once;
   after ``dead_after`` consecutive misses (default 2, i.e. about half a second) it is
   removed from the routing table. Crawls skip peers that failed recently
@@ -36,6 +45,7 @@ gate's anti-amplification budget) and ``serving`` (server mode: hand records ove
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
@@ -43,7 +53,9 @@ from typing import Any
 
 from kademlia.node import Node
 
+from agent.dht.identity import proven_node_id
 from agent.dht.rpc import QUEUE_FULL
+from agent.dht.wire import _is_id
 from agent.ratelimit import TokenBucket
 
 TOMBSTONE_WINDOW = 600.0            # tombstones younger than this ride along in answers
@@ -65,7 +77,7 @@ MAX_DEFERRED = 1024
 
 Address = tuple[str, int]
 Call = Callable[..., Awaitable[tuple[bool, Any]]]
-VERIFY_PING_BYTES = 104             # a verification ping and its retransmission
+VERIFY_PING_BYTES = 160             # an identify request (or ping) and its retransmission
 
 
 class ContactLiveness:
@@ -78,7 +90,8 @@ class ContactLiveness:
                  probe_budget: Callable[[Address, int], bool] = lambda a, n: True,
                  limiter: TokenBucket | None = None,
                  on_revived: Callable[[Node], None] | None = None,
-                 dead_after: int = 2, handoff_rate: float = 20.0) -> None:
+                 dead_after: int = 2, handoff_rate: float = 20.0,
+                 require_keyed_ids: bool = False) -> None:
         self.router = router
         self.storage = storage
         self.source_node = source_node
@@ -91,6 +104,8 @@ class ContactLiveness:
         self._probe_budget = probe_budget
         self.on_revived = on_revived
         self.dead_after = dead_after
+        self.require_keyed_ids = require_keyed_ids
+        self.legacy_contacts = 0
         self._fails: dict[bytes, tuple[int, float]] = {}
         self._fail_addr: dict[Address, bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
@@ -115,6 +130,29 @@ class ContactLiveness:
     def verifying(self) -> int:
         """Contact checks (verification pings) in flight."""
         return len(self._verifying)
+
+    async def identify(self, address: Address, timeout: float | None = None  # noqa: ASYNC109
+                       ) -> bytes | None:
+        """The node id at ``address``, proven by its key (``identify``), or, from a peer
+        that does not know that RPC, the id its ``ping`` answers (a legacy contact, unless
+        ``require_keyed_ids``). None: no answer, or an answer that proves nothing."""
+        nonce = os.urandom(16)
+        ok, res = await self._call(address, "identify", self._my_id(), nonce, timeout=timeout)
+        if ok:
+            nid = proven_node_id(res, nonce)
+            if nid is None:
+                self.drops["contact_key_invalid"] += 1
+            return nid
+        if res == QUEUE_FULL:
+            return None
+        ok, res = await self._call(address, "ping", self._my_id(), timeout=timeout)
+        if not (ok and _is_id(res)):
+            return None
+        if self.require_keyed_ids:
+            self.drops["contact_unkeyed"] += 1
+            return None
+        self.legacy_contacts += 1
+        return bytes(res)
 
     async def ping(self, node: Node) -> tuple[bool, Any]:
         """Ping a contact, counting the outcome (``handle_call_response``)."""
@@ -188,15 +226,15 @@ class ContactLiveness:
             self.drops["verify_budget"] += 1
             return
         try:
-            ok, res = await self._call((node.ip, node.port), "ping", self._my_id())
+            nid = await self.identify((node.ip, node.port))
             upgraded = defer and node.id in self._upgrade
-            if ok and res == node.id:
+            if nid == node.id:
                 if defer and not upgraded and self.router.is_new_node(node):
                     self._deferred[node.id] = ((node.ip, node.port), time.monotonic())
                     while len(self._deferred) > MAX_DEFERRED:
                         self._deferred.popitem(last=False)
                 self.welcome_if_new(node, handoff=handoff or upgraded)
-            elif ok:
+            elif nid is not None:
                 self.drops["contact_id_mismatch"] += 1
         finally:
             self._verifying.discard(node.id)
@@ -374,4 +412,5 @@ class ContactLiveness:
 
     def stats(self) -> dict[str, Any]:
         return {"removed_contacts": self.removed_contacts, "handoffs": self.handoffs,
-                "graveyard": len(self._graveyard), "revived": self.revived}
+                "graveyard": len(self._graveyard), "revived": self.revived,
+                "legacy_contacts": self.legacy_contacts}

@@ -73,14 +73,18 @@ class RMAProtocol:
 
     ``engine`` (the ``RpcEngine``) is what the UDP socket is bound to. ``on_revived``
     is called with a contact lost earlier that answers again (the node re-merges its
-    neighbourhood through it)."""
+    neighbourhood through it). ``prove_id(nonce)``: our answer to ``identify`` (our key
+    and a signature, ``Identity.node_id_proof``); ``require_keyed_ids``: refuse contacts
+    that cannot prove their id (old agents), see ``liveness``."""
 
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
                  mode: str = "server", rto_min: float = 0.2, rto_max: float = 2.0,
                  rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
                  handoff_rate: float = 20.0, reply_rate: float = 2_000_000.0,
                  max_inflight: int = 64, retransmits: int = 1,
-                 on_revived: Callable[[Node], None] | None = None) -> None:
+                 on_revived: Callable[[Node], None] | None = None,
+                 prove_id: Callable[[bytes], dict[str, bytes]] | None = None,
+                 require_keyed_ids: bool = False) -> None:
         self.source_node = source_node
         self.storage = storage
         self.ksize = ksize
@@ -97,12 +101,13 @@ class RMAProtocol:
             self.router, storage, source_node, ksize, call=self.call, my_id=self.my_id,
             spawn=self.spawn, serving=self.serving, drops=self.drops,
             probe_budget=self.gate.budget_probe, limiter=limiter, on_revived=on_revived,
-            dead_after=dead_after, handoff_rate=handoff_rate)
+            dead_after=dead_after, handoff_rate=handoff_rate,
+            require_keyed_ids=require_keyed_ids)
         self.handlers = RpcHandlers(
             router=self.router, storage=storage, source_node=source_node, ksize=ksize,
             max_skew=max_skew, liveness=self.liveness, gate=self.gate, drops=self.drops,
             has_token=self._request_has_token, serving=self.serving, my_id=self.my_id,
-            local_host=self._local_host)
+            local_host=self._local_host, prove_id=prove_id)
         self.engine = RpcEngine(
             self.handlers.table(), gate=self.gate, rto_min=rto_min, rto_max=rto_max,
             rto_initial=rto_initial, max_inflight=max_inflight, retransmits=retransmits,
@@ -230,4 +235,5 @@ class RMAProtocol:
             "guard": {**self.gate.stats(), **self.calls.stats()},
             "graveyard": live["graveyard"],
             "revived": live["revived"],
+            "legacy_contacts": live["legacy_contacts"],
         }

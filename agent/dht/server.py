@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -53,7 +54,6 @@ from agent.dht.protocol import RMAProtocol, all_contacts, parse_nodes
 from agent.dht.provider_lookup import ProviderLookup
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage, is_stale
-from agent.dht.wire import _is_id
 from agent.interfaces import RoutingContact, Topology
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class DHTNode:
                  on_stored: Callable[[WorkerRecord], None] | None = None,
                  rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
                  dead_after: int = 2, max_skew: float = 30.0,
-                 revive_interval: float = 5.0) -> None:
+                 revive_interval: float = 5.0,
+                 require_keyed_ids: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ksize < 1 or alpha < 1:
@@ -100,6 +101,10 @@ class DHTNode:
         self.lookup_width = lookup_width or min(ksize, 6)
         self.closest_ttl = closest_ttl
         self.max_skew = max_skew
+        # contacts must prove their id is their key's hash (old agents cannot): opt-in
+        # until every node of a network runs 0.3 (see liveness)
+        self.require_keyed_ids = (os.environ.get("RMA_AGENT_DHT_NODE_IDS", "") == "strict"
+                                  if require_keyed_ids is None else require_keyed_ids)
         self._proto_opts = dict(rto_min=rto_min, rto_max=rto_max, rto_initial=rto_initial,
                                 dead_after=dead_after)
         self._closest: dict[bytes, tuple[float, list[Node]]] = {}
@@ -124,6 +129,8 @@ class DHTNode:
         loop = asyncio.get_running_loop()
         protocol = RMAProtocol(self.node, self.storage, self.ksize, mode=self.mode,
                                max_skew=self.max_skew, on_revived=self._on_revived,
+                               prove_id=self.identity.node_id_proof,
+                               require_keyed_ids=self.require_keyed_ids,
                                **self._proto_opts)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: protocol.engine, local_addr=(interface, port))
@@ -233,7 +240,7 @@ class DHTNode:
                                 alpha=self.alpha).find()
 
     async def bootstrap(self, addrs: list[tuple[str, int]]) -> int:
-        """Ping the seeds (IP literals), then look up our own id through them.
+        """Ask the seeds (IP literals) who they are, then look up our own id through them.
         Returns the number of contacts in the routing table afterwards."""
         assert self.protocol is not None, "listen() first"
         proto = self.protocol
@@ -241,10 +248,10 @@ class DHTNode:
                  if not (p == self.port and h in (self.interface, "127.0.0.1", "::1"))]
 
         async def ping(addr: tuple[str, int]) -> Node | None:
-            ok, res = await proto.call(addr, "ping", proto.my_id(),
-                                       timeout=max(proto.rto(addr), 1.0))
-            if ok and _is_id(res) and res != self.node.id:
-                node = Node(res, addr[0], addr[1])
+            # the seed's id, proven by its key (``identify``; ping for old agents)
+            nid = await proto.liveness.identify(addr, timeout=max(proto.rto(addr), 1.0))
+            if nid is not None and nid != self.node.id:
+                node = Node(nid, addr[0], addr[1])
                 proto.welcome_if_new(node)
                 return node
             return None
