@@ -93,7 +93,7 @@ async def test_join_announce_lookup_stats_metrics(tmp_path) -> None:
         text = generate_latest(a.agent.registry).decode()   # type: ignore[attr-defined]
         for name in ("rma_agent_dht_peers 1.0", "rma_agent_dht_records ",
                      'rma_agent_dht_mode{mode="server"} 1.0', "rma_agent_dht_lookup_seconds_count",
-                     'rma_agent_dht_rpc_received_total{rpc="ping"}'):
+                     'rma_agent_dht_rpc_received_total{rpc="identify"}'):
             assert name in text, name
         assert 'rma_agent_dht_lookup_seconds_count 1.0' in generate_latest(
             b.agent.registry).decode()  # type: ignore[attr-defined]
