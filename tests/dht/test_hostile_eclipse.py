@@ -11,14 +11,13 @@ measured as the control, to show the attack is real.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
 from agent.dht.diversity import LOOPBACK_ENV
 from agent.dht.record import WorkerRecord, service_key
-from tests.dht.hostile import AttackerHost, closest_ids, free_net, honest_network
+from tests.dht.hostile import AttackerHost, closest_ids, free_net, honest_network, settled
 from tests.util import run_uvloop
 
 N_HONEST = 30
@@ -38,8 +37,9 @@ async def _attack() -> dict[str, float]:
     nodes = await honest_network(N_HONEST, net)
     attacker = await AttackerHost(f"127.{net}.250.1", closest_ids(service_key("ocr"), 20)).start()
     try:
+        # introduce() waits for every answer: each node has started its contact checks
         await attacker.introduce([(n.interface, n.port) for n in nodes])
-        await asyncio.sleep(0.3)     # verification pings answered, contacts added
+        await settled(nodes)         # ... and now they are done: contacts added or refused
         in_tables = [sum(1 for c in n.contacts() if c[1] == attacker.ip) for n in nodes]
         workers = nodes[1:1 + N_WORKERS]
         for w in workers:
