@@ -75,9 +75,9 @@ class Tap:
 
 
 def count_refreshes(node: Any, world: World) -> None:
-    """Wrap ``node.refresh_table`` (before ``listen``) so each refresh round is counted.
-    Both implementations reschedule through the attribute, so every round passes here;
-    while ``world.refresh_override`` is set, rounds are rescheduled with that period."""
+    """Wrap kademlia's ``node.refresh_table`` (before ``listen``) so each refresh round is
+    counted. It reschedules through the attribute, so every round passes here; while
+    ``world.refresh_override`` is set, rounds are rescheduled with that period."""
     inner = node.refresh_table
 
     def refresh_table(*args: Any) -> None:
@@ -88,16 +88,6 @@ def count_refreshes(node: Any, world: World) -> None:
             inner(world.refresh_override)
 
     node.refresh_table = refresh_table
-
-
-def reschedule_refresh(nodes: list[Any], period: float) -> None:
-    """Next table refresh of every node in ``period`` seconds (``--refresh-interval``
-    during the rests, and back to the implementation's own period after them)."""
-    loop = asyncio.get_running_loop()
-    for node in nodes:
-        if node.refresh_loop is not None:
-            node.refresh_loop.cancel()
-        node.refresh_loop = loop.call_later(period, node.refresh_table)
 
 
 class Coordinator:
@@ -193,6 +183,9 @@ class Impl:
                      workers: list[int]) -> tuple[list[int], dict[int, float]]: ...
     def stop(self, i: int) -> None: ...
     def addr(self, i: int) -> tuple[str, int]: ...
+    def refresh_every(self, alive: list[int], period: float | None) -> None:
+        """Next table refresh of every live node in ``period`` seconds and every
+        ``period`` after (``--refresh-interval`` in the rests); None: the node's own."""
     def extra(self, alive: list[int]) -> dict[str, Any]:
         return {}
 
@@ -213,7 +206,13 @@ class RMA(Impl):
     async def make(self, i: int, world: World) -> None:
         node = self.DHTNode(self.idents[i])
         self.refresh_period = node.refresh_interval
-        count_refreshes(node, world)
+        inner = node._refresh       # the refresh timer's work, bound at listen()
+
+        def refresh(inner: Any = inner) -> None:
+            world.refreshes += 1
+            inner()
+
+        node._refresh = refresh
         ip = address(i)
         await node.listen(0, ip)
         node.protocol.transport = Tap(node.protocol.transport, ip, world)
@@ -240,6 +239,12 @@ class RMA(Impl):
 
     def stop(self, i: int) -> None:
         self.nodes[i].stop()
+
+    def refresh_every(self, alive: list[int], period: float | None) -> None:
+        for i in alive:
+            node = self.nodes[i]
+            node._timers["refresh"].cancel()
+            node._every("refresh", period or self.refresh_period, node._refresh)
 
     def extra(self, alive: list[int]) -> dict[str, Any]:
         st = [self.nodes[i].stats() for i in alive]
@@ -271,12 +276,14 @@ class Plain(Impl):
         self.idents = idents
         self.rpc_timeout = rpc_timeout
         self.gets = gets
+        self.world = World()        # the scenario's, from make()
         self.nodes = []
         self.ips: list[str] = []
         self.rng = random.Random(7)
         self.timeouts = f"fixed {rpc_timeout:g} s per RPC (rpcudp), no hedging"
 
     async def make(self, i: int, world: World) -> None:
+        self.world = world
         node = self.Server(node_id=self.idents[i].node_id)
         count_refreshes(node, world)
         ip = address(i)
@@ -313,3 +320,13 @@ class Plain(Impl):
 
     def stop(self, i: int) -> None:
         self.nodes[i].stop()
+
+    def refresh_every(self, alive: list[int], period: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.world.refresh_override = period
+        for i in alive:
+            node = self.nodes[i]
+            if node.refresh_loop is not None:
+                node.refresh_loop.cancel()
+            node.refresh_loop = loop.call_later(period or self.refresh_period,
+                                                node.refresh_table)

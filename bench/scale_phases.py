@@ -6,8 +6,8 @@ Why each rule is what it is (see ``scale.py``'s docstring for the phases):
 * **Coordinator fallback, exactly the product's rules.** A worker whose announce stored on
   no node POSTs its record (``agent.roles.worker.WorkerRole._announce_once``); a caller
   whose DHT lookup returned no record of the service, or took longer than
-  ``agent.discovery.service.DHT_TIMEOUT_S`` (the product stops waiting there), asks the
-  registry (``DiscoveryComponent._fetch``). The timeout is imported, not copied. Every
+  ``agent.discovery.sources.DHT_TIMEOUT_S`` (the product stops waiting there), asks the
+  registry (``agent.discovery.sources``). The timeout is imported, not copied. Every
   phase counts, healthy or not.
 * **Found share** is recall: live workers in the answer / live workers asked about. A
   service with no live worker is never picked (it would count as "all found").
@@ -25,10 +25,10 @@ import statistics
 import time
 from typing import Any
 
-from scale_net import Coordinator, Impl, World, address, pct, reschedule_refresh, rss_bytes
+from scale_net import Coordinator, Impl, World, address, pct, rss_bytes
 
 from agent.dht.record import WorkerRecord
-from agent.discovery.service import DHT_TIMEOUT_S
+from agent.discovery.sources import DHT_TIMEOUT_S
 
 JOIN_WAVE = 50
 ANNOUNCE_PARALLEL = 64
@@ -322,10 +322,8 @@ class Scenario:
         quiet window) with it running at its interval. Table refreshes are counted."""
         await asyncio.sleep(2.0)
         period = self.args.refresh_interval
-        live = [self.impl.nodes[i] for i in self.alive]
         if period is not None:
-            self.world.refresh_override = period
-            reschedule_refresh(live, period)
+            self.impl.refresh_every(self.alive, period)
         try:
             await self._rest_window("rest_quiet", False)
             # records outlive no quiet window longer than their TTL (the agent's 300 s; a
@@ -336,8 +334,7 @@ class Scenario:
             await self._rest_window("rest_republish", True)
         finally:
             if period is not None:
-                self.world.refresh_override = None
-                reschedule_refresh(live, self.impl.refresh_period)
+                self.impl.refresh_every(self.alive, None)
 
     async def phase_churn(self) -> None:
         a = self.args
