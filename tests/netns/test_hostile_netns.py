@@ -76,7 +76,14 @@ def test_eclipse_and_spoofed_announces_between_real_hosts(tmp_path) -> None:
             assert max(evil_contacts.values()) <= 5, evil_contacts
             assert sum(1 for v in evil_contacts.values() if v > 0) >= 1, \
                 "the attacker never got into any table: the test would prove nothing"
-            assert all(v.get("announce_no_token", 0) > 0 for v in drops.values()), drops
+            # every agent the forgeries reach drops them (no write token). Not w0: they
+            # carry w0's own address as source, and w0's kernel discards a datagram from
+            # outside claiming a local source address (checked with two namespaces and a
+            # raw socket) before the agent sees it. w0's count was > 0 only by chance (an
+            # honest announce before its token), which failed 2 of 5 loaded runs.
+            forged_at = {k: v.get("announce_no_token", 0) for k, v in drops.items()
+                         if k != "w0"}
+            assert all(n > 0 for n in forged_at.values()), drops
         finally:
             evil.kill()
             # read through the text wrapper: readline() above may have buffered more lines
