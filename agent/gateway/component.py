@@ -34,6 +34,8 @@ from agent.component import Component, cancel_task
 from agent.gateway import health as health_mod
 from agent.gateway.proxy import error, new_session, proxy
 from agent.gateway.upstream import Origin, Pool
+from agent.http.load_header import HEADER as LOAD_HEADER
+from agent.http.load_header import Load, format_load
 from agent.proof import PROOF_PATH, ProofError, make_proof, parse_nonce
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class GatewayComponent(Component):
         self._health_task: asyncio.Task[None] | None = None
         self._load_handle: asyncio.TimerHandle | None = None
         self._last_push = -LOAD_MIN_INTERVAL
+        self._load_value: tuple[Load, str] | None = None   # the last header, memoised
         reg = agent.registry
         self._m_requests = Counter("rma_agent_gateway_requests", "Requests to the gateway's "
                                    "service proxy, by outcome", ["outcome"], registry=reg)
@@ -115,8 +118,24 @@ class GatewayComponent(Component):
             if pool is not None:
                 pool.close()
 
+    def load(self) -> Load:
+        """This worker's load now: the gateway's in-flight requests (it never queues:
+        it refuses when full) against ``worker.max_concurrency``."""
+        return Load(self.inflight, 0, self._capacity())
+
+    async def _stamp_load(self, request: web.Request, response: web.StreamResponse) -> None:
+        """``on_response_prepare``: every answer of this gateway — proxied, its own
+        errors and 503s, the proof, a 404 — carries ``RMA-Load`` as of now (an
+        upstream's own ``RMA-Load`` is replaced: only the gateway says it)."""
+        load = self.load()
+        memo = self._load_value
+        if memo is None or memo[0] != load:
+            memo = self._load_value = (load, format_load(load))
+        response.headers[LOAD_HEADER] = memo[1]
+
     # ------------------------------------------------------------------ routes
     def add_gateway_routes(self, app: web.Application) -> None:
+        app.on_response_prepare.append(self._stamp_load)
         app.router.add_get(PROOF_PATH, self._proof)
         # the common shape first: the router tries dynamic routes in order
         app.router.add_route("*", "/{service}/{path:.*}", self._proxy)

@@ -62,9 +62,11 @@ from agent.discovery.endpoints import EndpointRefused
 from agent.discovery.metrics import SOURCES
 from agent.discovery.router_view import RouterView
 from agent.http.forwarding import path_refusal
+from agent.http.load_header import HEADER as LOAD_HEADER
 from agent.ratelimit import RateLimiter
 from agent.router.budget import RetryBudget
 from agent.router.filters import filter_query
+from agent.router.freshload import FreshLoads
 from agent.router.metrics import OUTCOMES, RETRY_REASONS, RouterMetrics
 from agent.router.proxy import (
     IDEMPOTENT,
@@ -138,6 +140,7 @@ class RouterComponent(Component):
         self._m_lookup = {s: self.metrics.lookups.labels(s) for s in SOURCES}
         self.counts: Counter[str] = Counter()
         self.slots = WorkerSlots()
+        self.loads = FreshLoads()
         self._busy: OrderedDict[bytes, float] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -247,6 +250,7 @@ class RouterComponent(Component):
                 "attempt_budget_s": self.attempt_budget_s,
                 "contacted_hosts": disc.contacted_hosts() if disc is not None else {},
                 "workers": self.slots.stats(time.monotonic()),
+                "loads": self.loads.stats(time.time()),
             },
         }
 
@@ -308,18 +312,21 @@ class RouterComponent(Component):
 
     def _order(self, records: list[Any]) -> list[Any]:
         """Workers likely to be full go last (ranking order otherwise kept): those that
-        answered "full" within BUSY_HOLD_S, and those this router already has as many
-        requests at as their announced capacity (least-outstanding-requests: it spreads
-        a burst by capacity instead of collecting 503s from small workers)."""
-        busy, inflight = self._busy, self.slots.inflight
+        answered "full" within BUSY_HOLD_S, and those whose freshest known load — the
+        record's or the ``RMA-Load`` of their last answer (:mod:`agent.router.freshload`)
+        — has no free slot, or at which this router alone already has as many requests as
+        that load's capacity (least-outstanding-requests: it spreads a burst by capacity
+        instead of collecting 503s from small workers)."""
+        busy, inflight, loads = self._busy, self.slots.inflight, self.loads
+        for rec in records:
+            loads.record(rec)
         if busy:
             now = time.monotonic()
             for wid in [w for w, until in busy.items() if until <= now]:
                 del busy[wid]
-        if not busy and not inflight:
-            return records
-        return sorted(records, key=lambda r: r.worker_id in busy or (
-            r.capacity > 0 and inflight.get(r.worker_id, 0) >= r.capacity))
+        wall = time.time()
+        return sorted(records, key=lambda r: r.worker_id in busy or loads.full(
+            r.worker_id, inflight.get(r.worker_id, 0), wall))
 
     async def _attempts(self, call: _Call) -> web.StreamResponse:
         while call.n < len(call.candidates) and call.attempts < self.max_attempts:
@@ -388,6 +395,7 @@ class RouterComponent(Component):
                 return self._failed(call, wid, exc)
             finally:
                 self.slots.answered(wid, token, time.monotonic(), got)
+            self.loads.header(wid, resp.headers.get(LOAD_HEADER), time.time())
             dt = time.perf_counter() - t0
             self.metrics.upstream.observe(dt)
             verdict = self._retry_answer(call, wid, resp)
