@@ -338,10 +338,20 @@ def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
                 await asyncio.gather(*(nodes[i % 16].announce(
                     rec_for(Identity.generate(), services=(svc,))) for i in range(n_workers)))
 
+            def timeouts() -> int:
+                return sum(sum(x.protocol.engine.timeouts.values()) for x in nodes)
+
             async def datagrams(service: str, expect: int) -> float:
-                sent = [sum(x.protocol.engine.tx.values()) for x in nodes]
-                for _ in range(4):
-                    assert len(await client.find_providers(service)) == expect
+                # a request that timed out makes the crawl ask another node: that is the
+                # loaded machine's cost, not the lookup's, so a round with a timeout is
+                # measured again (bounded)
+                for _ in range(5):
+                    sent = [sum(x.protocol.engine.tx.values()) for x in nodes]
+                    lost = timeouts()
+                    for _ in range(4):
+                        assert len(await client.find_providers(service)) == expect
+                    if timeouts() == lost:
+                        break
                 return sum(sum(x.protocol.engine.tx.values()) - s0
                            for x, s0 in zip(nodes, sent, strict=True)) / 4
             d100, d300 = await datagrams("asr", 100), await datagrams("big", 300)
