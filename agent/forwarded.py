@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from functools import lru_cache
 
 from aiohttp import web
+
+from agent.netgroups import in_networks, parse_networks
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -34,24 +35,12 @@ def _addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
-@lru_cache(maxsize=32)
-def _networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
-    out: list[Network] = []
-    for e in entries:
-        try:
-            out.append(ipaddress.ip_network(e, strict=False))
-        except ValueError:
-            continue                # the config parser refuses these; never trust them
-    return tuple(out)
-
-
 def is_trusted(ip: str, trusted: Iterable[str]) -> bool:
     """True when ``ip`` lies in one of the ``trusted`` addresses or networks."""
     addr = _addr(ip)
     if addr is None:
         return False
-    return any(addr.version == net.version and addr in net
-               for net in _networks(tuple(trusted)))
+    return in_networks(addr, parse_networks(tuple(trusted)))
 
 
 def client_ip(request: web.Request, trusted: Iterable[str]) -> str:

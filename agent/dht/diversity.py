@@ -36,11 +36,12 @@ processes read it from the environment variable ``RMA_AGENT_DHT_LOOPBACK`` (``st
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+from agent.netgroups import network_of
 
 LOOPBACK_ENV = "RMA_AGENT_DHT_LOOPBACK"
 
@@ -92,7 +93,7 @@ class DiversityPolicy:
             return (ip, port)
         if is_private(ip):
             return ip
-        return _prefix(ip)
+        return network_of(ip)
 
     def groups(self, ip: str, port: int) -> tuple[Any, Any]:
         """``(host(ip, port), prefix(ip, port))`` in one pass (hot path: every contact and
@@ -104,8 +105,8 @@ class DiversityPolicy:
             if self.loopback == "exempt":
                 key = (ip, port)
                 return key, key
-            return ip, _prefix(ip)
-        return ip, (ip if is_private(ip) else _prefix(ip))
+            return ip, network_of(ip)
+        return ip, (ip if is_private(ip) else network_of(ip))
 
     def is_exempt(self, ip: str) -> bool:
         """True for loopback addresses under ``loopback="exempt"`` (not spoofable from
@@ -132,19 +133,6 @@ def is_private(ip: str) -> bool:
             return False
         return 16 <= second <= 31 if ip[1] == "7" else 64 <= second <= 127
     return False
-
-
-def _prefix(ip: str) -> str:
-    if ":" not in ip:
-        parts = ip.split(".")
-        if len(parts) == 4:
-            return ".".join(parts[:3]) + ".0/24"
-        return ip
-    try:
-        net = ipaddress.IPv6Network(f"{ip.split('%', 1)[0]}/64", strict=False)
-    except ValueError:
-        return ip
-    return str(net)
 
 
 class GroupCounter:

@@ -34,12 +34,13 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+
+from agent.netgroups import in_networks, parse_networks
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -89,7 +90,7 @@ class Allowance:
                    tuple(h.lower() for h in getattr(discovery, "allow_private_hosts", ())))
 
     def _networks(self) -> tuple[Network, ...]:
-        return _networks_of(self.private)
+        return parse_networks(self.private)
 
     def private_ok(self, host: str, addr: IPAddress | None) -> bool:
         """True when the config names this private destination (by address, network or
@@ -101,18 +102,7 @@ class Allowance:
             return False
         if str(addr) in self.http_hosts:
             return True
-        return any(addr.version == n.version and addr in n for n in self._networks())
-
-
-@lru_cache(maxsize=16)
-def _networks_of(entries: tuple[str, ...]) -> tuple[Network, ...]:
-    nets: list[Network] = []
-    for entry in entries:
-        try:
-            nets.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            continue                        # a host name entry
-    return tuple(nets)
+        return in_networks(addr, self._networks())
 
 
 def _as_allowance(allow: Allowance | Iterable[str]) -> Allowance:

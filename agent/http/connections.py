@@ -15,7 +15,6 @@ only needs the small :class:`Held` interface of them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Protocol
 
@@ -55,19 +54,6 @@ class Held(Protocol):
     def evictable(self) -> bool: ...
     def shed(self, status: int, message: str) -> None: ...
     def close_idle(self) -> None: ...
-
-
-def address_key(host: str) -> str:
-    """The unit a per-address cap counts: the IPv4 address, or the IPv6 /64."""
-    if ":" not in host:
-        return host
-    try:
-        addr = ipaddress.IPv6Address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 class ListenerMetrics:

@@ -43,8 +43,8 @@ from agent.http.connections import (
     IDLE,
     ConnectionTable,
     ListenerMetrics,
-    address_key,
 )
+from agent.netgroups import address_unit
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
@@ -81,7 +81,7 @@ class GuardedHandler(RequestHandler):
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        self.key = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
+        self.key = address_unit(str(peer[0])) if isinstance(peer, tuple) and peer else ""
         self.since = self._loop.time()
         reason = self._table.admit(self)
         if reason is not None:

@@ -53,8 +53,9 @@ from agent.dht.record import (
     valid_service_name,
 )
 from agent.forwarded import client_ip
+from agent.netgroups import network_of
 from agent.roles import registry as reg_mod
-from agent.roles.registry import Registry, prefix_of
+from agent.roles.registry import Registry
 from agent.roles.seeds import OBSERVE_INTERVAL, SeedBook
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ class CoordinatorRole(Component):
         limited = self.book.rate_ok(source)
         if limited is not None:
             self.rejected += 1
-            who = source if limited == "ip" else prefix_of(source)
+            who = source if limited == "ip" else network_of(source)
             return web.json_response(
                 {"error": f"too many registrations from {who}; retry later"},
                 status=429, headers={"Retry-After": "5"})
@@ -326,7 +327,7 @@ class CoordinatorRole(Component):
         """The answer to a registration the registry refused, or None when kept."""
         if outcome in _LIMIT_TEXT:
             n = reg_mod.MAX_PER_IP if outcome == "ip_full" else reg_mod.MAX_PER_PREFIX
-            why = _LIMIT_TEXT[outcome].format(n=n, ip=source, prefix=prefix_of(source))
+            why = _LIMIT_TEXT[outcome].format(n=n, ip=source, prefix=network_of(source))
             return _error(429, f"record rejected: {why}")
         if outcome == "full":
             return _error(503, "record rejected: the registry is full of live records")

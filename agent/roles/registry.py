@@ -21,12 +21,12 @@ Why the bounds are what they are (issues 11 and 20):
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 
 from agent.dht.record import WorkerRecord
+from agent.netgroups import network_of
 from agent.ratelimit import TokenBucket
 
 REGISTRY_MAX = 10_000        # workers kept
@@ -41,19 +41,6 @@ PREFIX_RATE = 20.0           # registrations per second per /24 (/64)
 PREFIX_BURST = 200.0
 RATE_KEYS = 4096             # buckets kept per kind (least recently seen dropped)
 SKEW_S = 30.0                # a worker's clock may run this far ahead (record.verify)
-
-
-def prefix_of(ip: str) -> str:
-    """The network an address counts in: its /24 (IPv4, also IPv4-mapped IPv6) or its
-    /64 (IPv6). A string that is no address is its own group."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    bits = 24 if addr.version == 4 else 64
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 class _Buckets:
@@ -97,7 +84,7 @@ class Registry:
         """None when ``ip`` may register now; else which limit it hit ("ip", "prefix")."""
         if not self._ip_rate.take(ip):
             return "ip"
-        if not self._prefix_rate.take(prefix_of(ip)):
+        if not self._prefix_rate.take(network_of(ip)):
             return "prefix"
         return None
 
@@ -119,7 +106,7 @@ class Registry:
         self._until.pop(wid, None)
         ip = self._src.pop(wid, None)
         if ip is not None:
-            for counter, key in ((self.per_ip, ip), (self.per_prefix, prefix_of(ip))):
+            for counter, key in ((self.per_ip, ip), (self.per_prefix, network_of(ip))):
                 n = counter[key] - 1
                 if n > 0:
                     counter[key] = n
@@ -137,7 +124,7 @@ class Registry:
         """Why a newcomer from ``source`` may not take a place, or None."""
         if not source:
             return "full" if len(self.records) >= REGISTRY_MAX else None
-        prefix = prefix_of(source)
+        prefix = network_of(source)
         if self.per_ip[source] >= MAX_PER_IP:
             return "ip_full"
         if self.per_prefix[prefix] >= MAX_PER_PREFIX:
@@ -175,5 +162,5 @@ class Registry:
         if source:
             self._src[record.worker_id] = source
             self.per_ip[source] += 1
-            self.per_prefix[prefix_of(source)] += 1
+            self.per_prefix[network_of(source)] += 1
         return "stored"

@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import Address
 from agent.http.budget import ListenerLimits, listener_limits
-from agent.http.connections import ConnectionTable, ListenerMetrics, address_key
+from agent.http.connections import ConnectionTable, ListenerMetrics
 from agent.http.listener import serve
+from agent.netgroups import address_unit
 
 FAST = ListenerLimits(head_timeout=1.0, keepalive_timeout=1.0, body_idle_timeout=1.0,
                       send_timeout=1.0, max_connections=64, max_per_address=8)
@@ -296,4 +297,4 @@ def test_caps_leave_room_below_the_file_limit() -> None:
     ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"),
     ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("2001:db8:1:2::9", "2001:db8:1:2::/64")])
 def test_an_ipv6_slash_64_counts_as_one_address(host: str, key: str) -> None:
-    assert address_key(host) == key
+    assert address_unit(host) == key

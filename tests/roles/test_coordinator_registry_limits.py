@@ -21,6 +21,7 @@ from agent.config.model import NetworkSection
 from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
 from agent.httpapi import json_errors
+from agent.netgroups import network_of
 from agent.roles import registry as reg_mod
 from agent.roles.coordinator import CoordinatorRole
 from tests.roles.fakes import FakeAgent, FakeDHT, make_config
@@ -236,7 +237,9 @@ def test_client_ip_reads_headers_of_named_proxies_only() -> None:
 
 
 def test_networks_are_slash24_and_slash64() -> None:
-    assert reg_mod.prefix_of("198.51.100.7") == "198.51.100.0/24"
-    assert reg_mod.prefix_of("::ffff:198.51.100.7") == "198.51.100.0/24"
-    assert reg_mod.prefix_of("2001:db8:1:2:3::9") == "2001:db8:1:2::/64"
-    assert reg_mod.prefix_of("not-an-ip") == "not-an-ip"
+    # the registry counts networks by the one rule (agent.netgroups) the DHT limits use
+    assert network_of("198.51.100.7") == "198.51.100.0/24"
+    assert network_of("::ffff:198.51.100.7") == "198.51.100.0/24"
+    assert network_of("2001:db8:1:2:3::9") == "2001:db8:1:2::/64"
+    assert network_of("not-an-ip") == "not-an-ip"
+    assert reg_mod.network_of is network_of
