@@ -39,10 +39,12 @@ def _dotted_quad(ip: str) -> list[str] | None:
     return None
 
 
+@lru_cache(maxsize=8192)
 def network_of(ip: str) -> str:
     """The network an address counts in for per-network limits: its /24 (IPv4, also
     IPv4-mapped IPv6) or its /64 (IPv6), e.g. ``"203.0.113.0/24"``. A string that is no
-    address is its own group (it can only be refused later, never merged with others)."""
+    address is its own group (it can only be refused later, never merged with others).
+    Cached: the DHT asks it for every contact and lookup window, and peers repeat."""
     parts = _dotted_quad(ip)
     if parts is not None:
         return ".".join(parts[:3]) + ".0/24"
