@@ -22,7 +22,7 @@ from agent.http.load_header import Load, parse_load
 from agent.proof import PROOF_PATH, new_nonce
 from tests.cluster import Cluster, Node, wait_until
 from tests.gateway.upstream import Upstream
-from tests.util import free_port
+from tests.util import free_port, wait_for_async
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +62,7 @@ def _load(headers: Any) -> Load:
 
 
 async def _wait_holding(up: Upstream, n: int) -> None:
-    for _ in range(200):
-        if up.holding == n:
-            return
-        await asyncio.sleep(0.05)
-    assert up.holding == n
+    await wait_for_async(lambda: up.holding == n, what=f"the upstream holding {n} requests")
 
 
 async def test_every_gateway_answer_carries_the_load(net: Net) -> None:

@@ -19,6 +19,7 @@ from agent.http.budget import ListenerLimits, listener_limits
 from agent.http.connections import ConnectionTable, ListenerMetrics
 from agent.http.listener import serve
 from agent.netgroups import address_unit
+from tests.util import wait_for_async
 
 FAST = ListenerLimits(head_timeout=1.0, keepalive_timeout=1.0, body_idle_timeout=1.0,
                       send_timeout=1.0, max_connections=64, max_per_address=8)
@@ -93,13 +94,9 @@ async def _get(port: int, path: str = "/ok", source: str = "127.0.0.1") -> bytes
         writer.close()
 
 
-async def until(predicate: Callable[[], object], what: str, within: float = 10.0) -> None:
+async def until(predicate: Callable[[], object], what: str) -> None:
     """Wait for an event the test cannot await directly (bounded: fails, never hangs)."""
-    for _ in range(int(within / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    await wait_for_async(predicate, what=what)
 
 
 async def _closed(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:

@@ -24,6 +24,7 @@ from agent.httpapi import json_errors
 from agent.roles import registry as reg_mod
 from agent.roles.coordinator import CoordinatorRole
 from tests.roles.fakes import FakeAgent, FakeDHT, make_config
+from tests.util import wait_for_async
 
 
 def rec(ttl: float = 20) -> WorkerRecord:
@@ -140,10 +141,8 @@ async def test_body_split_over_two_tcp_segments(coord) -> None:
         await writer.drain()
         # the second segment goes out only once the server took the first one into its
         # handler (the registration's rate-limit bucket exists then)
-        for _ in range(200):
-            if coord.role.book._ip_rate._b:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: coord.role.book._ip_rate._b,
+                             what="the registration's rate-limit bucket")
         writer.write(payload[40:])
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 10)
