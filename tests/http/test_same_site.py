@@ -27,9 +27,9 @@ from tests.util import (
 )
 
 
-def _refusal(method: str, headers: dict[str, str], listen: str = "127.0.0.1") -> str | None:
-    return cross_site_refusal(make_mocked_request(method, "/api/worker/load",
-                                                  headers=headers), listen)
+def _refusal(method: str, headers: dict[str, str], listen: str = "127.0.0.1",
+             path: str = "/api/worker/load") -> str | None:
+    return cross_site_refusal(make_mocked_request(method, path, headers=headers), listen)
 
 
 @pytest.mark.parametrize("headers", [
@@ -46,20 +46,41 @@ def test_local_callers_and_the_own_dashboard_pass(headers: dict[str, str]) -> No
     assert _refusal("POST", headers) is None
 
 
-@pytest.mark.parametrize("headers", [
+CROSS_SITE = [
     {"Host": "127.0.0.1:8080", "Origin": "http://evil.example"},
     {"Host": "127.0.0.1:8080", "Origin": "null"},
     {"Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:9999"},    # another local port
     {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "cross-site"},
     {"Host": "127.0.0.1:8080", "Sec-Fetch-Site": "same-site"},
-    {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"},   # DNS rebinding
+]
+REBOUND = [
+    {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"},
     {"Host": "evil.example:8080", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"},
     {"Host": "evil.example:8080", "Sec-Fetch-Mode": "no-cors"},
     {"Host": "", "Sec-Fetch-Dest": "empty"},
-])
-def test_cross_site_and_rebound_requests_are_refused(headers: dict[str, str]) -> None:
+]
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE + REBOUND)
+def test_cross_site_and_rebound_state_changes_are_refused(headers: dict[str, str]) -> None:
     assert _refusal("POST", headers) is not None
-    assert _refusal("GET", headers) is None                    # reads are not checked
+    # the router's GETs make a worker work: refused as well
+    assert _refusal("GET", headers, path="/route/ocr/v1/run") is not None
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+def test_cross_site_reads_pass(headers: dict[str, str]) -> None:
+    """A foreign page may make the browser read (a link to the dashboard), but the API
+    sends no CORS headers: the page cannot see the answer."""
+    assert _refusal("GET", headers) is None
+    assert _refusal("GET", headers, path="/api/dht/topology") is None
+
+
+@pytest.mark.parametrize("headers", REBOUND)
+def test_rebound_reads_are_refused(headers: dict[str, str]) -> None:
+    """A rebound page is same-origin to the browser: it could read every answer."""
+    for path in ("/api/dht/stats", "/api/dht/topology", "/", "/api/services/ocr"):
+        assert _refusal("GET", headers, path=path) is not None, path
 
 
 def test_the_configured_listen_host_passes() -> None:
@@ -124,5 +145,28 @@ def test_a_foreign_page_cannot_change_a_workers_load(worker: str) -> None:
     status, body = _put_load(worker, 3, Origin=f"http://{worker}",
                              Sec_Fetch_Site="same-origin")
     assert status == 200 and body["inflight"] == 3, body
-    status, _ = http_get(f"http://{worker}/api/dht/stats")           # reads: unchecked
+    status, _ = http_get(f"http://{worker}/api/dht/stats")           # the CLI reads
     assert status == 200
+    port = worker.split(":")[1]
+    status, body = _get(worker, "/api/dht/stats", {"Host": f"evil.example:{port}",
+                                                   "User-Agent": "Mozilla/5.0"})
+    assert status == 403 and "DNS rebinding" in body["error"], body
+    status, body = _get(worker, "/route/ocr/run", {"Sec-Fetch-Site": "cross-site",
+                                                   "Sec-Fetch-Mode": "no-cors"})
+    assert status == 403 and "cross-site request refused" in body["error"], body
+
+
+def _get(addr: str, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+    """A GET as a browser page would send it (its own Host and fetch metadata)."""
+    host, port = addr.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        conn.putheader("Host", headers.pop("Host", addr))
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
