@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fsutil import write_atomic
+from agent.fsutil import PrivateFileError, read_private_file, write_atomic
 
 
 def test_creates_and_replaces_with_the_mode(tmp_path: Path) -> None:
@@ -31,3 +31,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
 def test_missing_directory_is_an_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_atomic(tmp_path / "nope" / "x", b"x")
+
+
+def test_a_private_file_is_read_only_when_no_one_else_may(tmp_path: Path) -> None:
+    """The one rule both key files (identity, network key) are read by."""
+    p = tmp_path / "k"
+    write_atomic(p, b"secret", mode=0o600)
+    assert read_private_file(p, "key", 64) == b"secret"
+    p.chmod(0o640)
+    with pytest.raises(PrivateFileError, match="0640 let other users read the key; run 'chmod"):
+        read_private_file(p, "key", 64)
+    p.chmod(0o600)
+    with pytest.raises(PrivateFileError, match="too large for a key"):
+        read_private_file(p, "key", 3)
+    with pytest.raises(PrivateFileError, match="no such file"):
+        read_private_file(tmp_path / "missing", "key", 64)
+    with pytest.raises(PrivateFileError, match="not a regular file"):
+        read_private_file(tmp_path, "key", 64)

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from agent.fsutil import write_atomic
+from agent.fsutil import PrivateFileError, read_private_file, write_atomic
 
 
 class AdmissionError(ValueError):
@@ -131,21 +131,10 @@ class NetworkKey:
         admit workers to the network)."""
         path = Path(path)
         try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise AdmissionError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise AdmissionError(f"{path}: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise AdmissionError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise AdmissionError(f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} let other "
-                                 f"users read the network key; run 'chmod 600 {path}'")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise AdmissionError(f"{path}: {exc.strerror or exc}") from None
-        if len(data) > 16 * 1024 or b"-----BEGIN PRIVATE KEY-----" not in data:
+            data = read_private_file(path, "network key", 16 * 1024)
+        except PrivateFileError as exc:
+            raise AdmissionError(str(exc)) from None
+        if b"-----BEGIN PRIVATE KEY-----" not in data:
             raise AdmissionError(f"{path}: not a network key (expected a PEM private key "
                                  "made by 'rma-agent network-key create')")
         try:

@@ -16,7 +16,6 @@ than silently used, because anyone holding it can forge this worker's records.
 from __future__ import annotations
 
 import hashlib
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from agent.fsutil import write_atomic
+from agent.fsutil import PrivateFileError, read_private_file, write_atomic
 
 KEY_FILE = "identity.key"
 NODE_ID_DOMAIN = b"rma-agent/node-id/v1\x00"   # signatures of node-id proofs only
@@ -109,15 +108,10 @@ class Identity:
 
     @classmethod
     def _load(cls, path: Path) -> Identity:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise IdentityError(
-                f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} let other users read "
-                f"the private key; run 'chmod 600 {path}'"
-            )
-        raw = path.read_bytes()
+        try:
+            raw = read_private_file(path, "private key", 1024)
+        except PrivateFileError as exc:
+            raise IdentityError(str(exc)) from None
         if len(raw) != 32:
             raise IdentityError(f"{path}: expected a 32-byte raw Ed25519 key, found {len(raw)} bytes")
         return cls.from_private_bytes(raw)
