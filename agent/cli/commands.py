@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.cli import admission
+from agent.cli import admission, join
 from agent.cli.common import default_url, load_config_or_report
 from agent.config import default_path, summary
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="a local cluster on loopback; Ctrl-C stops it")
     sp.add_argument("--workers", type=int, default=5, metavar="N")
     admission.add_parsers(sub, _config_arg)
+    join.add_parser(sub, _config_arg)
     return p
 
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in admission.COMMANDS:
         return admission.run(args)
+    if args.command == "join":
+        return join.run(args)
     if args.command in ("run", "check-config"):
         return _run_or_check(args.command, args.config or default_path())
     if args.command in ("status", "lookup", "watch", "call"):
