@@ -1,10 +1,11 @@
 """The admission policy: which worker records a closed network admits.
 
 A network is *closed* when ``network.admission_keys`` lists at least one public key of an
-admission authority. Only workers holding a certificate signed by one of those keys, for
-their own public key and covering every service they announce, and not named by a trusted
-revocation list, are stored, registered or offered. See docs/SECURITY.md for the trust
-model.
+admission authority. Only workers holding a certificate signed by one of those keys (or by
+an issuer one of those keys certified, within the issuer's limits), for their own public
+key and covering every service they announce, and whose key — and issuer — no trusted
+revocation list names, are stored, registered or offered. See docs/SECURITY.md for the
+trust model.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class AdmissionPolicy:
                 cert = "certificate is from an admission key this network does not list"
             elif not any(cert.signed_by(k) for k in signers):
                 cert = "certificate signature does not verify"
+            else:
+                cert = cert.limit_problem() or cert
         self._certs[bytes(blob)] = cert
         if len(self._certs) > _CERT_CACHE_MAX:
             self._certs.popitem(last=False)
@@ -109,6 +112,8 @@ class AdmissionPolicy:
             return "certificate does not cover the announced services"
         if public_key in self.revoked:
             return "worker revoked"
+        if cert.issuer is not None and cert.issuer.subject in self.revoked:
+            return "issuer revoked"
         return None
 
     def check(self, record: Any, now: float | None = None) -> str | None:

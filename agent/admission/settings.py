@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from agent.admission.certificate import EXPIRY_WARNING_S, MAX_CERT_BYTES, Certificate
+from agent.admission.certificate import EXPIRY_WARNING_S, MAX_CHAIN_BYTES, Certificate
 from agent.admission.keys import AdmissionError, b64_key, parse_public_key, read_b64_file
 from agent.admission.policy import AdmissionPolicy
 
@@ -58,7 +58,7 @@ def certificate_state(cfg: Config, public_key: bytes | None, now: float | None =
                           "its records will be refused (get one with 'rma-agent admit')")
         return b"", errors, warnings
     try:
-        blob = read_b64_file(path, "certificate", MAX_CERT_BYTES)
+        blob = read_b64_file(path, "certificate", MAX_CHAIN_BYTES)
         cert = Certificate.decode(blob)
     except AdmissionError as exc:
         (errors if closed else warnings).append(str(exc))

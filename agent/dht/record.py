@@ -12,7 +12,9 @@ Format 2 adds three fields to format 1:
   configuration, so a worker configured with a longer interval is not hidden half the time.
 - ``agent_version``: the worker's ``agent.__version__``, so a fleet's versions are visible.
 - ``cert``: an opaque admission certificate (``b""`` = none), checked by
-  ``agent.admission`` in closed networks.
+  ``agent.admission`` in closed networks. At most ``MAX_CERT`` = 448 bytes (256 in 0.2.0
+  and before: a certificate issued by a coordinator carries its issuer's certificate; agents
+  with the old budget drop records carrying one as malformed, counted).
 
 Format 1 records (16 fields, signed under the v1 domain) are still decoded and verified, so
 an upgraded caller keeps seeing workers that have not been upgraded yet: they read as
@@ -68,7 +70,7 @@ SIGN_DOMAIN_V1 = b"rma-agent/worker-record/v1\x00"
 MAX_RECORD_BYTES = 640
 LEGACY_REFRESH = 30.0       # what a format-1 record is taken to promise (the platform default)
 MAX_AGENT_VERSION = 24
-MAX_CERT = 256
+MAX_CERT = 448              # agent.admission.certificate.MAX_CHAIN_BYTES
 DEFAULT_MAX_SKEW = 30.0
 MAX_SEQ = 2**63 - 1
 SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")

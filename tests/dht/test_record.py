@@ -12,6 +12,7 @@ from agent.dht import record as recmod
 from agent.dht.identity import Identity
 from agent.dht.record import (
     ALL_SERVICES,
+    MAX_CERT,
     MAX_RECORD_BYTES,
     RecordError,
     WorkerRecord,
@@ -206,7 +207,7 @@ def test_tombstone_keeps_format2_fields():
 @pytest.mark.parametrize("kw,match", [
     (dict(refresh=0.5), "refresh"), (dict(refresh=4000.0), "refresh"),
     (dict(refresh=float("nan")), "refresh"), (dict(agent_version="x" * 25), "agent_version"),
-    (dict(cert=b"x" * 257), "cert"), (dict(services=("OCR",)), "bad service name"),
+    (dict(cert=b"x" * (MAX_CERT + 1)), "cert"), (dict(services=("OCR",)), "bad service name"),
 ])
 def test_format2_limits(kw, match):
     with pytest.raises(RecordError, match=match):
