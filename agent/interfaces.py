@@ -301,6 +301,10 @@ class AdmissionService(Protocol):
         """What the worker puts in its record's ``cert`` field (b"" = none)."""
         ...
 
+    def reload_certificate(self) -> bool:
+        """Re-read the certificate file after a renewal; True when it changed."""
+        ...
+
 
 class RegistryService(Protocol):
     """What ``agent.coordinator`` (:class:`agent.roles.coordinator.CoordinatorRole`)

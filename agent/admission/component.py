@@ -217,6 +217,13 @@ class NetworkComponent(Component):
         """What the worker puts in its record's ``cert`` field (b"" = none)."""
         return self.cert_blob
 
+    def reload_certificate(self) -> bool:
+        """Re-read ``worker.admission_cert`` (a renewal replaced the file); True when the
+        certificate carried changed (the worker then re-announces with it)."""
+        before = self.cert_blob
+        self._load_certificate()
+        return self.cert_blob != before
+
     # ------------------------------------------------------------------ revocations
     def _state(self, name: str) -> Path:
         return Path(self.agent.config.agent.state_dir) / name

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,72 +57,49 @@ async def fetch_seeds(url: str) -> list[str]:
     return seeds
 
 
-def _error_text(status: int, body: bytes) -> str:
-    try:
-        data = json.loads(body)
-        msg = data.get("error") if isinstance(data, dict) else None
-    except ValueError:
-        msg = None
-    return f"{msg or body[:200].decode('utf-8', 'replace').strip() or 'no detail'} (HTTP {status})"
+async def enroll(url: str, identity: Any, token: str, name: str,
+                 services: list[str]) -> Enrolled:
+    """Enroll this box's key with ``token`` at ``URL/api/network/enroll`` (proof of
+    possession: the request is signed with the identity key); the certificate issued,
+    checked to be for this key and to chain to the network keys the answer names.
+    JoinError: 2 for a refused token (the user must bring another), 1 for what may
+    pass later (unreachable, rate-limited, coordinator trouble)."""
+    from agent.admission.enrollment import (
+        ENROLL_PATH,
+        MAX_ENROLL_NAME,
+        EnrollError,
+        build_enroll_request,
+        parse_response,
+    )
+    from agent.admission.keys import b64_key
 
-
-async def post_enroll(url: str, request: dict[str, Any]) -> dict[str, Any]:
-    """POST an enrollment (or renewal) request to ``URL/api/network/enroll``; the JSON
-    answer of a 200, JoinError otherwise (2 for a refused token -- the user must bring
-    another -- 1 for anything that may pass later)."""
-    full = url + "/api/network/enroll"
+    short = name.encode("utf-8")[:MAX_ENROLL_NAME].decode("utf-8", "ignore")
+    body = build_enroll_request(identity, token, name=short, services=services)
+    full = url + ENROLL_PATH
     try:
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as session, \
-                session.post(full, json=request, allow_redirects=False) as resp:
-            body = await resp.content.read(64 * 1024)
-            status = resp.status
-            retry_after = resp.headers.get("Retry-After", "")
+                session.post(full, json=body, allow_redirects=False) as resp:
+            raw = await resp.content.read(64 * 1024)
+            status, retry = resp.status, resp.headers.get("Retry-After")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise JoinError(f"cannot reach the coordinator at {url}: "
                         f"{str(exc) or type(exc).__name__}", 1) from None
-    if status == 200:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise JoinError(f"{full} did not answer a JSON object", 1)
-        return data
-    text = _error_text(status, body)
-    if status == 429:
-        raise JoinError(f"enrollment refused for now: {text}; try again in "
-                        f"{retry_after or 'a while'} s", 1)
     if status == 404:
-        raise JoinError(f"{full}: not found: is {url} a coordinator (its gateway URL)?", 1)
-    raise JoinError(f"enrollment refused: {text}", 2 if 400 <= status < 500 else 1)
-
-
-async def enroll(url: str, identity: Any, token: str, name: str,
-                 services: list[str]) -> Enrolled:
-    """Enroll this box's key with ``token`` (proof of possession: the request is signed
-    with the identity key); the certificate the coordinator issued."""
-    from agent.admission import enrollment
-
-    request = enrollment.build_enroll_request(identity, token, name=name, services=services)
-    answer = await post_enroll(url, request)
-    return _enrolled(answer)
-
-
-def _enrolled(answer: dict[str, Any]) -> Enrolled:
-    cert = answer.get("certificate")
-    keys = answer.get("network_keys")
-    not_after = answer.get("not_after")
-    if not isinstance(cert, str) or not cert.strip() or "\n" in cert.strip():
-        raise JoinError("the coordinator's answer has no certificate line", 1)
+        raise JoinError(f"{full}: not found: is {url} a coordinator (its gateway URL) of "
+                        "a closed network?", 1)
     try:
-        base64.b64decode(cert.strip(), validate=True)
-    except ValueError:
-        raise JoinError("the coordinator's certificate is not base64", 1) from None
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-        raise JoinError("the coordinator's answer names no network_keys", 1)
-    return Enrolled(cert.strip(), int(not_after) if isinstance(not_after, int) else 0,
-                    tuple(keys))
+        answer = parse_response(status, bytes(raw), public_key=identity.public_key,
+                                retry_after=retry)
+    except EnrollError as exc:
+        if exc.status == 429:
+            raise JoinError(f"enrollment refused for now: {exc.message}; try again in "
+                            f"{exc.retry_after or 60:g} s", 1) from None
+        code = 2 if 400 <= exc.status < 500 else 1
+        raise JoinError(f"enrollment refused: {exc.message} (HTTP {exc.status})", code) \
+            from None
+    return Enrolled(answer.file_text().strip(), answer.not_after,
+                    tuple(b64_key(k) for k in answer.network_keys))
 
 
 async def _registry_has(session: aiohttp.ClientSession, url: str, service: str,

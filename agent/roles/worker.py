@@ -31,6 +31,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from agent import __version__
+from agent.admission.renewal import WorkerRenewal
 from agent.component import Component, cancel_task
 from agent.dht.record import RecordError, WorkerRecord
 from agent.gpu import GpuInfo, detect_gpu
@@ -87,6 +88,7 @@ class WorkerRole(Component):
         self._dht_ok: bool | None = None        # None until the first announce
         self._last_registered = 0
         self._record_error = ""
+        self.renewal = WorkerRenewal(agent, self.wake)   # closed networks: cert renewal
         self._m_announces = Counter(
             "rma_agent_worker_announces", "Worker record announces, by outcome "
             "(dht, coordinator = stored only through the fallback, failed, withdrawn)",
@@ -249,6 +251,7 @@ class WorkerRole(Component):
         self._task = asyncio.create_task(self._loop(), name="worker-announce")
         if self._gpu.utilization is not None:
             self._load_task = asyncio.create_task(self._poll_load(), name="worker-load")
+        self.renewal.start()
         if not self.endpoint:
             log.info("worker: no endpoint configured: waiting for the tunnel's public URL")
 
@@ -261,6 +264,7 @@ class WorkerRole(Component):
             self.agent.status_changed()
 
     async def reload(self, old: Config, new: Config) -> None:
+        await self.renewal.reload()
         removed = tuple(s for s in old.worker.services if s not in new.worker.services)
         if removed and self._announced_services:
             self._withdraw_services = tuple(dict.fromkeys((*self._withdraw_services, *removed)))
@@ -275,6 +279,7 @@ class WorkerRole(Component):
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.renewal.stop()
         for task in (self._task, self._load_task):
             await cancel_task(task)
         self._task = self._load_task = None
@@ -464,7 +469,9 @@ class WorkerRole(Component):
             return "withdrawn"
         if self.last_stored == 0 and not self._last_registered:
             return "announce failing"
-        return "announced " + ",".join(self._announced_services)
+        renewal = self.renewal.status()
+        return "announced " + ",".join(self._announced_services) + (f"; {renewal}" if renewal
+                                                                    else "")
 
     def stats(self) -> dict[str, Any]:
         return {"worker": {
@@ -481,4 +488,5 @@ class WorkerRole(Component):
             "last_result": self.last_result,
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
+            "certificate_renewal": self.renewal.stats(),
         }}
