@@ -6,7 +6,7 @@ sizes mean nothing; what is checked is what makes the real figures honest: both 
 a comparison measured alike (tables of like size, same rows), failures counted apart
 from throughput, and windows that contain the events they claim to count.
 
-The five scripts run at once (most of their time is sleeps: rests, settle pauses,
+The six scripts run at once (most of their time is sleeps: rests, settle pauses,
 process start-up), each bounded by its own arguments and a subprocess timeout; together
 well under a minute on an idle 2-core machine.
 """
@@ -41,6 +41,7 @@ ARGS: dict[str, list[str]] = {
               "--kademlia-timeout", "0.3", "--churn-concurrency", "4", "--json"],
     "route": ["--seconds", "0.3", "--requests", "100", "--concurrency", "4",
               "--stream-mb", "4", "--json"],
+    "balance": ["--quick", "--json"],
 }
 
 
@@ -151,3 +152,23 @@ def test_route_measures_every_path(runs: dict[str, Any]) -> None:
         assert p["rps"] > 0 and p["errors"] == 0, (key, p)
         assert p["upload_mib_s"] > 0 and p["download_mib_s"] > 0, (key, p)
     assert "MiB/s" in r.stderr
+
+
+def test_balance_runs_every_policy_on_the_same_arrivals(runs: dict[str, Any]) -> None:
+    r = ran(runs, "balance")
+    res = json.loads(r.stdout)
+    want = {"oracle", "router", "seed", "round_robin"} | (
+        {"nginx"} if (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) else set())
+    cells = res["cells"]
+    assert {c["policy"] for c in cells.values()} == want
+    assert {c["load"] for c in cells.values()} == {0.8}
+    sent = {c["sent"] for c in cells.values()}
+    assert len(sent) == 1 and sent.pop() > 0            # one schedule for every policy
+    for key, c in cells.items():
+        assert c["ok"] > 0 and c["ok"] + c["s503"] + c["errors"] + c["unfinished"] <= c["sent"]
+        assert c["p50_ms"] <= c["p99_ms"] <= c["p999_ms"], (key, c)
+        assert 0.0 <= c["to_full"] <= 1.0 and c["server_requests"] >= c["ok"], (key, c)
+        assert c["retries"] >= 0
+    assert res["capacity"] > 0
+    assert any(t.startswith("target 0.8: router p99 <= 1.3x oracle") for t in res["targets"])
+    assert "p99/orc" in r.stderr
