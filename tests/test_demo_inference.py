@@ -126,6 +126,7 @@ async def test_loading_answers_503_until_loaded() -> None:
             assert (await s.post(server.url + "/v1/x")).status == 503
             server.set_loading(False)
             assert (await s.get(server.url + "/health")).status == 200
+            assert (await s.get(server.url + "/")).status == 404     # not a request
             r = await s.post(server.url + "/v1/x", headers={SERVICE_MS_HEADER: "0"})
             assert r.status == 200
             log = await (await s.get(server.url + "/emu/log")).json()

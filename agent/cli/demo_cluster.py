@@ -125,7 +125,7 @@ def plan(workers: int, tmp: Path, services: DemoServices | None = None) -> list[
                     capacity=conc)
         gateway: dict[str, Any] = {"listen": f"127.0.0.1:{node.gateway_port}"}
         if services is not None:
-            upstream = services.add(name, gpu)
+            upstream = services.add(name, gpu, conc)
             gateway["upstreams"] = {svc: upstream for svc in node.services}
         node.config.write_text(toml_dumps({
             "agent": {"role": "worker", "name": name, "region": region,

@@ -28,6 +28,8 @@ The model (one :class:`InferenceServer` per emulated box, configured by a
   cancellation): it leaves the queue or frees its slot, logged ``cancelled``.
 * **Loading.** While ``loading`` (see :meth:`InferenceServer.set_loading`) ``/health``
   and every request answer 503, as llama.cpp does while it loads a model.
+* **Not requests.** ``GET /`` answers 404 at once (vLLM does), so a health check on the
+  base URL takes no slot; ``/metrics``, ``/health`` and ``/emu/log`` take none either.
 * **Load signals.** ``GET /metrics``: vLLM's Prometheus gauges
   ``vllm:num_requests_running`` (requests in service), ``vllm:num_requests_waiting``
   (queued requests) and ``vllm:kv_cache_usage_perc`` (share of slots in use, the owner's
@@ -172,6 +174,7 @@ class InferenceServer:
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/emu/log", self._log)
+        self.app.router.add_get("/", self._root)
         self.app.router.add_route("*", "/{path:.*}", self._handle)
 
     # ------------------------------------------------------------------ life
@@ -284,6 +287,12 @@ class InferenceServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _root(self, _request: web.Request) -> web.Response:
+        """``GET /`` is no inference request: 404 at once, as vLLM (FastAPI) answers it.
+        A gateway's default health check (any answer below 500) then costs no slot and
+        never fails because the queue is full."""
+        return web.json_response({"detail": "Not Found"}, status=404)
 
     async def _health(self, _request: web.Request) -> web.Response:
         if self.loading:
