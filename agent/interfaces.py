@@ -275,6 +275,10 @@ class WorkerService(Protocol):
 
     def set_inflight(self, n: float | None) -> None: ...
 
+    def renewal_state(self) -> dict[str, Any] | None:
+        """The admission certificate's expiry and renewal state (None: nothing to renew)."""
+        ...
+
 
 class TunnelService(Protocol):
     """What ``agent.tunnel`` (:class:`agent.tunnel.TunnelComponent`) offers."""

@@ -54,6 +54,7 @@ def format_status(stats: dict[str, Any]) -> str:
         ("services", services),
         ("endpoint", _pick(stats, "worker.endpoint", "endpoint")),
         ("tunnel", tunnel),
+        ("admission cert", admission_cert(stats)),
         ("registry", _pick(stats, "coordinator.registry_size")),
         ("dht lookups p50/p99", _pair_ms(_pick(stats, "lookups.p50_ms"),
                                          _pick(stats, "lookups.p99_ms"))),
@@ -68,6 +69,32 @@ def format_status(stats: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {'-' if v is None else v}" for k, v in rows)
+
+
+def admission_cert(stats: dict[str, Any]) -> str | None:
+    """A closed network's worker certificate: expiry and renewal state, e.g.
+    "until 2026-12-10 09:00 UTC (4.2 days); renewal waiting (renews at 2026-12-08 ...)"."""
+    import time
+
+    cert = _pick(stats, "network.certificate")
+    renewal = _pick(stats, "worker.certificate_renewal")
+    not_after = (cert or {}).get("not_after") if isinstance(cert, dict) else None
+    if not_after is None and isinstance(renewal, dict):
+        not_after = renewal.get("not_after")
+    if not isinstance(not_after, int | float):
+        return None
+    left = not_after - time.time()
+    out = (f"until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_after))} "
+           + (f"({left / 86400:.1f} days)" if left >= 86400 else
+              f"({left / 3600:.1f} h)" if left > 0 else "(EXPIRED)"))
+    if isinstance(renewal, dict):
+        state = str(renewal.get("state", ""))
+        out += f"; renewal {state}"
+        if renewal.get("failures"):
+            out += f", {renewal['failures']} failed: {str(renewal.get('last_error', ''))[:120]}"
+        elif isinstance(renewal.get("renew_at"), int | float) and state == "waiting":
+            out += f" (renews at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(renewal['renew_at']))})"
+    return out
 
 
 def _fleet_versions(block: Any) -> str | None:

@@ -65,6 +65,8 @@ def overview(agent: AgentAPI, hub: WatchHub, services: list[str],
         "workers": len(workers), "services": len(services),
         "router": has_router,
         # the fleet's versions (record format 2's agent_version; "" = a v1 record)
+        # closed networks: the admission certificate's expiry and its renewal state
+        "certificate": agent.worker.renewal_state() if agent.worker is not None else None,
         "versions": dict(sorted(Counter(
             r.agent_version for r in
             (star.records.values() if star is not None else ())).items())),

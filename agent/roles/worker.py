@@ -186,6 +186,9 @@ class WorkerRole(Component):
         self._inflight = n
         self._maybe_load_changed()
 
+    def renewal_state(self) -> dict[str, Any] | None:
+        return self.renewal.stats()
+
     def set_reported(self, n: float | None) -> None:
         """The local service's own in-flight count (``PUT /api/worker/load``); kept apart
         from the gateway's so that neither report erases the other."""
@@ -488,5 +491,5 @@ class WorkerRole(Component):
             "last_result": self.last_result,
             "fallback_used": self.fallback_used,
             "fallback_registrations": {"ok": self.fallback_ok, "failed": self.fallback_failed},
-            "certificate_renewal": self.renewal.stats(),
+            "certificate_renewal": self.renewal_state(),
         }}

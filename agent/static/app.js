@@ -71,6 +71,12 @@
       ["fleet versions", Object.entries(a.versions || {})
         .map(([v, n]) => (v || "v1 record") + " ×" + n).join(", ") || "–"],
     ];
+    const cert = a.certificate;
+    if (cert && cert.not_after) {
+      const left = cert.not_after - Date.now() / 1000;
+      tiles.push(["admission cert", (left > 0 ? "expires in " + ago(left) : "EXPIRED") +
+        " · renewal " + cert.state + (cert.failures ? " (" + cert.failures + " failed)" : "")]);
+    }
     $("tiles").replaceChildren(...tiles.map(([k, v]) =>
       h("div", {}, h("dt", { text: k }), h("dd", { text: String(v) }))));
     const r = $("readiness");
