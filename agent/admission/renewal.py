@@ -13,7 +13,8 @@ box by hand. So the worker renews it itself, ACME-style:
   identity key (proof of possession; ``enrollment.build_renew_request``). A revoked key
   is refused there, so a revoked worker cannot renew its way back in;
 * **failures**: exponential back-off with jitter, scaled to the certificate's lifetime
-  (at most a tenth of it, at most 10 min), ``Retry-After`` honoured; every failure is
+  (from 30 s for a week-long one, at most a tenth of the lifetime and 10 min),
+  ``Retry-After`` honoured; every failure is
   counted and the journal warns, rate-limited (a few lines, then one a minute), naming
   what failed and how long the certificate has left;
 * **install**: the new certificate is written atomically over ``worker.admission_cert``
@@ -45,7 +46,6 @@ from agent.fsutil import write_atomic
 from agent.ratelimit import RateLimiter
 
 log = logging.getLogger("rma_agent.network")
-_WARN = RateLimiter(rate=1 / 60, burst=3)
 
 HTTP_TIMEOUT = 10.0
 MAX_WAIT = 60.0             # the file is looked at again at least this often
@@ -78,11 +78,11 @@ class RenewalState:
 
 
 def backoff(failures: int, lifetime: float, rng: Callable[[], float] = random.random) -> float:
-    """Seconds before attempt ``failures + 1``: doubling from 1 s (or a 200th of the
-    lifetime when longer), capped at a tenth of the lifetime and at 10 min, then
+    """Seconds before attempt ``failures + 1``: doubling from a thousandth of the
+    lifetime (0.1 s to 30 s), capped at a tenth of the lifetime and at 10 min, then
     "equal jitter" (half fixed, half random) so a fleet that failed together does not
-    retry together."""
-    base = max(1.0, lifetime / 200)
+    retry together. A week-long certificate: 30 s, 1 min, 2 min ... 10 min."""
+    base = min(30.0, max(0.1, lifetime / 1000))
     cap = max(base, min(BACKOFF_MAX, lifetime / 10))
     delay = min(cap, base * 2 ** max(failures - 1, 0))
     return delay / 2 + rng() * delay / 2
@@ -105,6 +105,7 @@ class CertRenewer:
         self.state = RenewalState()
         self._preferred = 0
         self._blob = b""
+        self._warn = RateLimiter(rate=1 / 60, burst=3)   # a few lines, then one a minute
         self._session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -156,7 +157,7 @@ class CertRenewer:
             blob = read_b64_file(self.cert_path, "certificate", limit)
             return certmod.Certificate.decode(blob), blob
         except AdmissionError as exc:
-            _WARN.log(log, logging.WARNING, "renewal-read",
+            self._warn.log(log, logging.WARNING, "renewal-read",
                       "network: certificate renewal: cannot read %s: %s", self.cert_path, exc)
             return None, b""
 
@@ -246,7 +247,7 @@ class CertRenewer:
         left = cert.not_after - self.clock()
         when = (f"it expires in {left:.0f} s ({_utc(cert.not_after)})" if left > 0
                 else f"it EXPIRED at {_utc(cert.not_after)}: this worker is not admitted")
-        _WARN.log(log, logging.WARNING if left > 0 else logging.ERROR, "renewal-failed",
+        self._warn.log(log, logging.WARNING if left > 0 else logging.ERROR, "renewal-failed",
                   "network: admission certificate renewal failed (%d in a row): %s; %s",
                   st.failures, st.last_error, when)
 
