@@ -6,6 +6,7 @@ datagrams it sends to the notify socket, the way PID 1 would.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -85,13 +86,20 @@ def test_ready_status_watchdog_stop(tmp_path: Path, notify: NotifyListener) -> N
         status_line = next(m for m in notify.drain() if "STATUS=" in m)
         assert "coordinator coord" in status_line
 
-        # WATCHDOG=1 at half of WATCHDOG_USEC (0.2 s): count over a 2 s window
+        # WATCHDOG=1 at half of WATCHDOG_USEC (0.2 s of 0.4 s): ten pings in a row, whose
+        # typical gap is that half (the median: a loaded machine may delay one ping, but
+        # a loop pinging at the watchdog's own period, or flooding, is caught)
         notify.drain()
         t0 = time.monotonic()
-        time.sleep(2.0)
-        notify.drain()
-        pings = [t for t, m in notify.messages if m == "WATCHDOG=1" and t >= t0]
-        assert 6 <= len(pings) <= 14, f"{len(pings)} watchdog pings in 2 s, expected ~10"
+
+        def pings() -> list[float]:
+            notify.drain()
+            return [t for t, m in notify.messages if m == "WATCHDOG=1" and t >= t0]
+        # drained every 20 ms: a ping's stamp is its arrival within that
+        got = wait_for(lambda: len(pings()) >= 10 and pings(), 30, interval=0.02,
+                       what="ten watchdog pings")
+        gaps = sorted(b - a for a, b in itertools.pairwise(got))
+        assert 0.1 <= gaps[len(gaps) // 2] <= 0.35, gaps
 
         n = len(notify.drain())
         proc.send_signal(signal.SIGTERM)
@@ -201,7 +209,7 @@ def test_http_endpoints_and_4xx(tmp_path: Path) -> None:
         assert status == 200 and 'rma_agent_build_info{' in body
         assert all(ln.startswith(("#", "rma_agent_")) for ln in body.splitlines() if ln)
         status, stats = http_get(base + "/api/dht/stats")
-        assert status == 200 and stats["role"] == "coordinator" and stats["uptime_s"] >= 0
+        assert status == 200 and stats["role"] == "coordinator" and 0 < stats["uptime_s"] < 600
         status, body = http_get(base + "/no/such/thing")
         assert status == 404 and "error" in body
         req = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE",
