@@ -301,6 +301,12 @@ class AdmissionService(Protocol):
 
     def storage_hook(self, record: Any, now: float) -> str | None: ...
 
+    def check_cert(self, blob: bytes, public_key: bytes, services: Iterable[str],
+                   now: float | None = None) -> str | None:
+        """Why the policy refuses a certificate for this key and services; None when
+        it admits them (renewals at the enrollment endpoint)."""
+        ...
+
     def certificate_blob(self) -> bytes:
         """What the worker puts in its record's ``cert`` field (b"" = none)."""
         ...

@@ -139,6 +139,13 @@ class NetworkComponent(Component):
         now = time.time() if now is None else now
         return [r for r in records if self.check(r, now) is None]
 
+    def check_cert(self, blob: bytes, public_key: bytes, services: Iterable[str],
+                   now: float | None = None) -> str | None:
+        """Why the policy refuses certificate ``blob`` for ``public_key`` and
+        ``services`` (chain, time, revocation); None when it admits them. Not counted:
+        the enrollment endpoint asks it for renewals, not for records."""
+        return self.policy.check_cert(blob, public_key, services, now)
+
     def storage_hook(self, record: Any, now: float) -> str | None:
         """``ProviderStorage.admit``: refusal reason or None."""
         return self.check(record, now) if self.policy.closed else None

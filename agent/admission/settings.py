@@ -89,6 +89,38 @@ def certificate_state(cfg: Config, public_key: bytes | None, now: float | None =
     return (blob if ours else b""), errors, warnings
 
 
+def issuer_state(cfg: Config, public_key: bytes | None, now: float | None = None
+                 ) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about a coordinator's ``network.issuer_cert``: unreadable, not
+    signed by a key in ``network.admission_keys``, for another key than this box's
+    (``public_key``; None: not known), expired (errors); expiring within 30 days
+    (warning). Nothing when unset."""
+    from agent.admission.issuer import MAX_ISSUER_BYTES, IssuerCertificate
+
+    path = str(getattr(cfg.network, "issuer_cert", "") or "")
+    if not path:
+        return [], []
+    now = time.time() if now is None else now
+    try:
+        iss = IssuerCertificate.decode(read_b64_file(path, "issuer certificate",
+                                                     MAX_ISSUER_BYTES))
+    except AdmissionError as exc:
+        msg = str(exc)
+        return [msg if msg.startswith(path) else f"{path}: {msg}"], []
+    errors: list[str] = []
+    if not any(iss.signed_by(k) for k in configured_keys(cfg)):
+        errors.append(f"{path}: not signed by a key in network.admission_keys")
+    if public_key is not None and iss.subject != public_key:
+        errors.append(f"{path}: made for {b64_key(iss.subject)}, but this box's key is "
+                      f"{b64_key(public_key)} ('rma-agent identity')")
+    if now >= iss.not_after:
+        errors.append(f"{path}: expired at {utc(iss.not_after)}")
+    elif iss.not_after - now < 30 * 86400:
+        return errors, [f"{path}: expires in {time_left(iss.not_after - now)} "
+                        f"({utc(iss.not_after)}): ask for a new one ('rma-agent admit --issuer')"]
+    return errors, []
+
+
 def revocation_sources(cfg: Config) -> list[str]:
     """Base URLs revocation lists are fetched from: ``discovery.coordinators`` and the
     scheme://host of each URL entry of ``dht.bootstrap``."""

@@ -58,14 +58,21 @@ def add_parsers(sub: argparse._SubParsersAction, config_arg: Callable[[argparse.
     nk_sub.required = True
     sp = nk_sub.add_parser("create", help="make a network admission key; prints its public half")
     sp.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
-    sp = sub.add_parser("admit", help="sign a worker's admission certificate")
+    sp = sub.add_parser("admit", help="sign a worker's admission certificate (or, with "
+                        "--issuer, a coordinator's issuer certificate)")
     sp.add_argument("--network-key", required=True, type=Path, metavar="FILE")
     sp.add_argument("--public-key", required=True, metavar="B64",
                     help="the worker's key, from 'rma-agent identity' on that box")
     sp.add_argument("--name", default="", help="who this is (shown in logs), max 64 bytes")
     sp.add_argument("--services", default="*",
                     help="comma-separated services it may announce (default: every service)")
-    sp.add_argument("--days", default="30", help="validity in days (default 30)")
+    sp.add_argument("--days", default=None,
+                    help="validity in days (default 30; 365 with --issuer)")
+    sp.add_argument("--issuer", action="store_true",
+                    help="an issuer certificate for a coordinator's own key: it may then "
+                         "enroll and renew workers within these limits")
+    sp.add_argument("--max-cert-days", default=None, metavar="DAYS",
+                    help="with --issuer: the longest certificate it may issue (default 7)")
     sp.add_argument("-o", "--output", required=True, type=Path, metavar="CERT")
     sp = sub.add_parser("revoke", help="add workers to a signed revocation list")
     sp.add_argument("--network-key", required=True, type=Path, metavar="FILE")
@@ -175,7 +182,11 @@ def _days(text: str) -> float:
 
 
 def _admit(args: argparse.Namespace) -> int:
-    days = _days(args.days)
+    if args.issuer:
+        return _admit_issuer(args)
+    if args.max_cert_days is not None:
+        raise _Usage("--max-cert-days only goes with --issuer")
+    days = _days(args.days or "30")
     subject = parse_public_key(args.public_key, "--public-key")
     services = parse_services(args.services)
     name = args.name
@@ -193,6 +204,44 @@ def _admit(args: argparse.Namespace) -> int:
     print(f"admitted {args.public_key.strip()}{f' ({name})' if name else ''} for "
           f"{','.join(services)} until {until}: {args.output} ({len(data)} bytes). "
           f"Set worker.admission_cert to this file on that box.", file=sys.stderr)
+    return 0
+
+
+def _admit_issuer(args: argparse.Namespace) -> int:
+    """``admit --issuer``: the admission key certifies a coordinator's identity key as an
+    issuer (docs/SECURITY.md "Issuers and enrollment")."""
+    from agent.admission.issuer import MAX_ISSUED_S, MAX_ISSUER_NAME, IssuerCertificate
+
+    days = _days(args.days or "365")
+    try:
+        max_days = float(args.max_cert_days or "7")
+    except ValueError:
+        raise _Usage(f"--max-cert-days must be a number, got {args.max_cert_days!r}") from None
+    if not math.isfinite(max_days) or not 0 < max_days * 86400 <= MAX_ISSUED_S:
+        raise _Usage(f"--max-cert-days must be more than 0 and at most "
+                     f"{MAX_ISSUED_S // 86400}, got {args.max_cert_days}")
+    if max_days > days:
+        raise _Usage(f"--max-cert-days ({max_days:g}) is longer than the issuer certificate "
+                     f"itself (--days {days:g})")
+    subject = parse_public_key(args.public_key, "--public-key")
+    services = parse_services(args.services)
+    name = args.name
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_ISSUER_NAME or not name.isprintable():
+        raise _Usage(f"--name must be printable text of at most {MAX_ISSUER_NAME} bytes with "
+                     "--issuer")
+    _check_output(args.output)
+    key = NetworkKey.load(args.network_key)
+    cert = IssuerCertificate.issue(key, subject, name=name, services=services, days=days,
+                                   max_cert_days=max_days)
+    try:
+        write_new_file(args.output, base64.b64encode(cert.encode()) + b"\n", mode=0o644)
+    except OSError as exc:
+        raise _Usage(f"{args.output}: {exc.strerror or exc}") from None
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cert.not_after))
+    print(f"issuer {args.public_key.strip()}{f' ({name})' if name else ''} may admit workers "
+          f"for {','.join(services)}, each for at most {max_days:g} days, until {until}: "
+          f"{args.output}. On that coordinator set network.issuer_cert to this file.",
+          file=sys.stderr)
     return 0
 
 
@@ -260,6 +309,8 @@ def check_config_admission(cfg: Config, path: Path) -> tuple[list[str], list[str
     where = f"{path}:{line}: worker.admission_cert"
     out_errors = [f"{where}: {e}" for e in errors]
     out_warnings = [f"{where}: warning: {w}" for w in warnings]
+    out_errors += issuer_lines(cfg, path, pk, errors=True)
+    out_warnings += issuer_lines(cfg, path, pk, errors=False)
     if configured_keys(cfg) and not revocation_sources(cfg) and cfg.agent.role == "worker":
         try:
             nline = _Locator(Path(path).read_text("utf-8")).line(("network", "admission_keys"))
@@ -267,3 +318,21 @@ def check_config_admission(cfg: Config, path: Path) -> tuple[list[str], list[str
             nline = 1
         out_warnings.append(f"{path}:{nline}: network.admission_keys: warning: {NO_SOURCES}")
     return out_errors, out_warnings
+
+
+def issuer_lines(cfg: Config, path: Path, pk: bytes | None, *, errors: bool) -> list[str]:
+    """``check-config``'s lines about ``network.issuer_cert`` (errors or warnings), as
+    ``PATH:LINE: network.issuer_cert: ...``."""
+    from agent.admission.settings import issuer_state
+    from agent.config.locator import _Locator
+
+    errs, warns = issuer_state(cfg, pk)
+    lines = errs if errors else warns
+    if not lines:
+        return []
+    try:
+        line = _Locator(Path(path).read_text("utf-8")).line(("network", "issuer_cert"))
+    except (OSError, UnicodeDecodeError):
+        line = 1
+    tag = "" if errors else "warning: "
+    return [f"{path}:{line}: network.issuer_cert: {tag}{m}" for m in lines]

@@ -1,8 +1,8 @@
 """``rma-agent`` command line (SPEC §3): the parser and which module runs each command.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage/config. Each command group lives in its
-own module (``status``, ``lookup``, ``watch``, ``call``, ``admission``, ``demo``),
-imported only when its command runs, so ``rma-agent status`` does not load the daemon.
+own module (``status``, ``lookup``, ``watch``, ``call``, ``admission``, ``token``,
+``demo``), imported only when its command runs, so ``rma-agent status`` does not load the daemon.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.cli import admission, join
+from agent.cli import admission, join, token
 from agent.cli.common import default_url, load_config_or_report
 from agent.config import default_path, summary
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="a local cluster on loopback; Ctrl-C stops it")
     sp.add_argument("--workers", type=int, default=5, metavar="N")
     admission.add_parsers(sub, _config_arg)
+    token.add_parsers(sub, _config_arg)
     join.add_parser(sub, _config_arg)
     return p
 
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in admission.COMMANDS:
         return admission.run(args)
+    if args.command in token.COMMANDS:
+        return token.run(args)
     if args.command == "join":
         return join.run(args)
     if args.command in ("run", "check-config"):

@@ -104,9 +104,11 @@ class WorkerSection:
 
 @dataclass(frozen=True)
 class NetworkSection:
-    """Closed networks: the admission authorities' Ed25519 public keys (base64)."""
+    """Closed networks: the admission authorities' Ed25519 public keys (base64), and a
+    coordinator's issuer certificate (it enrolls and renews workers with it)."""
 
     admission_keys: tuple[str, ...] = ()   # [] = open network
+    issuer_cert: str = ""                  # coordinator: path of `rma-agent admit --issuer`'s file
 
     @property
     def admission_public_keys(self) -> tuple[bytes, ...]:
@@ -182,7 +184,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "gateway": ("listen", "max_body_mb", "upstream_timeout", "upstreams"),
     "worker": ("services", "endpoint", "max_concurrency", "admission_cert", "gpu",
                "gpu_memory_gb"),
-    "network": ("admission_keys",),
+    "network": ("admission_keys", "issuer_cert"),
     "tunnel": ("mode", "metrics", "hostname"),
     "discovery": ("cache_ttl", "coordinators", "max_results", "max_attempts",
                   "allow_http_hosts", "allow_private_hosts", "gpu_scores"),

@@ -47,7 +47,7 @@ def parse_config(text: str, path: Path | str = "<config>", *,
     dht = dht_section(ck, doc)
     http = http_section(ck, doc)
     worker = worker_section(ck, doc, agent.role, spath, base_dir)
-    network = network_section(ck, doc)
+    network = network_section(ck, doc, agent.role, spath, base_dir)
     tunnel = tunnel_section(ck, doc, agent.role, worker.endpoint, http.listen)
     # [gateway] after [worker] and [tunnel]: upstreams name worker services, and the
     # listen address must not collide with the other listeners.

@@ -212,12 +212,23 @@ def _admission_key_entry(entry: str) -> tuple[str, str | None]:
                f"network-key create`); it {what}, got {_show(entry)}")
 
 
-def network_section(ck: _Checker, doc: dict[str, Any]) -> NetworkSection:
-    """``[network]``: the admission keys that close the network (none: it is open)."""
+def network_section(ck: _Checker, doc: dict[str, Any], role: str = "worker",
+                    spath: str = "<config>", base_dir: Path | None = None) -> NetworkSection:
+    """``[network]``: the admission keys that close the network (none: it is open), and
+    a coordinator's issuer certificate path (what is in the file: ``check-config``)."""
     s = _section(ck, doc, "network")
     keys = ck.unique_list(s, ("network", "admission_keys"),
                           "base64 of a 32-byte Ed25519 public key", _admission_key_entry)
-    return NetworkSection(admission_keys=tuple(keys))
+    issuer = ck.string(s, ("network", "issuer_cert"), "", max_len=4096).strip()
+    if issuer:
+        if role != "coordinator":
+            ck.err(("network", "issuer_cert"), 'only a coordinator issues certificates '
+                   f'(agent.role is "{role}"): remove it, or set role = "coordinator"')
+        elif not s.get("admission_keys"):
+            ck.err(("network", "issuer_cert"), "an issuer certificate needs a closed network: "
+                   "list the key that signed it in network.admission_keys")
+        issuer = _path(issuer, spath, base_dir)
+    return NetworkSection(admission_keys=tuple(keys), issuer_cert=issuer)
 
 
 def tunnel_section(ck: _Checker, doc: dict[str, Any], role: str, endpoint: str,

@@ -23,6 +23,9 @@ Why each part exists:
   nesting bounded before parsing.
 - **``GET /api/registry/{service}``** -> ``{"records": [base64, ...]}``: what discovery's
   coordinator fallback reads when the DHT cannot answer. Clients verify each record again.
+- **``POST /api/network/enroll``** on the gateway: enrollment tokens and renewals in,
+  short-lived certificates signed with this coordinator's issuer key out
+  (:mod:`agent.admission.enroll_service`; mounted here, nothing else of it lives here).
 - **``GET /api/dht/bootstrap``** on the gateway: the public seed list — our own address,
   then routing-table contacts chosen by :mod:`agent.roles.seeds` (long-lived first, at
   most two per /16 and one per /24), so sybils that rent many /24s cannot fill it.
@@ -43,6 +46,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from agent.admission.component import admitted, admitted_reason
+from agent.admission.enroll_service import EnrollService
 from agent.component import Component, cancel_task
 from agent.dht import bootstrap as seeds_mod
 from agent.dht.record import (
@@ -129,6 +133,7 @@ class CoordinatorRole(Component):
         self._m_workers = Gauge("rma_agent_coordinator_registry_workers",
                                 "Live workers in the fallback registry", registry=agent.registry)
         self._m_workers.set_function(self._live_count)
+        self.enroll = EnrollService(agent)
 
     @property
     def registry(self) -> dict[bytes, WorkerRecord]:
@@ -154,6 +159,7 @@ class CoordinatorRole(Component):
         app.router.add_post("/api/services/register", self._register)
         app.router.add_get("/api/registry/{service}", self._registry_get)
         app.router.add_get("/api/dht/bootstrap", self._bootstrap)
+        self.enroll.add_routes(app)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._snapshot_loop(), name="coordinator-snapshot")
@@ -390,4 +396,5 @@ class CoordinatorRole(Component):
             "snapshot": {"path": str(seeds_mod.snapshot_path(self.agent.config.agent.state_dir)),
                          "saved_at": self.last_snapshot_at,
                          "contacts": self.last_snapshot_size},
+            **self.enroll.stats(),
         }}
