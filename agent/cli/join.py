@@ -255,7 +255,17 @@ async def _admission(args: argparse.Namespace, plan: JoinPlan, path: Path, ident
         _say(f"closed network: the certificate in {cert_path} is still valid: not "
              "enrolling again")
         return kept
+    info = await join_net.network_info(plan.coordinator)
+    closed = info.get("closed") if info is not None else None
+    if closed is False:
+        _say("the network is open: no enrollment" + (" (--token not needed)"
+                                                     if args.token else ""))
+        return plan
     if not args.token:
+        if closed:
+            raise JoinError(f"the network of {plan.coordinator} is closed: give the "
+                            "enrollment token its operator made (--token T; they make one "
+                            "with 'rma-agent token create')", 2)
         _say("no --token: joining as an open network (closed networks need an "
              "enrollment token from their operator)")
         return plan

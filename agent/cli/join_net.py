@@ -57,6 +57,22 @@ async def fetch_seeds(url: str) -> list[str]:
     return seeds
 
 
+async def network_info(url: str) -> dict[str, Any] | None:
+    """``GET URL/api/network/enroll``: whether the network is closed and this coordinator
+    enrolls (``{"closed", "enroll", "network_keys", ...}``); None when it does not say
+    (an older coordinator, or an error: enrollment will then tell)."""
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as session, \
+                session.get(url + "/api/network/enroll", allow_redirects=False) as resp:
+            if resp.status != 200:
+                return None
+            data = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("closed"), bool) else None
+
+
 async def enroll(url: str, identity: Any, token: str, name: str,
                  services: list[str]) -> Enrolled:
     """Enroll this box's key with ``token`` at ``URL/api/network/enroll`` (proof of
