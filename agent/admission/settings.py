@@ -81,6 +81,13 @@ def certificate_state(cfg: Config, public_key: bytes | None, now: float | None =
         problems.append(f"{path}: certificate expired at {utc(cert.not_after)}")
     elif now + 300 < cert.not_before:
         problems.append(f"{path}: certificate not valid before {utc(cert.not_before)}")
+    elif cert.issuer is not None:
+        # an enrolled certificate renews itself (agent.admission.renewal) at a third of its
+        # lifetime left: short-lived by design, worth a word only once renewal is due
+        if cert.not_after - now < (cert.not_after - cert.not_before) / 3:
+            warnings.append(f"{path}: certificate expires in {time_left(cert.not_after - now)} "
+                            f"({utc(cert.not_after)}): due for renewal (the worker renews it "
+                            "from its coordinators; see 'rma-agent status')")
     elif cert.not_after - now < EXPIRY_WARNING_S:
         warnings.append(f"{path}: certificate expires in {time_left(cert.not_after - now)} "
                         f"({utc(cert.not_after)}): renew it with 'rma-agent admit'")
