@@ -90,8 +90,10 @@ class IssuerCertificate:
         _check_fields(fields)
         cert = cls(ISSUER_VERSION, fields[1], fields[2], name, tuple(services), fields[5],
                    fields[6], fields[7], key.sign(ISSUER_DOMAIN + pack(fields)))
-        if len(cert.encode()) > MAX_ISSUER_BYTES:   # pragma: no cover - bounded by fields
-            raise AdmissionError("issuer certificate too large")
+        size = len(cert.encode())
+        if size > MAX_ISSUER_BYTES:
+            raise AdmissionError(f"issuer certificate would be {size} bytes, the limit is "
+                                 f"{MAX_ISSUER_BYTES}: use a shorter name or fewer services")
         return cert
 
     @classmethod

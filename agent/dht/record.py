@@ -22,9 +22,11 @@ an upgraded caller keeps seeing workers that have not been upgraded yet: they re
 format 2 drop format-2 records as malformed (counted, never fatal), so upgrade callers and
 coordinators before workers.
 
-Size: ``encode()`` is at most ``MAX_RECORD_BYTES`` (640) — on top of the per-field limits.
-A typical record without a certificate (two services, a 40-character URL) is about 260
-bytes; with a certificate about 420.
+Size: ``encode()`` is at most ``MAX_RECORD_BYTES`` (704; 640 in 0.2.0 and before) — on
+top of the per-field limits. A typical record without a certificate (two services, a
+40-character URL) is about 260 bytes; with a certificate from ``rma-agent admit`` about
+420; with one a coordinator issued (it carries its issuer's, ~290 bytes) about 590. Ten
+records of the maximum size still fit one datagram with room for the contacts.
 
 Sequence numbers: ``next_seq()`` is wall-clock milliseconds, bumped to stay strictly
 increasing within the process. A restarted worker therefore continues above its previous
@@ -67,7 +69,7 @@ LEGACY_VERSION = 1
 ALL_SERVICES = "*"
 SIGN_DOMAIN = b"rma-agent/worker-record/v2\x00"
 SIGN_DOMAIN_V1 = b"rma-agent/worker-record/v1\x00"
-MAX_RECORD_BYTES = 640
+MAX_RECORD_BYTES = 704     # 10 x (704 + 3) + contacts < one 8 KiB datagram
 LEGACY_REFRESH = 30.0       # what a format-1 record is taken to promise (the platform default)
 MAX_AGENT_VERSION = 24
 MAX_CERT = 448              # agent.admission.certificate.MAX_CHAIN_BYTES

@@ -158,9 +158,10 @@ def test_guessing_is_rate_limited_per_address_and_not_logged(coord):
     assert enroll(node, good, source="127.0.0.2")[0] == 429
     assert metric(node, "rma_agent_enroll_token_guesses_total") - before == 11
     assert metric(node, 'rma_agent_enroll_requests_total{kind="unknown",result="rate_limited"}') >= 5
-    added = node.log_text()[len(before_log):]
-    assert "guess" not in added and "127.0.0.2" not in added, added
-    assert len(added.splitlines()) <= 1, added
+    added = node.log_text()[len(before_log):].splitlines()
+    assert not [ln for ln in added if "enroll" in ln or "token" in ln or "127.0.0.2" in ln
+                or "rmat_" in ln], added
+    assert len(added) < 5, added          # 16 refused requests, no line for each
 
 
 def test_uses_are_counted_exactly_under_concurrency_and_across_a_restart(coord):
