@@ -18,13 +18,17 @@ One routed request:
 4. **Forward.** ``{endpoint}/{service}/{path}?{query}`` with the caller's method, headers
    (hop-by-hop removed) and body; the answer streams back as it arrives (no buffering,
    no decompression, redirects passed on, never followed) with ``RMA-Worker: <id hex>``
-   and ``RMA-Attempts: <n>``. One attempt (connect, send, response headers) has
-   ``CONNECT_TIMEOUT_S + gateway.upstream_timeout`` in all, so a worker cannot trickle
-   its headers forever; after the headers a streamed answer may last as long as it keeps
-   sending, but a silence longer than ``gateway.upstream_timeout`` ends it. A caller
-   that hangs up cancels the handler (the admin app runs with ``handler_cancellation``):
-   the connection to the worker is closed at once, so the worker sees its caller go, and
-   the slot is free again.
+   and ``RMA-Attempts: <n>``. Timeouts bound silence, never length (an LLM answer or a
+   big upload may take as long as it keeps moving): the answer's head must come within
+   ``gateway.upstream_timeout`` of silence after the request went out, and within
+   ``CONNECT_TIMEOUT_S + gateway.upstream_timeout`` in all counted from the last body
+   byte forwarded (every chunk of a streamed body starts that budget again), so a worker
+   cannot trickle its head forever; after the head, a silence longer than
+   ``gateway.upstream_timeout`` between two chunks ends the answer (cut: the caller's
+   connection is closed, never ended cleanly). A caller that hangs up — while its body
+   uploads, while the head is awaited or mid-answer — cancels the handler (the admin app
+   runs with ``handler_cancellation``): the connection to the worker is closed at once,
+   so the worker's gateway and its upstream see the caller go, and the slot is free.
 5. **Retry** (rules in :mod:`agent.router.proxy`) on the next-ranked worker, at most
    ``discovery.max_attempts`` tries, within the retry budget (:mod:`agent.router.budget`).
    ``RMA-Not-Processed: 1`` is believed only on a ``502``/``503`` answer — the statuses a
@@ -58,12 +62,12 @@ from yarl import URL
 
 from agent.component import Component, cancel_task
 from agent.discovery.api import BadRequest, check_service
-from agent.discovery.endpoints import EndpointRefused
 from agent.discovery.metrics import SOURCES
 from agent.discovery.router_view import RouterView
 from agent.http.forwarding import path_refusal
 from agent.http.load_header import HEADER as LOAD_HEADER
 from agent.ratelimit import RateLimiter
+from agent.router.attempt import AttemptFailed, send
 from agent.router.budget import RetryBudget
 from agent.router.filters import filter_query
 from agent.router.freshload import FreshLoads
@@ -91,16 +95,6 @@ READ_BUFSIZE = 1 << 18
 SWEEP_S = 1.0                 # how often waiting attempts are checked for hanging workers
 # statuses on which a worker's RMA-Not-Processed is believed (its gateway's refusals)
 NOT_PROCESSED_STATUSES = frozenset({502, 503})
-
-
-class _Failed(Exception):
-    """One attempt failed in a way that may allow a retry."""
-
-    def __init__(self, reason: str, detail: str, *, sent: bool, charged: bool) -> None:
-        super().__init__(detail)
-        self.reason = reason        # a RETRY_REASONS label
-        self.sent = sent            # the request (or part of it) may have reached the worker
-        self.charged = charged      # a retry after this costs retry budget
 
 
 @dataclass
@@ -159,7 +153,8 @@ class RouterComponent(Component):
 
     @property
     def attempt_budget_s(self) -> float:
-        """The most one attempt may take up to the worker's response headers."""
+        """The most one attempt may take from its last request body byte up to the
+        worker's response headers."""
         return self.connect_timeout_s + self.upstream_timeout_s
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,14 +379,16 @@ class RouterComponent(Component):
             token = self.slots.sent(wid, time.monotonic())
             got = False
             try:
-                resp = await self._send(session, call, url)
+                resp = await send(session, call.request.method, url, call.headers,
+                                  call.body, connect_timeout_s=self.connect_timeout_s,
+                                  upstream_timeout_s=self.upstream_timeout_s)
                 got = True
             except asyncio.CancelledError:
                 # the caller went away (aiohttp cancels its handler): nobody's failure;
                 # aiohttp closed the connection, so the worker sees it go too
                 self._finish("aborted", call.attempts)
                 raise
-            except _Failed as exc:
+            except AttemptFailed as exc:
                 return self._failed(call, wid, exc)
             finally:
                 self.slots.answered(wid, token, time.monotonic(), got)
@@ -414,7 +411,7 @@ class RouterComponent(Component):
         finally:
             self.slots.release(wid)
 
-    def _failed(self, call: _Call, wid: bytes, exc: _Failed) -> web.StreamResponse | None:
+    def _failed(self, call: _Call, wid: bytes, exc: AttemptFailed) -> web.StreamResponse | None:
         if call.body.caller_failed:
             # the caller's upload broke off: nobody's failure but the caller's
             self._finish("aborted", call.attempts)
@@ -464,30 +461,3 @@ class RouterComponent(Component):
         self._busy.move_to_end(wid)
         while len(self._busy) > MAX_BUSY:
             self._busy.popitem(last=False)
-
-    async def _send(self, session: aiohttp.ClientSession, call: _Call,
-                    url: URL) -> aiohttp.ClientResponse:
-        """One attempt up to the response headers, within ``attempt_budget_s`` in all
-        (a worker that trickles its head byte by byte gets no more); failures as
-        :class:`_Failed`."""
-        limits = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
-                                       sock_read=self.upstream_timeout_s)
-        body = call.body
-        try:
-            async with asyncio.timeout(self.attempt_budget_s):
-                return await session.request(
-                    call.request.method, url, headers=call.headers, data=body.payload(),
-                    allow_redirects=False, timeout=limits, compress=None, chunked=None)
-        except asyncio.CancelledError:
-            raise
-        except EndpointRefused as exc:
-            raise _Failed("connect", str(exc), sent=False, charged=False) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise _Failed("connect", f"cannot connect: {exc.os_error or exc}",
-                          sent=False, charged=False) from None
-        except (aiohttp.ServerTimeoutError, TimeoutError):
-            raise _Failed("timeout", "no response headers in time", sent=True,
-                          charged=True) from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise _Failed("disconnect", f"connection failed: {exc or type(exc).__name__}",
-                          sent=True, charged=True) from None

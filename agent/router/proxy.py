@@ -26,7 +26,7 @@ connection failed or timed out before response headers. Everything else is answe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import aiohttp.web
@@ -73,6 +73,9 @@ class Body:
         self.length = length if stream is not None else (len(data) if data else None)
         self.started = False          # a worker began to receive the streamed part
         self.caller_failed = False    # the caller's own stream broke (not the worker's fault)
+        # called for every streamed chunk handed to the worker: the attempt's budget runs
+        # from the last body byte, so an upload that keeps coming is never cut for length
+        self.progress: Callable[[], None] | None = None
 
     @property
     def replayable(self) -> bool:
@@ -84,13 +87,19 @@ class Body:
             return self.data
         return self._gen()
 
+    def _progressed(self) -> None:
+        if self.progress is not None:
+            self.progress()
+
     async def _gen(self) -> AsyncIterator[bytes]:
         self.started = True
         if self.data:
+            self._progressed()
             yield self.data
         assert self.stream is not None
         try:
             async for chunk in self.stream.iter_any():
+                self._progressed()
                 yield chunk
         except (OSError, ValueError, aiohttp.ClientError, aiohttp.web.HTTPException) as exc:
             # e.g. the caller hung up mid-upload, or sent less than its Content-Length
