@@ -2,8 +2,9 @@
 servers, the agent's router next to the seed's policy, round robin, nginx ``least_conn``
 and an oracle, on the same arrivals.
 
-    python3 bench/balance.py [--seconds 25] [--loads 0.5,0.8,0.95] [--callers 4]
-                             [--workers 8] [--mean-ms 500] [--quick] [--json]
+    python3 bench/balance.py [--seconds 20] [--loads 0.5,0.8,0.95] [--callers 4]
+                             [--workers 8] [--mean-ms 500] [--max-concurrency queue|slots]
+                             [--policies oracle,router,...] [--quick] [--json]
 
 Everything on 127.0.0.1, started by this script, torn down at the end:
 
@@ -16,8 +17,11 @@ Everything on 127.0.0.1, started by this script, torn down at the end:
   ~``OWNER_HOLD_S`` s (exponential), ahead of queued requests.
 * **workers**: one agent per server (``python -m agent run``), its gateway in front of
   the server as service ``llm`` (``kind = "vllm"`` when this tree's config knows upstream
-  kinds), ``worker.max_concurrency`` = slots + queue (the gateway admits what the server
-  can hold; queueing happens in the server, as with a real vLLM), GPU class by speed.
+  kinds), GPU class by speed, ``worker.max_concurrency`` = slots + queue by default (the
+  gateway admits what the server can hold and queueing happens in the server, as with a
+  real vLLM; the announced capacity then overstates the slots), or = slots with
+  ``--max-concurrency slots`` (the gateway refuses with ``RMA-Not-Processed`` once every
+  slot is taken, and the server's queue is never used through the gateway).
 * **callers**: ``--callers`` coordinator-role agents (the first is the DHT seed); every
   caller finds every worker through the DHT before the first cell.
 * **nginx** (Debian's package; its row is skipped without it): one per caller,
@@ -188,8 +192,8 @@ def upstream_entry(url: str) -> Any:
     return {"url": url, "kind": "vllm"}
 
 
-def agent_configs(tmp: Path, urls: list[str], profiles: list[Profile],
-                  callers: int) -> tuple[list[Path], list[str], list[str]]:
+def agent_configs(tmp: Path, urls: list[str], profiles: list[Profile], callers: int,
+                  with_queue: bool) -> tuple[list[Path], list[str], list[str]]:
     """Config files (callers first), callers' admin URLs, workers' gateway URLs."""
     common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
               "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
@@ -220,7 +224,8 @@ def agent_configs(tmp: Path, urls: list[str], profiles: list[Profile],
             "gateway": {"listen": f"127.0.0.1:{gw}"},
             "gateway.upstreams": {"llm": upstream_entry(url)},
             "worker": {"services": ["llm"], "endpoint": f"http://127.0.0.1:{gw}",
-                       "max_concurrency": prof.slots + prof.queue_limit,
+                       "max_concurrency": prof.slots + (prof.queue_limit if with_queue
+                                                        else 0),
                        "gpu": GPU_BY_SPEED.get(prof.speed, "A100"), "gpu_memory_gb": 40},
             **common}))
         paths.append(p)
@@ -291,7 +296,8 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
     """Servers, agents and nginx; until every caller finds every worker."""
     profiles, capacity = pool(args.workers, args.mean_ms)
     urls = [farm.add(p) for p in profiles]
-    paths, callers, gateways = agent_configs(tmp, urls, profiles, args.callers)
+    paths, callers, gateways = agent_configs(tmp, urls, profiles, args.callers,
+                                             args.max_concurrency == "queue")
     for p in paths[:1]:
         procs.spawn([sys.executable, "-m", "agent", "run", "-c", str(p)], p.stem + ".log")
     wait_json(callers[0] + "/readyz", lambda b: True)
@@ -384,7 +390,8 @@ def report(results: dict[str, dict[str, Any]], setup: Setup, args: argparse.Name
     print(f"balance benchmark: {len(setup.targets)} workers ({slots} slots, speeds "
           f"{sorted({p.speed for p in setup.profiles})}), {len(setup.callers)} callers, "
           f"capacity {setup.capacity:.1f} req/s (mean service {args.mean_ms:g} ms at speed 1, "
-          f"lognormal sigma {SIGMA}), {args.seconds:g} s per cell; load average "
+          f"lognormal sigma {SIGMA}), max_concurrency = {args.max_concurrency}, "
+          f"{args.seconds:g} s per cell; load average "
           f"{loadavg[0]:.1f} at start, {loadavg[1]:.1f} at end")
     print(f"{'load':>5} {'policy':<12} {'ok':>6} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'p99.9 ms':>9} {'req/s':>7} {'x cap':>6} {'503':>5} {'retry':>6} {'err':>4} "
@@ -431,11 +438,13 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=25.0, help="per (load, policy) cell")
+    ap.add_argument("--seconds", type=float, default=20.0, help="per (load, policy) cell")
     ap.add_argument("--loads", default="0.5,0.8,0.95")
     ap.add_argument("--callers", type=int, default=4)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--mean-ms", type=float, default=500.0)
+    ap.add_argument("--max-concurrency", choices=("queue", "slots"), default="queue",
+                    help="workers' max_concurrency: slots + queue (default) or slots")
     ap.add_argument("--rest", type=float, default=1.0, help="seconds between cells")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--quick", action="store_true",
@@ -463,7 +472,10 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     loadavg = (load0, os.getloadavg()[0])
     if args.json:
+        settings = {k: getattr(args, k) for k in ("seconds", "loads", "callers", "workers",
+                                                  "mean_ms", "max_concurrency")}
         print(json.dumps({"capacity": setup.capacity, "load_average": loadavg,
+                          "settings": settings,
                           "cells": results, "targets": targets(results)}, indent=2))
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
         report(results, setup, args, loadavg)
