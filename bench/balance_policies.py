@@ -15,7 +15,8 @@ process and send straight to the workers' gateways:
 * ``round_robin`` per caller, the gateways in turn.
 * ``oracle``  one dispatcher for every caller with exact state: its own requests in
   flight per server plus the owner's held slots read off the emulated server; a server
-  with a free slot (the fastest), else the shortest expected wait.
+  with a free slot (the fastest), else the shortest expected wait (queue / (slots x
+  speed)) among servers whose queue is not full.
 
 A bench-side dispatcher retries a 503 on its next choice, at most ``MAX_ATTEMPTS`` tries
 (the router's ``discovery.max_attempts`` default), as the router and nginx do.
@@ -152,7 +153,10 @@ class OraclePolicy(Policy):
             held = t.held()
             if held < t.slots:
                 return 0, -t.speed
-            return 1, (held - t.slots + 1) / (t.slots * t.speed)
+            queued = held - t.slots
+            # a full queue answers 503: last, whatever its wait would be
+            return (1 if queued < t.server.profile.queue_limit else 2,
+                    (queued + 1) / (t.slots * t.speed))
         return sorted(self.targets, key=key)
 
     def taken(self, t: Target, caller: int, delta: int) -> None:
