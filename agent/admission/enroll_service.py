@@ -16,8 +16,9 @@ issuer file is re-read when it changes (no reload needed to put a renewed one in
   ``RENEW_GRACE`` ago — give a fresh certificate with the same name and services.
 * **Guessing** is bounded per client address (``http.trusted_proxies`` decides whether a
   forwarding header names it) and in total: every unknown token takes one token from the
-  address's bucket and from the global one; an empty bucket answers 429 with
-  ``Retry-After`` before anything else is looked at. Guesses are counted in
+  address's bucket and from the global one; an empty bucket answers an enrollment 429
+  with ``Retry-After`` before its token is looked at (renewals carry no secret and are
+  not held back). Guesses are counted in
   ``rma_agent_enroll_token_guesses_total`` and never logged one by one. Each certificate
   handed out is one journal line (address, key, token name or "renewal", expiry).
 
@@ -72,7 +73,7 @@ GUESS_RATE = 1 / 6             # ... then one every 6 s (10 a minute)
 GLOBAL_BURST = 300             # and all addresses together
 GLOBAL_RATE = 5.0
 MAX_ADDRESSES = 10_000         # addresses tracked (least recently seen forgotten)
-MAX_NESTING = 4
+MAX_NESTING = 32             # '[' + '{' in a body: a request has two, names may hold some
 
 
 class GuessLimiter:
@@ -165,12 +166,16 @@ class EnrollService:
             self.problem = f"network.issuer_cert: {exc}"
             log.error("enroll: %s", self.problem)
             return None
+        if ident is None:               # not started yet: look again at the next request
+            self._issuer_key = None
+            self.problem = "the coordinator is starting"
+            return None
         why = ""
         if not any(iss.signed_by(k) for k in keys):
             why = "not signed by a key in network.admission_keys"
-        elif ident is None or iss.subject != ident.public_key:
-            why = (f"made for {b64_key(iss.subject)}, not this coordinator's key"
-                   + (f" {b64_key(ident.public_key)}" if ident is not None else ""))
+        elif iss.subject != ident.public_key:
+            why = (f"made for {b64_key(iss.subject)}, not this coordinator's key "
+                   f"{b64_key(ident.public_key)}")
         if why:
             self.problem = f"network.issuer_cert: {path}: {why}"
             log.error("enroll: %s", self.problem)
@@ -198,10 +203,6 @@ class EnrollService:
         return resp
 
     async def _handle(self, request: web.Request, ip: str) -> tuple[str, web.Response]:
-        wait = self.limiter.retry_after(ip)
-        if wait is not None:
-            return "unknown", _error(429, "too many attempts with unknown tokens; retry later",
-                                     **{"Retry-After": str(wait)})
         if not configured_keys(self.agent.config):
             return "unknown", _error(409, "this network is open (no network.admission_keys):"
                                           " no certificate is needed to join")
@@ -213,6 +214,13 @@ class EnrollService:
         except RequestError as exc:
             return "unknown", _error(400, str(exc))
         kind = "enroll" if isinstance(req, EnrollRequest) else "renew"
+        if kind == "enroll":
+            # before anything about the token is looked at; renewals (no secret to
+            # guess) are not held back by guessers sharing the address (a tunnel)
+            wait = self.limiter.retry_after(ip)
+            if wait is not None:
+                return kind, _error(429, "too many attempts with unknown tokens; retry "
+                                         "later", **{"Retry-After": str(wait)})
         why = problem(req)
         if why is not None:
             return kind, _error(400, why)
