@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import join_config
-from tests.cluster import Cluster
+from tests.cluster import Cluster, _die_with_parent
 from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, http, wait_for
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_join_writes_config_and_waits_until_the_coordinator_finds_the_worker(tmp
             log = open(tmp_path / "worker.log", "ab")
             worker = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
                                       cwd=REPO, env=agent_env(), stdout=log,
-                                      stderr=subprocess.STDOUT)
+                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
             out, _ = join.communicate(timeout=60)
             assert join.returncode == 0, out + (tmp_path / "worker.log").read_text()[-3000:]
             assert "found by the network (dht lookup)" in out, out

@@ -280,14 +280,15 @@ async def _admission(args: argparse.Namespace, plan: JoinPlan, path: Path, ident
 
 def _kept_admission(path: Path, plan: JoinPlan, identity: Any, cert_path: Path
                     ) -> JoinPlan | None:
-    """The plan with the admission settings of the config join wrote before, when its
-    certificate is still valid for this identity and these services; else None."""
+    """The plan with the admission settings of the config already there (join's, or
+    one edited since: ``--force`` must not cost a token), when its certificate is still
+    valid for this identity and these services; else None."""
     from dataclasses import replace
 
     from agent.admission.settings import certificate_state
     from agent.config import ConfigError, load_config, parse_config
 
-    if join_config.ownership(path) != "ours" or not cert_path.exists():
+    if not cert_path.exists():
         return None
     try:
         old = load_config(path)
