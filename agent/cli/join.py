@@ -202,6 +202,7 @@ async def _join(args: argparse.Namespace, t0: float) -> int:
     path = Path(args.config or default_path())
     state_dir = (args.state_dir or Path(DEFAULT_STATE)).absolute()
     name = args.name or socket.gethostname()
+    join_config.check_writable(path, force=args.force)
     endpoint, tunnel = _tunnel(args)
     services = await _services(args)
     identity, created = join_system.ensure_identity(state_dir)

@@ -186,18 +186,25 @@ def validate_text(path: Path, text: str) -> None:
         raise JoinError("\n".join(errors), 2)
 
 
+def check_writable(path: Path, *, force: bool) -> str:
+    """``ownership(path)``; JoinError(2) when the rule forbids replacing it. join asks
+    this before anything else, so a refusal costs no enrollment token."""
+    state = ownership(path)
+    if state in ("edited", "foreign") and not force:
+        why = ("was edited since `rma-agent join` wrote it" if state == "edited"
+               else "was not written by `rma-agent join`")
+        raise JoinError(f"{path} {why}: refusing to overwrite it (run again with "
+                        "--force to replace it; a backup is kept)", 2)
+    return state
+
+
 def write_config(path: Path, text: str, *, force: bool) -> WriteResult:
     """Write ``text`` to ``path`` by the ownership rule above (module docstring)."""
-    state = ownership(path)
+    state = check_writable(path, force=force)
     if state == "ours" and path.read_text("utf-8", "replace") == text:
         return WriteResult("unchanged")
     backup = None
     if state in ("edited", "foreign"):
-        if not force:
-            why = ("was edited since `rma-agent join` wrote it" if state == "edited"
-                   else "was not written by `rma-agent join`")
-            raise JoinError(f"{path} {why}: refusing to overwrite it (run again with "
-                            "--force to replace it; a backup is kept)", 2)
         backup = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         shutil.copy2(path, backup)
     validate_text(path, text)
