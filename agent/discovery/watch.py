@@ -58,6 +58,12 @@ _LOG_LIMIT = RateLimiter(rate=0.1, burst=2)
 REFRESH_S = 1.0          # a watched service's lookup is refreshed this often
 INDEX_REFRESH_S = 10.0   # "*" (every worker: all index shards) at least this often...
 INDEX_MIN_GAP_S = 2.0    # ...and, woken by joins, at most this often
+# a member whose last record is still live is "gone from the DHT" only when this many
+# refreshes in a row missed it over at least one of its own republish intervals (a live
+# worker has republished by then): over a lossy WAN one lookup can miss live workers
+# (issue 16: 30 agents, 2 % loss, every worker shown removed and re-added within seconds)
+GONE_AFTER_MISSES = 3
+GONE = "gone from the DHT"
 LINGER_S = 60.0          # a watch without watchers is kept this long (resume, dashboard)
 FIRST_LOOKUP_S = 3.0     # a new watcher waits at most this for the first answer
 MAX_WATCHERS = 256
@@ -87,6 +93,8 @@ class ServiceWatch:
         self.channel = events.Channel(hub.limit, history=HISTORY, queue_size=hub.queue_size)
         self.members: dict[bytes, dict[str, Any]] = {}
         self.records: dict[bytes, RecordLike] = {}
+        # member -> (refreshes in a row that missed it, time of the first of them)
+        self.misses: dict[bytes, tuple[int, float]] = {}
         self.first_done = asyncio.Event()
         self.wake = asyncio.Event()
         self.pins = 0
@@ -167,8 +175,22 @@ class ServiceWatch:
                 if changed:
                     self._publish("changed", {"service": self.service, "worker": view,
                                               "fields": changed})
+        for wid in current:
+            self.misses.pop(wid, None)
         for wid in [w for w in self.members if w not in current]:
-            self.remove(wid, self._reason(wid, now, cs.max_age_s))
+            reason = self._reason(wid, now, cs.max_age_s)
+            if reason == GONE and not self._gone(wid, now, cs.max_age_s):
+                continue            # its record is live: a missed lookup proves nothing
+            self.misses.pop(wid, None)
+            self.remove(wid, reason)
+
+    def _gone(self, wid: bytes, now: float, max_age_s: float) -> bool:
+        """Count one more miss of ``wid``; whether it has now been missed long enough."""
+        count, since = self.misses.get(wid, (0, now))
+        self.misses[wid] = (count + 1, since)
+        rec = self.records.get(wid)
+        interval = record_max_age(rec, max_age_s) / 2 if rec is not None else 0.0
+        return count + 1 >= GONE_AFTER_MISSES and now - since >= interval
 
     def _reason(self, wid: bytes, now: float, max_age_s: float) -> str:
         rec = self.records.get(wid)
@@ -179,11 +201,12 @@ class ServiceWatch:
             return "expired"
         if rec is not None and now - rec.issued_at > record_max_age(rec, max_age_s):
             return "stale"
-        return "gone from the DHT"
+        return GONE
 
     def remove(self, wid: bytes, reason: str) -> None:
         view = self.members.pop(wid, None)
         self.records.pop(wid, None)
+        self.misses.pop(wid, None)
         if view is not None:
             self._publish("removed", {"service": self.service, "worker": view,
                                       "reason": reason})
