@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale_net import RMA, Impl, Plain
 from scale_phases import Scenario
+from wan import PROFILES, SOURCE, Wan
 
 from agent.config import DHTSection
 from agent.dht.identity import Identity
@@ -91,8 +92,13 @@ def run_child(args: argparse.Namespace, only: str) -> dict[str, Any]:
     idents = [Identity.from_private_bytes(rng.randbytes(32)) for _ in range(args.nodes)]
     impl: Impl = (RMA(idents) if only == "rma" else
                   Plain(idents, args.kademlia_timeout, args.baseline_gets))
-    emit("setup", {"timeouts": impl.timeouts})
-    uvloop.run(Scenario(impl, args, emit).run())
+    wan = Wan(PROFILES[args.wan], args.nodes, seed=args.seed) if args.wan else None
+    emit("setup", {"timeouts": impl.timeouts,
+                   "wan": None if wan is None else {"profile": args.wan, **wan.rtt_stats()}})
+    uvloop.run(Scenario(impl, args, emit, wan).run())
+    if wan is not None:
+        emit("wan", {"profile": args.wan, "datagrams": wan.sent, "lost": wan.lost,
+                     "loss_share": wan.loss_share(), **wan.rtt_stats()})
     return out
 
 
@@ -124,28 +130,50 @@ def run_impl(args: argparse.Namespace, only: str, cap: float) -> tuple[dict[str,
 
 ROWS = [
     ("join", "seconds", "join: seconds", 1),
+    ("join", "node_p50_ms", "join: one node p50 ms", 0),
+    ("join", "node_p99_ms", "join: one node p99 ms", 0),
+    ("join", "node_p99_rtt", "join: one node p99, RTTs", 1),
     ("join", "memory_per_node_kb", "memory per node, KB (RSS, before records)", 1),
     ("announce", "ok", "announce: stored on >= 1 node (of W)", 0),
     ("announce", "on_k", "announce: stored on k = 20 nodes per key", 0),
     ("announce", "mean_stored_per_key", "announce: mean nodes stored per key", 1),
+    ("announce", "p50_ms", "announce p50 ms", 1),
     ("announce", "p99_ms", "announce p99 ms", 1),
+    ("announce", "p50_rtt", "announce p50, RTTs", 2),
+    ("announce", "p99_rtt", "announce p99, RTTs", 2),
     ("announce", "datagrams_per_announce", "first announce: datagrams per announce", 1),
     ("republish", "datagrams_per_announce", "republish: datagrams per announce", 1),
     ("lookups", "found", "healthy: found share", 4),
     ("lookups", "found_largest", "healthy: found share, largest service", 4),
     ("lookups", "largest_p50_ms", "healthy: largest service p50 ms", 2),
     ("lookups", "largest_p99_ms", "healthy: largest service p99 ms", 2),
+    ("lookups", "largest_p50_rtt", "healthy: largest p50, RTTs", 2),
+    ("lookups", "largest_p99_rtt", "healthy: largest p99, RTTs", 2),
+    ("lookups", "missed_live_per_lookup", "healthy: live workers missed per lookup", 3),
+    ("warm", "cold_p50_ms", "largest, cold (node's first): p50 ms", 1),
+    ("warm", "cold_p99_ms", "largest, cold: p99 ms", 1),
+    ("warm", "warm_p50_ms", "largest, warm (same node again): p50 ms", 1),
+    ("warm", "warm_p99_ms", "largest, warm: p99 ms", 1),
+    ("warm", "cold_p50_rtt", "largest, cold p50, RTTs", 2),
+    ("warm", "cold_p99_rtt", "largest, cold p99, RTTs", 2),
+    ("warm", "warm_p50_rtt", "largest, warm p50, RTTs", 2),
+    ("warm", "warm_p99_rtt", "largest, warm p99, RTTs", 2),
+    ("warm", "warm_found", "largest, warm: found share", 4),
     ("lookups", "p50_ms", "healthy: all lookups p50 ms", 2),
     ("lookups", "datagrams_per_lookup", "datagrams per lookup", 1),
     ("lookups", "bytes_per_lookup", "bytes per lookup", 0),
+    ("lookups", "retransmissions_per_lookup", "retransmissions per lookup (all nodes)", 2),
     ("lookups", "cpu_ms_per_lookup", "CPU ms per lookup (all nodes)", 2),
     ("concurrent", "lookups_per_s", "lookups/s, concurrent", 0),
     ("concurrent", "found", "concurrent: found share", 4),
     ("rest_quiet", "datagrams_per_s_per_node", "rest, no republish: datagrams/s/node", 3),
     ("rest_quiet", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
+    ("rest_quiet", "false_deaths_per_contact_hour", "  live contacts removed /contact/h", 4),
     ("rest_republish", "datagrams_per_s_per_node", "rest with republish: datagrams/s/node", 3),
     ("rest_republish", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
     ("rest_republish", "republish_rounds", "  republish rounds started in it", 0),
+    ("rest_republish", "false_deaths_per_contact_hour", "  live contacts removed /contact/h",
+     4),
     ("churn", "found", "30 % churn: found share at once", 4),
     ("churn", "p99_ms", "30 % churn: p99 ms at once", 1),
     ("churn", "dead_returned_per_lookup", "30 % churn: dead workers returned/lookup", 2),
@@ -155,7 +183,7 @@ ROWS = [
     ("heal", "seconds_to_all_found", "heal: s until all found (records since split)", 1),
     ("heal", "last_batch_found", "heal: found share in the last batch", 4),
 ]
-PHASES = ("announce", "republish", "lookups", "concurrent", "rest_quiet", "rest_republish",
+PHASES = ("announce", "republish", "lookups", "warm", "concurrent", "rest_quiet", "rest_republish",
           "churn", "churn_after_republish", "partition", "heal")
 
 
@@ -202,6 +230,12 @@ def report(results: dict[str, tuple[dict[str, Any], bool]], args: argparse.Names
           f"ttl={args.ttl:g}s rest={args.rest:g}s x2 cap={args.cap:g}s (rests excluded, "
           f"same for both) load average {os.getloadavg()[0]:.2f}")
     for n in names:
+        wn = results[n][0].get("wan") or results[n][0].get("setup", {}).get("wan")
+        if wn:
+            print(f"  {n}: --wan {wn['profile']}: pairwise RTT median "
+                  f"{wn['median_rtt_ms']:.1f} ms, p99 {wn['p99_rtt_ms']:.1f} ms; datagrams "
+                  f"lost {wn.get('loss_share', float('nan')):.4f} ({SOURCE})")
+    for n in names:
         data, fin = results[n]
         print(f"  {n}: RPC timeouts {data.get('setup', {}).get('timeouts', '?')}; "
               f"{'finished' if fin else 'stopped at the cap or failed'}")
@@ -215,6 +249,10 @@ def report(results: dict[str, tuple[dict[str, Any], bool]], args: argparse.Names
     w = 44
     print(f"{'metric':<{w}}" + "".join(f"{n:>22}" for n in names))
     for phase, key, label, digits in ROWS:
+        if key.endswith("_rtt") and not any("wan" in results[n][0] or
+                                             results[n][0].get("setup", {}).get("wan")
+                                             for n in names):
+            continue
         print(f"{label:<{w}}" + "".join(f"{cell(results[n][0], phase, key, digits):>22}"
                                          for n in names))
     print("coordinator HTTP under the product's fallback rules: reg = fallback registrations"
@@ -257,6 +295,9 @@ def main() -> int:
                     help="kademlia gets per service lookup (sampled workers; 0 = all)")
     ap.add_argument("--seed", type=int, default=int(os.environ.get("BENCH_SEED", "1")))
     ap.add_argument("--only", choices=("rma", "kademlia"))
+    ap.add_argument("--wan", choices=sorted(PROFILES),
+                    help="every datagram delayed (region + home access + jitter) and, for "
+                         "global-lossy, lost as bench/wan.py models (default: loopback)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=("rma", "kademlia"), help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", metavar="JSON",

@@ -36,11 +36,21 @@ def address(i: int) -> str:
     return f"127.{1 + i // 62500}.{1 + (i // 250) % 250}.{1 + i % 250}"
 
 
-class World:
-    """Counts every datagram sent and every table refresh, and drops datagrams crossing a
-    partition."""
+def index_of(ip: str) -> int:
+    """The node index behind ``address(i)`` (its inverse); -1 for any other address."""
+    try:
+        _, x, y, z = (int(p) for p in ip.split("."))
+    except ValueError:
+        return -1
+    return (x - 1) * 62500 + (y - 1) * 250 + (z - 1)
 
-    def __init__(self) -> None:
+
+class World:
+    """Counts every datagram sent and every table refresh, drops datagrams crossing a
+    partition, and (``--wan``) delays or loses every datagram as ``bench/wan.py`` says."""
+
+    def __init__(self, wan: Any = None) -> None:
+        self.wan = wan                      # bench.wan.Wan, or None: loopback as it is
         self.datagrams = 0
         self.bytes = 0
         self.dropped = 0
@@ -54,12 +64,17 @@ class World:
 
 
 class Tap:
-    """Stands in for a node's UDP transport: counts, and drops across a partition."""
+    """Stands in for a node's UDP transport: counts, drops across a partition, and under
+    ``--wan`` hands each datagram to the socket after the pair's one-way delay (the
+    event loop's timer, ``call_later``: nothing sleeps) or loses it. The delay covers the
+    whole path, so a request and its reply are each delayed once, by their sender."""
 
     def __init__(self, transport: Any, ip: str, world: World) -> None:
         self._t = transport
         self._ip = ip
+        self._i = index_of(ip)
         self._w = world
+        self._loop = asyncio.get_running_loop()
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         w = self._w
@@ -68,7 +83,21 @@ class Tap:
             return
         w.datagrams += 1
         w.bytes += len(data)
-        self._t.sendto(data, addr)
+        if w.wan is None:
+            self._t.sendto(data, addr)
+            return
+        dst = index_of(addr[0])
+        delay = w.wan.delay(self._i, dst) if dst >= 0 else 0.0
+        if delay is not None:
+            self._loop.call_later(delay, self._send_late, data, addr)
+
+    def _send_late(self, data: bytes, addr: Any) -> None:
+        if self._t.is_closing():
+            return              # the node stopped while the datagram was on its way
+        try:
+            self._t.sendto(data, addr)
+        except OSError:
+            pass
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._t, name)
@@ -253,6 +282,8 @@ class RMA(Impl):
             for k, v in s["drops"].items():
                 drops[k] = drops.get(k, 0) + v
         return {"rpc_timeouts": sum(s["timeouts"] for s in st),
+                "retransmissions": sum(s.get("retransmissions", 0) for s in st),
+                "routing_table_total": sum(s["routing_table_size"] for s in st),
                 "contacts_removed": sum(s["removed_contacts"] for s in st),
                 "revived": sum(s["revived"] for s in st),
                 "mean_routing_table": sum(s["routing_table_size"] for s in st) / len(st),

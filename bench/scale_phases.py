@@ -40,11 +40,15 @@ class OutOfTime(Exception):
 
 
 class Scenario:
-    def __init__(self, impl: Impl, args: argparse.Namespace, emit: Any) -> None:
+    def __init__(self, impl: Impl, args: argparse.Namespace, emit: Any,
+                 wan: Any = None) -> None:
         self.impl = impl
         self.args = args
         self.emit = emit
-        self.world = World()
+        self.world = World(wan)
+        # --wan: latencies are also given in median pairwise RTTs (bench/wan.py)
+        self.rtt_s = wan.rtt_stats()["median_rtt_ms"] / 1000 if wan is not None else 0.0
+        self.looked_up: set[int] = set()    # nodes that already ran a lookup (cold/warm)
         self.rng = random.Random(args.seed)
         self.coord = Coordinator()
         w = args.workers
@@ -91,6 +95,20 @@ class Scenario:
         d[what] += 1
 
     # -- helpers ------------------------------------------------------------------
+    def in_rtts(self, seconds: dict[str, float]) -> dict[str, float]:
+        """``{name}_rtt``: each duration in median pairwise RTTs (only under --wan)."""
+        if not self.rtt_s:
+            return {}
+        return {f"{k}_rtt": v / self.rtt_s for k, v in seconds.items()}
+
+    def counters(self) -> dict[str, float]:
+        """Retransmissions, RPC timeouts, contacts removed and table sizes, all live nodes
+        (the agent's own counters; plain kademlia has none: empty)."""
+        x = self.impl.extra(self.alive)
+        return {k: float(x[k]) for k in ("retransmissions", "rpc_timeouts",
+                                          "contacts_removed", "routing_table_total")
+                if k in x}
+
     def record(self, w: int) -> WorkerRecord:
         return WorkerRecord.create(
             self.impl.idents[w], name=f"w{w}", services=(self.service_of[w],),
@@ -121,6 +139,7 @@ class Scenario:
         ``since``. The caller's fallback rule applies to every lookup."""
         if live is None:
             live = [w for w in self.members[svc] if w not in self.dead]
+        self.looked_up.add(i)
         t0 = time.perf_counter()
         try:
             asked, got = await asyncio.wait_for(self.impl.lookup(i, svc, live),
@@ -153,6 +172,7 @@ class Scenario:
         found: list[float] = []
         found_big: list[float] = []
         stale: list[int] = []
+        missed: list[float] = []
         sem = asyncio.Semaphore(concurrency)
         deadline = time.monotonic() + min(cap, max(0.0, self.left()))
 
@@ -167,6 +187,7 @@ class Scenario:
             lat.append(dt)
             found.append(f)
             stale.append(dead)
+            missed.append((1.0 - f) * sum(1 for w in self.members[svc] if w not in self.dead))
             if svc == self.services[0]:
                 lat_big.append(dt)
                 found_big.append(f)
@@ -178,9 +199,11 @@ class Scenario:
                 "found_largest": statistics.fmean(found_big) if found_big else 0.0,
                 "dead_returned_per_lookup": (statistics.fmean(stale) if stale and
                                              self.impl.sees_dead else float("nan")),
+                "missed_live_per_lookup": statistics.fmean(missed) if missed else 0.0,
                 "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                 "largest_p50_ms": pct(lat_big, 50) * 1e3,
-                "largest_p99_ms": pct(lat_big, 99) * 1e3}
+                "largest_p99_ms": pct(lat_big, 99) * 1e3} | self.in_rtts(
+                    {"largest_p50": pct(lat_big, 50), "largest_p99": pct(lat_big, 99)})
 
     async def republish_round(self, spread: float, done: asyncio.Event | None = None) -> None:
         """Every live worker announces once, spread over ``spread`` seconds (the worker
@@ -233,10 +256,17 @@ class Scenario:
         for i in range(self.n):
             await impl.make(i, self.world)
         addrs = [impl.addr(i) for i in range(self.n)]
+        each: list[float] = []
+
+        async def join(j: int, seeds: list[tuple[str, int]]) -> None:
+            s = time.perf_counter()
+            await impl.join(j, seeds)
+            each.append(time.perf_counter() - s)
+
         for i in range(1, self.n, JOIN_WAVE):
             self.check_time("join")
             seeds = [addrs[j] for j in self.rng.sample(range(i), min(3, i))]
-            await asyncio.gather(*(impl.join(j, seeds)
+            await asyncio.gather(*(join(j, seeds)
                                    for j in range(i, min(self.n, i + JOIN_WAVE))))
         await asyncio.sleep(1.0)
         gc.collect()
@@ -244,7 +274,10 @@ class Scenario:
         rss1 = rss_bytes()
         self.emit("join", {"seconds": time.perf_counter() - t0,
                            "memory_per_node_kb": (rss1 - rss0) / self.n / 1024,
-                           "cpu_s": time.process_time() - cpu0})
+                           "cpu_s": time.process_time() - cpu0,
+                           "node_p50_ms": pct(each, 50) * 1e3,
+                           "node_p99_ms": pct(each, 99) * 1e3}
+                  | self.in_rtts({"node_p50": pct(each, 50), "node_p99": pct(each, 99)}))
 
     async def phase_announce(self) -> None:
         workers = list(range(self.args.workers))
@@ -272,7 +305,8 @@ class Scenario:
                             "mean_stored_per_key": statistics.fmean(stored),
                             "p50_ms": pct(times, 50) * 1e3, "p99_ms": pct(times, 99) * 1e3,
                             "datagrams_per_announce": (d1 - d0) / len(workers),
-                            "bytes_per_announce": (b1 - b0) / len(workers)})
+                            "bytes_per_announce": (b1 - b0) / len(workers)}
+                      | self.in_rtts({"p50": pct(times, 50), "p99": pct(times, 99)}))
         await asyncio.sleep(1.0)
 
     async def phase_lookups(self) -> None:
@@ -280,19 +314,52 @@ class Scenario:
         self.check_time("lookups")
         self.phase = "lookups"
         d0, b0 = self.world.snapshot()
+        x0 = self.counters()
         c0 = time.process_time()
         res = await self.lookups(a.lookups, 1, a.phase_cap)
         d1, b1 = self.world.snapshot()
         k = max(1, res["n"])
+        x1 = self.counters()
         res.update({"datagrams_per_lookup": (d1 - d0) / k, "bytes_per_lookup": (b1 - b0) / k,
-                    "cpu_ms_per_lookup": (time.process_time() - c0) * 1e3 / k})
+                    "cpu_ms_per_lookup": (time.process_time() - c0) * 1e3 / k,
+                    "retransmissions_per_lookup": ((x1["retransmissions"] -
+                                                    x0["retransmissions"]) / k
+                                                   if "retransmissions" in x1
+                                                   else float("nan"))})
         self.emit("lookups", res)
+        self.check_time("warm")
+        self.emit("warm", await self.cold_warm(min(a.lookups, 100), a.phase_cap))
         self.check_time("concurrent")
         self.phase = "concurrent"
         t = time.perf_counter()
         conc = await self.lookups(a.concurrent * a.waves, a.concurrent, a.phase_cap)
         conc["lookups_per_s"] = conc["n"] / (time.perf_counter() - t)
         self.emit("concurrent", conc)
+
+    async def cold_warm(self, count: int, cap: float) -> dict[str, Any]:
+        """The largest service looked up twice in a row from nodes that never looked up
+        anything: cold (first) and warm (second, what the node learned is used)."""
+        self.phase = "warm"
+        svc = self.services[0]
+        fresh = [i for i in self.alive if i not in self.looked_up]
+        self.rng.shuffle(fresh)
+        cold: list[float] = []
+        warm: list[float] = []
+        found: list[float] = []
+        deadline = time.monotonic() + min(cap, max(0.0, self.left()))
+        for i in fresh[:count]:
+            if time.monotonic() > deadline:
+                break
+            dt1, _f1, _ = await self.lookup(i, svc)
+            dt2, f2, _ = await self.lookup(i, svc)
+            cold.append(dt1)
+            warm.append(dt2)
+            found.append(f2)
+        return {"n": len(cold), "warm_found": statistics.fmean(found) if found else 0.0,
+                "cold_p50_ms": pct(cold, 50) * 1e3, "cold_p99_ms": pct(cold, 99) * 1e3,
+                "warm_p50_ms": pct(warm, 50) * 1e3, "warm_p99_ms": pct(warm, 99) * 1e3} \
+            | self.in_rtts({"cold_p50": pct(cold, 50), "cold_p99": pct(cold, 99),
+                            "warm_p50": pct(warm, 50), "warm_p99": pct(warm, 99)})
 
     async def _rest_window(self, name: str, republish: bool) -> None:
         a = self.args
@@ -303,10 +370,17 @@ class Scenario:
             task = asyncio.ensure_future(self.republish_loop(rounds))
         d0, _ = self.world.snapshot()
         r0 = self.world.refreshes
+        x0 = self.counters()
         t = time.monotonic()
         await self.rest_sleep(a.rest)
         d1, _ = self.world.snapshot()
         dt = time.monotonic() - t
+        x1 = self.counters()
+        # every node is alive in the rests (the churn comes later): every contact removed
+        # was a live one — false deaths, per contact held, per hour
+        false_deaths = ((x1["contacts_removed"] - x0["contacts_removed"]) /
+                        max(1.0, x0["routing_table_total"]) / (dt / 3600)
+                        if "contacts_removed" in x1 else float("nan"))
         if republish:
             self._republishing = False
             await task        # the round in flight ends (its datagrams count after d1)
@@ -314,6 +388,7 @@ class Scenario:
         self.emit(name, {"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
                          "refresh_rounds_per_node": (self.world.refreshes - r0) / live,
                          "republish_rounds": len(rounds) if republish else 0,
+                         "false_deaths_per_contact_hour": false_deaths,
                          "rss_mb": rss_bytes() / 2**20})
 
     async def phase_rest(self) -> None:
