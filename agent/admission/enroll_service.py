@@ -14,6 +14,8 @@ issuer file is re-read when it changes (no reload needed to put a renewed one in
   — issued in this network (the admission policy checks it: chain, limits, revocation of
   the worker and of its issuer), for the sender's key, and not expired more than
   ``RENEW_GRACE`` ago — give a fresh certificate with the same name and services.
+* **Renewing in a loop** is bounded per key (``RenewLimiter``: a burst of 3, then one per
+  tenth of the certificate's lifetime, at most a minute apart): 429 with ``Retry-After``.
 * **Guessing** is bounded per client address (``http.trusted_proxies`` decides whether a
   forwarding header names it) and in total: every unknown token takes one token from the
   address's bucket and from the global one; an empty bucket answers an enrollment 429
@@ -38,7 +40,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from agent.admission.certificate import Certificate
 from agent.admission.enrollment import (
@@ -54,7 +56,7 @@ from agent.admission.enrollment import (
 )
 from agent.admission.issuer import IssuerCertificate
 from agent.admission.keys import AdmissionError, b64_key, read_b64_file
-from agent.admission.settings import configured_keys, utc
+from agent.admission.settings import configured_keys, time_left, utc
 from agent.admission.tokens import Token, TokenError, TokenStore
 from agent.dht.record import ALL_SERVICES
 from agent.forwarded import client_ip
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rma_agent.enroll")
 _LOG_LIMIT = RateLimiter(rate=1 / 60, burst=3)
+_EXPIRY_LOG = RateLimiter(rate=1 / 3600, burst=1)
+ISSUER_WARNING_S = 7 * 86400   # the journal and STATUS= warn this long before it expires
 
 DEFAULT_CERT_S = 7 * 86400
 RENEW_GRACE = 86400            # a certificate expired less than this ago may still renew
@@ -72,7 +76,9 @@ GUESS_BURST = 10               # unknown tokens one address may send at once ...
 GUESS_RATE = 1 / 6             # ... then one every 6 s (10 a minute)
 GLOBAL_BURST = 300             # and all addresses together
 GLOBAL_RATE = 5.0
-MAX_ADDRESSES = 10_000         # addresses tracked (least recently seen forgotten)
+MAX_ADDRESSES = 10_000         # addresses (and renewing keys) tracked, oldest forgotten
+RENEW_BURST = 3                # renewals one key may make at once (retries of lost answers)
+RENEW_MIN_INTERVAL = 60.0      # ... then one per this, or a tenth of its lifetime if shorter
 MAX_NESTING = 32             # '[' + '{' in a body: a request has two, names may hold some
 
 
@@ -107,6 +113,28 @@ class GuessLimiter:
         self.total.take()
 
 
+class RenewLimiter:
+    """Renewals per worker key: an admitted worker renewing in a loop would cost a
+    signature and a journal line each time. A worker renews once per two thirds of its
+    lifetime, so a tenth of the lifetime (at most a minute) between renewals, after a
+    burst of ``RENEW_BURST``, never holds back an honest one."""
+
+    def __init__(self) -> None:
+        self.by_key: OrderedDict[bytes, TokenBucket] = OrderedDict()
+
+    def retry_after(self, key: bytes, lifetime: float) -> int | None:
+        interval = max(0.1, min(RENEW_MIN_INTERVAL, lifetime / 10))
+        b = self.by_key.get(key)
+        if b is None:
+            b = self.by_key[key] = TokenBucket(1 / interval, RENEW_BURST)
+            if len(self.by_key) > MAX_ADDRESSES:
+                self.by_key.popitem(last=False)
+        self.by_key.move_to_end(key)
+        if b.take():
+            return None
+        return max(1, int((1.0 - b.tokens) / b.rate + 0.999))
+
+
 def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
@@ -118,6 +146,7 @@ class EnrollService:
         self.agent = agent
         self.store = TokenStore(agent.config.agent.state_dir)
         self.limiter = GuessLimiter()
+        self.renewals = RenewLimiter()
         self._lock = asyncio.Lock()
         self._issuer: IssuerCertificate | None = None
         self._issuer_key: tuple[str, float] | None = None   # (path, mtime) loaded
@@ -127,6 +156,10 @@ class EnrollService:
         self._m_guess = Counter("rma_agent_enroll_token_guesses",
                                 "Enrollments with a token this coordinator does not know",
                                 registry=agent.registry)
+        g = Gauge("rma_agent_enroll_issuer_expiry_timestamp_seconds",
+                  "When this coordinator's issuer certificate expires (0: none usable)",
+                  registry=agent.registry)
+        g.set_function(lambda: float(self._issuer.not_after) if self._issuer else 0.0)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(ENROLL_PATH, self.handle)
@@ -155,7 +188,23 @@ class EnrollService:
         if iss is not None and now >= iss.not_after:
             self.problem = f"network.issuer_cert: {path}: expired at {utc(iss.not_after)}"
             return None
+        if iss is not None and iss.not_after - now < ISSUER_WARNING_S:
+            _EXPIRY_LOG.log(log, logging.WARNING, "issuer-expiry",
+                            "enroll: network.issuer_cert expires %s: workers cannot enroll "
+                            "or renew here after that (rma-agent admit --issuer)",
+                            utc(iss.not_after))
         return iss
+
+    def status(self) -> str:
+        """The STATUS= part: nothing when this coordinator is no issuer."""
+        if not self.agent.config.network.issuer_cert:
+            return ""
+        iss = self.issuer()
+        if iss is None:
+            return "NOT ENROLLING (see network.issuer_cert)"
+        left = iss.not_after - time.time()
+        return ("enrolling" if left >= ISSUER_WARNING_S
+                else f"enrolling, issuer cert EXPIRES in {time_left(left)}")
 
     def _load(self, path: str, keys: list[bytes]) -> IssuerCertificate | None:
         dht = self.agent.dht
@@ -280,6 +329,10 @@ class EnrollService:
         if not iss.covers(cert.services):
             return _error(403, "renewal refused: this coordinator may not issue certificates "
                                f"for {','.join(cert.services)}")
+        wait = self.renewals.retry_after(req.public_key, cert.not_after - cert.not_before)
+        if wait is not None:
+            return _error(429, "this key renewed just now; retry later",
+                          **{"Retry-After": str(wait)})
         resp, new = self._issue(iss, req.public_key, cert.name, cert.services)
         if new is not None:
             log.info("enroll: %s renewed %s%s for %s until %s", ip, b64_key(req.public_key),

@@ -384,7 +384,8 @@ class CoordinatorRole(Component):
         return sum(1 for r in self.registry.values() if not r.withdrawn)
 
     def status(self) -> str:
-        return f"registry={self._live_count()}"
+        enroll = self.enroll.status()
+        return f"registry={self._live_count()}" + (f", {enroll}" if enroll else "")
 
     def stats(self) -> dict[str, Any]:
         return {"coordinator": {

@@ -217,6 +217,9 @@ def test_renewal_and_a_revoked_workers_renewal(coord):
     alien = Certificate.issue(NetworkKey.generate(), direct.public_key, services=("ocr",))
     status, body, _ = post(node, build_renew_request(direct, alien.encode()))
     assert status == 403 and "does not list" in body["error"]
+    # renewing in a loop: a burst of 3 per key, then 429 (a tenth of the lifetime apart)
+    assert [post(node, build_renew_request(direct, v1.encode(), now=time.time() + i))[0]
+            for i in (1, 2, 3)] == [200, 200, 429]
     # revoked: the coordinator notices its revocations.list; the renewal is refused
     rl = RevocationList.issue(NK, [ident.public_key])
     (Path(node.state_dir) / "revocations.list").write_text(
