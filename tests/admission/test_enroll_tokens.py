@@ -87,3 +87,18 @@ def test_durations(text, secs):
 def test_bad_durations(text):
     with pytest.raises(TokenError):
         parse_duration(text)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_root_hands_the_files_to_the_state_dirs_owner(tmp_path):
+    """``sudo rma-agent token create``: the daemon (the state dir's owner) must still be
+    able to count uses in the files root wrote."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    store = TokenStore(state)
+    store.create(name="a")
+    store.revoke("a")
+    for p in (store.path, store.lock_path):
+        st = os.stat(p)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600)
