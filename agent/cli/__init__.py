@@ -7,8 +7,9 @@
 * ``lookup``        ``rma-agent lookup [--explain]``;
 * ``watch``         ``rma-agent watch``;
 * ``call``          ``rma-agent call`` (one request through the local router);
-* ``admission``     ``identity``, ``network-key create``, ``admit``, ``revoke`` and
-                    ``check-config``'s certificate checks;
+* ``admission``     ``identity``, ``network-key create``, ``admit`` (``--issuer`` too),
+                    ``revoke`` and ``check-config``'s certificate checks;
+* ``token``         ``token create|list|revoke`` (enrollment tokens, on a coordinator);
 * ``demo``          ``rma-agent demo`` (with ``demo_cluster``, ``demo_routing`` and the
                     GPU stand-ins of ``demo_services``).
 
