@@ -17,6 +17,11 @@ Why it is written this way:
 - **Errors say whether the work was done.** Nothing reached the upstream (service full,
   connect failure, no upstream configured) -> ``RMA-Not-Processed: 1``, so a router may
   retry any method elsewhere; after that the gateway cannot know, and says nothing.
+- **A caller that hangs up** cancels the handler (the listener runs with
+  ``handler_cancellation``): the upstream connection is reset, never pooled half-read
+  (:class:`agent.http.forwarding.ProxyResponse`; the lean path resets its own), so the
+  upstream sees its caller go — while the body uploads, before the answer's head, or
+  mid-answer — and an inference server stops generating for nobody.
 - **Limits**: ``gateway.max_body_mb`` (413, checked against ``Content-Length`` up front
   and counted on chunked bodies as they stream) and ``gateway.upstream_timeout``
   (nginx's ``proxy_read_timeout``: the longest the upstream may stay silent, before its
@@ -36,7 +41,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from agent.gateway.upstream import Origin, Pool, UpstreamUnreachable, exchange
-from agent.http.forwarding import HOP_BY_HOP, connection_named, end_to_end, path_refusal
+from agent.http.forwarding import (
+    HOP_BY_HOP,
+    ProxyResponse,
+    connection_named,
+    end_to_end,
+    path_refusal,
+    reset,
+)
 
 if TYPE_CHECKING:
     from agent.config import GatewaySection, Upstream
@@ -164,6 +176,7 @@ def new_session(limit: int) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
         timeout=aiohttp.ClientTimeout(total=None),
+        response_class=ProxyResponse,       # a dropped exchange aborts its connection
     )
 
 
@@ -308,8 +321,8 @@ async def _proxy_lean(request: web.Request, pool: Pool, gw: GatewaySection,
     except Exception as exc:
         return (*_failed(request, out, exc, False, gw, pool.url), received, sent)
     finally:
-        if proto is not None:       # failed, cancelled or abandoned: never pooled
-            proto.close()
+        if proto is not None:       # failed, cancelled or abandoned: never pooled, and
+            reset(proto.transport)  # reset: a close would wait for unsent bytes
 
 
 def _failed(request: web.Request, out: web.StreamResponse | None, exc: Exception,

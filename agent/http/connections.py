@@ -38,7 +38,10 @@ SHED_REASONS: dict[str, tuple[int, str]] = {
     "head_timeout": (408, "closed connections whose request head did not arrive in time"),
     "body_timeout": (0, "closed connections whose request body stalled"),
     "send_timeout": (0, "closed connections that stopped reading their answer"),
+    # not a defence: the caller left while its upload waited; closing cancels the handler
+    "peer_gone": (0, "closed connections whose caller hung up while its request waited"),
 }
+_QUIET_REASONS = frozenset({"peer_gone"})   # journalled at info, not as a warning
 
 
 class Held(Protocol):
@@ -101,7 +104,8 @@ class ConnectionTable:
         """Count one shed connection and tell the journal (rate-limited)."""
         self.shed_counts[reason] += 1
         self._shed[reason].inc()
-        self._journal(logging.WARNING, reason, "%s listener: %s (%d open, cap %d total, "
+        level = logging.INFO if reason in _QUIET_REASONS else logging.WARNING
+        self._journal(level, reason, "%s listener: %s (%d open, cap %d total, "
                       "%d per address; rma_agent_http_shed_total counts each)", self.name,
                       SHED_REASONS[reason][1], len(self.conns), self.limits.max_connections,
                       self.limits.max_per_address)

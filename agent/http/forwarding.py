@@ -30,14 +30,29 @@ do) and then judged — splitting on a literal ``/`` before decoding is what let
 
 An encoded slash that cannot climb (``/v1/models/org%2Fmodel``, common in model APIs)
 passes, as do ``...``, ``.hidden``, ``a..b`` and ``%2e%2e%2e``.
+
+**A dropped exchange is reset** (:class:`ProxyResponse`, the response class of both
+proxies' client sessions; :func:`reset`): when the caller hangs up — while its body
+uploads, while the answer's head is awaited, mid-answer — the connection to the next hop
+is reset (RST), not closed. aiohttp's close is ``transport.close()``, which keeps the
+socket open until the write buffer drains, and even a closed socket sends its FIN only
+after the data the kernel still holds; when the next hop stopped reading (an upload
+backed up behind a slow upstream) neither ever arrives, and the next hop would never
+learn that nobody waits. A reset arrives at once (a hop whose reading is paused finds
+it at its listener's next sweep: :func:`agent.http.listener.peer_gone`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
+import struct
 import urllib.parse
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset({
@@ -115,3 +130,43 @@ def path_refusal(raw_path: str) -> str | None:
             return f"path must not contain {why}: it could leave the upstream's prefix " \
                    "(path segments are judged decoded)"
     return None
+
+
+class ProxyResponse(aiohttp.ClientResponse):
+    """A client response whose connection is aborted (RST, buffers dropped) when the
+    exchange is dropped unfinished: closed before or while its head is read (a
+    cancellation included), or released with its body not read to the end. A finished
+    exchange is released as usual and its connection may be kept alive."""
+
+    def close(self) -> None:
+        _abort(self._connection)
+        super().close()
+
+    def release(self) -> Any:
+        content = getattr(self, "content", None)
+        if content is not None and not content.is_eof():
+            _abort(self._connection)
+        return super().release()
+
+
+def _abort(connection: aiohttp.connector.Connection | None) -> None:
+    reset(connection.transport if connection is not None else None)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Abort ``transport`` with a TCP reset. ``abort()`` alone drops only the user-space
+    buffer: the kernel still sends what it holds and queues the FIN behind it, and when
+    the peer stopped reading (a backed-up upload) that FIN never arrives. ``SO_LINGER``
+    with a zero timeout makes the close drop the kernel's buffer and send RST."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, ValueError, TypeError):
+            pass                      # not a TCP socket (or closed): a plain abort then
+    transport.abort()

@@ -12,7 +12,8 @@ aiohttp ``RequestHandler`` that also knows its state:
   503 when it is the oldest head and all heads in progress passed their memory budget;
 - **ACTIVE** — a request is being handled: closed when its body stalls (no byte for the
   body-idle timeout while we wait to read) or the caller stops reading the answer (writes
-  blocked for the send timeout). The handler's own time is the handler's business (the
+  blocked for the send timeout), and — at the next sweep — when the caller hung up while
+  we were not reading (:func:`peer_gone`), so its handler is cancelled. The handler's own time is the handler's business (the
   gateway has ``upstream_timeout``).
 
 aiohttp has no hook for these, so the handler reads two of its fields: ``_request_count``
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,6 +51,8 @@ from agent.netgroups import address_unit
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
 BACKLOG = 1024          # the kernel's accept queue (aiohttp's default is 128)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_GONE_STATES = frozenset({7, 8})     # Linux tcp_states.h: TCP_CLOSE, TCP_CLOSE_WAIT
 
 
 def _answer(status: int, message: str) -> bytes:
@@ -165,6 +169,8 @@ class GuardedHandler(RequestHandler):
         if self._write_paused_at and now - self._write_paused_at > limits.send_timeout:
             return "send_timeout"
         request = self._request
+        if self._reading_paused and peer_gone(self.transport):
+            return "peer_gone"
         if request is None or request.content.is_eof() or self._reading_paused:
             return None        # no body pending, or we are the ones not reading it
         if now - self.since > limits.body_idle_timeout:
@@ -189,6 +195,24 @@ class GuardedHandler(RequestHandler):
 
     def close_idle(self) -> None:
         self.force_close()
+
+
+def peer_gone(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether the peer of a connection we stopped reading has closed or reset it.
+
+    A paused transport does not poll its socket for reading, so it never sees the
+    caller's FIN or RST: a caller that hangs up while its upload is backed up (the next
+    hop is slow to read it) would leave the handler waiting for nobody. The kernel knows:
+    the socket left ESTABLISHED for CLOSE_WAIT (FIN) or CLOSE (RST). Linux ``TCP_INFO``;
+    False wherever it cannot be asked."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or _TCP_INFO is None:
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+    except (OSError, ValueError, TypeError, IndexError):
+        return False
+    return state in _GONE_STATES
 
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

@@ -64,7 +64,7 @@ from agent.component import Component, cancel_task
 from agent.discovery.api import BadRequest, check_service
 from agent.discovery.metrics import SOURCES
 from agent.discovery.router_view import RouterView
-from agent.http.forwarding import path_refusal
+from agent.http.forwarding import ProxyResponse, path_refusal
 from agent.http.load_header import HEADER as LOAD_HEADER
 from agent.ratelimit import RateLimiter
 from agent.router.attempt import AttemptFailed, send
@@ -176,6 +176,7 @@ class RouterComponent(Component):
             self._session = aiohttp.ClientSession(
                 connector=disc.caller_connector(limit=POOL, limit_per_host=0),
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                response_class=ProxyResponse,      # a dropped exchange aborts its connection
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                    "Content-Type"),
                 read_bufsize=READ_BUFSIZE)

@@ -14,9 +14,9 @@ so a test can steer one stream and observe it without sleeping:
 * ``GET /hold?id=`` — no answer head at all until the caller goes;
 * ``POST /upload?id=`` — reads the body as it comes (``body_bytes``; ``first`` once the
   first chunk arrived) and never answers: an upload still in progress; with
-  ``&answer=1`` it answers the body's size once the whole body arrived; with ``&stall=1``
-  it stops reading after the first chunk (the upload backs up into every buffer on the
-  way, each hop's reading paused);
+  ``&answer=1`` it answers the body's size once the whole body arrived; with ``&slow=S``
+  it reads 64 KiB every S seconds (a fast upload backs up into every buffer on the way,
+  and each hop stops reading from the one before);
 * ``GET /break?id=`` — one event, then the connection is aborted (a stream cut mid-way);
   with ``&at=0`` aborted before any byte of the answer.
 
@@ -208,12 +208,16 @@ class StreamUpstream:
         raise AssertionError("unreachable")
 
     async def _upload(self, request: web.Request, call: Call) -> web.StreamResponse:
-        stall = request.query.get("stall") == "1"
-        async for chunk in request.content.iter_any():
+        slow = float(request.query.get("slow", "0"))
+        while True:
+            chunk = await (request.content.read(65536) if slow
+                           else request.content.readany())
+            if not chunk:
+                break
             call.body_bytes += len(chunk)
             call.first.set()                    # the upload is under way
-            if stall:
-                break                           # reads no more: the body backs up
+            if slow:
+                await asyncio.sleep(slow)       # a slow reader: the body backs up
         if request.query.get("answer") == "1":
             return web.json_response({"bytes": call.body_bytes})
         await asyncio.Event().wait()            # a whole body: still no answer

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.http.forwarding import reset
 from tests.cluster import Cluster, Node, wait_until
 from tests.router.stream_upstream import StreamUpstream
 
@@ -201,6 +202,36 @@ async def test_hang_up_mid_upload_reaches_the_upstream(net: Net) -> None:
             await pending
     assert await net.up.wait(cid, "gone", GONE_S)
     assert net.up.calls[cid].hits == 1
+    await idle_everywhere(net)
+
+
+
+async def test_reset_by_a_caller_whose_upload_backed_up_reaches_the_upstream(net: Net) -> None:
+    """The upstream reads slowly, so the upload backs up: every hop stops reading the one
+    before, and a paused socket is not watched for the caller's reset. The caller resets
+    its connection (as a router of this agent does to a gateway when its own caller
+    goes); the listeners' sweep notices the dead peer, and the reset travels on."""
+    cid = new_id("backed")
+    _reader, writer = await asyncio.open_connection(net.c1.ip, net.c1.http_port)
+    writer.write(f"POST /route/tok/upload?id={cid}&slow=0.2 HTTP/1.1\r\n"
+                 f"Host: {net.c1.ip}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    frame = b"10000\r\n" + b"b" * 65536 + b"\r\n"
+    sent, backed_up = 0, False
+    try:
+        while sent < 256 << 20:
+            writer.write(frame)
+            sent += 65536
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                backed_up = True          # nobody on the way reads any more
+                break
+        assert backed_up, f"{sent} bytes went through without backing up"
+        assert await net.up.wait(cid, "first", GONE_S)
+    finally:
+        reset(writer.transport)           # the caller goes: RST
+    assert await net.up.wait(cid, "gone", GONE_S)
+    assert net.up.calls[cid].body_bytes < sent
     await idle_everywhere(net)
 
 
