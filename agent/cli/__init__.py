@@ -11,7 +11,10 @@
                     ``revoke`` and ``check-config``'s certificate checks;
 * ``token``         ``token create|list|revoke`` (enrollment tokens, on a coordinator);
 * ``demo``          ``rma-agent demo`` (with ``demo_cluster``, ``demo_routing`` and the
-                    GPU stand-ins of ``demo_services``).
+                    GPU stand-ins of ``demo_services``);
+* ``demo_inference`` an emulated GPU inference server (slots, queue, heavy-tailed
+                    service times, owner load, streams, vLLM ``/metrics``): the demo's
+                    upstreams, ``bench/balance.py``'s servers and a test fixture.
 
 ``main`` is the console script (``agent.cli:main``) and ``python -m agent``. It imports
 the parser only when called, so importing a helper module (``agent.cli.common``) does
