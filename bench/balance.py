@@ -108,6 +108,7 @@ CAP_FACTOR = 20.0
 OWNER_EVERY_S, OWNER_HOLD_S = 20.0, 4.0
 DRAIN_S = 60.0
 START_TIMEOUT_S = 120.0
+T0 = time.monotonic()
 POLICIES = ("oracle", "router", "seed", "round_robin", "nginx")
 # (slots, speed, owner) per worker, cycled: 8 workers of three speeds, 2-4 slots
 POOL = ((4, 2.0, False), (2, 2.0, False), (3, 1.0, True), (2, 1.0, False),
@@ -298,10 +299,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
     urls = [farm.add(p) for p in profiles]
     paths, callers, gateways = agent_configs(tmp, urls, profiles, args.callers,
                                              args.max_concurrency == "queue")
-    for p in paths[:1]:
-        procs.spawn([sys.executable, "-m", "agent", "run", "-c", str(p)], p.stem + ".log")
-    wait_json(callers[0] + "/readyz", lambda b: True)
-    for p in paths[1:]:
+    for p in paths:             # all at once: the others' join loops wait for the seed
         procs.spawn([sys.executable, "-m", "agent", "run", "-c", str(p)], p.stem + ".log")
     for c in callers:
         wait_json(c + "/readyz", lambda b: True)
@@ -331,6 +329,7 @@ async def warm_up(setup: Setup, session: aiohttp.ClientSession) -> None:
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.post(f"{c}/route/llm/v1/completions", headers=quick) as r:
                     await r.read()
+    print(f"started in {time.monotonic() - T0:.1f} s", file=sys.stderr, flush=True)
     for n in setup.nginx:
         for _ in range(3):
             with contextlib.suppress(aiohttp.ClientError):
