@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import join_config
-from agent.cli.join import parse_service
+from agent.cli.join import _listen, _local_ports, parse_service
 from agent.cli.join_config import JoinError, JoinPlan, Upstream
 from agent.config import load_config
 from tests.util import REPO
@@ -125,3 +125,13 @@ def test_bad_service_argument_is_usage_error(text):
     with pytest.raises(JoinError) as exc:
         parse_service(text)
     assert exc.value.code == 2
+
+
+def test_admin_port_moves_off_an_inference_servers_port():
+    # llama.cpp / TGI default to 8080, the admin API's default: the agent takes 8081
+    taken = _local_ports({"llm-inference": Upstream("http://127.0.0.1:8080", "llamacpp"),
+                          "ocr": Upstream("http://10.0.0.5:8090")})
+    assert taken == {8080}
+    assert _listen(None, 8080, taken) == "127.0.0.1:8081"
+    assert _listen(None, 8090, taken | {8081}) == "127.0.0.1:8090"
+    assert _listen("127.0.0.1:9999", 8080, taken) == "127.0.0.1:9999"   # given: kept

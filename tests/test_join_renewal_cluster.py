@@ -110,6 +110,11 @@ def test_enrolled_worker_renews_under_lookups_survives_a_down_coordinator_and_re
                 "--dht-listen", f"127.0.0.1:{ports['udp']}",
                 "--http-listen", f"127.0.0.1:{ports['http']}",
                 "--gateway-listen", f"127.0.0.1:{ports['gw']}", "--no-start", "--timeout", "0"]
+        no_token = [a for a in argv if a not in ("--token", token)]
+        r = subprocess.run(no_token, cwd=REPO, env=agent_env(), capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "is closed" in r.stderr, r.stdout + r.stderr
+        assert not (wdir / "agent.toml").exists()
         r = subprocess.run(argv, cwd=REPO, env=agent_env(), capture_output=True, text=True,
                            timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -71,8 +71,11 @@ def add_parser(sub: argparse._SubParsersAction,
     sp.add_argument("--state-dir", default=None, type=Path, metavar="DIR",
                     help=f"identity and certificate directory (default {DEFAULT_STATE})")
     sp.add_argument("--dht-listen", default="0.0.0.0:8468", metavar="HOST:PORT")
-    sp.add_argument("--http-listen", default="127.0.0.1:8080", metavar="HOST:PORT")
-    sp.add_argument("--gateway-listen", default="127.0.0.1:8090", metavar="HOST:PORT")
+    sp.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                    help="the admin API (default 127.0.0.1:8080, or the next free port "
+                         "when an inference server uses 8080)")
+    sp.add_argument("--gateway-listen", default=None, metavar="HOST:PORT",
+                    help="the gateway (default 127.0.0.1:8090, likewise)")
     sp.add_argument("--no-start", action="store_true",
                     help="leave systemd alone: start the agent yourself (join still "
                          "waits for it to be found unless --timeout 0)")
@@ -166,6 +169,29 @@ def _tunnel(args: argparse.Namespace) -> tuple[str, str]:
                     "https://pkg.cloudflare.com), or give --endpoint URL", 2)
 
 
+def _listen(given: str | None, default_port: int, taken: set[int]) -> str:
+    """``given``, else 127.0.0.1 on ``default_port`` or the next port no upstream of this
+    box uses (llama.cpp and TGI default to 8080, the admin API's own default)."""
+    if given:
+        return given
+    port = default_port
+    while port in taken:
+        port += 1
+    if port != default_port:
+        _say(f"port {default_port} is an inference server's: the agent listens on "
+             f"127.0.0.1:{port} instead")
+    return f"127.0.0.1:{port}"
+
+
+def _local_ports(services: dict[str, Upstream]) -> set[int]:
+    ports = set()
+    for up in services.values():
+        u = urllib.parse.urlsplit(up.url)
+        if u.hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+            ports.add(u.port or (443 if u.scheme == "https" else 80))
+    return ports
+
+
 def _plain_http_hosts(url: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(allow_http_hosts, allow_private_hosts) this worker needs to reach a coordinator
     at a plain-http or private address (LANs, tests)."""
@@ -212,10 +238,14 @@ async def _join(args: argparse.Namespace, t0: float) -> int:
     _say(f"coordinator {url} answers: {len(seeds)} seed(s) ({', '.join(seeds[:3])}"
          f"{', ...' if len(seeds) > 3 else ''})")
     http_hosts, private_hosts = _plain_http_hosts(url)
+    taken = _local_ports(services)
+    http_listen = _listen(args.http_listen, 8080, taken)
+    gateway_listen = _listen(args.gateway_listen, 8090,
+                             taken | {int(http_listen.rsplit(":", 1)[1])})
     plan = JoinPlan(coordinator=url, name=name, services=services, state_dir=str(state_dir),
                     region=args.region, endpoint=endpoint, tunnel=tunnel,
-                    dht_listen=args.dht_listen, http_listen=args.http_listen,
-                    gateway_listen=args.gateway_listen, allow_http_hosts=http_hosts,
+                    dht_listen=args.dht_listen, http_listen=http_listen,
+                    gateway_listen=gateway_listen, allow_http_hosts=http_hosts,
                     allow_private_hosts=private_hosts)
     plan = await _admission(args, plan, path, identity, state_dir)
     _say(f"GPU: {_gpu_line()}")
