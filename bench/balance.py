@@ -4,7 +4,7 @@ and an oracle, on the same arrivals.
 
     python3 bench/balance.py [--seconds 20] [--loads 0.5,0.8,0.95] [--callers 4]
                              [--workers 8] [--mean-ms 500] [--max-concurrency queue|slots]
-                             [--policies oracle,router,...] [--quick] [--json]
+                             [--policies oracle,router,...] [--stream] [--quick] [--json]
 
 Everything on 127.0.0.1, started by this script, torn down at the end:
 
@@ -87,6 +87,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 from balance_policies import (  # noqa: E402
+    STREAM_BODY,
     NginxPolicy,
     OraclePolicy,
     Policy,
@@ -346,6 +347,12 @@ def make_policy(name: str, setup: Setup, session: aiohttp.ClientSession) -> Poli
     return cls(session, setup.targets, setup.callers)
 
 
+def with_body(policy: Policy | None, stream: bool) -> Policy | None:
+    if policy is not None and stream:
+        policy.body = STREAM_BODY
+    return policy
+
+
 def figures(setup: Setup, cell: Any, load: float) -> dict[str, Any]:
     logs = setup.farm.call(lambda: {s.profile.name: (s.profile.slots, list(s.log))
                                     for s in setup.farm.servers})
@@ -354,6 +361,8 @@ def figures(setup: Setup, cell: Any, load: float) -> dict[str, Any]:
     return {"load": load, "sent": cell.sent, "ok": ok,
             "p50_ms": pct(cell.latencies, 0.5) * 1000, "p99_ms": pct(cell.latencies, 0.99) * 1000,
             "p999_ms": pct(cell.latencies, 0.999) * 1000,
+            "first_byte_p50_ms": pct(cell.first_byte, 0.5) * 1000,
+            "first_byte_p99_ms": pct(cell.first_byte, 0.99) * 1000,
             "throughput": ok / cell.seconds, "of_capacity": ok / cell.seconds / setup.capacity,
             "s503": cell.statuses.get("503", 0),
             "errors": sum(n for k, n in cell.statuses.items() if k not in ("200", "503")),
@@ -371,7 +380,7 @@ async def run_all(args: argparse.Namespace, setup: Setup) -> dict[str, dict[str,
             schedule = arrivals(load * setup.capacity, args.seconds, len(setup.callers),
                                 seed=1000 + li)
             for name in args.policies:
-                policy = make_policy(name, setup, session)
+                policy = with_body(make_policy(name, setup, session), args.stream)
                 if policy is None:
                     continue
                 print(f"load {load:.2f}: {name} ({len(schedule)} requests, "
@@ -402,6 +411,11 @@ def report(results: dict[str, dict[str, Any]], setup: Setup, args: argparse.Name
               f"{r['p99_ms']:8.0f} {r['p999_ms']:9.0f} {r['throughput']:7.1f} "
               f"{r['of_capacity']:6.2f} {r['s503']:5d} {r['retries']:6d} "
               f"{r['errors'] + r['unfinished']:4d} {100 * r['to_full']:7.1f}% {ratio:8.2f}")
+    if args.stream:
+        print("first byte of the token stream, ms from the scheduled arrival (p50 / p99):")
+        for r in results.values():
+            print(f"{r['load']:5.2f} {r['policy']:<12} {r['first_byte_p50_ms']:8.0f} "
+                  f"{r['first_byte_p99_ms']:8.0f}")
     for line in targets(results):
         print(line)
 
@@ -446,6 +460,8 @@ def main() -> int:
                     help="workers' max_concurrency: slots + queue (default) or slots")
     ap.add_argument("--rest", type=float, default=1.0, help="seconds between cells")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--stream", action="store_true",
+                    help="answers are token streams (SSE); first-byte p50/p99 reported too")
     ap.add_argument("--quick", action="store_true",
                     help="smoke size: 3 workers, 2 callers, load 0.8, 1.5 s cells")
     ap.add_argument("--json", action="store_true")
@@ -472,7 +488,7 @@ def main() -> int:
     loadavg = (load0, os.getloadavg()[0])
     if args.json:
         settings = {k: getattr(args, k) for k in ("seconds", "loads", "callers", "workers",
-                                                  "mean_ms", "max_concurrency")}
+                                                  "mean_ms", "max_concurrency", "stream")}
         print(json.dumps({"capacity": setup.capacity, "load_average": loadavg,
                           "settings": settings,
                           "cells": results, "targets": targets(results)}, indent=2))

@@ -25,6 +25,7 @@ A bench-side dispatcher retries a 503 on its next choice, at most ``MAX_ATTEMPTS
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import math
@@ -41,6 +42,11 @@ from agent.cli.demo_inference import InferenceServer
 MAX_ATTEMPTS = 3
 REQUEST_TIMEOUT_S = 120.0
 BODY = json.dumps({"model": "emulated/llm", "prompt": "hello", "max_tokens": 16}).encode()
+STREAM_BODY = json.dumps({"model": "emulated/llm", "prompt": "hello", "max_tokens": 16,
+                          "stream": True}).encode()
+# when the current request's answer began (monotonic s): set by _post in the task's context
+FIRST_BYTE: contextvars.ContextVar[float] = contextvars.ContextVar("first_byte",
+                                                                   default=math.nan)
 HEADERS = {"Content-Type": "application/json"}
 PATH = "/v1/completions"
 SEED_REFRESH_S = 1.0
@@ -64,9 +70,14 @@ class Target:
         return self.outstanding + owner
 
 
-async def _post(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with session.post(url, data=BODY, headers=HEADERS) as resp:
-        await resp.read()
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, Any]:
+    """POST ``body``; the whole answer read, its first body byte's time in FIRST_BYTE."""
+    async with session.post(url, data=body, headers=HEADERS) as resp:
+        first = True
+        async for _chunk in resp.content.iter_any():
+            if first:
+                FIRST_BYTE.set(time.monotonic())
+                first = False
         return resp.status, resp.headers
 
 
@@ -74,6 +85,7 @@ class Policy:
     """Base: ``send(caller)`` -> (status, attempts)."""
 
     name = "?"
+    body = BODY                      # STREAM_BODY: answers are token streams (SSE)
 
     def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target],
                  callers: Sequence[str]) -> None:
@@ -94,7 +106,7 @@ class Policy:
         for attempt, t in enumerate(order[:MAX_ATTEMPTS], 1):
             self.taken(t, caller, +1)
             try:
-                status, _ = await _post(self.session, f"{t.gateway}/llm{PATH}")
+                status, _ = await _post(self.session, f"{t.gateway}/llm{PATH}", self.body)
             finally:
                 self.taken(t, caller, -1)
             if status != 503:
@@ -109,7 +121,8 @@ class RouterPolicy(Policy):
     name = "router"
 
     async def send(self, caller: int) -> tuple[int, int]:
-        status, headers = await _post(self.session, f"{self.callers[caller]}/route/llm{PATH}")
+        status, headers = await _post(self.session, f"{self.callers[caller]}/route/llm{PATH}",
+                                      self.body)
         try:
             return status, int(headers.get("RMA-Attempts", "1"))
         except ValueError:
@@ -125,7 +138,7 @@ class NginxPolicy(Policy):
         self.nginx = list(nginx)
 
     async def send(self, caller: int) -> tuple[int, int]:
-        status, headers = await _post(self.session, f"{self.nginx[caller]}/llm{PATH}")
+        status, headers = await _post(self.session, f"{self.nginx[caller]}/llm{PATH}", self.body)
         return status, max(1, headers.get("X-Upstream-Addr", "").count(",") + 1)
 
 
@@ -243,6 +256,7 @@ class Cell:
     """One (load, policy) run: every request's outcome."""
 
     latencies: list[float] = field(default_factory=list)   # s, 200 answers only
+    first_byte: list[float] = field(default_factory=list)  # s to the answer's first byte
     statuses: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     sent: int = 0
@@ -270,6 +284,7 @@ async def run_cell(policy: Policy, schedule: list[tuple[float, int]], seconds: f
             cell.retries += max(0, attempts - 1)
             if status == 200:
                 cell.latencies.append(time.monotonic() - at)
+                cell.first_byte.append(FIRST_BYTE.get() - at)
         cell.statuses[key] = cell.statuses.get(key, 0) + 1
 
     cell.start = t0 = time.monotonic()
