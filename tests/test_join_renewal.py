@@ -192,3 +192,20 @@ def test_no_coordinator_to_renew_from_is_said(tmp_path):
     assert asyncio.run(r.renew_once(cert, blob)) == 0.0
     assert r.state.failures == 1 and "discovery.coordinators" in r.state.last_error
     assert r.status() == "" and r.state.by_result == {"no_source": 1}
+
+
+def test_status_row_shows_expiry_and_renewal_state():
+    from agent.cli.status import admission_cert, format_status
+
+    now = time.time()
+    stats = {"network": {"certificate": {"not_after": int(now + 3 * 86400)}},
+             "worker": {"certificate_renewal": {"state": "waiting", "failures": 0,
+                                                "renew_at": int(now + 86400)}}}
+    row = admission_cert(stats)
+    assert row is not None and row.startswith("until ") and "(3.0 days)" in row
+    assert "renewal waiting (renews at" in row
+    stats["worker"]["certificate_renewal"].update(state="failing", failures=4,
+                                                  last_error="http://c1: no answer")
+    assert "renewal failing, 4 failed: http://c1: no answer" in admission_cert(stats)
+    assert "admission cert" in format_status(stats)
+    assert admission_cert({"role": "worker"}) is None          # open network: no row value
