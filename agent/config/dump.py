@@ -21,8 +21,10 @@ def _toml_value(v: object) -> str:
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, Upstream):
-        return _toml_value(v.url) if not v.health else _toml_value(
-            {"url": v.url, "health": v.health})
+        table = {"url": v.url, "health": v.health,
+                 "kind": v.kind if v.kind != "generic" else "", "metrics_url": v.metrics_url}
+        table = {k: x for k, x in table.items() if x}
+        return _toml_value(v.url) if len(table) == 1 else _toml_value(table)
     if isinstance(v, Mapping):
         return "{ " + ", ".join(f"{_render_key((str(k),))} = {_toml_value(x)}"
                                 for k, x in v.items()) + " }"
@@ -47,7 +49,7 @@ def dump_toml(cfg: Config) -> str:
     Only GPU scores that differ from ``DEFAULT_GPU_SCORES`` are written (the loader
     merges them over the defaults again). A coordinator's config has no ``[worker]``.
     Upstreams go to ``[gateway.upstreams]``: a URL string, or an inline table when a
-    health path is set.
+    health path, a kind other than generic or a metrics URL is set.
     """
     sections: dict[str, dict[str, object]] = {}
     for sec_name in SCHEMA:
@@ -70,5 +72,9 @@ def summary(cfg: Config) -> str:
     role = cfg.agent.role
     extra = f" services={','.join(cfg.worker.services)}" if role == "worker" else ""
     tunnel = f" tunnel={cfg.tunnel.mode}" if cfg.tunnel.mode != "off" else ""
+    kinds = ",".join(f"{s}:{u.kind}" for s, u in cfg.gateway.upstreams.items()
+                     if u.kind != "generic")
+    kinds = f" kinds={kinds}" if kinds else ""
     return (f"ok: role={role} name={cfg.agent.name} dht={cfg.dht.listen} mode={cfg.dht.mode} "
-            f"http={cfg.http.listen} gateway={cfg.gateway.listen} seeds={len(cfg.dht.bootstrap)}{extra}{tunnel}")
+            f"http={cfg.http.listen} gateway={cfg.gateway.listen} seeds={len(cfg.dht.bootstrap)}"
+            f"{extra}{kinds}{tunnel}")

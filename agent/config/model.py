@@ -11,6 +11,7 @@ import base64
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,18 +65,32 @@ class HTTPSection:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where the gateway forwards one service: ``url`` (http(s), may carry a path prefix)
-    and the path its health check GETs ("" = the base URL itself)."""
+    """Where the gateway forwards one service: ``url`` (http(s), may carry a path prefix),
+    the path its health check GETs ("" = the kind's own health endpoint, or the base URL
+    itself for ``generic``), the server's ``kind`` (whose own health and load the gateway
+    reads: ``agent.gateway.kinds``) and, for Prometheus kinds, where its metrics are
+    ("" = the kind's default)."""
 
     url: str
     health: str = ""
+    kind: str = "generic"
+    metrics_url: str = ""
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port`` of ``url``: a server's own endpoints (``/health``,
+        ``/metrics``, ``/slots``) live at its root, whatever path prefix ``url`` has."""
+        parts = urllib.parse.urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def health_url(self) -> str:
-        """The URL the health checker GETs: the base URL, or the base URL + ``health``."""
-        if not self.health:
-            return self.url
-        return self.url.rstrip("/") + self.health
+        """The URL the health checker GETs: the base URL + ``health``; without one, the
+        kind's own health endpoint at the server's root, or (generic) the base URL."""
+        if self.health:
+            return self.url.rstrip("/") + self.health
+        path = KIND_HEALTH.get(self.kind, "")
+        return self.origin + path if path else self.url
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,14 @@ DHT_MODES = ("server", "client", "auto")
 TUNNEL_MODES = ("off", "quick", "named")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVICE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-UPSTREAM_KEYS = ("url", "health")          # keys of an inline-table upstream
+UPSTREAM_KEYS = ("url", "health", "kind", "metrics_url")   # keys of an inline-table upstream
+# what serves an upstream: its own health and load are read for every kind but generic
+UPSTREAM_KINDS = ("generic", "vllm", "llamacpp", "tgi", "ollama", "triton")
+# each kind's own health endpoint (at the server's root); 2xx = ready
+KIND_HEALTH = {"vllm": "/health", "llamacpp": "/health", "tgi": "/health",
+               "ollama": "/api/version", "triton": "/v2/health/ready"}
+# kinds whose load is Prometheus text (they may name their metrics_url)
+METRICS_KINDS = ("vllm", "llamacpp", "tgi", "triton")
 MAX_BODY_MB = 1024 * 1024                  # gateway.max_body_mb upper bound (1 TiB)
 MAX_UPSTREAM_TIMEOUT = 86400.0             # seconds
 MAX_ATTEMPTS = 10                          # discovery.max_attempts upper bound

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import ipaddress
 import os
 import socket
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from agent.config.model import (
     ROLES,
     SERVICE_RE,
     TUNNEL_MODES,
-    UPSTREAM_KEYS,
     Address,
     AgentSection,
     DHTSection,
@@ -42,6 +39,7 @@ from agent.config.model import (
     Upstream,
     WorkerSection,
 )
+from agent.config.upstreams import upstream_entry
 from agent.config.validate import (
     _address,
     _Checker,
@@ -280,8 +278,8 @@ def gateway_section(ck: _Checker, doc: dict[str, Any], role: str, services: tupl
     """``[gateway]``: the public listener and, on a worker, each service's upstream.
 
     An upstream is either a URL string (``ocr = "http://127.0.0.1:9000"``) or an inline
-    table with a health path (``ocr = { url = "http://127.0.0.1:9000", health = "/healthz" }``);
-    without one the health check GETs the base URL itself.
+    table naming more (``llm = { url = "http://127.0.0.1:8000", kind = "vllm" }``, a
+    ``health`` path, a ``metrics_url``): ``agent.config.upstreams`` reads each entry.
     """
     s = _section(ck, doc, "gateway")
     g = GatewaySection()
@@ -312,52 +310,11 @@ def gateway_section(ck: _Checker, doc: dict[str, Any], role: str, services: tupl
                                              f'"{role}"): a coordinator proxies no service')
         else:
             for svc, val in raw.items():
-                up = _upstream(ck, ("gateway", "upstreams", svc), svc, val, services)
+                up = upstream_entry(ck, ("gateway", "upstreams", svc), svc, val, services)
                 if up is not None:
                     upstreams[svc] = up
     return GatewaySection(listen=listen, max_body_mb=max_body, upstream_timeout=timeout,
                           upstreams=upstreams)
-
-
-def _upstream(ck: _Checker, key: KeyPath, svc: str, val: object,
-              services: tuple[str, ...]) -> Upstream | None:
-    """One ``[gateway.upstreams]`` entry, or None after recording what is wrong."""
-    if svc not in services:
-        listed = ", ".join(services) or "none"
-        close = difflib.get_close_matches(svc, list(services), n=1, cutoff=0.6)
-        hint = f", did you mean '{close[0]}'?" if close else ""
-        ck.err(key, f"is not a service of this worker (worker.services: {listed}){hint}")
-        return None
-    health = ""
-    if isinstance(val, dict):
-        for k in val:
-            if k not in UPSTREAM_KEYS:
-                close = difflib.get_close_matches(k, list(UPSTREAM_KEYS), n=1, cutoff=0.6)
-                ck.err((*key, k), "unknown key" + (f", did you mean '{close[0]}'?" if close
-                                                    else " (known: url, health)"))
-        if "url" not in val:
-            ck.err(key, 'needs a url, e.g. { url = "http://127.0.0.1:9000", health = "/healthz" }')
-            return None
-        hv = val.get("health", "")
-        if not isinstance(hv, str) or (hv and (not hv.startswith("/") or any(
-                c.isspace() or ord(c) < 32 or c in "#?" for c in hv))):
-            ck.err((*key, "health"), 'must be a path starting with "/" (no query, no spaces), '
-                   f"e.g. \"/healthz\", got {_got(hv)}")
-            return None
-        health = hv
-        val, key = val["url"], (*key, "url")
-    if not isinstance(val, str):
-        ck.err(key, 'must be an http(s) URL string, e.g. "http://127.0.0.1:9000", or a table '
-               f"{{ url = ..., health = ... }}, got {_got(val)}")
-        return None
-    url = val.strip()
-    why = check_url(url)
-    if why is None and urllib.parse.urlsplit(url).query:
-        why = "must not contain a ?query"
-    if why:
-        ck.err(key, f"{why}, got {_show(val)}")
-        return None
-    return Upstream(url=url.rstrip("/") or url, health=health)
 
 
 def _coordinator_entry(entry: str) -> tuple[str, str | None]:

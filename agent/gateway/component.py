@@ -13,7 +13,12 @@ lifecycle next to the admin API, see ``agent.gateway.app``):
   ``LOAD_MIN_INTERVAL`` seconds, which re-announces only on a material change.
 - Upstream health (``agent.gateway.health``): a service whose upstream is down is left
   out of the record (withdrawn from the DHT) and announced again once it answers;
-  ``/readyz``, ``STATUS=`` and the journal name it.
+  ``/readyz``, ``STATUS=`` and the journal name it. A known kind's own health endpoint
+  decides (llama.cpp loading a model is down).
+- The upstream's own signal (``agent.gateway.upstream_load``): for upstreams of a known
+  kind the server's own load is polled (1 s while requests are in flight, 5 s idle) and
+  merged with the in-flight count into ``load()`` — the ``RMA-Load`` header and the
+  record's load.
 
 It starts before the worker role (see ``agent.lifecycle._COMPONENTS``) so the first
 health check decides what the first announce contains, and stops after it, so the
@@ -23,7 +28,10 @@ withdrawal goes out while requests still drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -32,6 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from agent.component import Component, cancel_task
 from agent.gateway import health as health_mod
+from agent.gateway import upstream_load as ul
 from agent.gateway.proxy import error, new_session, proxy
 from agent.gateway.upstream import Origin, Pool
 from agent.http.load_header import HEADER as LOAD_HEADER
@@ -48,6 +57,19 @@ LOAD_MIN_INTERVAL = 5.0      # seconds between two load reports to the worker ro
                              # at most one load-triggered re-announce per 5 s)
 FIRST_CHECK_BUDGET = 2.0     # start() waits at most this long for the first health round
 RETRY_AFTER = "1"            # seconds a caller should wait when this worker is full
+POLL_ENV = "RMA_AGENT_UPSTREAM_POLL_S"   # "BUSY,IDLE" seconds: tests and tuning only
+
+
+def poll_intervals() -> tuple[float, float]:
+    """The upstream-load poll intervals (busy, idle): ``upstream_load``'s defaults, or
+    ``$RMA_AGENT_UPSTREAM_POLL_S`` ("0.2,30") when it holds two positive numbers."""
+    try:
+        busy, idle = (float(x) for x in os.environ.get(POLL_ENV, "").split(","))
+        if 0.05 <= busy <= idle <= 3600:
+            return busy, idle
+    except ValueError:
+        pass
+    return ul.BUSY_INTERVAL, ul.IDLE_INTERVAL
 
 
 class GatewayComponent(Component):
@@ -62,6 +84,11 @@ class GatewayComponent(Component):
         self.bytes_in = 0
         self.bytes_out = 0
         self.states: dict[str, health_mod.UpstreamState] = {}
+        self.watches: dict[str, ul.LoadWatch] = {}      # upstreams of a known kind
+        self._poll_task: asyncio.Task[None] | None = None
+        self._burst = asyncio.Event()       # set when a request arrives at an idle gateway
+        self._last_poll = -1e9
+        self._intervals = poll_intervals()
         self._session: aiohttp.ClientSession | None = None
         self._pools: dict[str, Pool | None] = {}    # upstream URL -> lean pool (http only)
         self._hsession: aiohttp.ClientSession | None = None
@@ -84,6 +111,12 @@ class GatewayComponent(Component):
         self._m_out = self._m_bytes.labels("out")
         self._m_up = Gauge("rma_agent_gateway_upstream_up", "1 when the service's upstream "
                            "passes its health check", ["service"], registry=reg)
+        self._m_queue = Gauge("rma_agent_gateway_upstream_queue", "Requests waiting in the "
+                              "upstream server's own queue (its last fresh reading)",
+                              ["service"], registry=reg)
+        self._m_running = Gauge("rma_agent_gateway_upstream_running", "Requests the "
+                                "upstream server says it is processing (last fresh reading)",
+                                ["service"], registry=reg)
 
     # ------------------------------------------------------------------ helpers
     def _worker(self) -> WorkerService | None:
@@ -120,8 +153,21 @@ class GatewayComponent(Component):
 
     def load(self) -> Load:
         """This worker's load now: the gateway's in-flight requests (it never queues:
-        it refuses when full) against ``worker.max_concurrency``."""
-        return Load(self.inflight, 0, self._capacity())
+        it refuses when full) against ``worker.max_concurrency``, merged with what the
+        upstream servers of a known kind say of themselves (``upstream_load.merge_load``:
+        their queue, running requests and slots, from readings that are still fresh)."""
+        cap = self._capacity()
+        if not self.watches:
+            return Load(self.inflight, 0, cap)
+        now = time.monotonic()
+        interval = self._interval()
+        readings = [r for w in self.watches.values()
+                    if (r := w.fresh(now, interval)) is not None]
+        full = any(w.full(now) for w in self.watches.values())
+        if not readings and not full:
+            return Load(self.inflight, 0, cap)
+        return ul.merge_load(self.inflight, cap, readings, full=full,
+                             upstreams=len(self.agent.config.gateway.upstreams))
 
     async def _stamp_load(self, request: web.Request, response: web.StreamResponse) -> None:
         """``on_response_prepare``: every answer of this gateway — proxied, its own
@@ -178,6 +224,8 @@ class GatewayComponent(Component):
                               f"(worker.max_concurrency = {cap})", not_processed=True,
                          headers={"Retry-After": RETRY_AFTER})
         self.inflight += 1
+        if self.inflight == 1 and self.watches:
+            self._burst.set()               # poll the servers' load at the busy pace now
         self._load_changed()
         try:
             resp, outcome, n_in, n_out = await proxy(request, self._session, upstream,
@@ -185,6 +233,8 @@ class GatewayComponent(Component):
         finally:
             self.inflight -= 1
             self._load_changed()
+        if resp.status == 503 and outcome == "ok" and service in self.watches:
+            self.watches[service].saw_status(503, time.monotonic())   # e.g. Ollama full
         self._count(outcome)
         self.bytes_in += n_in
         self.bytes_out += n_out
@@ -211,7 +261,7 @@ class GatewayComponent(Component):
         self._last_push = asyncio.get_running_loop().time()
         worker = self._worker()
         if worker is not None:
-            worker.set_inflight(float(self.inflight))
+            worker.set_inflight(float(self.load().busy))
 
     # ------------------------------------------------------------------ health
     def _sync_states(self, cfg: Config) -> None:
@@ -222,11 +272,70 @@ class GatewayComponent(Component):
             new[service] = old if old is not None and old.upstream == up else \
                 health_mod.UpstreamState(service, up)
         for gone in set(self.states) - set(new):
-            try:
-                self._m_up.remove(gone)
-            except KeyError:
-                pass
+            for gauge in (self._m_up, self._m_queue, self._m_running):
+                try:
+                    gauge.remove(gone)
+                except KeyError:
+                    pass
         self.states = new
+        watches: dict[str, ul.LoadWatch] = {}
+        for service, up in cfg.gateway.upstreams.items():
+            if up.kind == "generic":
+                continue
+            old_w = self.watches.get(service)
+            watches[service] = old_w if old_w is not None and old_w.upstream == up else \
+                ul.LoadWatch(service, up)
+        self.watches = watches
+
+    # ------------------------------------------------------------------ upstream load
+    def _interval(self) -> float:
+        """The poll interval now: busy while requests are in flight, else idle."""
+        return self._intervals[0] if self.inflight else self._intervals[1]
+
+    async def _poll_loop(self) -> None:
+        """Read the known-kind servers' own load: every ``busy`` seconds while requests
+        are in flight, every ``idle`` seconds otherwise, and at once (but never sooner
+        than ``busy`` after the last read) when a request reaches an idle gateway."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = self._last_poll + self._interval()
+            now = loop.time()
+            if now < due:
+                if self.inflight:
+                    await asyncio.sleep(due - now)
+                else:
+                    self._burst.clear()
+                    try:
+                        await asyncio.wait_for(self._burst.wait(), due - now)
+                    except TimeoutError:
+                        pass
+                continue
+            self._last_poll = now
+            try:
+                await self._poll_round(self._interval())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:     # never let the poller die
+                log.warning("gateway: upstream load poll failed: %r", exc)
+
+    async def _poll_round(self, interval: float) -> None:
+        if not self.watches or self._hsession is None:
+            return
+        watches = list(self.watches.values())
+        await asyncio.gather(*(w.poll(self._hsession, interval) for w in watches))
+        now = time.monotonic()
+        for w in watches:
+            r = w.fresh(now, interval)
+            for gauge, value in ((self._m_queue, r.waiting if r else None),
+                                 (self._m_running, r.running if r else None)):
+                if value is not None:
+                    gauge.labels(w.service).set(value)
+                else:
+                    try:
+                        gauge.remove(w.service)
+                    except KeyError:
+                        pass
+        self._load_changed()
 
     async def _check_round(self, *, first: bool = False) -> None:
         assert self._hsession is not None
@@ -286,6 +395,7 @@ class GatewayComponent(Component):
                          "what is known")
             self._push_load()
         self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
+        self._poll_task = asyncio.create_task(self._poll_loop(), name="gateway-upstream-load")
         services = set(self.agent.config.worker.services)
         missing = sorted(services - set(self.agent.config.gateway.upstreams))
         if missing:
@@ -302,7 +412,8 @@ class GatewayComponent(Component):
 
     async def stop(self) -> None:
         await cancel_task(self._health_task)
-        self._health_task = None
+        await cancel_task(self._poll_task)
+        self._health_task = self._poll_task = None
         if self._load_handle is not None:
             self._load_handle.cancel()
             self._load_handle = None
@@ -327,7 +438,18 @@ class GatewayComponent(Component):
             frag += ", upstream down: " + ",".join(down)
         return frag
 
+    def _upstream_json(self, service: str, st: health_mod.UpstreamState,
+                       now: float) -> dict[str, Any]:
+        """Health state, and for a known kind its last reading, the reading's age and
+        the poll counts."""
+        out = st.to_json()
+        watch = self.watches.get(service)
+        if watch is not None:
+            out.update(watch.to_json(now))
+        return out
+
     def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {"gateway": {
             "listen": str(self.agent.config.gateway.listen),
             "inflight": self.inflight,
@@ -335,6 +457,8 @@ class GatewayComponent(Component):
             "requests": dict(self.requests),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "upstreams": {s: st.to_json() for s, st in self.states.items()},
+            "upstreams": {s: self._upstream_json(s, st, now)
+                          for s, st in self.states.items()},
+            "load": dataclasses.asdict(self.load()),
             "down": self.down(),
         }}

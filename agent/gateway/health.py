@@ -4,7 +4,11 @@ A worker whose GPU server crashed still answers the DHT and the gateway, so with
 check every caller routed there would get a 502. Each upstream is polled every
 ``INTERVAL`` seconds with ``GET`` on its base URL (healthy: any answer below 500 — a
 server that answers 404 at ``/`` is up) or on its configured health path (healthy:
-2xx/3xx). ``FAILS_TO_DOWN`` failures in a row mark it down (one slow answer does not
+2xx/3xx). An upstream of a known kind (``vllm``, ``llamacpp``, ...) is asked its own
+health endpoint (``Upstream.health_url``) and judged by
+``agent.gateway.kinds.health_verdict``: 2xx only, and the reason carries the server's
+own words — llama.cpp answers ``503 "Loading model"`` while it loads, so a box whose
+model is not loaded yet is not announced, and is once it answers 200. ``FAILS_TO_DOWN`` failures in a row mark it down (one slow answer does not
 withdraw a service); one success marks it up again. The first check at start counts
 fully, so a service whose server is not running is never announced in the first place.
 """
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
+
+from agent.gateway.kinds import health_verdict
 
 if TYPE_CHECKING:
     from agent.config import Upstream
@@ -39,7 +45,8 @@ class UpstreamState:
     checks: int = 0
 
     def to_json(self) -> dict[str, object]:
-        return {"url": self.upstream.url, "health_url": self.upstream.health_url,
+        return {"url": self.upstream.url, "kind": self.upstream.kind,
+                "health_url": self.upstream.health_url,
                 "state": self.state, "error": self.error or None,
                 "since": self.since or None, "checks": self.checks}
 
@@ -49,7 +56,10 @@ async def check(session: aiohttp.ClientSession, up: Upstream) -> str:
     try:
         async with session.get(up.health_url, allow_redirects=False,
                                timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as resp:
-            await resp.content.read(4096)        # drain a little; never a big body
+            body = await resp.content.read(4096)     # drain a little; never a big body
+            if up.kind != "generic":
+                why = health_verdict(resp.status, body)
+                return f"{why} from {up.health_url}" if why else ""
             ok = (200 <= resp.status < 400) if up.health else resp.status < 500
             return "" if ok else f"HTTP {resp.status} from {up.health_url}"
     except asyncio.CancelledError:
