@@ -20,7 +20,9 @@ docs/SECURITY.md has the trust model. The package is cut by what each part does:
 * ``enrollment``  the ``POST /api/network/enroll`` protocol (pure): requests, answers;
 * ``tokens``      ``TokenStore``: enrollment tokens, hashed, uses counted under a file lock;
 * ``enroll_service`` the endpoint on a coordinator's gateway (mounted by its role);
-* ``renewal``     the worker's renewal client.
+* ``renewal``     the worker's renewal client (``CertRenewer``: at a third of the lifetime
+                  left, back-off, atomic install; ``WorkerRenewal``: the task the worker
+                  role owns).
 
 The commands (``network-key create``, ``admit``, ``revoke``, ``identity``, ``token``) live
 in the command line package. This ``__init__`` imports nothing, so importing a certificate never

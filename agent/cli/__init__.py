@@ -10,6 +10,12 @@
 * ``admission``     ``identity``, ``network-key create``, ``admit`` (``--issuer`` too),
                     ``revoke`` and ``check-config``'s certificate checks;
 * ``token``         ``token create|list|revoke`` (enrollment tokens, on a coordinator);
+* ``join``          ``rma-agent join URL`` (one command from a fresh install to a worker
+                    found), with ``join_config`` (the config it writes and when it may
+                    replace one), ``join_detect`` (inference servers on their default
+                    ports), ``join_net`` (seeds, enrollment, the wait until found) and
+                    ``join_system`` (identity and state files for the service user,
+                    systemctl);
 * ``demo``          ``rma-agent demo`` (with ``demo_cluster``, ``demo_routing`` and the
                     GPU stand-ins of ``demo_services``);
 * ``demo_inference`` an emulated GPU inference server (slots, queue, heavy-tailed

@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage/config. Each command group lives in its
 own module (``status``, ``lookup``, ``watch``, ``call``, ``admission``, ``token``,
-``demo``), imported only when its command runs, so ``rma-agent status`` does not load the daemon.
+``join``, ``demo``), imported only when its command runs, so ``rma-agent status`` does not load the daemon.
 """
 
 from __future__ import annotations

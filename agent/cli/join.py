@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.cli import join_config, join_detect, join_net, join_system
+from agent.cli import join_config
 from agent.cli.join_config import JoinError, JoinPlan, Upstream
 
 CERT_FILE = "admission.cert"
@@ -89,6 +89,7 @@ def _say(msg: str) -> None:
 
 def parse_service(text: str) -> tuple[str, Upstream]:
     """``NAME=URL`` or ``NAME=KIND+URL`` -> (name, Upstream); JoinError(2) when bad."""
+    from agent.cli import join_detect
     from agent.config import SERVICE_RE
     from agent.config.validate import check_url
     from agent.dht.record import normalize_service
@@ -123,6 +124,8 @@ def coordinator_url(text: str) -> str:
 async def _services(args: argparse.Namespace) -> dict[str, Upstream]:
     """The services to serve: ``--service`` (kinds detected when not given) or what
     answers on the default local ports."""
+    from agent.cli import join_detect
+
     if args.service:
         out: dict[str, Upstream] = {}
         for text in args.service:
@@ -220,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace, t0: float) -> int:
+    from agent.cli import join_net, join_system
     from agent.config import default_path
 
     url = coordinator_url(args.url)
@@ -280,6 +284,8 @@ async def _admission(args: argparse.Namespace, plan: JoinPlan, path: Path, ident
     ``--token``; an open network (no token, nothing kept) has none."""
     from dataclasses import replace
 
+    from agent.cli import join_net, join_system
+
     cert_path = state_dir / CERT_FILE
     kept = _kept_admission(path, plan, identity, cert_path)
     if kept is not None:
@@ -339,6 +345,8 @@ def _kept_admission(path: Path, plan: JoinPlan, identity: Any, cert_path: Path
 
 async def _wait(url: str, seeds: list[str], worker_id: bytes, service: str, wait_s: float,
                 t0: float, plan: JoinPlan, config: Path) -> int:
+    from agent.cli import join_net
+
     _say(f"waiting until the network finds this worker for {service!r} "
          f"(up to {wait_s:g} s)")
     found = await join_net.wait_found(url, seeds, worker_id, service, wait_s, _say)
