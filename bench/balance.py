@@ -139,6 +139,7 @@ class Setup:
     nginx: list[str]                 # one per caller (empty: no nginx)
     capacity: float                  # requests/s
     profiles: list[Profile]
+    kind: str                        # the gateways' upstream kind: "vllm" or "generic"
 
 
 def pool(workers: int, mean_ms: float) -> tuple[list[Profile], float]:
@@ -319,7 +320,8 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
         nginx.append(f"http://127.0.0.1:{port}")
     targets = [Target(p.name, g, p.slots, p.speed, s)
                for p, g, s in zip(profiles, gateways, farm.servers, strict=True)]
-    return Setup(farm, targets, callers, nginx, capacity, profiles)
+    kind = "vllm" if isinstance(upstream_entry(urls[0]), dict) else "generic"
+    return Setup(farm, targets, callers, nginx, capacity, profiles, kind)
 
 
 async def warm_up(setup: Setup, session: aiohttp.ClientSession) -> None:
@@ -398,7 +400,8 @@ def report(results: dict[str, dict[str, Any]], setup: Setup, args: argparse.Name
     print(f"balance benchmark: {len(setup.targets)} workers ({slots} slots, speeds "
           f"{sorted({p.speed for p in setup.profiles})}), {len(setup.callers)} callers, "
           f"capacity {setup.capacity:.1f} req/s (mean service {args.mean_ms:g} ms at speed 1, "
-          f"lognormal sigma {SIGMA}), max_concurrency = {args.max_concurrency}, "
+          f"lognormal sigma {SIGMA}), max_concurrency = {args.max_concurrency}, upstream "
+          f"kind {setup.kind}, "
           f"{args.seconds:g} s per cell; load average "
           f"{loadavg[0]:.1f} at start, {loadavg[1]:.1f} at end")
     print(f"{'load':>5} {'policy':<12} {'ok':>6} {'p50 ms':>8} {'p99 ms':>8} "
@@ -490,7 +493,7 @@ def main() -> int:
         settings = {k: getattr(args, k) for k in ("seconds", "loads", "callers", "workers",
                                                   "mean_ms", "max_concurrency", "stream")}
         print(json.dumps({"capacity": setup.capacity, "load_average": loadavg,
-                          "settings": settings,
+                          "settings": settings, "kind": setup.kind,
                           "cells": results, "targets": targets(results)}, indent=2))
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
         report(results, setup, args, loadavg)
