@@ -6,6 +6,8 @@ front of real servers on loopback that speak like inference servers.
   DHT says full, ``/api/dht/stats`` and ``/metrics`` show the reading; while a request
   is in flight the stub sees polls at the busy pace, and none at the idle pace after
   (``RMA_AGENT_UPSTREAM_POLL_S=0.2,30``: counts of polls, no clock);
+- ``ol``: the same stub as an Ollama upstream: once it answered a request 503 (its queue
+  is full) the worker's ``RMA-Load`` says full;
 - ``cpp``: the emulated inference server (``agent.cli.demo_inference``) loading its model,
   as a llama.cpp upstream: 503 "loading model" on its health endpoint, so the service is
   not announced (the worker is not ready and says why); once the model is loaded it is.
@@ -64,11 +66,21 @@ class VllmStub:
     async def _other(self, _r: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def _ps(self, _r: web.Request) -> web.Response:        # Ollama's loaded models
+        return web.json_response({"models": [{"name": "gemma3", "model": "gemma3",
+                                               "size": 6591830464, "size_vram": 5333539264}]})
+
+    async def _busy(self, _r: web.Request) -> web.Response:      # Ollama's full queue
+        return web.json_response({"error": "server busy, please try again.  maximum "
+                                           "pending requests exceeded"}, status=503)
+
     def start(self) -> VllmStub:
         async def serve() -> str:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics)
             app.router.add_get("/v1/hold", self._hold)
+            app.router.add_get("/api/ps", self._ps)
+            app.router.add_post("/api/generate", self._busy)
             app.router.add_route("*", "/{p:.*}", self._other)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
@@ -113,9 +125,10 @@ def test_servers_own_load_and_readiness(tmp_path: Path, monkeypatch: pytest.Monk
             c1 = cl.coordinator("c1")
             cl.start(c1)
             cl.wait_ready(c1)
-            w = cl.worker("w", [c1.dht_addr], services=["llm", "cpp"], extra={
+            w = cl.worker("w", [c1.dht_addr], services=["llm", "cpp", "ol"], extra={
                 "gateway": {"upstreams": {"llm": {"url": vl.url, "kind": "vllm"},
-                                          "cpp": {"url": cpp_url, "kind": "llamacpp"}}}})
+                                          "cpp": {"url": cpp_url, "kind": "llamacpp"},
+                                          "ol": {"url": vl.url, "kind": "ollama"}}}})
             cl.start(w)
             cl.wait_healthy(w)
             _loading_is_not_offered(c1, w)
@@ -127,6 +140,7 @@ def test_servers_own_load_and_readiness(tmp_path: Path, monkeypatch: pytest.Monk
             assert "upstream of cpp is back" in w.log_text()
             # idle again: the servers' load is read at the idle pace (30 s) only
             assert vl.polls <= polls_after + 1, (vl.polls, polls_after)
+            _ollama_full_queue(w)
     finally:
         farm.close()
         vl.stop()
@@ -176,3 +190,19 @@ def _polls_follow_the_requests(w: Node, vl: VllmStub) -> int:
         t.join(30)
     assert done and done[0][0] == 200
     return vl.polls
+
+
+def _ollama_full_queue(w: Node) -> None:
+    up = w.get("/api/dht/stats")[1]["gateway"]["upstreams"]["ol"]
+    assert up["kind"] == "ollama" and up["reading"] == {"models": 1} and not up["full"]
+    req = urllib.request.Request(w.gateway_url + "/ol/api/generate", data=b"{}",
+                                 method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("the stub answers 503")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503
+    # the gateway's next answers say full, whatever their service (one worker, one load)
+    load = parse_load(_get(w.gateway_url + "/llm/v1/models")[1].get("RMA-Load"))
+    assert load is not None and load.full, load
+    assert w.get("/api/dht/stats")[1]["gateway"]["upstreams"]["ol"]["full_seen"] == 1
