@@ -4,7 +4,10 @@ Why it is written this way:
 
 - **Streams, never buffers.** The request body is read from ``request.content`` chunk by
   chunk and handed to the upstream request as an async generator; the answer is copied
-  from the upstream's ``content`` into a ``web.StreamResponse`` as it arrives. Both sides
+  from the upstream's ``content`` into a ``web.StreamResponse`` as it arrives — its head
+  at once, then each chunk as it comes. Only a small answer that is *already all here*
+  (declared length <= ``SMALL_BODY``, body parsed with the head) is sent in one write: an
+  answer is never held back waiting for more of it, even one that announces its length. Both sides
   have flow control (aiohttp pauses reading a socket whose buffer is full, and ``write``
   waits for the peer to drain), so memory stays flat whatever the body size and a
   ``text/event-stream`` answer reaches the caller event by event.
@@ -244,8 +247,9 @@ async def proxy(request: web.Request, session: aiohttp.ClientSession, upstream: 
         async with session.request(request.method, url, headers=headers, data=data,
                                    allow_redirects=False, timeout=timeout) as resp:
             length = resp.content_length
-            if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-                # small declared answer: head and body in one write to the caller
+            if length is not None and length <= SMALL_BODY and request.method != "HEAD" \
+                    and resp.content.is_eof():
+                # small declared answer, all here: head and body in one write to the caller
                 payload = await resp.read()
                 out = web.Response(status=resp.status, reason=resp.reason,
                                    headers=end_to_end(resp.headers, UPSTREAM_ANSWER_DROP), body=payload)
@@ -297,10 +301,10 @@ async def _proxy_lean(request: web.Request, pool: Pool, gw: GatewaySection,
         headers = end_to_end(message.headers, UPSTREAM_ANSWER_DROP)
         length = message.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) <= SMALL_BODY \
-                and method != "HEAD":
-            # small declared answer: head and body in one write to the caller
-            # usually all there already, parsed with the head
-            data = payload.read_nowait() if payload.is_eof() else await payload.read()
+                and method != "HEAD" and payload.is_eof():
+            # small declared answer, all here (parsed with the head): head and body in one
+            # write to the caller
+            data = payload.read_nowait()
             pool.release(proto, message)
             proto = None
             out = web.Response(status=message.code, reason=message.reason, headers=headers,

@@ -1,7 +1,8 @@
 """Sending a worker's answer back to the router's caller, and the router's own errors.
 
-The answer streams as it arrives (no buffering beyond ``SMALL_ANSWER_BYTES``, no
-decompression). Whatever ends it early — the worker cut it short, the caller hung up,
+The answer streams as it arrives: its head at once, then each chunk as it comes (no
+buffering, no decompression; only a small answer already complete with its head is sent
+in one write). Whatever ends it early — the worker cut it short, the caller hung up,
 the handler was cancelled — the connection to the worker is *closed*, never returned to
 the pool half-read, so the worker sees its caller go and stops working for nobody.
 """
@@ -43,10 +44,12 @@ async def relay(request: web.Request, resp: aiohttp.ClientResponse, wid: bytes,
     headers["RMA-Attempts"] = str(attempts)
     outcome = "ok" if resp.status < 500 else "upstream_error"
     length = resp.content_length
-    if length is None or length > SMALL_ANSWER_BYTES or request.method == "HEAD":
+    if length is None or length > SMALL_ANSWER_BYTES or request.method == "HEAD" \
+            or not resp.content.is_eof():
         return await _stream(request, resp, wid, headers, outcome)
-    # a small answer of known length: one read and one write (the common case; memory is
-    # bounded by SMALL_ANSWER_BYTES per request)
+    # a small answer of known length, all here already: one read and one write (the
+    # common case; memory is bounded by SMALL_ANSWER_BYTES per request). One still
+    # arriving streams: an answer is never held back waiting for more of it.
     try:
         body = await resp.content.readexactly(length)
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:

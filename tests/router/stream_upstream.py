@@ -7,7 +7,9 @@ so a test can steer one stream and observe it without sleeping:
 * ``GET /sse?id=&n=N`` (``text/event-stream``) and ``GET /ndjson?id=&n=N``
   (``application/x-ndjson``) — writes part ``i``, then waits until the test
   :meth:`StreamUpstream.ack`\\ s it before writing part ``i + 1``: a part that is held
-  anywhere on the way makes the test time out instead of passing;
+  anywhere on the way makes the test time out instead of passing; with ``&head_first=1``
+  part 0 waits for the ack of the head (part -1), with ``&declared=1`` the answer has a
+  ``Content-Length`` (a stream of announced length: still relayed as it comes);
 * ``GET /gaps?id=&n=N&gap=S`` — N events, S seconds of silence between two (the pause is
   the behaviour under test: a stream that keeps sending);
 * ``GET /silent?id=`` — one event, then silence until the caller goes;
@@ -48,7 +50,7 @@ class Call:
     """What the upstream knows of the requests carrying one ``id``."""
 
     hits: int = 0
-    acked: int = -1                 # the highest part the test has acknowledged
+    acked: int = -2                 # the highest part the test acknowledged (-1: the head)
     sent: list[float] = field(default_factory=list)
     first: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -166,13 +168,16 @@ class StreamUpstream:
     async def _acked_stream(self, request: web.Request, call: Call, ctype: str,
                             render: Callable[[int], bytes]) -> web.StreamResponse:
         n = int(request.query.get("n", "5"))
-        resp = await self._open(request, ctype)
+        resp = web.StreamResponse(headers={"Content-Type": ctype, "Cache-Control": "no-cache"})
+        if request.query.get("declared") == "1":          # a stream of announced length
+            resp.content_length = sum(len(render(i)) for i in range(n))
+        await resp.prepare(request)
         for i in range(n):
+            if i or request.query.get("head_first") == "1":
+                async with call.changed:        # part i waits for the ack of part i - 1
+                    await asyncio.wait_for(call.changed.wait_for(      # (-1: the head)
+                        lambda part=i - 1: call.acked >= part), 30)
             await self._part(resp, call, render(i))
-            if i < n - 1:
-                async with call.changed:
-                    await asyncio.wait_for(call.changed.wait_for(
-                        lambda part=i: call.acked >= part), 30)
         await resp.write_eof()
         return resp
 

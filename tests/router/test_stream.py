@@ -102,19 +102,35 @@ async def idle_everywhere(net: Net) -> None:
 
 
 # ---------------------------------------------------------------------------- tests
+def _sse(i: int) -> bytes:
+    return f"id: {i}\ndata: token {i}\n\n".encode()
+
+
+def _ndjson(i: int) -> bytes:
+    return (json.dumps({"token": i}) + "\n").encode()
+
+
 @pytest.mark.parametrize(("path", "ctype", "render"), [
-    ("/sse", "text/event-stream", lambda i: f"id: {i}\ndata: token {i}\n\n".encode()),
-    ("/ndjson", "application/x-ndjson", lambda i: (json.dumps({"token": i}) + "\n").encode()),
+    ("/sse?head_first=1", "text/event-stream", _sse),
+    ("/ndjson?head_first=1", "application/x-ndjson", _ndjson),
+    ("/ndjson?declared=1", "application/x-ndjson", _ndjson),
 ])
 async def test_stream_arrives_part_by_part_through_router_and_gateway(
         net: Net, path: str, ctype: str, render: Any) -> None:
+    """The head first (before the upstream writes anything else), then each part before
+    the upstream writes the next — also for a stream that announces its length."""
     cid, n = new_id("parts"), 6
+    declared = "declared=1" in path
     async with aiohttp.ClientSession(auto_decompress=False) as s, \
-            s.get(net.route(f"{path}?id={cid}&n={n}")) as r:
+            s.get(net.route(f"{path}&id={cid}&n={n}")) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith(ctype)
         assert "RMA-Worker" in r.headers and r.headers["RMA-Attempts"] == "1"
-        assert "Content-Length" not in r.headers and "Content-Encoding" not in r.headers
+        assert "Content-Encoding" not in r.headers
+        assert ("Content-Length" in r.headers) == declared
         call = net.up.calls[cid]
+        if not declared:
+            assert call.sent == []               # the head came through on its own
+            net.up.ack(cid, -1)
         for i in range(n):
             part = render(i)
             assert await read_part(r, len(part)) == part
