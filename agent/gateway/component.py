@@ -41,6 +41,7 @@ from prometheus_client import Counter, Gauge
 from agent.component import Component, cancel_task
 from agent.gateway import health as health_mod
 from agent.gateway import upstream_load as ul
+from agent.gateway.kinds import Reading
 from agent.gateway.proxy import error, new_session, proxy
 from agent.gateway.upstream import Origin, Pool
 from agent.http.load_header import HEADER as LOAD_HEADER
@@ -89,6 +90,7 @@ class GatewayComponent(Component):
         self._burst = asyncio.Event()       # set when a request arrives at an idle gateway
         self._last_poll = -1e9
         self._intervals = poll_intervals()
+        self._merged: tuple[tuple[Any, ...], Load] | None = None    # load() memo
         self._session: aiohttp.ClientSession | None = None
         self._pools: dict[str, Pool | None] = {}    # upstream URL -> lean pool (http only)
         self._hsession: aiohttp.ClientSession | None = None
@@ -161,13 +163,26 @@ class GatewayComponent(Component):
             return Load(self.inflight, 0, cap)
         now = time.monotonic()
         interval = self._interval()
-        readings = [r for w in self.watches.values()
-                    if (r := w.fresh(now, interval)) is not None]
-        full = any(w.full(now) for w in self.watches.values())
+        readings: list[Reading] = []
+        key: list[Any] = [self.inflight, cap]
+        full = False
+        for w in self.watches.values():
+            r = w.fresh(now, interval)
+            if r is not None:
+                readings.append(r)
+                key.append(w.at)            # a new reading, a new time
+            full = full or w.full(now)
         if not readings and not full:
             return Load(self.inflight, 0, cap)
-        return ul.merge_load(self.inflight, cap, readings, full=full,
-                             upstreams=len(self.agent.config.gateway.upstreams))
+        # every answer asks; the readings change once a poll: merge once per change
+        key.append(full)
+        k = tuple(key)
+        memo = self._merged
+        if memo is None or memo[0] != k:
+            memo = self._merged = (k, ul.merge_load(
+                self.inflight, cap, readings, full=full,
+                upstreams=len(self.agent.config.gateway.upstreams)))
+        return memo[1]
 
     async def _stamp_load(self, request: web.Request, response: web.StreamResponse) -> None:
         """``on_response_prepare``: every answer of this gateway — proxied, its own
