@@ -14,6 +14,7 @@ well under a minute on an idle 2-core machine.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ ARGS: dict[str, list[str]] = {
               "--kademlia-timeout", "0.3", "--churn-concurrency", "4", "--json"],
     "route": ["--seconds", "0.3", "--requests", "100", "--concurrency", "4",
               "--stream-mb", "4", "--json"],
+    "stream": ["--requests", "20", "--hangups", "2", "--json"],
     "balance": ["--quick", "--json"],
 }
 
@@ -172,3 +174,16 @@ def test_balance_runs_every_policy_on_the_same_arrivals(runs: dict[str, Any]) ->
     assert res["capacity"] > 0
     assert any(t.startswith("target 0.8: router p99 <= 1.3x oracle") for t in res["targets"])
     assert "p99/orc" in r.stderr
+
+
+def test_stream_measures_every_path_and_every_hang_up_arrives(runs: dict[str, Any]) -> None:
+    r = ran(runs, "stream")
+    res = json.loads(r.stdout)
+    for name, want in (("first_token_with_head", 20), ("first_token_after_head", 20),
+                       ("hang_up_mid_stream", 2), ("hang_up_before_first_byte", 2)):
+        assert set(res[name]) == {"a", "b", "c"}, (name, res[name])
+        for key, row in res[name].items():
+            assert row["samples"] == want and 0 < row["p50_ms"] <= row["max_ms"], (name, key)
+            # a hang-up that never reached the token server is infinite
+            assert math.isfinite(row["max_ms"]), (name, key, row)
+    assert "first token added by router + gateway" in r.stderr
