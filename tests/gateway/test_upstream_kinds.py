@@ -102,6 +102,8 @@ def test_health_verdicts_on_the_servers_answers() -> None:
     hostile = b'{"error": {"message": "\x1b[31mred\\u0000' + b"x" * 5000 + b'"}}'
     why = health_verdict(503, hostile)
     assert why.startswith("HTTP 503") and len(why) < 140 and "\x1b" not in why
+    assert health_verdict(503, b"[" * 4096) == "HTTP 503: " + "[" * 120   # too deep: its text
+    assert health_verdict(500, b"\xff\xfe{") == "HTTP 500: \ufffd\ufffd{"
 
 
 def test_source_urls() -> None:
