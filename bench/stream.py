@@ -16,6 +16,9 @@ worker's gateway, (c) the caller's router and then the gateway.
   with the answer's head (what a relay adds to a new answer), and written
   ``--token-delay-ms`` after the head (what it adds to a chunk of an answer under way:
   the prefill of an LLM). The figure is (c) - (a) at p50; the target is <= 2 ms.
+* **Chunks of a stream under way** — ``GET /ticks``: an event every ``--token-delay-ms``,
+  each stamped with the server's ``CLOCK_MONOTONIC`` when written; the client notes how
+  long each took to arrive (every hop forwards a chunk as soon as it has it).
 * **Hang-up** — the caller reads the head and first event of ``GET /hang`` (mid-stream)
   or sends ``GET /hold`` and waits until the server has it (before the first byte), then
   closes its socket (FIN, as a client that goes away does). The token server notes when
@@ -101,11 +104,22 @@ def serve_upstream(port: int) -> None:
             await asyncio.wait_for(event.wait(), 10)
         return web.json_response({"ok": event.is_set(), "gone_at": gone.get(key)})
 
+    async def ticks(r: web.Request) -> web.StreamResponse:
+        n, gap = int(r.query.get("n", "50")), float(r.query.get("gap", "0.01"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(r)
+        for _ in range(n):
+            await asyncio.sleep(gap)
+            await resp.write(f"data: {time.monotonic():.9f}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
     async def ok(_r: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     app = web.Application()
     app.router.add_get("/tok", tok)
+    app.router.add_get("/ticks", ticks)
     app.router.add_get("/hang", hang)
     app.router.add_get("/hold", hold)
     app.router.add_get("/wait", wait)
@@ -195,6 +209,25 @@ async def first_tokens(ports: dict[str, tuple[int, str]], n: int,
     return out
 
 
+async def chunk_delays(ports: dict[str, tuple[int, str]], n: int,
+                       gap_s: float) -> dict[str, list[float]]:
+    """Per path, how long each chunk of a stream under way took from the token server's
+    write (its ``CLOCK_MONOTONIC`` stamp in the event) to this client (ms); the paths'
+    streams run one after the other, the first 5 chunks of each left out (warm-up)."""
+    out: dict[str, list[float]] = {}
+    for k, (port, prefix) in ports.items():
+        s = await Stream(port).open()
+        s.send(f"{prefix}/ticks?n={n + 5}&gap={gap_s}")
+        if await s.head() != 200:
+            raise RuntimeError(f"{prefix}/ticks failed")
+        delays = []
+        while chunk := await s.chunk():
+            delays.append(1000 * (time.monotonic() - float(chunk[6:].strip())))
+        s.hang_up()
+        out[k] = delays[5:]
+    return out
+
+
 async def hang_up(up: int, port: int, prefix: str, key: str, mid_stream: bool) -> float:
     """Seconds from the caller's close to the token server's cancelled handler."""
     s = await Stream(port).open()
@@ -277,6 +310,8 @@ def main() -> int:
                 await first_tokens(ports, args.requests, 0.0))
             results["first_token_after_head"] = summary(
                 await first_tokens(ports, args.requests, args.token_delay_ms / 1000))
+            results["chunk_mid_stream"] = summary(
+                await chunk_delays(ports, args.requests // 4, args.token_delay_ms / 1000))
             results["hang_up_mid_stream"] = summary(
                 await hang_ups(up, ports, args.hangups, True))
             results["hang_up_before_first_byte"] = summary(
@@ -310,6 +345,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     for name, label in (("first_token_with_head", "first token, with head p50"),
                         ("first_token_after_head",
                          f"first token, +{args.token_delay_ms:g} ms p50"),
+                        ("chunk_mid_stream", "chunk of a stream p50"),
                         ("hang_up_mid_stream", "hang-up mid-stream p50"),
                         ("hang_up_before_first_byte", "hang-up before head p50")):
         row = results[name]

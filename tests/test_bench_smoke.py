@@ -180,7 +180,8 @@ def test_stream_measures_every_path_and_every_hang_up_arrives(runs: dict[str, An
     r = ran(runs, "stream")
     res = json.loads(r.stdout)
     for name, want in (("first_token_with_head", 20), ("first_token_after_head", 20),
-                       ("hang_up_mid_stream", 2), ("hang_up_before_first_byte", 2)):
+                       ("chunk_mid_stream", 5), ("hang_up_mid_stream", 2),
+                       ("hang_up_before_first_byte", 2)):
         assert set(res[name]) == {"a", "b", "c"}, (name, res[name])
         for key, row in res[name].items():
             assert row["samples"] == want and 0 < row["p50_ms"] <= row["max_ms"], (name, key)
