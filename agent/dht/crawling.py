@@ -5,11 +5,20 @@ full RPC timeout), keeps candidates in an O(n²) ``NodeHeap``, and its value cra
 the first node holding a value. ``Crawl`` here is event-driven:
 
 * up to ``alpha`` requests are active; whenever one completes the next closest
-  unqueried candidate is asked at once. A request slower than three recent RTTs
-  (``_hedge_delay``, 3-100 ms) is *hedged*: it stops counting against
-  ``alpha`` and stops holding the ``width`` window, so the next candidate is asked, while a
-  late answer is still used. A dead peer therefore costs a lookup about one hedge delay
-  (milliseconds on a LAN), not an RPC timeout (5 s in plain kademlia);
+  unqueried candidate is asked at once (never waiting for the slowest of a "round"). A
+  request slower than its peer's hedge delay (``hedge_delay``: three recent RTTs of the
+  node, 3-100 ms, or one and a half times that peer's own smoothed RTT when it is far,
+  never beyond its RTO) is *hedged*: it stops counting against ``alpha`` and stops holding
+  the ``width`` window, so the next candidate is asked, while a late answer is still used.
+  A dead peer therefore costs a lookup about one hedge delay, not an RPC timeout (5 s in
+  plain kademlia), and a peer 300 ms away is not hedged before it could have answered;
+* **proximity neighbour selection**: among the candidates that may be asked next, those
+  equally close to the target in Kademlia's sense (same XOR log-distance: the same bucket
+  seen from the target) are asked lowest measured RTT first (``expected_rtt``), so each
+  hop is short; the exact-distance order still decides when the lookup is done;
+* **warm start** (``warm``): nodes that answered the last lookup of this key are asked at
+  once, all together, before anything else; when they are still the closest and agree,
+  the lookup ends after that one round trip, otherwise it goes on as a crawl;
 * candidates are ordered by exact XOR distance (Python ints, sorted insertion);
 * once ``alpha`` answers in a row brought no new candidate into the closest ``width``,
   the remaining closest candidates are all asked at once (the paper's final round);
@@ -88,8 +97,42 @@ class Crawl:
         self._prefix_n: dict[Any, int] = {}
         self._crowded = False
         self.diversity_skipped: set[bytes] = set()
-        for n in peers:
+        self._first: list[bytes] = []
+        self.warmed = 0                 # nodes asked first by ``warm``
+        self._launched: dict[bytes, float] = {}
+        self._outstanding = 0
+        # a contact with an unanswered failure stays in routing tables for seconds (see
+        # liveness: removal needs several losses spread over time): do not start there,
+        # unless nobody else is known
+        live = [n for n in peers if not protocol.is_suspect(n.id)]
+        for n in live or peers:
             self._add(n)
+
+    def warm(self, nodes: list[Node], quorum: int | None = None) -> None:
+        """Warm start from ``nodes`` (those that answered this key's last lookup, closest
+        first): all become candidates, and the ``quorum`` (default ``alpha``) of them
+        with the lowest expected RTT are asked at once. The lookup ends as soon as those
+        have all answered and agree (``_settled``: one round trip to the farthest of the
+        nearest few storing nodes), else it goes on as a crawl, whose end condition is
+        unchanged."""
+        for n in nodes:
+            self._add(n)
+        fresh = [n.id for n in nodes if self.state.get(n.id) == NEW]
+        expected = self.protocol.expected_rtt
+
+        def rtt(nid: bytes) -> float:
+            node = self.nodes[nid]
+            e = expected((node.ip, node.port))
+            return float("inf") if e is None else e
+
+        # stable sort: the closest first among equally near
+        self._first = sorted(fresh, key=rtt)[:quorum or self.alpha]
+        self.warmed = len(self._first)
+
+    def _settled(self) -> bool:
+        """The warm-start nodes all answered and their answers agree (subclasses say
+        what agreeing means): the lookup needs nobody else."""
+        return False
 
     def _add(self, node: Node) -> None:
         nid = node.id
@@ -134,14 +177,45 @@ class Crawl:
         done.put_nowait((node, result))
 
     def _hedge_delay(self) -> float:
-        """How long to wait on a peer before also asking the next candidate: three times
-        the node's fast-moving RTT average (gain 1/2), within [3 ms, 100 ms]. Evaluated
-        again at every event, so once a burst of load is over, a request already in
-        flight is hedged on the new, shorter delay."""
+        """The node-wide part of the hedge delay: three times the node's fast-moving RTT
+        average (gain 1/2), within [3 ms, 100 ms]. Evaluated again at every event, so
+        once a burst of load is over, a request already in flight is hedged on the new,
+        shorter delay."""
         fast = self.protocol.fast_rtt
         if fast is None:
             return HEDGE_MAX
         return min(HEDGE_MAX, max(HEDGE_MIN, 3 * fast))
+
+    def hedge_delay(self, node: Node, base: float) -> float:
+        """How long to wait on ``node`` before also asking the next candidate: ``base``
+        (``_hedge_delay``), or 1.5 x this peer's own smoothed RTT when that is longer (a
+        peer known to be far on a WAN is not slow: the nodes of a warm start all are),
+        but never beyond its RTO. A peer never measured gets ``base``: hedging early
+        there is what keeps a cold lookup short on a WAN (measured: 1.5 x the node's
+        average RTT instead made cold lookups 40 % and joins 3x slower)."""
+        addr = (node.ip, node.port)
+        srtt = self.protocol.peer_srtt(addr)
+        if srtt is None or 1.5 * srtt <= base:
+            return base
+        return min(1.5 * srtt, max(base, self.protocol.rto(addr)))
+
+    def _pick(self, ready: list[bytes], n: int) -> list[bytes]:
+        """Up to ``n`` of ``ready`` (askable candidates, closest first) to ask now:
+        closest log-distance class first, lowest expected RTT first within a class
+        (proximity neighbour selection; unknown peers rank as the node's average)."""
+        if len(ready) <= n:
+            return ready
+        expected = self.protocol.expected_rtt
+        nodes = self.nodes
+        tlong = self.tlong
+
+        def rank(item: tuple[int, bytes]) -> tuple[int, float, int]:
+            i, nid = item
+            node = nodes[nid]
+            rtt = expected((node.ip, node.port))
+            return ((node.long_id ^ tlong).bit_length(), 0.0 if rtt is None else rtt, i)
+
+        return [nid for _i, nid in sorted(enumerate(ready), key=rank)[:n]]
 
     def _finish(self, node: Node, result: tuple[bool, Any]) -> None:
         ok, data = result
@@ -156,75 +230,106 @@ class Crawl:
             self.state[node.id] = FAILED
             self.failed += 1
 
+    def _scan(self, parallel: int) -> tuple[int, int, list[bytes]]:
+        """One pass over the closest ``width`` candidates (diversity window applied):
+        how many answered, how many hedged requests are still out among them, and the
+        unqueried ones that may be asked."""
+        state = self.state
+        seen = answered = pending_closer = 0
+        window = _Window(self) if self._crowded else None
+        ready: list[bytes] = []
+        for _dist, nid in self.order:
+            st = state[nid]
+            if st == HEDGED:
+                pending_closer += 1
+                continue
+            if st == FAILED:
+                continue
+            if window is not None and not window.admit(nid):
+                continue
+            seen += 1
+            if st == ANSWERED:
+                answered += 1
+            elif st == NEW:
+                ready.append(nid)
+            if seen >= self.width:
+                break
+        return answered, pending_closer, ready
+
+    def _launch(self, nid: bytes, now: float,
+                done: asyncio.Queue[tuple[Node | None, Any]]) -> None:
+        self.state[nid] = INFLIGHT
+        self._launched[nid] = now
+        self._outstanding += 1
+        self.queried += 1
+        task = asyncio.get_running_loop().create_task(self._query(self.nodes[nid], done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _hedge_due(self, now: float) -> dict[bytes, float]:
+        """Hedge the active requests that are due (at most ``width`` hedged at a time:
+        enough to step past every dead peer among the closest, yet under overload, every
+        reply slow, hedging cannot multiply the traffic without bound); returns when each
+        remaining active request is due."""
+        base = self._hedge_delay()
+        due = {nid: t0 + self.hedge_delay(self.nodes[nid], base)
+               for nid, t0 in self._launched.items()}
+        for nid in [n for n, t in due.items() if now >= t]:
+            if self._outstanding - len(self._launched) >= self.width:
+                break
+            del self._launched[nid]
+            del due[nid]
+            self.state[nid] = HEDGED
+            self.hedged += 1
+        return due
+
     async def run(self) -> None:
-        """Keep ``alpha`` requests active; a request slower than the hedge delay stops
+        """Keep ``alpha`` requests active; a request slower than its hedge delay stops
         counting (the next candidate is asked) but its late answer is still used."""
         done: asyncio.Queue[tuple[Node | None, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        state = self.state
-        launched: dict[bytes, float] = {}  # active (sent, unfinished, not hedged) -> sent at
-        outstanding = 0                    # sent, unfinished (hedged ones included)
+        # active (sent, unfinished, not hedged) -> sent at; sent and unfinished (hedged
+        # ones included)
+        self._launched: dict[bytes, float] = {}
+        self._outstanding = 0
+        warm = bool(self._first)
+        for nid in self._first:            # warm start: all at once (see ``warm``)
+            if self.state.get(nid) == NEW:
+                self._launch(nid, loop.time(), done)
         tick: asyncio.TimerHandle | None = None
         try:
             while True:
+                if warm and self._settled():
+                    return
                 now = loop.time()
-                hedge = self._hedge_delay()
-                # at most width hedged requests at a time: enough to step past every
-                # dead peer among the closest, yet under overload (every reply slow)
-                # hedging cannot multiply the traffic without bound
-                for nid in [n for n, t0 in launched.items() if now - t0 >= hedge]:
-                    if outstanding - len(launched) >= self.width:
-                        break
-                    del launched[nid]
-                    state[nid] = HEDGED
-                    self.hedged += 1
+                due = self._hedge_due(now)
                 # converged (the last alpha answers brought nothing into the closest
                 # ``width``): ask all remaining closest candidates at once, as the
                 # Kademlia paper's final round does
                 parallel = self.width if self._stall >= self.alpha else self.alpha
-                seen = 0
-                answered = 0
-                window = _Window(self) if self._crowded else None
-                pending_closer = 0
-                for _dist, nid in self.order:
-                    st = state[nid]
-                    if st == HEDGED:
-                        pending_closer += 1
-                        continue
-                    if st == FAILED:
-                        continue
-                    if window is not None and not window.admit(nid):
-                        continue
-                    seen += 1
-                    if st == ANSWERED:
-                        answered += 1
-                    elif (st == NEW and len(launched) < parallel
-                          and self.queried < self.max_steps):
-                        state[nid] = INFLIGHT
-                        launched[nid] = now
-                        outstanding += 1
-                        self.queried += 1
-                        task = loop.create_task(self._query(self.nodes[nid], done))  # type: ignore[arg-type]
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
-                    if seen >= self.width:
-                        break
-                if outstanding == 0 or (answered >= self.width
-                                        and not (self.patient and pending_closer)):
+                answered, pending_closer, ready = self._scan(parallel)
+                room = min(parallel - len(self._launched), self.max_steps - self.queried)
+                if room > 0 and ready:
+                    picked = self._pick(ready, room)
+                    for nid in picked:
+                        self._launch(nid, now, done)
+                    if picked:
+                        due = self._hedge_due(now)
+                if self._outstanding == 0 or (answered >= self.width
+                                              and not (self.patient and pending_closer)):
                     return
                 if tick is not None:
                     tick.cancel()
                     tick = None
-                if launched and outstanding - len(launched) < self.width:
-                    # wake up when the oldest active request is due for hedging (not
+                if due and self._outstanding - len(self._launched) < self.width:
+                    # wake up when the first active request is due for hedging (not
                     # while hedging is capped: a completion is what we wait for then)
-                    tick = loop.call_at(min(launched.values()) + hedge, done.put_nowait,
-                                        (None, None))
+                    tick = loop.call_at(min(due.values()), done.put_nowait, (None, None))
                 node, result = await done.get()
                 while True:
                     if node is not None:
-                        outstanding -= 1
-                        launched.pop(node.id, None)
+                        self._outstanding -= 1
+                        self._launched.pop(node.id, None)
                         self._improved = False
                         self._finish(node, result)
                         if result[0]:

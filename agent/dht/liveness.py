@@ -14,10 +14,19 @@ newcomer is handed.
   is checked by ``ping`` as before and admitted as a *legacy* contact (counted in
   ``legacy_contacts``), unless ``require_keyed_ids`` (``RMA_AGENT_DHT_NODE_IDS=strict``)
   refuses it: old and new agents interoperate until every node is upgraded.
-* **Dead contacts leave fast**: a routing contact that misses a reply is pinged at once;
-  after ``dead_after`` consecutive misses (default 2, i.e. about half a second) it is
-  removed from the routing table. Crawls skip peers that failed recently
-  (``is_suspect``), and any late reply clears a peer's failures.
+* **Dead contacts leave, live ones stay.** A contact is removed from the routing table
+  only after ``dead_after`` (3) requests in a row were lost (each already retransmitted
+  once by ``rpc``) *and* the first and last of them are at least ``dead_span`` (5 s)
+  apart, with no answer in between. One lost datagram never removes anyone (on the links
+  volunteers have, 0.5-5 % of datagrams are lost, in bursts): a routing contact that
+  missed a reply is probed (pinged) at once, and once it has missed ``dead_after`` the
+  last probe waits until the span is over, so a burst of loss shorter than the span
+  cannot take a live contact out. Crawls skip a peer with an unanswered failure
+  (``is_suspect``) meanwhile, so lookups do not wait for the rule; any answer, also a
+  late one, clears the failures. ``removed_contacts`` counts removals; ``false_deaths``
+  counts removed contacts that answered again within ``FALSE_DEATH_WINDOW`` (revived or
+  heard from): an upper bound on live contacts removed (a peer that restarted quickly
+  counts too).
 * **No re-store storm.** ``welcome_if_new`` adds the contact and hands over only the keys
   for which the newcomer is now among the k closest *and* this node was the closest
   holder, at most ``HANDOFF_KEYS`` keys per newcomer, once per newcomer per minute, under
@@ -45,6 +54,7 @@ gate's anti-amplification budget) and ``serving`` (server mode: hand records ove
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter, OrderedDict
@@ -73,6 +83,9 @@ MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 DEFER_TTL = 60.0                    # a pinging newcomer's handoff waits this long for
                                     # its first request (its join lookup follows at once)
 MAX_DEFERRED = 1024
+DEAD_AFTER = 3                      # lost requests in a row before a contact is removed ...
+DEAD_SPAN = 5.0                     # ... the first and last at least this far apart (s)
+FALSE_DEATH_WINDOW = 600.0          # a removed contact heard from within this: false death
 
 
 Address = tuple[str, int]
@@ -90,8 +103,9 @@ class ContactLiveness:
                  probe_budget: Callable[[Address, int], bool] = lambda a, n: True,
                  limiter: TokenBucket | None = None,
                  on_revived: Callable[[Node], None] | None = None,
-                 dead_after: int = 2, handoff_rate: float = 20.0,
-                 require_keyed_ids: bool = False) -> None:
+                 dead_after: int = DEAD_AFTER, dead_span: float = DEAD_SPAN,
+                 handoff_rate: float = 20.0, require_keyed_ids: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.router = router
         self.storage = storage
         self.source_node = source_node
@@ -103,10 +117,14 @@ class ContactLiveness:
         self.drops = drops
         self._probe_budget = probe_budget
         self.on_revived = on_revived
-        self.dead_after = dead_after
+        self.dead_after = max(1, dead_after)
+        self.dead_span = max(0.0, dead_span)
+        self._clock = clock
         self.require_keyed_ids = require_keyed_ids
         self.legacy_contacts = 0
-        self._fails: dict[bytes, tuple[int, float]] = {}
+        # node id -> (lost requests in a row, first loss at, last loss at)
+        self._fails: dict[bytes, tuple[int, float, float]] = {}
+        self._probing: set[bytes] = set()      # a liveness probe is pending or in flight
         self._fail_addr: dict[Address, bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         # rate per second, burst HANDOFF_RECORDS: one newcomer gets its records at once;
@@ -119,6 +137,7 @@ class ContactLiveness:
         # id -> (address, when): joined by pinging us, handoff at its first request
         self._deferred: OrderedDict[bytes, tuple[Address, float]] = OrderedDict()
         self.removed_contacts = 0
+        self.false_deaths = 0
         self.handoffs = 0
         # node id -> [node, next probe at, back-off, buried at] (monotonic clock)
         self._graveyard: OrderedDict[bytes, list[Any]] = OrderedDict()
@@ -251,7 +270,7 @@ class ContactLiveness:
             return
         self.router.add_contact(node)
         if self._graveyard:
-            self._graveyard.pop(node.id, None)
+            self._unbury(node.id)
         if handoff:
             self._consider_handoff(node)
 
@@ -301,27 +320,11 @@ class ContactLiveness:
             self._handoff_inflight -= 1
 
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
-        """Count the outcome for ``node``; remove it after ``dead_after`` straight timeouts."""
+        """Count the outcome for ``node``; remove it by the rule (see module)."""
         if not result[0] and result[1] == QUEUE_FULL:
             return result  # our own backlog, not the peer's fault
         if not result[0]:
-            fails = self._fails.get(node.id, (0, 0.0))[0] + 1
-            self._fails[node.id] = (fails, time.monotonic())
-            self._fail_addr[(node.ip, node.port)] = node.id
-            if len(self._fails) > 8192:
-                self._prune_fails()
-            if fails >= self.dead_after:
-                try:
-                    self.router.remove_contact(node)
-                    self.removed_contacts += 1
-                except Exception:  # a contact not in the table
-                    pass
-                self._bury(node)
-            elif not self.router.is_new_node(node) and self.limiter.take():
-                # a routing contact missed a reply: ping it now rather than wait for the
-                # next lookup to stumble on it (crawls skip suspects, so that may never
-                # come) — a dead contact leaves after ``dead_after`` misses in a row
-                self._spawn(self.ping(node))
+            self._failed(node)
             return result
         if self._fails:
             self._fails.pop(node.id, None)
@@ -331,9 +334,54 @@ class ContactLiveness:
         self.welcome_sender((node.ip, node.port), node.id, handoff=False)
         return result
 
+    def _failed(self, node: Node) -> None:
+        """A request to ``node`` was lost (after its retransmission)."""
+        now = self._clock()
+        count, first, _last = self._fails.get(node.id, (0, now, now))
+        count += 1
+        self._fails[node.id] = (count, first, now)
+        self._fail_addr[(node.ip, node.port)] = node.id
+        if len(self._fails) > 8192:
+            self._prune_fails()
+        if count >= self.dead_after and now - first >= self.dead_span:
+            self.declare_dead(node)
+            return
+        if node.id in self._probing or self.router.is_new_node(node):
+            return                          # a probe is out already; not a contact
+        # a routing contact missed a reply: probe it rather than wait for the next lookup
+        # to stumble on it (crawls skip suspects, so that may never come); once it missed
+        # ``dead_after``, the last probe waits for the end of the span
+        delay = 0.0 if count < self.dead_after else first + self.dead_span - now
+        if self.limiter.take():
+            self._probing.add(node.id)
+            self._spawn(self._probe(node, delay))
+
+    async def _probe(self, node: Node, delay: float) -> None:
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if node.id not in self._fails:
+                return                      # it answered something meanwhile
+            result = await self._call((node.ip, node.port), "ping", self._my_id())
+        finally:
+            self._probing.discard(node.id)
+        self.handle_call_response(result, node)
+
+    def declare_dead(self, node: Node) -> None:
+        """Remove ``node`` from the routing table and remember it for revival (what the
+        rule does; a test or harness may apply it at once for a known-dead peer)."""
+        live = node in self.router
+        try:
+            self.router.remove_contact(node)    # also from its bucket's replacement cache
+        except Exception:  # a contact not in the table
+            pass
+        if live:
+            self.removed_contacts += 1
+        self._bury(node)
+
     def _prune_fails(self) -> None:
-        cutoff = time.monotonic() - SUSPECT_TTL
-        self._fails = {k: v for k, v in self._fails.items() if v[1] >= cutoff}
+        cutoff = self._clock() - SUSPECT_TTL
+        self._fails = {k: v for k, v in self._fails.items() if v[2] >= cutoff}
         self._fail_addr = {a: i for a, i in self._fail_addr.items() if i in self._fails}
 
     def alive(self, address: Address) -> None:
@@ -346,7 +394,7 @@ class ContactLiveness:
     def is_suspect(self, node_id: bytes) -> bool:
         """Failed recently without answering since: crawls skip such peers."""
         f = self._fails.get(node_id)
-        return f is not None and time.monotonic() - f[1] < SUSPECT_TTL
+        return f is not None and self._clock() - f[2] < SUSPECT_TTL
 
     def _bury(self, node: Node) -> None:
         """Remember a removed contact for revival pings (see module docstring)."""
@@ -356,6 +404,13 @@ class ContactLiveness:
         self._graveyard[node.id] = [node, now + REVIVE_MIN, REVIVE_MIN, now]
         while len(self._graveyard) > GRAVEYARD:
             self._graveyard.popitem(last=False)
+
+    def _unbury(self, node_id: bytes) -> None:
+        """A removed contact proved alive again: out of the graveyard, and a false death
+        if it was removed less than ``FALSE_DEATH_WINDOW`` ago."""
+        entry = self._graveyard.pop(node_id, None)
+        if entry is not None and time.monotonic() - entry[3] < FALSE_DEATH_WINDOW:
+            self.false_deaths += 1
 
     def revive(self) -> int:
         """Ping up to ``REVIVE_PER_TICK`` removed contacts that are due; returns how many
@@ -388,7 +443,7 @@ class ContactLiveness:
             self._reviving.discard(node.id)
         if not (ok and res == node.id):
             return
-        self._graveyard.pop(node.id, None)
+        self._unbury(node.id)
         self._fails.pop(node.id, None)
         self.revived += 1
         # no handoff: a revived contact is an old member (after a heal, all of the other
@@ -411,6 +466,7 @@ class ContactLiveness:
             del self._welcomed[k]
 
     def stats(self) -> dict[str, Any]:
-        return {"removed_contacts": self.removed_contacts, "handoffs": self.handoffs,
+        return {"removed_contacts": self.removed_contacts, "false_deaths": self.false_deaths,
+                "handoffs": self.handoffs,
                 "graveyard": len(self._graveyard), "revived": self.revived,
                 "legacy_contacts": self.legacy_contacts}

@@ -122,6 +122,18 @@ class DHTCollector:
             for name, n in sorted(_as_dict(rpc.get(key)).items()):
                 fam.add_metric([str(name)], _num(n))
             yield fam
+        # links with loss and delay (agent/dht/rtt.py, rpc.py, liveness.py)
+        for key, name, help_text in (
+                ("retransmissions", "rpc_retransmissions",
+                 "RPC requests sent again after their timeout (same request id)"),
+                ("lost_requests", "rpc_lost",
+                 "RPC requests unanswered after every retransmission"),
+                ("removed_contacts", "contacts_removed",
+                 "Contacts removed from the routing table by the failure rule"),
+                ("false_deaths", "contacts_false_deaths",
+                 "Removed contacts that answered again within the false-death window")):
+            yield CounterMetricFamily(f"rma_agent_dht_{name}", help_text,
+                                      value=_num(stats.get(key)))
         c = d.counters
         yield CounterMetricFamily("rma_agent_dht_announces", "Announces made by this node",
                                   value=c.announces)

@@ -39,6 +39,8 @@ from agent.dht.call_queue import CallQueue
 from agent.dht.flood_gate import PING_BYTES, RequestGate
 from agent.dht.handlers import RpcHandlers
 from agent.dht.liveness import (
+    DEAD_AFTER,
+    DEAD_SPAN,
     HANDOFF_KEYS,
     HANDOFF_RECORDS,
     SUSPECT_TTL,
@@ -46,7 +48,8 @@ from agent.dht.liveness import (
     ContactLiveness,
 )
 from agent.dht.routing import RoutingTable  # exact, contiguous-buffer neighbour search
-from agent.dht.rpc import RpcEngine, RttEstimator
+from agent.dht.rpc import RpcEngine
+from agent.dht.rtt import RttEstimator
 from agent.dht.storage import ProviderStorage
 from agent.dht.wire import (
     HEADER,
@@ -79,7 +82,8 @@ class RMAProtocol:
 
     def __init__(self, source_node: Node, storage: ProviderStorage, ksize: int, *,
                  mode: str = "server", rto_min: float = 0.2, rto_max: float = 2.0,
-                 rto_initial: float = 0.5, dead_after: int = 2, max_skew: float = 30.0,
+                 rto_initial: float = 1.0, dead_after: int = DEAD_AFTER,
+                 dead_span: float = DEAD_SPAN, max_skew: float = 30.0,
                  handoff_rate: float = 20.0, reply_rate: float = 2_000_000.0,
                  max_inflight: int = 64, retransmits: int = 1,
                  on_revived: Callable[[Node], None] | None = None,
@@ -101,7 +105,7 @@ class RMAProtocol:
             self.router, storage, source_node, ksize, call=self.call, my_id=self.my_id,
             spawn=self.spawn, serving=self.serving, drops=self.drops,
             probe_budget=self.gate.budget_probe, limiter=limiter, on_revived=on_revived,
-            dead_after=dead_after, handoff_rate=handoff_rate,
+            dead_after=dead_after, dead_span=dead_span, handoff_rate=handoff_rate,
             require_keyed_ids=require_keyed_ids)
         self.handlers = RpcHandlers(
             router=self.router, storage=storage, source_node=source_node, ksize=ksize,
@@ -154,6 +158,18 @@ class RMAProtocol:
 
     def rto(self, address: Address | None = None) -> float:
         return self.engine.rto(address)
+
+    def peer_srtt(self, address: Address) -> float | None:
+        """``address``'s own smoothed RTT, None if never measured."""
+        return self.engine.peer_srtt(address)
+
+    def expected_rtt(self, address: Address) -> float | None:
+        """The round trip ``address`` is expected to take: its own smoothed RTT, else the
+        node's (a peer never measured), None before any sample (crawls: hedging and
+        proximity neighbour selection)."""
+        e = self.engine
+        srtt = e.peer_srtt(address)
+        return srtt if srtt is not None else e.srtt
 
     # ================================================================ calls
     async def call(self, address: Address, name: str, *args: Any,
@@ -225,9 +241,11 @@ class RMAProtocol:
             "rto_ms": round(e.rto() * 1000, 3),
             "outstanding": e.outstanding,
             "removed_contacts": live["removed_contacts"],
+            "false_deaths": live["false_deaths"],
             "late_responses": e.late_responses,
             "timeout_extensions": e.timeout_extensions,
             "retransmissions": e.retransmissions,
+            "lost_requests": e.lost,
             "queued_requests": e.queued,
             "handoffs": live["handoffs"],
             "diversity_refused": self.router.diversity_refused,

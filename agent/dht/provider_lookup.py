@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kademlia.node import Node
 
-from agent.dht.crawling import Crawl
+from agent.dht.crawling import ANSWERED, Crawl
 from agent.dht.protocol import MAX_NODES_IN_ANSWER, parse_nodes
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 
@@ -77,6 +77,7 @@ class ProviderLookup(Crawl):
         self.services_complete = True
         self.followups = 0
         self.list_calls = 0
+        self.settled = False        # a warm start's nodes answered and agreed
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
         # each queried node gets a different page of its non-best records (see storage)
@@ -223,6 +224,26 @@ class ProviderLookup(Crawl):
             self.followups += len(jobs)
             await asyncio.gather(*jobs)
 
+    def _settled(self) -> bool:
+        """Warm start (``Crawl.warm``): every node asked first answered, and they agree —
+        the same number of live records and, where sent, the same sketch (see
+        ``_read_all``). Their records are merged (verified one by one) like any answer's;
+        one that failed or differs sends the lookup on as a crawl."""
+        first = self._first
+        state = self.state
+        if not first or any(state[nid] != ANSWERED for nid in first):
+            return False
+        if len({self.totals.get(nid, -1) for nid in first}) != 1:
+            return False
+        sketches = {nid: sk for _t, _r, node, sk in self._holders
+                    for nid in (node.id,) if nid in first}
+        if sketches and (len(sketches) != len(first)
+                         or any(_sketch_of(sk) != _sketch_of(next(iter(sketches.values())))
+                                for sk in sketches.values())):
+            return False
+        self.settled = True
+        return True
+
     def _disagree(self) -> bool:
         """The closest answering nodes hold different numbers of live records."""
         ts = {self.totals.get(n.id, -1) for n in self.closest_answered(self.width)}
@@ -236,7 +257,7 @@ class ProviderLookup(Crawl):
         crawl widens by ``alpha`` up to ``max_width`` (k): the records held only further
         out are then merged too. A consistent key costs nothing extra."""
         await self.run()
-        while self._disagree() and self.width < self.max_width:
+        while not self.settled and self._disagree() and self.width < self.max_width:
             self.width = min(self.max_width, self.width + self.alpha)
             self.widened += 1
             self._stall = self.alpha  # ask the new closest candidates at once

@@ -5,17 +5,24 @@ replaces rpcudp's machinery (it keeps rpcudp's datagram format, see ``wire``):
 
 * **C msgpack both ways**: plain kademlia spends a quarter of its CPU in the pure-Python
   ``umsgpack``.
-* **Adaptive timeouts.** Each peer address has a Jacobson/Karels estimator
-  (RTO = SRTT + 4·RTTVAR, clamped to [``rto_min``, ``rto_max``]; an unknown peer gets the
-  node-wide estimate, or ``rto_initial`` before any sample); a timeout doubles that peer's
-  RTO (Karn); a reply that arrives after its timeout still feeds the estimators. A timer
-  that fires late because our own loop was busy is re-armed (up to 3 times) instead of
-  blaming the peer, and every timeout waits one more loop turn so a reply already in the
-  socket buffer is read first. A missed reply is counted, never logged at ERROR.
-  Defaults: floor 200 ms, ceiling 2 s, initial 500 ms. The floor is well above a LAN RTT
-  on purpose: lookups do not wait for timeouts (crawls hedge after a few RTTs, see
-  ``crawling``), so the RTO only decides when a peer is *declared* unresponsive, and a
-  busy process (GC pause, a burst of announces) must not evict live contacts. At most
+* **Adaptive timeouts** (``rtt.RttEstimator``, RFC 6298). Each peer address has its own
+  SRTT/RTTVAR (RTO = SRTT + max(G, 4·RTTVAR), clamped to [``rto_min``, ``rto_max``]); an
+  unknown peer gets the node-wide estimate, or ``rto_initial`` (1 s, RFC 6298) before any
+  sample. A request with the adaptive timer is sent again once after its RTO, with the
+  *same* request id (requests are idempotent, so kademlia's framing is unchanged and a
+  reply to either copy completes it), and the second timer is twice the first (back-off):
+  a datagram lost in a burst is not a lost request. Only when the retransmission also
+  goes unanswered does the request count as lost (``(False, None)``), and that peer's RTO
+  doubles until its next sample. Karn's rule: a reply to a retransmitted request is never
+  sampled (it may answer either copy), also when it arrives after the timeout; a late
+  reply to a request sent once is sampled (its id is unique: unambiguous), so the
+  estimator learns that a path got slower. A timer that fires late because our own loop
+  was busy is re-armed (up to 3 times) instead of blaming the peer, and every timeout
+  waits one more loop turn so a reply already in the socket buffer is read first. A
+  missed reply is counted, never logged at ERROR. Defaults: floor 200 ms, ceiling 2 s.
+  The floor is well above a LAN RTT on purpose: lookups do not wait for timeouts (crawls
+  hedge, see ``crawling``), so the RTO only decides when a request is *lost*, and a busy
+  process (GC pause, a burst of announces) must not make live contacts look dead. At most
   ``max_inflight`` (64) requests are on the wire at once; a burst queues before its
   timers start.
 * **Bounded answers**: large answers (> 1 KiB) to one source IP are limited to
@@ -43,6 +50,7 @@ from typing import Any, Protocol, cast
 
 import msgpack
 
+from agent.dht.rtt import RttEstimator
 from agent.dht.wire import (
     HEADER,
     MAX_PAYLOAD,
@@ -116,36 +124,11 @@ class _Pending:
         self.resent = False
 
 
-class RttEstimator:
-    """Jacobson/Karels smoothed RTT (RFC 6298 gains) with Karn back-off."""
-
-    __slots__ = ("backoff", "rttvar", "srtt")
-
-    def __init__(self) -> None:
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.backoff = 1.0
-
-    def sample(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.backoff = 1.0
-
-    def rto(self, lo: float, hi: float, initial: float) -> float:
-        if self.srtt is None:
-            return min(hi, initial * self.backoff)
-        return min(hi, max(lo, self.srtt + 4 * self.rttvar) * self.backoff)
-
-
 class RpcEngine(asyncio.DatagramProtocol):
     """Send requests and match replies; dispatch validated requests to handlers."""
 
     def __init__(self, handlers: RpcTable, *, gate: WireGate = OPEN_GATE,
-                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
+                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 1.0,
                  max_inflight: int = 64, retransmits: int = 1,
                  reply_rate: float = 2_000_000.0,
                  on_late_reply: Callable[[Address], None] | None = None,
@@ -183,7 +166,9 @@ class RpcEngine(asyncio.DatagramProtocol):
         self.tx: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
         self.late_responses = 0
-        self._late: OrderedDict[bytes, tuple[Address, float]] = OrderedDict()
+        self.lost = 0            # requests given up on after every retransmission
+        # msg id -> (sent to, sent at, sent more than once) of requests given up on
+        self._late: OrderedDict[bytes, tuple[Address, float, bool]] = OrderedDict()
 
     # ================================================================ incoming
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -306,14 +291,15 @@ class RpcEngine(asyncio.DatagramProtocol):
         if entry is None:
             late = self._late.pop(msg_id, None)
             if late is not None:
-                # answered after its timeout: not hostile, and the RTT it shows is real
-                # (ids are never reused, so unlike TCP the sample is unambiguous) — feed
-                # it, or the estimator would never learn that replies got slower
+                # answered after its timeout: not hostile. The RTT of a request sent once
+                # is real (its id is unique) — fed, or the estimator would never learn
+                # that replies got slower; a retransmitted one's is ambiguous (Karn)
                 self.late_responses += 1
-                sent_to, sent_at = late
+                sent_to, sent_at, resent = late
                 if (_norm_host(address[0]), address[1]) == (_norm_host(sent_to[0]), sent_to[1]):
                     self.gate.replied(address)
-                    self._rtt_sample(sent_to, self.loop.time() - sent_at)
+                    if not resent:
+                        self._rtt_sample(sent_to, self.loop.time() - sent_at)
                     if self.on_late_reply is not None:
                         self.on_late_reply(sent_to)
                 return None
@@ -351,6 +337,18 @@ class RpcEngine(asyncio.DatagramProtocol):
         if est is None:
             est = self._rtt_global
         return est.rto(self.rto_min, self.rto_max, self.rto_initial)
+
+    def peer_srtt(self, address: Address) -> float | None:
+        """The smoothed RTT of ``address`` (seconds), None if it never answered a request
+        sent once (proximity: which of equally close contacts to ask first)."""
+        est = self._rtt.get(address)
+        return None if est is None else est.srtt
+
+    def peer_rto_base(self, address: Address) -> float | None:
+        """``address``'s SRTT + 4·RTTVAR before clamping and back-off, None if unknown:
+        how long its replies can be expected to take (``crawling``'s hedge delay)."""
+        est = self._rtt.get(address)
+        return None if est is None or est.srtt is None else est.base(self.rto_initial)
 
     @property
     def srtt(self) -> float | None:
@@ -426,10 +424,12 @@ class RpcEngine(asyncio.DatagramProtocol):
             return
         if entry.retries_left > 0 and self._send(entry.datagram, entry.address):
             # Lost request or lost reply: on a lossy path one retransmission turns a 10 %
-            # datagram loss into a ~4 % request loss. Same timer again: one small request
-            # is no congestion signal, and a dead peer is declared after 2 RTOs, not 3.
+            # datagram loss into a ~4 % request loss. The second timer is twice the first
+            # (RFC 6298 back-off): loss comes in bursts, and a burst that ate the first
+            # copy should be over before the second one is given up on.
             entry.retries_left -= 1
             entry.resent = True
+            entry.wait = min(self.rto_max, 2 * entry.wait)
             entry.deadline = now + entry.wait
             entry.graced = False
             entry.timer = loop.call_later(entry.wait, self._timeout, msg_id)
@@ -438,12 +438,13 @@ class RpcEngine(asyncio.DatagramProtocol):
         del self._outstanding[msg_id]
         fut, address, sent_at, name = entry.fut, entry.address, entry.sent_at, entry.name
         self.timeouts[name] += 1
-        self._late[msg_id] = (address, sent_at)
+        self._late[msg_id] = (address, sent_at, entry.resent)
         if len(self._late) > 2048:
             self._late.popitem(last=False)
+        self.lost += 1
         est = self._rtt.get(address)
         if est is not None:
-            est.backoff = min(est.backoff * 2, 64.0)
+            est.timed_out()
         if not fut.done():
             fut.set_result((False, None))
 

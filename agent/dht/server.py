@@ -24,7 +24,8 @@ kademlia's ``Server``:
 * ``find_providers(service)`` runs a ``ProviderLookup`` until the ``lookup_width``
   closest live nodes have answered (default 6 of the k = 20 that hold each record) and
   returns verified records, merged by newest seq, without tombstones or expired ones,
-  best first. Each node answers with up to 24 records: the 12 best plus a different
+  best first (the nodes that answered a key's last lookup are asked first, all at once:
+  ``warm``). Each node answers with up to 24 records: the 12 best plus a different
   12-record page of the rest per node, so one lookup sees up to 12 + 6 x 12 = 84 workers
   of a service (SPEC §4 returns at most 50); larger services are sampled fairly.
   Measured at N=200 on loopback: width 6 doubles lookups/s over width 10 at equal
@@ -50,10 +51,12 @@ from kademlia.node import Node
 from agent.dht.crawling import NodeLookup
 from agent.dht.identity import Identity
 from agent.dht.keys import INDEX_KEYS
+from agent.dht.liveness import DEAD_AFTER, DEAD_SPAN
 from agent.dht.protocol import RMAProtocol, all_contacts, parse_nodes
 from agent.dht.provider_lookup import ProviderLookup
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage, is_stale
+from agent.dht.warm import WarmHints
 from agent.interfaces import RoutingContact, Topology
 
 log = logging.getLogger(__name__)
@@ -78,8 +81,9 @@ class DHTNode:
                  trusted: tuple[Any, ...] | list[Any] | set[Any] = (),
                  admit: Admit | None = None,
                  on_stored: Callable[[WorkerRecord], None] | None = None,
-                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 0.5,
-                 dead_after: int = 2, max_skew: float = 30.0,
+                 rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 1.0,
+                 dead_after: int = DEAD_AFTER, dead_span: float = DEAD_SPAN,
+                 max_skew: float = 30.0,
                  revive_interval: float = 5.0,
                  require_keyed_ids: bool | None = None) -> None:
         if mode not in MODES:
@@ -106,8 +110,9 @@ class DHTNode:
         self.require_keyed_ids = (os.environ.get("RMA_AGENT_DHT_NODE_IDS", "") == "strict"
                                   if require_keyed_ids is None else require_keyed_ids)
         self._proto_opts = dict(rto_min=rto_min, rto_max=rto_max, rto_initial=rto_initial,
-                                dead_after=dead_after)
+                                dead_after=dead_after, dead_span=dead_span)
         self._closest: dict[bytes, tuple[float, list[Node]]] = {}
+        self.hints = WarmHints()               # per key, whom to ask first (``warm``)
         self._bg: set[asyncio.Task[Any]] = set()
         self.transport: asyncio.DatagramTransport | None = None
         self.protocol: RMAProtocol | None = None
@@ -224,6 +229,7 @@ class DHTNode:
         knows (at most once per 10 s), and forget cached closest sets, so the next
         republish of each key stores at the closest nodes of the merged network."""
         self._closest.clear()
+        self.hints.forget_all()
         now = time.monotonic()
         if now - self._last_remerge < 10.0:
             return
@@ -301,7 +307,8 @@ class DHTNode:
     async def _closest_for(self, key: bytes, *, fresh: bool = False) -> list[Node]:
         now = time.monotonic()
         hit = self._closest.get(key)
-        if hit is not None and not fresh and now - hit[0] < self.closest_ttl:
+        if hit is not None and not fresh and now - hit[0] < self.closest_ttl and not any(
+                map(self.protocol.is_suspect, [n.id for n in hit[1]])):  # a member failed
             if await self._still_closest(key, hit[1]):
                 return hit[1]
         nodes = await self._node_lookup(key)
@@ -359,9 +366,22 @@ class DHTNode:
         crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
                                alpha=self.alpha, now=now, max_skew=self.max_skew,
                                max_width=self.ksize)
+        crawl.warm(self.hints.recall(key))     # the nodes that answered last time first
         for rec in self.storage.snapshot(key, now):
             crawl.merge(rec)
         return crawl
+
+    async def _find_key(self, key: bytes, now: float) -> list[WorkerRecord]:
+        """One key's provider lookup, warm when a hint is known (``warm``); the nodes that
+        answered closest are remembered for the next one."""
+        crawl = self._provider_lookup(key, now)
+        warm = crawl.warmed
+        recs = await crawl.find()
+        if warm:
+            self.hints.used += 1
+            self.hints.one_round += int(crawl.settled)
+        self.hints.remember(key, crawl.closest_answered(self.ksize))
+        return recs
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:
         """Verified live records of ``service``'s workers, merged by newest seq over the
@@ -374,14 +394,14 @@ class DHTNode:
             keys = [*INDEX_KEYS, service_key(ALL_SERVICES)]
             merged: dict[bytes, WorkerRecord] = {}
             for part in await asyncio.gather(
-                    *(self._provider_lookup(k, now).find() for k in keys)):
+                    *(self._find_key(k, now) for k in keys)):
                 for r in part:
                     old = merged.get(r.worker_id)
                     if old is None or r.seq > old.seq:
                         merged[r.worker_id] = r
             recs = list(merged.values())
         else:
-            recs = await self._provider_lookup(service_key(service), now).find()
+            recs = await self._find_key(service_key(service), now)
         recs.sort(key=lambda r: (r.load / r.capacity if r.capacity > 0 else float("inf"),
                                  -r.issued_at))
         return recs if limit is None else recs[:limit]
@@ -470,6 +490,7 @@ class DHTNode:
             "lookups": self.lookups,
             "announces": self.announces,
             "closest_cache": len(self._closest),
+            **self.hints.stats(),
         }
         if self.protocol is not None:
             out.update(self.protocol.stats())

@@ -93,7 +93,10 @@ async def test_join_announce_lookup_stats_metrics(tmp_path) -> None:
         text = generate_latest(a.agent.registry).decode()   # type: ignore[attr-defined]
         for name in ("rma_agent_dht_peers 1.0", "rma_agent_dht_records ",
                      'rma_agent_dht_mode{mode="server"} 1.0', "rma_agent_dht_lookup_seconds_count",
-                     'rma_agent_dht_rpc_received_total{rpc="identify"}'):
+                     'rma_agent_dht_rpc_received_total{rpc="identify"}',
+                     "rma_agent_dht_rpc_retransmissions_total ", "rma_agent_dht_rpc_lost_total ",
+                     "rma_agent_dht_contacts_removed_total 0.0",
+                     "rma_agent_dht_contacts_false_deaths_total 0.0"):
             assert name in text, name
         assert 'rma_agent_dht_lookup_seconds_count 1.0' in generate_latest(
             b.agent.registry).decode()  # type: ignore[attr-defined]

@@ -101,13 +101,14 @@ def test_wire_behaviour():
             assert pa.stats()["timeouts"] >= 1
             assert pa.rto(("127.0.0.1", 9)) <= pa.engine.rto_max == 2.0
 
-            # a contact that stops answering leaves the routing table after 2 timeouts
+            # a contact that misses one reply is suspect (crawls skip it) but stays in
+            # the routing table: removal takes several misses spread over time
+            # (tests/dht/test_liveness.py)
             ghost = Node(os.urandom(20), "127.0.0.1", 9)
             pa.router.add_contact(ghost)
             assert not pa.router.is_new_node(ghost)
             await pa.call_ping(ghost)
-            await pa.call_ping(ghost)
-            assert ghost.id not in {n.id for n in pa.router.all_contacts()}
+            assert ghost in pa.router
             assert pa.is_suspect(ghost.id)
 
             # plain kademlia peers can still ping and route through us

@@ -135,8 +135,9 @@ def test_500_nodes_300_workers_healthy_churn_partition_heal():
 
             loop_task = asyncio.ensure_future(republish_loop())
             # a long split: by now every node would have asked each of its contacts on
-            # the other side something and seen no answer, twice — the failures that
-            # evict a contact (``dead_after``). Apply them at once rather than wait.
+            # the other side something and seen no answer, again and again over
+            # seconds — the failures that remove a contact (``liveness``: dead_after
+            # lost requests over dead_span). Apply the rule's verdict at once.
             # (an evicted contact's place goes to one from the replacement cache, which
             # may be from the other side too: repeat until none is left)
             for _round in range(20):
@@ -145,8 +146,7 @@ def test_500_nodes_300_workers_healthy_churn_partition_heal():
                     proto = nodes[i].protocol
                     for c in proto.router.all_contacts():
                         if split.side.get(c.ip) != split.side[ip_of(i)]:
-                            proto.handle_call_response((False, None), c)
-                            proto.handle_call_response((False, None), c)
+                            proto.liveness.declare_dead(c)
                             evicted += 1
                 if not evicted:
                     break

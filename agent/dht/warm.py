@@ -1,0 +1,77 @@
+"""Warm lookups: per key, the storing nodes that answered its last lookup.
+
+A cold provider lookup walks toward the key: ask alpha nodes from our own routing table,
+learn closer ones from their answers, ask those, until the closest ``width`` nodes have
+answered — two to four round trips on a network of thousands. A caller that looked the
+same key up before already knows where that walk ends. ``WarmHints`` remembers, per key,
+the nodes that answered closest (``Crawl.closest_answered``: within the diversity window,
+so an eclipse attacker's crowd is never remembered), and the next lookup asks them all at
+once first (``Crawl.warm``). When they are still the closest and agree about the key's
+records, that is the whole lookup: one round trip. When one fails, or an answer names a
+closer node, or their record counts disagree, the same lookup goes on as a crawl from
+there, exactly as a cold one would.
+
+A hint is only a cache of *whom to ask*: records still come from the answers and are
+verified one by one (``record.decode_verified``), so a remembered node that turned
+hostile can withhold records but never forge them, and the crawl's end condition (the
+``width`` closest known nodes answered) is the same with or without hints. Bounded:
+``size`` keys (least recently used dropped), each hint at most ``ttl`` seconds old.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from kademlia.node import Node
+
+HINT_KEYS = 256             # keys remembered
+HINT_TTL = 300.0            # a hint older than this is not used (s)
+HINT_NODES = 20             # nodes remembered per key (k)
+
+
+class WarmHints:
+    """Bounded LRU: key -> (when, the nodes that answered its last lookup)."""
+
+    def __init__(self, size: int = HINT_KEYS, ttl: float = HINT_TTL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._clock = clock
+        self._hints: OrderedDict[bytes, tuple[float, list[Node]]] = OrderedDict()
+        self.used = 0           # lookups that started from a hint
+        self.one_round = 0      # ... and needed nobody but the hinted nodes
+
+    def recall(self, key: bytes) -> list[Node]:
+        """The nodes to ask first for ``key`` ([] when none, or too old)."""
+        hit = self._hints.get(key)
+        if hit is None:
+            return []
+        if self._clock() - hit[0] > self.ttl:
+            del self._hints[key]
+            return []
+        self._hints.move_to_end(key)
+        return list(hit[1])
+
+    def remember(self, key: bytes, nodes: list[Node]) -> None:
+        """The nodes that answered this lookup of ``key``, closest first (an empty list
+        forgets the key: nobody answered)."""
+        if not nodes:
+            self._hints.pop(key, None)
+            return
+        self._hints[key] = (self._clock(), list(nodes[:HINT_NODES]))
+        self._hints.move_to_end(key)
+        while len(self._hints) > self.size:
+            self._hints.popitem(last=False)
+
+    def forget_all(self) -> None:
+        """Drop every hint (the network changed under them: a healed partition)."""
+        self._hints.clear()
+
+    def __len__(self) -> int:
+        return len(self._hints)
+
+    def stats(self) -> dict[str, int]:
+        return {"warm_keys": len(self._hints), "warm_lookups": self.used,
+                "warm_one_round": self.one_round}

@@ -1,0 +1,137 @@
+"""Lookups fit for slow links: a slow peer does not hold a lookup (alpha requests stay in
+flight, refilled as answers come), and a warm lookup asks the nodes that answered last
+time, all at once, and crawls only when they fail."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+
+from agent.dht.identity import Identity
+from agent.dht.record import service_key
+from agent.dht.server import DHTNode
+from tests.dht.test_network import build, rec_for, stop_all
+from tests.util import run_uvloop
+
+
+class Requests:
+    """A node's transport that notes every request it sends: (rpc name, address)."""
+
+    def __init__(self, transport: Any) -> None:
+        self._t = transport
+        self.sent: list[tuple[str, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        if data[:1] == b"\x00":
+            self.sent.append((msgpack.unpackb(data[21:])[0], tuple(addr)))
+        self._t.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
+class HeldReplies:
+    """A node's transport that holds its replies to one address until ``release``."""
+
+    def __init__(self, transport: Any, to: tuple[str, int]) -> None:
+        self._t = transport
+        self.to = to
+        self.held: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        if data[:1] == b"\x01" and tuple(addr) == self.to:
+            self.held.append((data, addr))
+            return
+        self._t.sendto(data, addr)
+
+    def release(self) -> None:
+        for data, addr in self.held:
+            self._t.sendto(data, addr)
+        self.held.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
+async def _network(n: int, workers: int, **client_kw: Any) -> tuple[list[DHTNode], DHTNode,
+                                                                    set[bytes]]:
+    nodes = await build(n)
+    records = [rec_for(nodes[i].identity) for i in range(workers)]
+    for i, rec in enumerate(records):
+        assert await nodes[i].announce(rec) > 0
+    client = DHTNode(Identity.generate(), mode="client", **client_kw)
+    await client.listen(0, "127.0.0.1")
+    assert await client.bootstrap([("127.0.0.1", nodes[0].port)]) > 0
+    return nodes, client, {r.worker_id for r in records}
+
+
+def test_a_slow_peer_does_not_hold_the_lookup():
+    """The node closest to the key holds its replies: the lookup asks the next
+    candidates instead of waiting for it (its request is hedged, not timed out — the
+    RTO is 10 s here) and returns every worker while that reply is still held."""
+    async def scenario() -> None:
+        nodes, client, want = await _network(12, 3, rto_min=10.0, rto_initial=10.0)
+        try:
+            kl = int.from_bytes(service_key("ocr"), "big")
+            slow = min(nodes, key=lambda n: int.from_bytes(n.node.id, "big") ^ kl)
+            tap = slow.protocol.transport = HeldReplies(slow.protocol.transport,
+                                                        ("127.0.0.1", client.port))
+            got = {r.worker_id for r in await client.find_providers("ocr")}
+            assert got == want
+            # the slow peer was asked, and its answer is still held: the lookup did not
+            # wait for it, nor for a timeout
+            assert tap.held
+            st = client.stats()
+            assert st["timeouts"] == 0 and st["outstanding"] >= 1
+            tap.release()
+        finally:
+            stop_all(nodes)
+            client.stop()
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())
+
+
+def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail():
+    async def scenario() -> None:
+        nodes, client, want = await _network(16, 3)
+        try:
+            tap = client.protocol.transport = Requests(client.protocol.transport)
+            key = service_key("ocr")
+            # cold: a crawl from the client's routing table
+            assert {r.worker_id for r in await client.find_providers("ocr")} == want
+            hinted = {(n.ip, n.port) for n in client.hints.recall(key)}
+            assert len(hinted) >= client.lookup_width
+            assert client.stats()["warm_lookups"] == 0
+
+            # warm: alpha (3) of the remembered nodes, all at once, and nobody else
+            tap.sent.clear()
+            assert {r.worker_id for r in await client.find_providers("ocr")} == want
+            asked = [a for name, a in tap.sent if name == "find_providers"]
+            assert len(asked) == client.alpha and set(asked) <= hinted
+            st = client.stats()
+            assert st["warm_lookups"] == 1 and st["warm_one_round"] == 1
+            hinted = {(n.ip, n.port) for n in client.hints.recall(key)}
+            assert hinted == set(asked)            # those answered: the next hint
+
+            # the remembered nodes die: the lookup asks them first, then crawls on and
+            # still finds every worker (the others hold the records too: k = 20)
+            by_port = {n.port: n for n in nodes}
+            stop_all([by_port[p] for _h, p in hinted])
+            tap.sent.clear()
+            assert want <= {r.worker_id for r in await client.find_providers("ocr")}
+            asked = [a for name, a in tap.sent if name == "find_providers"]
+            assert set(asked[:len(hinted)]) == hinted
+            assert set(asked) - hinted, "no crawl beyond the failed hints"
+            st = client.stats()
+            assert st["warm_lookups"] == 2 and st["warm_one_round"] == 1
+            # the next hint is made of nodes that answered
+            assert not {(n.ip, n.port) for n in client.hints.recall(key)} & hinted
+        finally:
+            stop_all(nodes)
+            client.stop()
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())
