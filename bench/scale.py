@@ -2,7 +2,17 @@
 
     python3 bench/scale.py --nodes 1000 --workers 200 --services 1
     python3 bench/scale.py --nodes 5000 --workers 2000 --services 20 --largest 1000
+    python3 bench/scale.py --wan global-lossy --procs 2     (issue 16: a WAN, P processes)
     (add --json for machine-readable output, --only rma|kademlia, --rest 900)
+
+``--wan PROFILE`` (``bench/wan.py``: lan, continent, global, global-lossy): every node gets
+a region and a home access delay; every datagram, both directions, leaves its sender's
+transport after the pair's one-way delay plus jitter (``loop.call_later``), or is lost
+(global-lossy: ~2 %, Gilbert-Elliott bursts). The RTTs are AWS inter-region figures
+(source named in ``bench/wan.py``); the header prints the profile's median and p99
+pairwise RTT and the latency rows are repeated in RTTs. ``--procs P``
+(``scale_procs.py``): node i runs in shard process i % P, real UDP between them, the
+scenario in a driver process; CPU and memory rows then sum all the processes.
 
 Real code, real sockets: every node is the agent's own ``DHTNode`` (plain ``kademlia``
 ``Server`` for the baseline) on its own loopback address (127.x.y.z, one UDP socket each),
@@ -68,8 +78,9 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_net import RMA, Impl, Plain
+from scale_net import RMA, Impl, Plain, World
 from scale_phases import Scenario
+from scale_procs import Sharded, serve_shard
 from wan import PROFILES, SOURCE, Wan
 
 from agent.config import DHTSection
@@ -93,9 +104,25 @@ def run_child(args: argparse.Namespace, only: str) -> dict[str, Any]:
     impl: Impl = (RMA(idents) if only == "rma" else
                   Plain(idents, args.kademlia_timeout, args.baseline_gets))
     wan = Wan(PROFILES[args.wan], args.nodes, seed=args.seed) if args.wan else None
-    emit("setup", {"timeouts": impl.timeouts,
+    if args.shard is not None:      # one shard of a --procs run: serve the driver
+        uvloop.run(serve_shard(impl, World(wan)))
+        return out
+    if args.procs > 1:
+        impl = Sharded(impl, args.procs, [__file__, *sys.argv[1:]])
+    emit("setup", {"timeouts": impl.timeouts, "procs": args.procs,
                    "wan": None if wan is None else {"profile": args.wan, **wan.rtt_stats()}})
-    uvloop.run(Scenario(impl, args, emit, wan).run())
+
+    async def scenario() -> None:
+        try:
+            await Scenario(impl, args, emit, wan).run()
+        finally:
+            if isinstance(impl, Sharded):
+                if wan is not None:     # the shards' datagrams and losses
+                    parts = await impl.wan_counts()
+                    wan.sent, wan.lost = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                await impl.close()
+
+    uvloop.run(scenario())
     if wan is not None:
         emit("wan", {"profile": args.wan, "datagrams": wan.sent, "lost": wan.lost,
                      "loss_share": wan.loss_share(), **wan.rtt_stats()})
@@ -299,7 +326,13 @@ def main() -> int:
                     help="every datagram delayed (region + home access + jitter) and, for "
                          "global-lossy, lost as bench/wan.py models (default: loopback)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--join-wave", type=int, default=50,
+                    help="nodes joining at once, through nodes already joined (default 50; "
+                         "over --wan each wave takes seconds: use a few hundred)")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="shard the nodes over this many processes (real UDP between them)")
     ap.add_argument("--child", choices=("rma", "kademlia"), help=argparse.SUPPRESS)
+    ap.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", metavar="JSON",
                     help="print the table from earlier --json outputs (e.g. one --only rma "
                          "and one --only kademlia run; give the same size arguments)")

@@ -12,6 +12,7 @@ import asyncio
 import math
 import os
 import random
+import time
 from typing import Any
 
 from agent.dht.identity import Identity
@@ -201,9 +202,30 @@ class Impl:
     name = ""
     refresh_period = 0.0    # the implementation's own table refresh period, s
     sees_dead = True        # False: lookups ask only about live workers (kademlia's gets)
-    nodes: list[Any]
+    nodes: dict[int, Any]
     idents: list[Identity]
     timeouts = ""
+
+    # what the scenario reads of the network: here in this process; a sharded run
+    # (``scale_procs.Sharded``) asks its shard processes instead
+    async def counts(self, world: World) -> tuple[int, int, int, int]:
+        """(datagrams, bytes, table refreshes, datagrams dropped at the split)."""
+        return world.datagrams, world.bytes, world.refreshes, world.dropped
+
+    async def partition(self, world: World, side: dict[str, int] | None) -> None:
+        """Split the network (ip -> side) or, with None, heal it."""
+        world.side = side or {}
+        world.split = side is not None
+
+    async def rss(self) -> int:
+        return rss_bytes()
+
+    async def cpu(self) -> float:
+        """CPU seconds spent by every process that runs nodes (here: this one)."""
+        return time.process_time()
+
+    async def aextra(self, alive: list[int]) -> dict[str, Any]:
+        return self.extra(alive)
 
     async def make(self, i: int, world: World) -> None: ...
     async def join(self, i: int, seeds: list[tuple[str, int]]) -> None: ...
@@ -228,8 +250,9 @@ class RMA(Impl):
         from agent.dht.server import DHTNode
         self.DHTNode = DHTNode
         self.idents = idents
-        self.nodes = []
+        self.nodes = {}             # index -> node (a shard holds only some: --procs)
         self.by_id: dict[bytes, int] = {}
+        self.by_id = {ident.node_id: i for i, ident in enumerate(idents)}
         self.timeouts = "adaptive per peer (rto 0.2-2 s) plus hedged requests"
 
     async def make(self, i: int, world: World) -> None:
@@ -246,8 +269,7 @@ class RMA(Impl):
         await node.listen(0, ip)
         node.protocol.transport = Tap(node.protocol.transport, ip, world)
         node.trust(ip)
-        self.nodes.append(node)
-        self.by_id[self.idents[i].node_id] = i
+        self.nodes[i] = node
 
     def addr(self, i: int) -> tuple[str, int]:
         n = self.nodes[i]
@@ -308,8 +330,8 @@ class Plain(Impl):
         self.rpc_timeout = rpc_timeout
         self.gets = gets
         self.world = World()        # the scenario's, from make()
-        self.nodes = []
-        self.ips: list[str] = []
+        self.nodes = {}
+        self.ips: dict[int, str] = {}
         self.rng = random.Random(7)
         self.timeouts = f"fixed {rpc_timeout:g} s per RPC (rpcudp), no hedging"
 
@@ -321,8 +343,8 @@ class Plain(Impl):
         await node.listen(0, ip)
         node.protocol._wait_timeout = self.rpc_timeout
         node.protocol.transport = Tap(node.protocol.transport, ip, world)
-        self.nodes.append(node)
-        self.ips.append(ip)
+        self.nodes[i] = node
+        self.ips[i] = ip
 
     def addr(self, i: int) -> tuple[str, int]:
         return (self.ips[i], self.nodes[i].transport.get_extra_info("sockname")[1])

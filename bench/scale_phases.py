@@ -25,12 +25,11 @@ import statistics
 import time
 from typing import Any
 
-from scale_net import Coordinator, Impl, World, address, pct, rss_bytes
+from scale_net import Coordinator, Impl, World, address, pct
 
 from agent.dht.record import WorkerRecord
 from agent.discovery.sources import DHT_TIMEOUT_S
 
-JOIN_WAVE = 50
 ANNOUNCE_PARALLEL = 64
 KSIZE = 20
 
@@ -101,10 +100,15 @@ class Scenario:
             return {}
         return {f"{k}_rtt": v / self.rtt_s for k, v in seconds.items()}
 
-    def counters(self) -> dict[str, float]:
+    async def snap(self) -> tuple[int, int]:
+        """(datagrams, bytes) every node sent so far."""
+        d, b, _r, _x = await self.impl.counts(self.world)
+        return d, b
+
+    async def counters(self) -> dict[str, float]:
         """Retransmissions, RPC timeouts, contacts removed and table sizes, all live nodes
         (the agent's own counters; plain kademlia has none: empty)."""
-        x = self.impl.extra(self.alive)
+        x = await self.impl.aextra(self.alive)
         return {k: float(x[k]) for k in ("retransmissions", "rpc_timeouts",
                                           "contacts_removed", "routing_table_total")
                 if k in x}
@@ -243,15 +247,16 @@ class Scenario:
         finally:
             self._republishing = False
             self.emit("coordinators", self.fallback)
-            self.emit("extra", self.impl.extra(self.alive) | {"lookup_errors": self.errors})
+            self.emit("extra", await self.impl.aextra(self.alive) |
+                      {"lookup_errors": self.errors})
             for i in self.alive:
                 self.impl.stop(i)
             await self.coord.stop()
 
     async def phase_join(self) -> None:
         impl = self.impl
-        cpu0 = time.process_time()
-        rss0 = rss_bytes()
+        cpu0 = await impl.cpu()
+        rss0 = await impl.rss()
         t0 = time.perf_counter()
         for i in range(self.n):
             await impl.make(i, self.world)
@@ -263,18 +268,19 @@ class Scenario:
             await impl.join(j, seeds)
             each.append(time.perf_counter() - s)
 
-        for i in range(1, self.n, JOIN_WAVE):
+        wave = self.args.join_wave
+        for i in range(1, self.n, wave):
             self.check_time("join")
             seeds = [addrs[j] for j in self.rng.sample(range(i), min(3, i))]
             await asyncio.gather(*(join(j, seeds)
-                                   for j in range(i, min(self.n, i + JOIN_WAVE))))
+                                   for j in range(i, min(self.n, i + wave))))
         await asyncio.sleep(1.0)
         gc.collect()
         gc.freeze()
-        rss1 = rss_bytes()
+        rss1 = await impl.rss()
         self.emit("join", {"seconds": time.perf_counter() - t0,
                            "memory_per_node_kb": (rss1 - rss0) / self.n / 1024,
-                           "cpu_s": time.process_time() - cpu0,
+                           "cpu_s": await impl.cpu() - cpu0,
                            "node_p50_ms": pct(each, 50) * 1e3,
                            "node_p99_ms": pct(each, 99) * 1e3}
                   | self.in_rtts({"node_p50": pct(each, 50), "node_p99": pct(each, 99)}))
@@ -284,7 +290,7 @@ class Scenario:
         for rnd in ("announce", "republish"):
             self.check_time(rnd)
             self.phase = rnd
-            d0, b0 = self.world.snapshot()
+            d0, b0 = await self.snap()
             t = time.perf_counter()
             sem = asyncio.Semaphore(ANNOUNCE_PARALLEL)
             times: list[float] = []
@@ -298,7 +304,7 @@ class Scenario:
                     return stored
 
             stored = await asyncio.gather(*(pub(w) for w in workers))
-            d1, b1 = self.world.snapshot()
+            d1, b1 = await self.snap()
             self.emit(rnd, {"seconds": time.perf_counter() - t,
                             "ok": sum(1 for s in stored if s > 0),
                             "on_k": sum(1 for s in stored if s >= KSIZE),
@@ -313,15 +319,15 @@ class Scenario:
         a = self.args
         self.check_time("lookups")
         self.phase = "lookups"
-        d0, b0 = self.world.snapshot()
-        x0 = self.counters()
-        c0 = time.process_time()
+        d0, b0 = await self.snap()
+        x0 = await self.counters()
+        c0 = await self.impl.cpu()
         res = await self.lookups(a.lookups, 1, a.phase_cap)
-        d1, b1 = self.world.snapshot()
+        d1, b1 = await self.snap()
         k = max(1, res["n"])
-        x1 = self.counters()
+        x1 = await self.counters()
         res.update({"datagrams_per_lookup": (d1 - d0) / k, "bytes_per_lookup": (b1 - b0) / k,
-                    "cpu_ms_per_lookup": (time.process_time() - c0) * 1e3 / k,
+                    "cpu_ms_per_lookup": (await self.impl.cpu() - c0) * 1e3 / k,
                     "retransmissions_per_lookup": ((x1["retransmissions"] -
                                                     x0["retransmissions"]) / k
                                                    if "retransmissions" in x1
@@ -368,14 +374,14 @@ class Scenario:
         if republish:
             self._republishing = True
             task = asyncio.ensure_future(self.republish_loop(rounds))
-        d0, _ = self.world.snapshot()
-        r0 = self.world.refreshes
-        x0 = self.counters()
+        d0, _ = await self.snap()
+        r0 = (await self.impl.counts(self.world))[2]
+        x0 = await self.counters()
         t = time.monotonic()
         await self.rest_sleep(a.rest)
-        d1, _ = self.world.snapshot()
+        d1, _b, r1, _x = await self.impl.counts(self.world)
         dt = time.monotonic() - t
-        x1 = self.counters()
+        x1 = await self.counters()
         # every node is alive in the rests (the churn comes later): every contact removed
         # was a live one — false deaths, per contact held, per hour
         false_deaths = ((x1["contacts_removed"] - x0["contacts_removed"]) /
@@ -386,10 +392,10 @@ class Scenario:
             await task        # the round in flight ends (its datagrams count after d1)
         live = len(self.alive)
         self.emit(name, {"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
-                         "refresh_rounds_per_node": (self.world.refreshes - r0) / live,
+                         "refresh_rounds_per_node": (r1 - r0) / live,
                          "republish_rounds": len(rounds) if republish else 0,
                          "false_deaths_per_contact_hour": false_deaths,
-                         "rss_mb": rss_bytes() / 2**20})
+                         "rss_mb": await self.impl.rss() / 2**20})
 
     async def phase_rest(self) -> None:
         """Two windows of ``--rest`` seconds with no client traffic: without the workers'
@@ -435,10 +441,9 @@ class Scenario:
         half = self.alive[:]
         self.rng.shuffle(half)
         side_a = set(half[: len(half) // 2])
-        for i in self.alive:
-            self.world.side[address(i)] = 0 if i in side_a else 1
         split_at = time.time()
-        self.world.split = True
+        await self.impl.partition(self.world, {address(i): 0 if i in side_a else 1
+                                               for i in self.alive})
         self._republishing = True
         first = asyncio.Event()
         loop_task = asyncio.ensure_future(self._split_republish(first))
@@ -453,8 +458,8 @@ class Scenario:
         self.emit("partition", {"seconds": time.time() - split_at, "own_side_found":
                                 statistics.fmean(own) if own else 0.0, "lookups": len(own),
                                 "all_republished": first.is_set(),
-                                "dropped_datagrams": self.world.dropped})
-        self.world.split = False
+                                "dropped_datagrams": (await self.impl.counts(self.world))[3]})
+        await self.impl.partition(self.world, None)
         self.phase = "heal"
         try:
             self.emit("heal", await self._heal(split_at))
