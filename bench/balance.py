@@ -4,6 +4,7 @@ and an oracle, on the same arrivals.
 
     python3 bench/balance.py [--seconds 20] [--loads 0.5,0.8,0.95] [--callers 4]
                              [--workers 8] [--mean-ms 500] [--max-concurrency queue|slots]
+                             [--kind llamacpp|vllm|generic]
                              [--policies oracle,router,...] [--stream] [--quick] [--json]
 
 Everything on 127.0.0.1, started by this script, torn down at the end:
@@ -16,12 +17,14 @@ Everything on 127.0.0.1, started by this script, torn down at the end:
   "owner" load: the owner takes one slot every ~``OWNER_EVERY_S`` s (exponential) for
   ~``OWNER_HOLD_S`` s (exponential), ahead of queued requests.
 * **workers**: one agent per server (``python -m agent run``), its gateway in front of
-  the server as service ``llm`` (``kind = "vllm"`` when this tree's config knows upstream
-  kinds), GPU class by speed, ``worker.max_concurrency`` = slots + queue by default (the
-  gateway admits what the server can hold and queueing happens in the server, as with a
-  real vLLM; the announced capacity then overstates the slots), or = slots with
-  ``--max-concurrency slots`` (the gateway refuses with ``RMA-Not-Processed`` once every
-  slot is taken, and the server's queue is never used through the gateway).
+  the server as service ``llm`` with ``kind = "llamacpp"`` (``--kind``; ``generic``
+  where this tree's config knows no kinds): the gateway reads the server's ``/slots``
+  (the slot count becomes the announced capacity) and ``/metrics`` (queued requests);
+  ``--kind vllm`` reads vLLM's gauges, which do not state the slots (capacity is then
+  ``max_concurrency``). GPU class by speed. ``worker.max_concurrency`` = slots + queue
+  by default: the gateway admits what the server can hold, and queueing happens in the
+  server as with a real inference server; ``--max-concurrency slots`` makes the gateway
+  refuse (``RMA-Not-Processed``) once every slot is taken, so nothing queues behind it.
 * **callers**: ``--callers`` coordinator-role agents (the first is the DHT seed); every
   caller finds every worker through the DHT before the first cell.
 * **nginx** (Debian's package; its row is skipped without it): one per caller,
@@ -182,21 +185,23 @@ def wait_json(url: str, ok: Any, timeout: float = START_TIMEOUT_S,
     raise RuntimeError(f"{url}: not ready after {timeout:.0f} s (last: {last!r})")
 
 
-def upstream_entry(url: str) -> Any:
-    """``kind = "vllm"`` when this tree's config knows upstream kinds, else the URL."""
+def upstream_entry(url: str, kind: str) -> Any:
+    """``{url, kind}`` when this tree's config knows upstream kinds, else the URL."""
+    if kind == "generic":
+        return url
     probe = toml_dumps({"agent": {"role": "worker", "state_dir": "/tmp"},
                         "gateway": {"listen": "127.0.0.1:1"},
-                        "gateway.upstreams": {"llm": {"url": url, "kind": "vllm"}},
+                        "gateway.upstreams": {"llm": {"url": url, "kind": kind}},
                         "worker": {"services": ["llm"], "endpoint": "http://127.0.0.1:1"}})
     try:
         parse_config(probe)
     except ConfigError:
         return url
-    return {"url": url, "kind": "vllm"}
+    return {"url": url, "kind": kind}
 
 
 def agent_configs(tmp: Path, urls: list[str], profiles: list[Profile], callers: int,
-                  with_queue: bool) -> tuple[list[Path], list[str], list[str]]:
+                  with_queue: bool, kind: str) -> tuple[list[Path], list[str], list[str]]:
     """Config files (callers first), callers' admin URLs, workers' gateway URLs."""
     common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
               "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
@@ -225,7 +230,7 @@ def agent_configs(tmp: Path, urls: list[str], profiles: list[Profile], callers: 
                     "bootstrap": [f"127.0.0.1:{seed_udp}"]},
             "http": {"listen": f"127.0.0.1:{free_port()}"},
             "gateway": {"listen": f"127.0.0.1:{gw}"},
-            "gateway.upstreams": {"llm": upstream_entry(url)},
+            "gateway.upstreams": {"llm": upstream_entry(url, kind)},
             "worker": {"services": ["llm"], "endpoint": f"http://127.0.0.1:{gw}",
                        "max_concurrency": prof.slots + (prof.queue_limit if with_queue
                                                         else 0),
@@ -300,7 +305,7 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
     profiles, capacity = pool(args.workers, args.mean_ms)
     urls = [farm.add(p) for p in profiles]
     paths, callers, gateways = agent_configs(tmp, urls, profiles, args.callers,
-                                             args.max_concurrency == "queue")
+                                             args.max_concurrency == "queue", args.kind)
     for p in paths:             # all at once: the others' join loops wait for the seed
         procs.spawn([sys.executable, "-m", "agent", "run", "-c", str(p)], p.stem + ".log")
     for c in callers:
@@ -320,7 +325,8 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
         nginx.append(f"http://127.0.0.1:{port}")
     targets = [Target(p.name, g, p.slots, p.speed, s)
                for p, g, s in zip(profiles, gateways, farm.servers, strict=True)]
-    kind = "vllm" if isinstance(upstream_entry(urls[0]), dict) else "generic"
+    entry = upstream_entry(urls[0], args.kind)
+    kind = entry["kind"] if isinstance(entry, dict) else "generic"
     return Setup(farm, targets, callers, nginx, capacity, profiles, kind)
 
 
@@ -461,6 +467,8 @@ def main() -> int:
     ap.add_argument("--mean-ms", type=float, default=500.0)
     ap.add_argument("--max-concurrency", choices=("queue", "slots"), default="queue",
                     help="workers' max_concurrency: slots + queue (default) or slots")
+    ap.add_argument("--kind", choices=("llamacpp", "vllm", "generic"), default="llamacpp",
+                    help="the gateways' upstream kind (generic where the config has none)")
     ap.add_argument("--rest", type=float, default=1.0, help="seconds between cells")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--stream", action="store_true",
@@ -491,7 +499,8 @@ def main() -> int:
     loadavg = (load0, os.getloadavg()[0])
     if args.json:
         settings = {k: getattr(args, k) for k in ("seconds", "loads", "callers", "workers",
-                                                  "mean_ms", "max_concurrency", "stream")}
+                                                  "mean_ms", "max_concurrency", "stream",
+                                                  "kind")}
         print(json.dumps({"capacity": setup.capacity, "load_average": loadavg,
                           "settings": settings, "kind": setup.kind,
                           "cells": results, "targets": targets(results)}, indent=2))

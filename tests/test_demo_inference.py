@@ -8,6 +8,7 @@ Everything runs in-process on loopback; waits are on the server's own state.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import statistics
@@ -43,8 +44,8 @@ def _requests(server: InferenceServer) -> list[Entry]:
 
 
 def _gauges(text: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r"^(vllm:[a-z_]+)\{[^}]*\} (\S+)$", text, re.M)}
+    return {m.group(1): float(m.group(3)) for m in
+            re.finditer(r"^((?:vllm|llamacpp):[a-z_]+)(\{[^}]*\})? (\S+)$", text, re.M)}
 
 
 async def test_slots_then_fifo_queue_then_503() -> None:
@@ -64,7 +65,12 @@ async def test_slots_then_fifo_queue_then_503() -> None:
             metrics = _gauges(await (await s.get(server.url + "/metrics")).text())
             assert metrics == {"vllm:num_requests_running": 2.0,
                                "vllm:num_requests_waiting": 2.0,
-                               "vllm:kv_cache_usage_perc": 1.0}
+                               "vllm:kv_cache_usage_perc": 1.0,
+                               "llamacpp:requests_processing": 2.0,
+                               "llamacpp:requests_deferred": 2.0,
+                               "llamacpp:kv_cache_usage_ratio": 1.0}
+            slots = await (await s.get(server.url + "/slots")).json()
+            assert [x["is_processing"] for x in slots] == [True, True]
             refused = await s.post(server.url + "/v1/z")
             assert refused.status == 503 and refused.headers["Retry-After"] == "1"
             assert (await refused.json())["error"] == BUSY_ERROR
@@ -122,7 +128,9 @@ async def test_loading_answers_503_until_loaded() -> None:
     try:
         server.set_loading(True)
         async with aiohttp.ClientSession() as s:
-            assert (await s.get(server.url + "/health")).status == 503
+            loading = await s.get(server.url + "/health")
+            assert loading.status == 503
+            assert (await loading.json())["error"]["message"] == "Loading model"
             assert (await s.post(server.url + "/v1/x")).status == 503
             server.set_loading(False)
             assert (await s.get(server.url + "/health")).status == 200
@@ -195,3 +203,18 @@ def test_farm_serves_from_a_thread() -> None:
         wait_for(lambda: farm.call(lambda: len(farm.servers[0].log)) == 1, what="logged")
     finally:
         farm.close()
+
+
+def test_load_signals_read_by_the_gateways_own_parsers() -> None:
+    """What the emulator publishes is what the gateway's vllm and llamacpp kinds read."""
+    from agent.gateway.kinds import llamacpp, vllm
+
+    server = InferenceServer(Profile(slots=3))
+    server.pool.used, server.running = 2, 1        # one request and the owner's hold
+    text = server.metrics_text().encode()
+    v = vllm.parse_metrics(text)
+    assert (v.running, v.waiting) == (1, 0) and v.kv_cache == pytest.approx(2 / 3)
+    m = llamacpp.parse_metrics(text)
+    assert (m.running, m.waiting) == (1, 0)
+    slots = llamacpp.parse_slots(json.dumps(server.slots_json()).encode())
+    assert (slots.slots, slots.running) == (3, 2)

@@ -33,7 +33,12 @@ The model (one :class:`InferenceServer` per emulated box, configured by a
 * **Load signals.** ``GET /metrics``: vLLM's Prometheus gauges
   ``vllm:num_requests_running`` (requests in service), ``vllm:num_requests_waiting``
   (queued requests) and ``vllm:kv_cache_usage_perc`` (share of slots in use, the owner's
-  included, 0..1). ``GET /health``: 200 (503 while loading).
+  included, 0..1), and llama.cpp's ``llamacpp:requests_processing``,
+  ``llamacpp:requests_deferred`` and ``llamacpp:kv_cache_usage_ratio`` (same values), so
+  a gateway may read it as either kind. ``GET /slots``: llama.cpp's array, one object per
+  slot, ``is_processing`` true for slots in use (an owner's hold shows as a busy slot:
+  the slot count is the server's capacity). ``GET /health``: 200 ``{"status": "ok"}``,
+  503 with llama.cpp's "Loading model" error while loading.
 * **Log.** Every request (and owner hold) is logged with arrival, start and end times
   (``time.monotonic()``, one clock for every process on a Linux box) and its outcome;
   ``GET /emu/log`` serves it as JSON. :func:`sent_to_full` reads several servers' logs
@@ -69,6 +74,7 @@ LOG_MAX = 200_000                # log entries kept per server (oldest dropped)
 WAIT_EPS_S = 0.002               # a request that started later than this waited
 BUSY_ERROR = "server busy, please try again.  maximum pending requests exceeded"
 SERVICE_MS_HEADER = "X-Emu-Service-Ms"
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,7 @@ class InferenceServer:
         self.app = web.Application(client_max_size=64 << 20)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/slots", self._slots)
         self.app.router.add_get("/emu/log", self._log)
         self.app.router.add_get("/", self._root)
         self.app.router.add_route("*", "/{path:.*}", self._handle)
@@ -238,8 +245,7 @@ class InferenceServer:
         self.log.append(entry)
         if self.loading:
             entry.end, entry.outcome = entry.arrival, "loading"
-            return web.json_response({"error": {"code": 503, "message": "Loading model",
-                                                 "type": "unavailable_error"}}, status=503)
+            return web.json_response(LOADING, status=503)
         if not self.pool.free and self.pool.waiting >= self.profile.queue_limit:
             entry.end, entry.outcome = entry.arrival, "rejected"
             return web.json_response({"error": BUSY_ERROR}, status=503,
@@ -296,26 +302,41 @@ class InferenceServer:
 
     async def _health(self, _request: web.Request) -> web.Response:
         if self.loading:
-            return web.json_response({"error": "loading model"}, status=503)
-        return web.Response(status=200)
+            return web.json_response(LOADING, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _slots(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.slots_json())
+
+    def slots_json(self) -> list[dict[str, Any]]:
+        """llama.cpp's ``GET /slots``: one object per slot, the busy ones first."""
+        used = self.pool.used
+        return [{"id": i, "id_task": -1, "n_ctx": 4096, "is_processing": i < used}
+                for i in range(self.profile.slots)]
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text(),
                             content_type="text/plain", charset="utf-8")
 
     def metrics_text(self) -> str:
-        """vLLM's scheduler gauges in Prometheus text format (what ``/metrics`` says)."""
+        """vLLM's and llama.cpp's load gauges in Prometheus text format (``/metrics``)."""
         label = f'{{engine="0",model_name="{self.profile.model}"}}'
         usage = min(1.0, self.pool.used / self.profile.slots)
-        rows = (("vllm:num_requests_running", "Number of requests in model execution "
-                 "batches.", float(self.running)),
-                ("vllm:num_requests_waiting", "Number of requests waiting to be "
-                 "processed.", float(self.pool.waiting)),
-                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                 usage))
+        running, waiting = float(self.running), float(self.pool.waiting)
+        rows = (("vllm:num_requests_running", label, "Number of requests in model "
+                 "execution batches.", running),
+                ("vllm:num_requests_waiting", label, "Number of requests waiting to be "
+                 "processed.", waiting),
+                ("vllm:kv_cache_usage_perc", label, "KV-cache usage. 1 means 100 percent "
+                 "usage.", usage),
+                ("llamacpp:requests_processing", "", "Number of requests processing.",
+                 running),
+                ("llamacpp:requests_deferred", "", "Number of requests deferred.", waiting),
+                ("llamacpp:kv_cache_usage_ratio", "", "KV-cache usage. 1 means 100 percent "
+                 "usage.", usage))
         out = []
-        for name, text, value in rows:
-            out += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name}{label} {value}"]
+        for name, labels, text, value in rows:
+            out += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name}{labels} {value}"]
         return "\n".join(out) + "\n"
 
     async def _log(self, _request: web.Request) -> web.Response:
