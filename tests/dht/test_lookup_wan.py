@@ -135,3 +135,30 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
             await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
+
+
+def test_proximity_neighbour_selection_asks_the_nearer_of_equally_close_first():
+    """Among candidates in the same XOR log-distance class of the target, the one with
+    the lowest measured RTT is asked first; a closer class still comes first, and with no
+    RTT known the order is the exact distance."""
+    from types import SimpleNamespace
+
+    from kademlia.node import Node
+
+    from agent.dht.crawling import Crawl
+
+    target = bytes(20)
+    # same class (top bit of the XOR set), a and b; c in a closer class
+    a = Node(bytes([0x80]) + bytes(19), "127.0.0.1", 1)
+    b = Node(bytes([0xC0]) + bytes(19), "127.0.0.1", 2)
+    c = Node(bytes([0x01]) + bytes(19), "127.0.0.1", 3)
+    rtts: dict[int, float] = {1: 0.300, 2: 0.020}
+    proto = SimpleNamespace(source_node=Node(b"\xff" * 20), is_suspect=lambda nid: False,
+                            expected_rtt=lambda addr: rtts.get(addr[1]), ksize=20)
+    crawl = Crawl(proto, target, [a, b, c], width=3, alpha=1)  # type: ignore[arg-type]
+    ready = [nid for _d, nid in crawl.order]
+    assert ready == [c.id, a.id, b.id]                       # exact distance order
+    assert crawl._pick(ready, 1) == [c.id]                  # the closer class first
+    assert crawl._pick(ready[1:], 1) == [b.id]              # then the nearer by RTT
+    rtts.clear()
+    assert crawl._pick(ready[1:], 1) == [a.id]              # unknown: exact distance
