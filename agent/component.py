@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         DHTService,
         DiscoveryService,
         RegistryService,
+        RouterService,
         TunnelService,
         WorkerService,
     )
@@ -112,6 +113,10 @@ class ComponentDirectory:
     @property
     def coordinator(self) -> RegistryService | None:
         return cast("RegistryService | None", self._named("coordinator"))
+
+    @property
+    def router(self) -> RouterService | None:
+        return cast("RouterService | None", self._named("router"))
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

@@ -316,6 +316,16 @@ class AdmissionService(Protocol):
         ...
 
 
+class RouterService(Protocol):
+    """What ``agent.router`` (:class:`agent.router.component.RouterComponent`) offers
+    others: its selection policy's view of workers (``?explain=1``, the dashboard)."""
+
+    def route_costs(self, service: str, workers: Iterable[tuple[bytes, float]]
+                    ) -> dict[bytes, dict[str, Any]]:
+        """Per (worker id, record capacity), the router's cost parts for ``service``."""
+        ...
+
+
 class RegistryService(Protocol):
     """What ``agent.coordinator`` (:class:`agent.roles.coordinator.CoordinatorRole`)
     offers: its fallback registry."""
@@ -364,3 +374,6 @@ class AgentAPI(Protocol):
 
     @property
     def coordinator(self) -> RegistryService | None: ...
+
+    @property
+    def router(self) -> RouterService | None: ...

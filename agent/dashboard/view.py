@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.dht.record import ALL_SERVICES, service_key
-from agent.discovery.explain import explain_set, worker_state
+from agent.discovery.explain import add_route_costs, explain_set, worker_state
 from agent.discovery.select import Query
 
 if TYPE_CHECKING:
@@ -86,6 +86,9 @@ def service_state(disc: DiscoveryService, hub: WatchHub, service: str,
               caller_region=disc.agent.config.agent.region)
     out = explain_set(entry.candidates, q, now, disc.tracker, disc.scorer, disc.weights,
                       max_excluded=MAX_ROWS)
+    router = disc.agent.router
+    if router is not None:                  # the router's own cost parts per worker
+        add_route_costs(out["workers"], router, service)
     workers = []
     cs = entry.candidates
     for v in out["workers"]:
@@ -97,7 +100,8 @@ def service_state(disc: DiscoveryService, hub: WatchHub, service: str,
             "capacity": num(v["capacity"], 2), "region": v["region"],
             "age_s": num(v["age_s"], 1), "latency_ms": num(v["latency_ms"], 1),
             "score": num(v["score"]), "state": v["state"], "rank": v["rank"],
-            "components": {k: num(x) for k, x in v["components"].items()}})
+            "components": {k: num(x) for k, x in v["components"].items()},
+            "router": v.get("router")})
     excluded = [{"id": x["id"], "name": x["name"], "gpu": x["gpu"],
                  "region": x["region"], "load": num(x["load"], 2),
                  "capacity": num(x["capacity"], 2),

@@ -47,7 +47,7 @@ from agent.discovery.select import (
 
 if TYPE_CHECKING:
     from agent.discovery.latency import LatencyTracker
-    from agent.interfaces import DiscoveryService
+    from agent.interfaces import DiscoveryService, RouterService
 
 COMPONENTS = ("load", "gpu", "region", "latency", "age", "health")
 RAW_TIMEOUT_S = 2.0
@@ -266,6 +266,20 @@ def local_tombstones(comp: DiscoveryService, service: str) -> set[bytes]:
     return {r.worker_id for r in recs if r.withdrawn}
 
 
+def add_route_costs(workers: list[dict[str, Any]], router: RouterService,
+                    service: str) -> None:
+    """Each offered worker gets ``router``: this agent's router's cost parts for it
+    (outstanding, queue, capacity, ewma_ms, penalty, retry_after, cost, ...), what a
+    routed request is sent by (:mod:`agent.router.policy`), not the score above."""
+    ids = [(bytes.fromhex(w["id"]), float(w.get("capacity") or 0.0)) for w in workers]
+    costs = router.route_costs(service, ids)
+    for w, (wid, _cap) in zip(workers, ids, strict=True):
+        parts = costs.get(wid)
+        if parts is not None:
+            w["router"] = {k: round(v, 3) if isinstance(v, float) else v
+                           for k, v in parts.items()}
+
+
 async def explain(comp: DiscoveryService, service: str, q: Query, *,
                   fresh: bool = False) -> dict[str, Any]:
     """The explained answer of ``GET /api/services/{name}?explain=1``."""
@@ -283,6 +297,9 @@ async def explain(comp: DiscoveryService, service: str, q: Query, *,
     out = explain_set(entry.candidates, q, now, comp.tracker, comp.scorer, comp.weights,
                       raw=raw, withdrawn=local_tombstones(comp, service),
                       allow_http_hosts=Allowance.from_config(comp.agent.config.discovery))
+    router = comp.agent.router
+    if router is not None:
+        add_route_costs(out["workers"], router, service)
     w = comp.weights
     return {
         "service": service, "source": source, "explain": True,
@@ -297,6 +314,7 @@ async def explain(comp: DiscoveryService, service: str, q: Query, *,
                     "latency_ms/(latency_ms+50) (0.5 while unmeasured), age = "
                     "-w_age*age/max_age, health = 0 (failing workers are excluded)"),
         "note": (f"workers are in the deterministic order; a plain lookup draws its first "
-                 f"slot at random among the best {TOP_RANDOM}"),
+                 f"slot at random among the best {TOP_RANDOM}; a routed request is sent by "
+                 "the router's own cost (each worker's \"router\", agent/router/policy.py)"),
         **out,
     }

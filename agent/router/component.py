@@ -6,7 +6,9 @@ One routed request:
    the same ranking and top-3 draw as ``/api/services/{name}``), filtered by the
    ``RMA-Region``, ``RMA-GPU`` and ``RMA-Min-GPU-Memory-GB`` request headers. Records
    whose endpoint callers may not contact were already left out by discovery
-   (:mod:`agent.discovery.endpoints`); workers that said "full" in the last second go last.
+   (:mod:`agent.discovery.endpoints`). The order to try them in is the selection policy's
+   (:mod:`agent.router.policy`: power of two choices on fresh load and peak-EWMA latency;
+   full workers after those with room, failing ones banned, ``Retry-After`` honoured).
    Discovery is reached only through :class:`agent.interfaces.RouterDiscovery`
    (:class:`agent.discovery.router_view.RouterView` over ``agent.discovery``).
 2. **Share.** A worker that holds its whole share of this router's connections, or hangs,
@@ -50,8 +52,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +75,8 @@ from agent.router.attempt import AttemptFailed, send
 from agent.router.budget import RetryBudget
 from agent.router.filters import filter_query
 from agent.router.freshload import FreshLoads
-from agent.router.metrics import OUTCOMES, RETRY_REASONS, RouterMetrics
+from agent.router.metrics import OUTCOMES, RETRY_REASONS, RouterMetrics, policy_hooks
+from agent.router.policy import RoutePolicy
 from agent.router.proxy import (
     IDEMPOTENT,
     RETRY_STATUSES,
@@ -89,8 +94,6 @@ log = logging.getLogger("rma_agent.router")
 _LOG_LIMIT = RateLimiter(rate=0.2, burst=5)
 
 CONNECT_TIMEOUT_S = 5.0
-BUSY_HOLD_S = 1.0             # a worker that said "full" goes last for this long
-MAX_BUSY = 4096
 READ_BUFSIZE = 1 << 18
 SWEEP_S = 1.0                 # how often waiting attempts are checked for hanging workers
 # statuses on which a worker's RMA-Not-Processed is believed (its gateway's refusals)
@@ -135,7 +138,7 @@ class RouterComponent(Component):
         self.counts: Counter[str] = Counter()
         self.slots = WorkerSlots()
         self.loads = FreshLoads()
-        self._busy: OrderedDict[bytes, float] = OrderedDict()
+        self.policy = RoutePolicy(**policy_hooks(agent.registry))
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.connect_timeout_s = CONNECT_TIMEOUT_S
@@ -247,6 +250,7 @@ class RouterComponent(Component):
                 "contacted_hosts": disc.contacted_hosts() if disc is not None else {},
                 "workers": self.slots.stats(time.monotonic()),
                 "loads": self.loads.stats(time.time()),
+                "policy": self.policy.stats(),
             },
         }
 
@@ -301,28 +305,37 @@ class RouterComponent(Component):
         self.budget.deposit()
         body = await read_body(request.method, request.content, request.content_length,
                                request.body_exists)
-        candidates = self._order(records)
+        candidates = self._order(service, records)
+        if not candidates:
+            return self._held(service, records)
         return await self._attempts(_Call(
             request, disc, service, rest, raw_query, body,
             request_headers(request.headers, body.length), candidates))
 
-    def _order(self, records: list[Any]) -> list[Any]:
-        """Workers likely to be full go last (ranking order otherwise kept): those that
-        answered "full" within BUSY_HOLD_S, and those whose freshest known load — the
-        record's or the ``RMA-Load`` of their last answer (:mod:`agent.router.freshload`)
-        — has no free slot, or at which this router alone already has as many requests as
-        that load's capacity (least-outstanding-requests: it spreads a burst by capacity
-        instead of collecting 503s from small workers)."""
-        busy, inflight, loads = self._busy, self.slots.inflight, self.loads
+    def _order(self, service: str, records: list[Any]) -> list[Any]:
+        """The order to try ``records`` in: :mod:`agent.router.policy` (power of two
+        choices on cost from this router's outstanding requests, the freshest of record
+        and ``RMA-Load`` (:mod:`agent.router.freshload`) and a peak-EWMA of latency;
+        hot, banned and ``Retry-After``-held workers handled there)."""
+        loads = self.loads
         for rec in records:
             loads.record(rec)
-        if busy:
-            now = time.monotonic()
-            for wid in [w for w, until in busy.items() if until <= now]:
-                del busy[wid]
-        wall = time.time()
-        return sorted(records, key=lambda r: r.worker_id in busy or loads.full(
-            r.worker_id, inflight.get(r.worker_id, 0), wall))
+        return self.policy.order(service, records, self.slots.inflight, loads.get)
+
+    def _held(self, service: str, records: list[Any]) -> web.StreamResponse:
+        """Every candidate asked for time (``Retry-After``): 503, the shortest wait."""
+        self._finish("shed", 0)
+        wait = max(1, math.ceil(self.policy.held_for(records)))
+        return error(503, f"every worker of {service!r} asked to be left alone for now "
+                          "(Retry-After); try again shortly", attempts=0,
+                     extra={"Retry-After": str(wait), "RMA-Attempts": "0"})
+
+    def route_costs(self, service: str, workers: Iterable[tuple[bytes, float]]
+                    ) -> dict[bytes, dict[str, Any]]:
+        """Per (worker, record capacity): the policy's cost parts for ``service`` now."""
+        workers = list(workers)
+        costs = self.policy.costs(service, workers, self.slots.inflight, self.loads.get)
+        return {wid: parts for (wid, _cap), parts in zip(workers, costs, strict=True)}
 
     async def _attempts(self, call: _Call) -> web.StreamResponse:
         while call.n < len(call.candidates) and call.attempts < self.max_attempts:
@@ -395,6 +408,8 @@ class RouterComponent(Component):
                 self.slots.answered(wid, token, time.monotonic(), got)
             self.loads.header(wid, resp.headers.get(LOAD_HEADER), time.time())
             dt = time.perf_counter() - t0
+            self.policy.answered(wid, call.service, resp.status,
+                                 resp.headers.get("Retry-After"), dt)
             self.metrics.upstream.observe(dt)
             verdict = self._retry_answer(call, wid, resp)
             if verdict == "retry":
@@ -419,6 +434,7 @@ class RouterComponent(Component):
             return error(400, "the request body ended before it was complete",
                           attempts=call.attempts)
         call.disc.worker_outcome(wid, False)
+        self.policy.failure(wid, call.service)
         call.last = f"worker {wid.hex()[:12]}: {exc}"
         retry_ok = call.body.replayable and (not exc.sent or call.idempotent)
         call.stop = not (retry_ok and self._may_retry(call, charged=exc.charged,
@@ -458,7 +474,4 @@ class RouterComponent(Component):
         return True
 
     def _mark_busy(self, wid: bytes) -> None:
-        self._busy[wid] = time.monotonic() + BUSY_HOLD_S
-        self._busy.move_to_end(wid)
-        while len(self._busy) > MAX_BUSY:
-            self._busy.popitem(last=False)
+        self.policy.busy(wid)

@@ -57,3 +57,21 @@ class RouterMetrics:
             self.retries.labels(r)
         for s in sources:
             self.lookups.labels(s)
+
+
+PICKS = ("p2c", "only", "hot", "banned")
+PENALTIES = ("failure", "retry_after", "busy")
+
+
+def policy_hooks(registry: Any) -> dict[str, Callable[[str], None]]:
+    """The selection policy's counters (:mod:`agent.router.policy`) as its ``on_pick``
+    and ``on_penalty`` hooks: ``rma_agent_router_picks_total{how}`` (how the first worker
+    was chosen: two choices, the only one with room, a hot one, a banned one) and
+    ``rma_agent_router_penalties_total{kind}`` (failure bans, Retry-After holds, "full")."""
+    picks = PromCounter("rma_agent_router_picks", "Routed requests by how the first worker "
+                        "was chosen", ["how"], registry=registry)
+    penalties = PromCounter("rma_agent_router_penalties", "Workers penalised by the "
+                            "router's selection, by kind", ["kind"], registry=registry)
+    pick = {h: picks.labels(h) for h in PICKS}
+    pen = {k: penalties.labels(k) for k in PENALTIES}
+    return {"on_pick": lambda how: pick[how].inc(), "on_penalty": lambda k: pen[k].inc()}

@@ -161,6 +161,22 @@
     return h("div", {}, h("strong", { text: fmt(w.score, 3) }), bar, list);
   }
 
+  // the router's own cost parts (agent/router/policy.py): what a routed request is sent by
+  function routerCell(w) {
+    const r = w.router;
+    if (!r) return "–";
+    const q = r.inflight === null ? "no load report" :
+      `${r.inflight} running + ${r.queue} queued / ${r.capacity}`;
+    const bits = [`mine ${r.outstanding}`, q,
+                  (r.measured ? fmt(r.ewma_ms, 1, " ms") : "unmeasured")];
+    if (r.hot) bits.push("full");
+    if (r.penalty > 0) bits.push(`banned ${fmt(r.penalty, 1)} s`);
+    if (r.retry_after > 0) bits.push(`Retry-After ${fmt(r.retry_after, 1)} s`);
+    return h("div", { title: Object.entries(r).map(([k, v]) => `${k} ${v}`).join(", ") },
+      h("strong", { text: fmt(r.cost, 1) }),
+      h("ul", { class: "partlist" }, ...bits.map((b) => h("li", { text: b }))));
+  }
+
   function stateCell(state) {
     return h("span", { class: "st-" + slug(state), text: state });
   }
@@ -171,7 +187,7 @@
 
   function renderService(svc) {
     const head = h("tr", {}, ...["#", "worker", "state", "load", "GPU", "region", "latency",
-                                  "age", "score = parts"].map((t) =>
+                                  "age", "router cost", "score = parts"].map((t) =>
       h("th", { scope: "col", class: ["#", "latency", "age"].includes(t) ? "num" : null, text: t })));
     const rows = svc.workers.map((w) => h("tr", { "data-worker": w.name, "data-id": w.id },
       td("#", "num", String(w.rank)),
@@ -184,6 +200,7 @@
       td("region", null, w.region || "–"),
       td("latency", "num", w.latency_ms === null ? "unmeasured" : fmt(w.latency_ms, 1, " ms")),
       td("age", "num", ago(w.age_s)),
+      td("router cost", null, routerCell(w)),
       td("score", null, scoreCell(w))));
     const excl = (svc.excluded || []).map((x) => h("tr", { class: "excluded", "data-worker": x.name,
                                                            "data-id": x.id },
@@ -192,7 +209,7 @@
       td("state", null, stateCell(x.state === "-" ? "gone" : x.state)),
       td("load", null, x.load === null ? "–" : `${fmt(x.load, 1)} / ${fmt(x.capacity, 0)}`),
       td("GPU", null, x.gpu || "–"), td("region", null, x.region || "–"),
-      td("latency", "num", "–"), td("age", "num", "–"),
+      td("latency", "num", "–"), td("age", "num", "–"), td("router cost", null, "–"),
       td("not offered", null, x.reason)));
     const count = svc.workers.length;
     return h("div", { class: "svc", id: "svc-" + slug(svc.name), "data-service": svc.name },
