@@ -306,8 +306,10 @@ def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm
     urls = [farm.add(p) for p in profiles]
     paths, callers, gateways = agent_configs(tmp, urls, profiles, args.callers,
                                              args.max_concurrency == "queue", args.kind)
-    for p in paths:             # all at once: the others' join loops wait for the seed
+    for i, p in enumerate(paths):     # the DHT seed first, then everyone else at once
         procs.spawn([sys.executable, "-m", "agent", "run", "-c", str(p)], p.stem + ".log")
+        if i == 0:
+            wait_json(callers[0] + "/readyz", lambda b: True)
     for c in callers:
         wait_json(c + "/readyz", lambda b: True)
         wait_json(c + "/api/services/llm?limit=50",
@@ -490,7 +492,14 @@ def main() -> int:
     farm = InferenceFarm()
     load0 = os.getloadavg()[0]
     try:
-        setup = start(args, tmp, procs, farm)
+        try:
+            setup = start(args, tmp, procs, farm)
+        except RuntimeError:
+            for log in sorted(tmp.glob("*.log")):       # what the agents said, then fail
+                tail = log.read_text(errors="replace").splitlines()[-6:]
+                if tail:
+                    print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+            raise
         results = asyncio.run(run_all(args, setup))
     finally:
         procs.stop()
