@@ -377,7 +377,21 @@ def figures(setup: Setup, cell: Any, load: float) -> dict[str, Any]:
             "s503": cell.statuses.get("503", 0),
             "errors": sum(n for k, n in cell.statuses.items() if k not in ("200", "503")),
             "retries": cell.retries, "unfinished": cell.unfinished,
-            "to_full": bad / counted if counted else 0.0, "server_requests": counted}
+            "to_full": bad / counted if counted else 0.0, "server_requests": counted,
+            **spread(logs, cell.start)}
+
+
+def spread(logs: dict[str, tuple[int, list[Any]]], since: float) -> dict[str, Any]:
+    """Where the cell's requests went (per server) and how long they queued there (p50,
+    p99 of start - arrival over the requests that got a slot): the "why" of a p99."""
+    by_server: dict[str, int] = {}
+    waits: list[float] = []
+    for name, (_slots, entries) in logs.items():
+        mine = [e for e in entries if e.kind == "request" and e.arrival >= since]
+        by_server[name] = len(mine)
+        waits += [e.start - e.arrival for e in mine if e.start == e.start]   # not nan
+    return {"by_server": by_server, "queued_p50_ms": pct(waits, 0.5) * 1000,
+            "queued_p99_ms": pct(waits, 0.99) * 1000}
 
 
 async def run_all(args: argparse.Namespace, setup: Setup) -> dict[str, dict[str, Any]]:
@@ -422,6 +436,15 @@ def report(results: dict[str, dict[str, Any]], setup: Setup, args: argparse.Name
               f"{r['p99_ms']:8.0f} {r['p999_ms']:9.0f} {r['throughput']:7.1f} "
               f"{r['of_capacity']:6.2f} {r['s503']:5d} {r['retries']:6d} "
               f"{r['errors'] + r['unfinished']:4d} {100 * r['to_full']:7.1f}% {ratio:8.2f}")
+    names = [p.name for p in setup.profiles]
+    print("where requests went (% per server: " + ", ".join(
+        f"{p.name} {p.slots}x{p.speed:g}" for p in setup.profiles)
+        + ") and how long they queued there (ms p50 / p99):")
+    for r in results.values():
+        total = max(1, sum(r["by_server"].values()))
+        shares = " ".join(f"{100 * r['by_server'].get(n, 0) / total:4.0f}" for n in names)
+        print(f"{r['load']:5.2f} {r['policy']:<12} {shares}   "
+              f"{r['queued_p50_ms']:6.0f} / {r['queued_p99_ms']:6.0f}")
     if args.stream:
         print("first byte of the token stream, ms from the scheduled arrival (p50 / p99):")
         for r in results.values():
