@@ -89,8 +89,13 @@ class FreshLoads:
             return
         if not math.isfinite(at):
             return
-        self._put(rec.worker_id, Seen(Load(_count(rec.load), 0, _count(rec.capacity)),
-                                      at, "record"))
+        cap = _count(rec.capacity)
+        if old is not None and 0 < old.load.capacity < cap:
+            # a record's capacity is the worker's admission limit (max_concurrency); an
+            # answer's is what its server can run at once (its slots, when the gateway
+            # reads them), the one that says when requests start to queue: kept
+            cap = old.load.capacity
+        self._put(rec.worker_id, Seen(Load(_count(rec.load), 0, cap), at, "record"))
 
     def get(self, wid: bytes) -> Seen | None:
         return self._seen.get(wid)

@@ -14,10 +14,9 @@ The rule, for one request (``order``; discovery already applied the ``RMA-Region
 1. **Held: never.** A worker that answered ``429``/``503`` with ``Retry-After`` is left
    out until that time (bounded by ``RETRY_AFTER_MAX_S``). When every candidate is held
    the router answers ``503`` with the shortest remaining hold as its ``Retry-After``.
-2. **Tiers, lexicographic (Prequal's hot/cold).** *Cold*: has room. *Hot*: its load
-   report younger than ``FRESH_S`` says it has no free slot (``inflight + queue >=
-   capacity``), or it said "full" within ``BUSY_HOLD_S``, or this router alone already
-   holds ``capacity`` requests there. *Banned*: failed within its ban. A hot worker gets
+2. **Tiers, lexicographic (Prequal's hot/cold).** *Cold*: has room. *Hot*: its
+   estimated load (below) has no free slot (``>= capacity``), or it said "full" within
+   ``BUSY_HOLD_S``, or this router alone already holds ``capacity`` requests there. *Banned*: failed within its ban. A hot worker gets
    nothing while a cold one exists; a banned one only when nothing else is left.
 3. **Two choices.** Among the cold workers, two distinct ones are drawn at random,
    weighted toward discovery's rank (weight ``RANK_DECAY ** rank``: region, GPU class
@@ -25,15 +24,23 @@ The rule, for one request (``order``; discovery already applied the ``RMA-Region
    rest follow by cost (retries), then the hot ones by cost, then the banned ones.
 4. **Cost** (milliseconds of expected wait, Linkerd's ``rtt x (pending + 1)`` per slot)::
 
-       busy  = max(outstanding, reported inflight + queue)
+       w     = exp(-age / max(LOAD_TAU_S, ewma))
+       load  = prior + (reported - prior) * w       prior = STALE_PRIOR * capacity
+       busy  = load + outstanding
        cost  = (busy + 1) / capacity * (ewma_ms + BASE_MS)
 
-   ``outstanding``: this router's requests at the worker now. The report is the
-   freshest of record and ``RMA-Load`` header (:mod:`agent.router.freshload`); one
-   older than ``FRESH_S`` is read conservatively, as at least ``STALE_FLOOR`` of its
-   capacity busy (the Inference Extension counts old metrics as saturated; a flat floor
-   keeps old reports from attracting traffic without starving anyone). ``capacity`` is
-   the report's (1 when unknown). ``ewma_ms``: a **peak-EWMA** of this worker's time to
+   ``outstanding``: this router's requests at the worker now, known exactly, added to
+   the others' load as last reported (which may count some of ours again: an error on
+   the side of spreading). ``reported`` is
+   ``inflight + queue`` of the freshest of record and ``RMA-Load`` header
+   (:mod:`agent.router.freshload`), less the answer's own request for a header (the
+   gateway stamps it while that request is still counted; it is leaving). A report is
+   trusted as it is when new and fades toward ``prior`` (half full) as it ages, over a
+   worker's own time scale (its latency, at least ``LOAD_TAU_S``): by then the requests
+   it counted have left and others arrived. So an old "idle" is never believed (the
+   Inference Extension counts old metrics as saturated), and an old "full" does not
+   shut a worker out forever when nobody sends there to hear otherwise. ``capacity``
+   is the report's (the record's, or 1, when unknown). ``ewma_ms``: a **peak-EWMA** of this worker's time to
    response headers for this service: a sample above the estimate replaces it at once,
    one below is averaged in with weight ``1 - exp(-dt / EWMA_TAU_S)``, and with no
    samples it decays toward 0 with the same time constant (so a worker that was slow
@@ -64,8 +71,8 @@ from typing import Any, Protocol
 
 from agent.http.load_header import Load
 
-FRESH_S = 2.0               # a load report younger than this is taken as it is
-STALE_FLOOR = 0.5           # an older one counts as at least this share of capacity busy
+LOAD_TAU_S = 2.0            # a load report fades with at least this time constant ...
+STALE_PRIOR = 0.5           # ... toward this share of capacity busy
 BUSY_HOLD_S = 1.0           # a worker that answered "full" is hot this long
 EWMA_TAU_S = 10.0           # peak-EWMA time constant (Finagle's default decay time)
 BASE_MS = 1.0               # keeps load in the cost while no latency is known
@@ -90,6 +97,7 @@ class SeenLoad(Protocol):
 
     load: Load
     at: float
+    source: str
 
     def age(self, now: float) -> float: ...
 
@@ -240,22 +248,26 @@ class RoutePolicy:
         cap = load.capacity if load is not None and load.capacity > 0 else \
             (round(capacity) if math.isfinite(capacity) and capacity >= 1 else 1)
         age = seen.age(wall) if seen is not None else None
-        reported = load.busy if load is not None else 0
-        fresh = age is not None and age <= FRESH_S
-        busy_est = max(float(outstanding), float(reported) if fresh else
-                       max(float(reported), STALE_FLOOR * cap))
         est = self._lat.get((wid, service))
         ewma = est.value(now) if est is not None else \
             (neutral_ms if neutral_ms is not None else 0.0)
+        prior = STALE_PRIOR * cap
+        reported = prior
+        if load is not None and age is not None:
+            own = 1 if seen is not None and seen.source == "header" else 0
+            w = math.exp(-age / max(LOAD_TAU_S, ewma / 1000.0))
+            reported = prior + (max(0, load.busy - own) - prior) * w
+        busy_est = reported + outstanding
         h = self._health.get(wid)
         penalty = max(0.0, h.ban_until - now) if h is not None else 0.0
         held = max(0.0, h.hold_until - now) if h is not None else 0.0
-        hot = (fresh and load is not None and load.full) or outstanding >= cap or \
+        hot = reported >= cap or outstanding >= cap or \
             (h is not None and h.busy_until > now)
         return {"outstanding": outstanding,
                 "inflight": load.inflight if load is not None else None,
                 "queue": load.queue if load is not None else None, "capacity": cap,
                 "load_age_s": round(age, 3) if age is not None else None,
+                "load_est": round(busy_est, 3),
                 "ewma_ms": round(ewma, 3), "measured": est is not None,
                 "penalty": round(penalty, 3), "retry_after": round(held, 3),
                 "hot": bool(hot),

@@ -114,9 +114,26 @@ def test_stale_reports_are_read_conservatively() -> None:
     b = pol.parts(SVC, B, 4, 0, seen[B])
     assert a["cost"] > b["cost"]                 # old "idle" counts as half full
     assert firsts(pol, recs, seen, n=50) == {B: 50}
-    # a stale "full" report is not believed less full than it said
-    old_full = Seen(Load(4, 2, 4), clock.t - 30.0, "record")
-    assert pol.parts(SVC, A, 4, 0, old_full)["cost"] > b["cost"]
+    # a report fades toward half full over the worker's time scale: a full one is
+    # hot while new, half full once old (never shut out for good)
+    full = Seen(Load(4, 2, 4), clock.t, "record")
+    assert pol.parts(SVC, A, 4, 0, full)["hot"] and pol.parts(SVC, A, 4, 0, full)["load_est"] == 6
+    clock.t += P.LOAD_TAU_S
+    mid = pol.parts(SVC, A, 4, 0, full)["load_est"]
+    assert 2.0 < mid < 6.0
+    clock.t += 30.0
+    assert pol.parts(SVC, A, 4, 0, full)["load_est"] == pytest.approx(2.0, abs=1e-3)
+    assert not pol.parts(SVC, A, 4, 0, full)["hot"]
+
+
+def test_a_headers_own_request_is_not_counted() -> None:
+    pol, clock = make()
+    # the gateway stamps RMA-Load while the answered request is still in flight there
+    seen = Seen(Load(2, 0, 2), clock.t, "header")
+    p = pol.parts(SVC, A, 2, 0, seen)
+    assert p["load_est"] == 1 and not p["hot"]
+    p = pol.parts(SVC, A, 2, 0, Seen(Load(2, 1, 2), clock.t, "header"))
+    assert p["load_est"] == 2 and p["hot"]
 
 
 def test_peak_ewma_reacts_to_a_slow_sample_at_once_and_decays() -> None:
@@ -216,3 +233,17 @@ def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         pol.success(wid, SVC, 0.01)
         pol.failure(wid, SVC)
     assert pol.stats()["tracked_workers"] == 8 and pol.stats()["latency_estimates"] == 8
+
+
+def test_a_newer_record_keeps_the_slots_an_answer_stated() -> None:
+    from types import SimpleNamespace
+
+    from agent.router.freshload import FreshLoads
+    fl = FreshLoads()
+    fl.header(A, "inflight=1; queue=0; capacity=2", 100.0)
+    # the record's capacity is the admission limit (slots + queue), not the slots
+    fl.record(SimpleNamespace(worker_id=A, load=3.0, capacity=10.0, issued_at=101.0))
+    seen = fl.get(A)
+    assert seen is not None and seen.source == "record" and seen.load == Load(3, 0, 2)
+    fl.record(SimpleNamespace(worker_id=B, load=3.0, capacity=10.0, issued_at=101.0))
+    assert fl.get(B).load == Load(3, 0, 10)
