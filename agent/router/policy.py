@@ -261,7 +261,7 @@ class RoutePolicy:
         h = self._health.get(wid)
         penalty = max(0.0, h.ban_until - now) if h is not None else 0.0
         held = max(0.0, h.hold_until - now) if h is not None else 0.0
-        hot = reported >= cap or outstanding >= cap or \
+        hot = busy_est >= cap or \
             (h is not None and h.busy_until > now)
         return {"outstanding": outstanding,
                 "inflight": load.inflight if load is not None else None,
