@@ -147,14 +147,13 @@ class RoundRobinPolicy(Policy):
 
     async def start(self) -> None:
         n = len(self.targets)
-        self._next = [itertools.cycle(range(n)) for _ in self.callers]
-        for c, it in enumerate(self._next):     # callers start at different workers
-            for _ in range(c * n // max(1, len(self.callers))):
-                next(it)
+        # callers start at different workers; one step per request, retries go on from it
+        self._next = [itertools.count(c * n // max(1, len(self.callers)))
+                      for c in range(len(self.callers))]
 
     async def send(self, caller: int) -> tuple[int, int]:
-        it = self._next[caller]
-        return await self._direct([self.targets[next(it)] for _ in self.targets], caller)
+        first, n = next(self._next[caller]), len(self.targets)
+        return await self._direct([self.targets[(first + i) % n] for i in range(n)], caller)
 
 
 class OraclePolicy(Policy):
