@@ -7,11 +7,11 @@ the first node holding a value. ``Crawl`` here is event-driven:
 * up to ``alpha`` requests are active; whenever one completes the next closest
   unqueried candidate is asked at once (never waiting for the slowest of a "round"). A
   request slower than its peer's hedge delay (``hedge_delay``: three recent RTTs of the
-  node, 3-100 ms, or one and a half times that peer's own smoothed RTT when it is far,
-  never beyond its RTO) is *hedged*: it stops counting against ``alpha`` and stops holding
+  node, 3-100 ms; for the nodes of a warm start one and a half times that peer's own
+  smoothed RTT when it is far, never beyond its RTO) is *hedged*: it stops counting against ``alpha`` and stops holding
   the ``width`` window, so the next candidate is asked, while a late answer is still used.
   A dead peer therefore costs a lookup about one hedge delay, not an RPC timeout (5 s in
-  plain kademlia), and a peer 300 ms away is not hedged before it could have answered;
+  plain kademlia);
 * **proximity neighbour selection**: among the candidates that may be asked next, those
   equally close to the target in Kademlia's sense (same XOR log-distance: the same bucket
   seen from the target) are asked lowest measured RTT first (``expected_rtt``), so each
@@ -99,6 +99,7 @@ class Crawl:
         self.diversity_skipped: set[bytes] = set()
         self._first: list[bytes] = []
         self.warmed = 0                 # nodes asked first by ``warm``
+        self.hinted: set[bytes] = set()  # every node ``warm`` was given
         self._launched: dict[bytes, float] = {}
         self._outstanding = 0
         # a contact with an unanswered failure stays in routing tables for seconds (see
@@ -110,13 +111,14 @@ class Crawl:
 
     def warm(self, nodes: list[Node], quorum: int | None = None) -> None:
         """Warm start from ``nodes`` (those that answered this key's last lookup, closest
-        first): all become candidates, and the ``quorum`` (default ``alpha``) of them
-        with the lowest expected RTT are asked at once. The lookup ends as soon as those
+        first): all become candidates, and the ``quorum`` (default ``alpha``) of the
+        ``width`` closest with the lowest expected RTT are asked at once. The lookup ends as soon as those
         have all answered and agree (``_settled``: one round trip to the farthest of the
         nearest few storing nodes), else it goes on as a crawl, whose end condition is
         unchanged."""
         for n in nodes:
             self._add(n)
+        self.hinted = {n.id for n in nodes}
         fresh = [n.id for n in nodes if self.state.get(n.id) == NEW]
         expected = self.protocol.expected_rtt
 
@@ -125,9 +127,15 @@ class Crawl:
             e = expected((node.ip, node.port))
             return float("inf") if e is None else e
 
-        # stable sort: the closest first among equally near
-        self._first = sorted(fresh, key=rtt)[:quorum or self.alpha]
+        # of the ``width`` closest, the nearest by RTT (stable: the closest among equals)
+        self._first = sorted(fresh[:self.width], key=rtt)[:quorum or self.alpha]
         self.warmed = len(self._first)
+
+    def _warm_pending(self) -> bool:
+        """The warm start may still settle: some of its nodes are still asked (not
+        hedged) and none failed."""
+        states = [self.state[nid] for nid in self._first]
+        return INFLIGHT in states and FAILED not in states and HEDGED not in states
 
     def _settled(self) -> bool:
         """The warm-start nodes all answered and their answers agree (subclasses say
@@ -188,11 +196,13 @@ class Crawl:
 
     def hedge_delay(self, node: Node, base: float) -> float:
         """How long to wait on ``node`` before also asking the next candidate: ``base``
-        (``_hedge_delay``), or 1.5 x this peer's own smoothed RTT when that is longer (a
-        peer known to be far on a WAN is not slow: the nodes of a warm start all are),
-        but never beyond its RTO. A peer never measured gets ``base``: hedging early
-        there is what keeps a cold lookup short on a WAN (measured: 1.5 x the node's
-        average RTT instead made cold lookups 40 % and joins 3x slower)."""
+        (``_hedge_delay``); for a node of a warm start, 1.5 x its own smoothed RTT when
+        that is longer (it is known to be far, not slow: the warm start waits for all of
+        them anyway), but never beyond its RTO. Other peers get ``base``: hedging early
+        is what keeps a cold lookup short on a WAN (1.5 x the node's average RTT for
+        every peer made cold lookups ~40 % slower in bench runs)."""
+        if node.id not in self._first:
+            return base
         addr = (node.ip, node.port)
         srtt = self.protocol.peer_srtt(addr)
         if srtt is None or 1.5 * srtt <= base:
@@ -309,6 +319,8 @@ class Crawl:
                 parallel = self.width if self._stall >= self.alpha else self.alpha
                 answered, pending_closer, ready = self._scan(parallel)
                 room = min(parallel - len(self._launched), self.max_steps - self.queried)
+                if warm and self._warm_pending():
+                    room = 0           # one round trip: nobody else while it may settle
                 if room > 0 and ready:
                     picked = self._pick(ready, room)
                     for nid in picked:

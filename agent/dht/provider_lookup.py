@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kademlia.node import Node
 
-from agent.dht.crawling import ANSWERED, Crawl
+from agent.dht.crawling import ANSWERED, FAILED, Crawl
 from agent.dht.protocol import MAX_NODES_IN_ANSWER, parse_nodes
 from agent.dht.record import RecordError, WorkerRecord, decode_verified
 
@@ -235,6 +235,15 @@ class ProviderLookup(Crawl):
             return False
         if len({self.totals.get(nid, -1) for nid in first}) != 1:
             return False
+        # the network changed under the hint (a node that joined, a healed partition):
+        # an answer named a node closer to the key than the farthest one asked that was
+        # not among those that answered last time — ask it, as a crawl would
+        far = max(self.nodes[nid].long_id ^ self.tlong for nid in first)
+        for dist, nid in self.order:
+            if dist >= far:
+                break
+            if nid not in self.hinted and state[nid] != FAILED:
+                return False
         sketches = {nid: sk for _t, _r, node, sk in self._holders
                     for nid in (node.id,) if nid in first}
         if sketches and (len(sketches) != len(first)

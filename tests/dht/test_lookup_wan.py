@@ -12,7 +12,7 @@ import msgpack
 from agent.dht.identity import Identity
 from agent.dht.record import service_key
 from agent.dht.server import DHTNode
-from tests.dht.test_network import build, rec_for, stop_all
+from tests.dht.test_network import build, closer_than_all, rec_for, settled, stop_all
 from tests.util import run_uvloop
 
 
@@ -116,6 +116,20 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
             hinted = {(n.ip, n.port) for n in client.hints.recall(key)}
             assert hinted == set(asked)            # those answered: the next hint
 
+            # a node closer to the key joins: the remembered nodes name it in their
+            # answers, so the lookup does not end on them — it asks the newcomer too
+            newcomer = DHTNode(closer_than_all(key, nodes))
+            await newcomer.listen(0, "127.0.0.1")
+            nodes.append(newcomer)
+            assert await newcomer.bootstrap([("127.0.0.1", nodes[0].port)]) > 0
+            await settled(nodes)
+            tap.sent.clear()
+            assert want <= {r.worker_id for r in await client.find_providers("ocr")}
+            asked = [a for name, a in tap.sent if name == "find_providers"]
+            assert ("127.0.0.1", newcomer.port) in asked
+            assert client.stats()["warm_one_round"] == 1
+            hinted = {(n.ip, n.port) for n in client.hints.recall(key)}
+
             # the remembered nodes die: the lookup asks them first, then crawls on and
             # still finds every worker (the others hold the records too: k = 20)
             by_port = {n.port: n for n in nodes}
@@ -126,7 +140,7 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
             assert set(asked[:len(hinted)]) == hinted
             assert set(asked) - hinted, "no crawl beyond the failed hints"
             st = client.stats()
-            assert st["warm_lookups"] == 2 and st["warm_one_round"] == 1
+            assert st["warm_lookups"] == 3 and st["warm_one_round"] == 1
             # the next hint is made of nodes that answered
             assert not {(n.ip, n.port) for n in client.hints.recall(key)} & hinted
         finally:
