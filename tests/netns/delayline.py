@@ -165,7 +165,9 @@ class DelayLine:
             self.dropped += 1
             return
         now = self.loop.time()
-        at = max(now + delay, self.last.get((src, dst), 0.0))
+        # strictly after the pair's previous packet: the loop's timer heap does not keep
+        # the order of equal deadlines
+        at = max(now + delay, self.last.get((src, dst), 0.0) + 1e-6)
         self.last[(src, dst)] = at
         self.loop.call_at(at, self._write, dst, pkt)
 
