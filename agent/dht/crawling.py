@@ -109,7 +109,8 @@ class Crawl:
         for n in live or peers:
             self._add(n)
 
-    def warm(self, nodes: list[Node], quorum: int | None = None) -> None:
+    def warm(self, nodes: list[Node], quorum: int | None = None,
+             known: frozenset[bytes] = frozenset()) -> None:
         """Warm start from ``nodes`` (those that answered this key's last lookup, closest
         first): all become candidates, and the ``quorum`` (default ``alpha``) of the
         ``width`` closest with the lowest expected RTT are asked at once. The lookup ends as soon as those
@@ -118,7 +119,7 @@ class Crawl:
         unchanged."""
         for n in nodes:
             self._add(n)
-        self.hinted = {n.id for n in nodes}
+        self.hinted = {n.id for n in nodes} | known
         fresh = [n.id for n in nodes if self.state.get(n.id) == NEW]
         expected = self.protocol.expected_rtt
 
@@ -352,6 +353,18 @@ class Crawl:
         finally:
             if tick is not None:
                 tick.cancel()
+
+    def asked_near(self, k: int) -> frozenset[bytes]:
+        """Ids of the ``k`` closest candidates that were asked and did not fail (answered,
+        or an answer still out): what a warm start need not treat as news."""
+        out = []
+        for _d, nid in self.order:
+            st = self.state[nid]
+            if st in (ANSWERED, INFLIGHT, HEDGED):
+                out.append(nid)
+                if len(out) >= k:
+                    break
+        return frozenset(out)
 
     def closest_answered(self, k: int) -> list[Node]:
         """The ``k`` closest nodes that answered, within the diversity limits (a node

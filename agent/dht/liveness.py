@@ -125,6 +125,7 @@ class ContactLiveness:
         # node id -> (lost requests in a row, first loss at, last loss at)
         self._fails: dict[bytes, tuple[int, float, float]] = {}
         self._probing: set[bytes] = set()      # a liveness probe is pending or in flight
+        self._amnesty_at = -1e9                 # non-contacts' failures last forgotten
         self._fail_addr: dict[Address, bytes] = {}
         self._welcomed: OrderedDict[bytes, float] = OrderedDict()
         # rate per second, burst HANDOFF_RECORDS: one newcomer gets its records at once;
@@ -446,6 +447,20 @@ class ContactLiveness:
         self._unbury(node.id)
         self._fails.pop(node.id, None)
         self.revived += 1
+        # a contact lost for a while answers again: a healed partition, most likely.
+        # Whatever failed meanwhile may be alive again, and crawls skip suspects for
+        # SUSPECT_TTL — nodes of the other half named in answers would stay invisible
+        # that long (removal now takes several losses, so few of them were buried and
+        # revived one by one). Forget the failures of peers that are not routing
+        # contacts (at most once per SUSPECT_TTL / 6); contacts keep theirs, so a dead
+        # one's removal is not delayed.
+        now = self._clock()
+        if now - self._amnesty_at >= SUSPECT_TTL / 6:
+            self._amnesty_at = now
+            router = self.router
+            for nid in [i for i in self._fails if i not in self._probing]:
+                if router.is_new_node(Node(nid)) if len(nid) == 20 else True:
+                    del self._fails[nid]
         # no handoff: a revived contact is an old member (after a heal, all of the other
         # half at once — handing each our keys would be a storm); owners' republishes
         # re-spread records to the merged network's closest nodes

@@ -366,7 +366,7 @@ class DHTNode:
         crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
                                alpha=self.alpha, now=now, max_skew=self.max_skew,
                                max_width=self.ksize)
-        crawl.warm(self.hints.recall(key))     # the nodes that answered last time first
+        crawl.warm(self.hints.recall(key), known=self.hints.known(key))  # see ``warm``
         for rec in self.storage.snapshot(key, now):
             crawl.merge(rec)
         return crawl
@@ -380,7 +380,8 @@ class DHTNode:
         if warm:
             self.hints.used += 1
             self.hints.one_round += int(crawl.settled)
-        self.hints.remember(key, crawl.closest_answered(self.ksize))
+        self.hints.remember(key, crawl.closest_answered(self.ksize),
+                            crawl.asked_near(2 * self.ksize))
         return recs
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:

@@ -40,6 +40,9 @@ class WarmHints:
         self.ttl = ttl
         self._clock = clock
         self._hints: OrderedDict[bytes, tuple[float, list[Node]]] = OrderedDict()
+        # key -> ids the last lookup asked near the key (answered or still out): a node
+        # named in a warm answer that is not among them is news (``Crawl.warm``)
+        self._known: dict[bytes, frozenset[bytes]] = {}
         self.used = 0           # lookups that started from a hint
         self.one_round = 0      # ... and needed nobody but the hinted nodes
 
@@ -50,24 +53,34 @@ class WarmHints:
             return []
         if self._clock() - hit[0] > self.ttl:
             del self._hints[key]
+            self._known.pop(key, None)
             return []
         self._hints.move_to_end(key)
         return list(hit[1])
 
-    def remember(self, key: bytes, nodes: list[Node]) -> None:
-        """The nodes that answered this lookup of ``key``, closest first (an empty list
-        forgets the key: nobody answered)."""
+    def known(self, key: bytes) -> frozenset[bytes]:
+        """Ids the last lookup of ``key`` asked near it (see ``remember``)."""
+        return self._known.get(key, frozenset()) if key in self._hints else frozenset()
+
+    def remember(self, key: bytes, nodes: list[Node],
+                 known: frozenset[bytes] = frozenset()) -> None:
+        """The nodes that answered this lookup of ``key``, closest first, and the ids it
+        asked near the key (an empty ``nodes`` forgets the key: nobody answered)."""
         if not nodes:
             self._hints.pop(key, None)
+            self._known.pop(key, None)
             return
         self._hints[key] = (self._clock(), list(nodes[:HINT_NODES]))
+        self._known[key] = known
         self._hints.move_to_end(key)
         while len(self._hints) > self.size:
-            self._hints.popitem(last=False)
+            old, _ = self._hints.popitem(last=False)
+            self._known.pop(old, None)
 
     def forget_all(self) -> None:
         """Drop every hint (the network changed under them: a healed partition)."""
         self._hints.clear()
+        self._known.clear()
 
     def __len__(self) -> int:
         return len(self._hints)

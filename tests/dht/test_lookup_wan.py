@@ -137,7 +137,7 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
             tap.sent.clear()
             assert want <= {r.worker_id for r in await client.find_providers("ocr")}
             asked = [a for name, a in tap.sent if name == "find_providers"]
-            assert set(asked[:len(hinted)]) == hinted
+            assert set(asked[:client.alpha]) <= hinted     # the warm start first
             assert set(asked) - hinted, "no crawl beyond the failed hints"
             st = client.stats()
             assert st["warm_lookups"] == 3 and st["warm_one_round"] == 1
