@@ -40,6 +40,7 @@ from agent.admission.keys import (
     AdmissionError,
     NetworkKey,
     b64_key,
+    check_grant,
     key_id,
     pack,
     unpack,
@@ -227,23 +228,5 @@ def _check_cert_fields(f: list[Any]) -> None:
         raise AdmissionError(f"unsupported certificate version {version!r}")
     if type(kid) is not bytes or (version == CERT_VERSION and len(kid) != 4):
         raise AdmissionError("certificate key id must be 4 bytes")
-    if type(subject) is not bytes or len(subject) != 32:
-        raise AdmissionError("certificate subject must be a 32-byte public key")
-    if type(name) is not str or len(name.encode("utf-8", "surrogatepass")) > MAX_CERT_NAME \
-            or (name and not name.isprintable()):
-        raise AdmissionError(f"certificate name must be printable text of at most "
-                             f"{MAX_CERT_NAME} bytes")
-    if not isinstance(services, list | tuple) or not services \
-            or len(services) > MAX_CERT_SERVICES:
-        raise AdmissionError(f"certificate must name 1-{MAX_CERT_SERVICES} services")
-    if list(services) != [ALL_SERVICES]:
-        for s in services:
-            if not valid_service_name(s) or s != s.lower():
-                raise AdmissionError(f"certificate names a bad service {s!r}")
-        if list(services) != sorted(set(services)):
-            raise AdmissionError("certificate services must be sorted and unique")
-    for v, what in ((nb, "not_before"), (na, "not_after")):
-        if type(v) is not int or not (0 <= v < 2**40):
-            raise AdmissionError(f"certificate {what} must be a non-negative integer")
-    if not nb < na:
-        raise AdmissionError("certificate not_after must be later than not_before")
+    check_grant("certificate", subject, name, services, nb, na, max_name=MAX_CERT_NAME,
+                max_services=MAX_CERT_SERVICES)

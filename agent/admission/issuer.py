@@ -25,8 +25,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.admission.keys import AdmissionError, b64_key, key_id, pack, unpack, verify_sig
-from agent.dht.record import ALL_SERVICES, valid_service_name
+from agent.admission.keys import (
+    AdmissionError,
+    b64_key,
+    check_grant,
+    key_id,
+    pack,
+    unpack,
+    verify_sig,
+)
+from agent.dht.record import ALL_SERVICES
 
 ISSUER_VERSION = 1
 ISSUER_DOMAIN = b"rma-agent/issuer-cert/v1\x00"
@@ -154,25 +162,7 @@ def _check_fields(f: list[Any]) -> None:
         raise AdmissionError(f"unsupported issuer certificate version {version!r}")
     if type(kid) is not bytes or len(kid) != 4:
         raise AdmissionError("issuer certificate key id must be 4 bytes")
-    if type(subject) is not bytes or len(subject) != 32:
-        raise AdmissionError("issuer certificate subject must be a 32-byte public key")
-    if type(name) is not str or len(name.encode("utf-8", "surrogatepass")) > MAX_ISSUER_NAME \
-            or (name and not name.isprintable()):
-        raise AdmissionError(f"issuer name must be printable text of at most "
-                             f"{MAX_ISSUER_NAME} bytes")
-    if not isinstance(services, list | tuple) or not services \
-            or len(services) > MAX_ISSUER_SERVICES:
-        raise AdmissionError(f"issuer certificate must name 1-{MAX_ISSUER_SERVICES} services")
-    if list(services) != [ALL_SERVICES]:
-        for s in services:
-            if not valid_service_name(s) or s != s.lower():
-                raise AdmissionError(f"issuer certificate names a bad service {s!r}")
-        if list(services) != sorted(set(services)):
-            raise AdmissionError("issuer certificate services must be sorted and unique")
-    for v, what in ((nb, "not_before"), (na, "not_after")):
-        if type(v) is not int or not (0 <= v < 2**40):
-            raise AdmissionError(f"issuer certificate {what} must be a non-negative integer")
-    if not nb < na:
-        raise AdmissionError("issuer certificate not_after must be later than not_before")
+    check_grant("issuer certificate", subject, name, services, nb, na,
+                max_name=MAX_ISSUER_NAME, max_services=MAX_ISSUER_SERVICES)
     if type(max_s) is not int or not (0 < max_s <= MAX_ISSUED_S):
         raise AdmissionError(f"issuer certificate max_cert_s must be in 1..{MAX_ISSUED_S}")

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from agent.dht.record import ALL_SERVICES, valid_service_name
 from agent.fsutil import PrivateFileError, read_private_file, write_atomic
 
 
@@ -58,6 +59,34 @@ def unpack(data: bytes, what: str, *, max_array: int, max_bin: int = 64) -> Any:
                                max_array_len=max_array, max_map_len=0, max_ext_len=0)
     except Exception as exc:  # msgpack raises several unrelated types
         raise AdmissionError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+
+
+def check_grant(what: str, subject: Any, name: Any, services: Any, not_before: Any,
+                not_after: Any, *, max_name: int, max_services: int) -> None:
+    """The fields every signed grant shares — a worker's certificate and an issuer's: a
+    32-byte subject key, a printable name, sorted unique valid services (or ``*``) and a
+    non-empty validity window in integer seconds. One rule, so the two cannot drift;
+    AdmissionError names ``what``."""
+    if type(subject) is not bytes or len(subject) != 32:
+        raise AdmissionError(f"{what} subject must be a 32-byte public key")
+    if type(name) is not str or len(name.encode("utf-8", "surrogatepass")) > max_name \
+            or (name and not name.isprintable()):
+        raise AdmissionError(f"{what} name must be printable text of at most "
+                             f"{max_name} bytes")
+    if not isinstance(services, list | tuple) or not services \
+            or len(services) > max_services:
+        raise AdmissionError(f"{what} must name 1-{max_services} services")
+    if list(services) != [ALL_SERVICES]:
+        for s in services:
+            if not valid_service_name(s) or s != s.lower():
+                raise AdmissionError(f"{what} names a bad service {s!r}")
+        if list(services) != sorted(set(services)):
+            raise AdmissionError(f"{what} services must be sorted and unique")
+    for v, field in ((not_before, "not_before"), (not_after, "not_after")):
+        if type(v) is not int or not (0 <= v < 2**40):
+            raise AdmissionError(f"{what} {field} must be a non-negative integer")
+    if not not_before < not_after:
+        raise AdmissionError(f"{what} not_after must be later than not_before")
 
 
 def key_id(public_key: bytes) -> bytes:
