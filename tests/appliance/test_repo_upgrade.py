@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.roles.coordinator import SNAPSHOT_INTERVAL
 from tests.appliance.conftest import TOOLS, boot
 from tests.appliance.releases import RELEASES, REPO, deb_version, upstream_version
 
@@ -342,7 +343,10 @@ def test_upgrade_keeps_config_identity_and_is_found_again_quickly(box, repos):
     assert key_files, "no identity key in /var/lib/rma-agent"
     keys_before = {p: _state_digest(c, p) for p in key_files}
     snapshot = "/var/lib/rma-agent/coord/routing.json"
-    c.wait_for("coordinator's routing snapshot", lambda: c.exists(snapshot), timeout=60)
+    # written every SNAPSHOT_INTERVAL (60 s) once the table has a contact: a first round
+    # that found the table still empty means the file comes a whole interval later
+    c.wait_for("coordinator's routing snapshot", lambda: c.exists(snapshot),
+               timeout=2.5 * SNAPSHOT_INTERVAL)
     snap_node = json.loads(c.read(snapshot))["node_id"]
     old_pid = c.show(UNIT, "MainPID")
     cursor = c.cursor()
