@@ -63,11 +63,18 @@ def test_eclipse_and_spoofed_announces_between_real_hosts(tmp_path) -> None:
                     found += honest <= names_found
                     assert "spoofed" not in names_found
             share = found / total
-            evil_contacts = {}
-            for a in agents:
-                topo = a.get("/api/dht/topology")[1]
-                evil_contacts[a.name] = sum(1 for n in topo["nodes"]
-                                            if n.get("ip") == hosts["evil"])
+            evil_contacts: dict[str, int] = {}
+
+            def attacker_in_a_table() -> bool:
+                for a in agents:
+                    topo = a.get("/api/dht/topology")[1]
+                    evil_contacts[a.name] = sum(1 for n in topo["nodes"]
+                                                if n.get("ip") == hosts["evil"])
+                return any(evil_contacts.values())
+            # the attacker answers identify like any node, so some table takes it in once
+            # verified; on a loaded machine that can come after the lookup rounds
+            wait_for(attacker_in_a_table, 30, interval=0.5,
+                     what="the attacker in some agent's table (else the test proves nothing)")
             drops = {a.name: a.get("/api/dht/stats")[1]["drops"] for a in agents}
             print({"found_share": share, "lookups": total, "evil_contacts": evil_contacts,
                    "announce_no_token": {k: v.get("announce_no_token", 0)
