@@ -138,7 +138,9 @@ def test_every_method_with_query_and_binary_body(net: tuple[Cluster, Upstreams])
         assert wid[answer["served_by"]] == hdrs["rma-worker"]   # the header tells the truth
         assert int(hdrs["rma-attempts"]) >= 1
         seen.add(hdrs["rma-worker"])
-    assert len(seen) >= 2, "the top-3 draw should spread 12 requests over the workers"
+    # the router picks by cost (agent/router/policy.py): one at a time, the cheapest worker
+    # may take all twelve; the spread under concurrent callers is test_select_cluster's
+    assert seen <= set(honest), seen
 
 
 def test_100mb_up_and_down_sha256_and_flat_rss(net: tuple[Cluster, Upstreams]) -> None:
