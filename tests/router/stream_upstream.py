@@ -18,7 +18,11 @@ so a test can steer one stream and observe it without sleeping:
   first chunk arrived) and never answers: an upload still in progress; with
   ``&answer=1`` it answers the body's size once the whole body arrived; with ``&slow=S``
   it reads 64 KiB every S seconds (a fast upload backs up into every buffer on the way,
-  and each hop stops reading from the one before);
+  and each hop stops reading from the one before). The listening socket's receive
+  buffer is fixed at :data:`RCVBUF` (no autotuning): a slow reader learns of a reset
+  only after it has read what its kernel holds, and an autotuned loopback buffer held
+  2-3 MiB, 6-9 s of reading at 0.2 s per 64 KiB — the test would time the test
+  upstream's buffer, not the agent's hang-up;
 * ``GET /break?id=`` — one event, then the connection is aborted (a stream cut mid-way);
   with ``&at=0`` aborted before any byte of the answer.
 
@@ -32,17 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 
 T = TypeVar("T")
 
 _Handler = Callable[[web.Request, "Call"], Awaitable[web.StreamResponse]]
+RCVBUF = 64 * 1024      # the upstream's socket receive buffer (the kernel doubles it)
 
 
 @dataclass
@@ -137,10 +143,12 @@ class StreamUpstream:
         app.router.add_post("/upload", self._tracked(self._upload))
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)   # inherited on accept
+        sock.bind((self.host, 0))
+        site = web.SockSite(self._runner, sock)
         await site.start()
-        server: Any = site._server
-        return f"http://{self.host}:{server.sockets[0].getsockname()[1]}"
+        return f"http://{self.host}:{sock.getsockname()[1]}"
 
     def _tracked(self, fn: _Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
