@@ -3,7 +3,9 @@
 * no import cycle among ``agent.*`` / ``_fast.*`` modules, counting every import
   statement wherever it is (module level, inside a function, under ``TYPE_CHECKING``):
   a cycle that only a lazy or type-only import hides is still two modules that cannot
-  be understood one without the other;
+  be understood one without the other. ``from pkg import sibling`` inside ``pkg`` goes
+  through the package's ``__init__`` and counts as an edge to it (a package whose
+  ``__init__`` imports its modules must not have them import back through it);
 * no module over ``MAX_MODULE_LINES`` lines (``.pyx`` kernels included);
 * no function over ``MAX_FUNCTION_LINES`` lines (``def`` line to last line, docstring
   included; a nested function counts towards its parent too);
@@ -38,9 +40,9 @@ CYCLES_ALLOWED: set[frozenset[str]] = set()
 _OVERRIDE_RE = re.compile(r"type:\s*ignore\[[^\]]*\boverride\b")
 
 
-def _sources(suffixes: tuple[str, ...] = (".py",)) -> Iterator[Path]:
+def _sources(suffixes: tuple[str, ...] = (".py",), root: Path = ROOT) -> Iterator[Path]:
     for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*")):
+        for path in sorted((root / pkg).rglob("*")):
             if path.suffix in suffixes and "__pycache__" not in path.parts:
                 yield path
 
@@ -54,8 +56,8 @@ def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -98,35 +100,40 @@ def override_ignores() -> set[str]:
     return {_rel(p) for p in _sources() if _OVERRIDE_RE.search(p.read_text())}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module -> the project modules it imports (any import statement anywhere in it).
 
-    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``.
-    Importing ``a.b.c`` also runs the packages ``a`` and ``a.b``: those are edges too,
-    except the importer's own ancestors (already running when it runs), so a package
-    ``__init__`` that re-exports its modules is no cycle, but one whose re-exports
-    import a module that imports back into the package is."""
-    paths = {_module_name(p): p for p in _sources()}
+    An import statement is an edge to every module it names: ``import a.b.c`` names
+    ``a.b.c``; ``from a.b import c`` names ``a.b`` (it runs that package and reads its
+    namespace) and ``a.b.c`` too when that is a module; ``from . import c`` names the
+    importer's own package. Importing ``a.b.c`` also runs the packages ``a`` and ``a.b``:
+    those are edges too, except the importer's own ancestors (already running when it
+    runs). So a package ``__init__`` may import (re-export, or call lazily) its own
+    modules as long as none of them imports *through* the package (``from pkg import
+    sibling``) — they name the sibling module itself (``from pkg.sibling import name``);
+    one that goes through the package is a cycle, ``TYPE_CHECKING`` or not."""
+    paths = {_module_name(p, root): p for p in _sources(root=root)}
     graph: dict[str, set[str]] = {}
     for mod, path in paths.items():
         is_pkg = path.name == "__init__.py"
         own = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 2)}
-        targets: set[str] = set()
+        named: set[str] = set()
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names)
+                named.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
                     anchor = anchor[:len(anchor) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
-                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base
-                               for a in node.names)
-        edges: set[str] = set()
-        for t in targets:
+                named.add(base)
+                named.update(f"{base}.{a.name}" for a in node.names
+                             if f"{base}.{a.name}" in paths)
+        edges = {t for t in named if t in paths and t != mod}
+        for t in named:
             parts = t.split(".")
-            edges.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            edges.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts)))
                          if p in paths and p not in own)
         graph[mod] = edges
     return graph
@@ -224,6 +231,34 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert "agent.cli.commands" in graph["agent.cli"]            # imported inside main()
     assert "agent.config" in graph["agent.tunnel"]               # from agent.config import
     assert "agent.cli" not in graph["agent.cli.commands"]        # its own package: no edge
+    assert "agent.gateway.kinds.prom" in graph["agent.gateway.kinds.vllm"]
+    assert "agent.gateway.kinds" not in graph["agent.gateway.kinds.vllm"]
+
+
+def test_a_package_and_its_modules_can_be_a_cycle(tmp_path: Path) -> None:
+    """A package ``__init__`` that imports its modules (lazily or for types only) and a
+    module that imports back *through* the package is a cycle; naming the sibling module
+    itself is not (issue 19: two such cycles came back unseen)."""
+    def tree(files: dict[str, str]) -> set[frozenset[str]]:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))   # a fresh tree: _tree caches
+        files = {"agent/__init__.py": "", "agent/pkg/helper.py": "", **files}
+        for name, text in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return import_cycles(import_graph(root))
+
+    lazy = "def main():\n    from agent.pkg.cmd import run\n    return run()\n"
+    typed = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+             "    from agent.pkg.cmd import run\n")
+    cycle = {frozenset({"agent.pkg", "agent.pkg.cmd"})}
+    for init in (lazy, typed):
+        for back in ("from agent.pkg import helper\n", "from . import helper\n",
+                     "import agent.pkg\n"):
+            assert tree({"agent/pkg/__init__.py": init, "agent/pkg/cmd.py": back}) == cycle
+        for sibling in ("from agent.pkg.helper import x\n", "from .helper import x\n",
+                        "import agent.pkg.helper as helper\n"):
+            assert tree({"agent/pkg/__init__.py": init, "agent/pkg/cmd.py": sibling}) == set()
 
 
 def figures() -> str:

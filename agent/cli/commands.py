@@ -11,8 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import agent.cli.admission as admission
+import agent.cli.join as join
+import agent.cli.token as token
 from agent import __version__
-from agent.cli import admission, join, token
 from agent.cli.common import default_url, load_config_or_report
 from agent.config import default_path, summary
 

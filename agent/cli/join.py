@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.cli import join_config
+import agent.cli.join_config as join_config
 from agent.cli.join_config import JoinError, JoinPlan, Upstream
 
 CERT_FILE = "admission.cert"
@@ -89,7 +89,7 @@ def _say(msg: str) -> None:
 
 def parse_service(text: str) -> tuple[str, Upstream]:
     """``NAME=URL`` or ``NAME=KIND+URL`` -> (name, Upstream); JoinError(2) when bad."""
-    from agent.cli import join_detect
+    import agent.cli.join_detect as join_detect
     from agent.config import SERVICE_RE
     from agent.config.validate import check_url
     from agent.dht.record import normalize_service
@@ -124,7 +124,7 @@ def coordinator_url(text: str) -> str:
 async def _services(args: argparse.Namespace) -> dict[str, Upstream]:
     """The services to serve: ``--service`` (kinds detected when not given) or what
     answers on the default local ports."""
-    from agent.cli import join_detect
+    import agent.cli.join_detect as join_detect
 
     if args.service:
         out: dict[str, Upstream] = {}
@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace, t0: float) -> int:
-    from agent.cli import join_net, join_system
+    import agent.cli.join_net as join_net
+    import agent.cli.join_system as join_system
     from agent.config import default_path
 
     url = coordinator_url(args.url)
@@ -284,7 +285,8 @@ async def _admission(args: argparse.Namespace, plan: JoinPlan, path: Path, ident
     ``--token``; an open network (no token, nothing kept) has none."""
     from dataclasses import replace
 
-    from agent.cli import join_net, join_system
+    import agent.cli.join_net as join_net
+    import agent.cli.join_system as join_system
 
     cert_path = state_dir / CERT_FILE
     kept = _kept_admission(path, plan, identity, cert_path)
@@ -345,7 +347,7 @@ def _kept_admission(path: Path, plan: JoinPlan, identity: Any, cert_path: Path
 
 async def _wait(url: str, seeds: list[str], worker_id: bytes, service: str, wait_s: float,
                 t0: float, plan: JoinPlan, config: Path) -> int:
-    from agent.cli import join_net
+    import agent.cli.join_net as join_net
 
     _say(f"waiting until the network finds this worker for {service!r} "
          f"(up to {wait_s:g} s)")

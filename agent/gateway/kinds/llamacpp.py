@@ -14,7 +14,7 @@ tools/server).
 
 from __future__ import annotations
 
-from agent.gateway.kinds import prom
+from agent.gateway.kinds.prom import samples
 from agent.gateway.kinds.reading import (
     MAX_ITEMS,
     BadReading,
@@ -52,7 +52,7 @@ def parse_slots(body: bytes) -> Reading:
 
 
 def parse_metrics(body: bytes) -> Reading:
-    found = prom.samples(body, WANTED)
+    found = samples(body, WANTED)
     if DEFERRED not in found and PROCESSING not in found:
         raise BadReading(f"no {DEFERRED} or {PROCESSING} in the metrics")
     return Reading(

@@ -8,7 +8,7 @@ Source: huggingface.co/docs/text-generation-inference/reference/metrics.
 
 from __future__ import annotations
 
-from agent.gateway.kinds import prom
+from agent.gateway.kinds.prom import samples
 from agent.gateway.kinds.reading import BadReading, Reading, count
 
 QUEUE = "tgi_queue_size"
@@ -17,7 +17,7 @@ WANTED = frozenset((QUEUE, BATCH))
 
 
 def parse_metrics(body: bytes) -> Reading:
-    found = prom.samples(body, WANTED)
+    found = samples(body, WANTED)
     if QUEUE not in found:
         raise BadReading(f"no {QUEUE} in the metrics")
     return Reading(waiting=count(sum(found[QUEUE]), QUEUE),

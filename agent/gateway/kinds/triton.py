@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from agent.gateway.kinds import prom
+from agent.gateway.kinds.prom import samples
 from agent.gateway.kinds.reading import BadReading, Reading, count
 
 PENDING = "nv_inference_pending_request_count"
@@ -28,7 +28,7 @@ def default_metrics_url(url: str) -> str:
 
 
 def parse_metrics(body: bytes) -> Reading:
-    found = prom.samples(body, WANTED)
+    found = samples(body, WANTED)
     if PENDING not in found:
         raise BadReading(f"no {PENDING} in the metrics")
     return Reading(waiting=count(sum(found[PENDING]), PENDING))

@@ -9,7 +9,7 @@ Sources: docs.vllm.ai "Production Metrics"; vllm/engine/metrics.py.
 
 from __future__ import annotations
 
-from agent.gateway.kinds import prom
+from agent.gateway.kinds.prom import samples
 from agent.gateway.kinds.reading import BadReading, Reading, count, ratio
 
 WAITING = "vllm:num_requests_waiting"
@@ -19,7 +19,7 @@ WANTED = frozenset((WAITING, RUNNING, *KV))
 
 
 def parse_metrics(body: bytes) -> Reading:
-    found = prom.samples(body, WANTED)
+    found = samples(body, WANTED)
     if WAITING not in found and RUNNING not in found:
         raise BadReading(f"no {WAITING} or {RUNNING} in the metrics")
     kv = next((max(found[k]) for k in KV if k in found), None)
