@@ -310,6 +310,9 @@ class RMA(Impl):
                 "revived": sum(s["revived"] for s in st),
                 "mean_routing_table": sum(s["routing_table_size"] for s in st) / len(st),
                 "records_stored": sum(s["records_stored"] for s in st),
+                # no worker here ever withdraws: a tombstone stored is an honest worker
+                # withdrawn (issue 16: must stay 0)
+                "tombstones_stored": sum(s.get("tombstones_stored", 0) for s in st),
                 "drops": drops}
 
 
