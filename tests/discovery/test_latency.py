@@ -71,7 +71,8 @@ def test_memory_is_bounded():
 class Endpoints:
     """Real HTTP servers standing for workers' gateways, each serving the ownership proof
     at ``{base}/{kind}/.well-known/rma-agent/proof``: ok, slow, dead (530: a dead tunnel
-    origin), nohealth (404: no proof), impostor (proof signed by another key)."""
+    origin), nohealth (404: no proof), impostor (proof signed by another key). The slow
+    one answers (a valid proof) only when the servers stop: later than any probe waits."""
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
@@ -79,12 +80,13 @@ class Endpoints:
         self.base = ""
         self.ids = {k: Identity.generate() for k in ("ok", "slow", "dead", "nohealth",
                                                       "impostor")}
+        self.stopping = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
         self.hits[kind] = self.hits.get(kind, 0) + 1
         if kind == "slow":
-            await asyncio.sleep(1.2)
+            await self.stopping.wait()
         if kind in ("dead", "nohealth"):
             return web.json_response({"kind": kind}, status=530 if kind == "dead" else 404)
         signer = Identity.generate() if kind == "impostor" else self.ids.get(kind)
@@ -108,6 +110,7 @@ class Endpoints:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.stopping.set()
         await self.runner.cleanup()
 
 
@@ -131,8 +134,9 @@ async def test_probes_feed_latency_and_demote_failures(session):
         refused = Identity.generate()
         cands.append((refused.node_id, "http://127.0.0.1:9", refused.public_key))
         assert p.consider(cands) == 5                      # max_concurrency = 5
-        await p.drain()
-        # the slow one (answers a valid proof after 1.2 s) was given up at 0.5 s: it is
+        async with asyncio.timeout(10):       # the slow one answers only at the end
+            await p.drain()
+        # the slow one (a valid proof, but only at the end) was given up at 0.5 s: it is
         # banned and counted failed below, and "ok" counts only the fast one
         now = time.time()
         assert 0 <= t.latency_ms(ids["ok"]) < 500 and not t.is_banned(ids["ok"], now)

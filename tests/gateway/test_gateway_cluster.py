@@ -31,6 +31,7 @@ import pytest
 from agent.proof import PROOF_PATH, new_nonce, verify_proof
 from tests.cluster import Cluster, Node, http, wait_until
 from tests.gateway.upstream import Upstream, pattern, pattern_sha256
+from tests.util import wait_for_async
 
 pytestmark = pytest.mark.slow
 
@@ -395,11 +396,7 @@ async def test_full_worker_answers_503_without_touching_the_upstream(net: Net) -
     async with aiohttp.ClientSession() as s:
         held = [asyncio.ensure_future(s.get(url)) for _ in range(2)]
         try:
-            for _ in range(100):
-                if net.b.holding == 2:
-                    break
-                await asyncio.sleep(0.05)
-            assert net.b.holding == 2
+            await wait_for_async(lambda: net.b.holding == 2, what="the upstream holding 2")
             before = _hits(net.b)
             async with s.post(url, data=b"work") as r:
                 assert r.status == 503
@@ -429,11 +426,8 @@ async def test_caller_hanging_up_cancels_the_upstream_request(net: Net) -> None:
             await resp.content.readany()                 # the upstream is working on it
             assert net.b.holding == 1
             resp.close()                                 # the caller goes away
-        for _ in range(100):
-            if net.b.holding == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert net.b.holding == 0                        # without release: it was cut off
+        # without release: the gateway cut it off
+        await wait_for_async(lambda: net.b.holding == 0, what="the upstream request cancelled")
         _, stats = await asyncio.to_thread(net.w2.get, "/api/dht/stats")
         assert stats["gateway"]["inflight"] == 0
     finally:

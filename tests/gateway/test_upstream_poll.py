@@ -104,6 +104,7 @@ async def test_a_bad_answer_is_counted_and_the_last_reading_kept(
         session: aiohttp.ClientSession, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ul, "POLL_TIMEOUT", 0.3)
     state = {"mode": "good"}
+    gave_up = asyncio.Event()        # "slow": the server answers only after the poll is over
 
     async def answer(request: web.Request) -> web.StreamResponse:
         m = state["mode"]
@@ -114,7 +115,7 @@ async def test_a_bad_answer_is_counted_and_the_last_reading_kept(
         if m == "status":
             return web.Response(status=500, text=METRICS)
         if m == "slow":
-            await asyncio.sleep(0.6)
+            await gave_up.wait()
         return web.Response(text=METRICS)
 
     runner, url = await _serve(answer)
@@ -125,10 +126,12 @@ async def test_a_bad_answer_is_counted_and_the_last_reading_kept(
         state["mode"] = mode
         if mode == "refused":
             await runner.cleanup()
-        await w.poll(session, 1.0)
+        async with asyncio.timeout(10):          # a poll without its own timeout fails here
+            await w.poll(session, 1.0)
         assert w.reading == Reading(waiting=5, running=2)   # kept, until it is stale
         assert w.polls == 2 and (w.bad + w.errors) == 1 and w.last_error
     finally:
+        gave_up.set()
         await runner.cleanup()
 
 

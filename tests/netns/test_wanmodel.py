@@ -13,6 +13,7 @@ import os
 
 from bench.wan import PROFILES, GilbertElliott, Wan, region_rtt_ms
 from tests.netns.delayline import DelayLine
+from tests.util import wait_for_async
 
 
 def test_lossy_profile_loses_two_percent_in_bursts() -> None:
@@ -73,12 +74,23 @@ def test_delay_line_keeps_a_pairs_order_and_delays_it() -> None:
             pkt[16:20] = bytes([10, 78, 0, 11])
             pkt[20] = k
             line._forward(0, bytes(pkt))
-        await asyncio.sleep(0.1)
-        data = os.read(r, 4096)
-        os.close(r)
-        os.close(w)
-        assert loop.time() - t0 >= 0.04
+        data = bytearray()
+
+        def all_out() -> bool:
+            try:
+                data.extend(os.read(r, 4096))
+            except BlockingIOError:
+                pass
+            return len(data) >= 4 * 28
+
+        try:
+            await wait_for_async(all_out, timeout=5, interval=0.005,
+                                 what="the 4 packets out of the delay line")
+        finally:
+            os.close(r)
+            os.close(w)
+        assert loop.time() - t0 >= 0.04          # none left before the first one's delay
         assert line.stats()["packets"] == 4
-        return [data[i * 28 + 20:i * 28 + 21] for i in range(4)]
+        return [bytes(data[i * 28 + 20:i * 28 + 21]) for i in range(4)]
 
     assert asyncio.run(run()) == [b"\x00", b"\x01", b"\x02", b"\x03"]

@@ -36,6 +36,7 @@ class StandInGateway:
         self.claim: str | None = None
         self.signer: Identity | None = None
         self.requests: list[dict[str, Any]] = []
+        self.arrived: list[str] = []      # paths whose head came in (their body may not have)
         self.proofs = 0
         self.open = 0
         self.most_open = 0
@@ -74,6 +75,7 @@ class StandInGateway:
                                             self.claim or self.endpoint))
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.append(request.path)
         h = hashlib.sha256()
         size = 0
         async for chunk in request.content.iter_any():

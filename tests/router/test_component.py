@@ -11,6 +11,7 @@ import time
 from agent.dht.identity import Identity
 from tests.discovery._support import make_record
 from tests.router._support import RouterAgent, StandInGateway
+from tests.util import wait_for_async
 
 
 async def test_forwards_method_path_query_and_body_with_worker_headers():
@@ -169,12 +170,11 @@ async def test_a_caller_that_hangs_up_mid_upload_does_not_demote_the_worker():
             writer.write(b"POST /route/ocr/upload HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Length: 20000000\r\n\r\n" + b"\0" * (3 << 20))
             await writer.drain()
-            await asyncio.sleep(0.3)
+            await wait_for_async(lambda: "/ocr/upload" in gw.arrived,
+                                 what="the upload being forwarded to the worker")
             writer.close()
-            for _ in range(50):
-                if ra.router.counts["outcome_aborted"]:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_for_async(lambda: ra.router.counts["outcome_aborted"],
+                                 what="the attempt counted aborted")
             assert ra.router.counts["outcome_aborted"] == 1
             assert not ra.disc.tracker.is_banned(gw.identity.node_id, time.time())
             assert (await ra.client.get("/route/ocr/after")).status == 200
