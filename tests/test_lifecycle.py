@@ -116,6 +116,8 @@ def test_no_watchdog_without_watchdog_usec(tmp_path: Path, notify: NotifyListene
     proc = start(cfg, tmp_path / "a.log", NOTIFY_SOCKET=str(notify.path))
     try:
         notify.wait("READY=1")
+        # the behaviour under test is that nothing comes: 1 s is several ping periods of
+        # the watchdog test above (its pings come 0.1-0.35 s apart)
         time.sleep(1.0)
         assert "WATCHDOG=1" not in notify.drain()
     finally:

@@ -177,7 +177,7 @@ def test_bad_config_at_start_fails_once_without_looping(installed):
     c.run("systemctl", "restart", UNIT, check=False, timeout=60)
     c.wait_for("unit failed", lambda: c.show(UNIT, "ActiveState") == "failed", timeout=20)
     assert c.show(UNIT, "ExecMainStatus") == "2"          # SPEC §3: 2 = bad config
-    time.sleep(3)
+    time.sleep(3)  # the behaviour under test: no restart within RestartSec=2 and after
     assert c.show(UNIT, "NRestarts") == "0"               # RestartPreventExitStatus=2
     log = "\n".join(messages(c.journal(UNIT)))
     assert "agent.role" in log, log[-2000:]
