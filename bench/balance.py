@@ -73,11 +73,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -105,6 +102,7 @@ from balance_policies import (  # noqa: E402
 
 from agent.cli.demo_inference import InferenceFarm, Profile, sent_to_full  # noqa: E402
 from agent.config import ConfigError, parse_config, toml_dumps  # noqa: E402
+from bench.pair import Procs, nginx_binary  # noqa: E402
 
 QUEUE_LIMIT = 8
 SIGMA = 0.8
@@ -266,38 +264,6 @@ http {{
   }}
 }}
 """
-
-
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                     else None)
-
-
-class Procs:
-    """Child processes of this bench, stopped (TERM, then KILL) at the end."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.procs = tmp, []  # type: list[subprocess.Popen[bytes]]
-        self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
-        self.env.pop("NOTIFY_SOCKET", None)
-
-    def spawn(self, cmd: list[str], log: str) -> None:
-        self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=self.env,
-                                           stdin=subprocess.DEVNULL,
-                                           stdout=open(self.tmp / log, "wb"),
-                                           stderr=subprocess.STDOUT))
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(8)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 def start(args: argparse.Namespace, tmp: Path, procs: Procs, farm: InferenceFarm) -> Setup:
@@ -510,8 +476,8 @@ def main() -> int:
     unknown = set(args.policies) - set(POLICIES)
     if unknown or not (1 <= args.workers <= 64 and 1 <= args.callers <= 16):
         ap.error(f"policies are {', '.join(POLICIES)}; 1-64 workers, 1-16 callers")
-    tmp = Path(tempfile.mkdtemp(prefix="rma-bench-balance-"))
-    procs = Procs(tmp)
+    procs = Procs("rma-bench-balance-")
+    tmp = procs.tmp
     farm = InferenceFarm()
     load0 = os.getloadavg()[0]
     try:

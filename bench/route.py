@@ -38,14 +38,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +48,15 @@ sys.path.insert(0, str(REPO))
 
 import uvloop  # noqa: E402
 
-from agent.config import toml_dumps  # noqa: E402
+from bench.pair import (  # noqa: E402
+    Procs,
+    free_port,
+    nginx_binary,
+    parse_or_serve,
+    percentile,
+    start_pair,
+    wait_http,
+)
 
 MB = 1 << 20
 CHUNK = MB
@@ -165,11 +167,6 @@ class Conn:
             self.w.close()
 
 
-def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
 async def latency(host: str, port: int, path: str, count: int, seconds: float) -> list[float]:
     c = Conn(host, port)
     await c.open()
@@ -235,36 +232,6 @@ async def stream(host: str, port: int, prefix: str, mb: int) -> tuple[float, flo
     return up, down
 
 
-# ---------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_udp() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 40.0, ok: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                body = r.read()
-                last = json.loads(body) if r.headers.get_content_type() == "application/json" \
-                    else body
-                if ok is None or ok(last):
-                    return last
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}: not ready after {timeout:.0f} s (last: {last!r})")
-
-
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -296,81 +263,27 @@ http {{
 """
 
 
-def write_configs(tmp: Path, up: int, stream_mb: int) -> tuple[int, int, int]:
-    """caller.toml (coordinator: its router is the path under test) and worker.toml
-    (its gateway fronts the upstream as service ``bench``); returns the caller's HTTP
-    port and the worker's HTTP and gateway ports."""
-    c_udp, c_http, c_gw = free_udp(), free_port(), free_port()
-    w_udp, w_http, w_gw = free_udp(), free_port(), free_port()
-    common = {"tunnel": {"mode": "off"}, "log": {"level": "warning"},
-              "discovery": {"allow_private_hosts": ["127.0.0.1"]}}
-    (tmp / "caller.toml").write_text(toml_dumps({
-        "agent": {"role": "coordinator", "name": "caller", "state_dir": str(tmp / "sc")},
-        "dht": {"listen": f"127.0.0.1:{c_udp}", "mode": "server"},
-        "http": {"listen": f"127.0.0.1:{c_http}"},
-        "gateway": {"listen": f"127.0.0.1:{c_gw}"}, **common}))
-    (tmp / "worker.toml").write_text(toml_dumps({
-        "agent": {"role": "worker", "name": "worker", "state_dir": str(tmp / "sw")},
-        "dht": {"listen": f"127.0.0.1:{w_udp}", "mode": "server",
-                "bootstrap": [f"127.0.0.1:{c_udp}"]},
-        "http": {"listen": f"127.0.0.1:{w_http}"},
-        "gateway": {"listen": f"127.0.0.1:{w_gw}", "max_body_mb": 4 * stream_mb,
-                    "upstreams": {"bench": f"http://127.0.0.1:{up}"}},
-        "worker": {"services": ["bench"], "endpoint": f"http://127.0.0.1:{w_gw}",
-                   "max_concurrency": 256, "gpu": "A100", "gpu_memory_gb": 80},
-        **common}))
-    return c_http, w_http, w_gw
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--stream-mb", type=int, default=1024)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.serve_upstream is not None:
-        serve_upstream(args.serve_upstream)
+    args = parse_or_serve(ap, serve_upstream)
+    if args is None:
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="rma-bench-route-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("NOTIFY_SOCKET", None)
-
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                             stdout=open(tmp / log, "wb"), stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    try:
-        up = free_port()
-        spawn([sys.executable, __file__, "--serve-upstream", str(up)], "upstream.log")
-        c_http, w_http, w_gw = write_configs(tmp, up, args.stream_mb)
-        spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "caller.toml")],
-              "caller.log")
-        spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "worker.toml")],
-              "worker.log")
+    with Procs("rma-bench-route-") as procs:
+        up, c_http, _w_http, w_gw = start_pair(procs, __file__, args.stream_mb)
         nginx_port: int | None = None
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                          else None)
+        nginx = nginx_binary()
         if nginx:
             nginx_port = free_port()
+            tmp = procs.tmp
             (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, up=up, port=nginx_port))
-            spawn([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], "nginx.log")
+            procs.spawn([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], "nginx.log")
+            wait_http(f"http://127.0.0.1:{nginx_port}/small")
         else:
             print("nginx not found: its row is skipped (apt-get install nginx)", file=sys.stderr)
-        wait_http(f"http://127.0.0.1:{up}/small")
-        wait_http(f"http://127.0.0.1:{c_http}/readyz")
-        wait_http(f"http://127.0.0.1:{w_http}/readyz")
-        wait_http(f"http://127.0.0.1:{w_gw}/bench/small")
-        wait_http(f"http://127.0.0.1:{c_http}/api/services/bench",
-                  ok=lambda b: isinstance(b, dict) and b.get("workers"))
-        if nginx_port:
-            wait_http(f"http://127.0.0.1:{nginx_port}/small")
         paths = {"a": ("direct", up, "/small"), "b": ("gateway", w_gw, "/bench/small"),
                  "c": ("router + gateway", c_http, "/route/bench/small")}
         if nginx_port:
@@ -383,7 +296,7 @@ def main() -> int:
                 lat = await latency("127.0.0.1", port, path, args.requests, args.seconds)
                 rps, errors = await throughput("127.0.0.1", port, path, args.concurrency,
                                                args.seconds)
-                results[key] = {"p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+                results[key] = {"p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
                                 "rps": rps, "errors": errors, "samples": len(lat)}
             for key, (_name, port, path) in paths.items():
                 prefix = path.removesuffix("/small")
@@ -391,16 +304,6 @@ def main() -> int:
                 results[key].update(upload_mib_s=up_mib, download_mib_s=down_mib)
 
         uvloop.run(run_all())
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(8)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
     out = {"paths": {k: {"name": paths[k][0], **v} for k, v in results.items()},
            "stream_mib": args.stream_mb, "load_average": os.getloadavg()[0]}
     if args.json:

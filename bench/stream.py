@@ -34,11 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 import uvloop  # noqa: E402
 
-from bench.route import _pct, free_port, wait_http, write_configs  # noqa: E402
+from bench.pair import Procs, parse_or_serve, percentile, start_pair  # noqa: E402
 
 PATHS = {"a": "direct", "b": "gateway", "c": "router + gateway"}
 
@@ -259,24 +255,8 @@ async def hang_ups(up: int, ports: dict[str, tuple[int, str]], n: int,
 
 # ---------------------------------------------------------------------- run and report
 def summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    return {k: {"p50_ms": _pct(v, 0.5), "p90_ms": _pct(v, 0.9), "max_ms": max(v),
+    return {k: {"p50_ms": percentile(v, 0.5), "p90_ms": percentile(v, 0.9), "max_ms": max(v),
                 "samples": len(v)} for k, v in samples.items()}
-
-
-def start(tmp: Path, spawn: Any) -> dict[str, tuple[int, str]]:
-    """Token server, caller and worker up and routed; the three paths (port, prefix)."""
-    up = free_port()
-    spawn([sys.executable, __file__, "--serve-upstream", str(up)], "upstream.log")
-    c_http, w_http, w_gw = write_configs(tmp, up, 1)
-    spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "caller.toml")], "caller.log")
-    spawn([sys.executable, "-m", "agent", "run", "-c", str(tmp / "worker.toml")], "worker.log")
-    wait_http(f"http://127.0.0.1:{up}/small")
-    wait_http(f"http://127.0.0.1:{c_http}/readyz")
-    wait_http(f"http://127.0.0.1:{w_http}/readyz")
-    wait_http(f"http://127.0.0.1:{w_gw}/bench/small")
-    wait_http(f"http://127.0.0.1:{c_http}/api/services/bench",
-              ok=lambda b: isinstance(b, dict) and b.get("workers"))
-    return {"a": (up, ""), "b": (w_gw, "/bench"), "c": (c_http, "/route/bench")}
 
 
 def main() -> int:
@@ -284,26 +264,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=400, help="first-token samples per path")
     ap.add_argument("--hangups", type=int, default=20, help="hang-ups per path and kind")
     ap.add_argument("--token-delay-ms", type=float, default=10.0)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.serve_upstream is not None:
-        serve_upstream(args.serve_upstream)
+    args = parse_or_serve(ap, serve_upstream)
+    if args is None:
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="rma-bench-stream-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("NOTIFY_SOCKET", None)
-
-    def spawn(cmd: list[str], log: str) -> None:
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=open(tmp / log, "wb"), stderr=subprocess.STDOUT))
-
     results: dict[str, Any] = {}
-    try:
-        ports = start(tmp, spawn)
-        up = ports["a"][0]
+    with Procs("rma-bench-stream-") as procs:
+        up, c_http, _w_http, w_gw = start_pair(procs, __file__, 1)
+        ports = {"a": (up, ""), "b": (w_gw, "/bench"), "c": (c_http, "/route/bench")}
 
         async def run_all() -> None:
             results["first_token_with_head"] = summary(
@@ -318,16 +285,6 @@ def main() -> int:
                 await hang_ups(up, ports, args.hangups, False))
 
         uvloop.run(run_all())
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(8)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
     out = {"paths": PATHS, **results, "load_average": os.getloadavg()[0]}
     if args.json:
         print(json.dumps(out, indent=2))
