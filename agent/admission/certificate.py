@@ -40,10 +40,12 @@ from agent.admission.keys import (
     AdmissionError,
     NetworkKey,
     b64_key,
+    check_canonical,
     check_grant,
+    check_size,
     key_id,
     pack,
-    unpack,
+    unpack_signed,
     verify_sig,
 )
 from agent.dht.record import ALL_SERVICES, MAX_SERVICE, valid_service_name
@@ -121,10 +123,7 @@ class Certificate:
         _check_cert_fields(fields)
         cert = cls(CERT_VERSION, fields[1], fields[2], name, tuple(services), nb, na,
                    key.sign(CERT_DOMAIN + pack(fields)))
-        size = len(cert.encode())
-        if size > MAX_CERT_BYTES:
-            raise AdmissionError(f"certificate would be {size} bytes, the limit is "
-                                 f"{MAX_CERT_BYTES}: use a shorter name or fewer services")
+        check_size(cert.encode(), MAX_CERT_BYTES, "certificate")
         return cert
 
     @classmethod
@@ -151,28 +150,15 @@ class Certificate:
             raise AdmissionError(why)
         cert = cls(ISSUED_VERSION, issuer.key_id, fields[2], name, tuple(services), nb, na,
                    issuer_key.sign(ISSUED_DOMAIN + pack(fields)), issuer)
-        size = len(cert.encode())
-        if size > MAX_CHAIN_BYTES:
-            raise AdmissionError(f"certificate would be {size} bytes, the limit is "
-                                 f"{MAX_CHAIN_BYTES}: use a shorter name or fewer services")
+        check_size(cert.encode(), MAX_CHAIN_BYTES, "certificate")
         return cert
 
     @classmethod
     def decode(cls, data: bytes) -> Certificate:
         """Parse canonical bytes (structure and sizes; see ``signed_by`` for the rest)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise AdmissionError("certificate must be bytes")
-        data = bytes(data)
-        if not data:
-            raise AdmissionError("no certificate")
-        if len(data) > MAX_CHAIN_BYTES:
-            raise AdmissionError(f"certificate is {len(data)} bytes, the limit is "
-                                 f"{MAX_CHAIN_BYTES}")
-        obj = unpack(data, "certificate", max_array=MAX_CERT_SERVICES + 1,
-                     max_bin=MAX_ISSUER_BYTES)
-        if not isinstance(obj, list) or len(obj) != 8:
-            raise AdmissionError("certificate must be a msgpack array of 8 fields")
-        fields = obj[:7]
+        data, fields, sig = unpack_signed(data, "certificate", 8, max_bytes=MAX_CHAIN_BYTES,
+                                          max_array=MAX_CERT_SERVICES + 1,
+                                          max_bin=MAX_ISSUER_BYTES)
         issuer = None
         if fields[0] == ISSUED_VERSION and type(fields[1]) is bytes:
             issuer = IssuerCertificate.decode(fields[1])
@@ -180,14 +166,10 @@ class Certificate:
             raise AdmissionError(f"certificate is {len(data)} bytes, the limit is "
                                  f"{MAX_CERT_BYTES}")
         _check_cert_fields(fields)
-        sig = obj[7]
-        if type(sig) is not bytes or len(sig) != 64:
-            raise AdmissionError("certificate signature must be 64 bytes")
         kid = fields[1] if issuer is None else issuer.key_id
         cert = cls(fields[0], kid, fields[2], fields[3], tuple(fields[4]), fields[5],
                    fields[6], sig, issuer)
-        if cert.encode() != data:
-            raise AdmissionError("certificate encoding is not canonical")
+        check_canonical(cert.encode(), data, "certificate")
         return cert
 
     def signed_by(self, public_key: bytes) -> bool:

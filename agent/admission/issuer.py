@@ -28,10 +28,12 @@ from typing import Any, Protocol
 from agent.admission.keys import (
     AdmissionError,
     b64_key,
+    check_canonical,
     check_grant,
+    check_size,
     key_id,
     pack,
-    unpack,
+    unpack_signed,
     verify_sig,
 )
 from agent.dht.record import ALL_SERVICES
@@ -98,31 +100,18 @@ class IssuerCertificate:
         _check_fields(fields)
         cert = cls(ISSUER_VERSION, fields[1], fields[2], name, tuple(services), fields[5],
                    fields[6], fields[7], key.sign(ISSUER_DOMAIN + pack(fields)))
-        size = len(cert.encode())
-        if size > MAX_ISSUER_BYTES:
-            raise AdmissionError(f"issuer certificate would be {size} bytes, the limit is "
-                                 f"{MAX_ISSUER_BYTES}: use a shorter name or fewer services")
+        check_size(cert.encode(), MAX_ISSUER_BYTES, "issuer certificate")
         return cert
 
     @classmethod
     def decode(cls, data: bytes) -> IssuerCertificate:
         """Parse canonical bytes (structure and sizes; ``signed_by`` checks the rest)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise AdmissionError("issuer certificate must be bytes")
-        data = bytes(data)
-        if not data or len(data) > MAX_ISSUER_BYTES:
-            raise AdmissionError(f"issuer certificate must be 1-{MAX_ISSUER_BYTES} bytes")
-        obj = unpack(data, "issuer certificate", max_array=MAX_ISSUER_SERVICES + 1)
-        if not isinstance(obj, list) or len(obj) != 9:
-            raise AdmissionError("issuer certificate must be a msgpack array of 9 fields")
-        fields = obj[:8]
+        data, fields, sig = unpack_signed(data, "issuer certificate", 9,
+                                          max_bytes=MAX_ISSUER_BYTES,
+                                          max_array=MAX_ISSUER_SERVICES + 1)
         _check_fields(fields)
-        sig = obj[8]
-        if type(sig) is not bytes or len(sig) != 64:
-            raise AdmissionError("issuer certificate signature must be 64 bytes")
         cert = cls(*fields[:4], tuple(fields[4]), *fields[5:], sig)
-        if cert.encode() != data:
-            raise AdmissionError("issuer certificate encoding is not canonical")
+        check_canonical(cert.encode(), data, "issuer certificate")
         return cert
 
     def signed_by(self, public_key: bytes) -> bool:

@@ -61,6 +61,41 @@ def unpack(data: bytes, what: str, *, max_array: int, max_bin: int = 64) -> Any:
         raise AdmissionError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
 
 
+def unpack_signed(data: Any, what: str, n_fields: int, *, max_bytes: int, max_array: int,
+                  max_bin: int = 64) -> tuple[bytes, list[Any], bytes]:
+    """The steps every signed object's ``decode`` starts with, one rule for all kinds:
+    ``data`` is 1-``max_bytes`` bytes of one msgpack array of ``n_fields`` whose last is
+    a 64-byte signature. Returns (the bytes, the fields before the signature, the
+    signature); the caller checks its fields, then :func:`check_canonical`."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise AdmissionError(f"{what} must be bytes")
+    data = bytes(data)
+    if not data:
+        raise AdmissionError(f"no {what}")
+    if len(data) > max_bytes:
+        raise AdmissionError(f"{what} is {len(data)} bytes, the limit is {max_bytes}")
+    obj = unpack(data, what, max_array=max_array, max_bin=max_bin)
+    if not isinstance(obj, list) or len(obj) != n_fields:
+        raise AdmissionError(f"{what} must be a msgpack array of {n_fields} fields")
+    sig = obj[-1]
+    if type(sig) is not bytes or len(sig) != 64:
+        raise AdmissionError(f"{what} signature must be 64 bytes")
+    return data, obj[:-1], sig
+
+
+def check_canonical(encoded: bytes, data: bytes, what: str) -> None:
+    """``data`` is the one byte form of what it decoded to (re-encoded: ``encoded``)."""
+    if encoded != data:
+        raise AdmissionError(f"{what} encoding is not canonical")
+
+
+def check_size(encoded: bytes, limit: int, what: str) -> None:
+    """A new object fits where it must travel (a record, a header, a file line)."""
+    if len(encoded) > limit:
+        raise AdmissionError(f"{what} would be {len(encoded)} bytes, the limit is {limit}: "
+                             "use a shorter name or fewer services")
+
+
 def check_grant(what: str, subject: Any, name: Any, services: Any, not_before: Any,
                 not_after: Any, *, max_name: int, max_services: int) -> None:
     """The fields every signed grant shares — a worker's certificate and an issuer's: a

@@ -18,7 +18,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.admission.keys import AdmissionError, NetworkKey, b64_key, pack, unpack, verify_sig
+from agent.admission.keys import (
+    AdmissionError,
+    NetworkKey,
+    b64_key,
+    check_canonical,
+    pack,
+    unpack_signed,
+    verify_sig,
+)
 
 REVOCATION_VERSION = 1
 REVOCATION_DOMAIN = b"rma-agent/revocation-list/v1\x00"
@@ -71,22 +79,12 @@ class RevocationList:
     def decode(cls, data: bytes) -> RevocationList:
         """Parse and verify (the signature against the embedded issuer; whether the
         issuer is trusted is the caller's question)."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise AdmissionError("revocation list must be bytes")
-        data = bytes(data)
-        if len(data) > 64 + 35 * MAX_REVOKED:
-            raise AdmissionError("revocation list too large")
-        obj = unpack(data, "revocation list", max_array=MAX_REVOKED)
-        if not isinstance(obj, list) or len(obj) != 6:
-            raise AdmissionError("revocation list must be a msgpack array of 6 fields")
-        fields = obj[:5]
+        data, fields, sig = unpack_signed(data, "revocation list", 6,
+                                          max_bytes=64 + 35 * MAX_REVOKED,
+                                          max_array=MAX_REVOKED)
         _check_list_fields(fields)
-        sig = obj[5]
-        if type(sig) is not bytes or len(sig) != 64:
-            raise AdmissionError("revocation list signature must be 64 bytes")
         rl = cls(fields[0], fields[1], fields[2], fields[3], tuple(fields[4]), sig)
-        if rl.encode() != data:
-            raise AdmissionError("revocation list encoding is not canonical")
+        check_canonical(rl.encode(), data, "revocation list")
         if not verify_sig(rl.issuer, sig, REVOCATION_DOMAIN + pack(fields)):
             raise AdmissionError("revocation list signature does not verify")
         return rl
