@@ -39,9 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import toml_dumps
-from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, http, wait_for
+from tests.util import (
+    REPO,
+    agent_env,
+    free_port,
+    free_udp_tcp_port,
+    http,
+    stop_process,
+    wait_for,
+)
 
-__all__ = ["REPO", "Cluster", "Node", "http", "percentile", "wait_until"]
+__all__ = ["REPO", "AgentProcess", "Cluster", "Node", "die_with_parent", "http", "join_argv",
+           "join_ports", "percentile", "wait_until"]
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -50,7 +59,7 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
     return wait_for(pred, timeout, interval, what)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the test process dies, even by SIGKILL
     (a teardown that never runs must still leave no agent behind). Linux only."""
     try:
@@ -59,6 +68,44 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+# ---------------------------------------------------------- workers made by ``join``
+def join_ports() -> dict[str, int]:
+    """Free loopback ports for a worker ``rma-agent join`` configures: its DHT (``udp``),
+    its HTTP API (``http``) and its gateway (``gw``)."""
+    return {"udp": free_udp_tcp_port(), "http": free_port(), "gw": free_port()}
+
+
+def join_argv(coordinator: str, workdir: Path, ports: dict[str, int], service: str,
+              name: str, *extra: str) -> list[str]:
+    """``rma-agent join`` for a worker whose config (``agent.toml``) and state
+    (``state/``) live in ``workdir``, listening on ``ports``, its gateway the endpoint;
+    ``--no-start``: a test starts the agent itself (:class:`AgentProcess`)."""
+    return [sys.executable, "-m", "agent", "join", coordinator,
+            "--service", service, "--name", name,
+            "-c", str(workdir / "agent.toml"), "--state-dir", str(workdir / "state"),
+            "--endpoint", f"http://127.0.0.1:{ports['gw']}",
+            "--dht-listen", f"127.0.0.1:{ports['udp']}",
+            "--http-listen", f"127.0.0.1:{ports['http']}",
+            "--gateway-listen", f"127.0.0.1:{ports['gw']}", "--no-start", *extra]
+
+
+class AgentProcess:
+    """``rma-agent run -c CFG`` outside a :class:`Cluster` (a config ``join`` wrote),
+    appending to ``log``; it dies with the test process, and ``stop`` ends it (SIGTERM,
+    SIGKILL after 10 s) and closes the log."""
+
+    def __init__(self, cfg: Path, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")     # closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)],
+                                     cwd=REPO, env=agent_env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        self._log.close()
 
 
 # ----------------------------------------------------------------------------- nodes
@@ -244,7 +291,7 @@ class Cluster:
                 [*node.exec_prefix, sys.executable, *launcher, "run", "-c",
                  str(node.cfg_path)],
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=node._log,
-                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
     def wait_ready(self, *nodes: Node, timeout: float = 30.0) -> None:
         pending = list(nodes)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from agent.cli.join_detect import ALL_KINDS, DEFAULT_PORTS, detect, probe_url
-from tests.util import free_port
+from tests.util import PageServer, free_port
 
 ANSWERS: dict[str, dict[str, object]] = {
     "vllm": {"/version": {"version": "0.6.3"},
@@ -33,33 +31,17 @@ ANSWERS: dict[str, dict[str, object]] = {
 }
 
 
-def _serve(answers: dict[str, object]) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = answers.get(self.path.split("?")[0])
-            data = json.dumps(body if body is not None else {"error": "not found"}).encode()
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
-    return srv
+def _serve(answers: dict[str, object]) -> PageServer:
+    return PageServer({path: json.dumps(body).encode() for path, body in answers.items()},
+                      "application/json", json.dumps({"error": "not found"}).encode())
 
 
 @pytest.fixture(scope="module")
 def stubs() -> Iterator[dict[str, int]]:
     servers = {kind: _serve(a) for kind, a in ANSWERS.items()}
-    yield {kind: s.server_address[1] for kind, s in servers.items()}
+    yield {kind: s.port for kind, s in servers.items()}
     for s in servers.values():
-        s.shutdown()
-        s.server_close()
+        s.close()
 
 
 def test_each_kind_is_found_on_the_port_its_table_names(stubs):

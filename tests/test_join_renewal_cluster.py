@@ -36,8 +36,8 @@ from agent.admission.keys import NetworkKey, b64_key
 from agent.admission.revocation import RevocationList
 from agent.cli import join_config
 from agent.dht.identity import Identity
-from tests.cluster import Cluster, _die_with_parent
-from tests.util import REPO, agent_env, free_port, free_udp_tcp_port, wait_for
+from tests.cluster import AgentProcess, Cluster, die_with_parent, join_argv, join_ports
+from tests.util import REPO, agent_env, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_enrolled_worker_renews_under_lookups_survives_a_down_coordinator_and_re
     up = subprocess.Popen([sys.executable, "-m", "http.server", str(upstream_port), "--bind",
                            "127.0.0.1", "--directory", str(tmp_path)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          preexec_fn=_die_with_parent)
+                          preexec_fn=die_with_parent)
     closed = {"network": {"admission_keys": [netpub]}}
     with Cluster(tmp_path / "cl", record_ttl=60, republish=5) as cl:
         c1 = cl.coordinator("c1", extra=closed)
@@ -101,15 +101,10 @@ def test_enrolled_worker_renews_under_lookups_survives_a_down_coordinator_and_re
                                cwd=REPO, env=agent_env(), capture_output=True, text=True,
                                timeout=30, check=True).stdout.strip()
 
-        ports = {"udp": free_udp_tcp_port(), "http": free_port(), "gw": free_port()}
+        ports = join_ports()
         wdir = tmp_path / "w1"
-        argv = [sys.executable, "-m", "agent", "join", c1.gateway_url, "--token", token,
-                "--service", f"ocr=http://127.0.0.1:{upstream_port}", "--name", "w1",
-                "-c", str(wdir / "agent.toml"), "--state-dir", str(wdir / "state"),
-                "--endpoint", f"http://127.0.0.1:{ports['gw']}",
-                "--dht-listen", f"127.0.0.1:{ports['udp']}",
-                "--http-listen", f"127.0.0.1:{ports['http']}",
-                "--gateway-listen", f"127.0.0.1:{ports['gw']}", "--no-start", "--timeout", "0"]
+        argv = join_argv(c1.gateway_url, wdir, ports, f"ocr=http://127.0.0.1:{upstream_port}",
+                         "w1", "--token", token, "--timeout", "0")
         no_token = [a for a in argv if a not in ("--token", token)]
         r = subprocess.run(no_token, cwd=REPO, env=agent_env(), capture_output=True,
                            text=True, timeout=60)
@@ -120,11 +115,7 @@ def test_enrolled_worker_renews_under_lookups_survives_a_down_coordinator_and_re
         assert r.returncode == 0, r.stdout + r.stderr
         assert "enrolled: certificate until" in r.stdout, r.stdout
         assert join_config.ownership(wdir / "agent.toml") == "ours"
-        log = open(wdir / "agent.log", "ab")
-        worker = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c",
-                                   str(wdir / "agent.toml")], cwd=REPO, env=agent_env(),
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent)
+        worker = AgentProcess(wdir / "agent.toml", wdir / "agent.log")
         wurl = f"http://127.0.0.1:{ports['http']}"
         lookups = Lookups(c2, "ocr", "w1", limit=max(2000, int(SOAK_S * 20)))
         try:
@@ -176,12 +167,6 @@ def test_enrolled_worker_renews_under_lookups_survives_a_down_coordinator_and_re
             assert "renewal failed" in text and "revoked" in text, text[-2000:]
         finally:
             lookups.done.set()
-            worker.terminate()
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            log.close()
+            worker.stop()
             up.terminate()
             up.wait(timeout=10)

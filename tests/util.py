@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -178,6 +179,38 @@ async def wait_for_async(predicate: Callable[[], Any], timeout: float = 10.0,  #
         if expired:
             raise poll.failure()
         await asyncio.sleep(interval)
+
+
+class PageServer:
+    """A stand-in HTTP server on a free loopback port (a thread): GET answers fixed by
+    path (query ignored), 404 with ``missing`` otherwise. ``url``; ``close()``."""
+
+    def __init__(self, pages: dict[str, bytes], content_type: str = "text/plain",
+                 missing: bytes = b"not found\n") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                page = pages.get(self.path.split("?")[0])
+                data = page if page is not None else missing
+                self.send_response(200 if page is not None else 404)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.srv.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
 
 
 class ManualClock:
