@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -91,6 +93,18 @@ def _renewer(coord: StubCoordinator, path: Path, worker: Identity, installed: li
                        install=lambda: installed.append(path.read_bytes()))
 
 
+@contextlib.asynccontextmanager
+async def _running(r: CertRenewer, coord: StubCoordinator) -> AsyncIterator[None]:
+    """``r`` renewing in a task for the block; then the task cancelled, the stub down."""
+    task = asyncio.create_task(r.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await coord.down()
+
+
 def _cert(path: Path) -> Certificate:
     return Certificate.decode(base64.b64decode(path.read_text().strip()))
 
@@ -112,8 +126,7 @@ def test_renews_several_times_in_a_row_at_a_third_of_the_lifetime_left(tmp_path)
         installed: list[bytes] = []
         r = _renewer(coord, tmp_path / "admission.cert", worker, installed)
         first = _cert(r.cert_path)
-        task = asyncio.create_task(r.run())
-        try:
+        async with _running(r, coord):
             await wait_for_async(lambda: len(installed) >= 3, timeout=20,
                                  what="three renewals")
             # each renewal happened with at most ~a third of its predecessor's life left
@@ -123,10 +136,6 @@ def test_renews_several_times_in_a_row_at_a_third_of_the_lifetime_left(tmp_path)
             assert last.subject == worker.public_key and last.not_after > first.not_after
             assert r.state.not_after == last.not_after and r.state.state == "waiting"
             assert coord.renewed == r.state.renewals
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await coord.down()
 
     asyncio.run(scenario())
 
@@ -137,8 +146,7 @@ def test_coordinator_down_during_an_attempt_then_back(tmp_path, caplog):
         worker = Identity.generate()
         installed: list[bytes] = []
         r = _renewer(coord, tmp_path / "admission.cert", worker, installed)
-        task = asyncio.create_task(r.run())
-        try:
+        async with _running(r, coord):
             await wait_for_async(lambda: r.state.failures >= 2, timeout=10,
                                  what="failed attempts while the coordinator is down")
             assert r.state.state == "failing" and "no answer" in r.state.last_error
@@ -147,10 +155,6 @@ def test_coordinator_down_during_an_attempt_then_back(tmp_path, caplog):
             await wait_for_async(lambda: installed, timeout=10, what="renewal once back")
             assert r.state.failures == 0 and r.state.renewals == 1
             assert _cert(r.cert_path).not_after > time.time()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await coord.down()
 
     with caplog.at_level(logging.WARNING, logger="rma_agent.network"):
         asyncio.run(scenario())
@@ -166,18 +170,13 @@ def test_revoked_worker_is_refused_keeps_its_certificate_and_warns(tmp_path, cap
         installed: list[bytes] = []
         r = _renewer(coord, tmp_path / "admission.cert", worker, installed)
         before = r.cert_path.read_bytes()
-        task = asyncio.create_task(r.run())
-        try:
+        async with _running(r, coord):
             await wait_for_async(lambda: r.state.failures >= 2, timeout=10,
                                  what="refused renewals")
             assert "revoked" in r.state.last_error and "403" in r.state.last_error
             assert r.state.by_result.get("http_403", 0) >= 2
             assert not installed and r.cert_path.read_bytes() == before
             assert coord.renewed == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await coord.down()
 
     with caplog.at_level(logging.WARNING, logger="rma_agent.network"):
         asyncio.run(scenario())
