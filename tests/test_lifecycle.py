@@ -29,6 +29,9 @@ from tests.util import (
     write_config,
 )
 
+# each test starts a real agent process (with its own notify socket): a process test
+pytestmark = pytest.mark.slow
+
 
 class NotifyListener:
     """A unix datagram socket standing where systemd's notify socket would be."""
