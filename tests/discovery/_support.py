@@ -85,11 +85,16 @@ class ProviderStub(Component):
         return {}
 
 
+# every state dir these helpers make is under one directory removed when the test process
+# exits (a mkdtemp each left one directory in /tmp per test: thousands of them)
+_STATE_ROOT = tempfile.TemporaryDirectory(prefix="rma-disc-")
+
+
 def make_config(*, region: str = "", cache_ttl: int = 60, coordinators: Iterable[str] = (),
                 republish: int = 30, state_dir: Path | None = None, **disc: Any) -> Config:
     return Config(
         agent=AgentSection(role="worker", name="test", region=region,
-                           state_dir=state_dir or Path(tempfile.mkdtemp(prefix="rma-disc-"))),
+                           state_dir=state_dir or Path(tempfile.mkdtemp(dir=_STATE_ROOT.name))),
         dht=DHTSection(republish_interval=republish),
         discovery=dataclasses.replace(DiscoverySection(
             cache_ttl=cache_ttl, coordinators=tuple(coordinators),

@@ -57,7 +57,9 @@ class VllmStub:
             f"vllm:kv_cache_usage_perc{label} 0.5\n"))
 
     async def _hold(self, _r: web.Request) -> web.Response:
-        for _ in range(1500):                     # at most 30 s
+        # an upstream busy until the test (another thread) releases it: polling its
+        # threading.Event keeps no executor thread per held request; at most 30 s
+        for _ in range(1500):
             if self.release.is_set():
                 break
             await asyncio.sleep(0.02)

@@ -86,7 +86,7 @@ async def _join(coord: Coord, ips: list[str], nodes: list[DHTNode],
             break
         for ip in missing:
             await mine[ip].bootstrap([seed])
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)        # pacing the asking again, as a live node's lookups
     return {ip for _c, ip, _p in coord.dht.contacts()} & set(ips)
 
 
