@@ -9,6 +9,8 @@ through, so that the same counting (every datagram at the sender) applies to bot
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import math
 import os
 import random
@@ -37,13 +39,43 @@ def address(i: int) -> str:
     return f"127.{1 + i // 62500}.{1 + (i // 250) % 250}.{1 + i % 250}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def index_of(ip: str) -> int:
-    """The node index behind ``address(i)`` (its inverse); -1 for any other address."""
+    """The node index behind ``address(i)`` (its inverse); -1 for any other address.
+    Cached: every datagram under ``--wan`` asks it for its destination."""
     try:
         _, x, y, z = (int(p) for p in ip.split("."))
     except ValueError:
         return -1
     return (x - 1) * 62500 + (y - 1) * 250 + (z - 1)
+
+
+class DelayLine:
+    """Datagrams held until their due time, one timer per millisecond that has any
+    (not one per datagram): under ``--wan`` a shard sends thousands of datagrams a
+    second, each of which would otherwise cost its own timer handle. Due times are
+    rounded up to the next millisecond (the event loop's clock is read to about one)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots: dict[int, list[tuple[Any, bytes, Any]]] = {}
+
+    def hold(self, delay: float, transport: Any, data: bytes, addr: Any) -> None:
+        slot = math.ceil((self._loop.time() + delay) * 1000)
+        held = self._slots.get(slot)
+        if held is None:
+            held = self._slots[slot] = []
+            self._loop.call_at(slot / 1000, self._release, slot)
+        held.append((transport, data, addr))
+
+    def _release(self, slot: int) -> None:
+        for transport, data, addr in self._slots.pop(slot, ()):
+            if transport.is_closing():
+                continue        # the node stopped while the datagram was on its way
+            try:
+                transport.sendto(data, addr)
+            except OSError:
+                pass
 
 
 class World:
@@ -59,6 +91,14 @@ class World:
         self.refresh_override: float | None = None  # --refresh-interval, in the rests
         self.side: dict[str, int] = {}      # ip -> side while partitioned
         self.split = False
+        self._line: DelayLine | None = None
+
+    @property
+    def line(self) -> DelayLine:
+        """The process's delay line (``--wan``), made on the running loop."""
+        if self._line is None:
+            self._line = DelayLine()
+        return self._line
 
     def snapshot(self) -> tuple[int, int]:
         return self.datagrams, self.bytes
@@ -67,7 +107,7 @@ class World:
 class Tap:
     """Stands in for a node's UDP transport: counts, drops across a partition, and under
     ``--wan`` hands each datagram to the socket after the pair's one-way delay (the
-    event loop's timer, ``call_later``: nothing sleeps) or loses it. The delay covers the
+    world's ``DelayLine``, on the event loop's timers: nothing sleeps) or loses it. The delay covers the
     whole path, so a request and its reply are each delayed once, by their sender."""
 
     def __init__(self, transport: Any, ip: str, world: World) -> None:
@@ -75,7 +115,6 @@ class Tap:
         self._ip = ip
         self._i = index_of(ip)
         self._w = world
-        self._loop = asyncio.get_running_loop()
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         w = self._w
@@ -90,15 +129,7 @@ class Tap:
         dst = index_of(addr[0])
         delay = w.wan.delay(self._i, dst) if dst >= 0 else 0.0
         if delay is not None:
-            self._loop.call_later(delay, self._send_late, data, addr)
-
-    def _send_late(self, data: bytes, addr: Any) -> None:
-        if self._t.is_closing():
-            return              # the node stopped while the datagram was on its way
-        try:
-            self._t.sendto(data, addr)
-        except OSError:
-            pass
+            w.line.hold(delay, self._t, data, addr)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._t, name)
@@ -226,6 +257,20 @@ class Impl:
 
     async def aextra(self, alive: list[int]) -> dict[str, Any]:
         return self.extra(alive)
+
+    meter: Any = None       # scale_pace.LoopMeter of the process that runs the nodes
+
+    async def lag(self) -> dict[str, float]:
+        """Loop lag and GC pauses of the process(es) running the nodes, since the last
+        call (``scale_pace``); a sharded run asks every shard."""
+        return self.meter.take() if self.meter is not None else {}
+
+    async def settle(self) -> None:
+        """After the join: collect once and freeze what survived (the node objects),
+        in every process that runs nodes, so later full collections stop walking
+        thousands of nodes' tables (a real agent's process holds one node)."""
+        gc.collect()
+        gc.freeze()
 
     async def make(self, i: int, world: World) -> None: ...
     async def join(self, i: int, seeds: list[tuple[str, int]]) -> None: ...

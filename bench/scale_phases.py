@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import random
 import statistics
 import time
 from typing import Any
 
 from scale_net import Coordinator, Impl, World, address, pct
+from scale_pace import LoopHealth, Pacer, paced
 
 from agent.dht.record import WorkerRecord
 from agent.discovery.sources import DHT_TIMEOUT_S
@@ -43,7 +43,8 @@ class Scenario:
                  wan: Any = None) -> None:
         self.impl = impl
         self.args = args
-        self.emit = emit
+        self.health = LoopHealth(impl)
+        self._emit = emit
         self.world = World(wan)
         # --wan: latencies are also given in median pairwise RTTs (bench/wan.py)
         self.rtt_s = wan.rtt_stats()["median_rtt_ms"] / 1000 if wan is not None else 0.0
@@ -69,10 +70,24 @@ class Scenario:
         self.dead: set[int] = set()
         self.records: dict[int, WorkerRecord] = {}
         self.fallback: dict[str, dict[str, int]] = {}   # phase -> counts
-        self.phase = "join"
         self._republishing = False
         self.errors: dict[str, int] = {}
         self.budget_end = 0.0               # monotonic end of --cap; rests push it later
+
+    # -- phase, loop health -----------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return self.health.phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.health.phase = name      # the loops' lag is folded per phase
+
+    def emit(self, phase: str, data: dict[str, Any]) -> None:
+        """A phase's figures, with the lag of the node processes' loops while it ran
+        (``scale_pace``: figures measured on starved loops are the harness's, not the
+        DHT's)."""
+        self._emit(phase, data | self.health.pop(phase))
 
     # -- budget ---------------------------------------------------------------------
     def left(self) -> float:
@@ -243,6 +258,7 @@ class Scenario:
     # -- phases -------------------------------------------------------------------
     async def run(self) -> None:
         await self.coord.start()
+        self.health.start()
         self.budget_end = time.monotonic() + self.args.cap
         try:
             await self.phase_join()
@@ -255,14 +271,17 @@ class Scenario:
             pass        # the phases not reached are reported as "did not finish"
         finally:
             self._republishing = False
-            self.emit("coordinators", self.fallback)
-            self.emit("extra", await self.impl.aextra(self.alive) |
+            await self.health.stop()
+            self._emit("coordinators", self.fallback)
+            self._emit("extra", await self.impl.aextra(self.alive) |
                       {"lookup_errors": self.errors})
             for i in self.alive:
                 self.impl.stop(i)
             await self.coord.stop()
 
     async def phase_join(self) -> None:
+        """Node 0 first, then every other node through 3 nodes already joined, at most
+        ``--join-wave`` at once and fewer while the loops lag (``scale_pace.Pacer``)."""
         impl = self.impl
         cpu0 = await impl.cpu()
         rss0 = await impl.rss()
@@ -271,25 +290,24 @@ class Scenario:
             await impl.make(i, self.world)
         addrs = [impl.addr(i) for i in range(self.n)]
         each: list[float] = []
+        joined = [0]
+        pacer = Pacer(self.health, self.args.join_wave)
 
-        async def join(j: int, seeds: list[tuple[str, int]]) -> None:
+        async def join(j: int) -> None:
+            seeds = [addrs[k] for k in self.rng.sample(joined, min(3, len(joined)))]
             s = time.perf_counter()
             await impl.join(j, seeds)
             each.append(time.perf_counter() - s)
+            joined.append(j)
 
-        wave = self.args.join_wave
-        for i in range(1, self.n, wave):
-            self.check_time("join")
-            seeds = [addrs[j] for j in self.rng.sample(range(i), min(3, i))]
-            await asyncio.gather(*(join(j, seeds)
-                                   for j in range(i, min(self.n, i + wave))))
+        await paced(pacer, list(range(1, self.n)), join, lambda: self.check_time("join"))
         await asyncio.sleep(1.0)
-        gc.collect()
-        gc.freeze()
+        await impl.settle()
         rss1 = await impl.rss()
         self.emit("join", {"seconds": time.perf_counter() - t0,
                            "memory_per_node_kb": (rss1 - rss0) / self.n / 1024,
                            "cpu_s": await impl.cpu() - cpu0,
+                           "in_flight_peak": pacer.peak, "in_flight_last": pacer.limit,
                            "node_p50_ms": pct(each, 50) * 1e3,
                            "node_p99_ms": pct(each, 99) * 1e3}
                   | self.in_rtts({"node_p50": pct(each, 50), "node_p99": pct(each, 99)}))
@@ -301,20 +319,18 @@ class Scenario:
             self.phase = rnd
             d0, b0 = await self.snap()
             t = time.perf_counter()
-            sem = asyncio.Semaphore(ANNOUNCE_PARALLEL)
+            pacer = Pacer(self.health, ANNOUNCE_PARALLEL)
             times: list[float] = []
 
-            async def pub(w: int, sem: asyncio.Semaphore = sem,
-                          times: list[float] = times) -> float:
-                async with sem:
-                    s = time.perf_counter()
-                    stored = await self.publish(w)
-                    times.append(time.perf_counter() - s)
-                    return stored
+            async def pub(w: int, times: list[float] = times) -> float:
+                s = time.perf_counter()
+                stored = await self.publish(w)
+                times.append(time.perf_counter() - s)
+                return stored
 
-            stored = await asyncio.gather(*(pub(w) for w in workers))
+            stored = await paced(pacer, workers, pub, lambda rnd=rnd: self.check_time(rnd))
             d1, b1 = await self.snap()
-            self.emit(rnd, {"seconds": time.perf_counter() - t,
+            self.emit(rnd, {"seconds": time.perf_counter() - t, "in_flight_peak": pacer.peak,
                             "ok": sum(1 for s in stored if s > 0),
                             "on_k": sum(1 for s in stored if s >= KSIZE),
                             "mean_stored_per_key": statistics.fmean(stored),

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from scale_net import Impl, World, rss_bytes
+from scale_pace import LoopMeter, calm_gc, merge_lag
 
 from agent.dht.record import WorkerRecord
 
@@ -129,6 +130,15 @@ class Sharded(Impl):
     async def rss(self) -> int:
         return sum(await self._all("rss")) + rss_bytes()
 
+    async def lag(self) -> dict[str, float]:
+        parts = await self._all("lag")
+        return merge_lag([p for p in parts if p] +
+                         ([self.meter.take()] if self.meter is not None else []))
+
+    async def settle(self) -> None:
+        await self._all("settle")
+        await super().settle()
+
     async def wan_counts(self) -> list[list[int]]:
         """Each shard's (datagrams the WAN model saw, datagrams it lost)."""
         return await self._all("wan")
@@ -171,6 +181,9 @@ async def serve_shard(impl: Impl, world: World) -> None:
     reader = asyncio.StreamReader(limit=1 << 24)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout
+    calm_gc()
+    impl.meter = LoopMeter()
+    impl.meter.start()
 
     async def handle(msg: dict[str, Any]) -> None:
         op, args = msg["op"], msg["args"]
@@ -222,6 +235,11 @@ async def _op(impl: Impl, world: World, op: str, args: list[Any]) -> Any:
         return rss_bytes()
     if op == "wan":
         return [world.wan.sent, world.wan.lost] if world.wan is not None else [0, 0]
+    if op == "lag":
+        return impl.meter.take() if impl.meter is not None else {}
+    if op == "settle":
+        await impl.settle()
+        return None
     if op == "cpu":
         return time.process_time()
     if op == "extra":

@@ -243,5 +243,13 @@ def test_scale_wan_procs_reports_the_issue_figures(runs: dict[str, Any]) -> None
         w = data[window]
         assert w["datagrams_per_s_per_node"] > 0 and w["false_deaths_per_contact_hour"] >= 0
     assert data["heal"]["last_batch_found"] is not None and data["partition"]["lookups"] > 0
+    # the harness's own health is reported with the figures (bench/scale_pace.py)
+    assert join["in_flight_peak"] >= 1 and join["cpu_s"] > 0, join
+    # (sampled once a second: the join, seconds long over this WAN, always holds one)
+    assert "loop_lag_p99_ms" in join, join
+    for row in (join, ann, look, data["heal"]):
+        if "loop_lag_p99_ms" in row:
+            assert 0 <= row["loop_lag_p50_ms"] <= row["loop_lag_p99_ms"] <= \
+                row["loop_lag_max_ms"], row
     assert "--wan global-lossy: pairwise RTT median" in r.stderr
-    assert "largest, warm p50, RTTs" in r.stderr
+    assert "largest, warm p50, RTTs" in r.stderr and "join: loop lag" in r.stderr
