@@ -203,6 +203,7 @@ ROWS = [
     ("rest_republish", "datagrams_per_s_per_node", "rest with republish: datagrams/s/node", 3),
     ("rest_republish", "refresh_rounds_per_node", "  table refresh rounds per node in it", 2),
     ("rest_republish", "republish_rounds", "  republish rounds started in it", 0),
+    ("rest_republish", "republish_round_s_max", "  longest republish round, s", 1),
     ("rest_republish", "false_deaths_per_contact_hour", "  live contacts removed /contact/h",
      4),
     ("churn", "found", "30 % churn: found share at once", 4),
@@ -213,6 +214,7 @@ ROWS = [
     ("partition", "own_side_found", "split: own side found (records since split)", 4),
     ("heal", "seconds_to_all_found", "heal: s until all found (records since split)", 1),
     ("heal", "last_batch_found", "heal: found share in the last batch", 4),
+    ("heal", "republish_round_s_max", "split + heal: longest republish round, s", 1),
     ("extra", "tombstones_stored", "honest workers withdrawn (tombstones held)", 0),
     ("extra", "retransmissions", "retransmissions, whole run (all nodes)", 0),
     # the harness's own health (bench/scale_pace.py): figures measured on loops that ran

@@ -71,6 +71,7 @@ class Scenario:
         self.records: dict[int, WorkerRecord] = {}
         self.fallback: dict[str, dict[str, int]] = {}   # phase -> counts
         self._republishing = False
+        self.round_seconds: list[float] = []    # each republish round, start to last answer
         self.errors: dict[str, int] = {}
         self.budget_end = 0.0               # monotonic end of --cap; rests push it later
 
@@ -246,6 +247,9 @@ class Scenario:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(self.publish(w)))
         await asyncio.gather(*tasks)
+        # a round that outlasts its interval (slow announces) delays the next one: the
+        # republish no longer keeps its interval (issue 16's target)
+        self.round_seconds.append(time.monotonic() - t0)
         if done is not None:
             done.set()
 
@@ -415,8 +419,9 @@ class Scenario:
         if republish:
             self._republishing = False
             await task        # the round in flight ends (its datagrams count after d1)
+        rounds_s = self.round_seconds[-len(rounds):] if republish and rounds else []
         live = len(self.alive)
-        self.emit(name, {"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
+        self.emit(name, {"republish_round_s_max": max(rounds_s, default=float("nan")),"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
                          "refresh_rounds_per_node": (r1 - r0) / live,
                          "republish_rounds": len(rounds) if republish else 0,
                          "false_deaths_per_contact_hour": false_deaths,
@@ -467,6 +472,7 @@ class Scenario:
         self.rng.shuffle(half)
         side_a = set(half[: len(half) // 2])
         split_at = time.time()
+        rounds0 = len(self.round_seconds)
         await self.impl.partition(self.world, {address(i): 0 if i in side_a else 1
                                                for i in self.alive})
         self._republishing = True
@@ -487,7 +493,10 @@ class Scenario:
         await self.impl.partition(self.world, None)
         self.phase = "heal"
         try:
-            self.emit("heal", await self._heal(split_at))
+            heal = await self._heal(split_at)
+            heal["republish_round_s_max"] = max(self.round_seconds[rounds0:],
+                                                default=float("nan"))
+            self.emit("heal", heal)
         finally:
             self._republishing = False
             loop_task.cancel()
