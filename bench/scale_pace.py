@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -183,12 +184,14 @@ class Pacer:
 
 
 async def paced(pacer: Pacer, items: list[Any], work: Callable[[Any], Awaitable[Any]],
-                check: Callable[[], None]) -> list[Any]:
+                check: Callable[[], None], label: str = "") -> list[Any]:
     """``work(item)`` for every item, at most ``pacer.update()`` in flight; results in
-    the items' order. ``check()`` runs before every admission round (the run's cap)."""
+    the items' order. ``check()`` runs before every admission round (the run's cap).
+    Progress goes to stderr every 30 s (a join of thousands takes minutes)."""
     out: list[Any] = [None] * len(items)
     todo = list(range(len(items) - 1, -1, -1))
     flying: set[asyncio.Future[None]] = set()
+    t0 = shown = time.monotonic()
 
     async def one(k: int) -> None:
         out[k] = await work(items[k])
@@ -201,4 +204,10 @@ async def paced(pacer: Pacer, items: list[Any], work: Callable[[Any], Awaitable[
                                           return_when=asyncio.FIRST_COMPLETED)
         for f in done:
             f.result()
+        if label and time.monotonic() - shown > 30:
+            shown = time.monotonic()
+            print(f"  {label}: {len(items) - len(todo) - len(flying)}/{len(items)} done in "
+                  f"{shown - t0:.0f} s, {len(flying)} in flight, loop lag p99 "
+                  f"{pacer.health.last.get('lag_p99_ms', 0):.0f} ms", file=sys.stderr,
+                  flush=True)
     return out

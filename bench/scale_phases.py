@@ -304,7 +304,8 @@ class Scenario:
             each.append(time.perf_counter() - s)
             joined.append(j)
 
-        await paced(pacer, list(range(1, self.n)), join, lambda: self.check_time("join"))
+        await paced(pacer, list(range(1, self.n)), join, lambda: self.check_time("join"),
+                    "join")
         await asyncio.sleep(1.0)
         await impl.settle()
         rss1 = await impl.rss()
@@ -332,7 +333,8 @@ class Scenario:
                 times.append(time.perf_counter() - s)
                 return stored
 
-            stored = await paced(pacer, workers, pub, lambda rnd=rnd: self.check_time(rnd))
+            stored = await paced(pacer, workers, pub, lambda rnd=rnd: self.check_time(rnd),
+                                 rnd)
             d1, b1 = await self.snap()
             self.emit(rnd, {"seconds": time.perf_counter() - t, "in_flight_peak": pacer.peak,
                             "ok": sum(1 for s in stored if s > 0),
