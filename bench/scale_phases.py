@@ -408,10 +408,12 @@ class Scenario:
         d0, _ = await self.snap()
         r0 = (await self.impl.counts(self.world))[2]
         x0 = await self.counters()
+        c0 = await self.impl.cpu()
         t = time.monotonic()
         await self.rest_sleep(a.rest)
         d1, _b, r1, _x = await self.impl.counts(self.world)
         dt = time.monotonic() - t
+        cores = (await self.impl.cpu() - c0) / dt     # what the idle network costs here
         x1 = await self.counters()
         # every node is alive in the rests (the churn comes later): every contact removed
         # was a live one — false deaths, per contact held, per hour
@@ -423,7 +425,8 @@ class Scenario:
             await task        # the round in flight ends (its datagrams count after d1)
         rounds_s = self.round_seconds[-len(rounds):] if republish and rounds else []
         live = len(self.alive)
-        self.emit(name, {"republish_round_s_max": max(rounds_s, default=float("nan")),"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
+        self.emit(name, {"republish_round_s_max": max(rounds_s, default=float("nan")),
+                         "cpu_cores": cores,"seconds": dt, "datagrams_per_s_per_node": (d1 - d0) / dt / live,
                          "refresh_rounds_per_node": (r1 - r0) / live,
                          "republish_rounds": len(rounds) if republish else 0,
                          "false_deaths_per_contact_hour": false_deaths,
