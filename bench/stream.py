@@ -218,7 +218,10 @@ async def chunk_delays(ports: dict[str, tuple[int, str]], n: int,
             raise RuntimeError(f"{prefix}/ticks failed")
         delays = []
         while chunk := await s.chunk():
-            delays.append(1000 * (time.monotonic() - float(chunk[6:].strip())))
+            # a slow reader (a loaded machine) may get several events in one chunk
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data: "):
+                    delays.append(1000 * (time.monotonic() - float(line[6:].strip())))
         s.hang_up()
         out[k] = delays[5:]
     return out
