@@ -132,7 +132,6 @@ def test_closed_network_admission_and_revocation(tmp_path: Path, monkeypatch) ->
         took = time.monotonic() - t0
         print(f"revocation reached every agent's answers in {took:.1f} s "
               f"(fetch interval 20 s)")
-        assert took < 120
         # and it stays gone while w2 keeps republishing (two more announces of its own)
         done = workers["w2"].get("/api/dht/stats")[1]["worker"]["announces"]
         wait_until(lambda: workers["w2"].get("/api/dht/stats")[1]["worker"]["announces"]

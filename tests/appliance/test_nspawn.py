@@ -346,11 +346,11 @@ def test_tunnel_stand_in_gives_the_worker_its_endpoint(installed):
         c.wait_for("agent ready again with its endpoint", lambda: c.curl(
             f"{API}/readyz")[0] == 200, timeout=30)
         # Lifetime tied to the agent: stopping the agent stops the tunnel. The agent
-        # leaves cleanly (STOPPING=1, exit 0) well within TimeoutStopSec=.
+        # leaves cleanly (STOPPING=1, exit 0) within TimeoutStopSec= (else Result would
+        # be "timeout"); how long it took is printed, not judged (speed is bench/'s).
         t0 = time.monotonic()
         c.run("systemctl", "stop", UNIT)
-        took = time.monotonic() - t0
-        assert took < 10, f"systemctl stop took {took:.1f} s"
+        print(f"systemctl stop took {time.monotonic() - t0:.1f} s")
         assert c.show(UNIT, "Result") == "success"
         assert c.show(UNIT, "ExecMainStatus") == "0"
         assert c.show(TUNNEL, "ActiveState") in ("inactive", "deactivating")

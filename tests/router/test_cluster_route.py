@@ -353,14 +353,12 @@ def test_sigkill_during_300_gets_loses_none(net: tuple[Cluster, Upstreams]) -> N
                 killed.append(by_id[results[-1][1]])
                 cl.kill(killed[0], signal.SIGKILL)
 
-    t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(300)))
     victim = killed[0]
     assert not victim.alive()
     statuses = Counter(r[0] for r in results)
-    assert statuses == {200: 300}, statuses
-    assert time.monotonic() - t0 < 60
+    assert statuses == {200: 300}, statuses        # none hung (30 s each) or failed
     # the kill mattered: requests that met the dead worker were tried again elsewhere
     assert c1.get("/api/dht/stats")[1]["router"]["retries"] > retries_before
     assert {r[1] for r in results[150:]} - {""} <= set(ids(cl).values())
