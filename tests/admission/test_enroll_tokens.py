@@ -12,6 +12,7 @@ import pytest
 
 from agent.admission.enrollment import token_digest
 from agent.admission.tokens import TokenError, TokenStore, parse_duration
+from tests.util import requires
 
 
 def test_stored_hashed_private_and_listed(tmp_path):
@@ -89,7 +90,7 @@ def test_bad_durations(text):
         parse_duration(text)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+@requires(None if os.geteuid() == 0 else "needs root (chown to the state dir's owner)")
 def test_root_hands_the_files_to_the_state_dirs_owner(tmp_path):
     """``sudo rma-agent token create``: the daemon (the state dir's owner) must still be
     able to count uses in the files root wrote."""
