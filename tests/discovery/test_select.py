@@ -93,10 +93,18 @@ queries = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(workers(), queries, st.integers(0, 2**32))
-def test_only_eligible_workers_come_back_and_all_of_them(ws, q, seed):
+def test_rank_keeps_every_eligible_worker_and_draws_only_among_the_best_three(ws, q, seed):
+    """Two properties of ``rank`` on the same drawn sets (one draw serves both: drawing
+    the workers is most of the cost): what comes back, and in which order."""
     recs, failing = ws
     cs = CandidateSet("ocr", recs, SCORER, NOW, MAX_AGE)
-    out = cs.rank(NOW, q, tracker_with(failing), random.Random(seed))
+    tracker = tracker_with(failing)
+    _only_eligible_and_all_of_them(cs, recs, failing, q, tracker, seed)
+    _drawn_among_the_best_three_rest_in_order(cs, q, tracker, seed)
+
+
+def _only_eligible_and_all_of_them(cs, recs, failing, q, tracker, seed) -> None:
+    out = cs.rank(NOW, q, tracker, random.Random(seed))
     got = [cs.ids[i] for i, _ in out]
     assert len(got) == len(set(got)) <= q.limit
     want = {r.worker_id for r in recs if eligible(r, failing, q)}
@@ -109,12 +117,7 @@ def test_only_eligible_workers_come_back_and_all_of_them(ws, q, seed):
             assert cs.records[i].region.lower() == q.region.lower()
 
 
-@settings(max_examples=300, deadline=None)
-@given(workers(), queries, st.integers(0, 2**32))
-def test_draw_only_picks_among_best_three_rest_in_order(ws, q, seed):
-    recs, failing = ws
-    cs = CandidateSet("ocr", recs, SCORER, NOW, MAX_AGE)
-    tracker = tracker_with(failing)
+def _drawn_among_the_best_three_rest_in_order(cs, q, tracker, seed) -> None:
     plain = cs.rank(NOW, Query(50, q.region, q.gpu, q.min_gpu_memory_gb, q.caller_region),
                     tracker, None)
     scores = [s for _, s in plain]
