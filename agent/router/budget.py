@@ -9,8 +9,13 @@ at start (an idle agent can still retry its first few failures). The bank is cap
 long quiet stretches cannot save up a retry storm. It is a token bucket refilled by
 requests instead of by time.
 
-Only retries that send the request again to a worker are charged: trying the next worker
-after a refused connection or a failed ownership proof sends the work to nobody twice.
+Only retries that may send the *work* to a worker twice are charged: trying the next worker
+after a refused connection, a failed ownership proof or a gateway's "full, not processed"
+refusal (``503`` + ``RMA-Not-Processed``) sends the work to nobody twice. Those are bounded
+otherwise: by ``discovery.max_attempts`` per request, and a full worker is held for its
+``Retry-After`` so a router meets it at most once per hold. Charging them made a cold router
+(the reserve only) relay the pool's momentary "full" to its callers after ten refusals,
+while the other workers had free slots.
 """
 
 from __future__ import annotations

@@ -456,7 +456,10 @@ class RouterComponent(Component):
             call.disc.worker_outcome(wid, False)
         else:
             return ""
-        if call.body.replayable and self._may_retry(call, charged=True, reason=reason):
+        # a refusal before any work is not charged (see agent.router.budget): the worker
+        # is held for its Retry-After, so each call meets each full worker at most once
+        if call.body.replayable and self._may_retry(call, charged=not not_processed,
+                                                    reason=reason):
             call.last = f"worker {wid.hex()[:12]}: HTTP {resp.status}"
             return "retry"
         return "judged"

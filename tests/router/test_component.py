@@ -71,6 +71,37 @@ async def test_full_worker_is_skipped_and_request_lands_on_another():
         await good.stop()
 
 
+async def test_a_full_workers_refusal_is_retried_with_the_retry_budget_spent():
+    """A refusal before any work (503 + RMA-Not-Processed) costs no retry budget: with the
+    budget empty, the request still lands on the worker with a free slot — while a retry
+    that could do the work twice (a 502 on a GET) is refused, so the budget is in force."""
+    full = await StandInGateway(mode="full").start()
+    good = await StandInGateway().start()
+    failing = await StandInGateway(mode="fail").start()
+    try:
+        async with RouterAgent() as ra:
+            ra.announce(full, load=0.0, capacity=8)    # ranks first: more free capacity
+            ra.announce(good, load=3.0, capacity=4)
+            ra.router.budget.tokens = 0.0
+            r = await ra.client.post("/route/ocr/x", data=b"payload")
+            assert r.status == 200, await r.text()
+            assert r.headers["RMA-Worker"] == good.identity.node_id.hex()
+            assert full.requests, "the full worker was never tried: the test proves nothing"
+            assert ra.router.budget.refused == 0
+        async with RouterAgent() as ra:
+            ra.announce(failing, load=0.0, capacity=8)
+            ra.announce(good, load=3.0, capacity=4)
+            ra.router.budget.tokens = 0.0
+            served_before = len(good.requests)
+            r = await ra.client.get("/route/ocr/x")
+            assert r.status == 502 and failing.requests
+            assert len(good.requests) == served_before          # not tried again there
+            assert ra.router.budget.refused == 1
+    finally:
+        for gw in (full, good, failing):
+            await gw.stop()
+
+
 async def test_impostor_endpoint_is_never_routed_to_and_not_offered():
     honest = await StandInGateway().start()
     impostor_id = Identity.generate()
