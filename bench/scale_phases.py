@@ -307,6 +307,7 @@ class Scenario:
         await paced(pacer, list(range(1, self.n)), join, lambda: self.check_time("join"),
                     "join")
         await asyncio.sleep(1.0)
+        self.phase = "settle"       # its one full collection is not the join's loop lag
         await impl.settle()
         rss1 = await impl.rss()
         self.emit("join", {"seconds": time.perf_counter() - t0,
