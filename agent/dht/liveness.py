@@ -397,6 +397,19 @@ class ContactLiveness:
         f = self._fails.get(node_id)
         return f is not None and self._clock() - f[2] < SUSPECT_TTL
 
+    def live_neighbors(self, target: Node, k: int, exclude: Node | None = None) -> list[Node]:
+        """The ``k`` contacts nearest ``target`` with no unanswered failure, nearest
+        first: what answers name and where our own lookups start. A contact that missed
+        a reply stays in the table for the removal rule's span, and only this node knows
+        it failed: named in an answer, it costs each asker a timeout of its own (N = 300,
+        global-lossy, after 30 % died: almost no dead node a crawl asked was suspect at
+        the asker; most came from answers)."""
+        if not self._fails:
+            return self.router.find_neighbors(target, k=k, exclude=exclude)
+        near = self.router.find_neighbors(target, k=k + min(len(self._fails), k),
+                                          exclude=exclude)
+        return [n for n in near if not self.is_suspect(n.id)][:k]
+
     def _bury(self, node: Node) -> None:
         """Remember a removed contact for revival pings (see module docstring)."""
         if node.id in self._graveyard or len(node.id) != 20:

@@ -17,8 +17,8 @@ kademlia's ``Server``:
   ``republish_interval`` (the roles do).
 * ``announce(record)`` stores the record at the k closest nodes of each of its keys
   (``WorkerRecord.keys()``: its services and one shard of the service index, see
-  ``keys``). The closest set found for a key is cached for
-  ``closest_ttl`` seconds and reused, so a periodic re-announce is one round of
+  ``keys``). The closest set found for a key is cached for ``closest_ttl`` seconds
+  and reused, so a periodic re-announce is one round of
   ``announce`` RPCs instead of a crawl; a cached set that loses a member, or grows stale,
   triggers a fresh node lookup (so republishing heals it).
 * ``find_providers(service)`` runs a ``ProviderLookup`` until the ``lookup_width``
@@ -31,9 +31,8 @@ kademlia's ``Server``:
   Measured at N=200 on loopback: width 6 doubles lookups/s over width 10 at equal
   found rate, also after 30 % churn.
 * Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
-  announces, never added to others' routing tables, stores nothing for others).
-  ``"auto"`` starts as a client; the component asks seeds to ping it back
-  (``component.probe_reachable``) and then calls ``set_mode("server"|"client")``.
+  announces, never in others' tables, stores nothing). ``"auto"`` starts as a client
+  until seeds ping it back (``component.probe_reachable``: ``set_mode``).
 """
 
 from __future__ import annotations
@@ -70,9 +69,9 @@ Admit = Callable[[WorkerRecord, float], str | None]
 class DHTNode:
     """One DHT node (see module docstring). All methods must run on the node's loop.
 
-    ``admit(record, now)``: a refusal reason for a record this node is asked to store,
-    or None to admit it (closed networks); ``on_stored(record)``: observer of every
-    record stored. Both go to the storage's constructor (ignored with ``storage``)."""
+    ``admit(record, now)``: a refusal reason for a record this node is asked to store, or
+    None to admit it (closed networks); ``on_stored(record)``: observer of every record
+    stored. Both go to the storage's constructor (ignored with ``storage``)."""
 
     def __init__(self, identity: Identity, *, ksize: int = 20, alpha: int = 3,
                  mode: str = "server", storage: ProviderStorage | None = None,
@@ -83,8 +82,7 @@ class DHTNode:
                  on_stored: Callable[[WorkerRecord], None] | None = None,
                  rto_min: float = 0.2, rto_max: float = 2.0, rto_initial: float = 1.0,
                  dead_after: int = DEAD_AFTER, dead_span: float = DEAD_SPAN,
-                 max_skew: float = 30.0,
-                 revive_interval: float = 5.0,
+                 max_skew: float = 30.0, revive_interval: float = 5.0,
                  require_keyed_ids: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -237,9 +235,16 @@ class DHTNode:
         self._spawn(self._node_lookup(self.node.id))
 
     # ------------------------------------------------------------------ joining
+    def _start_peers(self, target: bytes) -> list[Node]:
+        """The k nearest contacts with no unanswered failure (``live_neighbors``), or
+        the nearest as they are when all failed lately (a node cut off for a while)."""
+        assert self.protocol is not None
+        live = self.protocol.liveness.live_neighbors(Node(target), self.ksize)
+        return live or self.protocol.router.find_neighbors(Node(target), k=self.ksize)
+
     async def _node_lookup(self, target: bytes, width: int | None = None) -> list[Node]:
         assert self.protocol is not None
-        peers = self.protocol.router.find_neighbors(Node(target), k=self.ksize)
+        peers = self._start_peers(target)
         if not peers:
             return []
         return await NodeLookup(self.protocol, target, peers, width=width or self.ksize,
@@ -362,7 +367,7 @@ class DHTNode:
 
     def _provider_lookup(self, key: bytes, now: float) -> ProviderLookup:
         assert self.protocol is not None
-        peers = self.protocol.router.find_neighbors(Node(key), k=self.ksize)
+        peers = self._start_peers(key)
         crawl = ProviderLookup(self.protocol, key, peers, width=self.lookup_width,
                                alpha=self.alpha, now=now, max_skew=self.max_skew,
                                max_width=self.ksize)
@@ -479,17 +484,14 @@ class DHTNode:
     def stats(self) -> dict[str, Any]:
         st = self.storage.stats()
         out: dict[str, Any] = {
-            "node_id": self.node.id.hex(),
-            "mode": self.mode,
-            "requested_mode": self.requested_mode,
-            "port": self.port,
+            "node_id": self.node.id.hex(), "mode": self.mode,
+            "requested_mode": self.requested_mode, "port": self.port,
             "routing_table_size": self.peers(),
             "records_stored": st["records"],
             "tombstones_stored": st["tombstones"],
             "keys_stored": st["keys"],
             "store_refused": st["refused"],
-            "lookups": self.lookups,
-            "announces": self.announces,
+            "lookups": self.lookups, "announces": self.announces,
             "closest_cache": len(self._closest),
             **self.hints.stats(),
         }
