@@ -140,11 +140,12 @@ class LoopHealth:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            try:
+            phase = self.phase      # the window belongs to the phase it was asked in (a
+            try:                    # shard busy in the settle's collection answers late)
                 self.last = await self.impl.lag()
             except RuntimeError:
                 return                  # a shard ended: the run is over
-            acc = self._per_phase.setdefault(self.phase, {})
+            acc = self._per_phase.setdefault(phase, {})
             for k, v in self.last.items():
                 if k in ("gc_pauses", "gc_ms"):
                     acc[k] = acc.get(k, 0.0) + v
