@@ -78,6 +78,10 @@ class ProviderLookup(Crawl):
         self.followups = 0
         self.list_calls = 0
         self.settled = False        # a warm start's nodes answered and agreed
+        # workers the last lookup of this key found, records not expired (``WarmHints``):
+        # a warm start that settled without one of them goes on as a crawl
+        self.expect: frozenset[bytes] = frozenset()
+        self.unsettled = 0          # warm starts that settled short of ``expect``
 
     async def _rpc(self, node: Node) -> tuple[bool, Any]:
         # each queried node gets a different page of its non-best records (see storage)
@@ -266,14 +270,40 @@ class ProviderLookup(Crawl):
         crawl widens by ``alpha`` up to ``max_width`` (k): the records held only further
         out are then merged too. A consistent key costs nothing extra."""
         await self.run()
+        await self._widen_and_read()
+        if self.settled and self._short():
+            # the nodes asked first agreed, but a worker the last lookup found is in
+            # none of their answers (see agent.dht.warm): go on as a crawl
+            self.settled = False
+            self.unsettled += 1
+            self._first = []
+            await self.run()
+            await self._widen_and_read()
+        # still short: the closest all miss it (their stores were lost), the nodes
+        # further out hold it — widen, as for answers that disagree
+        while self._short() and self.width < self.max_width:
+            self._widen()
+            await self.run()
+            await self._widen_and_read()
+        return [r for r in self.records.values()
+                if not r.withdrawn and r.expires_at > self.now]
+
+    def _short(self) -> bool:
+        """A worker the last lookup of this key found (record not expired) is in no
+        answer yet."""
+        return bool(self.expect) and not self.expect <= self.records.keys()
+
+    def _widen(self) -> None:
+        self.width = min(self.max_width, self.width + self.alpha)
+        self.widened += 1
+        self._stall = self.alpha  # ask the new closest candidates at once
+
+    async def _widen_and_read(self) -> None:
+        """Widen while the closest disagree (see :meth:`find`), then read every page."""
         while not self.settled and self._disagree() and self.width < self.max_width:
-            self.width = min(self.max_width, self.width + self.alpha)
-            self.widened += 1
-            self._stall = self.alpha  # ask the new closest candidates at once
+            self._widen()
             await self.run()
         if self._holders:
             await self._read_all()
         else:
             await self._fetch_missing_pages()
-        return [r for r in self.records.values()
-                if not r.withdrawn and r.expires_at > self.now]

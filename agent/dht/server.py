@@ -372,6 +372,7 @@ class DHTNode:
                                alpha=self.alpha, now=now, max_skew=self.max_skew,
                                max_width=self.ksize)
         crawl.warm(self.hints.recall(key), known=self.hints.known(key))  # see ``warm``
+        crawl.expect = self.hints.found(key, now)
         for rec in self.storage.snapshot(key, now):
             crawl.merge(rec)
         return crawl
@@ -385,8 +386,10 @@ class DHTNode:
         if warm:
             self.hints.used += 1
             self.hints.one_round += int(crawl.settled)
+            self.hints.short += crawl.unsettled
         self.hints.remember(key, crawl.closest_answered(self.ksize),
-                            crawl.asked_near(2 * self.ksize))
+                            crawl.asked_near(2 * self.ksize),
+                            {r.worker_id: r.expires_at for r in recs})
         return recs
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:

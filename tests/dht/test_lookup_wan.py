@@ -151,6 +151,43 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
     run_uvloop(scenario())
 
 
+def test_a_warm_lookup_never_settles_on_less_than_the_last_one_found():
+    """The nodes a warm start asks agree with each other but all miss one worker's record
+    (its stores to them were lost; the other closest nodes hold it): the lookup does not
+    settle on their answer, it crawls on and finds every worker again."""
+    async def scenario() -> None:
+        nodes, client, want = await _network(16, 3)
+        try:
+            tap = client.protocol.transport = Requests(client.protocol.transport)
+            key = service_key("ocr")
+            assert {r.worker_id for r in await client.find_providers("ocr")} == want
+            # the warm start's quorum (``Crawl.warm``): of the ``width`` closest
+            # remembered nodes, the ``alpha`` with the lowest expected RTT
+            def rtt(n: Any) -> float:
+                e = client.protocol.expected_rtt((n.ip, n.port))
+                return float("inf") if e is None else e
+            quorum = sorted(client.hints.recall(key)[:client.lookup_width], key=rtt)
+            first = {(n.ip, n.port) for n in quorum[:client.alpha]}
+            lost = sorted(want)[0]
+            by_port = {n.port: n for n in nodes}
+            for _h, port in first:
+                assert by_port[port].storage.drop_where(lambda r: r.worker_id == lost) >= 1
+            tap.sent.clear()
+            assert {r.worker_id for r in await client.find_providers("ocr")} == want
+            asked = [a for name, a in tap.sent if name == "find_providers"]
+            assert set(asked[:client.alpha]) == first          # the warm start first ...
+            assert set(asked) - first, "settled on the warm answer"   # ... then a crawl
+            st = client.stats()
+            assert st["warm_lookups"] == 1 and st["warm_short"] == 1
+            assert st["warm_one_round"] == 0
+        finally:
+            stop_all(nodes)
+            client.stop()
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())
+
+
 def test_proximity_neighbour_selection_asks_the_nearer_of_equally_close_first():
     """Among candidates in the same XOR log-distance class of the target, the one with
     the lowest measured RTT is asked first; a closer class still comes first, and with no
