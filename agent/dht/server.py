@@ -384,12 +384,9 @@ class DHTNode:
         warm = crawl.warmed
         recs = await crawl.find()
         if warm:
-            self.hints.used += 1
-            self.hints.one_round += int(crawl.settled)
-            self.hints.short += crawl.unsettled
-        self.hints.remember(key, crawl.closest_answered(self.ksize),
-                            crawl.asked_near(2 * self.ksize),
-                            {r.worker_id: r.expires_at for r in recs})
+            self.hints.counted(settled=crawl.settled, short=crawl.unsettled)
+        self.hints.remember(key, crawl.closest_answered(self.ksize), crawl.asked_near(
+            2 * self.ksize), {r.worker_id: r.expires_at for r in recs})
         return recs
 
     async def find_providers(self, service: str, limit: int | None = None) -> list[WorkerRecord]:

@@ -74,6 +74,13 @@ class WarmHints:
         """Ids the last lookup of ``key`` asked near it (see ``remember``)."""
         return self._known.get(key, frozenset()) if key in self._hints else frozenset()
 
+    def counted(self, *, settled: bool, short: int) -> None:
+        """A lookup started from a hint: whether it settled in one round, and how often
+        its hinted nodes agreed but missed a known worker."""
+        self.used += 1
+        self.one_round += int(settled)
+        self.short += short
+
     def found(self, key: bytes, now: float) -> frozenset[bytes]:
         """The workers whose records the last lookup of ``key`` returned and that are
         not expired at ``now`` (wall clock, as records' expiry): a warm answer must hold
