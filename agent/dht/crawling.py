@@ -67,12 +67,12 @@ class Crawl:
         # patient: do not end while a slow (hedged) request to a node closer than the
         # width-th answer is still out — a store set must be the closest nodes, not the
         # fastest (under load the closest ones were skipped, and lookups missed records).
-        # Only until that peer's RTO, though (``_patience``): past it the request is being
-        # retransmitted and the peer is most likely dead — after 30 % of the nodes died,
-        # patient lookups waited ~4 s for each (RTO ceiling plus the retransmission)
+        # Only until the request misses that peer's RTO, though (the engine sends it
+        # again: ``retransmitting``, judged by its lag-aware timer): the peer is most
+        # likely dead — after 30 % of the nodes died, patient lookups waited ~4 s for
+        # each (RTO ceiling plus the retransmission)
         self.patient = patient
         self._sent_at: dict[bytes, float] = {}
-        self._slowest = 0.0                 # the longest an answer took in this crawl
         self._wake_patient: float | None = None
         self.target = target
         self.tlong = int.from_bytes(target, "big")
@@ -247,22 +247,20 @@ class Crawl:
             self.state[node.id] = FAILED
             self.failed += 1
 
-    def _patience(self, nid: bytes) -> float:
-        """When a patient crawl stops waiting for the hedged request to ``nid``: its
-        peer's RTO after it was sent (a live peer's reply is due by then; what comes
-        later answers a retransmission, and a late answer is still merged), or twice
-        the slowest answer of this crawl if longer — a busy loop (500 nodes in one
-        process) makes every answer late, and live closest nodes must not be skipped."""
+    def _patience(self, nid: bytes, now: float) -> float:
+        """When a patient crawl looks again at the hedged request to ``nid``: at its
+        peer's RTO after it was sent, then every quarter RTO until the engine has sent
+        it again (its timer fires late on a busy loop) or it is answered."""
         node = self.nodes[nid]
-        wait = max(self.protocol.rto((node.ip, node.port)), 2 * self._slowest)
-        return self._sent_at.get(nid, 0.0) + wait
+        rto = self.protocol.rto((node.ip, node.port))
+        at = self._sent_at.get(nid, now) + rto
+        return at if at > now else now + rto / 4
 
     def _scan(self, parallel: int, now: float = 0.0) -> tuple[int, int, list[bytes]]:
         """One pass over the closest ``width`` candidates (diversity window applied):
         how many answered, how many hedged requests are still out among them (for a
-        patient crawl: those still within their ``_patience``; the earliest such
-        deadline is kept in ``_wake_patient``), and the unqueried ones that may be
-        asked."""
+        patient crawl: those not retransmitted yet; when to look at them again is kept
+        in ``_wake_patient``), and the unqueried ones that may be asked."""
         state = self.state
         seen = answered = pending_closer = 0
         window = _Window(self) if self._crowded else None
@@ -272,9 +270,10 @@ class Crawl:
             st = state[nid]
             if st == HEDGED:
                 if self.patient:
-                    until = self._patience(nid)
-                    if until <= now:
+                    node = self.nodes[nid]
+                    if self.protocol.retransmitting((node.ip, node.port)):
                         continue
+                    until = self._patience(nid, now)
                     if self._wake_patient is None or until < self._wake_patient:
                         self._wake_patient = until
                 pending_closer += 1
@@ -375,8 +374,6 @@ class Crawl:
                         self._improved = False
                         self._finish(node, result)
                         if result[0]:
-                            self._slowest = max(self._slowest, loop.time()
-                                                - self._sent_at.get(node.id, loop.time()))
                             self._stall = 0 if self._improved else self._stall + 1
                     if done.empty():
                         break

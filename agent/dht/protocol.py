@@ -159,6 +159,10 @@ class RMAProtocol:
     def rto(self, address: Address | None = None) -> float:
         return self.engine.rto(address)
 
+    def retransmitting(self, address: Address) -> bool:
+        """A request to ``address`` missed its RTO and is unanswered (``RpcEngine``)."""
+        return self.engine.retransmitting(address)
+
     def peer_srtt(self, address: Address) -> float | None:
         """``address``'s own smoothed RTT, None if never measured."""
         return self.engine.peer_srtt(address)

@@ -151,6 +151,9 @@ class RpcEngine(asyncio.DatagramProtocol):
         self.retransmissions = 0
         self._rtt: OrderedDict[Address, RttEstimator] = OrderedDict()
         self._rtt_global = RttEstimator()
+        # requests on the wire that had to be retransmitted, per address: the peer
+        # missed its RTO (as the lag-aware timer judges it) and has not answered since
+        self._resent: Counter[Address] = Counter()
         self.fast_rtt: float | None = None
         self.reply_rate = reply_rate
         self._reply_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -312,6 +315,7 @@ class RpcEngine(asyncio.DatagramProtocol):
         self.gate.replied(address)
         del self._outstanding[msg_id]
         entry.timer.cancel()
+        self._settled(entry)
         if not entry.resent:  # Karn: a reply to a resent request is an ambiguous sample
             self._rtt_sample(sent_to, self.loop.time() - entry.sent_at)
         if not entry.fut.done():
@@ -398,7 +402,9 @@ class RpcEngine(asyncio.DatagramProtocol):
             return await fut
         finally:
             if msg_id in self._outstanding:  # cancelled while waiting
-                self._outstanding.pop(msg_id).timer.cancel()
+                gone = self._outstanding.pop(msg_id)
+                gone.timer.cancel()
+                self._settled(gone)
 
     def _timeout(self, msg_id: bytes) -> None:
         """A request's timer fired. Before calling the peer unresponsive, make sure it is
@@ -428,6 +434,8 @@ class RpcEngine(asyncio.DatagramProtocol):
             # (RFC 6298 back-off): loss comes in bursts, and a burst that ate the first
             # copy should be over before the second one is given up on.
             entry.retries_left -= 1
+            if not entry.resent:
+                self._resent[entry.address] += 1
             entry.resent = True
             entry.wait = min(self.rto_max, 2 * entry.wait)
             entry.deadline = now + entry.wait
@@ -436,6 +444,7 @@ class RpcEngine(asyncio.DatagramProtocol):
             self.retransmissions += 1
             return
         del self._outstanding[msg_id]
+        self._settled(entry)
         fut, address, sent_at, name = entry.fut, entry.address, entry.sent_at, entry.name
         self.timeouts[name] += 1
         self._late[msg_id] = (address, sent_at, entry.resent)
@@ -448,8 +457,24 @@ class RpcEngine(asyncio.DatagramProtocol):
         if not fut.done():
             fut.set_result((False, None))
 
+    def _settled(self, entry: _Pending) -> None:
+        """``entry`` left the wire: it no longer counts in ``retransmitting``."""
+        if entry.resent:
+            n = self._resent[entry.address] - 1
+            if n > 0:
+                self._resent[entry.address] = n
+            else:
+                del self._resent[entry.address]
+
+    def retransmitting(self, address: Address) -> bool:
+        """A request to ``address`` missed its RTO and is still unanswered (it was sent
+        again): what a store-set lookup stops waiting for (``crawling``).
+        Judged by the lag-aware timer, so a busy loop does not make live peers look so."""
+        return address in self._resent
+
     def close(self) -> None:
         """Fail every outstanding request and cancel handler tasks (on stop)."""
+        self._resent.clear()
         for entry in list(self._outstanding.values()):
             entry.timer.cancel()
             if not entry.fut.done():

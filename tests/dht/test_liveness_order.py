@@ -135,3 +135,34 @@ def test_a_store_set_lookup_waits_for_a_silent_closer_node_only_until_its_rto():
             await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
+
+
+def test_retransmitting_names_a_peer_that_missed_its_rto_until_its_verdict():
+    """``RpcEngine.retransmitting``: False while the first copy is within its RTO, True
+    once the engine sent it again, False after the answer or the lost verdict."""
+    from tests.dht.test_rtt import Lossy, _pair
+    from tests.util import run_uvloop, wait_for_async
+
+    async def scenario() -> None:
+        a, b = await _pair(rto_initial=0.2)
+        addr_b = ("127.0.0.1", b.port)
+        eng = a.protocol.engine
+        try:
+            tap = a.protocol.transport = Lossy(a.protocol.transport, lambda n: n == 1)
+            call = asyncio.ensure_future(a.protocol.call(addr_b, "ping", a.protocol.my_id()))
+            await wait_for_async(lambda: len(tap.sent) == 1, what="the first copy")
+            assert not eng.retransmitting(addr_b)
+            await wait_for_async(lambda: len(tap.sent) == 2 or call.done(),
+                                 what="the retransmission")
+            assert (await call)[0] and not eng.retransmitting(addr_b)   # answered
+            tap.drop = lambda n: True
+            call = asyncio.ensure_future(a.protocol.call(addr_b, "ping", a.protocol.my_id()))
+            await wait_for_async(lambda: len(tap.sent) == 4, what="sent again")
+            assert eng.retransmitting(addr_b) and not call.done()
+            assert (await call)[0] is False and not eng.retransmitting(addr_b)   # lost
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.sleep(0.01)
+
+    run_uvloop(scenario())
