@@ -300,6 +300,21 @@ def test_large_service_fully_found_through_pages():
     run_uvloop(scenario())
 
 
+async def complete(nodes: list[DHTNode], service: str, recs: list[WorkerRecord]) -> None:
+    """Announce ``recs`` until every node of ``nodes`` stores each (what the workers'
+    republish does): stores lost on a loaded machine would leave storing sets that
+    diverge, which lookups then pay to reconcile."""
+    key = service_key(service)
+    todo = recs
+    for _ in range(5):
+        await asyncio.gather(*(nodes[i % len(nodes)].announce(r) for i, r in enumerate(todo)))
+        todo = [r for r in todo if any(n.storage.record(key, r.worker_id) is None
+                                       for n in nodes)]
+        if not todo:
+            return
+    raise AssertionError(f"{len(todo)} {service} records still missing from some node")
+
+
 def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
     """Storing nodes that each missed different announces (churn, timeouts, a healed
     split): a lookup compares their sketches and re-reads what differs, so it returns
@@ -334,8 +349,8 @@ def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
             nodes.append(client)
             await client.bootstrap([("127.0.0.1", nodes[0].port)])
             for svc, n_workers in (("asr", 100), ("big", 300)):
-                await asyncio.gather(*(nodes[i % 16].announce(
-                    rec_for(Identity.generate(), services=(svc,))) for i in range(n_workers)))
+                await complete(nodes[:16], svc, [rec_for(Identity.generate(), services=(svc,))
+                                                 for _ in range(n_workers)])
 
             def timeouts() -> int:
                 return sum(sum(x.protocol.engine.timeouts.values()) for x in nodes)
@@ -348,15 +363,18 @@ def test_diverged_storing_sets_still_add_up_to_every_worker_at_linear_cost():
                     sent = [sum(x.protocol.engine.tx.values()) for x in nodes]
                     lost = timeouts()
                     for _ in range(4):
+                        client.hints.forget_all()     # a crawl each time: like with like
                         assert len(await client.find_providers(service)) == expect
                     if timeouts() == lost:
                         break
                 return sum(sum(x.protocol.engine.tx.values()) - s0
                            for x, s0 in zip(nodes, sent, strict=True)) / 4
             d100, d300 = await datagrams("asr", 100), await datagrams("big", 300)
-            # linear: 3x the workers, about 3x the datagrams (quadratic would be 9x); warm
-            # lookups make the small service's repeats cheaper, so the ratio reads ~4
-            assert d100 < d300 < 5 * d100, (d100, d300)
+            # linear: 3x the workers, at most about 3x the datagrams (quadratic would be
+            # 9x); measured 13 vs 25 idle. Both services' storing sets are whole and each
+            # lookup is a crawl, so the ratio compares like with like (stores lost under
+            # load, or a warm lookup for one and a crawl for the other, read as 5x)
+            assert d100 < d300 < 4 * d100, (d100, d300)
 
             # a withdrawal in the 300-worker service: gone from every lookup at once
             gone = workers[123]
