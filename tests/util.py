@@ -131,9 +131,13 @@ class _Poll:
         self.last: Any = None
 
     def check(self) -> bool:
+        return self.seen(self.predicate())
+
+    def seen(self, value: Any) -> bool:
+        """Count one check that gave ``value``; is it the awaited one?"""
         self.polls += 1
-        self.last = self.predicate()
-        return bool(self.last)
+        self.last = value
+        return bool(value)
 
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -168,13 +172,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
 async def wait_for_async(predicate: Callable[[], Any], timeout: float = 10.0,  # noqa: ASYNC109
                          interval: float = 0.02, what: str = "") -> Any:
     """``wait_for`` for a condition changed by tasks on the running event loop (sleeping
-    in between lets them run)."""
+    in between lets them run). The predicate may be a coroutine function (e.g. a lookup
+    over the network): what it returns is awaited before it is judged."""
     import asyncio
+    import inspect
 
     poll = _Poll(predicate, timeout, what)
     while True:
         expired = poll.expired()
-        if poll.check():
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if poll.seen(value):
             return poll.last
         if expired:
             raise poll.failure()

@@ -43,11 +43,11 @@ async def build(n: int, idents: list[Identity] | None = None, **kw) -> list[DHTN
 
 
 async def settled(nodes: list[DHTNode]) -> None:
-    """Wait (up to 10 s) until no node has a contact check in flight."""
-    for _ in range(200):
-        if all(not n.protocol.liveness.verifying for n in nodes):
-            return
-        await asyncio.sleep(0.05)
+    """Wait until no node has a contact check in flight (each ends with an answer or its
+    request's timeout, so they do end; the limit is generous)."""
+    await wait_for_async(lambda: all(not n.protocol.liveness.verifying for n in nodes),
+                         timeout=20, interval=0.05,
+                         what="no node with a contact check in flight")
 
 
 def stop_all(nodes: list[DHTNode]) -> None:
@@ -109,10 +109,8 @@ def test_many_workers_client_mode_and_churn():
             # the client's lookups asked the dead holders closest to the key first: those
             # requests timed out (counted, never logged at ERROR), and the RTT it
             # measured from the live ones is reported
-            for _ in range(40):
-                if client.stats()["timeouts"] > 0:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for_async(lambda: client.stats()["timeouts"] > 0, timeout=10,
+                                 what="a timed-out request counted by the client")
             st = client.stats()
             assert st["mode"] == "client" and st["timeouts"] > 0
             assert st["rtt_ms"] is not None and st["rtt_ms"] > 0
@@ -168,10 +166,11 @@ def test_replay_forgery_withdraw_expiry_over_the_wire():
             c = Identity.generate()
             assert await nodes[8].announce(rec_for(c, ttl=1.0, name="short")) > 0
             assert "short" in {r.name for r in await nodes[9].find_providers("ocr")}
-            for _ in range(100):           # its 1 s lifetime runs out (up to 10 s)
-                if "short" not in {r.name for r in await nodes[9].find_providers("ocr")}:
-                    break
-                await asyncio.sleep(0.1)
+            async def expired() -> bool:
+                return "short" not in {r.name for r in await nodes[9].find_providers("ocr")}
+
+            await wait_for_async(expired, timeout=10, interval=0.1,   # its 1 s lifetime
+                                 what="the 1 s record gone from lookups")
             assert "short" not in {r.name for r in await nodes[9].find_providers("ocr")}
         finally:
             stop_all(nodes)
@@ -193,10 +192,8 @@ def closer_than_all(key: bytes, nodes: list[DHTNode]) -> Identity:
 async def held_by_newcomer(newcomer: DHTNode, key: bytes, want: int) -> int:
     """Wait (on the store, up to 30 s) until the newcomer holds ``want`` records of
     ``key``; returns what it holds."""
-    for _ in range(600):
-        if newcomer.storage.count(key) >= want:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for_async(lambda: newcomer.storage.count(key) >= want, timeout=30,
+                         interval=0.05, what=f"the newcomer holding {want} records of the key")
     return newcomer.storage.count(key)
 
 
