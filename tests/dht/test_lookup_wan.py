@@ -5,6 +5,9 @@ time, all at once, and crawls only when they fail."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -55,16 +58,35 @@ class HeldReplies:
         return getattr(self._t, name)
 
 
-async def _network(n: int, workers: int, **client_kw: Any) -> tuple[list[DHTNode], DHTNode,
-                                                                    set[bytes]]:
+@dataclass
+class Net:
+    """``n`` server nodes, the first ``workers`` of them announcing an "ocr" record, and a
+    client-mode node joined through the first; ``tap`` notes the client's requests."""
+
+    nodes: list[DHTNode]
+    client: DHTNode
+    want: set[bytes]
+    tap: Requests
+
+
+@asynccontextmanager
+async def network(n: int, workers: int, **client_kw: Any) -> AsyncIterator[Net]:
+    """The one set-up (and teardown: every node stopped, even those appended to
+    ``nodes`` by the test) of these scenarios."""
     nodes = await build(n)
-    records = [rec_for(nodes[i].identity) for i in range(workers)]
-    for i, rec in enumerate(records):
-        assert await nodes[i].announce(rec) > 0
     client = DHTNode(Identity.generate(), mode="client", **client_kw)
-    await client.listen(0, "127.0.0.1")
-    assert await client.bootstrap([("127.0.0.1", nodes[0].port)]) > 0
-    return nodes, client, {r.worker_id for r in records}
+    try:
+        records = [rec_for(nodes[i].identity) for i in range(workers)]
+        for i, rec in enumerate(records):
+            assert await nodes[i].announce(rec) > 0
+        await client.listen(0, "127.0.0.1")
+        assert await client.bootstrap([("127.0.0.1", nodes[0].port)]) > 0
+        tap = client.protocol.transport = Requests(client.protocol.transport)
+        yield Net(nodes, client, {r.worker_id for r in records}, tap)
+    finally:
+        stop_all(nodes)
+        client.stop()
+        await asyncio.sleep(0.01)
 
 
 def test_a_slow_peer_does_not_hold_the_lookup():
@@ -72,8 +94,8 @@ def test_a_slow_peer_does_not_hold_the_lookup():
     candidates instead of waiting for it (its request is hedged, not timed out — the
     RTO is 10 s here) and returns every worker while that reply is still held."""
     async def scenario() -> None:
-        nodes, client, want = await _network(12, 3, rto_min=10.0, rto_initial=10.0)
-        try:
+        async with network(12, 3, rto_min=10.0, rto_initial=10.0) as net:
+            nodes, client, want = net.nodes, net.client, net.want
             kl = int.from_bytes(service_key("ocr"), "big")
             slow = min(nodes, key=lambda n: int.from_bytes(n.node.id, "big") ^ kl)
             tap = slow.protocol.transport = HeldReplies(slow.protocol.transport,
@@ -86,19 +108,14 @@ def test_a_slow_peer_does_not_hold_the_lookup():
             st = client.stats()
             assert st["timeouts"] == 0 and st["outstanding"] >= 1
             tap.release()
-        finally:
-            stop_all(nodes)
-            client.stop()
-            await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
 
 
 def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail():
     async def scenario() -> None:
-        nodes, client, want = await _network(16, 3)
-        try:
-            tap = client.protocol.transport = Requests(client.protocol.transport)
+        async with network(16, 3) as net:
+            nodes, client, want, tap = net.nodes, net.client, net.want, net.tap
             key = service_key("ocr")
             # cold: a crawl from the client's routing table
             assert {r.worker_id for r in await client.find_providers("ocr")} == want
@@ -143,10 +160,6 @@ def test_warm_lookup_asks_the_remembered_nodes_first_and_crawls_when_they_fail()
             assert st["warm_lookups"] == 3 and st["warm_one_round"] == 1
             # the next hint is made of nodes that answered
             assert not {(n.ip, n.port) for n in client.hints.recall(key)} & hinted
-        finally:
-            stop_all(nodes)
-            client.stop()
-            await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
 
@@ -156,9 +169,8 @@ def test_a_warm_lookup_never_settles_on_less_than_the_last_one_found():
     (its stores to them were lost; the other closest nodes hold it): the lookup does not
     settle on their answer, it crawls on and finds every worker again."""
     async def scenario() -> None:
-        nodes, client, want = await _network(16, 3)
-        try:
-            tap = client.protocol.transport = Requests(client.protocol.transport)
+        async with network(16, 3) as net:
+            nodes, client, want, tap = net.nodes, net.client, net.want, net.tap
             key = service_key("ocr")
             assert {r.worker_id for r in await client.find_providers("ocr")} == want
             # the warm start's quorum (``Crawl.warm``): of the ``width`` closest
@@ -180,10 +192,6 @@ def test_a_warm_lookup_never_settles_on_less_than_the_last_one_found():
             st = client.stats()
             assert st["warm_lookups"] == 1 and st["warm_short"] == 1
             assert st["warm_one_round"] == 0
-        finally:
-            stop_all(nodes)
-            client.stop()
-            await asyncio.sleep(0.01)
 
     run_uvloop(scenario())
 
