@@ -60,6 +60,7 @@ from agent.admission.settings import configured_keys, time_left, utc
 from agent.admission.tokens import Token, TokenError, TokenStore
 from agent.dht.record import ALL_SERVICES
 from agent.forwarded import client_ip
+from agent.http.body import BodyTooLarge, read_bounded
 from agent.ratelimit import RateLimiter, TokenBucket
 
 if TYPE_CHECKING:
@@ -385,22 +386,12 @@ def _span(s: int) -> str:
 
 async def _read_json(request: web.Request) -> Any:
     """The body's JSON (at most ``MAX_REQUEST_BYTES``, nesting bounded), or the 4xx."""
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
-        return _error(413, f"body too large (max {MAX_REQUEST_BYTES} bytes)")
-    chunks: list[bytes] = []
-    total = 0
     try:
-        while total <= MAX_REQUEST_BYTES:
-            chunk = await request.content.read(MAX_REQUEST_BYTES + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        raw = await read_bounded(request, MAX_REQUEST_BYTES)
+    except BodyTooLarge as exc:
+        return _error(413, str(exc))
     except (OSError, ValueError) as exc:
         return _error(400, f"cannot read body: {type(exc).__name__}")
-    raw = b"".join(chunks)
-    if len(raw) > MAX_REQUEST_BYTES:
-        return _error(413, f"body too large (max {MAX_REQUEST_BYTES} bytes)")
     if raw.count(b"[") + raw.count(b"{") > MAX_NESTING:
         return _error(400, "body must be a flat JSON object")
     try:

@@ -57,6 +57,7 @@ from agent.dht.record import (
     valid_service_name,
 )
 from agent.forwarded import client_ip
+from agent.http.body import BodyTooLarge, read_bounded
 from agent.netgroups import network_of
 from agent.roles import registry as reg_mod
 from agent.roles.registry import Registry
@@ -83,20 +84,6 @@ _LIMIT_TEXT = {
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The whole body, at most ``MAX_BODY + 1`` bytes: ``content.read(n)`` returns what
-    has arrived so far, so a body split over TCP segments is read until EOF."""
-    chunks: list[bytes] = []
-    total = 0
-    while total <= MAX_BODY:
-        chunk = await request.content.read(MAX_BODY + 1 - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -291,14 +278,12 @@ class CoordinatorRole(Component):
 
     async def _read_json(self, request: web.Request) -> Any:
         """The body's JSON object, or the 4xx answer saying why not."""
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return _error(413, f"body too large (max {MAX_BODY} bytes)")
         try:
-            raw = await _read_body(request)
+            raw = await read_bounded(request, MAX_BODY)
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
         except Exception as exc:
             return _error(400, f"cannot read body: {exc}")
-        if len(raw) > MAX_BODY:
-            return _error(413, f"body too large (max {MAX_BODY} bytes)")
         try:
             body = _parse_json(raw)
         except ValueError as exc:
