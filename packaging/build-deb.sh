@@ -175,6 +175,13 @@ build_one() {
     # One assembly per output directory at a time (CI, test fixtures and people share dist/).
     exec 8>"$out/.build.lock"
     flock 8
+    # Another caller (a second pytest-xdist worker, a CI job) may have built these very
+    # inputs while we waited: rebuilding would delete a package it may be installing now.
+    if [ "$if_changed" = 1 ] && [ -f "$deb" ] && [ "$(cat "$stampfile" 2>/dev/null)" = "$inputs_hash" ]; then
+        echo "build-deb.sh: $deb is up to date (built while we waited for the lock)"
+        exec 8>&-
+        return
+    fi
     work=$(mktemp -d /var/tmp/rma-agent-build.XXXXXX)
     pkg="$work/pkg"
     umask 022

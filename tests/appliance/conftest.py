@@ -103,25 +103,49 @@ class Container:
                                      stderr=subprocess.STDOUT, preexec_fn=into_own_cgroup,
                                      env=env)
         deadline = time.monotonic() + timeout
-        while self.pid1 is None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("container PID 1 did not appear")
-            self.pid1 = self._find_pid1()
-            if self.pid1 is None:
-                time.sleep(0.05)
-        # The manager's private socket appears a moment after PID 1 execs systemd.
-        while True:
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
+        # 1. nspawn forks the container's PID 1, which execs systemd
+        self.pid1 = wait_for(self._pid1_unless_exited, left(), 0.05,
+                             f"container {self.name}: systemd as its PID 1 "
+                             f"(nspawn log: {self.log_path})")
+        # 2. the manager listens on its private socket (a moment after the exec): seen
+        # from the host through PID 1's root, so nothing is run inside before it exists
+        private = Path(f"/proc/{self.pid1}/root/run/systemd/private")
+        wait_for(private.exists, left(), 0.05,
+                 f"container {self.name}: systemd's private socket {private}")
+        # 3. boot finished: ``is-system-running --wait`` blocks until it has (a retry
+        # only if systemctl could not reach the manager yet: "offline" or nothing)
+        state = wait_for(lambda: self._boot_state(left()), left(), 0.2,
+                         f"container {self.name}: an answer from is-system-running --wait")
+        if state not in ("running", "degraded"):
+            failed = self.run("systemctl", "--failed", "--no-pager", check=False).stdout
+            raise AssertionError(f"container {self.name} did not boot: is-system-running "
+                                 f"says {state!r}; failed units:\n{failed[-2000:]}")
+
+    def _pid1_unless_exited(self) -> int | None:
+        """The container's PID 1 once it runs systemd; fails at once if nspawn exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"systemd-nspawn exited {self.proc.returncode} before the "
+                                 f"container booted: "
+                                 f"{self.log_path.read_text(errors='replace')[-2000:]}")
+        return self._find_pid1()
+
+    def _boot_state(self, timeout: float) -> str | None:
+        """What ``systemctl is-system-running --wait`` says once boot is over, or None
+        while the manager cannot be reached."""
+        try:
             r = self.run("systemctl", "is-system-running", "--wait", check=False,
-                         timeout=max(1.0, deadline - time.monotonic()))
-            state = r.stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"container did not boot: {state!r} {r.stderr}")
-            time.sleep(0.2)
+                         timeout=timeout)
+        except subprocess.TimeoutExpired:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
+            raise AssertionError(f"container {self.name}: boot not finished after "
+                                 f"{timeout:.0f} s; jobs left:\n{jobs[-2000:]}") from None
+        state = r.stdout.strip()
+        return None if state in ("", "offline") else state
 
     def _find_pid1(self) -> int | None:
         """The container's PID 1: the child of nspawn that runs systemd."""

@@ -252,6 +252,16 @@ def test_reload_with_bad_config_keeps_running(installed):
     c.run("systemctl", "reload", UNIT)
 
 
+def proof_checks(c, base: str = API) -> float:
+    """Endpoint ownership proofs the agent at ``base`` has checked, whatever the outcome
+    (``rma_agent_endpoint_proofs_total``); 0 while its metrics do not answer."""
+    code, text = c.curl(f"{base}/metrics")
+    if code != 200:
+        return 0.0
+    return sum(float(v) for v in re.findall(
+        r'^rma_agent_endpoint_proofs_total\{outcome="[a-z]+"\} ([0-9.e+]+)$', text, re.M))
+
+
 def _start_second_agent(c, name: str, toml: str) -> None:
     """A second agent in the same container: a transient unit running the packaged
     binary as the rma-agent user (systemd-run inside the container)."""
@@ -290,8 +300,10 @@ def test_second_agent_joins_and_is_found_by_lookup(installed):
         found = c.wait_for("worker-two found by lookup on the coordinator", lambda: [
             w for w in _lookup(c, "ocr-test", API) if w.get("name") == "worker-two"], timeout=30)
         assert found[0]["endpoint"] == "http://127.0.0.1:8091"
-        # Still found after the proof probe, and through the CLI (limit=10, other cache key).
-        time.sleep(1.5)
+        # Still found after the proof probe (the lookup above started it: wait until the
+        # coordinator counted its outcome), and through the CLI (limit=10, other cache key).
+        c.wait_for("the coordinator's ownership proof check of worker-two's endpoint",
+                   lambda: proof_checks(c) >= 1, timeout=30)
         out = c.run("rma-agent", "lookup", "ocr-test", "--json").stdout
         assert "worker-two" in out, out
         assert agent_stats(c)["peers"] >= 1
