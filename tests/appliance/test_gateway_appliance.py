@@ -20,7 +20,10 @@ import pytest
 
 from agent.proof import PROOF_PATH, new_nonce, verify_proof
 
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
+# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
+# container and run in file order on it
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
+              pytest.mark.xdist_group("appliance-test_gateway_appliance")]
 
 UNIT = "rma-agent.service"
 TUNNEL = "rma-tunnel.service"

@@ -18,7 +18,10 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
+# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
+# container and run in file order on it
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
+              pytest.mark.xdist_group("appliance-test_nspawn")]
 
 UNIT = "rma-agent.service"
 TUNNEL = "rma-tunnel.service"

@@ -40,7 +40,10 @@ from agent.roles.coordinator import SNAPSHOT_INTERVAL
 from tests.appliance.conftest import TOOLS, boot
 from tests.appliance.releases import RELEASES, REPO, deb_version, upstream_version
 
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
+# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
+# container and run in file order on it
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
+              pytest.mark.xdist_group("appliance-test_repo_upgrade")]
 
 UNIT = "rma-agent.service"
 CONF = "/etc/rma-agent/agent.toml"
