@@ -53,6 +53,8 @@ ARGS: dict[str, list[str]] = {
                   "--refresh-interval", "0.5", "--cap", "150", "--phase-cap", "8",
                   "--churn-concurrency", "4", "--join-wave", "8", "--only", "rma",
                   "--wan", "global-lossy", "--procs", "2", "--json"],
+    # issue 16: join and first announce on an idle WAN, checked against the true k closest
+    "announce": ["--nodes", "12", "--joiners", "2", "--idle", "0.2", "--json"],
 }
 SCRIPT = {"scale_wan": "scale"}     # runs whose name is not their script's
 
@@ -255,3 +257,25 @@ def test_scale_wan_procs_reports_the_issue_figures(runs: dict[str, Any]) -> None
                 row["loop_lag_max_ms"], row
     assert "--wan global-lossy: pairwise RTT median" in r.stderr
     assert "largest, warm p50, RTTs" in r.stderr and "join: loop lag" in r.stderr
+
+
+def test_announce_checks_each_store_against_the_true_closest(runs: dict[str, Any]) -> None:
+    """``bench/announce.py``: both implementations ran the same joiners; coverage is
+    counted against the true k closest of the nodes running then (fewer than k here, so
+    "all k" means every node), and no announce beats one round trip."""
+    r = ran(runs, "announce")
+    res = json.loads(r.stdout)
+    rtt, both = res["rtt"], res["results"]
+    assert set(both) == {"rma", "kademlia"}
+    for name, side in both.items():
+        assert len(side["joiners"]) == 2
+        for j, row in enumerate(side["joiners"]):
+            running = 12 + j + 1
+            assert len(row["covered"]) == (2 if name == "rma" else 1), row
+            assert all(0 <= c <= running for c in row["covered"]), row
+            assert row["all_k"] == all(c == running for c in row["covered"]), row
+            assert row["announce_s"] * 1e3 >= rtt["min_rtt_ms"], (row, rtt)
+            assert row["store_requests"] >= 1 and row["sent"] >= row["store_requests"]
+        assert side["announce_p50_rtt"] == pytest.approx(
+            side["announce_p50_ms"] / rtt["median_rtt_ms"])
+    assert "first announce p50, RTTs" in r.stderr and "ratio" in r.stderr
