@@ -17,19 +17,14 @@ kademlia's ``Server``:
   ``republish_interval`` (the roles do).
 * ``announce(record)`` stores the record at the k closest nodes of each of its keys
   (``WorkerRecord.keys()``: its services and one shard of the service index, see
-  ``keys``). The closest set found for a key is cached for ``closest_ttl`` seconds
-  and reused, so a periodic re-announce is one round of
-  ``announce`` RPCs instead of a crawl; a cached set that loses a member, or grows stale,
-  triggers a fresh node lookup (so republishing heals it).
+  ``keys``): a ``StoreLookup`` sends the stores while it crawls (``store_lookup``). The
+  closest set found for a key is cached for ``closest_ttl`` seconds, so a periodic
+  re-announce is one round of ``announce`` RPCs; a cached set that loses a member, or
+  grows stale, triggers a fresh store lookup (so republishing heals it).
 * ``find_providers(service)`` runs a ``ProviderLookup`` until the ``lookup_width``
   closest live nodes have answered (default 6 of the k = 20 that hold each record) and
   returns verified records, merged by newest seq, without tombstones or expired ones,
-  best first (the nodes that answered a key's last lookup are asked first, all at once:
-  ``warm``). Each node answers with up to 24 records: the 12 best plus a different
-  12-record page of the rest per node, so one lookup sees up to 12 + 6 x 12 = 84 workers
-  of a service (SPEC §4 returns at most 50); larger services are sampled fairly.
-  Measured at N=200 on loopback: width 6 doubles lookups/s over width 10 at equal
-  found rate, also after 30 % churn.
+  best first (warm: the nodes that answered a key's last lookup are asked first).
 * Modes: ``"server"`` (in routing tables, stores records), ``"client"`` (queries and
   announces, never in others' tables, stores nothing). ``"auto"`` starts as a client
   until seeds ping it back (``component.probe_reachable``: ``set_mode``).
@@ -51,10 +46,11 @@ from agent.dht.crawling import NodeLookup
 from agent.dht.identity import Identity
 from agent.dht.keys import INDEX_KEYS
 from agent.dht.liveness import DEAD_AFTER, DEAD_SPAN
-from agent.dht.protocol import RMAProtocol, all_contacts, parse_nodes
+from agent.dht.protocol import RMAProtocol, all_contacts
 from agent.dht.provider_lookup import ProviderLookup
 from agent.dht.record import ALL_SERVICES, WorkerRecord, service_key
 from agent.dht.storage import ProviderStorage, is_stale
+from agent.dht.store_lookup import StoreLookup, still_closest
 from agent.dht.warm import WarmHints
 from agent.interfaces import RoutingContact, Topology
 
@@ -117,8 +113,8 @@ class DHTNode:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.revive_interval = revive_interval
         self._last_remerge = -1e9
-        self.closest_checks = 0
-        self.closest_stale = 0
+        self.store_wasted = 0       # early stores to nodes outside the final set
+        self.closest_stale = 0      # cached closest sets found stale by a republish
         self.port: int | None = None
         self.interface: str | None = None
         self.started_at = time.time()
@@ -287,39 +283,32 @@ class DHTNode:
         await asyncio.gather(*(self._node_lookup(i) for i in ids[:limit]))
 
     # ------------------------------------------------------------------ records
-    async def _still_closest(self, key: bytes, nodes: list[Node]) -> bool:
-        """One ``find_node`` to the closest member of a cached closest set: False if it
-        knows a live node closer to ``key`` than the set's farthest member (the network
-        changed under the cache: a healed partition, new nodes), so the caller crawls
-        afresh. One RPC per key per republish instead of a crawl."""
-        assert self.protocol is not None
-        if not nodes:
-            return False
-        self.closest_checks += 1
-        target = Node(key)
-        far = max(n.distance_to(target) for n in nodes)
-        have = {n.id for n in nodes}
-        ok, res = await self.protocol.call_find_node(nodes[0], target)
-        if not ok:
-            return True  # the announce itself finds out whether members died
-        for nid, _ip, _port in parse_nodes(res):
-            if nid not in have and nid != self.node.id and \
-                    (int.from_bytes(nid, "big") ^ target.long_id) < far:
-                self.closest_stale += 1
-                return False
-        return True
-
-    async def _closest_for(self, key: bytes, *, fresh: bool = False) -> list[Node]:
-        now = time.monotonic()
+    async def _cached_closest(self, key: bytes) -> list[Node] | None:
+        """The cached closest set of ``key`` while it is fresh, no member failed lately
+        and its closest member knows nobody closer (``still_closest``); else None."""
         hit = self._closest.get(key)
-        if hit is not None and not fresh and now - hit[0] < self.closest_ttl and not any(
+        if hit is None or time.monotonic() - hit[0] >= self.closest_ttl or any(
                 map(self.protocol.is_suspect, [n.id for n in hit[1]])):  # a member failed
-            if await self._still_closest(key, hit[1]):
-                return hit[1]
-        nodes = await self._node_lookup(key)
+            return None
+        stale = not await still_closest(self.protocol, key, hit[1])
+        self.closest_stale += stale
+        return None if stale else hit[1]
+
+    async def _store_lookup(self, key: bytes, enc: bytes,
+                            held: frozenset[bytes] = frozenset()) -> tuple[list[Node], int]:
+        """Crawl for ``key``'s k closest and store on them as it goes (``StoreLookup``):
+        the final set (cached for the next announce) and how many of it hold ``enc``."""
+        assert self.protocol is not None
+        peers = self._start_peers(key)
+        if not peers:
+            return [], 0
+        crawl = StoreLookup(self.protocol, key, peers, width=self.ksize, alpha=self.alpha,
+                            record=enc, held=held)
+        nodes, stored = await crawl.store()
+        self.store_wasted += crawl.wasted
         if nodes:
-            self._closest[key] = (now, nodes)
-        return nodes
+            self._closest[key] = (time.monotonic(), nodes)
+        return nodes, stored
 
     def _store_locally(self, key: bytes, record: WorkerRecord, nodes: list[Node]) -> int:
         """Keep a copy when this server-mode node is itself among the k closest."""
@@ -334,21 +323,23 @@ class DHTNode:
         return 1 if ok else 0
 
     async def _announce_key(self, key: bytes, record: WorkerRecord) -> int:
+        """One round of announces to the cached closest set; when there is none, or a
+        member of it failed, a store lookup (whose stores overlap its crawl), skipping
+        the members that already acknowledged."""
         assert self.protocol is not None
         enc = record.encode()
-        cached = key in self._closest
-        nodes = await self._closest_for(key)
-        results = await asyncio.gather(
-            *(self.protocol.call_announce(n, key, enc) for n in nodes))
-        stored = sum(1 for ok, res in results if ok and res is True)
-        if cached and any(not ok for ok, _ in results):
-            # a member of the cached set died: find the current k closest and fill in
-            done = {n.id for n, (ok, _) in zip(nodes, results, strict=True) if ok}
-            nodes = await self._closest_for(key, fresh=True)
-            extra = [n for n in nodes if n.id not in done]
-            more = await asyncio.gather(
-                *(self.protocol.call_announce(n, key, enc) for n in extra))
-            stored += sum(1 for ok, res in more if ok and res is True)
+        nodes = await self._cached_closest(key)
+        if nodes is None:
+            nodes, stored = await self._store_lookup(key, enc)
+        else:
+            results = await asyncio.gather(
+                *(self.protocol.call_announce(n, key, enc) for n in nodes))
+            stored = sum(1 for ok, res in results if ok and res is True)
+            if any(not ok for ok, _ in results):
+                # a member of the cached set died: find the current k closest, fill in
+                done = frozenset(n.id for n, (ok, res) in zip(nodes, results, strict=True)
+                                 if ok and res is True)
+                nodes, stored = await self._store_lookup(key, enc, held=done)
         return stored + self._store_locally(key, record, nodes)
 
     async def announce(self, record: WorkerRecord) -> int:
@@ -492,7 +483,8 @@ class DHTNode:
             "keys_stored": st["keys"],
             "store_refused": st["refused"],
             "lookups": self.lookups, "announces": self.announces,
-            "closest_cache": len(self._closest),
+            "closest_cache": len(self._closest), "closest_stale": self.closest_stale,
+            "store_wasted": self.store_wasted,
             **self.hints.stats(),
         }
         if self.protocol is not None:
