@@ -6,6 +6,11 @@
 # installs from changed since it last ran here (pyproject.toml, setup.py, setup.sh: their
 # hash is kept in .venv/.setup-stamp); otherwise only the kernels are rebuilt, which is a
 # no-op when _fast/ is unchanged. A clean clone (CI) always runs the whole setup.
+#
+# The suite runs on RMA_TEST_WORKERS pytest-xdist processes (default 2, one per core of the
+# machines it is made for; 0 runs it in this process). Tests that share a machine-wide
+# resource are kept on one worker by tests/conftest.py's groups (--dist loadgroup).
+# Later arguments win: `bash scripts/test.sh -n 0 tests/dht` runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && [ -f packaging/deps.sh ]; then
@@ -21,4 +26,4 @@ else
   echo "$inputs" > "$stamp"
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${RMA_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,47 @@ from agent.ratelimit import TokenBucket
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ports handed out by free_port: chosen by us, not by bind(0). A port bind(0) returns is in
+# the kernel's ephemeral range, where any process's connect() or bind(0) may take it in the
+# moment between our probe closing it and the agent binding it; with the suite split over
+# pytest-xdist workers (scripts/test.sh) the other worker makes thousands of such sockets.
+# So each test process draws from its own slice of the ports below the ephemeral range,
+# which the kernel never hands out by itself.
+_PORTS_FROM = 10_000
+_handed_out: set[int] = set()
+_draw = random.SystemRandom()
+
+
+def _port_slice() -> Sequence[int]:
+    """This process's ports: below the ephemeral range, split among xdist workers."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    top = max(low, _PORTS_FROM + 2_000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    width = (top - _PORTS_FROM) // max(count, 1)
+    start = _PORTS_FROM + index * width
+    return range(start, start + width)
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out (free for TCP and, usually, UDP too)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port of this process's slice that binds now and was not handed out before."""
+    ports = _port_slice()
+    for _ in range(200):
+        port = _draw.choice(ports)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {min(ports)}-{max(ports)}")
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
