@@ -270,12 +270,6 @@ class Container:
         return wait_for(predicate, timeout, interval, what)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Known without pytest-xdist too (it registers the mark itself when installed)."""
-    config.addinivalue_line("markers", "xdist_group(name): tests one xdist worker runs, "
-                            "in order (--dist loadgroup)")
-
-
 @pytest.fixture(scope="session")
 def appliance_ready() -> None:
     # .ci/run installs everything this needs: in CI a skip would hide a broken setup

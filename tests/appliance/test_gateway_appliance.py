@@ -20,10 +20,9 @@ import pytest
 
 from agent.proof import PROOF_PATH, new_nonce, verify_proof
 
-# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
-# container and run in file order on it
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
-              pytest.mark.xdist_group("appliance-test_gateway_appliance")]
+# its tests share one container and run in file order on it: tests/conftest.py keeps
+# every appliance test on one pytest-xdist worker (group "appliance")
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
 UNIT = "rma-agent.service"
 TUNNEL = "rma-tunnel.service"

@@ -30,10 +30,9 @@ from agent.admission.keys import NetworkKey, b64_key, parse_public_key
 from tests.appliance.conftest import TOOLS, boot
 from tests.appliance.releases import RELEASES
 
-# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
-# container and run in file order on it
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
-              pytest.mark.xdist_group("appliance-test_join_appliance")]
+# its tests share one container and run in file order on it: tests/conftest.py keeps
+# every appliance test on one pytest-xdist worker (group "appliance")
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
 UNIT = "rma-agent.service"
 CONF = "/etc/rma-agent/agent.toml"

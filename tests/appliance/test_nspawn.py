@@ -18,10 +18,9 @@ import time
 
 import pytest
 
-# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
-# container and run in file order on it
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
-              pytest.mark.xdist_group("appliance-test_nspawn")]
+# its tests share one container and run in file order on it: tests/conftest.py keeps
+# every appliance test on one pytest-xdist worker (group "appliance")
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
 UNIT = "rma-agent.service"
 TUNNEL = "rma-tunnel.service"

@@ -40,10 +40,9 @@ from agent.roles.coordinator import SNAPSHOT_INTERVAL
 from tests.appliance.conftest import TOOLS, boot
 from tests.appliance.releases import RELEASES, REPO, deb_version, upstream_version
 
-# one pytest-xdist worker runs this module (--dist loadgroup): its tests share one
-# container and run in file order on it
-pytestmark = [pytest.mark.slow, pytest.mark.nspawn,
-              pytest.mark.xdist_group("appliance-test_repo_upgrade")]
+# its tests share one container and run in file order on it: tests/conftest.py keeps
+# every appliance test on one pytest-xdist worker (group "appliance")
+pytestmark = [pytest.mark.slow, pytest.mark.nspawn]
 
 UNIT = "rma-agent.service"
 CONF = "/etc/rma-agent/agent.toml"
