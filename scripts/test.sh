@@ -9,7 +9,7 @@
 #
 # The suite runs on RMA_TEST_WORKERS pytest-xdist processes (default 2, one per core of the
 # machines it is made for; 0 runs it in this process). Tests that share a machine-wide
-# resource are kept on one worker by tests/conftest.py's groups (--dist loadgroup).
+# resource are kept on one worker by tests/conftest.py's groups (--dist loadfile).
 # Later arguments win: `bash scripts/test.sh -n 0 tests/dht` runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +26,4 @@ else
   echo "$inputs" > "$stamp"
 fi
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -n "${RMA_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -n "${RMA_TEST_WORKERS:-2}" --dist loadfile "$@"

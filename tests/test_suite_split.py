@@ -30,6 +30,16 @@ def test_grouped_files_get_their_group_and_others_none() -> None:
     assert conftest.xdist_group_of(TESTS / "test_suite_split.py") is None
 
 
+def test_a_group_is_one_unit_of_work_and_any_other_file_its_own() -> None:
+    root = TESTS.parent
+    unit = conftest.work_unit_of
+    assert unit(root, "tests/appliance/test_deb.py::test_layout[bookworm]") == "appliance"
+    assert unit(root, "tests/appliance/test_nspawn.py::test_x") == "appliance"
+    assert unit(root, "tests/test_network.py::test_metrics") == "cpu-heavy"
+    assert unit(root, "tests/dht/test_scale.py::test_y") == "cpu-heavy"
+    assert unit(root, "tests/dht/test_cluster.py::test_z[a::b]") == "tests/dht/test_cluster.py"
+
+
 @pytest.mark.parametrize("worker", [0, 1])
 def test_two_workers_draw_from_disjoint_slices_below_the_ephemeral_range(
         monkeypatch: pytest.MonkeyPatch, worker: int) -> None:
