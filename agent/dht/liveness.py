@@ -36,13 +36,16 @@ newcomer is handed.
   join lookup), not on the ping: pings also come from old members checking us.
 
 * **Partitions heal.** A contact removed for missing replies goes to a bounded
-  *graveyard* (``GRAVEYARD`` entries, kept ``GRAVE_TTL``). ``revive()`` (the node calls it
-  every few seconds) pings at most ``REVIVE_PER_TICK`` due entries, each with its own
-  back-off (``REVIVE_MIN`` doubling to ``REVIVE_MAX``); one that answers with its id comes
-  back into the routing table and ``on_revived`` fires (the node then looks itself up, so
-  the two halves' tables re-merge through normal lookups). Without it, once a split has
-  emptied each side's tables of the other side, nothing would ever cross again: plain
-  kademlia only learns contacts from traffic. An empty graveyard costs nothing.
+  *graveyard* (``graveyard.Graveyard``). ``revive()`` (the node calls it every few
+  seconds) pings the few entries that are due, each on its own back-off; one that
+  answers with its id comes back into the routing table and ``on_revived`` fires (the
+  node then looks itself up, so the two halves' tables re-merge through normal lookups).
+  That first answer also wakes the graveyard (every entry due at once, more per tick for
+  a while: the rest is most likely back too) and pings the contacts that are suspects
+  (``_recheck``): the live ones are asked again at once instead of being skipped for
+  ``SUSPECT_TTL``. Without revival, once a split has emptied each side's tables of the
+  other side, nothing would ever cross again: plain kademlia only learns contacts from
+  traffic. An empty graveyard costs nothing.
 
 ``ContactLiveness`` is one object of the protocol, given what it works on in its
 constructor: the routing table and the storage, ``call`` (the protocol's way to send a
@@ -63,6 +66,7 @@ from typing import Any
 
 from kademlia.node import Node
 
+from agent.dht.graveyard import Graveyard
 from agent.dht.identity import proven_node_id
 from agent.dht.rpc import QUEUE_FULL
 from agent.dht.wire import _is_id
@@ -72,13 +76,6 @@ TOMBSTONE_WINDOW = 600.0            # tombstones younger than this ride along in
 HANDOFF_KEYS = 16                   # keys handed to one newcomer
 HANDOFF_RECORDS = 64                # records handed to one newcomer
 SUSPECT_TTL = 60.0                  # crawls skip a peer this long after a failure
-GRAVEYARD = 256                     # removed contacts remembered for revival
-GRAVE_TTL = 3600.0                  # ... for this long
-REVIVE_MIN = 2.0                    # first revival ping this long after removal
-REVIVE_MAX = 4.0                    # back-off cap between revival pings of one contact: a
-                                    # healed partition is noticed within it (the per-tick
-                                    # limit below is what bounds the traffic)
-REVIVE_PER_TICK = 2                 # revival pings per ``revive()`` call
 MAX_HANDOFF_TASKS = 256             # handoff announces in flight at once
 DEFER_TTL = 60.0                    # a pinging newcomer's handoff waits this long for
                                     # its first request (its join lookup follows at once)
@@ -86,6 +83,7 @@ MAX_DEFERRED = 1024
 DEAD_AFTER = 3                      # lost requests in a row before a contact is removed ...
 DEAD_SPAN = 5.0                     # ... the first and last at least this far apart (s)
 FALSE_DEATH_WINDOW = 600.0          # a removed contact heard from within this: false death
+RECHECK = 64                        # suspect contacts pinged again when a heal shows
 
 
 Address = tuple[str, int]
@@ -140,8 +138,7 @@ class ContactLiveness:
         self.removed_contacts = 0
         self.false_deaths = 0
         self.handoffs = 0
-        # node id -> [node, next probe at, back-off, buried at] (monotonic clock)
-        self._graveyard: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self._graveyard = Graveyard()
         self._reviving: set[bytes] = set()
         self._handoff_inflight = 0
         self.revived = 0
@@ -270,9 +267,9 @@ class ContactLiveness:
         if not self.router.is_new_node(node):
             return
         self.router.add_contact(node)
-        if self._graveyard:
-            self._unbury(node.id)
-        if handoff:
+        if node.id in self._graveyard:
+            self._returned(node)    # no handoff either: an old member (see _revive)
+        elif handoff:
             self._consider_handoff(node)
 
     def _consider_handoff(self, node: Node) -> None:
@@ -411,75 +408,75 @@ class ContactLiveness:
         return [n for n in near if not self.is_suspect(n.id)][:k]
 
     def _bury(self, node: Node) -> None:
-        """Remember a removed contact for revival pings (see module docstring)."""
-        if node.id in self._graveyard or len(node.id) != 20:
-            return
-        now = time.monotonic()
-        self._graveyard[node.id] = [node, now + REVIVE_MIN, REVIVE_MIN, now]
-        while len(self._graveyard) > GRAVEYARD:
-            self._graveyard.popitem(last=False)
+        """Remember a removed contact for revival pings (``graveyard``)."""
+        self._graveyard.bury(node)
 
     def _unbury(self, node_id: bytes) -> None:
         """A removed contact proved alive again: out of the graveyard, and a false death
         if it was removed less than ``FALSE_DEATH_WINDOW`` ago."""
-        entry = self._graveyard.pop(node_id, None)
-        if entry is not None and time.monotonic() - entry[3] < FALSE_DEATH_WINDOW:
+        buried = self._graveyard.unbury(node_id)
+        if buried is not None and time.monotonic() - buried < FALSE_DEATH_WINDOW:
             self.false_deaths += 1
 
     def revive(self) -> int:
-        """Ping up to ``REVIVE_PER_TICK`` removed contacts that are due; returns how many
+        """Ping the removed contacts that are due (``Graveyard.due``); returns how many
         pings were started. Called periodically by the node."""
-        if not self._graveyard:
+        if not len(self._graveyard):
             return 0
-        now = time.monotonic()
-        started = 0
-        for nid, entry in list(self._graveyard.items()):
-            if started >= REVIVE_PER_TICK:
-                break
-            node, due, backoff, buried = entry
-            if now - buried > GRAVE_TTL:
-                del self._graveyard[nid]
-                continue
-            if due > now or nid in self._reviving:
-                continue
-            entry[1] = now + min(REVIVE_MAX, backoff * 2)
-            entry[2] = min(REVIVE_MAX, backoff * 2)
-            self._graveyard.move_to_end(nid)
-            self._reviving.add(nid)
+        nodes = self._graveyard.due(self._reviving)
+        for node in nodes:
+            self._reviving.add(node.id)
             self._spawn(self._revive(node))
-            started += 1
-        return started
+        return len(nodes)
 
     async def _revive(self, node: Node) -> None:
         try:
             ok, res = await self._call((node.ip, node.port), "ping", self._my_id())
         finally:
             self._reviving.discard(node.id)
-        if not (ok and res == node.id):
-            return
+        if ok and res == node.id:
+            self._fails.pop(node.id, None)
+            if not self.router.is_new_node(node):   # back in the table meanwhile
+                self._unbury(node.id)
+            # no handoff: a revived contact is an old member (after a heal, all of the
+            # other half at once: a storm); owners' republishes re-spread records
+            self.welcome_if_new(node, handoff=False)
+
+    def _returned(self, node: Node) -> None:
+        """A removed contact is back in the table — our revival ping answered, or its own
+        request did and its id was verified (the other half's pings may reach us first):
+        a healed partition, most likely. The rest of the graveyard is woken; crawls skip
+        suspects for SUSPECT_TTL, so the failures of peers that are not contacts are
+        forgotten and suspect contacts pinged again (``_recheck``; at most once per
+        SUSPECT_TTL / 6: a dead one's removal is not delayed)."""
         self._unbury(node.id)
-        self._fails.pop(node.id, None)
         self.revived += 1
-        # a contact lost for a while answers again: a healed partition, most likely.
-        # Whatever failed meanwhile may be alive again, and crawls skip suspects for
-        # SUSPECT_TTL — nodes of the other half named in answers would stay invisible
-        # that long (removal now takes several losses, so few of them were buried and
-        # revived one by one). Forget the failures of peers that are not routing
-        # contacts (at most once per SUSPECT_TTL / 6); contacts keep theirs, so a dead
-        # one's removal is not delayed.
+        self._graveyard.wake()
         now = self._clock()
         if now - self._amnesty_at >= SUSPECT_TTL / 6:
             self._amnesty_at = now
             router = self.router
+            contacts = []
             for nid in [i for i in self._fails if i not in self._probing]:
                 if router.is_new_node(Node(nid)) if len(nid) == 20 else True:
                     del self._fails[nid]
-        # no handoff: a revived contact is an old member (after a heal, all of the other
-        # half at once — handing each our keys would be a storm); owners' republishes
-        # re-spread records to the merged network's closest nodes
-        self.welcome_if_new(node, handoff=False)
+                else:
+                    contacts.append(nid)
+            self._recheck(contacts)
         if self.on_revived is not None:
             self.on_revived(node)
+
+    def _recheck(self, ids: list[bytes]) -> None:
+        """Ping suspect contacts at once (at most ``RECHECK``, under the verification
+        rate): after a heal the live ones stop being skipped now, not ``SUSPECT_TTL``
+        later; a dead one's loss counts toward its removal as any other."""
+        where = {nid: addr for addr, nid in self._fail_addr.items()}
+        for nid in ids[:RECHECK]:
+            addr = where.get(nid)
+            if addr is None or not self.limiter.take():
+                continue
+            self._probing.add(nid)
+            self._spawn(self._probe(Node(nid, addr[0], addr[1]), 0.0))
 
     def housekeeping(self) -> None:
         self._prune_fails()
@@ -497,4 +494,5 @@ class ContactLiveness:
         return {"removed_contacts": self.removed_contacts, "false_deaths": self.false_deaths,
                 "handoffs": self.handoffs,
                 "graveyard": len(self._graveyard), "revived": self.revived,
+                "heal_wakes": self._graveyard.wakes,
                 "legacy_contacts": self.legacy_contacts}

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+from agent.dht.graveyard import REVIVE_MAX
 from agent.dht.identity import Identity
-from agent.dht.liveness import REVIVE_MAX
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
 from tests.util import run_uvloop
