@@ -83,3 +83,16 @@ def test_a_port_in_use_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         for s in held:
             s.close()
+
+
+def test_hostile_tests_of_two_workers_use_different_loopback_nets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.dht.hostile import free_net
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    drawn = {}
+    for worker in (0, 1):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
+        drawn[worker] = {free_net() for _ in range(300)}
+    assert not drawn[0] & drawn[1]
+    assert all(20 <= n <= 60 for n in drawn[0] | drawn[1])   # below the clusters' 64-250

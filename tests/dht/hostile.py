@@ -24,6 +24,7 @@ import msgpack
 
 from agent.dht.identity import Identity
 from agent.dht.server import DHTNode
+from tests.util import wait_for_async
 
 
 def request(name: str, *args: Any, token: bytes | None = None,
@@ -162,16 +163,20 @@ async def honest_network(n: int, net: int, **kw: Any) -> list[DHTNode]:
 
 async def settled(nodes: list[DHTNode], within: float = 30.0) -> None:
     """Wait until no node has a contact check in flight (each check that a request
-    started has ended: the contact was added or refused)."""
-    for _ in range(int(within / 0.05)):
-        if all(n.protocol is None or not n.protocol.liveness.verifying for n in nodes):
-            return
-        await asyncio.sleep(0.05)
+    started has ended: the contact was added or refused); fail, naming it, if one does not."""
+    await wait_for_async(
+        lambda: all(n.protocol is None or not n.protocol.liveness.verifying for n in nodes),
+        timeout=within, interval=0.05, what="every contact check started ended")
 
 
 def free_net() -> int:
-    """A second loopback octet unlikely to collide with other tests (clusters use 64-250)."""
-    return random.randint(20, 60)
+    """A second loopback octet for one test's nodes (clusters use 64-250): drawn from this
+    pytest-xdist worker's half of 20-60, so two workers' hostile tests never share a /16."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    width = 41 // max(count, 1)
+    return random.randint(20 + index * width, 20 + (index + 1) * width - 1)
 
 
 def can_spoof() -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
 import socket
 import time
@@ -23,6 +22,7 @@ from agent.dht.identity import Identity
 from agent.dht.record import WorkerRecord
 from agent.dht.server import DHTNode
 from tests.cluster import Cluster, wait_until
+from tests.dht.hostile import free_net
 from tests.util import run_uvloop
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ async def _flood(ip: str, seed: tuple[str, int]) -> dict[str, int]:
 
 def test_thousand_fake_workers_from_one_host(tmp_path, monkeypatch):
     monkeypatch.setenv(LOOPBACK_ENV, "strict")
-    net = random.randint(20, 60)
+    net = free_net()
     with Cluster(tmp_path, record_ttl=60, republish=5) as cl:
         c1 = cl.coordinator("c1", ip=f"127.{net}.1.1")
         cl.start(c1)
@@ -139,7 +139,7 @@ async def _reachable_flood(ip: str, seed: tuple[str, int], seconds: float) -> li
 
 def test_reachable_flood_from_one_source_does_not_decide_for_others(tmp_path, monkeypatch):
     monkeypatch.setenv(LOOPBACK_ENV, "strict")
-    net = random.randint(20, 60)
+    net = free_net()
     with Cluster(tmp_path, record_ttl=60, republish=5) as cl:
         c1 = cl.coordinator("c1", ip=f"127.{net}.1.1")
         cl.start(c1)
