@@ -30,7 +30,7 @@ from tests.dht.hostile import (
     request,
     spoofed_udp,
 )
-from tests.util import requires, run_uvloop
+from tests.util import requires, run_uvloop, wait_for_async
 
 KEY = service_key("ocr")
 # without raw sockets: a skip on a developer's machine, a failure in CI (which runs as root)
@@ -91,9 +91,9 @@ def test_spoofed_and_replayed_announces_are_refused(monkeypatch):
             for _ in range(5):
                 spoofed_udp((w.interface, w.port), dst,
                             request("announce", bytes(20), KEY, fake.encode()))
-            await asyncio.sleep(0.2)
+            await wait_for_async(lambda: a.protocol.drops["announce_no_token"] >= 5,
+                                 what="the 5 tokenless announces dropped")
             assert a.storage.record(KEY, fake.worker_id) is None
-            assert a.protocol.drops["announce_no_token"] >= 5
             # 2. the attacker's own token (for its own IP) replayed from a forged source
             challenge = await asker.ask(dst, "announce", b"", KEY, fake.encode())
             assert set(challenge) == {"token"}, challenge        # a challenge, not stored
@@ -102,9 +102,9 @@ def test_spoofed_and_replayed_announces_are_refused(monkeypatch):
                 spoofed_udp((w.interface, w.port), dst,
                             request("announce", bytes(20), KEY, fake.encode(),
                                     token=challenge["token"]))
-            await asyncio.sleep(0.2)
+            await wait_for_async(lambda: a.protocol.drops["bad_token"] >= 5,
+                                 what="the 5 replayed tokens refused")
             assert a.storage.record(KEY, fake.worker_id) is None
-            assert a.protocol.drops["bad_token"] >= 5
             # 3. with its token, from its real address, the same peer may store (one per
             # host quota applies to it like to anyone)
             assert await asker.ask(dst, "announce", b"", KEY, fake.encode(),
@@ -326,18 +326,20 @@ def test_old_agent_gets_full_answers_after_one_retransmission(monkeypatch):
             mid = os.urandom(20)
             datagram = request("find_providers", b"", KEY, msg_id=mid)
             tr.sendto(datagram, (a.interface, a.port))
-            await asyncio.sleep(0.2)
+            await wait_for_async(lambda: len(old.replies.get(mid, ())) >= 1 and old.pinged,
+                                 what="the first answer and the address check")
             first = old.replies[mid][0]
             assert set(first) == {"token"}            # read as an empty answer by old code
             assert old.pinged == 1                     # ... but the node checked the address
             tr.sendto(datagram, (a.interface, a.port))   # the old agent's retransmission
-            await asyncio.sleep(0.2)
+            await wait_for_async(lambda: len(old.replies[mid]) >= 2, what="the second answer")
             second = old.replies[mid][1]
             assert len(second["records"]) == 20 and len(second["nodes"]) >= 2
             # its announces are still refused (no token): the documented upgrade order
             tr.sendto(request("announce", b"", KEY, rec(Identity.generate()).encode()),
                       (a.interface, a.port))
-            await asyncio.sleep(0.1)
+            await wait_for_async(lambda: a.protocol.drops["announce_no_token"] >= 1,
+                                 what="the tokenless announce dropped")
             assert a.protocol.drops["announce_no_token"] == 1
         finally:
             tr.close()

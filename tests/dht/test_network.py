@@ -256,11 +256,8 @@ def test_newcomer_gets_handoff_from_the_seed_it_joins_through():
         try:
             for w in (Identity.generate() for _ in range(5)):
                 assert await nodes[1].announce(rec_for(w, services=("asr",))) > 0
-            for _ in range(200):                 # the seed holds the key (as announced)
-                if nodes[0].storage.count(key) == 5:
-                    break
-                await asyncio.sleep(0.05)
-            assert nodes[0].storage.count(key) == 5
+            await wait_for_async(lambda: nodes[0].storage.count(key) == 5,
+                                 what="the seed holding the 5 announced records")
             newcomer = DHTNode(closer_than_all(key, nodes))
             await newcomer.listen(0, "127.0.0.1")
             nodes.append(newcomer)

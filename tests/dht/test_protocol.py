@@ -20,7 +20,7 @@ from agent.dht.protocol import MAX_PAYLOAD, RttEstimator, parse_nodes
 from agent.dht.record import WorkerRecord, service_key
 from agent.dht.server import DHTNode
 from agent.ratelimit import RateLimiter
-from tests.util import free_port, run_uvloop
+from tests.util import free_port, run_uvloop, wait_for_async
 
 
 def test_rtt_estimator_adapts_and_is_clamped():
@@ -263,21 +263,16 @@ def test_contact_with_a_forged_id_is_not_added():
             forged = Node(os.urandom(20), "127.0.0.1", b.port)
             ok, _ = await pa.call_find_node(forged, Node(os.urandom(20)))
             assert ok                                   # b answered the query ...
-            for _ in range(100):
-                if pa.drops["contact_id_mismatch"]:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_for_async(lambda: pa.drops["contact_id_mismatch"] >= 1,
+                                 what="the forged id's contact check refused")
             assert pa.drops["contact_id_mismatch"] == 1  # ... but not with that id
             ids = {n.id for n in pa.router.all_contacts()}
             assert forged.id not in ids
 
             honest = Node(b.node.id, "127.0.0.1", b.port)
             ok, _ = await pa.call_find_node(honest, Node(os.urandom(20)))
-            for _ in range(100):
-                if b.node.id in {n.id for n in pa.router.all_contacts()}:
-                    break
-                await asyncio.sleep(0.01)
-            assert b.node.id in {n.id for n in pa.router.all_contacts()}
+            await wait_for_async(lambda: b.node.id in {n.id for n in pa.router.all_contacts()},
+                                 what="the honest id added as a contact")
         finally:
             a.stop()
             b.stop()
