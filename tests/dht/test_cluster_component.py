@@ -3,10 +3,8 @@ readiness reasons, joining, snapshot seeds, reload, stats and Prometheus output.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import time
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -16,15 +14,11 @@ from agent.dht import bootstrap as seeds_mod
 from agent.dht.component import DHTComponent, probe_reachable
 from agent.dht.record import WorkerRecord
 from tests.roles.fakes import FakeAgent, make_config
-from tests.util import free_udp_tcp_port
+from tests.util import free_udp_tcp_port, wait_for_async
 
 
-async def _until(pred: Any, limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+async def _until(pred: Any, limit: float = 10.0) -> None:
+    await wait_for_async(pred, timeout=limit)
 
 
 def _component(tmp_path, name: str, role: str = "worker", seeds: tuple[str, ...] = (),

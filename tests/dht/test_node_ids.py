@@ -5,7 +5,6 @@ that predate the RPC still interoperate as counted legacy contacts, or are refus
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from kademlia.node import Node
@@ -13,15 +12,7 @@ from kademlia.node import Node
 from agent.dht.identity import Identity, proven_node_id
 from agent.dht.record import service_key
 from agent.dht.server import DHTNode
-from tests.util import run_uvloop
-
-
-async def _until(pred, within: float = 20.0) -> bool:
-    for _ in range(int(within / 0.05)):
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return pred()
+from tests.util import run_uvloop, wait_for_async
 
 
 def _ids(node: DHTNode) -> set[bytes]:
@@ -60,8 +51,9 @@ def test_a_chosen_id_next_to_a_service_key_is_refused():
             ok, _ = await liar.protocol.call_find_node(target, Node(os.urandom(20)))
             assert ok                                      # the request was answered ...
             drops = honest.protocol.drops
-            assert await _until(lambda: drops["contact_key_invalid"]
-                                + drops["contact_id_mismatch"] >= 1)
+            await wait_for_async(lambda: drops["contact_key_invalid"]
+                                 + drops["contact_id_mismatch"] >= 1, timeout=20,
+                                 what="the liar's contact check refused")
             assert chosen not in _ids(honest)              # ... but the id was refused
             assert honest.stats()["legacy_contacts"] == 0
         finally:
@@ -91,7 +83,8 @@ def test_old_agents_interoperate_as_legacy_contacts_and_strict_refuses_them():
             assert old.node.id in _ids(new)
             assert new.stats()["legacy_contacts"] == 1
             # the old agent verified the new one with ping, as it always did
-            assert await _until(lambda: new.node.id in _ids(old))
+            await wait_for_async(lambda: new.node.id in _ids(old), timeout=20,
+                                 what="the old agent taking the new one as a contact")
             # a node that requires keyed ids does not take the old agent as a contact
             assert await strict.bootstrap([("127.0.0.1", old.port)]) == 0
             assert strict.protocol is not None
