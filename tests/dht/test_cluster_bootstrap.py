@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -112,16 +115,25 @@ def test_unreadable_snapshot_is_not_fatal(tmp_path, caplog) -> None:
         return
     # root reads any file whatever its mode (and CI runs as root): read it as an
     # unprivileged user instead, in a forked child (the interpreter lives under /root,
-    # which nobody may enter, so a fresh process as nobody could not start). The file
-    # names a valid seed: were it read, the child would see it and fail.
-    pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            code = 0 if b.load_snapshot(tmp_path) == [] else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    # which nobody may enter, so a fresh process as nobody could not start). tmp_path's
+    # parents are root's 0700, so the file goes to a directory nobody may enter: its own
+    # mode is then what stops the read. It names a valid seed: were it read, the child
+    # would return it and fail.
+    state = Path(tempfile.mkdtemp(prefix="rma-snapshot-"))
+    try:
+        state.chmod(0o755)
+        shutil.copy(p, state / "routing.json")
+        (state / "routing.json").chmod(0)
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if b.load_snapshot(state) == [] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(state)
     assert os.waitstatus_to_exitcode(status) == 0
