@@ -56,11 +56,14 @@ class CallQueue:
         self.unproven_slots = asyncio.Semaphore(unproven)
 
     async def call(self, address: Address, name: str, *args: Any,
-                   timeout: float | None = None) -> tuple[bool, Any]:  # noqa: ASYNC109
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   forget: bool = True) -> tuple[bool, Any]:
         """Request ``name(*args)`` from ``address``: ``(True, result)`` or ``(False, ...)``.
         Waits for this peer's slot, then (for an unproven address) an unproven slot, then
         the engine's global one; a call counts as waiting until its request is on the
-        wire. (One coroutine on purpose: this runs for every RPC.)"""
+        wire. ``forget=False``: a failure keeps the peer's token (a request an old agent
+        drops as unknown says nothing about its tokens). (One coroutine on purpose: this
+        runs for every RPC.)"""
         key = (_norm_host(address[0]), address[1])
         for attempt in (0, 1):
             if self.waiting >= self.max_queued:
@@ -103,7 +106,8 @@ class CallQueue:
                     self.waiting -= 1
             ok, data = result
             if not ok:
-                self.peer_tokens.drop(address)   # maybe not (or no longer) token-aware
+                if forget:
+                    self.peer_tokens.drop(address)   # maybe not (or no longer) token-aware
                 return result
             if type(data) is not dict or type(data.get("token")) is not bytes:
                 return result
@@ -148,6 +152,10 @@ class CallQueue:
         slot[0] -= 1
         if slot[0] <= 0:
             del self._peer_slots[key]
+
+    def has_token(self, address: Address) -> bool:
+        """A token from ``address`` is in hand: a write to it needs no challenge."""
+        return self.peer_tokens.get(address) is not None
 
     def stats(self) -> dict[str, Any]:
         return {"token_peers": len(self.peer_tokens), "waiting_calls": self.waiting}

@@ -28,6 +28,7 @@ Names other modules import from here (``MAX_PAYLOAD``, ``parse_nodes``, ``RttEst
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -205,6 +206,21 @@ class RMAProtocol:
         args = (self.my_id(), key) if page is None else (self.my_id(), key, page)
         result = await self.call((node_to_ask.ip, node_to_ask.port), "find_providers", *args)
         return self.liveness.handle_call_response(result, node_to_ask)
+
+    def holds_token(self, node: Node) -> bool:
+        """Our next write to ``node`` carries a token it gave us (no challenge)."""
+        return self.calls.has_token((node.ip, node.port))
+
+    async def fetch_token(self, node: Node) -> bool:
+        """Ask ``node`` to ``identify`` itself, for the write token its answer carries
+        (``CallQueue`` keeps it): an announce's store lookup sends this beside its
+        ``find_node`` so the store that follows is accepted at once. Nothing else of
+        the answer is used and the outcome is not held against the contact: an old
+        agent drops the unknown RPC, and its store takes the challenge path (the token
+        that challenge teaches us is kept: ``forget=False``)."""
+        ok, _res = await self.calls.call((node.ip, node.port), "identify", self.my_id(),
+                                         os.urandom(16), forget=False)
+        return ok
 
     # ================================================================ contacts
     def welcome_if_new(self, node: Node, *, handoff: bool = True) -> None:

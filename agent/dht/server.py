@@ -114,6 +114,7 @@ class DHTNode:
         self.revive_interval = revive_interval
         self._last_remerge = -1e9
         self.store_wasted = 0       # early stores to nodes outside the final set
+        self.token_prefetch = 0     # identify sent by announces for a write token
         self.closest_stale = 0      # cached closest sets found stale by a republish
         self.port: int | None = None
         self.interface: str | None = None
@@ -306,6 +307,7 @@ class DHTNode:
                             record=enc, held=held)
         nodes, stored = await crawl.store()
         self.store_wasted += crawl.wasted
+        self.token_prefetch += len(crawl.prefetched)
         if nodes:
             self._closest[key] = (time.monotonic(), nodes)
         return nodes, stored
@@ -484,7 +486,7 @@ class DHTNode:
             "store_refused": st["refused"],
             "lookups": self.lookups, "announces": self.announces,
             "closest_cache": len(self._closest), "closest_stale": self.closest_stale,
-            "store_wasted": self.store_wasted,
+            "store_wasted": self.store_wasted, "token_prefetch": self.token_prefetch,
             **self.hints.stats(),
         }
         if self.protocol is not None:

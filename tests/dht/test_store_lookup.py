@@ -1,6 +1,7 @@
 """The announce's store lookup (``agent.dht.store_lookup``): stores overlap the crawl,
 yet the count it returns covers only the final k closest, and a closer node found late
-still gets the record.
+still gets the record; the write tokens of the window's nodes are fetched ahead (an
+``identify`` beside the ``find_node``) so their stores need no challenge.
 
 A scripted protocol stands in for the network: each peer's ``find_node`` answer is
 given, and held on an event where the order of answers matters, so every case is
@@ -14,6 +15,9 @@ from typing import Any
 
 from kademlia.node import Node
 
+from agent.dht.identity import Identity
+from agent.dht.record import WorkerRecord
+from agent.dht.server import DHTNode
 from agent.dht.store_lookup import StoreLookup
 from tests.util import run_uvloop
 
@@ -40,6 +44,9 @@ class Scripted:
         self.stored: list[bytes] = []
         self.answered: list[bytes] = []
         self.fast_rtt = None
+        self.tokens: set[bytes] | None = None    # ids whose token we hold; None: all
+        self.fetched: list[bytes] = []           # ids sent an identify for a token
+        self.never = asyncio.Event()
 
     def is_suspect(self, nid: bytes) -> bool:
         return False
@@ -67,6 +74,14 @@ class Scripted:
             return (False, None)
         self.answered.append(node.id)
         return (True, [[n.id, n.ip, n.port] for n in got])
+
+    def holds_token(self, node: Node) -> bool:
+        return self.tokens is None or node.id in self.tokens
+
+    async def fetch_token(self, node: Node) -> bool:
+        self.fetched.append(node.id)
+        await self.never.wait()      # unanswered (an old agent) until the test ends
+        return False                 # never learned: the node keeps looking tokenless
 
     async def call_announce(self, node: Node, key: bytes, record: bytes) -> tuple[bool, Any]:
         assert key == TARGET and record == b"rec"
@@ -180,5 +195,103 @@ def test_extra_stores_are_bounded():
         assert crawl.early == 4 and proto.stored[:4] == [x.id for x in xs[:4]]
         assert sorted(proto.stored[4:]) == sorted([xs[-1].id, ys[-1].id])
         assert crawl.wasted == 4
+
+    run_uvloop(scenario())
+
+
+def test_tokens_are_fetched_once_and_only_for_window_nodes_without_one():
+    """A (token held) and B (none) are the 2 closest at first; E (far, no token) is
+    asked too but never among the 2 closest. A's answer brings C and D, closer; B's and
+    C's answers repeat D. Every window node without a token is sent one ``identify``,
+    once, even though no answer ever teaches the token (the scripted fetch never
+    ends, as to an old agent) and the window is rescanned after each answer; A (token
+    held) and E (outside) never. The stores never waited for those fetches."""
+    a, b, c, d, e = (peer(0x40, 1), peer(0x41, 2), peer(0x01, 3), peer(0x02, 4),
+                     peer(0xF0, 5))
+
+    async def scenario() -> None:
+        proto = Scripted({a.id: [c, d], b.id: [d], c.id: [d], d.id: [], e.id: []})
+        proto.tokens = {a.id}
+        crawl = StoreLookup(proto, TARGET, [a, b, e], width=2,  # type: ignore[arg-type]
+                            alpha=3, record=b"rec")
+        final, stored = await crawl.store()
+        assert [n.id for n in final] == [c.id, d.id] and stored == 2
+        assert sorted(proto.fetched) == sorted([b.id, c.id, d.id]), proto.fetched
+        assert crawl.prefetched == {b.id, c.id, d.id}
+        assert e.id not in proto.fetched
+        assert len(crawl._fetching) == 3               # all still pending, not awaited
+        proto.never.set()
+        await asyncio.wait_for(asyncio.gather(*crawl._fetching), timeout=5)
+
+    run_uvloop(scenario())
+
+
+def _record(node: DHTNode) -> WorkerRecord:
+    return WorkerRecord.create(node.identity, name="w", services=["ocr"],
+                               endpoint="http://127.0.0.1:9", gpu="T4", gpu_memory_gb=16,
+                               load=0.0, capacity=4, region="", ttl=300)
+
+
+def _old(node: DHTNode) -> None:
+    """An agent from before ``identify`` (0.2.0): it drops the unknown RPC unanswered."""
+    assert node.protocol is not None
+    node.protocol.engine.handlers.pop("identify")
+
+
+def test_a_fetched_token_makes_the_store_go_through_without_a_challenge():
+    """Real nodes on loopback: A forgets B's token (as a joiner holds none for a far
+    key's closest nodes). ``fetch_token`` (the store lookup's prefetch) teaches it
+    again, and A's announce to B is accepted with no challenge: B counts no
+    token-less announce."""
+    async def scenario() -> None:
+        a, b = DHTNode(Identity.generate()), DHTNode(Identity.generate())
+        for n in (a, b):
+            await n.listen(0, "127.0.0.1")
+        try:
+            assert await a.bootstrap([("127.0.0.1", b.port)]) == 1
+            assert a.protocol is not None and b.protocol is not None
+            bnode = Node(b.node.id, "127.0.0.1", b.port)
+            a.protocol.calls.peer_tokens.drop(("127.0.0.1", b.port))
+            assert not a.protocol.holds_token(bnode)
+            assert await a.protocol.fetch_token(bnode)
+            assert a.protocol.holds_token(bnode)
+            before = b.protocol.drops["announce_no_token"]
+            record = _record(a)
+            assert await a.announce(record) >= 1
+            assert b.protocol.drops["announce_no_token"] == before
+            assert any(r.worker_id == record.worker_id
+                       for r in b.protocol.storage.get(record.keys()[0]))
+        finally:
+            for n in (a, b):
+                n.stop()
+
+    run_uvloop(scenario())
+
+
+def test_an_old_agent_without_identify_still_gets_the_record():
+    """B drops ``identify`` (an old agent) and A holds no token of it: A's announce
+    sends B the prefetch, which B never answers, and the store does not wait for it —
+    B's challenge teaches the token, the repeated store is accepted, and B holds the
+    record."""
+    async def scenario() -> None:
+        a, b = DHTNode(Identity.generate()), DHTNode(Identity.generate())
+        for n in (a, b):
+            await n.listen(0, "127.0.0.1")
+        _old(b)
+        try:
+            assert await a.bootstrap([("127.0.0.1", b.port)]) == 1
+            assert a.protocol is not None and b.protocol is not None
+            bnode = Node(b.node.id, "127.0.0.1", b.port)
+            assert not a.protocol.holds_token(bnode)   # ping answers carry none
+            record = _record(a)
+            assert await a.announce(record) >= 1
+            assert a.stats()["token_prefetch"] >= 1
+            assert b.protocol.drops["announce_no_token"] >= 1       # the challenge path
+            assert any(r.worker_id == record.worker_id
+                       for r in b.protocol.storage.get(record.keys()[0]))
+            assert a.protocol.holds_token(bnode)              # taught by the challenge
+        finally:
+            for n in (a, b):
+                n.stop()
 
     run_uvloop(scenario())
