@@ -206,6 +206,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         time.sleep(interval)
 
 
+async def tasks_ended(timeout: float = 1.0) -> None:  # noqa: ASYNC109
+    """After stopping nodes in a test's teardown: wait until the loop's other tasks (the
+    nodes' cancelled background work) have ended, so the loop closes with none pending;
+    returns as soon as they have, and never fails (a task still running at ``timeout`` is
+    the test's own business, not the teardown's)."""
+    import asyncio
+
+    me = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+    if others:
+        await asyncio.wait(others, timeout=timeout)
+
+
 async def wait_for_async(predicate: Callable[[], Any], timeout: float = 10.0,  # noqa: ASYNC109
                          interval: float = 0.02, what: str = "") -> Any:
     """``wait_for`` for a condition changed by tasks on the running event loop (sleeping

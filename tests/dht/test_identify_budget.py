@@ -12,7 +12,6 @@ measured on the wire.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgpack
@@ -22,7 +21,7 @@ from agent.dht.diversity import LOOPBACK_ENV
 from agent.dht.identity import Identity
 from agent.dht.server import DHTNode
 from agent.dht.wire import HEADER
-from tests.util import run_uvloop
+from tests.util import run_uvloop, tasks_ended
 
 REQUEST, REPLY = b"\x00", b"\x01"
 
@@ -78,6 +77,6 @@ def test_identify_answer_with_token_fits_an_unproven_askers_budget(
         finally:
             asker.stop()
             answerer.stop()
-            await asyncio.sleep(0.01)
+            await tasks_ended()
 
     run_uvloop(scenario())

@@ -13,6 +13,7 @@ from kademlia.node import Node
 
 from agent.dht.liveness import SUSPECT_TTL, ContactLiveness
 from agent.dht.routing import RoutingTable
+from tests.util import tasks_ended
 
 
 class Clock:
@@ -132,7 +133,7 @@ def test_a_store_set_lookup_waits_for_a_silent_closer_node_only_until_its_rto():
             tap.release()
         finally:
             stop_all(nodes)
-            await asyncio.sleep(0.01)
+            await tasks_ended()
 
     run_uvloop(scenario())
 
@@ -163,6 +164,6 @@ def test_retransmitting_names_a_peer_that_missed_its_rto_until_its_verdict():
         finally:
             a.stop()
             b.stop()
-            await asyncio.sleep(0.01)
+            await tasks_ended()
 
     run_uvloop(scenario())

@@ -4,7 +4,6 @@ time, all at once, and crawls only when they fail."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from agent.dht.identity import Identity
 from agent.dht.record import service_key
 from agent.dht.server import DHTNode
 from tests.dht.test_network import build, closer_than_all, rec_for, settled, stop_all
-from tests.util import run_uvloop
+from tests.util import run_uvloop, tasks_ended
 
 
 class Requests:
@@ -86,7 +85,7 @@ async def network(n: int, workers: int, **client_kw: Any) -> AsyncIterator[Net]:
     finally:
         stop_all(nodes)
         client.stop()
-        await asyncio.sleep(0.01)
+        await tasks_ended()
 
 
 def test_a_slow_peer_does_not_hold_the_lookup():
