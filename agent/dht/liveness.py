@@ -154,7 +154,9 @@ class ContactLiveness:
         that does not know that RPC, the id its ``ping`` answers (a legacy contact, unless
         ``require_keyed_ids``). None: no answer, or an answer that proves nothing."""
         nonce = os.urandom(16)
-        ok, res = await self._call(address, "identify", self._my_id(), nonce, timeout=timeout)
+        # forget=False: an old agent drops it unanswered; keep its token (``fetch_token``)
+        ok, res = await self._call(address, "identify", self._my_id(), nonce, timeout=timeout,
+                                   forget=False)
         if ok:
             nid = proven_node_id(res, nonce)
             if nid is None:

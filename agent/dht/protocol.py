@@ -178,10 +178,12 @@ class RMAProtocol:
 
     # ================================================================ calls
     async def call(self, address: Address, name: str, *args: Any,
-                   timeout: float | None = None) -> tuple[bool, Any]:  # noqa: ASYNC109
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   forget: bool = True) -> tuple[bool, Any]:
         """Request ``name(*args)`` from ``address`` (``call_queue``); ``(True, result)``
-        or ``(False, None | QUEUE_FULL)``. Not counted against any contact."""
-        return await self.calls.call(address, name, *args, timeout=timeout)
+        or ``(False, None | QUEUE_FULL)``. Not counted against any contact. ``forget``:
+        see ``CallQueue.call``."""
+        return await self.calls.call(address, name, *args, timeout=timeout, forget=forget)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         return await self.liveness.ping(node_to_ask)
