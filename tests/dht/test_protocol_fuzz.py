@@ -4,12 +4,17 @@ Runs a real RMAProtocol on a uvloop loop bound to 127.0.0.1 and feeds it >= 10k 
 datagrams (random bytes, random msgpack, valid envelopes with wrong arity/types, unknown
 RPCs, oversized, stray responses). A loop exception handler records anything that escapes
 into a task; the test fails if it saw anything, and checks the drop counters moved.
+
+Every test has its own node (a function-scoped harness, shared only by the examples of
+that one test) and asserts only on what it fed itself: each passes alone (``-k``) and the
+file passes in any order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 
 import msgpack
 import pytest
@@ -47,8 +52,9 @@ class Harness:
         self.loop.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def harness():
+    """A fresh fuzzed node per test (hypothesis runs all of a test's examples on it)."""
     h = Harness()
     yield h
     h.close()
@@ -131,15 +137,35 @@ def test_oversized_and_short_and_structural(harness):
     assert not harness.escaped
 
 
+def _hostile() -> list[tuple[str, bytes]]:
+    """One datagram per drop reason a request or reply can be refused for."""
+    def raw(kind: bytes, value: object) -> bytes:
+        return kind + os.urandom(20) + msgpack.packb(value, use_bin_type=True)
+    return [
+        ("malformed", b"\x00" + os.urandom(20) + b"\xc1"),   # 0xc1: never used by msgpack
+        ("bad_envelope", raw(b"\x00", {"find_node": 1})),
+        ("unknown_rpc", _req("nope", [os.urandom(20)])),
+        ("bad_arity", _req("ping", [])),
+        ("bad_nodeid", _req("ping", [b"short"])),
+        ("bad_args", _req("find_node", [os.urandom(20), 5])),
+        ("unknown_msgid", raw(b"\x01", {"records": [b"x"]})),
+    ]
+
+
 def test_counters_moved_and_node_still_answers(harness):
-    """Runs after the fuzzing above (same module harness): counters show the drops by
-    reason, and the node still answers a well-formed request over real UDP."""
-    harness.loop.run_until_complete(asyncio.sleep(0.01))
+    """After a burst of hostile datagrams (its own: a catalogue of one per drop reason,
+    then seeded random ones), each reason's counter moved, and the node still answers a
+    well-formed request over real UDP."""
     d = harness.proto.drops
-    assert harness.fed >= 4 * EXAMPLES
-    for reason in ("malformed", "bad_envelope", "unknown_rpc", "bad_arity", "bad_nodeid",
-                   "bad_args", "unknown_msgid"):
-        assert d[reason] > 0, (reason, dict(d))
+    for reason, datagram in _hostile():
+        before = d[reason]
+        harness.feed(datagram)
+        assert d[reason] == before + 1, (reason, dict(d))
+    rnd = random.Random(0x5eed)
+    for _ in range(1000):
+        harness.feed(rnd.choice([b"\x00", b"\x01", b""]) + rnd.randbytes(rnd.randrange(300)))
+    harness.loop.run_until_complete(asyncio.sleep(0.01))
+    assert not harness.escaped
     # a real record announced through the fuzzed node is still accepted
     ident = Identity.generate()
     rec = WorkerRecord.create(ident, name="w", services=("ocr",), endpoint="https://x", gpu="",
